@@ -1,0 +1,120 @@
+//! Start-up and shutdown: builds every part from a validated config, reconciles nginx with the
+//! containers, binds the API listener, and on shutdown waits for in-flight operations and stops
+//! the managed nginx (previews keep running; the next start picks them up).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::docker::Runtime;
+use crate::http::{AppState, router};
+use crate::lifecycle::{Lifecycle, ReconcileReport};
+use crate::nginx::sites::SitesDir;
+use crate::nginx::vhost::VhostTemplate;
+use crate::nginx::{Nginx, Router, RouterSettings};
+
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+    reconcile: ReconcileReport,
+}
+
+impl Application {
+    /// Everything up to serving: Docker reachable, managed nginx running, routes reconciled,
+    /// listener bound (port 0 picks a free port).
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let config = Arc::new(config);
+        let template = VhostTemplate::load(&config.nginx.template).map_err(anyhow::Error::msg)?;
+        let runtime = Runtime::connect(config.instance.clone()).await?;
+        runtime.ping().await?;
+        let sites_dir = &config.nginx.sites_dir;
+        std::fs::create_dir_all(sites_dir).with_context(|| format!("cannot create nginx.sites_dir {}", sites_dir.display()))?;
+        let nginx = Nginx::new(config.nginx.clone(), &config.state_dir);
+        nginx.start_managed(sites_dir).await.context("cannot start the managed nginx")?;
+        let router = Router::start(RouterSettings {
+            template,
+            instance: config.instance.clone(),
+            base_domain: config.base_domain.clone(),
+            listen: config.nginx.listen,
+            sites: SitesDir::new(sites_dir.clone(), &config.instance),
+            nginx,
+        });
+        let lifecycle = Lifecycle::new(Arc::clone(&config), runtime, router);
+        let reconcile = lifecycle.reconcile().await.context("cannot reconcile nginx with the running containers")?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let state = AppState { auth: Authenticator::new(&config.users), config, lifecycle, tasks: TaskTracker::new() };
+        Ok(Self { listener, state, shutdown: CancellationToken::new(), reconcile })
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or_else(|_| self.state.config.listen)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.address().port()
+    }
+
+    /// What the start-up reconcile did.
+    pub fn reconcile_report(&self) -> &ReconcileReport {
+        &self.reconcile
+    }
+
+    pub fn lifecycle(&self) -> &Lifecycle {
+        &self.state.lifecycle
+    }
+
+    /// Cancel it to stop the application gracefully.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Serves until the shutdown token is cancelled, then finishes in-flight operations and
+    /// stops the managed nginx.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let Self { listener, state, shutdown, .. } = self;
+        tracing::info!(address = %listener.local_addr()?, "previewd is serving");
+        let tasks = state.tasks.clone();
+        let lifecycle = state.lifecycle.clone();
+        axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+        tasks.close();
+        if !tasks.is_empty() {
+            tracing::info!(operations = tasks.len(), "waiting for in-flight operations");
+        }
+        tasks.wait().await;
+        let nginx = lifecycle.router().nginx();
+        if nginx.is_managed() {
+            nginx.stop_managed().await.context("cannot stop the managed nginx")?;
+        }
+        tracing::info!("stopped; previews keep running");
+        Ok(())
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown requested");
+}

@@ -1,0 +1,589 @@
+//! `config.yml`: its schema (the key names are previewd's public interface), loading, and
+//! validation into typed values. A config that loads is one the rest of previewd can trust.
+//!
+//! Problems are reported all at once: the first YAML or type error with its line and column (serde
+//! stops there), then every other top-level key and every `images`/`users` entry is checked on
+//! its own, and finally the cross-field rules run on a config that parsed.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_norway::{Mapping, Value};
+
+use crate::preview::{BaseDomain, EnvName, Host, ImageKey, InstanceName};
+
+/// Everything previewd needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub instance: InstanceName,
+    pub listen: SocketAddr,
+    pub base_domain: BaseDomain,
+    pub public_url: PublicUrl,
+    pub state_dir: PathBuf,
+    pub nginx: NginxConfig,
+    pub images: BTreeMap<ImageKey, ImageSpec>,
+    pub users: Vec<User>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NginxConfig {
+    /// previewd runs its own nginx (true) or drives the system's (false).
+    pub managed: bool,
+    pub listen: SocketAddr,
+    pub sites_dir: PathBuf,
+    pub template: PathBuf,
+    pub test_command: Vec<String>,
+    pub reload_command: Vec<String>,
+    /// Where the nginx master writes its pid; previewd watches its workers through it.
+    pub pid_file: PathBuf,
+    /// How long a reload may take until every new connection gets the new config.
+    pub reload_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ImageSpec {
+    pub image: String,
+    pub port: u16,
+    pub command: Option<Vec<String>>,
+    pub env: BTreeMap<EnvName, String>,
+    pub pull: PullPolicy,
+    pub memory: Option<i64>,
+    pub cpus: Option<f64>,
+    pub pids: Option<i64>,
+    pub container_create_params: serde_json::Map<String, serde_json::Value>,
+    pub health_path: String,
+    pub health_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PullPolicy {
+    Always,
+    Missing,
+    Never,
+}
+
+#[derive(Debug, Clone)]
+pub struct User {
+    pub name: String,
+    /// An argon2 PHC string, checked to parse.
+    pub password_hash: String,
+}
+
+/// `public_url` with its `{host}` placeholder, e.g. `http://{host}:8080`.
+#[derive(Debug, Clone)]
+pub struct PublicUrl(String);
+
+impl PublicUrl {
+    const PLACEHOLDER: &str = "{host}";
+
+    fn parse(input: &str) -> Result<Self, String> {
+        let scheme_ok = input.starts_with("http://") || input.starts_with("https://");
+        if !scheme_ok || input.matches(Self::PLACEHOLDER).count() != 1 || input.contains(char::is_whitespace) {
+            return Err(format!(
+                "{input:?} must be an http:// or https:// URL containing {{host}} once, e.g. \"http://{{host}}:8080\""
+            ));
+        }
+        Ok(Self(input.to_owned()))
+    }
+
+    pub fn for_host(&self, host: &Host) -> String {
+        self.0.replace(Self::PLACEHOLDER, host.as_ref())
+    }
+}
+
+/// Why a config could not be used: every problem found, each with where it is.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Line and column (1-based) where YAML gives them.
+    pub position: Option<(usize, usize)>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = self.problems.len();
+        writeln!(f, "{}: {count} problem{}", self.file.display(), if count == 1 { "" } else { "s" })?;
+        for problem in &self.problems {
+            match problem.position {
+                Some((line, column)) => writeln!(f, "{}:{line}:{column}: {}", self.file.display(), problem.message)?,
+                None => writeln!(f, "{}: {}", self.file.display(), problem.message)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file. Relative paths in it are relative to its directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
+            file: path.to_owned(),
+            problems: vec![Problem { position: None, message: format!("cannot read the file: {err}") }],
+        })?;
+        let base_dir = path.parent().map(Path::to_owned).unwrap_or_default();
+        Self::from_yaml(&text, &base_dir).map_err(|problems| ConfigError { file: path.to_owned(), problems })
+    }
+
+    /// Validates config text; relative paths are resolved against `base_dir`.
+    pub fn from_yaml(text: &str, base_dir: &Path) -> Result<Self, Vec<Problem>> {
+        match serde_norway::from_str::<RawConfig>(text) {
+            Ok(raw) => raw.validate(base_dir),
+            Err(first) => Err(structural_problems(text, &first)),
+        }
+    }
+}
+
+/// The first serde error (with position) plus the errors of every other section on its own.
+fn structural_problems(text: &str, first: &serde_norway::Error) -> Vec<Problem> {
+    let first = Problem {
+        position: first.location().map(|loc| (loc.line(), loc.column())),
+        message: strip_location(&first.to_string()),
+    };
+    let mut problems = vec![first];
+    for problem in section_problems(text) {
+        if !problems.contains(&problem) && !problems.iter().any(|p| p.message == problem.message) {
+            problems.push(problem);
+        }
+    }
+    problems
+}
+
+fn strip_location(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(at) => message[..at].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+/// Checks each top-level key, and each entry of `images` and `users`, as a config of its own.
+fn section_problems(text: &str) -> Vec<Problem> {
+    let Ok(Value::Mapping(top)) = serde_norway::from_str::<Value>(text) else {
+        return Vec::new();
+    };
+    let mut problems = Vec::new();
+    for (key, value) in top {
+        match (key.as_str(), value) {
+            (Some("images"), Value::Mapping(images)) => {
+                for (name, image) in images {
+                    let entry = Mapping::from_iter([(name, image)]);
+                    check_section(&mut problems, key.clone(), Value::Mapping(entry), None);
+                }
+            }
+            (Some("users"), Value::Sequence(users)) => {
+                for (index, user) in users.into_iter().enumerate() {
+                    check_section(&mut problems, key.clone(), Value::Sequence(vec![user]), Some(index));
+                }
+            }
+            (_, value) => check_section(&mut problems, key, value, None),
+        }
+    }
+    problems
+}
+
+fn check_section(problems: &mut Vec<Problem>, key: Value, value: Value, index: Option<usize>) {
+    let doc = Value::Mapping(Mapping::from_iter([(key, value)]));
+    let Ok(text) = serde_norway::to_string(&doc) else { return };
+    if let Err(err) = serde_norway::from_str::<RawConfig>(&text) {
+        let mut message = strip_location(&err.to_string());
+        if let Some(index) = index {
+            message = message.replacen("users[0]", &format!("users[{index}]"), 1);
+        }
+        problems.push(Problem { position: None, message });
+    }
+}
+
+// ---- the schema, as written in config.yml ----
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    instance: Option<InstanceName>,
+    listen: Option<SocketAddr>,
+    base_domain: Option<BaseDomain>,
+    public_url: Option<String>,
+    state_dir: Option<PathBuf>,
+    nginx: Option<RawNginx>,
+    images: Option<BTreeMap<ImageKey, RawImage>>,
+    users: Option<Vec<RawUser>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawNginx {
+    managed: Option<bool>,
+    listen: Option<SocketAddr>,
+    sites_dir: Option<PathBuf>,
+    template: Option<PathBuf>,
+    test_command: Option<Vec<String>>,
+    reload_command: Option<Vec<String>>,
+    pid_file: Option<PathBuf>,
+    reload_timeout: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawImage {
+    image: String,
+    port: u16,
+    #[serde(default)]
+    command: Option<Vec<String>>,
+    #[serde(default)]
+    env: BTreeMap<EnvName, String>,
+    #[serde(default)]
+    pull: Option<PullPolicy>,
+    #[serde(default)]
+    memory: Option<ByteSize>,
+    #[serde(default)]
+    cpus: Option<f64>,
+    #[serde(default)]
+    pids: Option<i64>,
+    #[serde(default)]
+    container_create_params: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    health_path: Option<String>,
+    #[serde(default)]
+    health_timeout: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ByteSize {
+    Bytes(i64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUser {
+    name: String,
+    password_hash: String,
+}
+
+/// Collects the problems of the cross-field rules, each prefixed with its key path.
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, path: &str, message: impl fmt::Display) {
+        self.0.push(Problem { position: None, message: format!("{path}: {message}") });
+    }
+
+    fn require<T>(&mut self, path: &str, value: Option<T>, hint: &str) -> Option<T> {
+        if value.is_none() {
+            self.add(path, format!("missing; {hint}"));
+        }
+        value
+    }
+}
+
+const DEFAULT_LISTEN: &str = "127.0.0.1:7800";
+const DEFAULT_NGINX_LISTEN: &str = "127.0.0.1:8080";
+const DEFAULT_HEALTH_TIMEOUT_SECS: u64 = 30;
+const DEFAULT_RELOAD_TIMEOUT_SECS: u64 = 10;
+
+impl RawConfig {
+    fn validate(self, base_dir: &Path) -> Result<Config, Vec<Problem>> {
+        let mut problems = Problems::default();
+        // nginx resolves relative paths against its own prefix, so every path is made absolute.
+        let resolve = |path: PathBuf| std::path::absolute(base_dir.join(&path)).unwrap_or(path);
+
+        let instance = self.instance.unwrap_or_else(|| InstanceName::parse("default").expect("valid literal"));
+        let listen = self.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid literal"));
+        let base_domain =
+            problems.require("base_domain", self.base_domain, "set the domain previews live under, e.g. preview.localhost");
+        let public_url = match PublicUrl::parse(self.public_url.as_deref().unwrap_or("http://{host}")) {
+            Ok(url) => Some(url),
+            Err(message) => {
+                problems.add("public_url", message);
+                None
+            }
+        };
+        let state_dir = resolve(self.state_dir.unwrap_or_else(|| PathBuf::from("state")));
+        let nginx = validate_nginx(self.nginx.unwrap_or_default(), &state_dir, &resolve, &mut problems);
+        let images = validate_images(self.images.unwrap_or_default(), &mut problems);
+        let users = validate_users(self.users.unwrap_or_default(), &mut problems);
+
+        match (base_domain, public_url, problems.0.is_empty()) {
+            (Some(base_domain), Some(public_url), true) => {
+                Ok(Config { instance, listen, base_domain, public_url, state_dir, nginx, images, users })
+            }
+            _ => Err(problems.0),
+        }
+    }
+}
+
+fn validate_nginx(
+    raw: RawNginx,
+    state_dir: &Path,
+    resolve: &dyn Fn(PathBuf) -> PathBuf,
+    problems: &mut Problems,
+) -> NginxConfig {
+    let managed = raw.managed.unwrap_or(true);
+    let command = |name: &str, value: Option<Vec<String>>, default: &[&str], problems: &mut Problems| {
+        let argv = value.unwrap_or_else(|| default.iter().map(|s| s.to_string()).collect());
+        if argv.is_empty() || argv[0].is_empty() {
+            problems.add(&format!("nginx.{name}"), "must be a non-empty argument list, e.g. [nginx, -t]");
+        }
+        argv
+    };
+    let test_command = command("test_command", raw.test_command, &["nginx", "-t"], problems);
+    let reload_command = command("reload_command", raw.reload_command, &["nginx", "-s", "reload"], problems);
+    let pid_file = match (managed, raw.pid_file) {
+        (true, Some(_)) => {
+            problems.add("nginx.pid_file", "previewd chooses the pid file of the nginx it manages; remove this key or set managed: false");
+            PathBuf::new()
+        }
+        (true, None) => state_dir.join("nginx").join("nginx.pid"),
+        (false, Some(path)) => resolve(path),
+        (false, None) => PathBuf::from("/run/nginx.pid"),
+    };
+    let reload_timeout = raw.reload_timeout.unwrap_or(DEFAULT_RELOAD_TIMEOUT_SECS);
+    if reload_timeout == 0 {
+        problems.add("nginx.reload_timeout", "must be at least 1 (seconds)");
+    }
+    NginxConfig {
+        managed,
+        listen: raw.listen.unwrap_or_else(|| DEFAULT_NGINX_LISTEN.parse().expect("valid literal")),
+        sites_dir: raw.sites_dir.map(resolve).unwrap_or_else(|| state_dir.join("nginx").join("sites")),
+        template: resolve(raw.template.unwrap_or_else(|| PathBuf::from("templates/vhost.conf.tera"))),
+        test_command,
+        reload_command,
+        pid_file,
+        reload_timeout: Duration::from_secs(reload_timeout),
+    }
+}
+
+fn validate_images(raw: BTreeMap<ImageKey, RawImage>, problems: &mut Problems) -> BTreeMap<ImageKey, ImageSpec> {
+    if raw.is_empty() {
+        problems.add("images", "no image is allowed; add at least one entry (the allowlist of what can be launched)");
+    }
+    raw.into_iter()
+        .filter_map(|(key, image)| {
+            let path = format!("images.{key}");
+            validate_image(&path, image, problems).map(|spec| (key, spec))
+        })
+        .collect()
+}
+
+fn validate_image(path: &str, raw: RawImage, problems: &mut Problems) -> Option<ImageSpec> {
+    let before = problems.0.len();
+    if raw.image.trim().is_empty() || raw.image.contains(char::is_whitespace) {
+        problems.add(&format!("{path}.image"), "must be a Docker image reference such as previewd-demo:latest");
+    }
+    if raw.port == 0 {
+        problems.add(&format!("{path}.port"), "must be the container port the app listens on (1-65535)");
+    }
+    if raw.command.as_ref().is_some_and(|argv| argv.is_empty()) {
+        problems.add(&format!("{path}.command"), "must not be empty; remove it to use the image's own command");
+    }
+    let memory = raw.memory.and_then(|size| match parse_byte_size(&size) {
+        Ok(bytes) => Some(bytes),
+        Err(message) => {
+            problems.add(&format!("{path}.memory"), message);
+            None
+        }
+    });
+    if raw.cpus.is_some_and(|cpus| !(cpus > 0.0 && cpus.is_finite())) {
+        problems.add(&format!("{path}.cpus"), "must be a positive number of CPUs, e.g. 0.5");
+    }
+    if raw.pids.is_some_and(|pids| pids < 1) {
+        problems.add(&format!("{path}.pids"), "must be at least 1");
+    }
+    let health_path = raw.health_path.unwrap_or_else(|| "/".to_owned());
+    if !health_path.starts_with('/') || health_path.contains(|c: char| c.is_whitespace() || c.is_control()) {
+        problems.add(&format!("{path}.health_path"), "must be a URL path starting with '/', e.g. /healthz");
+    }
+    let health_timeout = raw.health_timeout.unwrap_or(DEFAULT_HEALTH_TIMEOUT_SECS);
+    if health_timeout == 0 {
+        problems.add(&format!("{path}.health_timeout"), "must be at least 1 (seconds)");
+    }
+    let params = raw.container_create_params.unwrap_or_default();
+    if let Err(message) = check_create_params(&params) {
+        problems.add(&format!("{path}.container_create_params"), message);
+    }
+    (problems.0.len() == before).then(|| ImageSpec {
+        image: raw.image,
+        port: raw.port,
+        command: raw.command,
+        env: raw.env,
+        pull: raw.pull.unwrap_or(PullPolicy::Missing),
+        memory,
+        cpus: raw.cpus,
+        pids: raw.pids,
+        container_create_params: params,
+        health_path,
+        health_timeout: Duration::from_secs(health_timeout),
+    })
+}
+
+/// The raw Docker create fields must be fields Docker knows (`ContainerCreateBody`), with the
+/// right types; an unknown or misspelt key would otherwise be dropped without a word.
+fn check_create_params(params: &serde_json::Map<String, serde_json::Value>) -> Result<(), String> {
+    let body: bollard::models::ContainerCreateBody =
+        serde_json::from_value(serde_json::Value::Object(params.clone())).map_err(|err| err.to_string())?;
+    let known = serde_json::to_value(&body).map_err(|err| err.to_string())?;
+    let unknown: Vec<&str> = params
+        .keys()
+        .filter(|key| known.get(key.as_str()).is_none())
+        .map(String::as_str)
+        .collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "unknown Docker create field(s) {}; use the Docker Engine API names, e.g. Tty, HostConfig",
+            unknown.join(", ")
+        ))
+    }
+}
+
+/// Parses Docker's size notation: a whole number with an optional unit b, k, m or g (powers of
+/// 1024), e.g. `256m`. A few lines, so no crate for it.
+fn parse_byte_size(size: &ByteSize) -> Result<i64, String> {
+    let text = match size {
+        ByteSize::Bytes(bytes) if *bytes > 0 => return Ok(*bytes),
+        ByteSize::Bytes(_) => return Err("must be a positive size, e.g. 256m".to_owned()),
+        ByteSize::Text(text) => text.trim().to_ascii_lowercase(),
+    };
+    let (digits, shift) = match text.chars().last() {
+        Some('b') => (&text[..text.len() - 1], 0),
+        Some('k') => (&text[..text.len() - 1], 10),
+        Some('m') => (&text[..text.len() - 1], 20),
+        Some('g') => (&text[..text.len() - 1], 30),
+        _ => (text.as_str(), 0),
+    };
+    digits
+        .parse::<i64>()
+        .ok()
+        .filter(|n| *n > 0)
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("{text:?} is not a size; use a number with b, k, m or g, e.g. 256m"))
+}
+
+fn validate_users(raw: Vec<RawUser>, problems: &mut Problems) -> Vec<User> {
+    if raw.is_empty() {
+        problems.add(
+            "users",
+            "no user can call the API; add {name, password_hash} entries (make a hash with `previewd hash-password`)",
+        );
+    }
+    let mut users: Vec<User> = Vec::new();
+    for (index, user) in raw.into_iter().enumerate() {
+        let path = format!("users[{index}]");
+        if user.name.is_empty() || user.name.contains(':') || user.name.contains(char::is_control) {
+            problems.add(&format!("{path}.name"), "must be a non-empty name without ':'");
+        } else if users.iter().any(|u| u.name == user.name) {
+            problems.add(&format!("{path}.name"), format!("{:?} is listed twice", user.name));
+        }
+        if let Err(err) = crate::auth::check_phc_hash(&user.password_hash) {
+            problems.add(&format!("{path}.password_hash"), err);
+        }
+        users.push(User { name: user.name, password_hash: user.password_hash });
+    }
+    users
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$4dFZ3kCXbd9bLkmhaDkH1EkFfr9mHQ/f/uMqMrOQt5w";
+
+    fn minimal() -> String {
+        format!(
+            "base_domain: preview.localhost\nimages:\n  demo:\n    image: previewd-demo:latest\n    port: 3000\nusers:\n  - name: testuser\n    password_hash: \"{HASH}\"\n"
+        )
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let config = Config::from_yaml(&minimal(), Path::new("/etc/previewd")).unwrap();
+        assert_eq!(config.instance.as_ref(), "default");
+        assert_eq!(config.listen.to_string(), "127.0.0.1:7800");
+        assert_eq!(config.state_dir, PathBuf::from("/etc/previewd/state"));
+        assert_eq!(config.nginx.sites_dir, PathBuf::from("/etc/previewd/state/nginx/sites"));
+        assert_eq!(config.nginx.pid_file, PathBuf::from("/etc/previewd/state/nginx/nginx.pid"));
+        assert_eq!(config.nginx.test_command, ["nginx", "-t"]);
+        let demo = &config.images[&ImageKey::parse("demo").unwrap()];
+        assert_eq!(demo.pull, PullPolicy::Missing);
+        assert_eq!(demo.health_path, "/");
+        assert_eq!(demo.health_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn shipped_config_is_valid() {
+        let text = include_str!("../config.yml");
+        let config = Config::from_yaml(text, Path::new(".")).unwrap();
+        assert_eq!(config.base_domain.as_ref(), "preview.localhost");
+        assert!(config.nginx.managed);
+    }
+
+    #[test]
+    fn unknown_key_is_reported_with_line_and_column() {
+        let text = minimal().replace("base_domain:", "colour: blue\nbase_domain:");
+        let problems = Config::from_yaml(&text, Path::new(".")).unwrap_err();
+        assert_eq!(problems[0].position, Some((1, 1)));
+        assert!(problems[0].message.contains("unknown field `colour`"), "{problems:?}");
+    }
+
+    #[test]
+    fn every_broken_section_is_reported_not_only_the_first() {
+        let text = minimal()
+            .replace("port: 3000", "port: 99999")
+            .replace("base_domain: preview.localhost", "base_domain: \"bad domain\"\nlisten: nowhere");
+        let problems = Config::from_yaml(&text, Path::new(".")).unwrap_err();
+        let all = format!("{problems:?}");
+        assert!(all.contains("base_domain"), "{all}");
+        assert!(all.contains("listen"), "{all}");
+        assert!(all.contains("images.demo.port"), "{all}");
+        assert_eq!(problems.len(), 3, "{all}");
+    }
+
+    #[test]
+    fn cross_field_problems_are_all_listed() {
+        let text = minimal()
+            .replace("port: 3000", "port: 3000\n    memory: lots\n    health_path: nope\n    container_create_params: {Ttyy: true}")
+            .replace(HASH, "testuser:testpassword");
+        let problems = Config::from_yaml(&text, Path::new(".")).unwrap_err();
+        let all = format!("{problems:?}");
+        for needle in ["images.demo.memory", "images.demo.health_path", "Ttyy", "users[0].password_hash"] {
+            assert!(all.contains(needle), "missing {needle} in {all}");
+        }
+    }
+
+    #[test]
+    fn missing_required_keys_say_what_to_add() {
+        let problems = Config::from_yaml("instance: x\n", Path::new(".")).unwrap_err();
+        let all = format!("{problems:?}");
+        assert!(all.contains("base_domain: missing"), "{all}");
+        assert!(all.contains("images: no image"), "{all}");
+        assert!(all.contains("users: no user"), "{all}");
+    }
+
+    #[test]
+    fn byte_sizes_use_docker_units() {
+        assert_eq!(parse_byte_size(&ByteSize::Text("256m".into())), Ok(256 << 20));
+        assert_eq!(parse_byte_size(&ByteSize::Text("1G".into())), Ok(1 << 30));
+        assert_eq!(parse_byte_size(&ByteSize::Bytes(4096)), Ok(4096));
+        assert!(parse_byte_size(&ByteSize::Text("-1m".into())).is_err());
+        assert!(parse_byte_size(&ByteSize::Text("12q".into())).is_err());
+    }
+
+    #[test]
+    fn public_url_needs_the_host_placeholder() {
+        assert!(PublicUrl::parse("http://{host}:8080").is_ok());
+        assert!(PublicUrl::parse("http://example.com").is_err());
+        assert!(PublicUrl::parse("ftp://{host}").is_err());
+    }
+}

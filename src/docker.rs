@@ -1,0 +1,358 @@
+//! The Docker runtime: creates, starts, inspects, lists and removes preview containers through
+//! the Docker Engine API. Container labels are the record of what runs; nothing else is kept.
+
+use std::collections::HashMap;
+
+use bollard::Docker;
+use bollard::errors::Error as BollardError;
+use bollard::models::{
+    ContainerCreateBody, ContainerSummary, ContainerSummaryStateEnum, HostConfig, HostConfigLogConfig,
+    PortBinding, RestartPolicy, RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{
+    CreateContainerOptions, CreateImageOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
+};
+use futures_util::{StreamExt, TryStreamExt};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::config::{ImageSpec, PullPolicy};
+use crate::preview::{ImageKey, InstanceName, Slug};
+
+pub const LABEL_MANAGED: &str = "previewd.managed";
+pub const LABEL_INSTANCE: &str = "previewd.instance";
+pub const LABEL_SLUG: &str = "previewd.slug";
+pub const LABEL_IMAGE: &str = "previewd.image";
+/// The container port that is routed, so the host port can be found again after a restart.
+pub const LABEL_PORT: &str = "previewd.port";
+
+/// What the container's log files may grow to (json-file rotation), so previews cannot fill the disk.
+const LOG_MAX_SIZE: &str = "10m";
+const LOG_MAX_FILES: &str = "3";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error("cannot reach the Docker engine ({0}); is dockerd running?")]
+    Unreachable(String),
+    #[error("image {image} is not on this host and its pull policy is `never`: build or load it first")]
+    ImageMissing { image: String },
+    #[error("cannot pull image {image}: {message}")]
+    PullFailed { image: String, message: String },
+    #[error("Docker could not {action}: {message}")]
+    Api { action: &'static str, message: String },
+}
+
+impl DockerError {
+    fn from_bollard(action: &'static str, err: BollardError) -> Self {
+        match err {
+            BollardError::DockerResponseServerError { message, .. } => Self::Api { action, message },
+            other => Self::Unreachable(other.to_string()),
+        }
+    }
+}
+
+fn is_not_found(err: &BollardError) -> bool {
+    matches!(err, BollardError::DockerResponseServerError { status_code: 404, .. })
+}
+
+/// A container of this instance, as its labels and Docker's state describe it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ManagedContainer {
+    pub id: String,
+    pub name: String,
+    pub slug: Slug,
+    pub image: ImageKey,
+    pub state: String,
+    /// The 127.0.0.1 port Docker published for the routed container port, while running.
+    pub host_port: Option<u16>,
+    /// Unix seconds.
+    pub created: i64,
+}
+
+impl ManagedContainer {
+    pub fn is_running(&self) -> bool {
+        self.state == "running"
+    }
+}
+
+/// How a started container is doing.
+#[derive(Debug, Clone)]
+pub struct ContainerStatus {
+    pub running: bool,
+    pub exit_code: Option<i64>,
+    /// Docker restarts a crashing container (`unless-stopped`): a restart means it crashed.
+    pub restart_count: i64,
+    pub host_port: Option<u16>,
+}
+
+/// Everything needed to create one preview container.
+pub struct ContainerPlan<'a> {
+    pub slug: &'a Slug,
+    pub image_key: &'a ImageKey,
+    pub spec: &'a ImageSpec,
+    /// `KEY=VALUE` entries.
+    pub env: Vec<String>,
+}
+
+#[derive(Clone)]
+pub struct Runtime {
+    docker: Docker,
+    instance: InstanceName,
+}
+
+impl Runtime {
+    /// Connects to the local engine and agrees on an API version it speaks.
+    pub async fn connect(instance: InstanceName) -> Result<Self, DockerError> {
+        let docker = Docker::connect_with_local_defaults()
+            .map_err(|err| DockerError::Unreachable(err.to_string()))?
+            .negotiate_version()
+            .await
+            .map_err(|err| DockerError::Unreachable(err.to_string()))?;
+        Ok(Self { docker, instance })
+    }
+
+    pub async fn ping(&self) -> Result<(), DockerError> {
+        self.docker.ping().await.map(drop).map_err(|err| DockerError::from_bollard("answer a ping", err))
+    }
+
+    /// Makes sure the image is on this host, pulling it as the image's `pull` policy says.
+    pub async fn ensure_image(&self, spec: &ImageSpec) -> Result<(), DockerError> {
+        let present = match self.docker.inspect_image(&spec.image).await {
+            Ok(_) => true,
+            Err(err) if is_not_found(&err) => false,
+            Err(err) => return Err(DockerError::from_bollard("inspect the image", err)),
+        };
+        match (spec.pull, present) {
+            (PullPolicy::Never, false) => Err(DockerError::ImageMissing { image: spec.image.clone() }),
+            (PullPolicy::Always, _) | (PullPolicy::Missing, false) => self.pull(&spec.image).await,
+            _ => Ok(()),
+        }
+    }
+
+    async fn pull(&self, image: &str) -> Result<(), DockerError> {
+        let options = CreateImageOptions { from_image: Some(image.to_owned()), ..Default::default() };
+        self.docker
+            .create_image(Some(options), None, None)
+            .try_for_each(|_| async { Ok(()) })
+            .await
+            .map_err(|err| DockerError::PullFailed { image: image.to_owned(), message: err.to_string() })
+    }
+
+    /// Creates and starts a container; returns its id. On a failed start the container is removed.
+    pub async fn create_and_start(&self, plan: ContainerPlan<'_>) -> Result<String, DockerError> {
+        let name = format!("previewd.{}.{}.{:08x}", self.instance, plan.slug, rand::random::<u32>());
+        let body = self.create_body(&plan)?;
+        let options = CreateContainerOptions { name: Some(name), ..Default::default() };
+        let created = self
+            .docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|err| DockerError::from_bollard("create the container", err))?;
+        if let Err(err) = self.docker.start_container(&created.id, None).await {
+            self.remove(&created.id).await.ok();
+            return Err(DockerError::from_bollard("start the container", err));
+        }
+        Ok(created.id)
+    }
+
+    fn create_body(&self, plan: &ContainerPlan<'_>) -> Result<ContainerCreateBody, DockerError> {
+        let spec = plan.spec;
+        let port_key = format!("{}/tcp", spec.port);
+        let labels = HashMap::from([
+            (LABEL_MANAGED.to_owned(), "true".to_owned()),
+            (LABEL_INSTANCE.to_owned(), self.instance.to_string()),
+            (LABEL_SLUG.to_owned(), plan.slug.to_string()),
+            (LABEL_IMAGE.to_owned(), plan.image_key.to_string()),
+            (LABEL_PORT.to_owned(), spec.port.to_string()),
+        ]);
+        let mut security_opt = user_security_opts(&spec.container_create_params);
+        security_opt.push("no-new-privileges".to_owned());
+        let ours = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            cmd: spec.command.clone(),
+            env: Some(plan.env.clone()),
+            labels: Some(labels),
+            exposed_ports: Some(vec![port_key.clone()]),
+            host_config: Some(HostConfig {
+                // Loopback only: previews are reached through nginx, never directly.
+                port_bindings: Some(HashMap::from([(
+                    port_key,
+                    Some(vec![PortBinding { host_ip: Some("127.0.0.1".to_owned()), host_port: Some(String::new()) }]),
+                )])),
+                security_opt: Some(security_opt),
+                restart_policy: Some(RestartPolicy {
+                    name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
+                    maximum_retry_count: None,
+                }),
+                log_config: Some(HostConfigLogConfig {
+                    typ: Some("json-file".to_owned()),
+                    config: Some(HashMap::from([
+                        ("max-size".to_owned(), LOG_MAX_SIZE.to_owned()),
+                        ("max-file".to_owned(), LOG_MAX_FILES.to_owned()),
+                    ])),
+                }),
+                memory: spec.memory,
+                nano_cpus: spec.cpus.map(|cpus| (cpus * 1e9).round() as i64),
+                pids_limit: spec.pids,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let ours = serde_json::to_value(ours).map_err(|err| invalid_params(err.to_string()))?;
+        let mut merged = Value::Object(spec.container_create_params.clone());
+        merge(&mut merged, ours);
+        serde_json::from_value(merged).map_err(|err| invalid_params(err.to_string()))
+    }
+
+    /// State and published port of one container; `None` when it no longer exists.
+    pub async fn status(&self, id: &str, container_port: u16) -> Result<Option<ContainerStatus>, DockerError> {
+        let inspect = match self.docker.inspect_container(id, None).await {
+            Ok(inspect) => inspect,
+            Err(err) if is_not_found(&err) => return Ok(None),
+            Err(err) => return Err(DockerError::from_bollard("inspect the container", err)),
+        };
+        let state = inspect.state.unwrap_or_default();
+        let restart_count = inspect.restart_count.unwrap_or_default();
+        let host_port = inspect
+            .network_settings
+            .and_then(|settings| settings.ports)
+            .and_then(|mut ports| ports.remove(&format!("{container_port}/tcp")))
+            .flatten()
+            .and_then(|bindings| loopback_port(bindings.iter().map(|b| (b.host_ip.as_deref(), b.host_port.as_deref()))));
+        Ok(Some(ContainerStatus {
+            running: state.running.unwrap_or(false),
+            exit_code: state.exit_code,
+            restart_count,
+            host_port,
+        }))
+    }
+
+    /// The last `lines` lines the container wrote to stdout and stderr.
+    pub async fn logs_tail(&self, id: &str, lines: usize) -> String {
+        let options = LogsOptions { stdout: true, stderr: true, tail: lines.to_string(), ..Default::default() };
+        let chunks: Vec<_> = self.docker.logs(id, Some(options)).collect().await;
+        chunks
+            .into_iter()
+            .filter_map(Result::ok)
+            .map(|chunk| String::from_utf8_lossy(&chunk.into_bytes()).into_owned())
+            .collect()
+    }
+
+    /// Removes a container and its anonymous volumes; a container that is already gone is fine.
+    pub async fn remove(&self, id: &str) -> Result<(), DockerError> {
+        let options = RemoveContainerOptions { force: true, v: true, ..Default::default() };
+        match self.docker.remove_container(id, Some(options)).await {
+            Err(err) if !is_not_found(&err) => Err(DockerError::from_bollard("remove the container", err)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every container of this instance, running or not, oldest first.
+    pub async fn list(&self) -> Result<Vec<ManagedContainer>, DockerError> {
+        self.list_filtered(None).await
+    }
+
+    /// The containers of one preview, oldest first.
+    pub async fn list_slug(&self, slug: &Slug) -> Result<Vec<ManagedContainer>, DockerError> {
+        self.list_filtered(Some(slug)).await
+    }
+
+    async fn list_filtered(&self, slug: Option<&Slug>) -> Result<Vec<ManagedContainer>, DockerError> {
+        let mut labels = vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_INSTANCE}={}", self.instance)];
+        if let Some(slug) = slug {
+            labels.push(format!("{LABEL_SLUG}={slug}"));
+        }
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(HashMap::from([("label".to_owned(), labels)])),
+            ..Default::default()
+        };
+        let summaries = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|err| DockerError::from_bollard("list containers", err))?;
+        let mut containers: Vec<_> = summaries.into_iter().filter_map(managed_container).collect();
+        containers.sort_by_key(|c| c.created);
+        Ok(containers)
+    }
+}
+
+/// Reads a container back from its labels; one whose labels were tampered with is skipped.
+fn managed_container(summary: ContainerSummary) -> Option<ManagedContainer> {
+    let labels = summary.labels.unwrap_or_default();
+    let slug = Slug::parse(labels.get(LABEL_SLUG)?).ok()?;
+    let image = ImageKey::parse(labels.get(LABEL_IMAGE)?).ok()?;
+    let container_port: u16 = labels.get(LABEL_PORT)?.parse().ok()?;
+    let running = summary.state == Some(ContainerSummaryStateEnum::RUNNING);
+    let host_port = summary
+        .ports
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|port| port.private_port == container_port)
+        .find(|port| port.ip.as_deref() == Some("127.0.0.1"))
+        .and_then(|port| port.public_port)
+        .filter(|_| running);
+    Some(ManagedContainer {
+        id: summary.id?,
+        name: summary.names.unwrap_or_default().first().map(|n| n.trim_start_matches('/').to_owned()).unwrap_or_default(),
+        slug,
+        image,
+        state: summary.state.map(|s| s.to_string()).unwrap_or_default(),
+        host_port,
+        created: summary.created.unwrap_or_default(),
+    })
+}
+
+fn loopback_port<'a>(mut bindings: impl Iterator<Item = (Option<&'a str>, Option<&'a str>)>) -> Option<u16> {
+    bindings.find(|(ip, _)| *ip == Some("127.0.0.1")).and_then(|(_, port)| port?.parse().ok())
+}
+
+fn user_security_opts(params: &serde_json::Map<String, Value>) -> Vec<String> {
+    params
+        .get("HostConfig")
+        .and_then(|host| host.get("SecurityOpt"))
+        .and_then(Value::as_array)
+        .map(|opts| opts.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+fn invalid_params(message: String) -> DockerError {
+    DockerError::Api { action: "use the image's container_create_params", message }
+}
+
+/// Deep-merges `overlay` into `base`: objects merge key by key, anything else is replaced.
+/// previewd's own fields are the overlay, so labels, ports and safety options always hold.
+fn merge(base: &mut Value, overlay: Value) {
+    match (base, overlay) {
+        (Value::Object(base), Value::Object(overlay)) => {
+            for (key, value) in overlay {
+                merge(base.entry(key).or_insert(Value::Null), value);
+            }
+        }
+        (base, overlay) => *base = overlay,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn merge_keeps_user_fields_and_lets_ours_win() {
+        let mut base = json!({"Tty": true, "HostConfig": {"Binds": ["/a:/b"], "Memory": 1}, "Labels": {"x": "1"}});
+        merge(&mut base, json!({"HostConfig": {"Memory": 2}, "Labels": {"previewd.slug": "s"}}));
+        assert_eq!(
+            base,
+            json!({"Tty": true, "HostConfig": {"Binds": ["/a:/b"], "Memory": 2}, "Labels": {"x": "1", "previewd.slug": "s"}})
+        );
+    }
+
+    #[test]
+    fn only_the_loopback_binding_counts() {
+        let bindings = [(Some("0.0.0.0"), Some("1")), (Some("127.0.0.1"), Some("4242"))];
+        assert_eq!(loopback_port(bindings.into_iter()), Some(4242));
+        assert_eq!(loopback_port([(Some("::"), Some("9"))].into_iter()), None);
+    }
+}

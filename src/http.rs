@@ -1,0 +1,127 @@
+//! The HTTP API (axum): one line per route, Basic auth on everything but `/healthz`, and
+//! handlers that turn validated requests into lifecycle operations.
+//!
+//! Lifecycle operations run as tracked tasks of their own, so a client that hangs up cannot
+//! cancel a launch half-way, and shutdown waits for them to finish.
+
+pub mod body;
+pub mod error;
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use tokio_util::task::TaskTracker;
+use tower_http::trace::TraceLayer;
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::lifecycle::{Lifecycle, LifecycleError, PreviewInfo};
+use crate::preview::Slug;
+use crate::request::{KillRequest, LaunchRequest, RequestError};
+use body::Fields;
+use error::ApiError;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub lifecycle: Lifecycle,
+    pub auth: Authenticator,
+    pub tasks: TaskTracker,
+}
+
+pub fn router(state: AppState) -> Router {
+    let protected = Router::new()
+        .route("/launch", post(launch))
+        .route("/kill", post(kill))
+        .route("/api/previews", get(list_previews))
+        .route("/api/previews/{name}", get(get_preview))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(protected)
+        .fallback(|| async { ApiError::NoRoute })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn require_auth(State(state): State<AppState>, request: Request, next: Next) -> Result<Response, ApiError> {
+    let authorization = request.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
+    let user = state.auth.authenticate(authorization).await?;
+    tracing::debug!(%user, "authenticated");
+    Ok(next.run(request).await)
+}
+
+async fn launch(State(state): State<AppState>, headers: HeaderMap, Fields(fields): Fields) -> Result<Response, ApiError> {
+    let request = LaunchRequest::parse(fields, &state.config.images)?;
+    let lifecycle = state.lifecycle.clone();
+    let info = run_tracked(&state, async move { lifecycle.launch(request).await }).await?;
+    Ok(if wants_json(&headers) { Json(info).into_response() } else { format!("{}\n", info.url).into_response() })
+}
+
+async fn kill(State(state): State<AppState>, headers: HeaderMap, Fields(fields): Fields) -> Result<Response, ApiError> {
+    let request = KillRequest::parse(fields)?;
+    let lifecycle = state.lifecycle.clone();
+    let name = request.name.clone();
+    run_tracked(&state, async move { lifecycle.kill(&request.name).await }).await?;
+    Ok(if wants_json(&headers) {
+        Json(json!({ "name": name, "status": "removed" })).into_response()
+    } else {
+        format!("removed {name}\n").into_response()
+    })
+}
+
+async fn list_previews(State(state): State<AppState>) -> Result<Json<Vec<PreviewInfo>>, ApiError> {
+    Ok(Json(state.lifecycle.list().await?))
+}
+
+async fn get_preview(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<PreviewInfo>, ApiError> {
+    let slug = Slug::slugify(&name).map_err(RequestError::Name)?;
+    Ok(Json(state.lifecycle.get(&slug).await?))
+}
+
+/// No auth: for load balancers and monitoring. 503 when Docker or nginx is not usable.
+async fn healthz(State(state): State<AppState>) -> Response {
+    let docker = state.lifecycle.runtime().ping().await.err().map(|err| err.to_string());
+    let nginx = state.lifecycle.router().nginx();
+    let nginx_error = nginx.master_pid().is_none().then(|| "no live nginx master process (is nginx running?)".to_owned());
+    let healthy = docker.is_none() && nginx_error.is_none();
+    let check = |error: Option<String>| match error {
+        None => json!({ "ok": true }),
+        Some(error) => json!({ "ok": false, "error": error }),
+    };
+    let body = json!({
+        "status": if healthy { "ok" } else { "unhealthy" },
+        "docker": check(docker),
+        "nginx": check(nginx_error),
+        "nginx_reloads": state.lifecycle.router().reloads(),
+        "nginx_failed_reloads": state.lifecycle.router().failed_reloads(),
+    });
+    let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}
+
+async fn run_tracked<T: Send + 'static>(
+    state: &AppState,
+    operation: impl Future<Output = Result<T, LifecycleError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    state
+        .tasks
+        .spawn(operation)
+        .await
+        .map_err(|err| ApiError::Internal(format!("the operation did not finish: {err}")))?
+        .map_err(ApiError::from)
+}
+
+fn wants_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/json"))
+}

@@ -1,0 +1,83 @@
+//! The one mapping from previewd's errors to HTTP answers: `{"error": "..."}` with a status that
+//! says whose move it is. 4xx messages tell the caller what to fix; 5xx messages say what failed
+//! on this host without leaking secrets.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::auth::AuthError;
+use crate::docker::DockerError;
+use crate::lifecycle::LifecycleError;
+use crate::nginx::NginxError;
+use crate::request::RequestError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error(transparent)]
+    Lifecycle(#[from] LifecycleError),
+    #[error("{0}")]
+    Body(String),
+    #[error("request body is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("unsupported Content-Type {0:?}: send application/x-www-form-urlencoded or application/json")]
+    UnsupportedMediaType(String),
+    #[error("no route for this path; see the API in the README")]
+    NoRoute,
+    #[error("method not allowed on this path; see the API in the README")]
+    MethodNotAllowed,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::Auth(_) => StatusCode::UNAUTHORIZED,
+            Self::Request(_) | Self::Body(_) => StatusCode::BAD_REQUEST,
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::NoRoute => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Lifecycle(err) => lifecycle_status(err),
+        }
+    }
+}
+
+fn lifecycle_status(err: &LifecycleError) -> StatusCode {
+    match err {
+        LifecycleError::NotFound(_) => StatusCode::NOT_FOUND,
+        LifecycleError::UnknownImage(_) => StatusCode::BAD_REQUEST,
+        LifecycleError::Crashed { .. } => StatusCode::BAD_GATEWAY,
+        LifecycleError::Unhealthy { .. } => StatusCode::GATEWAY_TIMEOUT,
+        LifecycleError::Docker(DockerError::Unreachable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+        LifecycleError::Docker(DockerError::ImageMissing { .. } | DockerError::PullFailed { .. }) => StatusCode::UNPROCESSABLE_ENTITY,
+        LifecycleError::Docker(DockerError::Api { .. }) => StatusCode::BAD_GATEWAY,
+        LifecycleError::Nginx(NginxError::NotRunning(_)) => StatusCode::SERVICE_UNAVAILABLE,
+        LifecycleError::Nginx(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        } else {
+            tracing::info!(error = %self, status = status.as_u16(), "request refused");
+        }
+        let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(r#"Basic realm="previewd", charset="UTF-8""#));
+        }
+        response
+    }
+}

@@ -1,0 +1,27 @@
+//! previewd: a live preview per pull request (or per `/launch`) on one Docker host.
+//!
+//! Data flows one way, and each module owns one step:
+//!
+//! - [`config`]: `config.yml`, its schema and validation.
+//! - [`preview`]: validated domain names (`Slug`, `BaseDomain`, `EnvName`, ...).
+//! - [`http`]: the API: routes, body parsing, the error-to-response mapping.
+//! - [`auth`]: HTTP Basic credentials against argon2 hashes.
+//! - [`request`]: launch and kill requests parsed from the API's fields.
+//! - [`lifecycle`]: launch, replace, kill, list and reconcile previews.
+//! - [`docker`]: the container runtime on the Docker API; labels are the record of what runs.
+//! - [`probe`]: whether an app answers HTTP yet.
+//! - [`nginx`]: vhost files, `nginx -t`, coalesced reloads, the managed nginx.
+//! - [`app`]: start-up (reconcile), serving and graceful shutdown.
+//! - [`cli`]: the command line.
+
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod docker;
+pub mod http;
+pub mod lifecycle;
+pub mod nginx;
+pub mod preview;
+pub mod probe;
+pub mod request;

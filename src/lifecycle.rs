@@ -1,0 +1,334 @@
+//! The preview lifecycle: launch (or replace), kill, list and reconcile, built on the Docker
+//! runtime and the nginx router.
+//!
+//! Operations on one preview are serialized by a per-slug lock; different previews proceed in
+//! parallel. Every step can be interrupted and repeated: a replacement container is started and
+//! answering before the route switches, failed launches remove what they created, and
+//! `reconcile` rebuilds the routes from the container labels alone.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::OwnedMutexGuard;
+
+use crate::config::{Config, ImageSpec};
+use crate::docker::{ContainerPlan, DockerError, ManagedContainer, Runtime};
+use crate::nginx::{NginxError, Router};
+use crate::preview::{ImageKey, Slug};
+use crate::probe::Prober;
+use crate::request::LaunchRequest;
+
+/// How many lines of a failed container's log go into the error.
+const LOG_LINES_ON_FAILURE: usize = 20;
+const HEALTH_POLL: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+    #[error(transparent)]
+    Nginx(#[from] NginxError),
+    #[error("the container stopped during start-up (exit code {}); it was removed. Last log lines:\n{logs}", exit_code.map_or("unknown".to_owned(), |c| c.to_string()))]
+    Crashed { exit_code: Option<i64>, logs: String },
+    #[error("the app did not answer HTTP on container port {port} at {path} within {timeout:?}; the container was removed. Last log lines:\n{logs}")]
+    Unhealthy { port: u16, path: String, timeout: Duration, logs: String },
+    #[error("no preview named \"{0}\" is running; GET /api/previews lists them")]
+    NotFound(Slug),
+    #[error("image {0:?} is not in config.yml")]
+    UnknownImage(ImageKey),
+}
+
+/// What the API reports about a preview.
+#[derive(Debug, Clone, Serialize)]
+pub struct PreviewInfo {
+    pub name: Slug,
+    pub url: String,
+    pub image: ImageKey,
+    pub container_id: String,
+    /// Docker's state of the container: running, restarting, exited, ...
+    pub status: String,
+    /// Whether nginx routes the preview's host.
+    pub routed: bool,
+    /// Unix seconds.
+    pub created: i64,
+}
+
+/// What a reconcile found and did.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct ReconcileReport {
+    pub routed: usize,
+    pub removed_containers: usize,
+    pub removed_vhosts: usize,
+}
+
+#[derive(Clone)]
+pub struct Lifecycle {
+    config: Arc<Config>,
+    runtime: Runtime,
+    router: Router,
+    prober: Prober,
+    locks: Arc<SlugLocks>,
+}
+
+impl Lifecycle {
+    pub fn new(config: Arc<Config>, runtime: Runtime, router: Router) -> Self {
+        Self { config, runtime, router, prober: Prober::new(), locks: Arc::default() }
+    }
+
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// Starts a preview, or replaces the one of the same name with no downtime: the new
+    /// container answers before the route switches, and only then is the old one removed.
+    #[tracing::instrument(skip_all, fields(slug = %request.name, image = %request.image))]
+    pub async fn launch(&self, request: LaunchRequest) -> Result<PreviewInfo, LifecycleError> {
+        let _guard = self.locks.lock(&request.name).await;
+        let started = Instant::now();
+        let spec = self.spec(&request.image)?;
+        self.runtime.ensure_image(spec).await?;
+        let previous = self.runtime.list_slug(&request.name).await?;
+        let url = self.url_for(&request.name);
+        let plan = ContainerPlan {
+            slug: &request.name,
+            image_key: &request.image,
+            spec,
+            env: container_env(spec, &request, &url),
+        };
+        let id = self.runtime.create_and_start(plan).await?;
+        tracing::info!(container = %short(&id), "container started");
+        if let Err(err) = self.bring_up(&id, spec, &request.name).await {
+            if let Err(cleanup) = self.runtime.remove(&id).await {
+                tracing::error!(error = %cleanup, container = %short(&id), "cannot remove the failed container");
+            }
+            return Err(err);
+        }
+        for old in previous {
+            if let Err(err) = self.runtime.remove(&old.id).await {
+                tracing::warn!(error = %err, container = %short(&old.id), "cannot remove the replaced container; reconcile will");
+            }
+        }
+        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, %url, "preview ready");
+        Ok(PreviewInfo {
+            name: request.name,
+            url,
+            image: request.image,
+            container_id: id,
+            status: "running".to_owned(),
+            routed: true,
+            created: unix_now(),
+        })
+    }
+
+    /// Waits until the new container answers, then routes its host to it.
+    async fn bring_up(&self, id: &str, spec: &ImageSpec, slug: &Slug) -> Result<(), LifecycleError> {
+        let port = self.wait_until_answering(id, spec).await?;
+        self.router.route(slug, port).await?;
+        Ok(())
+    }
+
+    async fn wait_until_answering(&self, id: &str, spec: &ImageSpec) -> Result<u16, LifecycleError> {
+        let deadline = Instant::now() + spec.health_timeout;
+        loop {
+            let status = self.runtime.status(id, spec.port).await?;
+            let crashed = status.as_ref().is_none_or(|s| !s.running || s.restart_count > 0);
+            if crashed {
+                let logs = self.runtime.logs_tail(id, LOG_LINES_ON_FAILURE).await;
+                return Err(LifecycleError::Crashed { exit_code: status.and_then(|s| s.exit_code), logs });
+            }
+            if let Some(port) = status.and_then(|s| s.host_port)
+                && self.prober.answers(port, &spec.health_path).await
+            {
+                return Ok(port);
+            }
+            if Instant::now() >= deadline {
+                let logs = self.runtime.logs_tail(id, LOG_LINES_ON_FAILURE).await;
+                return Err(LifecycleError::Unhealthy {
+                    port: spec.port,
+                    path: spec.health_path.clone(),
+                    timeout: spec.health_timeout,
+                    logs,
+                });
+            }
+            tokio::time::sleep(HEALTH_POLL).await;
+        }
+    }
+
+    /// Removes a preview: first its route, then its containers.
+    #[tracing::instrument(skip_all, fields(slug = %slug))]
+    pub async fn kill(&self, slug: &Slug) -> Result<(), LifecycleError> {
+        let _guard = self.locks.lock(slug).await;
+        let containers = self.runtime.list_slug(slug).await?;
+        let routed = self.is_routed(slug);
+        if containers.is_empty() && !routed {
+            return Err(LifecycleError::NotFound(slug.clone()));
+        }
+        if routed {
+            self.router.unroute(slug).await?;
+        }
+        for container in containers {
+            self.runtime.remove(&container.id).await?;
+        }
+        tracing::info!("preview removed");
+        Ok(())
+    }
+
+    /// Every preview of this instance, from the container labels.
+    pub async fn list(&self) -> Result<Vec<PreviewInfo>, LifecycleError> {
+        let containers = self.runtime.list().await?;
+        Ok(newest_per_slug(containers).into_values().map(|c| self.info(c)).collect())
+    }
+
+    pub async fn get(&self, slug: &Slug) -> Result<PreviewInfo, LifecycleError> {
+        let containers = self.runtime.list_slug(slug).await?;
+        let newest = containers.into_iter().last().ok_or_else(|| LifecycleError::NotFound(slug.clone()))?;
+        Ok(self.info(newest))
+    }
+
+    /// Makes nginx match the containers: every running preview routed to its current port,
+    /// every vhost without a container deleted, containers that never came up (or were
+    /// replaced) removed, and one reload.
+    #[tracing::instrument(skip_all)]
+    pub async fn reconcile(&self) -> Result<ReconcileReport, LifecycleError> {
+        let containers = self.runtime.list().await?;
+        let mut report = ReconcileReport::default();
+        let mut routes = BTreeMap::new();
+        let newest = newest_per_slug(containers.clone());
+        for container in containers {
+            let is_newest = newest.get(&container.slug).is_some_and(|n| n.id == container.id);
+            match (is_newest, container.host_port) {
+                (true, Some(port)) if container.is_running() => {
+                    routes.insert(container.slug.clone(), port);
+                }
+                (true, _) if matches!(container.state.as_str(), "restarting" | "paused") => {
+                    tracing::warn!(slug = %container.slug, state = %container.state, "preview is not running; leaving it unrouted");
+                }
+                _ => {
+                    tracing::info!(slug = %container.slug, state = %container.state, "removing a container that is not the live preview");
+                    self.runtime.remove(&container.id).await?;
+                    report.removed_containers += 1;
+                }
+            }
+        }
+        let existing = self.router.sites().slugs().unwrap_or_default();
+        report.removed_vhosts = existing.iter().filter(|slug| !routes.contains_key(*slug)).count();
+        report.routed = routes.len();
+        self.router.sync(&routes).await?;
+        tracing::info!(routed = report.routed, removed_containers = report.removed_containers, removed_vhosts = report.removed_vhosts, "reconciled");
+        Ok(report)
+    }
+
+    fn spec(&self, image: &ImageKey) -> Result<&ImageSpec, LifecycleError> {
+        self.config.images.get(image).ok_or_else(|| LifecycleError::UnknownImage(image.clone()))
+    }
+
+    fn url_for(&self, slug: &Slug) -> String {
+        self.config.public_url.for_host(&self.config.base_domain.host_for(slug))
+    }
+
+    fn is_routed(&self, slug: &Slug) -> bool {
+        self.router.sites().read(slug).ok().flatten().is_some()
+    }
+
+    fn info(&self, container: ManagedContainer) -> PreviewInfo {
+        PreviewInfo {
+            url: self.url_for(&container.slug),
+            routed: self.is_routed(&container.slug),
+            name: container.slug,
+            image: container.image,
+            container_id: container.id,
+            status: container.state,
+            created: container.created,
+        }
+    }
+}
+
+/// The environment of a preview container: the image's fixed `env`, overridden by the request's
+/// fields, plus what previewd sets itself (Stager's `image_name`/`container_name` included).
+fn container_env(spec: &ImageSpec, request: &LaunchRequest, url: &str) -> Vec<String> {
+    let mut env: BTreeMap<String, String> = spec.env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    env.extend(request.env.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    env.insert("image_name".into(), request.image.to_string());
+    env.insert("container_name".into(), request.container_name.clone());
+    env.insert("PREVIEW_NAME".into(), request.name.to_string());
+    env.insert("PREVIEW_URL".into(), url.to_owned());
+    env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+fn newest_per_slug(containers: Vec<ManagedContainer>) -> BTreeMap<Slug, ManagedContainer> {
+    // Containers come oldest first, so the last one of a slug wins.
+    containers.into_iter().map(|c| (c.slug.clone(), c)).collect()
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// One async lock per preview name.
+#[derive(Default)]
+struct SlugLocks(Mutex<HashMap<Slug, Arc<tokio::sync::Mutex<()>>>>);
+
+impl SlugLocks {
+    /// Above this many names, locks nobody holds or waits for are dropped.
+    const PRUNE_ABOVE: usize = 1024;
+
+    async fn lock(&self, slug: &Slug) -> OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if locks.len() > Self::PRUNE_ABOVE {
+                locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+            }
+            Arc::clone(locks.entry(slug.clone()).or_default())
+        };
+        lock.lock_owned().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_slug_is_serialized_and_others_are_not() {
+        let locks = SlugLocks::default();
+        let a = Slug::parse("a").unwrap();
+        let guard = locks.lock(&a).await;
+        let other = tokio::time::timeout(Duration::from_millis(50), locks.lock(&Slug::parse("b").unwrap())).await;
+        assert!(other.is_ok(), "a different slug must not wait");
+        let same = tokio::time::timeout(Duration::from_millis(50), locks.lock(&a)).await;
+        assert!(same.is_err(), "the same slug must wait");
+        drop(guard);
+        assert!(tokio::time::timeout(Duration::from_millis(50), locks.lock(&a)).await.is_ok());
+    }
+
+    #[test]
+    fn request_fields_override_image_env_but_not_previewd_variables() {
+        let hash = crate::auth::hash_password("x").unwrap();
+        let yaml = format!(
+            "base_domain: p.localhost\nimages:\n  demo: {{image: d, port: 3000, env: {{A: image, B: image}}}}\nusers: [{{name: u, password_hash: \"{hash}\"}}]\n"
+        );
+        let config = Config::from_yaml(&yaml, std::path::Path::new(".")).unwrap();
+        let fields = vec![
+            ("image_name".to_owned(), "demo".to_owned()),
+            ("container_name".to_owned(), "My Branch".to_owned()),
+            ("B".to_owned(), "request".to_owned()),
+        ];
+        let request = LaunchRequest::parse(fields, &config.images).unwrap();
+        let env = container_env(&config.images[&request.image], &request, "http://my-branch.p.localhost");
+        for expected in ["A=image", "B=request", "image_name=demo", "container_name=My Branch", "PREVIEW_NAME=my-branch", "PREVIEW_URL=http://my-branch.p.localhost"] {
+            assert!(env.contains(&expected.to_owned()), "{expected} not in {env:?}");
+        }
+    }
+}

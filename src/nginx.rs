@@ -1,0 +1,241 @@
+//! The nginx router: the one owner of this instance's vhost files and of nginx reloads.
+//!
+//! Callers send the routes they want changed; a single worker applies every request waiting at
+//! that moment as one batch: back up the affected files, write them atomically, `nginx -t`, and
+//! reload once. If the test fails, the batch is restored and each request is retried on its own,
+//! so one bad change fails alone and nginx keeps serving what it served. Twenty launches that
+//! finish together cost a handful of reloads, not twenty.
+
+pub mod process;
+pub mod sites;
+pub mod vhost;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::preview::{BaseDomain, InstanceName, Slug};
+pub use process::{Nginx, NginxError};
+use sites::SitesDir;
+use vhost::{Vhost, VhostTemplate};
+
+/// After the first request of a batch arrives, how long to wait for others to join it. Short
+/// next to a container start, long enough for launches that finish together to share a reload.
+const BATCH_WINDOW: Duration = Duration::from_millis(20);
+
+/// The desired vhost of one preview: `Some(content)` to route it, `None` to remove it.
+type Change = (Slug, Option<String>);
+
+struct Job {
+    changes: Vec<Change>,
+    reply: oneshot::Sender<Result<(), NginxError>>,
+}
+
+/// Renders vhosts and routes every change through the single worker.
+#[derive(Clone)]
+pub struct Router {
+    jobs: mpsc::UnboundedSender<Job>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    template: VhostTemplate,
+    instance: InstanceName,
+    base_domain: BaseDomain,
+    listen: SocketAddr,
+    sites: SitesDir,
+    nginx: Nginx,
+    reloads: AtomicU64,
+    failed_reloads: AtomicU64,
+}
+
+pub struct RouterSettings {
+    pub template: VhostTemplate,
+    pub instance: InstanceName,
+    pub base_domain: BaseDomain,
+    pub listen: SocketAddr,
+    pub sites: SitesDir,
+    pub nginx: Nginx,
+}
+
+impl Router {
+    /// Starts the worker; it stops when the last `Router` clone is dropped.
+    pub fn start(settings: RouterSettings) -> Self {
+        let inner = Arc::new(Inner {
+            template: settings.template,
+            instance: settings.instance,
+            base_domain: settings.base_domain,
+            listen: settings.listen,
+            sites: settings.sites,
+            nginx: settings.nginx,
+            reloads: AtomicU64::new(0),
+            failed_reloads: AtomicU64::new(0),
+        });
+        let (jobs, queue) = mpsc::unbounded_channel();
+        tokio::spawn(worker(Arc::clone(&inner), queue));
+        Self { jobs, inner }
+    }
+
+    pub fn nginx(&self) -> &Nginx {
+        &self.inner.nginx
+    }
+
+    pub fn sites(&self) -> &SitesDir {
+        &self.inner.sites
+    }
+
+    /// Successful reloads since start.
+    pub fn reloads(&self) -> u64 {
+        self.inner.reloads.load(Ordering::Relaxed)
+    }
+
+    pub fn failed_reloads(&self) -> u64 {
+        self.inner.failed_reloads.load(Ordering::Relaxed)
+    }
+
+    /// Routes `<slug>.<base_domain>` to `127.0.0.1:<host_port>`; returns once nginx serves it.
+    pub async fn route(&self, slug: &Slug, host_port: u16) -> Result<(), NginxError> {
+        let content = self.inner.render(slug, host_port)?;
+        self.submit(vec![(slug.clone(), Some(content))]).await
+    }
+
+    /// Removes the route of a preview; returns once nginx no longer serves it.
+    pub async fn unroute(&self, slug: &Slug) -> Result<(), NginxError> {
+        self.submit(vec![(slug.clone(), None)]).await
+    }
+
+    /// Makes the sites dir hold exactly these routes (re-rendered), deleting any other vhost of
+    /// this instance, with one reload.
+    pub async fn sync(&self, routes: &BTreeMap<Slug, u16>) -> Result<(), NginxError> {
+        let existing = self.inner.sites.slugs().map_err(|err| self.inner.io_error(err))?;
+        let orphans = existing.into_iter().filter(|slug| !routes.contains_key(slug));
+        let mut changes: Vec<Change> = orphans.map(|slug| (slug, None)).collect();
+        for (slug, port) in routes {
+            changes.push((slug.clone(), Some(self.inner.render(slug, *port)?)));
+        }
+        self.submit(changes).await
+    }
+
+    async fn submit(&self, changes: Vec<Change>) -> Result<(), NginxError> {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || NginxError::Command { command: "router".into(), message: "previewd is shutting down".into() };
+        self.jobs.send(Job { changes, reply }).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+impl Inner {
+    fn render(&self, slug: &Slug, upstream_port: u16) -> Result<String, NginxError> {
+        let host = self.base_domain.host_for(slug);
+        let vhost = Vhost { instance: &self.instance, slug, host: &host, listen: self.listen, upstream_port };
+        self.template.render(&vhost).map_err(NginxError::Template)
+    }
+
+    fn io_error(&self, err: std::io::Error) -> NginxError {
+        NginxError::Io { path: self.sites.dir().to_owned(), message: err.to_string() }
+    }
+
+    /// Writes the changes, remembering what each file held before.
+    fn apply(&self, changes: &[Change], backups: &mut BTreeMap<Slug, Option<String>>) -> Result<(), NginxError> {
+        for (slug, content) in changes {
+            if !backups.contains_key(slug) {
+                let previous = self.sites.read(slug).map_err(|err| self.io_error(err))?;
+                backups.insert(slug.clone(), previous);
+            }
+            self.sites.set(slug, content.as_deref()).map_err(|err| self.io_error(err))?;
+        }
+        Ok(())
+    }
+
+    fn restore(&self, backups: BTreeMap<Slug, Option<String>>) {
+        for (slug, previous) in backups {
+            if let Err(err) = self.sites.set(&slug, previous.as_deref()) {
+                tracing::error!(%slug, error = %err, "cannot restore a vhost file");
+            }
+        }
+    }
+
+    /// Applies and tests a set of changes; on failure the files are as they were.
+    async fn try_apply(&self, changes: &[Change]) -> Result<(), NginxError> {
+        let mut backups = BTreeMap::new();
+        let result = match self.apply(changes, &mut backups) {
+            Ok(()) => self.nginx.test().await,
+            Err(err) => Err(err),
+        };
+        match result {
+            Err(NginxError::TestFailed(message)) => {
+                self.restore(backups);
+                Err(NginxError::RolledBack(message))
+            }
+            Err(err) => {
+                self.restore(backups);
+                Err(err)
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+
+    async fn reload(&self) -> Result<(), NginxError> {
+        let result = self.nginx.reload().await;
+        let counter = if result.is_ok() { &self.reloads } else { &self.failed_reloads };
+        counter.fetch_add(1, Ordering::Relaxed);
+        result
+    }
+}
+
+async fn worker(inner: Arc<Inner>, mut queue: mpsc::UnboundedReceiver<Job>) {
+    while let Some(first) = queue.recv().await {
+        tokio::time::sleep(BATCH_WINDOW).await;
+        let mut batch = vec![first];
+        while let Ok(job) = queue.try_recv() {
+            batch.push(job);
+        }
+        run_batch(&inner, batch).await;
+    }
+}
+
+async fn run_batch(inner: &Inner, batch: Vec<Job>) {
+    let all: Vec<Change> = batch.iter().flat_map(|job| job.changes.iter().cloned()).collect();
+    let touched: BTreeSet<&Slug> = all.iter().map(|(slug, _)| slug).collect();
+    tracing::debug!(jobs = batch.len(), previews = touched.len(), "applying vhost changes");
+    let accepted = match inner.try_apply(&all).await {
+        Ok(()) => batch,
+        Err(err) if batch.len() == 1 => {
+            reply_all(batch, &Err(err));
+            return;
+        }
+        Err(_) => one_by_one(inner, batch).await,
+    };
+    if accepted.is_empty() {
+        return;
+    }
+    let result = inner.reload().await;
+    if let Err(err) = &result {
+        tracing::error!(error = %err, "nginx reload failed");
+    }
+    reply_all(accepted, &result);
+}
+
+/// After a batch failed `nginx -t`: each job on its own, so only the bad ones fail.
+async fn one_by_one(inner: &Inner, batch: Vec<Job>) -> Vec<Job> {
+    let mut accepted = Vec::new();
+    for job in batch {
+        match inner.try_apply(&job.changes).await {
+            Ok(()) => accepted.push(job),
+            Err(err) => {
+                job.reply.send(Err(err)).ok();
+            }
+        }
+    }
+    accepted
+}
+
+fn reply_all(jobs: Vec<Job>, result: &Result<(), NginxError>) {
+    for job in jobs {
+        job.reply.send(result.clone()).ok();
+    }
+}

@@ -1,0 +1,261 @@
+//! Driving the nginx process: `nginx -t`, reloads that wait until every new connection gets the
+//! new configuration, and, in managed mode, the main `nginx.conf`, start and stop of previewd's
+//! own nginx.
+//!
+//! A reload is asynchronous: `nginx -s reload` returns before the master has started new workers,
+//! and until the old workers get their QUIT they keep accepting connections with the old config.
+//! So a reload is only done once every pre-reload worker has exited or retitled itself "worker
+//! process is shutting down" (nginx does that just before closing its listening sockets) and a
+//! new worker runs.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::Command;
+
+use crate::config::NginxConfig;
+
+const WORKER_TITLE: &str = "nginx: worker process";
+const MASTER_TITLE_PREFIX: &str = "nginx: master process";
+/// How long one nginx command (test, reload signal, start) may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NginxError {
+    #[error("nginx rejected the configuration: {0}")]
+    TestFailed(String),
+    #[error("nginx rejected the new configuration, so the previous vhost files were restored and nginx keeps serving them: {0}")]
+    RolledBack(String),
+    #[error("cannot run `{command}`: {message}")]
+    Command { command: String, message: String },
+    #[error("nginx is not running (no live nginx master process in {0})")]
+    NotRunning(PathBuf),
+    #[error("nginx did not switch to the new configuration within {0:?}; see its error log")]
+    ReloadTimeout(Duration),
+    #[error("cannot write nginx files at {path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("cannot render the vhost template: {0}")]
+    Template(String),
+}
+
+/// Paths of previewd's own nginx, all under `<state_dir>/nginx`.
+struct Managed {
+    prefix: PathBuf,
+    conf: PathBuf,
+    error_log: PathBuf,
+}
+
+pub struct Nginx {
+    config: NginxConfig,
+    managed: Option<Managed>,
+}
+
+impl Nginx {
+    pub fn new(config: NginxConfig, state_dir: &Path) -> Self {
+        let managed = config.managed.then(|| {
+            let prefix = state_dir.join("nginx");
+            Managed { conf: prefix.join("nginx.conf"), error_log: prefix.join("error.log"), prefix }
+        });
+        Self { config, managed }
+    }
+
+    pub fn is_managed(&self) -> bool {
+        self.managed.is_some()
+    }
+
+    /// The error log of the managed nginx.
+    pub fn error_log(&self) -> Option<&Path> {
+        self.managed.as_ref().map(|m| m.error_log.as_path())
+    }
+
+    /// `nginx -t` on the whole configuration, vhosts included.
+    pub async fn test(&self) -> Result<(), NginxError> {
+        self.run(&self.config.test_command).await.map_err(|err| match err {
+            NginxError::Command { message, .. } => NginxError::TestFailed(message),
+            other => other,
+        })
+    }
+
+    /// Reloads and returns once only new workers accept connections.
+    pub async fn reload(&self) -> Result<(), NginxError> {
+        let master = self.master_pid().ok_or_else(|| NginxError::NotRunning(self.config.pid_file.clone()))?;
+        let old_workers: HashSet<u32> = workers(master).into_iter().collect();
+        self.run(&self.config.reload_command).await?;
+        let deadline = Instant::now() + self.config.reload_timeout;
+        loop {
+            let old_still_accepting = old_workers.iter().any(|pid| title(*pid).as_deref() == Some(WORKER_TITLE));
+            let new_running = workers(master).iter().any(|pid| !old_workers.contains(pid));
+            if !old_still_accepting && new_running {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(NginxError::ReloadTimeout(self.config.reload_timeout));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The pid of the live nginx master named by the pid file, if any.
+    pub fn master_pid(&self) -> Option<u32> {
+        let pid = std::fs::read_to_string(&self.config.pid_file).ok()?.trim().parse().ok()?;
+        title(pid).filter(|t| t.starts_with(MASTER_TITLE_PREFIX)).map(|_| pid)
+    }
+
+    /// Managed mode: writes the main config and starts nginx, or adopts and reloads the one a
+    /// previous previewd left running (previews stay reachable across a previewd restart).
+    pub async fn start_managed(&self, sites_dir: &Path) -> Result<(), NginxError> {
+        let Some(managed) = &self.managed else { return Ok(()) };
+        for dir in [managed.prefix.join("tmp"), sites_dir.to_owned()] {
+            std::fs::create_dir_all(&dir).map_err(|err| io_error(&dir, err))?;
+        }
+        let conf = main_conf(self.config.listen, sites_dir, managed, &self.config.pid_file);
+        super::sites::write_atomic(&managed.conf, conf.as_bytes()).map_err(|err| io_error(&managed.conf, err))?;
+        self.test().await?;
+        if self.master_pid().is_some() {
+            tracing::info!("adopting the managed nginx left running by a previous previewd");
+            return self.reload().await;
+        }
+        let nginx = self.config.test_command[0].clone();
+        self.run(&[nginx]).await?;
+        self.wait_for(|nginx| nginx.master_pid().is_some_and(|pid| !workers(pid).is_empty())).await
+    }
+
+    /// Managed mode: graceful stop (`nginx -s quit`), waiting until the master has exited.
+    pub async fn stop_managed(&self) -> Result<(), NginxError> {
+        if self.managed.is_none() || self.master_pid().is_none() {
+            return Ok(());
+        }
+        let nginx = self.config.test_command[0].clone();
+        self.run(&[nginx, "-s".into(), "quit".into()]).await?;
+        self.wait_for(|nginx| nginx.master_pid().is_none()).await
+    }
+
+    async fn wait_for(&self, done: impl Fn(&Self) -> bool) -> Result<(), NginxError> {
+        let deadline = Instant::now() + self.config.reload_timeout;
+        while !done(self) {
+            if Instant::now() >= deadline {
+                return Err(NginxError::ReloadTimeout(self.config.reload_timeout));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    /// Runs an nginx command line; in managed mode it is pointed at previewd's own nginx.
+    async fn run(&self, argv: &[String]) -> Result<(), NginxError> {
+        let mut args: Vec<String> = argv[1..].to_vec();
+        if let Some(managed) = &self.managed {
+            for (flag, path) in [("-p", &managed.prefix), ("-c", &managed.conf), ("-e", &managed.error_log)] {
+                args.push(flag.to_owned());
+                args.push(path.display().to_string());
+            }
+        }
+        let command_line = std::iter::once(argv[0].as_str()).chain(args.iter().map(String::as_str)).collect::<Vec<_>>().join(" ");
+        let failure = |message: String| NginxError::Command { command: command_line.clone(), message };
+        let child = Command::new(&argv[0])
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(COMMAND_TIMEOUT, child)
+            .await
+            .map_err(|_| failure(format!("no answer within {COMMAND_TIMEOUT:?}")))?
+            .map_err(|err| failure(err.to_string()))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(failure(String::from_utf8_lossy(&output.stderr).trim().to_owned()))
+        }
+    }
+}
+
+fn io_error(path: &Path, err: std::io::Error) -> NginxError {
+    NginxError::Io { path: path.to_owned(), message: err.to_string() }
+}
+
+/// The main config of the managed nginx: a default server that explains an unknown host, and
+/// the vhosts of the sites dir.
+fn main_conf(listen: std::net::SocketAddr, sites_dir: &Path, managed: &Managed, pid_file: &Path) -> String {
+    let quote = |path: &Path| format!("\"{}\"", path.display().to_string().replace('\\', "\\\\").replace('"', "\\\""));
+    let tmp = managed.prefix.join("tmp");
+    let temp_paths: String = ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"]
+        .iter()
+        .map(|kind| format!("    {kind}_temp_path {};\n", quote(&tmp.join(kind))))
+        .collect();
+    format!(
+        r#"# Written by previewd at every start; do not edit.
+worker_processes auto;
+pid {pid};
+error_log {error_log} notice;
+events {{
+    worker_connections 4096;
+}}
+http {{
+    access_log off;
+{temp_paths}    # Preview host names are up to 253 characters, and there may be hundreds of them.
+    server_names_hash_bucket_size 256;
+    server_names_hash_max_size 8192;
+    server {{
+        listen {listen} default_server;
+        server_name _;
+        default_type text/plain;
+        return 404 "No preview is running at this address.\n";
+    }}
+    include {sites};
+}}
+"#,
+        pid = quote(pid_file),
+        error_log = quote(&managed.error_log),
+        sites = quote(&sites_dir.join("*.conf")),
+    )
+}
+
+/// The worker processes of an nginx master that still accept connections.
+fn workers(master: u32) -> Vec<u32> {
+    children(master).into_iter().filter(|pid| title(*pid).as_deref() == Some(WORKER_TITLE)).collect()
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| list.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>())
+        .collect()
+}
+
+/// A process's title as `ps` shows it (nginx rewrites its argv to name its role).
+fn title(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let text = String::from_utf8_lossy(&raw).replace('\0', " ");
+    Some(text.trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn main_conf_quotes_paths_and_includes_only_conf_files() {
+        let managed = Managed {
+            prefix: "/s/nginx".into(),
+            conf: "/s/nginx/nginx.conf".into(),
+            error_log: "/s/nginx/error.log".into(),
+        };
+        let conf = main_conf("127.0.0.1:8080".parse().unwrap(), Path::new("/s/a \"b\""), &managed, Path::new("/s/nginx/nginx.pid"));
+        assert!(conf.contains(r#"include "/s/a \"b\"/*.conf";"#), "{conf}");
+        assert!(conf.contains("listen 127.0.0.1:8080 default_server;"), "{conf}");
+        assert!(conf.contains(r#"pid "/s/nginx/nginx.pid";"#), "{conf}");
+    }
+
+    #[test]
+    fn own_process_has_a_title_and_no_nginx_children() {
+        let me = std::process::id();
+        assert!(title(me).is_some());
+        assert!(workers(me).is_empty());
+    }
+}

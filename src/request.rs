@@ -1,0 +1,144 @@
+//! Launch and kill requests: the fields of an API call (form or JSON, already decoded by the
+//! HTTP layer) parsed into validated values. Nothing unvalidated goes past this module.
+
+use std::collections::{BTreeMap, HashSet};
+
+use crate::config::ImageSpec;
+use crate::preview::{EnvName, ImageKey, NameError, Slug};
+
+/// Variables previewd sets itself; a request may not override them.
+pub const RESERVED_ENV: [&str; 2] = ["PREVIEW_NAME", "PREVIEW_URL"];
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RequestError {
+    #[error("missing field `{0}`")]
+    MissingField(&'static str),
+    #[error("field `{0}` is given more than once")]
+    DuplicateField(String),
+    #[error("unknown image_name {given:?}; allowed: {allowed}")]
+    UnknownImage { given: String, allowed: String },
+    #[error("container_name: {0}")]
+    Name(NameError),
+    #[error("field {0}; every field besides image_name and container_name becomes an environment variable")]
+    EnvName(NameError),
+    #[error("field `{0}` is set by previewd and cannot be overridden")]
+    ReservedEnv(String),
+    #[error("field `{0}` contains a NUL byte, which cannot be passed to a container")]
+    NulByte(String),
+}
+
+/// A validated `POST /launch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchRequest {
+    pub image: ImageKey,
+    pub name: Slug,
+    /// `container_name` as sent (Stager passed it on to the container unchanged).
+    pub container_name: String,
+    /// Every other field, for the container's environment.
+    pub env: BTreeMap<EnvName, String>,
+}
+
+/// A validated `POST /kill`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KillRequest {
+    pub name: Slug,
+}
+
+impl LaunchRequest {
+    pub fn parse(fields: Vec<(String, String)>, images: &BTreeMap<ImageKey, ImageSpec>) -> Result<Self, RequestError> {
+        let mut fields = unique(fields)?;
+        let image_name = fields.remove("image_name").ok_or(RequestError::MissingField("image_name"))?;
+        let container_name = fields.remove("container_name").ok_or(RequestError::MissingField("container_name"))?;
+        let image = ImageKey::parse(&image_name)
+            .ok()
+            .filter(|key| images.contains_key(key))
+            .ok_or_else(|| RequestError::UnknownImage {
+                given: image_name,
+                allowed: images.keys().map(ImageKey::to_string).collect::<Vec<_>>().join(", "),
+            })?;
+        let name = Slug::slugify(&container_name).map_err(RequestError::Name)?;
+        let env = fields
+            .into_iter()
+            .map(|(key, value)| {
+                let name = EnvName::parse(&key).map_err(RequestError::EnvName)?;
+                if RESERVED_ENV.contains(&key.as_str()) {
+                    return Err(RequestError::ReservedEnv(key));
+                }
+                if value.contains('\0') {
+                    return Err(RequestError::NulByte(key));
+                }
+                Ok((name, value))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { image, name, container_name, env })
+    }
+}
+
+impl KillRequest {
+    pub fn parse(fields: Vec<(String, String)>) -> Result<Self, RequestError> {
+        let mut fields = unique(fields)?;
+        let container_name = fields.remove("container_name").ok_or(RequestError::MissingField("container_name"))?;
+        Ok(Self { name: Slug::slugify(&container_name).map_err(RequestError::Name)? })
+    }
+}
+
+fn unique(fields: Vec<(String, String)>) -> Result<BTreeMap<String, String>, RequestError> {
+    let mut seen = HashSet::new();
+    for (key, _) in &fields {
+        if !seen.insert(key.as_str()) {
+            return Err(RequestError::DuplicateField(key.clone()));
+        }
+    }
+    Ok(fields.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn images() -> BTreeMap<ImageKey, ImageSpec> {
+        let hash = crate::auth::hash_password("x").unwrap();
+        let yaml = format!(
+            "base_domain: p.localhost\nimages:\n  demo: {{image: d, port: 3000}}\nusers: [{{name: u, password_hash: \"{hash}\"}}]\n"
+        );
+        Config::from_yaml(&yaml, std::path::Path::new(".")).unwrap().images
+    }
+
+    fn fields(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn stager_launch_fields_parse_with_extra_fields_as_env() {
+        let request = LaunchRequest::parse(
+            fields(&[("image_name", "demo"), ("container_name", "Feature X/Y"), ("GREETING", "hi there")]),
+            &images(),
+        )
+        .unwrap();
+        assert_eq!(request.name.as_ref(), "feature-x-y");
+        assert_eq!(request.container_name, "Feature X/Y");
+        assert_eq!(request.env.len(), 1);
+        assert_eq!(request.env[&EnvName::parse("GREETING").unwrap()], "hi there");
+    }
+
+    #[test]
+    fn bad_launch_fields_say_what_to_fix() {
+        let images = images();
+        let parse = |pairs: &[(&str, &str)]| LaunchRequest::parse(fields(pairs), &images).unwrap_err();
+        assert_eq!(parse(&[("container_name", "x")]), RequestError::MissingField("image_name"));
+        assert_eq!(parse(&[("image_name", "demo")]), RequestError::MissingField("container_name"));
+        assert!(matches!(parse(&[("image_name", "nope"), ("container_name", "x")]), RequestError::UnknownImage { allowed, .. } if allowed == "demo"));
+        assert!(matches!(parse(&[("image_name", "demo"), ("container_name", "///")]), RequestError::Name(_)));
+        assert!(matches!(parse(&[("image_name", "demo"), ("container_name", "x"), ("BAD-NAME", "1")]), RequestError::EnvName(_)));
+        assert_eq!(parse(&[("image_name", "demo"), ("container_name", "x"), ("PREVIEW_URL", "1")]), RequestError::ReservedEnv("PREVIEW_URL".into()));
+        assert_eq!(parse(&[("image_name", "demo"), ("container_name", "x"), ("A", "a\0b")]), RequestError::NulByte("A".into()));
+        assert_eq!(parse(&[("image_name", "demo"), ("image_name", "demo"), ("container_name", "x")]), RequestError::DuplicateField("image_name".into()));
+    }
+
+    #[test]
+    fn kill_needs_a_container_name_that_slugs() {
+        assert_eq!(KillRequest::parse(fields(&[("container_name", "Test")])).unwrap().name.as_ref(), "test");
+        assert_eq!(KillRequest::parse(fields(&[])).unwrap_err(), RequestError::MissingField("container_name"));
+    }
+}

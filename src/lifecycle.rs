@@ -15,7 +15,7 @@ use tokio::sync::OwnedMutexGuard;
 
 use crate::config::{Config, ImageSpec};
 use crate::docker::{ContainerPlan, DockerError, ManagedContainer, Runtime};
-use crate::nginx::{NginxError, Router};
+use crate::nginx::{NginxError, RouteTicket, Router};
 use crate::preview::{ImageKey, Slug};
 use crate::probe::Prober;
 use crate::request::LaunchRequest;
@@ -90,6 +90,7 @@ impl Lifecycle {
     #[tracing::instrument(skip_all, fields(slug = %request.name, image = %request.image))]
     pub async fn launch(&self, request: LaunchRequest) -> Result<PreviewInfo, LifecycleError> {
         let _guard = self.locks.lock(&request.name).await;
+        let ticket = self.router.ticket();
         let started = Instant::now();
         let spec = self.spec(&request.image)?;
         self.runtime.ensure_image(spec).await?;
@@ -103,7 +104,7 @@ impl Lifecycle {
         };
         let id = self.runtime.create_and_start(plan).await?;
         tracing::info!(container = %short(&id), "container started");
-        if let Err(err) = self.bring_up(&id, spec, &request.name).await {
+        if let Err(err) = self.bring_up(&id, spec, &request.name, ticket).await {
             if let Err(cleanup) = self.runtime.remove(&id).await {
                 tracing::error!(error = %cleanup, container = %short(&id), "cannot remove the failed container");
             }
@@ -127,9 +128,9 @@ impl Lifecycle {
     }
 
     /// Waits until the new container answers, then routes its host to it.
-    async fn bring_up(&self, id: &str, spec: &ImageSpec, slug: &Slug) -> Result<(), LifecycleError> {
+    async fn bring_up(&self, id: &str, spec: &ImageSpec, slug: &Slug, ticket: RouteTicket) -> Result<(), LifecycleError> {
         let port = self.wait_until_answering(id, spec).await?;
-        self.router.route(slug, port).await?;
+        ticket.route(slug, port).await?;
         Ok(())
     }
 

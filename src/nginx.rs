@@ -3,8 +3,12 @@
 //! Callers send the routes they want changed; a single worker applies every request waiting at
 //! that moment as one batch: back up the affected files, write them atomically, `nginx -t`, and
 //! reload once. If the test fails, the batch is restored and each request is retried on its own,
-//! so one bad change fails alone and nginx keeps serving what it served. Twenty launches that
-//! finish together cost a handful of reloads, not twenty.
+//! so one bad change fails alone and nginx keeps serving what it served.
+//!
+//! Launches announce themselves with a [`RouteTicket`] when they start. When a batch opens while
+//! other launches are still on their way (containers starting, health checks running), the worker
+//! waits for them, up to [`MAX_BATCH_WAIT`], so a burst of launches shares a few reloads. A lone
+//! launch waits for nobody.
 
 pub mod process;
 pub mod sites;
@@ -13,19 +17,21 @@ pub mod vhost;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::Instant;
 
 use crate::preview::{BaseDomain, InstanceName, Slug};
 pub use process::{Nginx, NginxError};
 use sites::SitesDir;
 use vhost::{Vhost, VhostTemplate};
 
-/// After the first request of a batch arrives, how long to wait for others to join it. Short
-/// next to a container start, long enough for launches that finish together to share a reload.
-const BATCH_WINDOW: Duration = Duration::from_millis(20);
+/// After the first request of a batch arrives, how long to wait for others sent at the same time.
+const BATCH_WINDOW: Duration = Duration::from_millis(10);
+/// The longest a route waits for launches still on their way to join its batch.
+pub const MAX_BATCH_WAIT: Duration = Duration::from_secs(1);
 
 /// The desired vhost of one preview: `Some(content)` to route it, `None` to remove it.
 type Change = (Slug, Option<String>);
@@ -51,6 +57,9 @@ struct Inner {
     nginx: Nginx,
     reloads: AtomicU64,
     failed_reloads: AtomicU64,
+    /// Launches that hold a ticket and have not sent their route yet.
+    expected: AtomicUsize,
+    expected_changed: Notify,
 }
 
 pub struct RouterSettings {
@@ -74,6 +83,8 @@ impl Router {
             nginx: settings.nginx,
             reloads: AtomicU64::new(0),
             failed_reloads: AtomicU64::new(0),
+            expected: AtomicUsize::new(0),
+            expected_changed: Notify::new(),
         });
         let (jobs, queue) = mpsc::unbounded_channel();
         tokio::spawn(worker(Arc::clone(&inner), queue));
@@ -95,6 +106,13 @@ impl Router {
 
     pub fn failed_reloads(&self) -> u64 {
         self.inner.failed_reloads.load(Ordering::Relaxed)
+    }
+
+    /// Announces a launch that will route a preview soon, so that routes sent meanwhile wait
+    /// for it (briefly) and share its reload.
+    pub fn ticket(&self) -> RouteTicket {
+        self.inner.expected.fetch_add(1, Ordering::SeqCst);
+        RouteTicket { router: self.clone(), open: true }
     }
 
     /// Routes `<slug>.<base_domain>` to `127.0.0.1:<host_port>`; returns once nginx serves it.
@@ -125,6 +143,33 @@ impl Router {
         let stopped = || NginxError::Command { command: "router".into(), message: "previewd is shutting down".into() };
         self.jobs.send(Job { changes, reply }).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
+    }
+}
+
+/// A launch on its way to a route; see [`Router::ticket`]. Dropping it unused (a failed launch)
+/// tells the worker not to wait for it.
+pub struct RouteTicket {
+    router: Router,
+    open: bool,
+}
+
+impl RouteTicket {
+    pub async fn route(mut self, slug: &Slug, host_port: u16) -> Result<(), NginxError> {
+        self.close();
+        self.router.route(slug, host_port).await
+    }
+
+    fn close(&mut self) {
+        if std::mem::take(&mut self.open) {
+            self.router.inner.expected.fetch_sub(1, Ordering::SeqCst);
+            self.router.inner.expected_changed.notify_one();
+        }
+    }
+}
+
+impl Drop for RouteTicket {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -189,12 +234,28 @@ impl Inner {
 
 async fn worker(inner: Arc<Inner>, mut queue: mpsc::UnboundedReceiver<Job>) {
     while let Some(first) = queue.recv().await {
-        tokio::time::sleep(BATCH_WINDOW).await;
-        let mut batch = vec![first];
+        let batch = gather(&inner, &mut queue, first).await;
+        run_batch(&inner, batch).await;
+    }
+}
+
+/// Collects the jobs sent with `first`, and those of launches still expected, up to the cap.
+async fn gather(inner: &Inner, queue: &mut mpsc::UnboundedReceiver<Job>, first: Job) -> Vec<Job> {
+    let deadline = Instant::now() + MAX_BATCH_WAIT;
+    tokio::time::sleep(BATCH_WINDOW).await;
+    let mut batch = vec![first];
+    loop {
         while let Ok(job) = queue.try_recv() {
             batch.push(job);
         }
-        run_batch(&inner, batch).await;
+        if inner.expected.load(Ordering::SeqCst) == 0 || Instant::now() >= deadline {
+            return batch;
+        }
+        tokio::select! {
+            Some(job) = queue.recv() => batch.push(job),
+            () = inner.expected_changed.notified() => {}
+            () = tokio::time::sleep_until(deadline) => {}
+        }
     }
 }
 

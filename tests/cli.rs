@@ -1,0 +1,178 @@
+//! The real `previewd` binary: check-config, hash-password, and serve with SIGTERM and restart.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Options, PASSWORD, USER};
+
+const BIN: &str = env!("CARGO_BIN_EXE_previewd");
+
+#[test]
+fn check_config_accepts_the_shipped_config() {
+    let output = Command::new(BIN).args(["check-config", "--config", "config.yml"]).output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("OK (instance default, 1 image(s), 1 user(s), previews at *.preview.localhost)"), "{stdout}");
+}
+
+#[test]
+fn check_config_lists_every_problem_with_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yml");
+    std::fs::write(
+        &path,
+        "base_domain: \"not a domain\"\nlisten: nowhere\nimages:\n  demo:\n    image: x\n    port: 99999\nusers: []\n",
+    )
+    .unwrap();
+    let output = Command::new(BIN).args(["check-config", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let file = path.display();
+    assert!(stderr.contains(&format!("{file}:1:14: base_domain: \"not a domain\" is not a domain name")), "{stderr}");
+    assert!(stderr.contains(&format!("{file}: listen: invalid socket address syntax")), "{stderr}");
+    assert!(stderr.contains(&format!("{file}: images.demo.port: invalid value: integer `99999`")), "{stderr}");
+    assert!(stderr.contains("3 problems"), "{stderr}");
+}
+
+#[test]
+fn check_config_reports_a_broken_template() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bad.tera"), "server { {{ nope }} }").unwrap();
+    let text = std::fs::read_to_string("config.yml").unwrap().replace("templates/vhost.conf.tera", "bad.tera");
+    let path = dir.path().join("config.yml");
+    std::fs::write(&path, text).unwrap();
+    let output = Command::new(BIN).args(["check-config", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("nginx.template"), "{output:?}");
+}
+
+#[test]
+fn hash_password_prints_an_argon2id_hash_of_stdin() {
+    let mut child = Command::new(BIN).arg("hash-password").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"s3cret\n").unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success());
+    let hash = String::from_utf8(output.stdout).unwrap();
+    assert!(hash.starts_with("$argon2id$v=19$"), "{hash}");
+    assert!(previewd::auth::check_phc_hash(hash.trim()).is_ok());
+
+    let empty = Command::new(BIN).arg("hash-password").stdin(Stdio::null()).output().unwrap();
+    assert_eq!(empty.status.code(), Some(2));
+}
+
+struct Daemon {
+    child: Child,
+}
+
+impl Daemon {
+    fn start(config: &std::path::Path, log: &std::path::Path) -> Self {
+        let log = std::fs::File::create(log).unwrap();
+        let child = Command::new(BIN)
+            .args(["serve", "--log-format", "json", "--config"])
+            .arg(config)
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Self { child }
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "previewd did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+async fn wait_until_healthy(client: &reqwest::Client, api: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(response) = client.get(format!("{api}/healthz")).send().await
+            && response.status() == 200
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("previewd did not become healthy at {api}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_nginx_but_leaves_previews_and_a_restart_serves_them_again() {
+    common::require_demo_image();
+    let dir = tempfile::tempdir().unwrap();
+    let instance = common::unique_instance();
+    let nginx_port = common::free_port();
+    let api_port = common::free_port();
+    let yaml = common::config_yaml(&instance, dir.path(), nginx_port, &Options::default())
+        .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{api_port}"));
+    let config = dir.path().join("config.yml");
+    std::fs::write(&config, yaml).unwrap();
+    let api = format!("http://127.0.0.1:{api_port}");
+    let client = common::client();
+    let _cleanup = Cleanup { instance: instance.clone(), pid_file: dir.path().join("state/nginx/nginx.pid") };
+
+    let mut daemon = Daemon::start(&config, &dir.path().join("first.log"));
+    wait_until_healthy(&client, &api).await;
+    let response = client
+        .post(format!("{api}/launch"))
+        .basic_auth(USER, Some(PASSWORD))
+        .form(&[("image_name", "demo"), ("container_name", "keep me")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let url = response.text().await.unwrap();
+    assert_eq!(url, format!("http://keep-me.preview.localhost:{nginx_port}\n"));
+
+    assert!(daemon.terminate().success());
+    let log = std::fs::read_to_string(dir.path().join("first.log")).unwrap();
+    assert!(log.lines().all(|line| line.starts_with('{')), "--log-format json logs JSON lines:\n{log}");
+    assert!(!log.contains(PASSWORD), "no secret in the log");
+    let pid = std::fs::read_to_string(dir.path().join("state/nginx/nginx.pid")).unwrap_or_default();
+    assert!(
+        std::fs::read_to_string(format!("/proc/{}/cmdline", pid.trim())).map_or(true, |c| !c.starts_with("nginx")),
+        "the managed nginx is stopped with previewd"
+    );
+    let running = common::docker_ps(&format!("label=previewd.instance={instance}"));
+    assert_eq!(running.len(), 1, "{running:?}");
+    assert!(running[0].ends_with("running"), "previews keep running: {running:?}");
+
+    let _daemon = Daemon::start(&config, &dir.path().join("second.log"));
+    wait_until_healthy(&client, &api).await;
+    let host = "keep-me.preview.localhost";
+    let nginx = reqwest::Client::builder().no_proxy().resolve(host, ([127, 0, 0, 1], nginx_port).into()).build().unwrap();
+    let page = nginx.get(url.trim()).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("Preview: keep-me"));
+}
+
+/// Removes the test's containers and nginx whatever happened.
+struct Cleanup {
+    instance: String,
+    pid_file: std::path::PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for line in common::docker_ps(&format!("label=previewd.instance={}", self.instance)) {
+            let id = line.split(' ').next().unwrap_or_default().to_owned();
+            Command::new("docker").args(["rm", "-f", &id]).output().ok();
+        }
+        common::stop_nginx(&self.pid_file);
+    }
+}

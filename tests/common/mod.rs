@@ -1,0 +1,298 @@
+//! Test harness: one real previewd `Application` per test, with its own instance name, temp
+//! state dir, managed nginx on a free loopback port, and cleanup by container label on drop.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use previewd::app::Application;
+use previewd::config::Config;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const USER: &str = "testuser";
+pub const PASSWORD: &str = "testpassword";
+pub const DEMO_IMAGE: &str = "previewd-demo:latest";
+pub const BASE_DOMAIN: &str = "preview.localhost";
+
+/// A hash of PASSWORD, made once per test binary.
+fn password_hash() -> &'static str {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| previewd::auth::hash_password(PASSWORD).expect("hash"))
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn unique_instance() -> String {
+    format!("t{:08x}", rand::random::<u32>())
+}
+
+/// The demo image is built by scripts/setup.sh; without it these tests cannot mean anything.
+pub fn require_demo_image() {
+    let status = Command::new("docker").args(["image", "inspect", DEMO_IMAGE]).output().expect("run docker");
+    assert!(status.status.success(), "{DEMO_IMAGE} is missing: run scripts/setup.sh first");
+}
+
+/// The repo's template, or a custom one written into the test's dir.
+pub enum Template {
+    Shipped,
+    Custom(String),
+}
+
+pub struct Options {
+    pub template: Template,
+    pub health_timeout_secs: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { template: Template::Shipped, health_timeout_secs: 20 }
+    }
+}
+
+/// The config text of a test instance; images cover the good and the failing cases.
+pub fn config_yaml(instance: &str, dir: &Path, nginx_port: u16, options: &Options) -> String {
+    let template = match &options.template {
+        Template::Shipped => Path::new(env!("CARGO_MANIFEST_DIR")).join("templates/vhost.conf.tera"),
+        Template::Custom(text) => {
+            let path = dir.join("vhost.conf.tera");
+            std::fs::write(&path, text).unwrap();
+            path
+        }
+    };
+    let timeout = options.health_timeout_secs;
+    format!(
+        r#"instance: {instance}
+listen: 127.0.0.1:0
+base_domain: {BASE_DOMAIN}
+public_url: "http://{{host}}:{nginx_port}"
+state_dir: {state}
+nginx:
+  managed: true
+  listen: 127.0.0.1:{nginx_port}
+  template: {template}
+images:
+  demo:
+    image: {DEMO_IMAGE}
+    port: 3000
+    command: [/bin/busybox, httpd, -f, -p, "3000", -h, /www]
+    env: {{GREETING: hello, OVERRIDE_ME: image}}
+    pull: never
+    memory: 64m
+    cpus: 0.5
+    pids: 64
+    health_timeout: {timeout}
+  crash:
+    image: {DEMO_IMAGE}
+    port: 3000
+    command: [/bin/busybox, sh, -c, "echo starting up; echo config file missing >&2; exit 3"]
+    pull: never
+    health_timeout: {timeout}
+  silent:
+    image: {DEMO_IMAGE}
+    port: 3000
+    command: [/bin/busybox, sh, -c, "echo waiting forever; exec /bin/busybox sleep 600"]
+    pull: never
+    health_timeout: 2
+  missing:
+    image: previewd-missing-image:none
+    port: 3000
+    pull: never
+  unpullable:
+    image: registry.invalid/previewd/none:1
+    port: 3000
+    pull: missing
+users:
+  - name: {USER}
+    password_hash: "{hash}"
+"#,
+        state = dir.join("state").display(),
+        template = template.display(),
+        hash = password_hash(),
+    )
+}
+
+/// A running previewd plus what a test needs to talk to it.
+pub struct TestApp {
+    pub instance: String,
+    pub dir: tempfile::TempDir,
+    pub nginx_port: u16,
+    pub api: SocketAddr,
+    pub client: reqwest::Client,
+    pub shutdown: CancellationToken,
+    pub server: Option<JoinHandle<anyhow::Result<()>>>,
+    pub lifecycle: Option<previewd::lifecycle::Lifecycle>,
+    pub options_yaml: String,
+}
+
+impl TestApp {
+    pub async fn start() -> Self {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(options: Options) -> Self {
+        require_demo_image();
+        let dir = tempfile::tempdir().unwrap();
+        let instance = unique_instance();
+        let nginx_port = free_port();
+        let yaml = config_yaml(&instance, dir.path(), nginx_port, &options);
+        let mut app = Self {
+            instance,
+            dir,
+            nginx_port,
+            api: "127.0.0.1:0".parse().unwrap(),
+            client: client(),
+            shutdown: CancellationToken::new(),
+            server: None,
+            lifecycle: None,
+            options_yaml: yaml,
+        };
+        app.boot().await;
+        app
+    }
+
+    /// Builds and runs the Application from this test's config (again, after a `stop`).
+    pub async fn boot(&mut self) -> previewd::lifecycle::ReconcileReport {
+        let config = Config::from_yaml(&self.options_yaml, self.dir.path()).expect("test config is valid");
+        let application = Application::build(config).await.expect("application starts");
+        self.api = application.address();
+        self.shutdown = application.shutdown_token();
+        self.lifecycle = Some(application.lifecycle().clone());
+        let report = application.reconcile_report().clone();
+        self.server = Some(tokio::spawn(application.run_until_stopped()));
+        report
+    }
+
+    /// Graceful stop, as on SIGTERM.
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(server) = self.server.take() {
+            server.await.expect("server task").expect("clean shutdown");
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api)
+    }
+
+    pub fn host(&self, name: &str) -> String {
+        format!("{name}.{BASE_DOMAIN}")
+    }
+
+    pub fn sites_dir(&self) -> PathBuf {
+        self.dir.path().join("state/nginx/sites")
+    }
+
+    pub fn vhost_path(&self, slug: &str) -> PathBuf {
+        self.sites_dir().join(format!("previewd.{}.{slug}.conf", self.instance))
+    }
+
+    pub fn error_log(&self) -> PathBuf {
+        self.dir.path().join("state/nginx/error.log")
+    }
+
+    /// Reloads previewd counted.
+    pub fn reloads(&self) -> u64 {
+        self.lifecycle.as_ref().map_or(0, |l| l.router().reloads())
+    }
+
+    /// Reloads as the nginx master logged them: independent of previewd's own counter.
+    pub fn nginx_reloads_logged(&self) -> usize {
+        std::fs::read_to_string(self.error_log()).unwrap_or_default().matches("(SIGHUP) received").count()
+    }
+
+    pub async fn launch(&self, fields: &[(&str, &str)]) -> reqwest::Response {
+        self.client
+            .post(self.url("/launch"))
+            .basic_auth(USER, Some(PASSWORD))
+            .form(fields)
+            .send()
+            .await
+            .expect("launch request")
+    }
+
+    pub async fn launch_json(&self, body: serde_json::Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/launch"))
+            .basic_auth(USER, Some(PASSWORD))
+            .header("accept", "application/json")
+            .json(&body)
+            .send()
+            .await
+            .expect("launch request")
+    }
+
+    pub async fn kill(&self, name: &str) -> reqwest::Response {
+        self.client
+            .post(self.url("/kill"))
+            .basic_auth(USER, Some(PASSWORD))
+            .form(&[("container_name", name)])
+            .send()
+            .await
+            .expect("kill request")
+    }
+
+    /// GET through nginx with the preview's Host, on a fresh connection.
+    pub async fn via_nginx(&self, name: &str, path: &str) -> Result<(u16, String), reqwest::Error> {
+        let host = self.host(name);
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_secs(5))
+            .resolve(&host, ([127, 0, 0, 1], self.nginx_port).into())
+            .build()
+            .unwrap();
+        let response = client.get(format!("http://{host}:{}{path}", self.nginx_port)).send().await?;
+        let status = response.status().as_u16();
+        Ok((status, response.text().await?))
+    }
+
+    /// The containers of this instance, as `docker ps -a` sees them (id, name, state).
+    pub fn containers(&self) -> Vec<String> {
+        docker_ps(&format!("label=previewd.instance={}", self.instance))
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        let ids = self.containers();
+        if !ids.is_empty() {
+            let mut args = vec!["rm".to_owned(), "-f".to_owned()];
+            args.extend(ids.iter().map(|line| line.split(' ').next().unwrap_or_default().to_owned()));
+            Command::new("docker").args(&args).output().ok();
+        }
+        stop_nginx(&self.dir.path().join("state/nginx/nginx.pid"));
+    }
+}
+
+/// `docker ps -a` lines "id name state" for a filter.
+pub fn docker_ps(filter: &str) -> Vec<String> {
+    let output = Command::new("docker")
+        .args(["ps", "-a", "--filter", filter, "--format", "{{.ID}} {{.Names}} {{.State}}"])
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&output.stdout).lines().map(str::to_owned).collect()
+}
+
+/// Stops an nginx left running by a test that failed before its graceful stop.
+pub fn stop_nginx(pid_file: &Path) {
+    if let Ok(pid) = std::fs::read_to_string(pid_file) {
+        Command::new("kill").args(["-QUIT", pid.trim()]).output().ok();
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(120)).build().unwrap()
+}
+
+pub async fn error_of(response: reqwest::Response) -> (u16, String) {
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.expect("errors are JSON");
+    (status, body["error"].as_str().expect("an error field").to_owned())
+}

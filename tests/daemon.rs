@@ -1,0 +1,344 @@
+//! The daemon against the real Docker engine and a real (managed) nginx on loopback.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Options, PASSWORD, TestApp, Template, USER, error_of};
+use serde_json::json;
+
+/// Form fields of a request.
+type Form<'a> = &'a [(&'a str, &'a str)];
+
+fn docker_inspect(id: &str, format: &str) -> String {
+    let output = std::process::Command::new("docker").args(["inspect", "--format", format, id]).output().unwrap();
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// Many fresh connections at once, right after a change: every one must see the new config.
+async fn all_fresh_connections_see(app: &TestApp, name: &str, needle: &str, connections: usize) {
+    let requests = (0..connections).map(|_| app.via_nginx(name, "/"));
+    for result in futures_util::future::join_all(requests).await {
+        let (status, body) = result.expect("nginx answers");
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains(needle), "expected {needle:?} in {body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launch_serves_the_preview_with_its_env_then_relaunch_and_kill_leave_nothing() {
+    let app = TestApp::start().await;
+
+    // Stager's exact form fields, plus fields that become environment variables.
+    let response = app
+        .launch(&[("image_name", "demo"), ("container_name", "Test"), ("FOO", "bar baz"), ("OVERRIDE_ME", "request")])
+        .await;
+    assert_eq!(response.status(), 200);
+    let expected_url = format!("http://test.preview.localhost:{}\n", app.nginx_port);
+    assert_eq!(response.text().await.unwrap(), expected_url);
+
+    all_fresh_connections_see(&app, "test", "Preview: test", 20).await;
+    let (status, env) = app.via_nginx("test", "/cgi-bin/env").await.unwrap();
+    assert_eq!(status, 200);
+    for line in [
+        "FOO=bar baz",
+        "GREETING=hello",
+        "OVERRIDE_ME=request",
+        "image_name=demo",
+        "container_name=Test",
+        "PREVIEW_NAME=test",
+        &format!("PREVIEW_URL=http://test.preview.localhost:{}", app.nginx_port),
+    ] {
+        assert!(env.lines().any(|l| l == line), "{line:?} missing from:\n{env}");
+    }
+
+    let containers = app.containers();
+    assert_eq!(containers.len(), 1, "{containers:?}");
+    let first_id = containers[0].split(' ').next().unwrap().to_owned();
+    assert_eq!(docker_inspect(&first_id, "{{index .Config.Labels \"previewd.slug\"}} {{index .Config.Labels \"previewd.image\"}} {{index .Config.Labels \"previewd.managed\"}}"), "test demo true");
+    assert_eq!(docker_inspect(&first_id, "{{range $p, $b := .HostConfig.PortBindings}}{{$p}}={{(index $b 0).HostIp}}{{end}}"), "3000/tcp=127.0.0.1");
+    assert_eq!(docker_inspect(&first_id, "{{.HostConfig.SecurityOpt}} {{.HostConfig.RestartPolicy.Name}}"), "[no-new-privileges] unless-stopped");
+    assert_eq!(docker_inspect(&first_id, "{{.HostConfig.LogConfig.Type}} {{index .HostConfig.LogConfig.Config \"max-size\"}}"), "json-file 10m");
+    assert_eq!(docker_inspect(&first_id, "{{.HostConfig.Memory}} {{.HostConfig.NanoCpus}} {{.HostConfig.PidsLimit}}"), "67108864 500000000 64");
+
+    let listed: serde_json::Value =
+        app.client.get(app.url("/api/previews")).basic_auth(USER, Some(PASSWORD)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["name"], "test");
+    assert_eq!(listed[0]["routed"], true);
+    let one: serde_json::Value =
+        app.client.get(app.url("/api/previews/test")).basic_auth(USER, Some(PASSWORD)).send().await.unwrap().json().await.unwrap();
+    assert!(one["container_id"].as_str().unwrap().starts_with(&first_id), "{one}");
+
+    // Relaunch (JSON this time): a new container replaces the old one.
+    let response = app.launch_json(json!({"image_name": "demo", "container_name": "test", "FOO": "second"})).await;
+    assert_eq!(response.status(), 200);
+    let info: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(info["name"], "test");
+    assert_eq!(info["image"], "demo");
+    assert_eq!(info["status"], "running");
+    assert_eq!(info["url"], expected_url.trim_end());
+    let second_id = info["container_id"].as_str().unwrap();
+    assert!(!second_id.starts_with(&first_id), "relaunch must start a new container");
+    let (_, env) = app.via_nginx("test", "/cgi-bin/env").await.unwrap();
+    assert!(env.lines().any(|l| l == "FOO=second"), "{env}");
+    assert_eq!(app.containers().len(), 1, "the replaced container is removed");
+
+    // Kill: route and container gone; nginx's default server answers for the host.
+    let response = app.kill("test").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "removed test\n");
+    let (status, body) = app.via_nginx("test", "/").await.unwrap();
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("No preview"), "{body}");
+    assert!(app.containers().is_empty());
+    assert!(!app.vhost_path("test").exists());
+    let (status, message) = error_of(app.kill("test").await).await;
+    assert_eq!(status, 404);
+    assert!(message.contains("no preview named \"test\""), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relaunch_switches_to_the_new_container_without_a_failed_request() {
+    let app = Arc::new(TestApp::start().await);
+    assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "swap"), ("VERSION", "one")]).await.status(), 200);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let load = {
+        let (app, stop, ok, failed) = (Arc::clone(&app), Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed));
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match app.via_nginx("swap", "/").await {
+                    Ok((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
+                    other => {
+                        eprintln!("failed request during the switch: {other:?}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    for version in ["two", "three"] {
+        let response = app.launch(&[("image_name", "demo"), ("container_name", "swap"), ("VERSION", version)]).await;
+        assert_eq!(response.status(), 200);
+        let (_, env) = app.via_nginx("swap", "/cgi-bin/env").await.unwrap();
+        assert!(env.lines().any(|l| l == format!("VERSION={version}")), "{env}");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert!(ok.load(Ordering::Relaxed) > 20, "the load loop ran");
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "no request may fail during a replace");
+    assert_eq!(app.containers().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_launches_are_all_served_with_few_reloads() {
+    let app = TestApp::start().await;
+    let reloads_before = app.reloads();
+    let logged_before = app.nginx_reloads_logged();
+    let names: Vec<String> = (0..20).map(|i| format!("burst-{i}")).collect();
+    let started = Instant::now();
+    let launches = names.iter().map(|name| {
+        let app = &app;
+        async move { app.launch(&[("image_name", "demo"), ("container_name", name)]).await }
+    });
+    for response in futures_util::future::join_all(launches).await {
+        assert_eq!(response.status(), 200);
+    }
+    let elapsed = started.elapsed();
+    for name in &names {
+        all_fresh_connections_see(&app, name, &format!("Preview: {name}"), 3).await;
+    }
+    let reloads = app.reloads() - reloads_before;
+    let logged = app.nginx_reloads_logged() - logged_before;
+    eprintln!("20 launches in {elapsed:?} with {reloads} reloads (nginx logged {logged})");
+    assert_eq!(reloads as usize, logged, "previewd's count matches nginx's log");
+    assert!(reloads <= 5, "20 launches cost {reloads} reloads; they must be coalesced");
+    assert_eq!(app.containers().len(), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_restores_deleted_vhosts_removes_orphans_and_keeps_previews() {
+    let mut app = TestApp::start().await;
+    for name in ["alpha", "beta"] {
+        assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", name)]).await.status(), 200);
+    }
+    app.stop().await;
+    assert!(!nginx_alive(&app), "managed nginx stopped with previewd");
+    assert_eq!(app.containers().len(), 2, "previews keep running while previewd is down");
+
+    std::fs::remove_file(app.vhost_path("alpha")).unwrap();
+    std::fs::write(app.vhost_path("ghost"), "server { listen 127.0.0.1:1; server_name ghost.invalid; }\n").unwrap();
+    let other_instance = app.sites_dir().join("previewd.other.alpha.conf");
+    std::fs::write(&other_instance, "# another instance's file\n").unwrap();
+
+    let report = app.boot().await;
+    assert_eq!((report.routed, report.removed_vhosts, report.removed_containers), (2, 1, 0), "{report:?}");
+    assert_eq!(app.reloads(), 1, "start-up reconcile reloads nginx once");
+    for name in ["alpha", "beta"] {
+        all_fresh_connections_see(&app, name, &format!("Preview: {name}"), 5).await;
+    }
+    assert!(app.vhost_path("alpha").exists());
+    assert!(!app.vhost_path("ghost").exists(), "orphan vhost removed");
+    assert!(other_instance.exists(), "another instance's files are not touched");
+    // Tidy the foreign file so the managed nginx test is not confused by it in later steps.
+    std::fs::remove_file(other_instance).unwrap();
+}
+
+fn nginx_alive(app: &TestApp) -> bool {
+    std::fs::read_to_string(app.dir.path().join("state/nginx/nginx.pid"))
+        .ok()
+        .and_then(|pid| std::fs::read_to_string(format!("/proc/{}/cmdline", pid.trim())).ok())
+        .is_some_and(|cmdline| cmdline.starts_with("nginx: master"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_removes_containers_that_are_not_the_live_preview() {
+    let mut app = TestApp::start().await;
+    assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "live")]).await.status(), 200);
+    app.stop().await;
+    // What a crash between create and start leaves behind: a created, never started container.
+    let created = std::process::Command::new("docker")
+        .args(["create", "--label", "previewd.managed=true", "--label", &format!("previewd.instance={}", app.instance)])
+        .args(["--label", "previewd.slug=half", "--label", "previewd.image=demo", "--label", "previewd.port=3000"])
+        .arg(common::DEMO_IMAGE)
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{created:?}");
+    let report = app.boot().await;
+    assert_eq!((report.routed, report.removed_containers), (1, 1), "{report:?}");
+    let states: Vec<String> = app.containers();
+    assert_eq!(states.len(), 1, "{states:?}");
+    assert!(states[0].ends_with("running"));
+    assert!(!app.vhost_path("half").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vhost_that_fails_nginx_test_is_rolled_back_and_the_rest_keeps_serving() {
+    let template = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/templates/vhost.conf.tera")).unwrap();
+    let broken = template.replace(
+        "server {",
+        "server {\n{% if slug == \"broken\" or slug == \"broken-two\" %}    this_is_not_an_nginx_directive on;\n{% endif %}",
+    );
+    assert_ne!(broken, template);
+    let app = TestApp::start_with(Options { template: Template::Custom(broken), ..Options::default() }).await;
+    assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "good")]).await.status(), 200);
+    let good_vhost = std::fs::read_to_string(app.vhost_path("good")).unwrap();
+
+    let (status, message) = error_of(app.launch(&[("image_name", "demo"), ("container_name", "broken")]).await).await;
+    assert_eq!(status, 500);
+    assert!(message.contains("this_is_not_an_nginx_directive"), "nginx's own message is passed on: {message}");
+    assert!(message.contains("restored"), "{message}");
+    assert!(!app.vhost_path("broken").exists());
+    assert_eq!(std::fs::read_to_string(app.vhost_path("good")).unwrap(), good_vhost);
+    assert_eq!(app.containers().len(), 1, "the failed launch's container is removed");
+    all_fresh_connections_see(&app, "good", "Preview: good", 5).await;
+
+    // In one batch with a good change, only the bad one fails.
+    let (good, bad) = tokio::join!(
+        app.launch(&[("image_name", "demo"), ("container_name", "good-two")]),
+        app.launch(&[("image_name", "demo"), ("container_name", "broken-two")]),
+    );
+    assert_eq!(good.status(), 200);
+    assert_eq!(bad.status(), 500);
+    all_fresh_connections_see(&app, "good-two", "Preview: good-two", 3).await;
+    assert!(!app.vhost_path("broken-two").exists());
+    assert_eq!(app.containers().len(), 2);
+    let files: Vec<_> = std::fs::read_dir(app.sites_dir()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(files.len(), 2, "no temp or backup file is left: {files:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_a_status_and_a_message_and_leave_nothing_behind() {
+    let app = TestApp::start().await;
+    let post = |path: &str| app.client.post(app.url(path)).basic_auth(USER, Some(PASSWORD));
+
+    // Authentication.
+    let response = app.client.post(app.url("/launch")).form(&[("image_name", "demo"), ("container_name", "x")]).send().await.unwrap();
+    assert_eq!(response.headers()["www-authenticate"], r#"Basic realm="previewd", charset="UTF-8""#);
+    assert_eq!(error_of(response).await.0, 401);
+    let response = app.client.post(app.url("/launch")).basic_auth(USER, Some("wrong")).form(&[("image_name", "demo")]).send().await.unwrap();
+    let (status, message) = error_of(response).await;
+    assert_eq!((status, message.as_str()), (401, "wrong user name or password"));
+    let response = app.client.get(app.url("/api/previews")).send().await.unwrap();
+    assert_eq!(response.status(), 401);
+
+    let form_cases: &[(Form, u16, &str)] = &[
+        (&[("container_name", "x")], 400, "missing field `image_name`"),
+        (&[("image_name", "demo")], 400, "missing field `container_name`"),
+        (&[("image_name", "nope"), ("container_name", "x")], 400, "allowed: crash, demo, missing, silent, unpullable"),
+        (&[("image_name", "demo"), ("container_name", "///")], 400, "has no letters or digits"),
+        (&[("image_name", "demo"), ("container_name", "x"), ("BAD-NAME", "1")], 400, "\"BAD-NAME\" is not a valid environment variable name"),
+        (&[("image_name", "demo"), ("container_name", "x"), ("PREVIEW_URL", "1")], 400, "set by previewd"),
+        (&[("image_name", "demo"), ("container_name", "x"), ("A", "1"), ("A", "2")], 400, "given more than once"),
+        (&[("image_name", "demo"), ("container_name", "x"), ("A", "nul\0byte")], 400, "NUL byte"),
+        (&[("image_name", "missing"), ("container_name", "x")], 422, "pull policy is `never`: build or load it first"),
+        (&[("image_name", "unpullable"), ("container_name", "x")], 422, "cannot pull image registry.invalid/previewd/none:1"),
+        (&[("image_name", "crash"), ("container_name", "x")], 502, "exit code 3"),
+        (&[("image_name", "silent"), ("container_name", "x")], 504, "did not answer HTTP on container port 3000 at / within 2s"),
+    ];
+    for (fields, expected_status, expected_message) in form_cases {
+        let (status, message) = error_of(post("/launch").form(fields).send().await.unwrap()).await;
+        assert_eq!(status, *expected_status, "{fields:?}: {message}");
+        assert!(message.contains(expected_message), "{fields:?}: {message:?} lacks {expected_message:?}");
+    }
+
+    // The container's last log lines come with a failed start.
+    let (_, message) = error_of(post("/launch").form(&[("image_name", "crash"), ("container_name", "x")]).send().await.unwrap()).await;
+    assert!(message.contains("config file missing"), "{message}");
+    let (_, message) = error_of(post("/launch").form(&[("image_name", "silent"), ("container_name", "x")]).send().await.unwrap()).await;
+    assert!(message.contains("waiting forever"), "{message}");
+
+    let body_cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
+        (post("/launch").header("content-type", "application/json").body("{\"image_name\": "), 400, "JSON body is not valid"),
+        (post("/launch").json(&json!({"image_name": "demo", "container_name": "x", "NESTED": {"a": 1}})), 400, "`NESTED` must be a string"),
+        (post("/launch").json(&json!(["demo"])), 400, "must be an object"),
+        (post("/launch").header("content-type", "text/plain").body("image_name=demo"), 415, "unsupported Content-Type"),
+        (post("/launch").form(&[("image_name", "demo"), ("container_name", &"x".repeat(100_000))]), 413, "larger than 65536 bytes"),
+        (post("/kill").form(&[("nothing", "here")]), 400, "missing field `container_name`"),
+        (post("/kill").form(&[("container_name", "ghost")]), 404, "no preview named \"ghost\""),
+        (post("/nowhere"), 404, "no route"),
+        (app.client.get(app.url("/launch")).basic_auth(USER, Some(PASSWORD)), 405, "method not allowed"),
+        (app.client.get(app.url("/api/previews/ghost")).basic_auth(USER, Some(PASSWORD)), 404, "no preview named \"ghost\""),
+    ];
+    for (request, expected_status, expected_message) in body_cases {
+        let (status, message) = error_of(request.send().await.unwrap()).await;
+        assert_eq!(status, expected_status, "{message}");
+        assert!(message.contains(expected_message), "{message:?} lacks {expected_message:?}");
+    }
+
+    assert!(app.containers().is_empty(), "failed requests leave no container: {:?}", app.containers());
+    let files: Vec<_> = std::fs::read_dir(app.sites_dir()).unwrap().collect();
+    assert!(files.is_empty(), "failed requests leave no file: {files:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_needs_no_auth_and_reports_a_dead_nginx() {
+    let app = TestApp::start().await;
+    let response = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["docker"]["ok"], true);
+    assert_eq!(body["nginx"]["ok"], true);
+
+    common::stop_nginx(&app.dir.path().join("state/nginx/nginx.pid"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = json!(null);
+    while Instant::now() < deadline {
+        let response = app.client.get(app.url("/healthz")).send().await.unwrap();
+        let status = response.status().as_u16();
+        last = response.json().await.unwrap();
+        if status == 503 {
+            assert_eq!(last["nginx"]["ok"], false);
+            assert_eq!(last["docker"]["ok"], true);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("healthz never reported the stopped nginx: {last}");
+}

@@ -12,10 +12,13 @@ cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 echo "test: cargo clippy --all-targets -- -D warnings" >&2
 cargo clippy --all-targets -- -D warnings
 
-# Tests last, so their summary lines close the output.
+# Tests last, so their summary closes the output. --all-targets covers the library, the binary
+# and tests/ (previewd has no doctests). The totals line sums every test binary's result.
 echo "test: cargo test --all-targets $*" >&2
-cargo test --all-targets "$@"
-# --all-targets leaves out doctests, which only a library crate has.
-if [ -f src/lib.rs ]; then
-    cargo test --doc "$@"
-fi
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --all-targets "$@" 2>&1 | tee "$log" || status=$?
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"

@@ -18,6 +18,7 @@ use crate::lifecycle::{Lifecycle, ReconcileReport};
 use crate::nginx::sites::SitesDir;
 use crate::nginx::vhost::VhostTemplate;
 use crate::nginx::{Nginx, Router, RouterSettings};
+use crate::watch::follow_container_starts;
 
 pub struct Application {
     listener: TcpListener,
@@ -27,10 +28,14 @@ pub struct Application {
 }
 
 impl Application {
-    /// Everything up to serving: Docker reachable, managed nginx running, routes reconciled,
-    /// listener bound (port 0 picks a free port).
+    /// Everything up to serving: listener bound (port 0 picks a free port), Docker reachable,
+    /// managed nginx running, routes reconciled. If a step fails after the managed nginx was
+    /// started, it is stopped again.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let config = Arc::new(config);
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
         let template = VhostTemplate::load(&config.nginx.template).map_err(anyhow::Error::msg)?;
         let runtime = Runtime::connect(config.instance.clone()).await?;
         runtime.ping().await?;
@@ -47,10 +52,13 @@ impl Application {
             nginx,
         });
         let lifecycle = Lifecycle::new(Arc::clone(&config), runtime, router);
-        let reconcile = lifecycle.reconcile().await.context("cannot reconcile nginx with the running containers")?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let reconcile = match lifecycle.reconcile().await {
+            Ok(report) => report,
+            Err(err) => {
+                stop_managed_nginx(&lifecycle).await;
+                return Err(anyhow::Error::new(err).context("cannot reconcile nginx with the running containers"));
+            }
+        };
         let state = AppState { auth: Authenticator::new(&config.users), config, lifecycle, tasks: TaskTracker::new() };
         Ok(Self { listener, state, shutdown: CancellationToken::new(), reconcile })
     }
@@ -84,18 +92,23 @@ impl Application {
         tracing::info!(address = %listener.local_addr()?, "previewd is serving");
         let tasks = state.tasks.clone();
         let lifecycle = state.lifecycle.clone();
+        let watcher = tokio::spawn(follow_container_starts(lifecycle.clone(), tasks.clone(), shutdown.clone()));
         axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+        watcher.await.ok();
         tasks.close();
         if !tasks.is_empty() {
             tracing::info!(operations = tasks.len(), "waiting for in-flight operations");
         }
         tasks.wait().await;
-        let nginx = lifecycle.router().nginx();
-        if nginx.is_managed() {
-            nginx.stop_managed().await.context("cannot stop the managed nginx")?;
-        }
+        lifecycle.router().nginx().stop_managed().await.context("cannot stop the managed nginx")?;
         tracing::info!("stopped; previews keep running");
         Ok(())
+    }
+}
+
+async fn stop_managed_nginx(lifecycle: &Lifecycle) {
+    if let Err(err) = lifecycle.router().nginx().stop_managed().await {
+        tracing::error!(error = %err, "cannot stop the managed nginx");
     }
 }
 

@@ -1,15 +1,24 @@
 //! Who may call the API: HTTP Basic credentials checked against the argon2 hashes in
 //! `config.yml`, and the `hash-password` helper that makes those hashes.
+//!
+//! argon2 is slow by design (tens of ms and ~19 MiB per check), so a successful check is
+//! remembered for a few minutes under a salted digest of the credentials (never the password
+//! itself), concurrent requests with the same credentials share one check, and at most a few
+//! checks run at once.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use argon2::Argon2;
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use base64::Engine;
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
 
 use crate::config::User;
+use crate::locks::KeyedLocks;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
@@ -25,27 +34,91 @@ pub enum AuthError {
 /// takes as long as for a known user and does not tell which user names exist.
 #[derive(Clone)]
 pub struct Authenticator {
-    hashes: Arc<HashMap<String, String>>,
-    dummy_hash: Arc<str>,
+    inner: Arc<Inner>,
 }
+
+struct Inner {
+    hashes: HashMap<String, String>,
+    dummy_hash: String,
+    /// A flood of requests queues for these instead of exhausting memory.
+    permits: Semaphore,
+    /// Per process, so the digests in memory cannot be checked against a password list offline.
+    salt: [u8; 16],
+    /// Digests of credentials that passed, with when they stop counting.
+    verified: Mutex<HashMap<CredentialDigest, Instant>>,
+    in_flight: KeyedLocks<CredentialDigest>,
+}
+
+type CredentialDigest = [u8; 32];
+
+const MAX_CONCURRENT_CHECKS: usize = 4;
+const REMEMBER_FOR: Duration = Duration::from_secs(300);
+const MAX_REMEMBERED: usize = 4096;
 
 impl Authenticator {
     pub fn new(users: &[User]) -> Self {
-        let hashes = users.iter().map(|u| (u.name.clone(), u.password_hash.clone())).collect();
-        let dummy_hash = hash_password("previewd-dummy-password").unwrap_or_default();
-        Self { hashes: Arc::new(hashes), dummy_hash: dummy_hash.into() }
+        let inner = Inner {
+            hashes: users.iter().map(|u| (u.name.clone(), u.password_hash.clone())).collect(),
+            dummy_hash: hash_password("previewd-dummy-password").unwrap_or_default(),
+            permits: Semaphore::new(MAX_CONCURRENT_CHECKS),
+            salt: rand::random(),
+            verified: Mutex::default(),
+            in_flight: KeyedLocks::default(),
+        };
+        Self { inner: Arc::new(inner) }
     }
 
     /// Returns the user name when the `Authorization` header holds valid credentials.
     pub async fn authenticate(&self, authorization: Option<&[u8]>) -> Result<String, AuthError> {
         let (user, password) = parse_basic(authorization.ok_or(AuthError::Missing)?)?;
-        let known = self.hashes.get(&user).cloned();
-        let hash = known.clone().unwrap_or_else(|| self.dummy_hash.to_string());
-        // argon2 is deliberately slow (tens of ms): keep it off the async workers.
-        let matches = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
-            .await
-            .unwrap_or(false);
-        if matches && known.is_some() { Ok(user) } else { Err(AuthError::Rejected) }
+        let digest = self.inner.digest(&user, &password);
+        if self.inner.remembers(&digest) {
+            return Ok(user);
+        }
+        let _flight = self.inner.in_flight.lock(&digest).await;
+        if self.inner.remembers(&digest) {
+            return Ok(user);
+        }
+        let known = self.inner.hashes.get(&user).cloned();
+        let hash = known.clone().unwrap_or_else(|| self.inner.dummy_hash.clone());
+        let matches = {
+            let _permit = self.inner.permits.acquire().await.map_err(|_| AuthError::Rejected)?;
+            tokio::task::spawn_blocking(move || verify_password(&password, &hash)).await.unwrap_or(false)
+        };
+        if matches && known.is_some() {
+            self.inner.remember(digest);
+            Ok(user)
+        } else {
+            Err(AuthError::Rejected)
+        }
+    }
+}
+
+impl Inner {
+    fn digest(&self, user: &str, password: &str) -> CredentialDigest {
+        let mut hasher = Sha256::new();
+        hasher.update(self.salt);
+        hasher.update(user.as_bytes());
+        hasher.update([0]);
+        hasher.update(password.as_bytes());
+        hasher.finalize().into()
+    }
+
+    fn remembers(&self, digest: &CredentialDigest) -> bool {
+        let verified = self.verified.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        verified.get(digest).is_some_and(|until| Instant::now() < *until)
+    }
+
+    fn remember(&self, digest: CredentialDigest) {
+        let mut verified = self.verified.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if verified.len() >= MAX_REMEMBERED {
+            let now = Instant::now();
+            verified.retain(|_, until| now < *until);
+            if verified.len() >= MAX_REMEMBERED {
+                verified.clear();
+            }
+        }
+        verified.insert(digest, Instant::now() + REMEMBER_FOR);
     }
 }
 
@@ -119,6 +192,19 @@ mod tests {
     async fn right_credentials_give_the_user_name() {
         let auth = authenticator();
         assert_eq!(auth.authenticate(Some(&basic("testuser:testpassword"))).await, Ok("testuser".into()));
+    }
+
+    #[tokio::test]
+    async fn a_verified_password_is_remembered_but_a_wrong_one_never_is() {
+        let auth = authenticator();
+        assert!(auth.authenticate(Some(&basic("testuser:testpassword"))).await.is_ok());
+        let started = std::time::Instant::now();
+        for _ in 0..50 {
+            assert!(auth.authenticate(Some(&basic("testuser:testpassword"))).await.is_ok());
+        }
+        assert!(started.elapsed() < Duration::from_millis(200), "remembered checks skip argon2");
+        assert_eq!(auth.authenticate(Some(&basic("testuser:testpassword2"))).await, Err(AuthError::Rejected));
+        assert_eq!(auth.inner.verified.lock().unwrap().len(), 1);
     }
 
     #[tokio::test]

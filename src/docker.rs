@@ -6,13 +6,14 @@ use std::collections::HashMap;
 use bollard::Docker;
 use bollard::errors::Error as BollardError;
 use bollard::models::{
-    ContainerCreateBody, ContainerSummary, ContainerSummaryStateEnum, HostConfig, HostConfigLogConfig,
-    PortBinding, RestartPolicy, RestartPolicyNameEnum,
+    ContainerCreateBody, ContainerSummary, ContainerSummaryStateEnum, ContainerUpdateBody, HostConfig,
+    HostConfigLogConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
+    CreateContainerOptions, CreateImageOptions, EventsOptions, ListContainersOptions, LogsOptions,
+    RemoveContainerOptions,
 };
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::{Stream, StreamExt, TryStreamExt};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -25,6 +26,9 @@ pub const LABEL_SLUG: &str = "previewd.slug";
 pub const LABEL_IMAGE: &str = "previewd.image";
 /// The container port that is routed, so the host port can be found again after a restart.
 pub const LABEL_PORT: &str = "previewd.port";
+/// Creation time in nanoseconds: Docker's own `Created` has one-second resolution, too coarse
+/// to tell which of two containers of a quick replace is the newer.
+pub const LABEL_CREATED: &str = "previewd.created";
 
 /// What the container's log files may grow to (json-file rotation), so previews cannot fill the disk.
 const LOG_MAX_SIZE: &str = "10m";
@@ -46,7 +50,11 @@ impl DockerError {
     fn from_bollard(action: &'static str, err: BollardError) -> Self {
         match err {
             BollardError::DockerResponseServerError { message, .. } => Self::Api { action, message },
-            other => Self::Unreachable(other.to_string()),
+            BollardError::IOError { .. }
+            | BollardError::HyperResponseError { .. }
+            | BollardError::HttpClientError { .. }
+            | BollardError::RequestTimeoutError => Self::Unreachable(err.to_string()),
+            other => Self::Api { action, message: other.to_string() },
         }
     }
 }
@@ -59,19 +67,20 @@ fn is_not_found(err: &BollardError) -> bool {
 #[derive(Debug, Clone, Serialize)]
 pub struct ManagedContainer {
     pub id: String,
-    pub name: String,
     pub slug: Slug,
     pub image: ImageKey,
-    pub state: String,
+    pub state: ContainerSummaryStateEnum,
     /// The 127.0.0.1 port Docker published for the routed container port, while running.
     pub host_port: Option<u16>,
     /// Unix seconds.
     pub created: i64,
+    /// Unix nanoseconds, for ordering.
+    pub created_ns: u128,
 }
 
 impl ManagedContainer {
     pub fn is_running(&self) -> bool {
-        self.state == "running"
+        self.state == ContainerSummaryStateEnum::RUNNING
     }
 }
 
@@ -80,8 +89,6 @@ impl ManagedContainer {
 pub struct ContainerStatus {
     pub running: bool,
     pub exit_code: Option<i64>,
-    /// Docker restarts a crashing container (`unless-stopped`): a restart means it crashed.
-    pub restart_count: i64,
     pub host_port: Option<u16>,
 }
 
@@ -164,6 +171,7 @@ impl Runtime {
             (LABEL_SLUG.to_owned(), plan.slug.to_string()),
             (LABEL_IMAGE.to_owned(), plan.image_key.to_string()),
             (LABEL_PORT.to_owned(), spec.port.to_string()),
+            (LABEL_CREATED.to_owned(), unix_nanos().to_string()),
         ]);
         let mut security_opt = user_security_opts(&spec.container_create_params);
         security_opt.push("no-new-privileges".to_owned());
@@ -180,10 +188,9 @@ impl Runtime {
                     Some(vec![PortBinding { host_ip: Some("127.0.0.1".to_owned()), host_port: Some(String::new()) }]),
                 )])),
                 security_opt: Some(security_opt),
-                restart_policy: Some(RestartPolicy {
-                    name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
-                    maximum_retry_count: None,
-                }),
+                // No restarts until the app has answered once (see `keep_running`): a crash
+                // during start-up then stays visible, with its exit code.
+                restart_policy: Some(restart_policy(RestartPolicyNameEnum::NO)),
                 log_config: Some(HostConfigLogConfig {
                     typ: Some("json-file".to_owned()),
                     config: Some(HashMap::from([
@@ -204,6 +211,19 @@ impl Runtime {
         serde_json::from_value(merged).map_err(|err| invalid_params(err.to_string()))
     }
 
+    /// From now on Docker restarts the container after a crash or an engine restart
+    /// (`unless-stopped`). Set once the app has answered; repeating it is harmless.
+    pub async fn keep_running(&self, id: &str) -> Result<(), DockerError> {
+        let update = ContainerUpdateBody {
+            restart_policy: Some(restart_policy(RestartPolicyNameEnum::UNLESS_STOPPED)),
+            ..Default::default()
+        };
+        self.docker
+            .update_container(id, update)
+            .await
+            .map_err(|err| DockerError::from_bollard("set the restart policy", err))
+    }
+
     /// State and published port of one container; `None` when it no longer exists.
     pub async fn status(&self, id: &str, container_port: u16) -> Result<Option<ContainerStatus>, DockerError> {
         let inspect = match self.docker.inspect_container(id, None).await {
@@ -212,7 +232,6 @@ impl Runtime {
             Err(err) => return Err(DockerError::from_bollard("inspect the container", err)),
         };
         let state = inspect.state.unwrap_or_default();
-        let restart_count = inspect.restart_count.unwrap_or_default();
         let host_port = inspect
             .network_settings
             .and_then(|settings| settings.ports)
@@ -222,7 +241,6 @@ impl Runtime {
         Ok(Some(ContainerStatus {
             running: state.running.unwrap_or(false),
             exit_code: state.exit_code,
-            restart_count,
             host_port,
         }))
     }
@@ -247,7 +265,31 @@ impl Runtime {
         }
     }
 
-    /// Every container of this instance, running or not, oldest first.
+    /// The previews whose container Docker starts from now on, as Docker reports them (it also
+    /// restarts containers by itself, after a crash or an engine restart).
+    pub fn container_starts(&self) -> impl Stream<Item = Result<Slug, DockerError>> + use<> {
+        let filters = HashMap::from([
+            ("type".to_owned(), vec!["container".to_owned()]),
+            ("event".to_owned(), vec!["start".to_owned()]),
+            ("label".to_owned(), self.instance_labels()),
+        ]);
+        let options = EventsOptions { filters: Some(filters), ..Default::default() };
+        self.docker.events(Some(options)).filter_map(|event| async move {
+            match event {
+                Ok(message) => {
+                    let attributes = message.actor.and_then(|actor| actor.attributes).unwrap_or_default();
+                    attributes.get(LABEL_SLUG).and_then(|slug| Slug::parse(slug).ok()).map(Ok)
+                }
+                Err(err) => Some(Err(DockerError::from_bollard("stream events", err))),
+            }
+        })
+    }
+
+    fn instance_labels(&self) -> Vec<String> {
+        vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_INSTANCE}={}", self.instance)]
+    }
+
+    /// Every container of this instance, running or not, oldest first (by creation time).
     pub async fn list(&self) -> Result<Vec<ManagedContainer>, DockerError> {
         self.list_filtered(None).await
     }
@@ -258,7 +300,7 @@ impl Runtime {
     }
 
     async fn list_filtered(&self, slug: Option<&Slug>) -> Result<Vec<ManagedContainer>, DockerError> {
-        let mut labels = vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_INSTANCE}={}", self.instance)];
+        let mut labels = self.instance_labels();
         if let Some(slug) = slug {
             labels.push(format!("{LABEL_SLUG}={slug}"));
         }
@@ -273,7 +315,7 @@ impl Runtime {
             .await
             .map_err(|err| DockerError::from_bollard("list containers", err))?;
         let mut containers: Vec<_> = summaries.into_iter().filter_map(managed_container).collect();
-        containers.sort_by_key(|c| c.created);
+        containers.sort_by_key(|c| c.created_ns);
         Ok(containers)
     }
 }
@@ -284,7 +326,13 @@ fn managed_container(summary: ContainerSummary) -> Option<ManagedContainer> {
     let slug = Slug::parse(labels.get(LABEL_SLUG)?).ok()?;
     let image = ImageKey::parse(labels.get(LABEL_IMAGE)?).ok()?;
     let container_port: u16 = labels.get(LABEL_PORT)?.parse().ok()?;
-    let running = summary.state == Some(ContainerSummaryStateEnum::RUNNING);
+    let created = summary.created.unwrap_or_default();
+    let created_ns = labels
+        .get(LABEL_CREATED)
+        .and_then(|ns| ns.parse().ok())
+        .unwrap_or(u128::try_from(created).unwrap_or_default() * 1_000_000_000);
+    let state = summary.state.unwrap_or(ContainerSummaryStateEnum::EMPTY);
+    let running = state == ContainerSummaryStateEnum::RUNNING;
     let host_port = summary
         .ports
         .unwrap_or_default()
@@ -293,15 +341,15 @@ fn managed_container(summary: ContainerSummary) -> Option<ManagedContainer> {
         .find(|port| port.ip.as_deref() == Some("127.0.0.1"))
         .and_then(|port| port.public_port)
         .filter(|_| running);
-    Some(ManagedContainer {
-        id: summary.id?,
-        name: summary.names.unwrap_or_default().first().map(|n| n.trim_start_matches('/').to_owned()).unwrap_or_default(),
-        slug,
-        image,
-        state: summary.state.map(|s| s.to_string()).unwrap_or_default(),
-        host_port,
-        created: summary.created.unwrap_or_default(),
-    })
+    Some(ManagedContainer { id: summary.id?, slug, image, state, host_port, created, created_ns })
+}
+
+fn restart_policy(name: RestartPolicyNameEnum) -> RestartPolicy {
+    RestartPolicy { name: Some(name), maximum_retry_count: None }
+}
+
+fn unix_nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
 }
 
 fn loopback_port<'a>(mut bindings: impl Iterator<Item = (Option<&'a str>, Option<&'a str>)>) -> Option<u16> {

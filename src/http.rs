@@ -22,8 +22,7 @@ use tower_http::trace::TraceLayer;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::lifecycle::{Lifecycle, LifecycleError, PreviewInfo};
-use crate::preview::Slug;
-use crate::request::{KillRequest, LaunchRequest, RequestError};
+use crate::request::{KillRequest, LaunchRequest, preview_name};
 use body::Fields;
 use error::ApiError;
 
@@ -82,7 +81,7 @@ async fn list_previews(State(state): State<AppState>) -> Result<Json<Vec<Preview
 }
 
 async fn get_preview(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<PreviewInfo>, ApiError> {
-    let slug = Slug::slugify(&name).map_err(RequestError::Name)?;
+    let slug = preview_name("name", &name)?;
     Ok(Json(state.lifecycle.get(&slug).await?))
 }
 

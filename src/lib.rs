@@ -8,9 +8,11 @@
 //! - [`auth`]: HTTP Basic credentials against argon2 hashes.
 //! - [`request`]: launch and kill requests parsed from the API's fields.
 //! - [`lifecycle`]: launch, replace, kill, list and reconcile previews.
+//! - [`locks`]: one async lock per key (per preview, per credential).
 //! - [`docker`]: the container runtime on the Docker API; labels are the record of what runs.
 //! - [`probe`]: whether an app answers HTTP yet.
 //! - [`nginx`]: vhost files, `nginx -t`, coalesced reloads, the managed nginx.
+//! - [`watch`]: re-routes previews whose container Docker restarted on a new port.
 //! - [`app`]: start-up (reconcile), serving and graceful shutdown.
 //! - [`cli`]: the command line.
 
@@ -21,7 +23,9 @@ pub mod config;
 pub mod docker;
 pub mod http;
 pub mod lifecycle;
+pub mod locks;
 pub mod nginx;
 pub mod preview;
 pub mod probe;
 pub mod request;
+pub mod watch;

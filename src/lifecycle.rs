@@ -6,15 +6,14 @@
 //! answering before the route switches, failed launches remove what they created, and
 //! `reconcile` rebuilds the routes from the container labels alone.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::OwnedMutexGuard;
-
 use crate::config::{Config, ImageSpec};
 use crate::docker::{ContainerPlan, DockerError, ManagedContainer, Runtime};
+use crate::locks::KeyedLocks;
 use crate::nginx::{NginxError, RouteTicket, Router};
 use crate::preview::{ImageKey, Slug};
 use crate::probe::Prober;
@@ -36,8 +35,6 @@ pub enum LifecycleError {
     Unhealthy { port: u16, path: String, timeout: Duration, logs: String },
     #[error("no preview named \"{0}\" is running; GET /api/previews lists them")]
     NotFound(Slug),
-    #[error("image {0:?} is not in config.yml")]
-    UnknownImage(ImageKey),
 }
 
 /// What the API reports about a preview.
@@ -61,6 +58,8 @@ pub struct ReconcileReport {
     pub routed: usize,
     pub removed_containers: usize,
     pub removed_vhosts: usize,
+    /// Previews that run but could not be routed, with the reason.
+    pub failed: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -69,7 +68,7 @@ pub struct Lifecycle {
     runtime: Runtime,
     router: Router,
     prober: Prober,
-    locks: Arc<SlugLocks>,
+    locks: Arc<KeyedLocks<Slug>>,
 }
 
 impl Lifecycle {
@@ -90,17 +89,17 @@ impl Lifecycle {
     #[tracing::instrument(skip_all, fields(slug = %request.name, image = %request.image))]
     pub async fn launch(&self, request: LaunchRequest) -> Result<PreviewInfo, LifecycleError> {
         let _guard = self.locks.lock(&request.name).await;
-        let ticket = self.router.ticket();
         let started = Instant::now();
-        let spec = self.spec(&request.image)?;
+        let spec = &request.spec;
         self.runtime.ensure_image(spec).await?;
+        let ticket = self.router.ticket();
         let previous = self.runtime.list_slug(&request.name).await?;
         let url = self.url_for(&request.name);
         let plan = ContainerPlan {
             slug: &request.name,
             image_key: &request.image,
             spec,
-            env: container_env(spec, &request, &url),
+            env: container_env(&request, &url),
         };
         let id = self.runtime.create_and_start(plan).await?;
         tracing::info!(container = %short(&id), "container started");
@@ -130,6 +129,7 @@ impl Lifecycle {
     /// Waits until the new container answers, then routes its host to it.
     async fn bring_up(&self, id: &str, spec: &ImageSpec, slug: &Slug, ticket: RouteTicket) -> Result<(), LifecycleError> {
         let port = self.wait_until_answering(id, spec).await?;
+        self.runtime.keep_running(id).await?;
         ticket.route(slug, port).await?;
         Ok(())
     }
@@ -138,7 +138,7 @@ impl Lifecycle {
         let deadline = Instant::now() + spec.health_timeout;
         loop {
             let status = self.runtime.status(id, spec.port).await?;
-            let crashed = status.as_ref().is_none_or(|s| !s.running || s.restart_count > 0);
+            let crashed = status.as_ref().is_none_or(|s| !s.running);
             if crashed {
                 let logs = self.runtime.logs_tail(id, LOG_LINES_ON_FAILURE).await;
                 return Err(LifecycleError::Crashed { exit_code: status.and_then(|s| s.exit_code), logs });
@@ -161,7 +161,9 @@ impl Lifecycle {
         }
     }
 
-    /// Removes a preview: first its route, then its containers.
+    /// Removes a preview: first its containers, then its route. In that order a crash half-way
+    /// leaves a vhost without a container, which the next reconcile deletes; the other order
+    /// would leave a container that reconcile routes again.
     #[tracing::instrument(skip_all, fields(slug = %slug))]
     pub async fn kill(&self, slug: &Slug) -> Result<(), LifecycleError> {
         let _guard = self.locks.lock(slug).await;
@@ -170,13 +172,38 @@ impl Lifecycle {
         if containers.is_empty() && !routed {
             return Err(LifecycleError::NotFound(slug.clone()));
         }
-        if routed {
-            self.router.unroute(slug).await?;
-        }
         for container in containers {
             self.runtime.remove(&container.id).await?;
         }
+        if routed {
+            self.router.unroute(slug).await?;
+        }
         tracing::info!("preview removed");
+        Ok(())
+    }
+
+    /// Points a preview's route at the port its newest running container has now: Docker gives
+    /// a container it restarts a new host port. Does nothing when the route is already right or
+    /// nothing runs (a stopped preview is left to `kill` or the next start-up reconcile).
+    #[tracing::instrument(skip_all, fields(slug = %slug))]
+    pub async fn refresh(&self, slug: &Slug) -> Result<(), LifecycleError> {
+        let _guard = self.locks.lock(slug).await;
+        let containers = self.runtime.list_slug(slug).await?;
+        let Some(port) = containers.iter().rev().find(|c| c.is_running()).and_then(|c| c.host_port) else {
+            return Ok(());
+        };
+        if self.router.route_if_changed(slug, port).await? {
+            tracing::info!(port, "preview re-routed to its container's new port");
+        }
+        Ok(())
+    }
+
+    /// `refresh` for every preview that has a container.
+    pub async fn refresh_all(&self) -> Result<(), LifecycleError> {
+        let slugs: std::collections::BTreeSet<Slug> = self.runtime.list().await?.into_iter().map(|c| c.slug).collect();
+        for slug in slugs {
+            self.refresh(&slug).await?;
+        }
         Ok(())
     }
 
@@ -192,41 +219,72 @@ impl Lifecycle {
         Ok(self.info(newest))
     }
 
-    /// Makes nginx match the containers: every running preview routed to its current port,
-    /// every vhost without a container deleted, containers that never came up (or were
-    /// replaced) removed, and one reload.
+    /// Makes nginx match the containers: the live container of every preview routed to its
+    /// current port, every other vhost of this instance deleted, containers that never came up
+    /// or were replaced removed, and one reload. A working preview is never removed: of several
+    /// running containers of one preview (a replace cut short), the newest that answers HTTP is
+    /// kept, and if none answers yet, all are kept and the newest is routed.
     #[tracing::instrument(skip_all)]
     pub async fn reconcile(&self) -> Result<ReconcileReport, LifecycleError> {
-        let containers = self.runtime.list().await?;
+        let mut groups: BTreeMap<Slug, Vec<ManagedContainer>> = BTreeMap::new();
+        for container in self.runtime.list().await? {
+            groups.entry(container.slug.clone()).or_default().push(container);
+        }
         let mut report = ReconcileReport::default();
         let mut routes = BTreeMap::new();
-        let newest = newest_per_slug(containers.clone());
-        for container in containers {
-            let is_newest = newest.get(&container.slug).is_some_and(|n| n.id == container.id);
-            match (is_newest, container.host_port) {
-                (true, Some(port)) if container.is_running() => {
-                    routes.insert(container.slug.clone(), port);
-                }
-                (true, _) if matches!(container.state.as_str(), "restarting" | "paused") => {
-                    tracing::warn!(slug = %container.slug, state = %container.state, "preview is not running; leaving it unrouted");
-                }
-                _ => {
-                    tracing::info!(slug = %container.slug, state = %container.state, "removing a container that is not the live preview");
-                    self.runtime.remove(&container.id).await?;
-                    report.removed_containers += 1;
-                }
+        for (slug, group) in groups {
+            let (live, doomed) = self.settle(group).await;
+            for container in doomed {
+                tracing::info!(%slug, container = %short(&container.id), state = %container.state, "removing a container that is not the live preview");
+                self.runtime.remove(&container.id).await?;
+                report.removed_containers += 1;
+            }
+            if let Some(live) = live {
+                // previewd may have died between the first answer and this setting.
+                self.runtime.keep_running(&live.id).await?;
+                routes.extend(live.host_port.map(|port| (slug, port)));
             }
         }
         let existing = self.router.sites().slugs().unwrap_or_default();
         report.removed_vhosts = existing.iter().filter(|slug| !routes.contains_key(*slug)).count();
+        for (slug, err) in self.router.sync(&routes).await? {
+            tracing::error!(%slug, error = %err, "cannot route a running preview");
+            routes.remove(&slug);
+            report.failed.push(format!("{slug}: {err}"));
+        }
         report.routed = routes.len();
-        self.router.sync(&routes).await?;
-        tracing::info!(routed = report.routed, removed_containers = report.removed_containers, removed_vhosts = report.removed_vhosts, "reconciled");
+        tracing::info!(routed = report.routed, removed_containers = report.removed_containers, removed_vhosts = report.removed_vhosts, failed = report.failed.len(), "reconciled");
         Ok(report)
     }
 
-    fn spec(&self, image: &ImageKey) -> Result<&ImageSpec, LifecycleError> {
-        self.config.images.get(image).ok_or_else(|| LifecycleError::UnknownImage(image.clone()))
+    /// Picks the live container of one preview (oldest first in `group`) and the ones to remove.
+    async fn settle(&self, group: Vec<ManagedContainer>) -> (Option<ManagedContainer>, Vec<ManagedContainer>) {
+        use bollard::models::ContainerSummaryStateEnum as State;
+        let (running, others): (Vec<_>, Vec<_>) = group.into_iter().partition(ManagedContainer::is_running);
+        // Restarting or paused containers are left alone; created, exited or dead ones never
+        // came up, or stopped for good.
+        let mut doomed: Vec<_> = others.into_iter().filter(|c| !matches!(c.state, State::RESTARTING | State::PAUSED)).collect();
+        if running.len() <= 1 {
+            return (running.into_iter().next(), doomed);
+        }
+        let mut answering = None;
+        for candidate in running.iter().rev() {
+            let Some(port) = candidate.host_port else { continue };
+            if self.prober.answers(port, &self.health_path(&candidate.image)).await {
+                answering = Some(candidate.id.clone());
+                break;
+            }
+        }
+        let Some(live_id) = answering else {
+            return (running.into_iter().last(), doomed);
+        };
+        let (live, replaced): (Vec<_>, Vec<_>) = running.into_iter().partition(|c| c.id == live_id);
+        doomed.extend(replaced);
+        (live.into_iter().next(), doomed)
+    }
+
+    fn health_path(&self, image: &ImageKey) -> String {
+        self.config.images.get(image).map_or_else(|| "/".to_owned(), |spec| spec.health_path.clone())
     }
 
     fn url_for(&self, slug: &Slug) -> String {
@@ -244,7 +302,7 @@ impl Lifecycle {
             name: container.slug,
             image: container.image,
             container_id: container.id,
-            status: container.state,
+            status: container.state.to_string(),
             created: container.created,
         }
     }
@@ -252,8 +310,8 @@ impl Lifecycle {
 
 /// The environment of a preview container: the image's fixed `env`, overridden by the request's
 /// fields, plus what previewd sets itself (Stager's `image_name`/`container_name` included).
-fn container_env(spec: &ImageSpec, request: &LaunchRequest, url: &str) -> Vec<String> {
-    let mut env: BTreeMap<String, String> = spec.env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+fn container_env(request: &LaunchRequest, url: &str) -> Vec<String> {
+    let mut env: BTreeMap<String, String> = request.spec.env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
     env.extend(request.env.iter().map(|(k, v)| (k.to_string(), v.clone())));
     env.insert("image_name".into(), request.image.to_string());
     env.insert("container_name".into(), request.container_name.clone());
@@ -277,42 +335,9 @@ fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// One async lock per preview name.
-#[derive(Default)]
-struct SlugLocks(Mutex<HashMap<Slug, Arc<tokio::sync::Mutex<()>>>>);
-
-impl SlugLocks {
-    /// Above this many names, locks nobody holds or waits for are dropped.
-    const PRUNE_ABOVE: usize = 1024;
-
-    async fn lock(&self, slug: &Slug) -> OwnedMutexGuard<()> {
-        let lock = {
-            let mut locks = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            if locks.len() > Self::PRUNE_ABOVE {
-                locks.retain(|_, lock| Arc::strong_count(lock) > 1);
-            }
-            Arc::clone(locks.entry(slug.clone()).or_default())
-        };
-        lock.lock_owned().await
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn one_slug_is_serialized_and_others_are_not() {
-        let locks = SlugLocks::default();
-        let a = Slug::parse("a").unwrap();
-        let guard = locks.lock(&a).await;
-        let other = tokio::time::timeout(Duration::from_millis(50), locks.lock(&Slug::parse("b").unwrap())).await;
-        assert!(other.is_ok(), "a different slug must not wait");
-        let same = tokio::time::timeout(Duration::from_millis(50), locks.lock(&a)).await;
-        assert!(same.is_err(), "the same slug must wait");
-        drop(guard);
-        assert!(tokio::time::timeout(Duration::from_millis(50), locks.lock(&a)).await.is_ok());
-    }
 
     #[test]
     fn request_fields_override_image_env_but_not_previewd_variables() {
@@ -327,7 +352,7 @@ mod tests {
             ("B".to_owned(), "request".to_owned()),
         ];
         let request = LaunchRequest::parse(fields, &config.images).unwrap();
-        let env = container_env(&config.images[&request.image], &request, "http://my-branch.p.localhost");
+        let env = container_env(&request, "http://my-branch.p.localhost");
         for expected in ["A=image", "B=request", "image_name=demo", "container_name=My Branch", "PREVIEW_NAME=my-branch", "PREVIEW_URL=http://my-branch.p.localhost"] {
             assert!(env.contains(&expected.to_owned()), "{expected} not in {env:?}");
         }

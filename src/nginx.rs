@@ -121,28 +121,62 @@ impl Router {
         self.submit(vec![(slug.clone(), Some(content))]).await
     }
 
+    /// Routes a preview like `route`, unless its vhost already says exactly that.
+    pub async fn route_if_changed(&self, slug: &Slug, host_port: u16) -> Result<bool, NginxError> {
+        let content = self.inner.render(slug, host_port)?;
+        let current = self.inner.sites.read(slug).map_err(|err| self.inner.io_error(err))?;
+        if current.as_deref() == Some(content.as_str()) {
+            return Ok(false);
+        }
+        self.submit(vec![(slug.clone(), Some(content))]).await.map(|()| true)
+    }
+
     /// Removes the route of a preview; returns once nginx no longer serves it.
     pub async fn unroute(&self, slug: &Slug) -> Result<(), NginxError> {
         self.submit(vec![(slug.clone(), None)]).await
     }
 
-    /// Makes the sites dir hold exactly these routes (re-rendered), deleting any other vhost of
-    /// this instance, with one reload.
-    pub async fn sync(&self, routes: &BTreeMap<Slug, u16>) -> Result<(), NginxError> {
-        let existing = self.inner.sites.slugs().map_err(|err| self.inner.io_error(err))?;
-        let orphans = existing.into_iter().filter(|slug| !routes.contains_key(slug));
-        let mut changes: Vec<Change> = orphans.map(|slug| (slug, None)).collect();
+    /// Makes the sites dir hold exactly these routes (re-rendered), deleting every other vhost
+    /// and temp file of this instance, with one reload. Each preview is its own change, so one
+    /// that nginx rejects fails alone; the failures are returned.
+    pub async fn sync(&self, routes: &BTreeMap<Slug, u16>) -> Result<Vec<(Slug, NginxError)>, NginxError> {
+        let inner = Arc::clone(&self.inner);
+        let existing = tokio::task::spawn_blocking(move || {
+            inner.sites.remove_temp_files()?;
+            inner.sites.slugs()
+        })
+        .await
+        .map_err(|err| NginxError::Io { path: self.inner.sites.dir().to_owned(), message: err.to_string() })?
+        .map_err(|err| self.inner.io_error(err))?;
+        let mut failures = Vec::new();
+        let mut changes: Vec<Change> = existing.into_iter().filter(|slug| !routes.contains_key(slug)).map(|slug| (slug, None)).collect();
         for (slug, port) in routes {
-            changes.push((slug.clone(), Some(self.inner.render(slug, *port)?)));
+            match self.inner.render(slug, *port) {
+                Ok(content) => changes.push((slug.clone(), Some(content))),
+                Err(err) => failures.push((slug.clone(), err)),
+            }
         }
-        self.submit(changes).await
+        let answers: Vec<_> = changes.into_iter().map(|change| (change.0.clone(), self.send(vec![change]))).collect();
+        for (slug, answer) in answers {
+            if let Err(err) = Self::receive(answer?).await {
+                failures.push((slug, err));
+            }
+        }
+        Ok(failures)
     }
 
     async fn submit(&self, changes: Vec<Change>) -> Result<(), NginxError> {
+        Self::receive(self.send(changes)?).await
+    }
+
+    fn send(&self, changes: Vec<Change>) -> Result<oneshot::Receiver<Result<(), NginxError>>, NginxError> {
         let (reply, answer) = oneshot::channel();
-        let stopped = || NginxError::Command { command: "router".into(), message: "previewd is shutting down".into() };
-        self.jobs.send(Job { changes, reply }).map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        self.jobs.send(Job { changes, reply }).map_err(|_| NginxError::Stopped)?;
+        Ok(answer)
+    }
+
+    async fn receive(answer: oneshot::Receiver<Result<(), NginxError>>) -> Result<(), NginxError> {
+        answer.await.map_err(|_| NginxError::Stopped)?
     }
 }
 
@@ -184,8 +218,8 @@ impl Inner {
         NginxError::Io { path: self.sites.dir().to_owned(), message: err.to_string() }
     }
 
-    /// Writes the changes, remembering what each file held before.
-    fn apply(&self, changes: &[Change], backups: &mut BTreeMap<Slug, Option<String>>) -> Result<(), NginxError> {
+    /// Writes the changes, remembering in `backups` what each file held before.
+    fn apply(&self, changes: &[Change], backups: &mut Backups) -> Result<(), NginxError> {
         for (slug, content) in changes {
             if !backups.contains_key(slug) {
                 let previous = self.sites.read(slug).map_err(|err| self.io_error(err))?;
@@ -196,7 +230,7 @@ impl Inner {
         Ok(())
     }
 
-    fn restore(&self, backups: BTreeMap<Slug, Option<String>>) {
+    fn restore(&self, backups: Backups) {
         for (slug, previous) in backups {
             if let Err(err) = self.sites.set(&slug, previous.as_deref()) {
                 tracing::error!(%slug, error = %err, "cannot restore a vhost file");
@@ -204,23 +238,38 @@ impl Inner {
         }
     }
 
-    /// Applies and tests a set of changes; on failure the files are as they were.
-    async fn try_apply(&self, changes: &[Change]) -> Result<(), NginxError> {
-        let mut backups = BTreeMap::new();
-        let result = match self.apply(changes, &mut backups) {
+    /// Applies and tests a set of changes. On success returns what the files held before; on
+    /// failure the files are as they were.
+    async fn try_apply(self: &Arc<Self>, changes: Vec<Change>) -> Result<Backups, NginxError> {
+        let inner = Arc::clone(self);
+        // File writes fsync: keep them off the async workers.
+        let (backups, written) = tokio::task::spawn_blocking(move || {
+            let mut backups = Backups::new();
+            let written = inner.apply(&changes, &mut backups);
+            (backups, written)
+        })
+        .await
+        .map_err(|err| NginxError::Io { path: self.sites.dir().to_owned(), message: err.to_string() })?;
+        let result = match written {
             Ok(()) => self.nginx.test().await,
             Err(err) => Err(err),
         };
         match result {
-            Err(NginxError::TestFailed(message)) => {
-                self.restore(backups);
-                Err(NginxError::RolledBack(message))
-            }
+            Ok(()) => Ok(backups),
             Err(err) => {
-                self.restore(backups);
-                Err(err)
+                self.restore_off_runtime(backups).await;
+                Err(match err {
+                    NginxError::TestFailed(message) => NginxError::RolledBack(message),
+                    other => other,
+                })
             }
-            Ok(()) => Ok(()),
+        }
+    }
+
+    async fn restore_off_runtime(self: &Arc<Self>, backups: Backups) {
+        let inner = Arc::clone(self);
+        if let Err(err) = tokio::task::spawn_blocking(move || inner.restore(backups)).await {
+            tracing::error!(error = %err, "restoring vhost files failed");
         }
     }
 
@@ -231,6 +280,9 @@ impl Inner {
         result
     }
 }
+
+/// What the files of a batch held before it: `None` for a file that did not exist.
+type Backups = BTreeMap<Slug, Option<String>>;
 
 async fn worker(inner: Arc<Inner>, mut queue: mpsc::UnboundedReceiver<Job>) {
     while let Some(first) = queue.recv().await {
@@ -259,12 +311,12 @@ async fn gather(inner: &Inner, queue: &mut mpsc::UnboundedReceiver<Job>, first: 
     }
 }
 
-async fn run_batch(inner: &Inner, batch: Vec<Job>) {
+async fn run_batch(inner: &Arc<Inner>, batch: Vec<Job>) {
     let all: Vec<Change> = batch.iter().flat_map(|job| job.changes.iter().cloned()).collect();
     let touched: BTreeSet<&Slug> = all.iter().map(|(slug, _)| slug).collect();
     tracing::debug!(jobs = batch.len(), previews = touched.len(), "applying vhost changes");
-    let accepted = match inner.try_apply(&all).await {
-        Ok(()) => batch,
+    let (accepted, backups) = match inner.try_apply(all).await {
+        Ok(backups) => (batch, backups),
         Err(err) if batch.len() == 1 => {
             reply_all(batch, &Err(err));
             return;
@@ -276,23 +328,35 @@ async fn run_batch(inner: &Inner, batch: Vec<Job>) {
     }
     let result = inner.reload().await;
     if let Err(err) = &result {
-        tracing::error!(error = %err, "nginx reload failed");
+        // Put the files back to what nginx still serves, so disk and nginx agree again.
+        tracing::error!(error = %err, "nginx reload failed; restoring the previous vhost files");
+        inner.restore_off_runtime(backups).await;
+        if let Err(err) = inner.reload().await {
+            tracing::error!(error = %err, "reload after restoring the vhost files failed too");
+        }
     }
     reply_all(accepted, &result);
 }
 
 /// After a batch failed `nginx -t`: each job on its own, so only the bad ones fail.
-async fn one_by_one(inner: &Inner, batch: Vec<Job>) -> Vec<Job> {
+async fn one_by_one(inner: &Arc<Inner>, batch: Vec<Job>) -> (Vec<Job>, Backups) {
     let mut accepted = Vec::new();
+    let mut backups = Backups::new();
     for job in batch {
-        match inner.try_apply(&job.changes).await {
-            Ok(()) => accepted.push(job),
+        match inner.try_apply(job.changes.clone()).await {
+            Ok(job_backups) => {
+                // The first backup of a file is its state before the whole batch.
+                for (slug, previous) in job_backups {
+                    backups.entry(slug).or_insert(previous);
+                }
+                accepted.push(job);
+            }
             Err(err) => {
                 job.reply.send(Err(err)).ok();
             }
         }
     }
-    accepted
+    (accepted, backups)
 }
 
 fn reply_all(jobs: Vec<Job>, result: &Result<(), NginxError>) {

@@ -17,8 +17,8 @@ pub enum RequestError {
     DuplicateField(String),
     #[error("unknown image_name {given:?}; allowed: {allowed}")]
     UnknownImage { given: String, allowed: String },
-    #[error("container_name: {0}")]
-    Name(NameError),
+    #[error("{field}: {source}")]
+    Name { field: &'static str, source: NameError },
     #[error("field {0}; every field besides image_name and container_name becomes an environment variable")]
     EnvName(NameError),
     #[error("field `{0}` is set by previewd and cannot be overridden")]
@@ -28,9 +28,11 @@ pub enum RequestError {
 }
 
 /// A validated `POST /launch`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct LaunchRequest {
     pub image: ImageKey,
+    /// The allowlisted image `image` names.
+    pub spec: ImageSpec,
     pub name: Slug,
     /// `container_name` as sent (Stager passed it on to the container unchanged).
     pub container_name: String,
@@ -49,14 +51,15 @@ impl LaunchRequest {
         let mut fields = unique(fields)?;
         let image_name = fields.remove("image_name").ok_or(RequestError::MissingField("image_name"))?;
         let container_name = fields.remove("container_name").ok_or(RequestError::MissingField("container_name"))?;
-        let image = ImageKey::parse(&image_name)
+        let (image, spec) = ImageKey::parse(&image_name)
             .ok()
-            .filter(|key| images.contains_key(key))
+            .and_then(|key| images.get_key_value(&key))
+            .map(|(key, spec)| (key.clone(), spec.clone()))
             .ok_or_else(|| RequestError::UnknownImage {
                 given: image_name,
                 allowed: images.keys().map(ImageKey::to_string).collect::<Vec<_>>().join(", "),
             })?;
-        let name = Slug::slugify(&container_name).map_err(RequestError::Name)?;
+        let name = preview_name("container_name", &container_name)?;
         let env = fields
             .into_iter()
             .map(|(key, value)| {
@@ -70,7 +73,7 @@ impl LaunchRequest {
                 Ok((name, value))
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { image, name, container_name, env })
+        Ok(Self { image, spec, name, container_name, env })
     }
 }
 
@@ -78,8 +81,13 @@ impl KillRequest {
     pub fn parse(fields: Vec<(String, String)>) -> Result<Self, RequestError> {
         let mut fields = unique(fields)?;
         let container_name = fields.remove("container_name").ok_or(RequestError::MissingField("container_name"))?;
-        Ok(Self { name: Slug::slugify(&container_name).map_err(RequestError::Name)? })
+        Ok(Self { name: preview_name("container_name", &container_name)? })
     }
+}
+
+/// The slug of a preview named in a request field or path segment.
+pub fn preview_name(field: &'static str, text: &str) -> Result<Slug, RequestError> {
+    Slug::slugify(text).map_err(|source| RequestError::Name { field, source })
 }
 
 fn unique(fields: Vec<(String, String)>) -> Result<BTreeMap<String, String>, RequestError> {
@@ -129,7 +137,7 @@ mod tests {
         assert_eq!(parse(&[("container_name", "x")]), RequestError::MissingField("image_name"));
         assert_eq!(parse(&[("image_name", "demo")]), RequestError::MissingField("container_name"));
         assert!(matches!(parse(&[("image_name", "nope"), ("container_name", "x")]), RequestError::UnknownImage { allowed, .. } if allowed == "demo"));
-        assert!(matches!(parse(&[("image_name", "demo"), ("container_name", "///")]), RequestError::Name(_)));
+        assert!(matches!(parse(&[("image_name", "demo"), ("container_name", "///")]), RequestError::Name { .. }));
         assert!(matches!(parse(&[("image_name", "demo"), ("container_name", "x"), ("BAD-NAME", "1")]), RequestError::EnvName(_)));
         assert_eq!(parse(&[("image_name", "demo"), ("container_name", "x"), ("PREVIEW_URL", "1")]), RequestError::ReservedEnv("PREVIEW_URL".into()));
         assert_eq!(parse(&[("image_name", "demo"), ("container_name", "x"), ("A", "a\0b")]), RequestError::NulByte("A".into()));

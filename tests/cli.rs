@@ -139,7 +139,22 @@ async fn sigterm_stops_nginx_but_leaves_previews_and_a_restart_serves_them_again
     let url = response.text().await.unwrap();
     assert_eq!(url, format!("http://keep-me.preview.localhost:{nginx_port}\n"));
 
-    assert!(daemon.terminate().success());
+    // SIGTERM while a launch is in flight: it finishes, then previewd stops.
+    let in_flight = {
+        let (client, api) = (client.clone(), api.clone());
+        tokio::spawn(async move {
+            client
+                .post(format!("{api}/launch"))
+                .basic_auth(USER, Some(PASSWORD))
+                .form(&[("image_name", "demo"), ("container_name", "in flight")])
+                .send()
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(tokio::task::block_in_place(|| daemon.terminate()).success());
+    let response = in_flight.await.unwrap().expect("the in-flight launch is answered");
+    assert_eq!(response.status(), 200, "the in-flight launch completes before shutdown");
     let log = std::fs::read_to_string(dir.path().join("first.log")).unwrap();
     assert!(log.lines().all(|line| line.starts_with('{')), "--log-format json logs JSON lines:\n{log}");
     assert!(!log.contains(PASSWORD), "no secret in the log");
@@ -149,16 +164,18 @@ async fn sigterm_stops_nginx_but_leaves_previews_and_a_restart_serves_them_again
         "the managed nginx is stopped with previewd"
     );
     let running = common::docker_ps(&format!("label=previewd.instance={instance}"));
-    assert_eq!(running.len(), 1, "{running:?}");
-    assert!(running[0].ends_with("running"), "previews keep running: {running:?}");
+    assert_eq!(running.len(), 2, "{running:?}");
+    assert!(running.iter().all(|c| c.ends_with("running")), "previews keep running: {running:?}");
 
     let _daemon = Daemon::start(&config, &dir.path().join("second.log"));
     wait_until_healthy(&client, &api).await;
-    let host = "keep-me.preview.localhost";
-    let nginx = reqwest::Client::builder().no_proxy().resolve(host, ([127, 0, 0, 1], nginx_port).into()).build().unwrap();
-    let page = nginx.get(url.trim()).send().await.unwrap();
-    assert_eq!(page.status(), 200);
-    assert!(page.text().await.unwrap().contains("Preview: keep-me"));
+    for name in ["keep-me", "in-flight"] {
+        let host = format!("{name}.preview.localhost");
+        let nginx = reqwest::Client::builder().no_proxy().resolve(&host, ([127, 0, 0, 1], nginx_port).into()).build().unwrap();
+        let page = nginx.get(format!("http://{host}:{nginx_port}/")).send().await.unwrap();
+        assert_eq!(page.status(), 200);
+        assert!(page.text().await.unwrap().contains(&format!("Preview: {name}")));
+    }
 }
 
 /// Removes the test's containers and nginx whatever happened.

@@ -59,8 +59,10 @@ async fn launch_serves_the_preview_with_its_env_then_relaunch_and_kill_leave_not
     let first_id = containers[0].split(' ').next().unwrap().to_owned();
     assert_eq!(docker_inspect(&first_id, "{{index .Config.Labels \"previewd.slug\"}} {{index .Config.Labels \"previewd.image\"}} {{index .Config.Labels \"previewd.managed\"}}"), "test demo true");
     assert_eq!(docker_inspect(&first_id, "{{range $p, $b := .HostConfig.PortBindings}}{{$p}}={{(index $b 0).HostIp}}{{end}}"), "3000/tcp=127.0.0.1");
-    assert_eq!(docker_inspect(&first_id, "{{.HostConfig.SecurityOpt}} {{.HostConfig.RestartPolicy.Name}}"), "[no-new-privileges] unless-stopped");
-    assert_eq!(docker_inspect(&first_id, "{{.HostConfig.LogConfig.Type}} {{index .HostConfig.LogConfig.Config \"max-size\"}}"), "json-file 10m");
+    assert_eq!(docker_inspect(&first_id, "{{.HostConfig.SecurityOpt}} {{.HostConfig.RestartPolicy.Name}}"), "[no-new-privileges] unless-stopped", "restarts are on once the app answered");
+    assert_eq!(docker_inspect(&first_id, "{{.HostConfig.LogConfig.Type}} {{index .HostConfig.LogConfig.Config \"max-size\"}} {{index .HostConfig.LogConfig.Config \"max-file\"}}"), "json-file 10m 3");
+    // The image's raw Docker create fields are merged in, under previewd's own.
+    assert_eq!(docker_inspect(&first_id, "{{.Config.Hostname}} {{.HostConfig.ShmSize}} {{index .Config.Labels \"team\"}}"), "preview-box 8388608 web");
     assert_eq!(docker_inspect(&first_id, "{{.HostConfig.Memory}} {{.HostConfig.NanoCpus}} {{.HostConfig.PidsLimit}}"), "67108864 500000000 64");
 
     let listed: serde_json::Value =
@@ -341,4 +343,184 @@ async fn healthz_needs_no_auth_and_reports_a_dead_nginx() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("healthz never reported the stopped nginx: {last}");
+}
+
+/// An nginx started by hand, as a system nginx would be; stopped on drop (by pid: its files may
+/// already be gone with the temp dir).
+struct SystemNginx {
+    args: Vec<String>,
+    master: String,
+}
+
+impl SystemNginx {
+    fn start(dir: &std::path::Path, port: u16) -> Self {
+        let sites = dir.join("sites-enabled");
+        std::fs::create_dir_all(&sites).unwrap();
+        std::fs::create_dir_all(dir.join("tmp")).unwrap();
+        let conf = dir.join("nginx.conf");
+        let tmp = dir.join("tmp");
+        std::fs::write(
+            &conf,
+            format!(
+                "pid {pid};\nevents {{}}\nhttp {{\n  client_body_temp_path {tmp}/b;\n  proxy_temp_path {tmp}/p;\n  fastcgi_temp_path {tmp}/f;\n  uwsgi_temp_path {tmp}/u;\n  scgi_temp_path {tmp}/s;\n  server_names_hash_bucket_size 256;\n  server {{ listen 127.0.0.1:{port} default_server; return 404; }}\n  include {sites}/*;\n}}\n",
+                pid = dir.join("nginx.pid").display(),
+                tmp = tmp.display(),
+                sites = sites.display(),
+            ),
+        )
+        .unwrap();
+        let args = vec!["-p".into(), dir.display().to_string(), "-c".into(), conf.display().to_string(), "-e".into(), dir.join("error.log").display().to_string()];
+        let started = std::process::Command::new("nginx").args(&args).output().unwrap();
+        assert!(started.status.success(), "{started:?}");
+        let master = std::fs::read_to_string(dir.join("nginx.pid")).unwrap().trim().to_owned();
+        Self { args, master }
+    }
+
+    fn yaml_list(&self, head: &[&str]) -> String {
+        let items: Vec<String> = head.iter().map(|s| s.to_string()).chain(self.args.iter().cloned()).map(|s| format!("\"{s}\"")).collect();
+        format!("[{}]", items.join(", "))
+    }
+}
+
+impl Drop for SystemNginx {
+    fn drop(&mut self) {
+        std::process::Command::new("kill").args(["-QUIT", &self.master]).output().ok();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmanaged_mode_drives_an_existing_nginx_through_its_commands_and_pid_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let system_dir = dir.path().join("system-nginx");
+    let nginx_port = common::free_port();
+    let system = SystemNginx::start(&system_dir, nginx_port);
+    let instance = common::unique_instance();
+    let unmanaged = format!(
+        "  managed: false\n  sites_dir: {sites}\n  pid_file: {pid}\n  test_command: {test}\n  reload_command: {reload}\n",
+        sites = system_dir.join("sites-enabled").display(),
+        pid = system_dir.join("nginx.pid").display(),
+        test = system.yaml_list(&["nginx", "-t"]),
+        reload = system.yaml_list(&["nginx", "-s", "reload"]),
+    );
+    let yaml = common::config_yaml(&instance, dir.path(), nginx_port, &Options::default()).replace("  managed: true\n", &unmanaged);
+    let mut app = TestApp::start_from(dir, instance, nginx_port, yaml).await;
+
+    assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "sys")]).await.status(), 200);
+    all_fresh_connections_see(&app, "sys", "Preview: sys", 10).await;
+    let vhost = system_dir.join("sites-enabled").join(format!("previewd.{}.sys.conf", app.instance));
+    assert!(vhost.exists());
+    assert!(!app.dir.path().join("state/nginx/nginx.conf").exists(), "no managed nginx config in unmanaged mode");
+
+    app.stop().await;
+    let pid = std::fs::read_to_string(system_dir.join("nginx.pid")).unwrap();
+    let title = std::fs::read_to_string(format!("/proc/{}/cmdline", pid.trim())).unwrap_or_default();
+    assert!(title.starts_with("nginx: master"), "previewd leaves a system nginx running");
+    assert_eq!(app.via_nginx("sys", "/").await.unwrap().0, 200, "and its previews served");
+
+    app.boot().await;
+    assert_eq!(app.kill("sys").await.status(), 200);
+    assert_eq!(app.via_nginx("sys", "/").await.unwrap().0, 404);
+    assert!(!vhost.exists());
+}
+
+fn host_port_of(id: &str) -> String {
+    docker_inspect(id, "{{(index (index .NetworkSettings.Ports \"3000/tcp\") 0).HostPort}}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_docker_restarts_on_a_new_port_is_routed_again() {
+    let app = TestApp::start().await;
+    assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "bounce")]).await.status(), 200);
+    let id = app.containers()[0].split(' ').next().unwrap().to_owned();
+    let before = host_port_of(&id);
+
+    // What Docker does after a crash or an engine restart: the same container, a new host port.
+    let restarted = std::process::Command::new("docker").args(["restart", "-t", "0", &id]).output().unwrap();
+    assert!(restarted.status.success(), "{restarted:?}");
+    let after = host_port_of(&id);
+    assert_ne!(before, after, "Docker kept the port; this test proves nothing");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(app.via_nginx("bounce", "/").await, Ok((200, _))) {
+        assert!(Instant::now() < deadline, "the preview was not served again after its restart");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let vhost = std::fs::read_to_string(app.vhost_path("bounce")).unwrap();
+    assert!(vhost.contains(&format!("127.0.0.1:{after};")), "the route follows the new port {after}:\n{vhost}");
+    all_fresh_connections_see(&app, "bounce", "Preview: bounce", 5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_after_an_interrupted_replace_keeps_the_container_that_answers() {
+    let mut app = TestApp::start().await;
+    assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "pair")]).await.status(), 200);
+    let old_id = app.containers()[0].split(' ').next().unwrap().to_owned();
+    app.stop().await;
+    // A replacement that was started but never answered (previewd died during its health wait),
+    // and one that was created but never started.
+    for (run, command) in [("run", "-d"), ("create", "--init")] {
+        let labels = [
+            "previewd.managed=true".to_owned(),
+            format!("previewd.instance={}", app.instance),
+            "previewd.slug=pair".to_owned(),
+            "previewd.image=silent".to_owned(),
+            "previewd.port=3000".to_owned(),
+            format!("previewd.created={}", u128::MAX / 2),
+        ];
+        let mut args: Vec<String> = vec![run.into(), command.into(), "-p".into(), "127.0.0.1::3000".into()];
+        for label in labels {
+            args.extend(["--label".to_owned(), label]);
+        }
+        args.extend([common::DEMO_IMAGE.to_owned(), "/bin/busybox".into(), "sleep".into(), "600".into()]);
+        let output = std::process::Command::new("docker").args(&args).output().unwrap();
+        assert!(output.status.success(), "{output:?}");
+    }
+    assert_eq!(app.containers().len(), 3);
+
+    let report = app.boot().await;
+    assert_eq!((report.routed, report.removed_containers), (1, 2), "{report:?}");
+    let left = app.containers();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].starts_with(&old_id), "the answering container is kept: {left:?}");
+    all_fresh_connections_see(&app, "pair", "Preview: pair", 5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_reload_restores_the_vhost_and_removes_the_new_container() {
+    let dir = tempfile::tempdir().unwrap();
+    let instance = common::unique_instance();
+    let nginx_port = common::free_port();
+    let yaml = common::config_yaml(&instance, dir.path(), nginx_port, &Options::default())
+        .replace("  managed: true\n", "  managed: true\n  reload_command: [/bin/false]\n  reload_timeout: 2\n");
+    let app = TestApp::start_from(dir, instance, nginx_port, yaml).await;
+
+    let (status, message) = error_of(app.launch(&[("image_name", "demo"), ("container_name", "noreload")]).await).await;
+    assert_eq!(status, 500, "{message}");
+    assert!(message.contains("/bin/false") && message.contains("printed nothing"), "{message}");
+    assert!(!app.vhost_path("noreload").exists(), "the vhost nginx never loaded is removed again");
+    assert!(app.containers().is_empty(), "{:?}", app.containers());
+    assert_eq!(app.via_nginx("noreload", "/").await.unwrap().0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_on_one_name_are_serialized() {
+    let app = TestApp::start().await;
+    let (first, second) = tokio::join!(
+        app.launch(&[("image_name", "demo"), ("container_name", "same"), ("RUN", "a")]),
+        app.launch(&[("image_name", "demo"), ("container_name", "same"), ("RUN", "b")]),
+    );
+    assert_eq!((first.status().as_u16(), second.status().as_u16()), (200, 200));
+    assert_eq!(app.containers().len(), 1, "the second launch replaced the first: {:?}", app.containers());
+    let (_, env) = app.via_nginx("same", "/cgi-bin/env").await.unwrap();
+    assert!(env.lines().any(|l| l == "RUN=a" || l == "RUN=b"), "{env}");
+
+    // Whichever of a launch and a kill gets the name first, the other sees its whole result.
+    let (launch, kill) = tokio::join!(app.launch(&[("image_name", "demo"), ("container_name", "same")]), app.kill("same"));
+    assert_eq!((launch.status().as_u16(), kill.status().as_u16()), (200, 200));
+    let containers = app.containers();
+    match containers.len() {
+        0 => assert!(!app.vhost_path("same").exists(), "killed last: no route left"),
+        1 => all_fresh_connections_see(&app, "same", "Preview: same", 3).await,
+        _ => panic!("one preview, several containers: {containers:?}"),
+    }
 }

@@ -24,9 +24,13 @@ impl<S: Send + Sync> FromRequest<S> for Fields {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("application/x-www-form-urlencoded")
             .to_owned();
-        let bytes = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES)
-            .await
-            .map_err(|_| ApiError::TooLarge(MAX_BODY_BYTES))?;
+        let bytes = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES).await.map_err(|err| {
+            if is_length_limit(&err) {
+                ApiError::TooLarge(MAX_BODY_BYTES)
+            } else {
+                ApiError::Body(format!("cannot read the request body: {err}"))
+            }
+        })?;
         let mime = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
         match mime.as_str() {
             "application/x-www-form-urlencoded" | "" => parse_form(&bytes),
@@ -35,6 +39,17 @@ impl<S: Send + Sync> FromRequest<S> for Fields {
         }
         .map(Fields)
     }
+}
+
+fn is_length_limit(err: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(cause) = source {
+        if cause.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 fn parse_form(bytes: &[u8]) -> Result<Vec<(String, String)>, ApiError> {

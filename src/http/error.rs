@@ -53,13 +53,12 @@ impl ApiError {
 fn lifecycle_status(err: &LifecycleError) -> StatusCode {
     match err {
         LifecycleError::NotFound(_) => StatusCode::NOT_FOUND,
-        LifecycleError::UnknownImage(_) => StatusCode::BAD_REQUEST,
         LifecycleError::Crashed { .. } => StatusCode::BAD_GATEWAY,
         LifecycleError::Unhealthy { .. } => StatusCode::GATEWAY_TIMEOUT,
         LifecycleError::Docker(DockerError::Unreachable(_)) => StatusCode::SERVICE_UNAVAILABLE,
         LifecycleError::Docker(DockerError::ImageMissing { .. } | DockerError::PullFailed { .. }) => StatusCode::UNPROCESSABLE_ENTITY,
         LifecycleError::Docker(DockerError::Api { .. }) => StatusCode::BAD_GATEWAY,
-        LifecycleError::Nginx(NginxError::NotRunning(_)) => StatusCode::SERVICE_UNAVAILABLE,
+        LifecycleError::Nginx(NginxError::NotRunning(_) | NginxError::Stopped) => StatusCode::SERVICE_UNAVAILABLE,
         LifecycleError::Nginx(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

@@ -21,6 +21,11 @@ const WORKER_TITLE: &str = "nginx: worker process";
 const MASTER_TITLE_PREFIX: &str = "nginx: master process";
 /// How long one nginx command (test, reload signal, start) may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// The managed nginx is the `nginx` found on PATH.
+const NGINX_PROGRAM: &str = "nginx";
+/// A graceful stop waits for open connections; after this, open connections are cut.
+const GRACEFUL_STOP: Duration = Duration::from_secs(10);
+const FAST_STOP: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum NginxError {
@@ -32,12 +37,14 @@ pub enum NginxError {
     Command { command: String, message: String },
     #[error("nginx is not running (no live nginx master process in {0})")]
     NotRunning(PathBuf),
-    #[error("nginx did not switch to the new configuration within {0:?}; see its error log")]
-    ReloadTimeout(Duration),
     #[error("cannot write nginx files at {path}: {message}")]
     Io { path: PathBuf, message: String },
     #[error("cannot render the vhost template: {0}")]
     Template(String),
+    #[error("nginx did not {0} within {1:?}; see its error log")]
+    Timeout(&'static str, Duration),
+    #[error("previewd is shutting down and no longer changes routes")]
+    Stopped,
 }
 
 /// Paths of previewd's own nginx, all under `<state_dir>/nginx`.
@@ -61,15 +68,6 @@ impl Nginx {
         Self { config, managed }
     }
 
-    pub fn is_managed(&self) -> bool {
-        self.managed.is_some()
-    }
-
-    /// The error log of the managed nginx.
-    pub fn error_log(&self) -> Option<&Path> {
-        self.managed.as_ref().map(|m| m.error_log.as_path())
-    }
-
     /// `nginx -t` on the whole configuration, vhosts included.
     pub async fn test(&self) -> Result<(), NginxError> {
         self.run(&self.config.test_command).await.map_err(|err| match err {
@@ -91,7 +89,7 @@ impl Nginx {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                return Err(NginxError::ReloadTimeout(self.config.reload_timeout));
+                return Err(NginxError::Timeout("switch to the new configuration", self.config.reload_timeout));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -107,9 +105,8 @@ impl Nginx {
     /// previous previewd left running (previews stay reachable across a previewd restart).
     pub async fn start_managed(&self, sites_dir: &Path) -> Result<(), NginxError> {
         let Some(managed) = &self.managed else { return Ok(()) };
-        for dir in [managed.prefix.join("tmp"), sites_dir.to_owned()] {
-            std::fs::create_dir_all(&dir).map_err(|err| io_error(&dir, err))?;
-        }
+        let tmp = managed.prefix.join("tmp");
+        std::fs::create_dir_all(&tmp).map_err(|err| io_error(&tmp, err))?;
         let conf = main_conf(self.config.listen, sites_dir, managed, &self.config.pid_file);
         super::sites::write_atomic(&managed.conf, conf.as_bytes()).map_err(|err| io_error(&managed.conf, err))?;
         self.test().await?;
@@ -117,26 +114,32 @@ impl Nginx {
             tracing::info!("adopting the managed nginx left running by a previous previewd");
             return self.reload().await;
         }
-        let nginx = self.config.test_command[0].clone();
-        self.run(&[nginx]).await?;
-        self.wait_for(|nginx| nginx.master_pid().is_some_and(|pid| !workers(pid).is_empty())).await
+        self.run(&[NGINX_PROGRAM.into()]).await?;
+        let started = |nginx: &Self| nginx.master_pid().is_some_and(|pid| !workers(pid).is_empty());
+        self.wait_for("start", COMMAND_TIMEOUT, started).await
     }
 
-    /// Managed mode: graceful stop (`nginx -s quit`), waiting until the master has exited.
+    /// Managed mode: graceful stop (`nginx -s quit`, open connections may finish), then a fast
+    /// one if that takes too long; returns once the master has exited.
     pub async fn stop_managed(&self) -> Result<(), NginxError> {
         if self.managed.is_none() || self.master_pid().is_none() {
             return Ok(());
         }
-        let nginx = self.config.test_command[0].clone();
-        self.run(&[nginx, "-s".into(), "quit".into()]).await?;
-        self.wait_for(|nginx| nginx.master_pid().is_none()).await
+        let stopped = |nginx: &Self| nginx.master_pid().is_none();
+        self.run(&[NGINX_PROGRAM.into(), "-s".into(), "quit".into()]).await?;
+        if self.wait_for("stop gracefully", GRACEFUL_STOP, stopped).await.is_ok() {
+            return Ok(());
+        }
+        tracing::warn!("nginx did not stop gracefully in {GRACEFUL_STOP:?}; stopping it now");
+        self.run(&[NGINX_PROGRAM.into(), "-s".into(), "stop".into()]).await?;
+        self.wait_for("stop", FAST_STOP, stopped).await
     }
 
-    async fn wait_for(&self, done: impl Fn(&Self) -> bool) -> Result<(), NginxError> {
-        let deadline = Instant::now() + self.config.reload_timeout;
+    async fn wait_for(&self, what: &'static str, timeout: Duration, done: impl Fn(&Self) -> bool) -> Result<(), NginxError> {
+        let deadline = Instant::now() + timeout;
         while !done(self) {
             if Instant::now() >= deadline {
-                return Err(NginxError::ReloadTimeout(self.config.reload_timeout));
+                return Err(NginxError::Timeout(what, timeout));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -165,10 +168,11 @@ impl Nginx {
             .await
             .map_err(|_| failure(format!("no answer within {COMMAND_TIMEOUT:?}")))?
             .map_err(|err| failure(err.to_string()))?;
-        if output.status.success() {
-            Ok(())
-        } else {
-            Err(failure(String::from_utf8_lossy(&output.stderr).trim().to_owned()))
+        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+        match (output.status.success(), stderr.is_empty()) {
+            (true, _) => Ok(()),
+            (false, false) => Err(failure(stderr)),
+            (false, true) => Err(failure(format!("it {} and printed nothing", output.status))),
         }
     }
 }

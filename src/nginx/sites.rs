@@ -45,6 +45,19 @@ impl SitesDir {
         }
     }
 
+    /// Deletes temp files of this instance that an interrupted write left behind.
+    pub fn remove_temp_files(&self) -> io::Result<()> {
+        let temp_prefix = format!(".{}", self.prefix);
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let is_temp = entry.file_name().to_str().is_some_and(|n| n.starts_with(&temp_prefix) && n.ends_with(".tmp"));
+            if is_temp {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+        Ok(())
+    }
+
     /// The previews that have a vhost file of this instance.
     pub fn slugs(&self) -> io::Result<Vec<Slug>> {
         let mut slugs = Vec::new();
@@ -111,5 +124,17 @@ mod tests {
         }
         assert_eq!(sites(dir.path(), "a").slugs().unwrap(), vec![Slug::parse("one").unwrap()]);
         assert_eq!(sites(dir.path(), "a-b").slugs().unwrap(), vec![Slug::parse("two").unwrap()]);
+    }
+
+    #[test]
+    fn remove_temp_files_deletes_only_this_instances_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [".previewd.a.x.conf.0001.tmp", ".previewd.b.x.conf.0001.tmp", "previewd.a.x.conf"] {
+            std::fs::write(dir.path().join(name), "").unwrap();
+        }
+        sites(dir.path(), "a").remove_temp_files().unwrap();
+        let mut left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        left.sort();
+        assert_eq!(left, [".previewd.b.x.conf.0001.tmp", "previewd.a.x.conf"]);
     }
 }

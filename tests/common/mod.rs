@@ -87,6 +87,7 @@ images:
     cpus: 0.5
     pids: 64
     health_timeout: {timeout}
+    container_create_params: {{Hostname: preview-box, HostConfig: {{ShmSize: 8388608}}, Labels: {{team: web}}}}
   crash:
     image: {DEMO_IMAGE}
     port: 3000
@@ -136,11 +137,16 @@ impl TestApp {
     }
 
     pub async fn start_with(options: Options) -> Self {
-        require_demo_image();
         let dir = tempfile::tempdir().unwrap();
         let instance = unique_instance();
         let nginx_port = free_port();
         let yaml = config_yaml(&instance, dir.path(), nginx_port, &options);
+        Self::start_from(dir, instance, nginx_port, yaml).await
+    }
+
+    /// Starts from config text made by the test (see `config_yaml`).
+    pub async fn start_from(dir: tempfile::TempDir, instance: String, nginx_port: u16, yaml: String) -> Self {
+        require_demo_image();
         let mut app = Self {
             instance,
             dir,

@@ -139,20 +139,26 @@ impl Config {
     pub fn from_yaml(text: &str, base_dir: &Path) -> Result<Self, Vec<Problem>> {
         match serde_norway::from_str::<RawConfig>(text) {
             Ok(raw) => raw.validate(base_dir),
-            Err(first) => Err(structural_problems(text, &first)),
+            Err(first) => Err(every_problem(text, base_dir, &first)),
         }
     }
 }
 
-/// The first serde error (with position) plus the errors of every other section on its own.
-fn structural_problems(text: &str, first: &serde_norway::Error) -> Vec<Problem> {
-    let first = Problem {
+/// After a parse error: that error (with its position), the errors of every other section
+/// checked on its own, and the cross-field rules run on the sections that did parse.
+fn every_problem(text: &str, base_dir: &Path, first: &serde_norway::Error) -> Vec<Problem> {
+    let mut problems = vec![Problem {
         position: first.location().map(|loc| (loc.line(), loc.column())),
         message: strip_location(&first.to_string()),
+    }];
+    let Ok(Value::Mapping(top)) = serde_norway::from_str::<Value>(text) else {
+        return problems;
     };
-    let mut problems = vec![first];
-    for problem in section_problems(text) {
-        if !problems.contains(&problem) && !problems.iter().any(|p| p.message == problem.message) {
+    let sections = Sections::check(top);
+    let rules = sections.rest_as_config().map(|raw| raw.validate(base_dir).err().unwrap_or_default()).unwrap_or_default();
+    let broken_rule = |p: &Problem| sections.broken.iter().any(|path| p.message.starts_with(&format!("{path}:")));
+    for problem in sections.problems.into_iter().chain(rules.into_iter().filter(|p| !broken_rule(p))) {
+        if !problems.iter().any(|p| p.message == problem.message) {
             problems.push(problem);
         }
     }
@@ -166,41 +172,64 @@ fn strip_location(message: &str) -> String {
     }
 }
 
-/// Checks each top-level key, and each entry of `images` and `users`, as a config of its own.
-fn section_problems(text: &str) -> Vec<Problem> {
-    let Ok(Value::Mapping(top)) = serde_norway::from_str::<Value>(text) else {
-        return Vec::new();
-    };
-    let mut problems = Vec::new();
-    for (key, value) in top {
-        match (key.as_str(), value) {
-            (Some("images"), Value::Mapping(images)) => {
-                for (name, image) in images {
-                    let entry = Mapping::from_iter([(name, image)]);
-                    check_section(&mut problems, key.clone(), Value::Mapping(entry), None);
-                }
-            }
-            (Some("users"), Value::Sequence(users)) => {
-                for (index, user) in users.into_iter().enumerate() {
-                    check_section(&mut problems, key.clone(), Value::Sequence(vec![user]), Some(index));
-                }
-            }
-            (_, value) => check_section(&mut problems, key, value, None),
-        }
-    }
-    problems
+/// The document split into sections (top-level keys; entries of `images`), each parsed on its
+/// own, so that one broken section does not hide the problems of the others.
+struct Sections {
+    problems: Vec<Problem>,
+    /// The sections that parse.
+    rest: Mapping,
+    /// Paths of the sections that do not, and of keys left empty by that.
+    broken: Vec<String>,
 }
 
-fn check_section(problems: &mut Vec<Problem>, key: Value, value: Value, index: Option<usize>) {
-    let doc = Value::Mapping(Mapping::from_iter([(key, value)]));
-    let Ok(text) = serde_norway::to_string(&doc) else { return };
-    if let Err(err) = serde_norway::from_str::<RawConfig>(&text) {
-        let mut message = strip_location(&err.to_string());
-        if let Some(index) = index {
-            message = message.replacen("users[0]", &format!("users[{index}]"), 1);
+impl Sections {
+    fn check(top: Mapping) -> Self {
+        let mut sections = Self { problems: Vec::new(), rest: Mapping::new(), broken: Vec::new() };
+        for (key, value) in top {
+            let name = key.as_str().unwrap_or_default().to_owned();
+            if let (Some("images"), Value::Mapping(images)) = (key.as_str(), &value) {
+                let mut good = Mapping::new();
+                for (image, spec) in images.clone() {
+                    let single = Value::Mapping(Mapping::from_iter([(image.clone(), spec.clone())]));
+                    match section_error(&key, single) {
+                        None => {
+                            good.insert(image, spec);
+                        }
+                        Some(problem) => sections.fail(format!("images.{}", image.as_str().unwrap_or_default()), problem),
+                    }
+                }
+                if good.is_empty() {
+                    sections.broken.push(name);
+                }
+                sections.rest.insert(key, Value::Mapping(good));
+                continue;
+            }
+            match section_error(&key, value.clone()) {
+                None => {
+                    sections.rest.insert(key, value);
+                }
+                Some(problem) => sections.fail(name, problem),
+            }
         }
-        problems.push(Problem { position: None, message });
+        sections
     }
+
+    fn fail(&mut self, path: String, problem: Problem) {
+        self.broken.push(path);
+        self.problems.push(problem);
+    }
+
+    fn rest_as_config(&self) -> Option<RawConfig> {
+        serde_norway::from_value(Value::Mapping(self.rest.clone())).ok()
+    }
+}
+
+/// The error of a config that holds only this one key, if any.
+fn section_error(key: &Value, value: Value) -> Option<Problem> {
+    let doc = Value::Mapping(Mapping::from_iter([(key.clone(), value)]));
+    let text = serde_norway::to_string(&doc).ok()?;
+    let err = serde_norway::from_str::<RawConfig>(&text).err()?;
+    Some(Problem { position: None, message: strip_location(&err.to_string()) })
 }
 
 // ---- the schema, as written in config.yml ----
@@ -548,6 +577,7 @@ mod tests {
         assert!(all.contains("listen"), "{all}");
         assert!(all.contains("images.demo.port"), "{all}");
         assert_eq!(problems.len(), 3, "{all}");
+        assert_eq!(problems[0].position, Some((1, 14)), "the first error points at its value: {all}");
     }
 
     #[test]
@@ -560,6 +590,23 @@ mod tests {
         for needle in ["images.demo.memory", "images.demo.health_path", "Ttyy", "users[0].password_hash"] {
             assert!(all.contains(needle), "missing {needle} in {all}");
         }
+    }
+
+    #[test]
+    fn a_parse_error_does_not_hide_the_other_sections_rules() {
+        let text = minimal()
+            .replace("base_domain: preview.localhost", "base_domain: \"bad domain\"")
+            .replace("port: 3000", "port: 3000\n    memory: lots\n  broken:\n    image: x\n    port: nope")
+            .replace(HASH, "plain-text");
+        let problems = Config::from_yaml(&text, Path::new(".")).unwrap_err();
+        let all: Vec<&str> = problems.iter().map(|p| p.message.as_str()).collect();
+        assert!(problems[0].position.is_some(), "{all:?}");
+        assert!(all[0].starts_with("base_domain: \"bad domain\""), "{all:?}");
+        for needle in ["images.broken.port", "images.demo.memory", "users[0].password_hash"] {
+            assert!(all.iter().any(|m| m.starts_with(needle)), "missing {needle} in {all:?}");
+        }
+        assert!(!all.iter().any(|m| m.starts_with("base_domain: missing")), "a broken key is not also 'missing': {all:?}");
+        assert_eq!(all.len(), 4, "{all:?}");
     }
 
     #[test]

@@ -33,7 +33,19 @@ fn check_config_lists_every_problem_with_line_and_column() {
     assert!(stderr.contains(&format!("{file}:1:14: base_domain: \"not a domain\" is not a domain name")), "{stderr}");
     assert!(stderr.contains(&format!("{file}: listen: invalid socket address syntax")), "{stderr}");
     assert!(stderr.contains(&format!("{file}: images.demo.port: invalid value: integer `99999`")), "{stderr}");
-    assert!(stderr.contains("3 problems"), "{stderr}");
+    assert!(stderr.contains(&format!("{file}: users: no user can call the API")), "{stderr}");
+    assert!(stderr.contains("4 problems"), "{stderr}");
+}
+
+#[test]
+fn the_config_path_comes_from_previewd_config_when_not_given() {
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.yml");
+    let elsewhere = tempfile::tempdir().unwrap();
+    let output = Command::new(BIN).arg("check-config").env("PREVIEWD_CONFIG", &shipped).current_dir(elsewhere.path()).output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let missing = Command::new(BIN).arg("check-config").env_remove("PREVIEWD_CONFIG").current_dir(elsewhere.path()).output().unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("config.yml: cannot read the file"), "{missing:?}");
 }
 
 #[test]

@@ -13,7 +13,10 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::docker::Runtime;
-use crate::http::{AppState, router};
+use crate::github::client::GitHubApi;
+use crate::github::feedback::Feedback;
+use crate::github::previews::PullRequestPreviews;
+use crate::http::{AppState, GitHubService, router};
 use crate::lifecycle::{Lifecycle, ReconcileReport};
 use crate::nginx::sites::SitesDir;
 use crate::nginx::vhost::VhostTemplate;
@@ -59,8 +62,16 @@ impl Application {
                 return Err(anyhow::Error::new(err).context("cannot reconcile nginx with the running containers"));
             }
         };
-        let state = AppState { auth: Authenticator::new(&config.users), config, lifecycle, tasks: TaskTracker::new() };
-        Ok(Self { listener, state, shutdown: CancellationToken::new(), reconcile })
+        let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
+        let github = match github_service(&config, &lifecycle, &tasks, &shutdown) {
+            Ok(github) => github,
+            Err(err) => {
+                stop_managed_nginx(&lifecycle).await;
+                return Err(err);
+            }
+        };
+        let state = AppState { auth: Authenticator::new(&config.users), config, lifecycle, tasks, github };
+        Ok(Self { listener, state, shutdown, reconcile })
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -104,6 +115,19 @@ impl Application {
         tracing::info!("stopped; previews keep running");
         Ok(())
     }
+}
+
+fn github_service(
+    config: &Arc<Config>,
+    lifecycle: &Lifecycle,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<GitHubService>> {
+    let Some(github) = &config.github else { return Ok(None) };
+    let api = GitHubApi::new(&github.api_url, github.token.expose()).context("cannot set up the GitHub client")?;
+    let feedback = Feedback::new(api, config.instance.clone(), tasks.clone(), shutdown.clone());
+    let previews = PullRequestPreviews::new(Arc::clone(config), lifecycle.clone(), feedback);
+    Ok(Some(GitHubService { previews, deliveries: Arc::default() }))
 }
 
 async fn stop_managed_nginx(lifecycle: &Lifecycle) {

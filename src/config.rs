@@ -16,6 +16,9 @@ use serde_norway::{Mapping, Value};
 
 use crate::preview::{BaseDomain, EnvName, Host, ImageKey, InstanceName};
 
+pub mod github;
+pub use github::{GitHubConfig, RepoConfig};
+
 /// Everything previewd needs, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -27,6 +30,8 @@ pub struct Config {
     pub nginx: NginxConfig,
     pub images: BTreeMap<ImageKey, ImageSpec>,
     pub users: Vec<User>,
+    /// Pull-request previews; absent when the `github` section is.
+    pub github: Option<GitHubConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -245,6 +250,7 @@ struct RawConfig {
     nginx: Option<RawNginx>,
     images: Option<BTreeMap<ImageKey, RawImage>>,
     users: Option<Vec<RawUser>>,
+    github: Option<github::RawGitHub>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -342,10 +348,11 @@ impl RawConfig {
         let nginx = validate_nginx(self.nginx.unwrap_or_default(), &state_dir, &resolve, &mut problems);
         let images = validate_images(self.images.unwrap_or_default(), &mut problems);
         let users = validate_users(self.users.unwrap_or_default(), &mut problems);
+        let github = self.github.and_then(|raw| github::validate(raw, &images, &resolve, &mut problems));
 
         match (base_domain, public_url, problems.0.is_empty()) {
             (Some(base_domain), Some(public_url), true) => {
-                Ok(Config { instance, listen, base_domain, public_url, state_dir, nginx, images, users })
+                Ok(Config { instance, listen, base_domain, public_url, state_dir, nginx, images, users, github })
             }
             _ => Err(problems.0),
         }

@@ -14,11 +14,11 @@ use bollard::query_parameters::{
     RemoveContainerOptions,
 };
 use futures_util::{Stream, StreamExt, TryStreamExt};
-use serde::Serialize;
 use serde_json::Value;
 
 use crate::config::{ImageSpec, PullPolicy};
 use crate::preview::{ImageKey, InstanceName, Slug};
+use crate::request::PullRequestOrigin;
 
 pub const LABEL_MANAGED: &str = "previewd.managed";
 pub const LABEL_INSTANCE: &str = "previewd.instance";
@@ -26,6 +26,10 @@ pub const LABEL_SLUG: &str = "previewd.slug";
 pub const LABEL_IMAGE: &str = "previewd.image";
 /// The container port that is routed, so the host port can be found again after a restart.
 pub const LABEL_PORT: &str = "previewd.port";
+/// The pull request a preview runs, when it came from a webhook.
+pub const LABEL_REPO: &str = "previewd.repo";
+pub const LABEL_PR: &str = "previewd.pr";
+pub const LABEL_SHA: &str = "previewd.sha";
 /// Creation time in nanoseconds: Docker's own `Created` has one-second resolution, too coarse
 /// to tell which of two containers of a quick replace is the newer.
 pub const LABEL_CREATED: &str = "previewd.created";
@@ -64,7 +68,7 @@ fn is_not_found(err: &BollardError) -> bool {
 }
 
 /// A container of this instance, as its labels and Docker's state describe it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct ManagedContainer {
     pub id: String,
     pub slug: Slug,
@@ -76,6 +80,7 @@ pub struct ManagedContainer {
     pub created: i64,
     /// Unix nanoseconds, for ordering.
     pub created_ns: u128,
+    pub origin: Option<PullRequestOrigin>,
 }
 
 impl ManagedContainer {
@@ -99,6 +104,7 @@ pub struct ContainerPlan<'a> {
     pub spec: &'a ImageSpec,
     /// `KEY=VALUE` entries.
     pub env: Vec<String>,
+    pub origin: Option<&'a PullRequestOrigin>,
 }
 
 #[derive(Clone)]
@@ -165,7 +171,7 @@ impl Runtime {
     fn create_body(&self, plan: &ContainerPlan<'_>) -> Result<ContainerCreateBody, DockerError> {
         let spec = plan.spec;
         let port_key = format!("{}/tcp", spec.port);
-        let labels = HashMap::from([
+        let mut labels = HashMap::from([
             (LABEL_MANAGED.to_owned(), "true".to_owned()),
             (LABEL_INSTANCE.to_owned(), self.instance.to_string()),
             (LABEL_SLUG.to_owned(), plan.slug.to_string()),
@@ -173,6 +179,11 @@ impl Runtime {
             (LABEL_PORT.to_owned(), spec.port.to_string()),
             (LABEL_CREATED.to_owned(), unix_nanos().to_string()),
         ]);
+        if let Some(origin) = plan.origin {
+            labels.insert(LABEL_REPO.to_owned(), origin.repo.clone());
+            labels.insert(LABEL_PR.to_owned(), origin.number.to_string());
+            labels.insert(LABEL_SHA.to_owned(), origin.sha.clone());
+        }
         let mut security_opt = user_security_opts(&spec.container_create_params);
         security_opt.push("no-new-privileges".to_owned());
         let ours = ContainerCreateBody {
@@ -341,7 +352,11 @@ fn managed_container(summary: ContainerSummary) -> Option<ManagedContainer> {
         .find(|port| port.ip.as_deref() == Some("127.0.0.1"))
         .and_then(|port| port.public_port)
         .filter(|_| running);
-    Some(ManagedContainer { id: summary.id?, slug, image, state, host_port, created, created_ns })
+    let origin = match (labels.get(LABEL_REPO), labels.get(LABEL_PR).and_then(|n| n.parse().ok()), labels.get(LABEL_SHA)) {
+        (Some(repo), Some(number), Some(sha)) => Some(PullRequestOrigin { repo: repo.clone(), number, sha: sha.clone() }),
+        _ => None,
+    };
+    Some(ManagedContainer { id: summary.id?, slug, image, state, host_port, created, created_ns, origin })
 }
 
 fn restart_policy(name: RestartPolicyNameEnum) -> RestartPolicy {

@@ -6,6 +6,7 @@
 
 pub mod body;
 pub mod error;
+pub mod webhook;
 
 use std::sync::Arc;
 
@@ -21,6 +22,8 @@ use tower_http::trace::TraceLayer;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::github::previews::PullRequestPreviews;
+use crate::github::webhook::DeliveryLog;
 use crate::lifecycle::{Lifecycle, LifecycleError, PreviewInfo};
 use crate::request::{KillRequest, LaunchRequest, preview_name};
 use body::Fields;
@@ -32,6 +35,15 @@ pub struct AppState {
     pub lifecycle: Lifecycle,
     pub auth: Authenticator,
     pub tasks: TaskTracker,
+    /// Present when config.yml has a `github` section.
+    pub github: Option<GitHubService>,
+}
+
+/// What the webhook needs besides the shared state.
+#[derive(Clone)]
+pub struct GitHubService {
+    pub previews: PullRequestPreviews,
+    pub deliveries: Arc<DeliveryLog>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -43,6 +55,9 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));
     Router::new()
         .route("/healthz", get(healthz))
+        // The webhook checks GitHub's signature itself (and Basic auth when configured).
+        .route("/webhooks/github", post(webhook::github_webhook))
+        .route("/event_receiver", post(webhook::github_webhook))
         .merge(protected)
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

@@ -6,6 +6,7 @@
 //! - [`preview`]: validated domain names (`Slug`, `BaseDomain`, `EnvName`, ...).
 //! - [`http`]: the API: routes, body parsing, the error-to-response mapping.
 //! - [`auth`]: HTTP Basic credentials against argon2 hashes.
+//! - [`github`]: pull-request previews: webhooks, desired state, feedback on the PR.
 //! - [`request`]: launch and kill requests parsed from the API's fields.
 //! - [`lifecycle`]: launch, replace, kill, list and reconcile previews.
 //! - [`locks`]: one async lock per key (per preview, per credential).
@@ -21,6 +22,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod docker;
+pub mod github;
 pub mod http;
 pub mod lifecycle;
 pub mod locks;

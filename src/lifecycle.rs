@@ -17,7 +17,7 @@ use crate::locks::KeyedLocks;
 use crate::nginx::{NginxError, RouteTicket, Router};
 use crate::preview::{ImageKey, Slug};
 use crate::probe::Prober;
-use crate::request::LaunchRequest;
+use crate::request::{LaunchRequest, PullRequestOrigin};
 
 /// How many lines of a failed container's log go into the error.
 const LOG_LINES_ON_FAILURE: usize = 20;
@@ -50,6 +50,13 @@ pub struct PreviewInfo {
     pub routed: bool,
     /// Unix seconds.
     pub created: i64,
+    /// `owner/name`, number and commit of the pull request, for previews of one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pr: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha: Option<String>,
 }
 
 /// What a reconcile found and did.
@@ -100,6 +107,7 @@ impl Lifecycle {
             image_key: &request.image,
             spec,
             env: container_env(&request, &url),
+            origin: request.origin.as_ref(),
         };
         let id = self.runtime.create_and_start(plan).await?;
         tracing::info!(container = %short(&id), "container started");
@@ -115,6 +123,7 @@ impl Lifecycle {
             }
         }
         tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, %url, "preview ready");
+        let (repo, pr, sha) = split_origin(request.origin);
         Ok(PreviewInfo {
             name: request.name,
             url,
@@ -123,6 +132,9 @@ impl Lifecycle {
             status: "running".to_owned(),
             routed: true,
             created: unix_now(),
+            repo,
+            pr,
+            sha,
         })
     }
 
@@ -205,6 +217,15 @@ impl Lifecycle {
             self.refresh(&slug).await?;
         }
         Ok(())
+    }
+
+    /// Whether the preview runs, routed, the given commit of its pull request.
+    pub async fn runs_commit(&self, slug: &Slug, sha: &str) -> bool {
+        let _guard = self.locks.lock(slug).await;
+        match self.get(slug).await {
+            Ok(info) => info.routed && info.status == "running" && info.sha.as_deref() == Some(sha),
+            Err(_) => false,
+        }
     }
 
     /// Every preview of this instance, from the container labels.
@@ -296,6 +317,7 @@ impl Lifecycle {
     }
 
     fn info(&self, container: ManagedContainer) -> PreviewInfo {
+        let (repo, pr, sha) = split_origin(container.origin);
         PreviewInfo {
             url: self.url_for(&container.slug),
             routed: self.is_routed(&container.slug),
@@ -304,7 +326,17 @@ impl Lifecycle {
             container_id: container.id,
             status: container.state.to_string(),
             created: container.created,
+            repo,
+            pr,
+            sha,
         }
+    }
+}
+
+fn split_origin(origin: Option<PullRequestOrigin>) -> (Option<String>, Option<u64>, Option<String>) {
+    match origin {
+        Some(origin) => (Some(origin.repo), Some(origin.number), Some(origin.sha)),
+        None => (None, None, None),
     }
 }
 

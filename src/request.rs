@@ -38,6 +38,18 @@ pub struct LaunchRequest {
     pub container_name: String,
     /// Every other field, for the container's environment.
     pub env: BTreeMap<EnvName, String>,
+    /// The pull request this preview is of, when a webhook asked for it.
+    pub origin: Option<PullRequestOrigin>,
+}
+
+/// Which pull request, at which commit, a preview runs. Recorded in the container's labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullRequestOrigin {
+    /// `owner/name`.
+    pub repo: String,
+    pub number: u64,
+    /// 40 hex digits.
+    pub sha: String,
 }
 
 /// A validated `POST /kill`.
@@ -73,7 +85,7 @@ impl LaunchRequest {
                 Ok((name, value))
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { image, spec, name, container_name, env })
+        Ok(Self { image, spec, name, container_name, env, origin: None })
     }
 }
 

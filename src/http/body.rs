@@ -24,13 +24,7 @@ impl<S: Send + Sync> FromRequest<S> for Fields {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("application/x-www-form-urlencoded")
             .to_owned();
-        let bytes = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES).await.map_err(|err| {
-            if is_length_limit(&err) {
-                ApiError::TooLarge(MAX_BODY_BYTES)
-            } else {
-                ApiError::Body(format!("cannot read the request body: {err}"))
-            }
-        })?;
+        let bytes = read_limited(request.into_body(), MAX_BODY_BYTES).await?;
         let mime = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
         match mime.as_str() {
             "application/x-www-form-urlencoded" | "" => parse_form(&bytes),
@@ -39,6 +33,17 @@ impl<S: Send + Sync> FromRequest<S> for Fields {
         }
         .map(Fields)
     }
+}
+
+/// The whole body, or 413 past `limit` bytes.
+pub async fn read_limited(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|err| {
+        if is_length_limit(&err) {
+            ApiError::TooLarge(limit)
+        } else {
+            ApiError::Body(format!("cannot read the request body: {err}"))
+        }
+    })
 }
 
 fn is_length_limit(err: &axum::Error) -> bool {

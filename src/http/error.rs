@@ -9,6 +9,8 @@ use serde_json::json;
 
 use crate::auth::AuthError;
 use crate::docker::DockerError;
+use crate::github::event::EventError;
+use crate::github::webhook::WebhookError;
 use crate::lifecycle::LifecycleError;
 use crate::nginx::NginxError;
 use crate::request::RequestError;
@@ -33,6 +35,12 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("internal error: {0}")]
     Internal(String),
+    #[error(transparent)]
+    Webhook(#[from] WebhookError),
+    #[error(transparent)]
+    Event(#[from] EventError),
+    #[error("{0}")]
+    NotConfigured(&'static str),
 }
 
 impl ApiError {
@@ -46,6 +54,11 @@ impl ApiError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Lifecycle(err) => lifecycle_status(err),
+            Self::Webhook(WebhookError::MissingHeader(_)) => StatusCode::BAD_REQUEST,
+            Self::Webhook(_) => StatusCode::UNAUTHORIZED,
+            Self::Event(EventError::NotACommit(_)) => StatusCode::BAD_REQUEST,
+            Self::Event(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::NotConfigured(_) => StatusCode::NOT_FOUND,
         }
     }
 }
@@ -72,7 +85,7 @@ impl IntoResponse for ApiError {
             tracing::info!(error = %self, status = status.as_u16(), "request refused");
         }
         let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
-        if status == StatusCode::UNAUTHORIZED {
+        if matches!(self, Self::Auth(_)) {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(r#"Basic realm="previewd", charset="UTF-8""#));

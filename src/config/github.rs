@@ -1,0 +1,284 @@
+//! The `github` section of config.yml: API address, secrets (from the environment or a file,
+//! never inline), and which repositories get previews of which image.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::Problems;
+use crate::preview::{ImageKey, Slug};
+
+#[derive(Debug, Clone)]
+pub struct GitHubConfig {
+    /// Without a trailing slash, e.g. `https://api.github.com`.
+    pub api_url: String,
+    pub webhook_secret: Secret,
+    pub token: Secret,
+    /// The webhook also needs HTTP Basic credentials of a `users` entry (Stager's incoming auth).
+    pub webhook_basic_auth: bool,
+    /// The API also accepts `Authorization: Bearer <GitHub token>` of users with push access.
+    pub api_auth: bool,
+    /// Keyed by the lowercased `owner/name` (GitHub names are case-insensitive).
+    pub repos: BTreeMap<String, RepoConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RepoConfig {
+    /// `owner/name` as written in config.yml.
+    pub full_name: String,
+    pub image: ImageKey,
+    pub name: NameTemplate,
+    pub label: Option<String>,
+    pub allow_forks: bool,
+    pub skip_drafts: bool,
+    pub image_tag: Option<NameTemplate>,
+}
+
+impl GitHubConfig {
+    pub fn repo(&self, full_name: &str) -> Option<&RepoConfig> {
+        self.repos.get(&full_name.to_ascii_lowercase())
+    }
+
+    /// The repositories whose pull requests use an image.
+    pub fn repos_of_image<'a>(&'a self, image: &'a ImageKey) -> impl Iterator<Item = &'a RepoConfig> {
+        self.repos.values().filter(move |repo| &repo.image == image)
+    }
+}
+
+/// A secret value; never printed.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// What a Tera name template sees about a pull request.
+#[derive(Debug, serde::Serialize)]
+pub struct PrContext<'a> {
+    pub owner: &'a str,
+    pub repo: &'a str,
+    pub number: u64,
+    pub branch: &'a str,
+    pub sha: &'a str,
+}
+
+/// A Tera template of a preview name or image tag, checked to render.
+#[derive(Debug, Clone)]
+pub struct NameTemplate(String);
+
+impl NameTemplate {
+    fn parse(text: &str) -> Result<Self, String> {
+        let template = Self(text.to_owned());
+        let sample = PrContext { owner: "octo", repo: "app", number: 1, branch: "main", sha: "0000000" };
+        template.render(&sample)?;
+        Ok(template)
+    }
+
+    pub fn render(&self, context: &PrContext<'_>) -> Result<String, String> {
+        let context = tera::Context::from_serialize(context).map_err(|err| err.to_string())?;
+        tera::Tera::one_off(&self.0, &context, false).map_err(|err| {
+            let mut message = err.to_string();
+            let mut source = std::error::Error::source(&err);
+            while let Some(cause) = source {
+                message = format!("{message}: {cause}");
+                source = cause.source();
+            }
+            message
+        })
+    }
+
+    /// The preview name of a pull request: the rendered template, slugged.
+    pub fn slug(&self, context: &PrContext<'_>) -> Result<Slug, String> {
+        let text = self.render(context)?;
+        Slug::slugify(&text).map_err(|err| err.to_string())
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawGitHub {
+    api_url: Option<String>,
+    webhook_secret_env: Option<String>,
+    webhook_secret_file: Option<PathBuf>,
+    token_env: Option<String>,
+    token_file: Option<PathBuf>,
+    webhook_basic_auth: Option<bool>,
+    api_auth: Option<bool>,
+    repos: BTreeMap<String, RawRepo>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRepo {
+    image: ImageKey,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    label: Option<String>,
+    #[serde(default)]
+    allow_forks: bool,
+    #[serde(default = "yes")]
+    skip_drafts: bool,
+    #[serde(default)]
+    image_tag: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+const DEFAULT_NAME: &str = "{{ repo }}-pr-{{ number }}";
+
+pub(super) fn validate(
+    raw: RawGitHub,
+    images: &BTreeMap<ImageKey, super::ImageSpec>,
+    resolve: &dyn Fn(PathBuf) -> PathBuf,
+    problems: &mut Problems,
+) -> Option<GitHubConfig> {
+    let before = problems.0.len();
+    let api_url = raw.api_url.unwrap_or_else(|| "https://api.github.com".to_owned()).trim_end_matches('/').to_owned();
+    if !(api_url.starts_with("https://") || api_url.starts_with("http://")) {
+        problems.add("github.api_url", format!("{api_url:?} must be an http:// or https:// URL"));
+    }
+    let webhook_secret = secret("webhook_secret", raw.webhook_secret_env, raw.webhook_secret_file, "PREVIEWD_WEBHOOK_SECRET", resolve, problems);
+    let token = secret("token", raw.token_env, raw.token_file, "PREVIEWD_GITHUB_TOKEN", resolve, problems);
+    if raw.repos.is_empty() {
+        problems.add("github.repos", "no repository is configured; add `owner/name: {image: ...}` entries");
+    }
+    let repos: BTreeMap<String, RepoConfig> = raw
+        .repos
+        .into_iter()
+        .filter_map(|(full_name, repo)| validate_repo(&full_name, repo, images, problems).map(|r| (full_name.to_ascii_lowercase(), r)))
+        .collect();
+    (problems.0.len() == before).then(|| GitHubConfig {
+        api_url,
+        webhook_secret: webhook_secret.unwrap_or(Secret(String::new())),
+        token: token.unwrap_or(Secret(String::new())),
+        webhook_basic_auth: raw.webhook_basic_auth.unwrap_or(false),
+        api_auth: raw.api_auth.unwrap_or(false),
+        repos,
+    })
+}
+
+/// Reads a secret from `<name>_file` or the environment variable `<name>_env` names.
+fn secret(
+    name: &str,
+    env: Option<String>,
+    file: Option<PathBuf>,
+    default_env: &str,
+    resolve: &dyn Fn(PathBuf) -> PathBuf,
+    problems: &mut Problems,
+) -> Option<Secret> {
+    let value = match (env, file) {
+        (Some(_), Some(_)) => Err(format!("give {name}_env or {name}_file, not both")),
+        (None, Some(file)) => read_secret_file(&resolve(file)),
+        (env, None) => {
+            let var = env.unwrap_or_else(|| default_env.to_owned());
+            std::env::var(&var).map_err(|_| format!("environment variable {var} is not set; export it or use {name}_file"))
+        }
+    };
+    match value.map(|v| v.trim_end_matches(['\n', '\r']).to_owned()) {
+        Ok(value) if !value.is_empty() => Some(Secret(value)),
+        Ok(_) => {
+            problems.add(&format!("github.{name}"), "is empty");
+            None
+        }
+        Err(message) => {
+            problems.add(&format!("github.{name}"), message);
+            None
+        }
+    }
+}
+
+fn read_secret_file(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|err| format!("cannot read {}: {err}", path.display()))
+}
+
+fn validate_repo(
+    full_name: &str,
+    raw: RawRepo,
+    images: &BTreeMap<ImageKey, super::ImageSpec>,
+    problems: &mut Problems,
+) -> Option<RepoConfig> {
+    let path = format!("github.repos.{full_name}");
+    let before = problems.0.len();
+    let valid_part = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    match full_name.split_once('/') {
+        Some((owner, name)) if valid_part(owner) && valid_part(name) => {}
+        _ => problems.add(&path, "must be a repository as owner/name, e.g. Codertocat/Hello-World"),
+    }
+    if !images.contains_key(&raw.image) {
+        let allowed: Vec<String> = images.keys().map(ToString::to_string).collect();
+        problems.add(&format!("{path}.image"), format!("{:?} is not a key of `images` ({})", raw.image.as_ref(), allowed.join(", ")));
+    }
+    let mut template = |key: &str, text: &str| match NameTemplate::parse(text) {
+        Ok(template) => Some(template),
+        Err(err) => {
+            problems.add(&format!("{path}.{key}"), format!("not a valid template: {err}"));
+            None
+        }
+    };
+    let name = template("name", raw.name.as_deref().unwrap_or(DEFAULT_NAME));
+    let image_tag = raw.image_tag.as_deref().and_then(|text| template("image_tag", text));
+    if raw.label.as_deref().is_some_and(str::is_empty) {
+        problems.add(&format!("{path}.label"), "must not be empty; remove it to preview every pull request");
+    }
+    (problems.0.len() == before).then(|| RepoConfig {
+        full_name: full_name.to_owned(),
+        image: raw.image,
+        name: name.unwrap_or(NameTemplate(String::new())),
+        label: raw.label,
+        allow_forks: raw.allow_forks,
+        skip_drafts: raw.skip_drafts,
+        image_tag,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    pub fn secret(value: &str) -> super::Secret {
+        super::Secret(value.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context() -> PrContext<'static> {
+        PrContext { owner: "Codertocat", repo: "Hello-World", number: 2, branch: "feature/Odd Name", sha: "ec26c3e" }
+    }
+
+    #[test]
+    fn the_default_name_gives_repo_pr_number() {
+        let template = NameTemplate::parse(DEFAULT_NAME).unwrap();
+        assert_eq!(template.slug(&context()).unwrap().as_ref(), "hello-world-pr-2");
+    }
+
+    #[test]
+    fn names_from_branches_are_slugged() {
+        let template = NameTemplate::parse("{{ branch }}").unwrap();
+        assert_eq!(template.slug(&context()).unwrap().as_ref(), "feature-odd-name");
+    }
+
+    #[test]
+    fn a_template_with_an_unknown_variable_is_refused() {
+        assert!(NameTemplate::parse("{{ nope }}").is_err());
+    }
+
+    #[test]
+    fn secrets_are_never_printed() {
+        assert_eq!(format!("{:?}", Secret("hunter2".into())), "Secret(***)");
+    }
+}

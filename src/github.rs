@@ -1,0 +1,10 @@
+//! GitHub pull-request previews: webhook deliveries in ([`webhook`], [`event`]), the desired
+//! state of each pull request applied through the lifecycle ([`previews`]), feedback on the PR
+//! ([`feedback`] over [`client`]), and GitHub tokens as API credentials ([`token_auth`]).
+
+pub mod client;
+pub mod event;
+pub mod feedback;
+pub mod previews;
+pub mod token_auth;
+pub mod webhook;

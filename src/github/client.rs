@@ -1,0 +1,253 @@
+//! GitHub's REST API as previewd uses it: issue comments, deployments and their statuses, and
+//! who a token belongs to. Calls go through octocrab's generic requests to the documented
+//! routes, and only the fields previewd needs are read from the answers.
+
+use std::time::Duration;
+
+use octocrab::Octocrab;
+use octocrab::service::middleware::retry::RetryConfig;
+use serde::Deserialize;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+/// GitHub limits a deployment status description to 140 characters.
+const MAX_DESCRIPTION: usize = 140;
+const PER_PAGE: usize = 100;
+/// Comment pages searched for previewd's sticky comment.
+const MAX_PAGES: usize = 30;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiCallError {
+    #[error("GitHub answered {status}: {message}")]
+    Status { status: u16, message: String },
+    #[error("cannot reach GitHub: {0}")]
+    Transport(String),
+    #[error("cannot set up the GitHub client: {0}")]
+    Setup(String),
+}
+
+impl ApiCallError {
+    /// Worth another try: GitHub or the network failed, or a rate limit applies.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Transport(_) => true,
+            Self::Status { status, message } => {
+                *status >= 500 || *status == 429 || (*status == 403 && message.to_ascii_lowercase().contains("rate limit"))
+            }
+            Self::Setup(_) => false,
+        }
+    }
+}
+
+impl From<octocrab::Error> for ApiCallError {
+    fn from(err: octocrab::Error) -> Self {
+        match err {
+            octocrab::Error::GitHub { source, .. } => Self::Status { status: source.status_code.as_u16(), message: source.message },
+            other => Self::Transport(other.to_string()),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Created {
+    id: u64,
+}
+
+#[derive(Deserialize)]
+struct CommentItem {
+    id: u64,
+    #[serde(default)]
+    body: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct UserItem {
+    login: String,
+}
+
+#[derive(Deserialize)]
+struct PermissionItem {
+    permission: String,
+}
+
+#[derive(Clone)]
+pub struct GitHubApi {
+    octocrab: Octocrab,
+}
+
+impl GitHubApi {
+    pub fn new(api_url: &str, token: &str) -> Result<Self, ApiCallError> {
+        let octocrab = Octocrab::builder()
+            .base_uri(api_url)
+            .map_err(|err| ApiCallError::Setup(err.to_string()))?
+            .personal_token(token.to_owned())
+            // previewd retries itself, with its own backoff and shutdown handling.
+            .add_retry_config(RetryConfig::None)
+            .set_connect_timeout(Some(Duration::from_secs(5)))
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .build()
+            .map_err(|err| ApiCallError::Setup(err.to_string()))?;
+        Ok(Self { octocrab })
+    }
+
+    /// The id of the first comment on an issue or pull request whose body contains `marker`.
+    pub async fn find_comment(&self, repo: &str, number: u64, marker: &str) -> Result<Option<u64>, ApiCallError> {
+        for page in 1..=MAX_PAGES {
+            let route = format!("/repos/{repo}/issues/{number}/comments?per_page={PER_PAGE}&page={page}");
+            let comments: Vec<CommentItem> = self.octocrab.get(route, None::<&()>).await?;
+            if let Some(found) = comments.iter().find(|c| c.body.as_deref().is_some_and(|b| b.contains(marker))) {
+                return Ok(Some(found.id));
+            }
+            if comments.len() < PER_PAGE {
+                break;
+            }
+        }
+        Ok(None)
+    }
+
+    pub async fn create_comment(&self, repo: &str, number: u64, body: &str) -> Result<u64, ApiCallError> {
+        let route = format!("/repos/{repo}/issues/{number}/comments");
+        let created: Created = self.octocrab.post(route, Some(&json!({ "body": body }))).await?;
+        Ok(created.id)
+    }
+
+    pub async fn update_comment(&self, repo: &str, id: u64, body: &str) -> Result<(), ApiCallError> {
+        let route = format!("/repos/{repo}/issues/comments/{id}");
+        let _: serde_json::Value = self.octocrab.patch(route, Some(&json!({ "body": body }))).await?;
+        Ok(())
+    }
+
+    /// A transient, non-production deployment of one commit to the preview's environment. No
+    /// required status contexts and no auto-merge: GitHub would otherwise refuse (409) until every
+    /// check passed, or merge the default branch into the PR.
+    pub async fn create_deployment(&self, repo: &str, sha: &str, environment: &str, description: &str) -> Result<u64, ApiCallError> {
+        let body = json!({
+            "ref": sha,
+            "task": "deploy",
+            "auto_merge": false,
+            "required_contexts": [],
+            "environment": environment,
+            "description": truncate(description),
+            "transient_environment": true,
+            "production_environment": false,
+        });
+        let created: Created = self.octocrab.post(format!("/repos/{repo}/deployments"), Some(&body)).await?;
+        Ok(created.id)
+    }
+
+    pub async fn create_status(
+        &self,
+        repo: &str,
+        deployment: u64,
+        state: &str,
+        environment_url: Option<&str>,
+        description: &str,
+    ) -> Result<(), ApiCallError> {
+        let mut body = json!({ "state": state, "description": truncate(description), "auto_inactive": true });
+        if let Some(url) = environment_url {
+            body["environment_url"] = json!(url);
+        }
+        let route = format!("/repos/{repo}/deployments/{deployment}/statuses");
+        let _: serde_json::Value = self.octocrab.post(route, Some(&body)).await?;
+        Ok(())
+    }
+
+    /// The login of the token's owner.
+    pub async fn user(&self) -> Result<String, ApiCallError> {
+        let user: UserItem = self.octocrab.get("/user", None::<&()>).await?;
+        Ok(user.login)
+    }
+
+    /// `admin`, `write`, `read` or `none`.
+    pub async fn permission(&self, repo: &str, login: &str) -> Result<String, ApiCallError> {
+        let route = format!("/repos/{repo}/collaborators/{login}/permission");
+        let permission: PermissionItem = self.octocrab.get(route, None::<&()>).await?;
+        Ok(permission.permission)
+    }
+}
+
+fn truncate(text: &str) -> String {
+    if text.chars().count() <= MAX_DESCRIPTION {
+        return text.to_owned();
+    }
+    let mut short: String = text.chars().take(MAX_DESCRIPTION - 1).collect();
+    short.push('…');
+    short
+}
+
+/// Backoff between tries of one call: 0.5 s doubling to 30 s, about three minutes in all.
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+const MAX_RETRY: Duration = Duration::from_secs(30);
+const MAX_TRIES: usize = 10;
+
+/// Runs a call until it succeeds, fails for good, or the tries run out. Once `shutdown` is
+/// cancelled a failed call is not tried again.
+pub async fn with_retries<T, F, Fut>(what: &str, shutdown: &CancellationToken, mut call: F) -> Result<T, ApiCallError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, ApiCallError>>,
+{
+    let mut delay = FIRST_RETRY;
+    for attempt in 1..=MAX_TRIES {
+        match call().await {
+            Ok(value) => return Ok(value),
+            Err(err) if err.is_retryable() && attempt < MAX_TRIES && !shutdown.is_cancelled() => {
+                tracing::warn!(call = what, attempt, error = %err, retry_in_ms = delay.as_millis() as u64, "GitHub call failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown.cancelled() => {}
+                }
+                delay = (delay * 2).min(MAX_RETRY);
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Err(ApiCallError::Transport(format!("{what}: no more tries")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_errors_and_rate_limits_are_retried_client_errors_are_not() {
+        let status = |status, message: &str| ApiCallError::Status { status, message: message.into() };
+        assert!(status(502, "Bad Gateway").is_retryable());
+        assert!(status(429, "Too Many Requests").is_retryable());
+        assert!(status(403, "API rate limit exceeded for user").is_retryable());
+        assert!(!status(403, "Resource not accessible by integration").is_retryable());
+        assert!(!status(422, "Validation Failed").is_retryable());
+        assert!(ApiCallError::Transport("connection refused".into()).is_retryable());
+    }
+
+    #[test]
+    fn descriptions_are_cut_to_githubs_limit() {
+        assert_eq!(truncate("short"), "short");
+        let long = "x".repeat(500);
+        assert_eq!(truncate(&long).chars().count(), MAX_DESCRIPTION);
+    }
+
+    #[tokio::test]
+    async fn a_retryable_failure_is_tried_again_until_it_succeeds() {
+        let mut failures = 2;
+        let result = with_retries("test", &CancellationToken::new(), || {
+            let fail = failures > 0;
+            failures -= 1;
+            async move { if fail { Err(ApiCallError::Transport("down".into())) } else { Ok(7) } }
+        })
+        .await;
+        assert_eq!(result.unwrap(), 7);
+    }
+
+    #[tokio::test]
+    async fn a_client_error_is_not_retried() {
+        let mut calls = 0;
+        let result: Result<(), _> = with_retries("test", &CancellationToken::new(), || {
+            calls += 1;
+            async { Err(ApiCallError::Status { status: 404, message: "Not Found".into() }) }
+        })
+        .await;
+        assert!(result.is_err());
+        assert_eq!(calls, 1);
+    }
+}

@@ -1,0 +1,1 @@
+//! GitHub tokens as API credentials (Stager's GithubAuthentication).

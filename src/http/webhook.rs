@@ -1,0 +1,71 @@
+//! `POST /webhooks/github` (and Stager's `/event_receiver`): GitHub deliveries, answered within
+//! milliseconds. The signature is checked before anything is parsed; the work itself runs in the
+//! background, one pull request at a time.
+
+use axum::Json;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::AppState;
+use super::body::read_limited;
+use super::error::ApiError;
+use crate::github::event::{ACTIONS, Desired, PullRequestEvent, desired};
+use crate::github::feedback::PullRequestKey;
+use crate::github::webhook::{VerifiedDelivery, verify};
+
+/// GitHub caps payloads at 25 MB; a pull_request event is tens of kilobytes.
+const MAX_WEBHOOK_BYTES: usize = 5 * 1024 * 1024;
+
+pub async fn github_webhook(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    let (Some(github), Some(service)) = (state.config.github.as_ref(), state.github.as_ref()) else {
+        return Err(ApiError::NotConfigured("GitHub webhooks are off: add a `github` section to config.yml"));
+    };
+    if github.webhook_basic_auth {
+        let authorization = request.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
+        state.auth.authenticate(authorization).await?;
+    }
+    let headers = request.headers().clone();
+    let body = read_limited(request.into_body(), MAX_WEBHOOK_BYTES).await?;
+    let delivery = verify(&github.webhook_secret, &headers, body)?;
+    match delivery.event.as_str() {
+        "ping" => Ok(answer(StatusCode::OK, json!({ "status": "pong" }))),
+        "pull_request" => pull_request(&state, service, delivery),
+        other => Ok(ignored(&format!("the {other} event is not used; send pull_request events"))),
+    }
+}
+
+fn pull_request(state: &AppState, service: &super::GitHubService, delivery: VerifiedDelivery) -> Result<Response, ApiError> {
+    let event: PullRequestEvent = serde_json::from_slice(&delivery.body)
+        .map_err(|err| ApiError::Body(format!("the pull_request payload is not valid: {err}")))?;
+    if !ACTIONS.contains(&event.action.as_str()) {
+        return Ok(ignored(&format!("the {} action does not change previews", event.action)));
+    }
+    let full_name = &event.repository.full_name;
+    let Some(repo) = state.config.github.as_ref().and_then(|github| github.repo(full_name)) else {
+        tracing::info!(repo = %full_name, "ignoring a delivery for a repository that is not in config.yml");
+        return Ok(ignored(&format!("repository {full_name} is not in config.yml")));
+    };
+    let (slug, desired) = desired(&event.pull_request, repo)?;
+    if !service.deliveries.first_time(&delivery.delivery) {
+        return Ok(answer(StatusCode::OK, json!({ "status": "duplicate", "delivery": delivery.delivery })));
+    }
+    let key = PullRequestKey { repo: repo.full_name.clone(), number: event.pull_request.number };
+    let summary = match &desired {
+        Desired::Present(target) => json!({ "status": "accepted", "preview": slug, "desired": "present", "sha": target.sha }),
+        Desired::Absent(reason) => json!({ "status": "accepted", "preview": slug, "desired": "absent", "reason": reason }),
+    };
+    tracing::info!(repo = %key.repo, pr = key.number, action = %event.action, %slug, delivery = %delivery.delivery, "pull request delivery accepted");
+    let previews = service.previews.clone();
+    state.tasks.spawn(async move { previews.apply(slug, desired, key).await });
+    Ok(answer(StatusCode::ACCEPTED, summary))
+}
+
+fn ignored(reason: &str) -> Response {
+    answer(StatusCode::OK, json!({ "status": "ignored", "reason": reason }))
+}
+
+fn answer(status: StatusCode, body: serde_json::Value) -> Response {
+    (status, Json(body)).into_response()
+}

@@ -16,6 +16,7 @@ use crate::docker::Runtime;
 use crate::github::client::GitHubApi;
 use crate::github::feedback::Feedback;
 use crate::github::previews::PullRequestPreviews;
+use crate::github::token_auth::TokenAuth;
 use crate::http::{AppState, GitHubService, router};
 use crate::lifecycle::{Lifecycle, ReconcileReport};
 use crate::nginx::sites::SitesDir;
@@ -63,14 +64,14 @@ impl Application {
             }
         };
         let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
-        let github = match github_service(&config, &lifecycle, &tasks, &shutdown) {
+        let (github, tokens) = match github_service(&config, &lifecycle, &tasks, &shutdown) {
             Ok(github) => github,
             Err(err) => {
                 stop_managed_nginx(&lifecycle).await;
                 return Err(err);
             }
         };
-        let state = AppState { auth: Authenticator::new(&config.users), config, lifecycle, tasks, github };
+        let state = AppState { auth: Authenticator::new(&config.users), config, lifecycle, tasks, github, tokens };
         Ok(Self { listener, state, shutdown, reconcile })
     }
 
@@ -117,17 +118,19 @@ impl Application {
     }
 }
 
+/// The webhook service and, with `github.api_auth`, GitHub token checks.
 fn github_service(
     config: &Arc<Config>,
     lifecycle: &Lifecycle,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
-) -> anyhow::Result<Option<GitHubService>> {
-    let Some(github) = &config.github else { return Ok(None) };
+) -> anyhow::Result<(Option<GitHubService>, Option<Arc<TokenAuth>>)> {
+    let Some(github) = &config.github else { return Ok((None, None)) };
     let api = GitHubApi::new(&github.api_url, github.token.expose()).context("cannot set up the GitHub client")?;
+    let tokens = github.api_auth.then(|| Arc::new(TokenAuth::new(github, api.clone())));
     let feedback = Feedback::new(api, config.instance.clone(), tasks.clone(), shutdown.clone());
     let previews = PullRequestPreviews::new(Arc::clone(config), lifecycle.clone(), feedback);
-    Ok(Some(GitHubService { previews, deliveries: Arc::default() }))
+    Ok((Some(GitHubService { previews, deliveries: Arc::default() }), tokens))
 }
 
 async fn stop_managed_nginx(lifecycle: &Lifecycle) {

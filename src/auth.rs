@@ -20,6 +20,15 @@ use tokio::sync::Semaphore;
 use crate::config::User;
 use crate::locks::KeyedLocks;
 
+/// Who is calling the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// A `users` entry of config.yml.
+    User(String),
+    /// A GitHub user, by a token (`github.api_auth`).
+    GitHub(String),
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
     #[error("authentication required: send HTTP Basic credentials of a user from config.yml")]
@@ -28,6 +37,16 @@ pub enum AuthError {
     Malformed,
     #[error("wrong user name or password")]
     Rejected,
+    #[error("GitHub tokens are not accepted here (github.api_auth is off); use HTTP Basic credentials")]
+    TokensOff,
+}
+
+/// The token of `Authorization: Bearer <token>` (or GitHub's older `token <token>`).
+pub fn bearer_token(authorization: &[u8]) -> Option<&str> {
+    let header = std::str::from_utf8(authorization).ok()?.trim();
+    let (scheme, token) = header.split_once(' ')?;
+    let is_token = scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token");
+    (is_token && !token.trim().is_empty()).then(|| token.trim())
 }
 
 /// Checks Basic credentials. Unknown users are checked against a dummy hash so that the answer
@@ -186,6 +205,14 @@ mod tests {
     #[test]
     fn plain_text_passwords_are_not_hashes() {
         assert!(check_phc_hash("testpassword").unwrap_err().contains("hash-password"));
+    }
+
+    #[test]
+    fn bearer_and_token_schemes_carry_a_token() {
+        assert_eq!(bearer_token(b"Bearer ghp_abc"), Some("ghp_abc"));
+        assert_eq!(bearer_token(b"token ghp_abc"), Some("ghp_abc"));
+        assert_eq!(bearer_token(b"Basic dXNlcjpwYXNz"), None);
+        assert_eq!(bearer_token(b"Bearer "), None);
     }
 
     #[tokio::test]

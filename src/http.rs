@@ -10,7 +10,7 @@ pub mod webhook;
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Extension, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -20,9 +20,11 @@ use serde_json::json;
 use tokio_util::task::TaskTracker;
 use tower_http::trace::TraceLayer;
 
-use crate::auth::Authenticator;
+use crate::auth::{AuthError, Authenticator, Principal, bearer_token};
 use crate::config::Config;
 use crate::github::previews::PullRequestPreviews;
+use crate::github::token_auth::TokenAuth;
+use crate::preview::ImageKey;
 use crate::github::webhook::DeliveryLog;
 use crate::lifecycle::{Lifecycle, LifecycleError, PreviewInfo};
 use crate::request::{KillRequest, LaunchRequest, preview_name};
@@ -37,6 +39,8 @@ pub struct AppState {
     pub tasks: TaskTracker,
     /// Present when config.yml has a `github` section.
     pub github: Option<GitHubService>,
+    /// Present with `github.api_auth: true`.
+    pub tokens: Option<Arc<TokenAuth>>,
 }
 
 /// What the webhook needs besides the shared state.
@@ -65,22 +69,55 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn require_auth(State(state): State<AppState>, request: Request, next: Next) -> Result<Response, ApiError> {
-    let authorization = request.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
-    let user = state.auth.authenticate(authorization).await?;
-    tracing::debug!(%user, "authenticated");
+/// Who calls: a `users` entry (Basic) or, with `github.api_auth`, a GitHub user (Bearer token).
+async fn require_auth(State(state): State<AppState>, mut request: Request, next: Next) -> Result<Response, ApiError> {
+    let authorization = request.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes().to_vec());
+    let principal = match (authorization.as_deref().and_then(bearer_token), &state.tokens) {
+        (Some(token), Some(tokens)) => Principal::GitHub(tokens.login(token).await?),
+        (Some(_), None) => return Err(AuthError::TokensOff.into()),
+        (None, _) => Principal::User(state.auth.authenticate(authorization.as_deref()).await?),
+    };
+    tracing::debug!(?principal, "authenticated");
+    request.extensions_mut().insert(principal);
     Ok(next.run(request).await)
 }
 
-async fn launch(State(state): State<AppState>, headers: HeaderMap, Fields(fields): Fields) -> Result<Response, ApiError> {
+impl AppState {
+    /// Basic users may do anything; GitHub users need push access to a repository that uses
+    /// the image (or to any configured repository, for reads).
+    async fn authorize(&self, principal: &Principal, image: Option<&ImageKey>) -> Result<(), ApiError> {
+        match (principal, &self.tokens, &self.config.github) {
+            (Principal::User(_), _, _) => Ok(()),
+            (Principal::GitHub(login), Some(tokens), Some(github)) => Ok(tokens.authorize(github, login, image).await?),
+            (Principal::GitHub(_), _, _) => Err(AuthError::TokensOff.into()),
+        }
+    }
+}
+
+async fn launch(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
+    Fields(fields): Fields,
+) -> Result<Response, ApiError> {
     let request = LaunchRequest::parse(fields, &state.config.images)?;
+    state.authorize(&principal, Some(&request.image)).await?;
     let lifecycle = state.lifecycle.clone();
     let info = run_tracked(&state, async move { lifecycle.launch(request).await }).await?;
     Ok(if wants_json(&headers) { Json(info).into_response() } else { format!("{}\n", info.url).into_response() })
 }
 
-async fn kill(State(state): State<AppState>, headers: HeaderMap, Fields(fields): Fields) -> Result<Response, ApiError> {
+async fn kill(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
+    Fields(fields): Fields,
+) -> Result<Response, ApiError> {
     let request = KillRequest::parse(fields)?;
+    if matches!(principal, Principal::GitHub(_)) {
+        let image = state.lifecycle.get(&request.name).await?.image;
+        state.authorize(&principal, Some(&image)).await?;
+    }
     let lifecycle = state.lifecycle.clone();
     let name = request.name.clone();
     run_tracked(&state, async move { lifecycle.kill(&request.name).await }).await?;
@@ -91,11 +128,20 @@ async fn kill(State(state): State<AppState>, headers: HeaderMap, Fields(fields):
     })
 }
 
-async fn list_previews(State(state): State<AppState>) -> Result<Json<Vec<PreviewInfo>>, ApiError> {
+async fn list_previews(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<Vec<PreviewInfo>>, ApiError> {
+    state.authorize(&principal, None).await?;
     Ok(Json(state.lifecycle.list().await?))
 }
 
-async fn get_preview(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<PreviewInfo>, ApiError> {
+async fn get_preview(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<Json<PreviewInfo>, ApiError> {
+    state.authorize(&principal, None).await?;
     let slug = preview_name("name", &name)?;
     Ok(Json(state.lifecycle.get(&slug).await?))
 }

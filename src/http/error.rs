@@ -10,6 +10,7 @@ use serde_json::json;
 use crate::auth::AuthError;
 use crate::docker::DockerError;
 use crate::github::event::EventError;
+use crate::github::token_auth::TokenAuthError;
 use crate::github::webhook::WebhookError;
 use crate::lifecycle::LifecycleError;
 use crate::nginx::NginxError;
@@ -41,6 +42,8 @@ pub enum ApiError {
     Event(#[from] EventError),
     #[error("{0}")]
     NotConfigured(&'static str),
+    #[error(transparent)]
+    Token(#[from] TokenAuthError),
 }
 
 impl ApiError {
@@ -59,6 +62,9 @@ impl ApiError {
             Self::Event(EventError::NotACommit(_)) => StatusCode::BAD_REQUEST,
             Self::Event(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::NotConfigured(_) => StatusCode::NOT_FOUND,
+            Self::Token(TokenAuthError::Rejected) => StatusCode::UNAUTHORIZED,
+            Self::Token(TokenAuthError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Token(_) => StatusCode::FORBIDDEN,
         }
     }
 }
@@ -85,7 +91,7 @@ impl IntoResponse for ApiError {
             tracing::info!(error = %self, status = status.as_u16(), "request refused");
         }
         let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
-        if matches!(self, Self::Auth(_)) {
+        if matches!(self, Self::Auth(_) | Self::Token(TokenAuthError::Rejected)) {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(r#"Basic realm="previewd", charset="UTF-8""#));

@@ -56,6 +56,8 @@ struct Inner {
 struct Posted {
     comment: Option<u64>,
     deployment: Option<u64>,
+    /// The previous head's deployment, still serving until the new head is live.
+    superseded: Option<u64>,
 }
 
 impl Feedback {
@@ -129,7 +131,7 @@ async fn post_status(inner: &Inner, key: &PullRequestKey, slug: &Slug, step: &St
     if let Step::Deploying { sha } = step {
         let description = format!("Preview of pull request #{}", key.number);
         let id = with_retries("create a deployment", shutdown, || api.create_deployment(repo, sha, slug.as_ref(), &description)).await?;
-        posted.deployment = Some(id);
+        posted.superseded = posted.deployment.replace(id).or(posted.superseded);
     }
     let Some(deployment) = posted.deployment else {
         return Ok(());
@@ -140,7 +142,15 @@ async fn post_status(inner: &Inner, key: &PullRequestKey, slug: &Slug, step: &St
         Step::Failed { reason, .. } => ("failure", None, reason.clone()),
         Step::Removed { reason } => ("inactive", None, format!("Removed: {reason}")),
     };
-    with_retries("create a deployment status", shutdown, || api.create_status(repo, deployment, state, url, &description)).await
+    with_retries("create a deployment status", shutdown, || api.create_status(repo, deployment, state, url, &description)).await?;
+    // GitHub's auto_inactive skips transient deployments, so the superseded one is retired here,
+    // once the new head is live (after a failed redeploy the old preview still serves).
+    if let (Step::Live { sha, .. }, Some(old)) = (step, posted.superseded) {
+        let description = format!("Superseded by {}", sha.chars().take(7).collect::<String>());
+        with_retries("retire the previous deployment", shutdown, || api.create_status(repo, old, "inactive", None, &description)).await?;
+        posted.superseded = None;
+    }
+    Ok(())
 }
 
 async fn post_comment(inner: &Inner, key: &PullRequestKey, slug: &Slug, step: &Step, posted: &mut Posted) -> Result<(), ApiCallError> {

@@ -63,7 +63,7 @@ async fn launch_serves_the_preview_with_its_env_then_relaunch_and_kill_leave_not
     assert_eq!(docker_inspect(&first_id, "{{.HostConfig.LogConfig.Type}} {{index .HostConfig.LogConfig.Config \"max-size\"}} {{index .HostConfig.LogConfig.Config \"max-file\"}}"), "json-file 10m 3");
     // The image's raw Docker create fields are merged in, under previewd's own.
     assert_eq!(docker_inspect(&first_id, "{{.Config.Hostname}} {{.HostConfig.ShmSize}} {{index .Config.Labels \"team\"}}"), "preview-box 8388608 web");
-    assert_eq!(docker_inspect(&first_id, "{{.HostConfig.Memory}} {{.HostConfig.NanoCpus}} {{.HostConfig.PidsLimit}}"), "67108864 500000000 64");
+    assert_eq!(docker_inspect(&first_id, "{{.HostConfig.Memory}} {{.HostConfig.NanoCpus}} {{.HostConfig.PidsLimit}}"), "67108864 500000000 256");
 
     let listed: serde_json::Value =
         app.client.get(app.url("/api/previews")).basic_auth(USER, Some(PASSWORD)).send().await.unwrap().json().await.unwrap();

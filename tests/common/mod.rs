@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod github;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -85,7 +87,7 @@ images:
     pull: never
     memory: 64m
     cpus: 0.5
-    pids: 64
+    pids: 256
     health_timeout: {timeout}
     container_create_params: {{Hostname: preview-box, HostConfig: {{ShmSize: 8388608}}, Labels: {{team: web}}}}
   crash:

@@ -1,0 +1,1116 @@
+//! A fake GitHub for the integration tests: a REST API server on loopback, plus helpers that
+//! build and deliver `pull_request` webhooks like GitHub does.
+//!
+//! [`FakeGitHub::start`] serves the endpoints previewd uses (user, collaborator permission, issue
+//! comments, deployments and their statuses, open pulls) on `127.0.0.1:<free port>` inside the
+//! test's tokio runtime. It keeps state in memory, records every request, and can be told to fail
+//! ([`FakeGitHub::fail_next`], [`FakeGitHub::set_down`], [`FakeGitHub::set_delay`]). Answers follow
+//! GitHub's REST docs — status codes, field names, error JSON, `Link` paging — not what any one
+//! client library happens to accept. Where the fake has to simplify, a comment says how.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Extension, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hmac::{Hmac, KeyInit, Mac};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+const WEB: &str = "https://github.com";
+const DOCS: &str = "https://docs.github.com/rest";
+const STATUS_STATES: [&str; 7] = ["error", "failure", "inactive", "in_progress", "queued", "pending", "success"];
+const DESCRIPTION_MAX: usize = 140;
+const COMMENT_MAX: usize = 65536;
+const BODY_LIMIT: usize = 1 << 20;
+
+/// One request as the fake received it.
+#[derive(Clone, Debug)]
+pub struct Call {
+    pub method: String,
+    /// Path plus `?query` when there is one.
+    pub path: String,
+    /// The JSON body, `Null` when empty, a string when it was not JSON.
+    pub body: Value,
+    pub authorization: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Comment {
+    pub id: u64,
+    pub body: String,
+    pub user: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Deployment {
+    pub id: u64,
+    pub sha: String,
+    pub git_ref: String,
+    pub environment: String,
+    pub transient_environment: bool,
+    pub production_environment: bool,
+    pub required_contexts: Option<Vec<String>>,
+    pub auto_merge: Option<bool>,
+    pub description: Option<String>,
+    pub payload: Value,
+}
+
+#[derive(Clone, Debug)]
+pub struct DeploymentStatus {
+    pub id: u64,
+    pub state: String,
+    pub environment_url: Option<String>,
+    pub log_url: Option<String>,
+    pub description: Option<String>,
+    pub auto_inactive: Option<bool>,
+}
+
+/// The running fake; the server stops when this is dropped.
+pub struct FakeGitHub {
+    /// Base URL without a trailing slash, e.g. `http://127.0.0.1:40123`.
+    pub url: String,
+    shared: Arc<Shared>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+struct Shared {
+    base: String,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    calls: Vec<Call>,
+    tokens: HashMap<String, String>,
+    /// Keyed by the lowercased full name: GitHub treats owner and repo names case-insensitively.
+    repos: HashMap<String, Repo>,
+    last_id: u64,
+    fail_remaining: usize,
+    fail_status: u16,
+    down: bool,
+    delay: Duration,
+}
+
+struct Repo {
+    full_name: String,
+    permissions: HashMap<String, String>,
+    comments: Vec<StoredComment>,
+    deployments: Vec<StoredDeployment>,
+    pulls: Vec<Value>,
+}
+
+/// Who made a resource and when: shown by GitHub, rarely asserted on by tests.
+struct Stamp {
+    creator: String,
+    created_at: String,
+    updated_at: String,
+}
+
+struct StoredComment {
+    item: Comment,
+    issue: u64,
+    stamp: Stamp,
+}
+
+struct StoredDeployment {
+    item: Deployment,
+    task: String,
+    stamp: Stamp,
+    statuses: Vec<StoredStatus>,
+}
+
+struct StoredStatus {
+    item: DeploymentStatus,
+    /// The deployment's environment when the status was created.
+    environment: String,
+    stamp: Stamp,
+}
+
+/// An error answered with GitHub's JSON: `message`, `documentation_url`, `status`, maybe `errors`.
+struct GhError {
+    status: StatusCode,
+    body: Value,
+}
+
+impl IntoResponse for GhError {
+    fn into_response(self) -> Response {
+        reply(self.status, &self.body)
+    }
+}
+
+/// The authenticated caller and the parsed body, put in request extensions by [`gate`].
+#[derive(Clone)]
+struct Caller {
+    login: String,
+    body: Value,
+}
+
+type Answer = Result<Response, GhError>;
+type Fake = State<Arc<Shared>>;
+
+impl FakeGitHub {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind fake GitHub");
+        let url = format!("http://{}", listener.local_addr().expect("fake GitHub address"));
+        let shared = Arc::new(Shared { base: url.clone(), inner: Mutex::default() });
+        let app = router(shared.clone());
+        let server = tokio::spawn(async move {
+            if let Err(err) = axum::serve(listener, app).await {
+                eprintln!("fake GitHub stopped: {err}");
+            }
+        });
+        Self { url, shared, server }
+    }
+
+    pub fn add_token(&self, token: &str, login: &str) {
+        self.shared.lock().tokens.insert(token.to_owned(), login.to_owned());
+    }
+
+    /// `permission` is a role: admin, maintain, write, triage, read or none.
+    pub fn set_permission(&self, repo: &str, login: &str, permission: &str) {
+        let mut inner = self.shared.lock();
+        inner.repo_entry(repo).permissions.insert(login.to_lowercase(), permission.to_owned());
+    }
+
+    pub fn set_open_pulls(&self, repo: &str, pulls: Vec<Value>) {
+        self.shared.lock().repo_entry(repo).pulls = pulls;
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.shared.lock().calls.clone()
+    }
+
+    pub fn comments(&self, repo: &str, issue: u64) -> Vec<Comment> {
+        self.with_repo(repo, |r| r.comments.iter().filter(|c| c.issue == issue).map(|c| c.item.clone()).collect())
+    }
+
+    pub fn deployments(&self, repo: &str) -> Vec<Deployment> {
+        self.with_repo(repo, |r| r.deployments.iter().map(|d| d.item.clone()).collect())
+    }
+
+    /// Oldest first, unlike the API.
+    pub fn statuses(&self, repo: &str, deployment_id: u64) -> Vec<DeploymentStatus> {
+        self.with_repo(repo, |r| {
+            let deployment = r.deployments.iter().find(|d| d.item.id == deployment_id);
+            deployment.map(|d| d.statuses.iter().map(|s| s.item.clone()).collect()).unwrap_or_default()
+        })
+    }
+
+    /// The next `count` calls answer `status` with GitHub's error JSON, before authentication.
+    pub fn fail_next(&self, count: usize, status: u16) {
+        assert!(StatusCode::from_u16(status).is_ok(), "{status} is not an HTTP status");
+        let mut inner = self.shared.lock();
+        inner.fail_remaining = count;
+        inner.fail_status = status;
+    }
+
+    pub fn set_down(&self, down: bool) {
+        self.shared.lock().down = down;
+    }
+
+    pub fn set_delay(&self, delay: Duration) {
+        self.shared.lock().delay = delay;
+    }
+
+    /// Polls `check` every 20ms until it returns `Some`, or panics with `what` and every call.
+    pub async fn wait_for<T>(&self, what: &str, timeout: Duration, check: impl Fn(&Self) -> Option<T>) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(found) = check(self) {
+                return found;
+            }
+            if Instant::now() >= deadline {
+                panic!("timed out after {timeout:?} waiting for {what}; GitHub calls so far:\n{}", self.dump_calls());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn dump_calls(&self) -> String {
+        let lines = self.calls().into_iter().map(|c| format!("  {} {} {}", c.method, c.path, c.body));
+        lines.collect::<Vec<_>>().join("\n")
+    }
+
+    fn with_repo<T: Default>(&self, repo: &str, read: impl FnOnce(&Repo) -> T) -> T {
+        self.shared.lock().repos.get(&repo.to_lowercase()).map(read).unwrap_or_default()
+    }
+}
+
+impl Drop for FakeGitHub {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl Shared {
+    /// A handler panicking mid-test must not turn every later call into a poison panic.
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Inner {
+    fn next_id(&mut self) -> u64 {
+        self.last_id += 1;
+        self.last_id
+    }
+
+    fn repo_entry(&mut self, full_name: &str) -> &mut Repo {
+        self.repos.entry(full_name.to_lowercase()).or_insert_with(|| Repo {
+            full_name: full_name.to_owned(),
+            permissions: HashMap::new(),
+            comments: Vec::new(),
+            deployments: Vec::new(),
+            pulls: Vec::new(),
+        })
+    }
+
+    fn known_repo(&mut self, owner: &str, name: &str) -> Result<&mut Repo, GhError> {
+        self.repos.get_mut(&repo_key(owner, name)).ok_or_else(not_found)
+    }
+}
+
+fn repo_key(owner: &str, name: &str) -> String {
+    format!("{owner}/{name}").to_lowercase()
+}
+
+fn stamp(creator: &str) -> Stamp {
+    let now = now_iso8601();
+    Stamp { creator: creator.to_owned(), created_at: now.clone(), updated_at: now }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server
+
+fn router(shared: Arc<Shared>) -> Router {
+    let repo = "/repos/{owner}/{repo}";
+    Router::new()
+        .route("/user", get(get_user))
+        .route(&format!("{repo}/collaborators/{{username}}/permission"), get(get_permission))
+        .route(&format!("{repo}/issues/{{issue}}/comments"), get(list_comments).post(create_comment))
+        // GitHub accepts POST in place of PATCH for clients that cannot send PATCH.
+        .route(&format!("{repo}/issues/comments/{{id}}"), post(update_comment).patch(update_comment))
+        .route(&format!("{repo}/deployments"), post(create_deployment))
+        .route(&format!("{repo}/deployments/{{id}}/statuses"), get(list_statuses).post(create_status))
+        .route(&format!("{repo}/pulls"), get(list_pulls))
+        .fallback(not_found_handler)
+        // GitHub answers 404, not 405, to a method a route does not support.
+        .method_not_allowed_fallback(not_found_handler)
+        .layer(middleware::from_fn_with_state(shared.clone(), gate))
+        .with_state(shared)
+}
+
+/// Records the call, then applies the configured delay, outage, failures and authentication.
+async fn gate(State(shared): Fake, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, BODY_LIMIT).await else {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "Payload too large").into_response();
+    };
+    let parsed = parse_body(&bytes);
+    let delay = {
+        let mut inner = shared.lock();
+        inner.calls.push(Call {
+            method: parts.method.to_string(),
+            path: parts.uri.path_and_query().map_or_else(|| parts.uri.path().to_owned(), |p| p.to_string()),
+            body: parsed.clone().unwrap_or_else(|| Value::String(String::from_utf8_lossy(&bytes).into_owned())),
+            authorization: parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned),
+        });
+        inner.delay
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let login = match admit(&mut shared.lock(), &parts.headers) {
+        Ok(login) => login,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let Some(body) = parsed else {
+        return error(StatusCode::BAD_REQUEST, "Problems parsing JSON").into_response();
+    };
+    let mut request = Request::from_parts(parts, Body::from(bytes));
+    request.extensions_mut().insert(Caller { login, body });
+    next.run(request).await
+}
+
+fn parse_body(bytes: &[u8]) -> Option<Value> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Some(Value::Null);
+    }
+    serde_json::from_slice(bytes).ok()
+}
+
+fn admit(inner: &mut Inner, headers: &HeaderMap) -> Result<String, GhError> {
+    if inner.down {
+        return Err(error(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable"));
+    }
+    if inner.fail_remaining > 0 {
+        inner.fail_remaining -= 1;
+        let status = StatusCode::from_u16(inner.fail_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return Err(error(status, status.canonical_reason().unwrap_or("Server Error")));
+    }
+    // GitHub says "Requires authentication" when no credentials came, "Bad credentials" when they
+    // were wrong; both are 401.
+    let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+        return Err(error(StatusCode::UNAUTHORIZED, "Requires authentication"));
+    };
+    let token = value
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token"))
+        .map(|(_, token)| token.trim());
+    token.and_then(|t| inner.tokens.get(t).cloned()).ok_or_else(|| error(StatusCode::UNAUTHORIZED, "Bad credentials"))
+}
+
+async fn not_found_handler() -> GhError {
+    not_found()
+}
+
+async fn get_user(State(shared): Fake, Extension(caller): Extension<Caller>) -> Response {
+    let mut user = user_json(&shared.base, &caller.login);
+    user["name"] = Value::Null;
+    user["email"] = Value::Null;
+    user["created_at"] = json!("2011-01-25T18:44:36Z");
+    reply(StatusCode::OK, &user)
+}
+
+async fn get_permission(State(shared): Fake, Path((owner, name, login)): Path<(String, String, String)>) -> Answer {
+    let mut inner = shared.lock();
+    let repo = inner.known_repo(&owner, &name)?;
+    let role = repo.permissions.get(&login.to_lowercase()).cloned().unwrap_or_else(|| "none".to_owned());
+    // `permission` only has the legacy levels: maintain shows as write, triage as read.
+    let permission = match role.as_str() {
+        "maintain" => "write",
+        "triage" => "read",
+        other => other,
+    };
+    let mut user = user_json(&shared.base, &login);
+    user["permissions"] = permissions_json(&role);
+    user["role_name"] = json!(role);
+    Ok(reply(StatusCode::OK, &json!({ "permission": permission, "role_name": role, "user": user })))
+}
+
+async fn list_comments(State(shared): Fake, Path((owner, name, issue)): Path<(String, String, String)>, uri: Uri) -> Answer {
+    let issue = parse_id(&issue)?;
+    let mut inner = shared.lock();
+    let repo = inner.known_repo(&owner, &name)?;
+    let items = repo.comments.iter().filter(|c| c.issue == issue).map(|c| comment_json(&shared.base, repo, c)).collect();
+    Ok(paginate(&shared.base, &uri, items))
+}
+
+async fn create_comment(
+    State(shared): Fake,
+    Extension(caller): Extension<Caller>,
+    Path((owner, name, issue)): Path<(String, String, String)>,
+) -> Answer {
+    let issue = parse_id(&issue)?;
+    let text = comment_body(&caller.body)?;
+    let mut inner = shared.lock();
+    let id = inner.next_id();
+    let repo = inner.repo_entry(&format!("{owner}/{name}"));
+    let comment = StoredComment { item: Comment { id, body: text, user: caller.login.clone() }, issue, stamp: stamp(&caller.login) };
+    let answer = comment_json(&shared.base, repo, &comment);
+    repo.comments.push(comment);
+    Ok(reply(StatusCode::CREATED, &answer))
+}
+
+async fn update_comment(
+    State(shared): Fake,
+    Extension(caller): Extension<Caller>,
+    Path((owner, name, id)): Path<(String, String, String)>,
+) -> Answer {
+    let id = parse_id(&id)?;
+    let mut inner = shared.lock();
+    let repo = inner.known_repo(&owner, &name)?;
+    let index = repo.comments.iter().position(|c| c.item.id == id).ok_or_else(not_found)?;
+    let text = comment_body(&caller.body)?;
+    let comment = &mut repo.comments[index];
+    comment.item.body = text;
+    comment.stamp.updated_at = now_iso8601();
+    Ok(reply(StatusCode::OK, &comment_json(&shared.base, repo, &repo.comments[index])))
+}
+
+async fn create_deployment(
+    State(shared): Fake,
+    Extension(caller): Extension<Caller>,
+    Path((owner, name)): Path<(String, String)>,
+) -> Answer {
+    let body = &caller.body;
+    let git_ref = required_str(body, "ref")?;
+    let task = string_field(body, "task")?.unwrap_or_else(|| "deploy".to_owned());
+    let auto_merge = bool_field(body, "auto_merge")?;
+    let required_contexts = string_list_field(body, "required_contexts")?;
+    let environment = string_field(body, "environment")?.unwrap_or_else(|| "production".to_owned());
+    let description = string_field(body, "description")?;
+    let transient_environment = bool_field(body, "transient_environment")?.unwrap_or(false);
+    let production_environment = bool_field(body, "production_environment")?.unwrap_or(environment == "production");
+    let payload = body.get("payload").filter(|p| !p.is_null()).cloned().unwrap_or_else(|| json!({}));
+    // Without `required_contexts` GitHub demands every commit status context of the ref be
+    // `success`. The fake pretends the ref always has one that is still pending, so a client
+    // that forgets `required_contexts: []` fails here as it would on a repository with CI.
+    // (Real GitHub checks this whatever `auto_merge` says, so the fake does too.)
+    if required_contexts.is_none() {
+        return Err(status_checks_failed(&git_ref));
+    }
+    let mut inner = shared.lock();
+    let id = inner.next_id();
+    let repo = inner.repo_entry(&format!("{owner}/{name}"));
+    let sha = resolve_sha(repo, &git_ref);
+    let deployment = Deployment {
+        id,
+        sha,
+        git_ref,
+        environment,
+        transient_environment,
+        production_environment,
+        required_contexts,
+        auto_merge,
+        description,
+        payload,
+    };
+    let stored = StoredDeployment { item: deployment, task, stamp: stamp(&caller.login), statuses: Vec::new() };
+    let answer = deployment_json(&shared.base, &repo.full_name, &stored);
+    repo.deployments.push(stored);
+    Ok(reply(StatusCode::CREATED, &answer))
+}
+
+async fn list_statuses(State(shared): Fake, Path((owner, name, id)): Path<(String, String, String)>, uri: Uri) -> Answer {
+    let id = parse_id(&id)?;
+    let mut inner = shared.lock();
+    let repo = inner.known_repo(&owner, &name)?;
+    let deployment = repo.deployments.iter().find(|d| d.item.id == id).ok_or_else(not_found)?;
+    let items = deployment.statuses.iter().rev().map(|s| status_json(&shared.base, &repo.full_name, id, s)).collect();
+    Ok(paginate(&shared.base, &uri, items))
+}
+
+async fn create_status(
+    State(shared): Fake,
+    Extension(caller): Extension<Caller>,
+    Path((owner, name, id)): Path<(String, String, String)>,
+) -> Answer {
+    let deployment_id = parse_id(&id)?;
+    let mut inner = shared.lock();
+    let Inner { repos, last_id, .. } = &mut *inner;
+    let repo = repos.get_mut(&repo_key(&owner, &name)).ok_or_else(not_found)?;
+    let index = repo.deployments.iter().position(|d| d.item.id == deployment_id).ok_or_else(not_found)?;
+    let (status, environment) = parse_status(&caller.body, *last_id + 1)?;
+    *last_id += 1;
+    let deployment = &mut repo.deployments[index];
+    if let Some(environment) = environment {
+        deployment.item.environment = environment;
+    }
+    let deactivate = status.state == "success" && status.auto_inactive != Some(false);
+    let stored = StoredStatus { item: status, environment: deployment.item.environment.clone(), stamp: stamp(&caller.login) };
+    let answer = status_json(&shared.base, &repo.full_name, deployment_id, &stored);
+    repo.deployments[index].statuses.push(stored);
+    if deactivate {
+        deactivate_earlier(repo, index, last_id, &caller.login);
+    }
+    Ok(reply(StatusCode::CREATED, &answer))
+}
+
+fn parse_status(body: &Value, id: u64) -> Result<(DeploymentStatus, Option<String>), GhError> {
+    let state = required_str(body, "state")?;
+    if !STATUS_STATES.contains(&state.as_str()) {
+        return Err(validation_failed("DeploymentStatus", "state", "invalid", None));
+    }
+    let description = string_field(body, "description")?;
+    if description.as_ref().is_some_and(|d| d.chars().count() > DESCRIPTION_MAX) {
+        let message = format!("description is too long (maximum is {DESCRIPTION_MAX} characters)");
+        return Err(validation_failed("DeploymentStatus", "description", "custom", Some(&message)));
+    }
+    // `target_url` is the legacy name of `log_url`.
+    let log_url = match string_field(body, "log_url")? {
+        Some(url) => Some(url),
+        None => string_field(body, "target_url")?,
+    };
+    let status = DeploymentStatus {
+        id,
+        state,
+        environment_url: string_field(body, "environment_url")?,
+        log_url,
+        description,
+        auto_inactive: bool_field(body, "auto_inactive")?,
+    };
+    Ok((status, string_field(body, "environment")?))
+}
+
+/// GitHub's `auto_inactive`: a new `success` status adds an `inactive` status to every earlier
+/// deployment of the same repository and environment that is neither transient nor production
+/// and whose latest status is `success`. Transient and production deployments keep their state.
+fn deactivate_earlier(repo: &mut Repo, current: usize, last_id: &mut u64, creator: &str) {
+    let environment = repo.deployments[current].item.environment.clone();
+    for deployment in &mut repo.deployments[..current] {
+        let item = &deployment.item;
+        let latest_success = deployment.statuses.last().is_some_and(|s| s.item.state == "success");
+        if item.environment != environment || item.transient_environment || item.production_environment || !latest_success {
+            continue;
+        }
+        *last_id += 1;
+        let inactive = DeploymentStatus {
+            id: *last_id,
+            state: "inactive".to_owned(),
+            environment_url: None,
+            log_url: None,
+            description: None,
+            auto_inactive: None,
+        };
+        deployment.statuses.push(StoredStatus { item: inactive, environment: environment.clone(), stamp: stamp(creator) });
+    }
+}
+
+/// `state=open` (the default) and `all` list what `set_open_pulls` set; `closed` lists nothing.
+async fn list_pulls(State(shared): Fake, Path((owner, name)): Path<(String, String)>, uri: Uri) -> Answer {
+    let closed = query_pairs(&uri).iter().any(|(k, v)| k == "state" && v == "closed");
+    let mut inner = shared.lock();
+    let repo = inner.known_repo(&owner, &name)?;
+    let items = if closed { Vec::new() } else { repo.pulls.clone() };
+    Ok(paginate(&shared.base, &uri, items))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request fields, with GitHub's wording for schema errors
+
+fn parse_id(raw: &str) -> Result<u64, GhError> {
+    raw.parse().map_err(|_| not_found())
+}
+
+fn comment_body(body: &Value) -> Result<String, GhError> {
+    let text = required_str(body, "body")?;
+    if text.is_empty() {
+        return Err(validation_failed("IssueComment", "body", "missing_field", None));
+    }
+    if text.chars().count() > COMMENT_MAX {
+        let message = format!("body is too long (maximum is {COMMENT_MAX} characters)");
+        return Err(validation_failed("IssueComment", "body", "custom", Some(&message)));
+    }
+    Ok(text)
+}
+
+fn required_str(body: &Value, name: &str) -> Result<String, GhError> {
+    string_field(body, name)?.ok_or_else(|| invalid_request(&format!("\"{name}\" wasn't supplied.")))
+}
+
+fn string_field(body: &Value, name: &str) -> Result<Option<String>, GhError> {
+    match body.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(wrong_type(name, other, "a string")),
+    }
+}
+
+fn bool_field(body: &Value, name: &str) -> Result<Option<bool>, GhError> {
+    match body.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => Err(wrong_type(name, other, "a boolean")),
+    }
+}
+
+fn string_list_field(body: &Value, name: &str) -> Result<Option<Vec<String>>, GhError> {
+    match body.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(items)) => {
+            let strings = items.iter().map(|i| i.as_str().map(str::to_owned)).collect::<Option<Vec<_>>>();
+            strings.map(Some).ok_or_else(|| wrong_type(name, &body[name], "an array of strings"))
+        }
+        Some(other) => Err(wrong_type(name, other, "an array")),
+    }
+}
+
+fn query_pairs(uri: &Uri) -> Vec<(String, String)> {
+    serde_urlencoded::from_str(uri.query().unwrap_or("")).unwrap_or_default()
+}
+
+/// GitHub resolves a ref to a commit (422 "No ref found" when it cannot). The fake knows SHAs and
+/// the heads of open pulls, and makes up a stable SHA for any other ref rather than refuse it.
+fn resolve_sha(repo: &Repo, git_ref: &str) -> String {
+    if git_ref.len() == 40 && git_ref.chars().all(|c| c.is_ascii_hexdigit()) {
+        return git_ref.to_lowercase();
+    }
+    let branch = git_ref.strip_prefix("refs/heads/").unwrap_or(git_ref);
+    let pull = repo.pulls.iter().find(|p| p["head"]["ref"] == branch);
+    match pull.and_then(|p| p["head"]["sha"].as_str()) {
+        Some(sha) => sha.to_owned(),
+        None => hex::encode(Sha256::digest(git_ref.as_bytes()))[..40].to_owned(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Responses
+
+fn reply(status: StatusCode, body: &Value) -> Response {
+    let mut response = (status, body.to_string()).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+    response
+}
+
+fn error(status: StatusCode, message: &str) -> GhError {
+    error_with(status, json!({ "message": message }))
+}
+
+/// Adds the fields every GitHub error carries.
+fn error_with(status: StatusCode, mut body: Value) -> GhError {
+    body["documentation_url"] = json!(DOCS);
+    body["status"] = json!(status.as_u16().to_string());
+    GhError { status, body }
+}
+
+fn not_found() -> GhError {
+    error(StatusCode::NOT_FOUND, "Not Found")
+}
+
+fn invalid_request(detail: &str) -> GhError {
+    error(StatusCode::UNPROCESSABLE_ENTITY, &format!("Invalid request.\n\n{detail}"))
+}
+
+fn wrong_type(name: &str, value: &Value, kind: &str) -> GhError {
+    invalid_request(&format!("For 'properties/{name}', {value} is not {kind}."))
+}
+
+fn validation_failed(resource: &str, field: &str, code: &str, message: Option<&str>) -> GhError {
+    let mut detail = json!({ "resource": resource, "field": field, "code": code });
+    if let Some(message) = message {
+        detail["message"] = json!(message);
+    }
+    error_with(StatusCode::UNPROCESSABLE_ENTITY, json!({ "message": "Validation Failed", "errors": [detail] }))
+}
+
+fn status_checks_failed(git_ref: &str) -> GhError {
+    let contexts = [json!({ "context": "continuous-integration/fake", "state": "pending" })];
+    let detail = json!({ "contexts": contexts, "resource": "Deployment", "field": "required_contexts", "code": "invalid" });
+    let message = format!("Conflict: Commit status checks failed for {git_ref}.");
+    error_with(StatusCode::CONFLICT, json!({ "message": message, "errors": [detail] }))
+}
+
+/// Pages like GitHub: `per_page` (default 30, max 100), 1-based `page`, and a `Link` header with
+/// prev/next/last/first in GitHub's order when there is more than one page.
+fn paginate(base: &str, uri: &Uri, items: Vec<Value>) -> Response {
+    let query = query_pairs(uri);
+    let number = |key: &str| query.iter().find(|(k, _)| k == key).and_then(|(_, v)| v.parse::<usize>().ok()).filter(|n| *n > 0);
+    let per_page = number("per_page").unwrap_or(30).min(100);
+    let page = number("page").unwrap_or(1);
+    let last = items.len().div_ceil(per_page).max(1);
+    let skip = (page - 1).saturating_mul(per_page);
+    let mut response = reply(StatusCode::OK, &Value::Array(items.into_iter().skip(skip).take(per_page).collect()));
+    if last > 1 {
+        let link = |n: usize, rel: &str| format!("<{}>; rel=\"{rel}\"", page_url(base, uri, &query, n));
+        let mut links = Vec::new();
+        if page > 1 {
+            links.push(link((page - 1).min(last), "prev"));
+        }
+        if page < last {
+            links.push(link(page + 1, "next"));
+            links.push(link(last, "last"));
+        }
+        if page > 1 {
+            links.push(link(1, "first"));
+        }
+        if let Ok(value) = HeaderValue::from_str(&links.join(", ")) {
+            response.headers_mut().insert(header::LINK, value);
+        }
+    }
+    response
+}
+
+/// The request's own URL with `page` replaced in place, or appended when it was absent.
+fn page_url(base: &str, uri: &Uri, query: &[(String, String)], page: usize) -> String {
+    let mut pairs = query.to_vec();
+    match pairs.iter_mut().find(|(k, _)| k == "page") {
+        Some(pair) => pair.1 = page.to_string(),
+        None => pairs.push(("page".to_owned(), page.to_string())),
+    }
+    format!("{base}{}?{}", uri.path(), serde_urlencoded::to_string(&pairs).unwrap_or_default())
+}
+
+fn user_json(base: &str, login: &str) -> Value {
+    let id = stable_id(login);
+    json!({
+        "login": login,
+        "id": id,
+        "node_id": format!("U_fake{id}"),
+        "avatar_url": format!("https://avatars.githubusercontent.com/u/{id}?v=4"),
+        "gravatar_id": "",
+        "url": format!("{base}/users/{login}"),
+        "html_url": format!("{WEB}/{login}"),
+        "type": "User",
+        "site_admin": false,
+    })
+}
+
+fn permissions_json(role: &str) -> Value {
+    let rank = ["none", "read", "triage", "write", "maintain", "admin"].iter().position(|r| *r == role).unwrap_or(0);
+    json!({ "pull": rank >= 1, "triage": rank >= 2, "push": rank >= 3, "maintain": rank >= 4, "admin": rank >= 5 })
+}
+
+/// GitHub's ids are stable per login (or repository, label); the fake derives one from the name.
+fn stable_id(name: &str) -> u64 {
+    let digest = Sha256::digest(name.to_lowercase().as_bytes());
+    1000 + u64::from(u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) % 100_000_000)
+}
+
+fn author_association(repo: &Repo, login: &str) -> &'static str {
+    let owner = repo.full_name.split('/').next().unwrap_or_default();
+    if owner.eq_ignore_ascii_case(login) {
+        "OWNER"
+    } else if repo.permissions.get(&login.to_lowercase()).is_some_and(|p| p != "none") {
+        "COLLABORATOR"
+    } else {
+        "NONE"
+    }
+}
+
+fn comment_json(base: &str, repo: &Repo, comment: &StoredComment) -> Value {
+    let (id, full, issue) = (comment.item.id, &repo.full_name, comment.issue);
+    json!({
+        "id": id,
+        "node_id": format!("IC_fake{id}"),
+        "url": format!("{base}/repos/{full}/issues/comments/{id}"),
+        "html_url": format!("{WEB}/{full}/pull/{issue}#issuecomment-{id}"),
+        "issue_url": format!("{base}/repos/{full}/issues/{issue}"),
+        "body": comment.item.body,
+        "user": user_json(base, &comment.item.user),
+        "created_at": comment.stamp.created_at,
+        "updated_at": comment.stamp.updated_at,
+        "author_association": author_association(repo, &comment.item.user),
+        "performed_via_github_app": null,
+    })
+}
+
+fn deployment_json(base: &str, full: &str, stored: &StoredDeployment) -> Value {
+    let d = &stored.item;
+    json!({
+        "url": format!("{base}/repos/{full}/deployments/{}", d.id),
+        "id": d.id,
+        "node_id": format!("DE_fake{}", d.id),
+        "sha": d.sha,
+        "ref": d.git_ref,
+        "task": stored.task,
+        "payload": d.payload,
+        "original_environment": d.environment,
+        "environment": d.environment,
+        "description": d.description,
+        "creator": user_json(base, &stored.stamp.creator),
+        "created_at": stored.stamp.created_at,
+        "updated_at": stored.stamp.updated_at,
+        "statuses_url": format!("{base}/repos/{full}/deployments/{}/statuses", d.id),
+        "repository_url": format!("{base}/repos/{full}"),
+        "transient_environment": d.transient_environment,
+        "production_environment": d.production_environment,
+        "performed_via_github_app": null,
+    })
+}
+
+fn status_json(base: &str, full: &str, deployment_id: u64, stored: &StoredStatus) -> Value {
+    let s = &stored.item;
+    // GitHub shows unset URLs and descriptions as empty strings.
+    let text = |v: &Option<String>| v.clone().unwrap_or_default();
+    json!({
+        "url": format!("{base}/repos/{full}/deployments/{deployment_id}/statuses/{}", s.id),
+        "id": s.id,
+        "node_id": format!("DES_fake{}", s.id),
+        "state": s.state,
+        "creator": user_json(base, &stored.stamp.creator),
+        "description": text(&s.description),
+        "environment": stored.environment,
+        "target_url": text(&s.log_url),
+        "log_url": text(&s.log_url),
+        "environment_url": text(&s.environment_url),
+        "created_at": stored.stamp.created_at,
+        "updated_at": stored.stamp.updated_at,
+        "deployment_url": format!("{base}/repos/{full}/deployments/{deployment_id}"),
+        "repository_url": format!("{base}/repos/{full}"),
+        "performed_via_github_app": null,
+    })
+}
+
+fn now_iso8601() -> String {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Webhooks
+
+/// A fixture from `shared/fixtures/github-webhooks`, e.g. `fixture("pull_request.opened")`.
+pub fn fixture(name: &str) -> Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../shared/fixtures/github-webhooks/{name}.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("read {}: {err}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|err| panic!("parse {}: {err}", path.display()))
+}
+
+/// `X-Hub-Signature-256` of `body`: `sha256=` and the lowercase hex HMAC-SHA256.
+pub fn signature(secret: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// A fresh `X-GitHub-Delivery` value: a random UUID v4.
+pub fn delivery_id() -> String {
+    let version_4 = (rand::random::<u128>() & !(0xf << 76)) | (0x4 << 76);
+    let bits = (version_4 & !(0x3 << 62)) | (0x2 << 62);
+    let hex = format!("{bits:032x}");
+    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+}
+
+/// Posts a delivery with the headers GitHub sends.
+pub async fn deliver(client: &reqwest::Client, url: &str, event: &str, delivery: &str, body: &[u8], secret: Option<&str>) -> reqwest::Response {
+    let mut request = client
+        .post(url)
+        .header("X-GitHub-Event", event)
+        .header("X-GitHub-Delivery", delivery)
+        .header("X-GitHub-Hook-ID", "1")
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header(reqwest::header::USER_AGENT, "GitHub-Hookshot/fake")
+        .body(body.to_vec());
+    if let Some(secret) = secret {
+        request = request.header("X-Hub-Signature-256", signature(secret, body));
+    }
+    request.send().await.unwrap_or_else(|err| panic!("deliver {event} to {url}: {err}"))
+}
+
+const FIXTURE_ACTIONS: [&str; 6] = ["opened", "closed", "reopened", "synchronize", "labeled", "unlabeled"];
+const FORK_OWNER: &str = "forker";
+
+/// A `pull_request` payload derived from a fixture, with overrides.
+pub struct PrEvent {
+    pub value: Value,
+}
+
+impl PrEvent {
+    /// The fixture of `action` when there is one, else `opened` relabelled (e.g. `edited`).
+    pub fn new(action: &str) -> Self {
+        if FIXTURE_ACTIONS.contains(&action) {
+            return Self { value: fixture(&format!("pull_request.{action}")) };
+        }
+        let mut value = fixture("pull_request.opened");
+        value["action"] = json!(action);
+        match action {
+            "converted_to_draft" => value["pull_request"]["draft"] = json!(true),
+            "edited" => value["changes"] = json!({ "title": { "from": "An older title" } }),
+            _ => {}
+        }
+        Self { value }
+    }
+
+    pub fn number(mut self, n: u64) -> Self {
+        self.value["number"] = json!(n);
+        self.pr()["number"] = json!(n);
+        self.refresh_urls();
+        self
+    }
+
+    pub fn branch(mut self, name: &str) -> Self {
+        self.pr()["head"]["ref"] = json!(name);
+        relabel(&mut self.pr()["head"]);
+        self
+    }
+
+    /// Also sets `after` on `synchronize` events, which name the new head there too.
+    pub fn sha(mut self, sha: &str) -> Self {
+        self.pr()["head"]["sha"] = json!(sha);
+        if self.value.get("after").is_some() {
+            self.value["after"] = json!(sha);
+        }
+        self.refresh_urls();
+        self
+    }
+
+    pub fn labels(mut self, names: &[&str]) -> Self {
+        let full = self.full_name();
+        self.pr()["labels"] = names.iter().map(|n| label_json(&full, n)).collect();
+        self
+    }
+
+    pub fn label_event(mut self, name: &str) -> Self {
+        self.value["label"] = label_json(&self.full_name(), name);
+        self
+    }
+
+    /// A fork's head lives in `forker/<name>`; otherwise head and base share the repository.
+    pub fn fork(mut self, fork: bool) -> Self {
+        let pr = self.pr();
+        let mut head_repo = pr["base"]["repo"].clone();
+        if fork {
+            let name = head_repo["name"].as_str().unwrap_or_default().to_owned();
+            retarget_repo(&mut head_repo, &format!("{FORK_OWNER}/{name}"));
+            head_repo["id"] = json!(stable_id(&format!("{FORK_OWNER}/{name}")));
+            head_repo["fork"] = json!(true);
+        }
+        pr["head"]["user"] = head_repo["owner"].clone();
+        pr["head"]["repo"] = head_repo;
+        relabel(&mut pr["head"]);
+        self
+    }
+
+    /// Who triggered the event, e.g. the user who added a label.
+    pub fn sender(mut self, login: &str) -> Self {
+        rename_user(&mut self.value["sender"], login);
+        self
+    }
+
+    /// Who opened the pull request.
+    pub fn author(mut self, login: &str) -> Self {
+        rename_user(&mut self.pr()["user"], login);
+        self
+    }
+
+    pub fn draft(mut self, draft: bool) -> Self {
+        self.pr()["draft"] = json!(draft);
+        self
+    }
+
+    /// For `closed`: merged ones get `merged_at` and `merged_by` like GitHub sends them.
+    pub fn merged(mut self, merged: bool) -> Self {
+        let sender = self.value["sender"].clone();
+        let pr = self.pr();
+        pr["merged"] = json!(merged);
+        if merged {
+            let closed_at = pr["closed_at"].as_str().map_or_else(now_iso8601, str::to_owned);
+            pr["merged_at"] = json!(closed_at);
+            pr["merged_by"] = sender;
+        } else {
+            pr["merged_at"] = Value::Null;
+            pr["merged_by"] = Value::Null;
+        }
+        self
+    }
+
+    pub fn state(mut self, state: &str) -> Self {
+        let pr = self.pr();
+        pr["state"] = json!(state);
+        pr["closed_at"] = match (state, pr["closed_at"].as_str()) {
+            ("closed", Some(at)) => json!(at),
+            ("closed", None) => json!(now_iso8601()),
+            _ => Value::Null,
+        };
+        self
+    }
+
+    /// Moves the pull request to `owner/name`: repository, base, URLs, and the head unless it is
+    /// a fork (whose repository keeps the `forker` owner and takes the new name).
+    pub fn repo(mut self, full_name: &str) -> Self {
+        let (owner, name) = full_name.split_once('/').unwrap_or_else(|| panic!("{full_name} is not owner/name"));
+        let fork = self.pr()["head"]["repo"]["fork"] == json!(true);
+        // Labels, milestones and links all embed the full name: rewrite every URL at once.
+        let old = self.full_name();
+        replace_strings(&mut self.value, &old, full_name);
+        retarget_repo(&mut self.value["repository"], full_name);
+        let base = &mut self.pr()["base"];
+        retarget_repo(&mut base["repo"], full_name);
+        rename_user(&mut base["user"], owner);
+        relabel(base);
+        if fork {
+            retarget_repo(&mut self.pr()["head"]["repo"], &format!("{FORK_OWNER}/{name}"));
+            relabel(&mut self.pr()["head"]);
+        } else {
+            self = self.fork(false);
+        }
+        self.refresh_urls();
+        self
+    }
+
+    pub fn body(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.value).expect("a JSON value serialises")
+    }
+
+    fn pr(&mut self) -> &mut Value {
+        &mut self.value["pull_request"]
+    }
+
+    fn full_name(&self) -> String {
+        self.value["repository"]["full_name"].as_str().expect("payload has repository.full_name").to_owned()
+    }
+
+    /// Rebuilds the pull request's URLs from the repository, number and head SHA.
+    fn refresh_urls(&mut self) {
+        let full = self.full_name();
+        let n = self.value["number"].clone();
+        let pr = self.pr();
+        let sha = pr["head"]["sha"].as_str().unwrap_or_default().to_owned();
+        let api = format!("https://api.github.com/repos/{full}");
+        let html = format!("{WEB}/{full}/pull/{n}");
+        // Each URL field, the `_links` entry repeating it, and the URL.
+        let urls = [
+            ("url", Some("self"), format!("{api}/pulls/{n}")),
+            ("html_url", Some("html"), html.clone()),
+            ("diff_url", None, format!("{html}.diff")),
+            ("patch_url", None, format!("{html}.patch")),
+            ("issue_url", Some("issue"), format!("{api}/issues/{n}")),
+            ("commits_url", Some("commits"), format!("{api}/pulls/{n}/commits")),
+            ("review_comments_url", Some("review_comments"), format!("{api}/pulls/{n}/comments")),
+            ("review_comment_url", Some("review_comment"), format!("{api}/pulls/comments{{/number}}")),
+            ("comments_url", Some("comments"), format!("{api}/issues/{n}/comments")),
+            ("statuses_url", Some("statuses"), format!("{api}/statuses/{sha}")),
+        ];
+        for (key, rel, url) in urls {
+            if let Some(rel) = rel {
+                pr["_links"][rel] = json!({ "href": url });
+            }
+            pr[key] = json!(url);
+        }
+    }
+}
+
+fn label_json(full_name: &str, name: &str) -> Value {
+    let id = stable_id(&format!("label:{name}"));
+    json!({
+        "id": id,
+        "node_id": format!("LA_fake{id}"),
+        "url": format!("https://api.github.com/repos/{full_name}/labels/{}", name.replace(' ', "%20")),
+        "name": name,
+        "color": "ededed",
+        "default": false,
+        "description": null,
+    })
+}
+
+/// `head.label` / `base.label` are `owner:ref`.
+fn relabel(side: &mut Value) {
+    let owner = side["repo"]["owner"]["login"].as_str().or(side["user"]["login"].as_str()).unwrap_or_default();
+    side["label"] = json!(format!("{owner}:{}", side["ref"].as_str().unwrap_or_default()));
+}
+
+/// Renames a repository object, its URLs and its owner.
+fn retarget_repo(repo: &mut Value, full_name: &str) {
+    let old = repo["full_name"].as_str().unwrap_or_default().to_owned();
+    let (owner, name) = full_name.split_once('/').unwrap_or((full_name, full_name));
+    replace_strings(repo, &old, full_name);
+    repo["name"] = json!(name);
+    rename_user(&mut repo["owner"], owner);
+}
+
+/// Renames a user object: its login, id and the URLs that end in or go through `/<login>`.
+fn rename_user(user: &mut Value, login: &str) {
+    if let Some(old) = user["login"].as_str().map(str::to_owned) {
+        replace_strings(user, &format!("/{old}"), &format!("/{login}"));
+    }
+    user["login"] = json!(login);
+    user["id"] = json!(stable_id(login));
+}
+
+fn replace_strings(value: &mut Value, from: &str, to: &str) {
+    match value {
+        Value::String(s) if !from.is_empty() && s.contains(from) => *s = s.replace(from, to),
+        Value::Array(items) => items.iter_mut().for_each(|v| replace_strings(v, from, to)),
+        Value::Object(map) => map.values_mut().for_each(|v| replace_strings(v, from, to)),
+        _ => {}
+    }
+}

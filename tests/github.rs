@@ -1,0 +1,367 @@
+//! Pull-request previews end to end: signed deliveries (the shared fixtures and variants derived
+//! from them) into the real daemon, containers on the real Docker engine served through a real
+//! nginx, and feedback on a fake GitHub API on loopback.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::github::{FakeGitHub, PrEvent, deliver, fixture};
+use common::{Options, PASSWORD, TestApp, USER};
+use serde_json::{Value, json};
+
+const SECRET: &str = "webhook secret for tests";
+const SERVICE_TOKEN: &str = "ghs_previewd_service_token";
+const REPO: &str = "Codertocat/Hello-World";
+const HEAD: &str = "ec26c3e57ca3a959ca5aad62de7213c562f8c821";
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A previewd with a `github` section pointing at a fake GitHub.
+struct GitHubApp {
+    app: TestApp,
+    github: FakeGitHub,
+    client: reqwest::Client,
+    deliveries: AtomicUsize,
+}
+
+impl GitHubApp {
+    async fn start(repos: &str, extra: &str) -> Self {
+        let github = FakeGitHub::start().await;
+        github.add_token(SERVICE_TOKEN, "previewd-bot");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("webhook.secret"), format!("{SECRET}\n")).unwrap();
+        std::fs::write(dir.path().join("github.token"), SERVICE_TOKEN).unwrap();
+        let instance = common::unique_instance();
+        let nginx_port = common::free_port();
+        let yaml = format!(
+            "{}github:\n  api_url: {}\n  webhook_secret_file: webhook.secret\n  token_file: github.token\n{extra}  repos:\n{repos}",
+            common::config_yaml(&instance, dir.path(), nginx_port, &Options::default()),
+            github.url,
+        );
+        let app = TestApp::start_from(dir, instance, nginx_port, yaml).await;
+        Self { app, github, client: common::client(), deliveries: AtomicUsize::new(0) }
+    }
+
+    async fn default() -> Self {
+        Self::start(&format!("    {REPO}:\n      image: demo\n"), "").await
+    }
+
+    fn next_delivery(&self) -> String {
+        format!("delivery-{}", self.deliveries.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// A signed delivery; returns status and JSON body.
+    async fn send(&self, event: &str, body: &[u8]) -> (u16, Value) {
+        self.send_as(event, &self.next_delivery(), body, Some(SECRET)).await
+    }
+
+    async fn send_as(&self, event: &str, delivery: &str, body: &[u8], secret: Option<&str>) -> (u16, Value) {
+        let response = deliver(&self.client, &self.app.url("/webhooks/github"), event, delivery, body, secret).await;
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn send_pr(&self, event: PrEvent) -> (u16, Value) {
+        self.send("pull_request", &event.body()).await
+    }
+
+    /// Waits until the sticky comment of a PR contains `needle`; returns the comments.
+    async fn comment_saying(&self, number: u64, needle: &str) -> Vec<common::github::Comment> {
+        let needle = needle.to_owned();
+        self.github
+            .wait_for(&format!("a comment saying {needle:?}"), WAIT, |github| {
+                let comments = github.comments(REPO, number);
+                comments.iter().any(|c| c.body.contains(&needle)).then_some(comments)
+            })
+            .await
+    }
+
+    fn statuses(&self, deployment: u64) -> Vec<String> {
+        self.github.statuses(REPO, deployment).into_iter().map(|s| s.state).collect()
+    }
+}
+
+fn opened() -> PrEvent {
+    PrEvent::new("opened")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opened_pull_request_gets_a_preview_a_comment_and_a_successful_deployment() {
+    let gh = GitHubApp::default().await;
+    let (status, body) = gh.send_pr(opened()).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["preview"], "hello-world-pr-2");
+    assert_eq!(body["desired"], "present");
+
+    let comments = gh.comment_saying(2, "is live at").await;
+    assert_eq!(comments.len(), 1, "one sticky comment: {comments:?}");
+    let url = format!("http://hello-world-pr-2.preview.localhost:{}", gh.app.nginx_port);
+    assert!(comments[0].body.contains(&url), "{}", comments[0].body);
+    assert!(comments[0].body.contains("`ec26c3e`"), "{}", comments[0].body);
+    assert!(comments[0].body.contains(&format!("<!-- previewd:{}:hello-world-pr-2 -->", gh.app.instance)));
+
+    let (status, page) = gh.app.via_nginx("hello-world-pr-2", "/").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(page.contains("Preview: hello-world-pr-2"));
+    let (_, env) = gh.app.via_nginx("hello-world-pr-2", "/cgi-bin/env").await.unwrap();
+    for line in [
+        "PREVIEW_PR_NUMBER=2",
+        "PREVIEW_BRANCH=changes",
+        &format!("PREVIEW_SHA={HEAD}"),
+        &format!("PREVIEW_REPO={REPO}"),
+        &format!("PREVIEW_URL={url}"),
+        "image_name=demo",
+        "container_name=changes",
+    ] {
+        assert!(env.lines().any(|l| l == line), "{line:?} missing from:\n{env}");
+    }
+
+    let deployments = gh.github.deployments(REPO);
+    assert_eq!(deployments.len(), 1, "{deployments:?}");
+    let deployment = &deployments[0];
+    assert_eq!((deployment.sha.as_str(), deployment.environment.as_str()), (HEAD, "hello-world-pr-2"));
+    assert!(deployment.transient_environment && !deployment.production_environment);
+    assert_eq!(deployment.required_contexts.as_deref(), Some(&[][..]));
+    assert_eq!(deployment.auto_merge, Some(false));
+    let statuses = gh.github.statuses(REPO, deployment.id);
+    assert_eq!(statuses.iter().map(|s| s.state.as_str()).collect::<Vec<_>>(), ["in_progress", "success"]);
+    assert_eq!(statuses[1].environment_url.as_deref(), Some(url.as_str()));
+
+    let listed: Value = gh.client.get(gh.app.url("/api/previews/hello-world-pr-2")).basic_auth(USER, Some(PASSWORD)).send().await.unwrap().json().await.unwrap();
+    assert_eq!((listed["repo"].as_str(), listed["pr"].as_u64(), listed["sha"].as_str()), (Some(REPO), Some(2), Some(HEAD)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_redeploys_the_new_head_without_a_failed_request_and_close_removes_everything() {
+    let gh = Arc::new(GitHubApp::default().await);
+    assert_eq!(gh.send_pr(opened()).await.0, 202);
+    gh.comment_saying(2, "is live at").await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let load = {
+        let (gh, stop, ok, failed) = (Arc::clone(&gh), Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed));
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match gh.app.via_nginx("hello-world-pr-2", "/").await {
+                    Ok((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
+                    other => {
+                        eprintln!("failed request during the redeploy: {other:?}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let new_head = "1111111111111111111111111111111111111111";
+    let (status, body) = gh.send_pr(PrEvent::new("synchronize").sha(new_head)).await;
+    assert_eq!(status, 202, "{body}");
+    let comments = gh.comment_saying(2, "Commit `1111111`").await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "no request may fail while the new head takes over");
+    assert!(ok.load(Ordering::Relaxed) > 10);
+    assert_eq!(comments.len(), 1, "the sticky comment is edited, not repeated");
+    let (_, env) = gh.app.via_nginx("hello-world-pr-2", "/cgi-bin/env").await.unwrap();
+    assert!(env.lines().any(|l| l == format!("PREVIEW_SHA={new_head}")), "{env}");
+    assert_eq!(gh.app.containers().len(), 1);
+    let deployments = gh.github.deployments(REPO);
+    assert_eq!(deployments.len(), 2, "one deployment per head commit");
+    assert_eq!(deployments[1].sha, new_head);
+    assert_eq!(gh.statuses(deployments[1].id), ["in_progress", "success"]);
+    let superseded = gh.github.wait_for("the old deployment retired", WAIT, |github| {
+        let states: Vec<String> = github.statuses(REPO, deployments[0].id).into_iter().map(|s| s.state).collect();
+        (states.last().map(String::as_str) == Some("inactive")).then_some(states)
+    });
+    assert_eq!(superseded.await, ["in_progress", "success", "inactive"]);
+
+    let (status, body) = gh.send_pr(PrEvent::new("closed").sha(new_head).merged(true)).await;
+    assert_eq!((status, body["desired"].as_str()), (202, Some("absent")), "{body}");
+    gh.comment_saying(2, "was removed").await;
+    assert!(gh.app.containers().is_empty());
+    assert!(!gh.app.vhost_path("hello-world-pr-2").exists());
+    assert_eq!(gh.app.via_nginx("hello-world-pr-2", "/").await.unwrap().0, 404);
+    let last = gh.statuses(deployments[1].id);
+    assert_eq!(last.last().map(String::as_str), Some("inactive"), "{last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_or_missing_signatures_and_malformed_deliveries_do_nothing() {
+    let gh = GitHubApp::default().await;
+    let body = opened().body();
+    let (status, answer) = gh.send_as("pull_request", "d1", &body, None).await;
+    assert_eq!(status, 401, "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("missing X-Hub-Signature-256"));
+    let (status, answer) = gh.send_as("pull_request", "d2", &body, Some("not the secret")).await;
+    assert_eq!(status, 401);
+    assert!(answer["error"].as_str().unwrap().contains("does not match"));
+
+    let signature = common::github::signature(SECRET, &body);
+    let mut tampered = body.clone();
+    tampered.extend_from_slice(b" ");
+    let response = gh
+        .client
+        .post(gh.app.url("/webhooks/github"))
+        .header("x-github-event", "pull_request")
+        .header("x-github-delivery", "d3")
+        .header("x-hub-signature-256", signature)
+        .header("content-type", "application/json")
+        .body(tampered)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401, "a body that differs by one byte is refused");
+
+    let (status, answer) = gh.send("pull_request", b"{\"action\": \"opened\"}").await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("pull_request payload is not valid"), "{answer}");
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(gh.app.containers().is_empty());
+    assert!(gh.github.calls().is_empty(), "nothing reached GitHub: {:?}", gh.github.calls());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_is_acknowledged_and_ignored_and_a_current_preview_is_left_alone() {
+    let gh = GitHubApp::default().await;
+    let body = opened().body();
+    assert_eq!(gh.send_as("pull_request", "same-id", &body, Some(SECRET)).await.0, 202);
+    gh.comment_saying(2, "is live at").await;
+    let (status, answer) = gh.send_as("pull_request", "same-id", &body, Some(SECRET)).await;
+    assert_eq!((status, answer["status"].as_str()), (200, Some("duplicate")), "{answer}");
+
+    // A new delivery for the head commit that already runs changes nothing.
+    assert_eq!(gh.send_pr(PrEvent::new("reopened")).await.0, 202);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(gh.github.deployments(REPO).len(), 1);
+    assert_eq!(gh.app.containers().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forks_are_refused_unless_allowed_and_drafts_wait_for_review() {
+    let repos = format!("    {REPO}:\n      image: demo\n    Codertocat/Open-Source:\n      image: demo\n      allow_forks: true\n      name: \"oss-{{{{ number }}}}\"\n");
+    let gh = GitHubApp::start(&repos, "").await;
+
+    let (status, body) = gh.send_pr(opened().fork(true)).await;
+    assert_eq!((status, body["desired"].as_str()), (202, Some("absent")), "{body}");
+    assert!(body["reason"].as_str().unwrap().contains("fork"), "{body}");
+
+    let (status, body) = gh.send_pr(opened().repo("Codertocat/Open-Source").fork(true).number(7)).await;
+    assert_eq!((status, body["preview"].as_str()), (202, Some("oss-7")), "{body}");
+    gh.github
+        .wait_for("the fork's preview", WAIT, |github| github.comments("Codertocat/Open-Source", 7).iter().any(|c| c.body.contains("is live at")).then_some(()))
+        .await;
+    assert_eq!(gh.app.via_nginx("oss-7", "/").await.unwrap().0, 200);
+    assert!(gh.github.comments(REPO, 2).is_empty(), "nothing is said on the refused fork's PR");
+
+    let (status, body) = gh.send_pr(opened().number(3).draft(true)).await;
+    assert_eq!((status, body["desired"].as_str()), (202, Some("absent")), "{body}");
+    let (status, body) = gh.send_pr(PrEvent::new("ready_for_review").number(3).draft(false)).await;
+    assert_eq!((status, body["desired"].as_str()), (202, Some("present")), "{body}");
+    gh.comment_saying(3, "is live at").await;
+    let (status, _) = gh.send_pr(PrEvent::new("converted_to_draft").number(3).draft(true)).await;
+    assert_eq!(status, 202);
+    gh.comment_saying(3, "was removed").await;
+    assert_eq!(gh.app.via_nginx("hello-world-pr-3", "/").await.unwrap().0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_label_adds_and_removes_the_preview() {
+    let gh = GitHubApp::start(&format!("    {REPO}:\n      image: demo\n      label: staging\n      name: \"{{{{ branch }}}}\"\n"), "").await;
+    let branch = "Feature/Ünïcode & spaces";
+    let (status, body) = gh.send_pr(opened().branch(branch)).await;
+    assert_eq!((status, body["desired"].as_str()), (202, Some("absent")), "no label, no preview: {body}");
+    assert_eq!(body["preview"], "feature-unicode-spaces");
+
+    let labeled = PrEvent::new("labeled").branch(branch).labels(&["bug", "staging"]).label_event("staging");
+    assert_eq!(gh.send_pr(labeled).await.0, 202);
+    gh.comment_saying(2, "is live at").await;
+    let (_, env) = gh.app.via_nginx("feature-unicode-spaces", "/cgi-bin/env").await.unwrap();
+    assert!(env.lines().any(|l| l == format!("PREVIEW_BRANCH={branch}")), "the branch is passed as is: {env}");
+    assert!(env.lines().any(|l| l == format!("container_name={branch}")), "{env}");
+
+    let unlabeled = PrEvent::new("unlabeled").branch(branch).labels(&["bug"]).label_event("staging");
+    assert_eq!(gh.send_pr(unlabeled).await.0, 202);
+    gh.comment_saying(2, "was removed").await;
+    assert!(gh.app.containers().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_other_events_actions_and_repositories_are_acknowledged_and_ignored() {
+    let gh = GitHubApp::default().await;
+    let ping = serde_json::to_vec(&fixture("ping")).unwrap();
+    assert_eq!(gh.send("ping", &ping).await, (200, json!({"status": "pong"})));
+    let push = serde_json::to_vec(&fixture("push")).unwrap();
+    let (status, body) = gh.send("push", &push).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("ignored")));
+    let (status, body) = gh.send_pr(PrEvent::new("assigned")).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("ignored")), "{body}");
+    let (status, body) = gh.send_pr(opened().repo("someone/else")).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("ignored")), "{body}");
+    assert!(body["reason"].as_str().unwrap().contains("not in config.yml"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(gh.app.containers().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn github_outages_delay_the_feedback_but_never_the_preview() {
+    let gh = GitHubApp::default().await;
+    gh.github.set_down(true);
+    assert_eq!(gh.send_pr(opened()).await.0, 202);
+    let deadline = std::time::Instant::now() + WAIT;
+    while !matches!(gh.app.via_nginx("hello-world-pr-2", "/").await, Ok((200, _))) {
+        assert!(std::time::Instant::now() < deadline, "the preview must come up while GitHub is down");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gh.github.comments(REPO, 2).is_empty());
+    gh.github.set_down(false);
+    gh.github.fail_next(2, 502);
+    let comments = gh.comment_saying(2, "is live at").await;
+    assert_eq!(comments.len(), 1);
+    let deployments = gh.github.deployments(REPO);
+    assert_eq!(deployments.len(), 1);
+    assert_eq!(gh.statuses(deployments[0].id), ["in_progress", "success"], "order holds through the retries");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn github_tokens_with_push_access_may_use_the_api_and_stager_hook_credentials_work() {
+    let gh = GitHubApp::start(&format!("    {REPO}:\n      image: demo\n"), "  api_auth: true\n  webhook_basic_auth: true\n").await;
+    gh.github.add_token("alice-token", "alice");
+    gh.github.add_token("bob-token", "bob");
+    gh.github.set_permission(REPO, "alice", "write");
+    gh.github.set_permission(REPO, "bob", "read");
+    let launch = |token: &str| {
+        gh.client.post(gh.app.url("/launch")).bearer_auth(token).form(&[("image_name", "demo"), ("container_name", "by-token")]).send()
+    };
+    assert_eq!(launch("alice-token").await.unwrap().status(), 200);
+    let refused = launch("bob-token").await.unwrap();
+    assert_eq!(refused.status(), 403);
+    let message: Value = refused.json().await.unwrap();
+    assert!(message["error"].as_str().unwrap().contains("bob has no push access to Codertocat/Hello-World"), "{message}");
+    assert_eq!(launch("no-such-token").await.unwrap().status(), 401);
+    let listed = gh.client.get(gh.app.url("/api/previews")).bearer_auth("alice-token").send().await.unwrap();
+    assert_eq!(listed.status(), 200);
+    let killed = gh.client.post(gh.app.url("/kill")).bearer_auth("bob-token").form(&[("container_name", "by-token")]).send().await.unwrap();
+    assert_eq!(killed.status(), 403);
+
+    // Stager's hook URL carried Basic credentials: with webhook_basic_auth they are required.
+    let body = opened().body();
+    assert_eq!(gh.send_as("pull_request", "no-basic", &body, Some(SECRET)).await.0, 401);
+    let signed = gh
+        .client
+        .post(gh.app.url("/event_receiver"))
+        .basic_auth(USER, Some(PASSWORD))
+        .header("x-github-event", "pull_request")
+        .header("x-github-delivery", "with-basic")
+        .header("x-hub-signature-256", common::github::signature(SECRET, &body))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed.status(), 202);
+    gh.comment_saying(2, "is live at").await;
+}

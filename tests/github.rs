@@ -365,3 +365,43 @@ async fn github_tokens_with_push_access_may_use_the_api_and_stager_hook_credenti
     assert_eq!(signed.status(), 202);
     gh.comment_saying(2, "is live at").await;
 }
+
+/// Removes a local image tag made by a test.
+struct LocalTag(String);
+
+impl Drop for LocalTag {
+    fn drop(&mut self) {
+        std::process::Command::new("docker").args(["rmi", &self.0]).output().ok();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_tag_picks_the_pull_requests_image_and_a_failed_launch_is_reported() {
+    // What CI would push for PR 41; PR 42 has no image yet.
+    let tag = format!("pr-41-{}", common::unique_instance());
+    let tagged = LocalTag(format!("previewd-demo:{tag}"));
+    let made = std::process::Command::new("docker").args(["tag", common::DEMO_IMAGE, &tagged.0]).output().unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let suffix = tag.trim_start_matches("pr-41");
+    let repos = format!("    {REPO}:\n      image: demo\n      image_tag: \"pr-{{{{ number }}}}{suffix}\"\n");
+    let gh = GitHubApp::start(&repos, "").await;
+
+    let started = std::time::Instant::now();
+    let (status, _) = gh.send_pr(opened().number(41)).await;
+    assert_eq!(status, 202);
+    assert!(started.elapsed() < Duration::from_secs(1), "the webhook answers without waiting for the launch: {:?}", started.elapsed());
+    gh.comment_saying(41, "is live at").await;
+    let id = gh.app.containers()[0].split(' ').next().unwrap().to_owned();
+    let image = std::process::Command::new("docker").args(["inspect", "--format", "{{.Config.Image}}", &id]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&image.stdout).trim(), tagged.0);
+
+    assert_eq!(gh.send_pr(opened().number(42)).await.0, 202);
+    let comments = gh.comment_saying(42, "failed for commit").await;
+    assert!(comments[0].body.contains(&format!("previewd-demo:pr-42{suffix}")), "the reason names the image: {}", comments[0].body);
+    let deployment = gh.github.deployments(REPO).into_iter().find(|d| d.environment == "hello-world-pr-42").unwrap();
+    let statuses = gh.github.statuses(REPO, deployment.id);
+    assert_eq!(statuses.iter().map(|s| s.state.as_str()).collect::<Vec<_>>(), ["in_progress", "failure"]);
+    let description = statuses[1].description.clone().unwrap_or_default();
+    assert!(description.contains("not on this host") && description.chars().count() <= 140, "{description}");
+    assert_eq!(gh.app.containers().len(), 1, "the failed launch left nothing behind");
+}

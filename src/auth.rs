@@ -7,8 +7,8 @@
 //! checks run at once.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use argon2::Argon2;
 use argon2::password_hash::phc::PasswordHash;
@@ -17,6 +17,7 @@ use base64::Engine;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
+use crate::cache::ExpiringMap;
 use crate::config::User;
 use crate::locks::KeyedLocks;
 
@@ -63,8 +64,8 @@ struct Inner {
     permits: Semaphore,
     /// Per process, so the digests in memory cannot be checked against a password list offline.
     salt: [u8; 16],
-    /// Digests of credentials that passed, with when they stop counting.
-    verified: Mutex<HashMap<CredentialDigest, Instant>>,
+    /// Digests of credentials that passed.
+    verified: ExpiringMap<CredentialDigest, ()>,
     in_flight: KeyedLocks<CredentialDigest>,
 }
 
@@ -81,7 +82,7 @@ impl Authenticator {
             dummy_hash: hash_password("previewd-dummy-password").unwrap_or_default(),
             permits: Semaphore::new(MAX_CONCURRENT_CHECKS),
             salt: rand::random(),
-            verified: Mutex::default(),
+            verified: ExpiringMap::new(REMEMBER_FOR, MAX_REMEMBERED),
             in_flight: KeyedLocks::default(),
         };
         Self { inner: Arc::new(inner) }
@@ -124,20 +125,11 @@ impl Inner {
     }
 
     fn remembers(&self, digest: &CredentialDigest) -> bool {
-        let verified = self.verified.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        verified.get(digest).is_some_and(|until| Instant::now() < *until)
+        self.verified.get(digest).is_some()
     }
 
     fn remember(&self, digest: CredentialDigest) {
-        let mut verified = self.verified.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if verified.len() >= MAX_REMEMBERED {
-            let now = Instant::now();
-            verified.retain(|_, until| now < *until);
-            if verified.len() >= MAX_REMEMBERED {
-                verified.clear();
-            }
-        }
-        verified.insert(digest, Instant::now() + REMEMBER_FOR);
+        self.verified.insert(digest, ());
     }
 }
 
@@ -231,7 +223,7 @@ mod tests {
         }
         assert!(started.elapsed() < Duration::from_millis(200), "remembered checks skip argon2");
         assert_eq!(auth.authenticate(Some(&basic("testuser:testpassword2"))).await, Err(AuthError::Rejected));
-        assert_eq!(auth.inner.verified.lock().unwrap().len(), 1);
+        assert_eq!(auth.inner.verified.size(), 1);
     }
 
     #[tokio::test]

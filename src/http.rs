@@ -1,5 +1,6 @@
-//! The HTTP API (axum): one line per route, Basic auth on everything but `/healthz`, and
-//! handlers that turn validated requests into lifecycle operations.
+//! The HTTP API (axum): one line per route, authentication on everything but `/healthz` and the
+//! GitHub webhook (which checks GitHub's signature), and handlers that turn validated requests
+//! into lifecycle operations.
 //!
 //! Lifecycle operations run as tracked tasks of their own, so a client that hangs up cannot
 //! cancel a launch half-way, and shutdown waits for them to finish.
@@ -85,7 +86,7 @@ async fn require_auth(State(state): State<AppState>, mut request: Request, next:
 impl AppState {
     /// Basic users may do anything; GitHub users need push access to a repository that uses
     /// the image (or to any configured repository, for reads).
-    async fn authorize(&self, principal: &Principal, image: Option<&ImageKey>) -> Result<(), ApiError> {
+    pub async fn authorize(&self, principal: &Principal, image: Option<&ImageKey>) -> Result<(), ApiError> {
         match (principal, &self.tokens, &self.config.github) {
             (Principal::User(_), _, _) => Ok(()),
             (Principal::GitHub(login), Some(tokens), Some(github)) => Ok(tokens.authorize(github, login, image).await?),
@@ -115,6 +116,8 @@ async fn kill(
 ) -> Result<Response, ApiError> {
     let request = KillRequest::parse(fields)?;
     if matches!(principal, Principal::GitHub(_)) {
+        // Authorized at all before learning whether the preview exists.
+        state.authorize(&principal, None).await?;
         let image = state.lifecycle.get(&request.name).await?.image;
         state.authorize(&principal, Some(&image)).await?;
     }
@@ -133,7 +136,17 @@ async fn list_previews(
     Extension(principal): Extension<Principal>,
 ) -> Result<Json<Vec<PreviewInfo>>, ApiError> {
     state.authorize(&principal, None).await?;
-    Ok(Json(state.lifecycle.list().await?))
+    let mut previews = state.lifecycle.list().await?;
+    if let (Principal::GitHub(login), Some(tokens), Some(github)) = (&principal, &state.tokens, &state.config.github) {
+        let mut visible = Vec::new();
+        for preview in previews {
+            if tokens.may_see(github, login, preview.repo.as_deref(), &preview.image).await? {
+                visible.push(preview);
+            }
+        }
+        previews = visible;
+    }
+    Ok(Json(previews))
 }
 
 async fn get_preview(
@@ -143,7 +156,13 @@ async fn get_preview(
 ) -> Result<Json<PreviewInfo>, ApiError> {
     state.authorize(&principal, None).await?;
     let slug = preview_name("name", &name)?;
-    Ok(Json(state.lifecycle.get(&slug).await?))
+    let preview = state.lifecycle.get(&slug).await?;
+    if let (Principal::GitHub(login), Some(tokens), Some(github)) = (&principal, &state.tokens, &state.config.github)
+        && !tokens.may_see(github, login, preview.repo.as_deref(), &preview.image).await?
+    {
+        return Err(LifecycleError::NotFound(slug).into());
+    }
+    Ok(Json(preview))
 }
 
 /// No auth: for load balancers and monitoring. 503 when Docker or nginx is not usable.

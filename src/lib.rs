@@ -10,6 +10,7 @@
 //! - [`request`]: launch and kill requests parsed from the API's fields.
 //! - [`lifecycle`]: launch, replace, kill, list and reconcile previews.
 //! - [`locks`]: one async lock per key (per preview, per credential).
+//! - [`cache`]: a bounded map whose entries expire.
 //! - [`docker`]: the container runtime on the Docker API; labels are the record of what runs.
 //! - [`probe`]: whether an app answers HTTP yet.
 //! - [`nginx`]: vhost files, `nginx -t`, coalesced reloads, the managed nginx.
@@ -19,6 +20,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod docker;

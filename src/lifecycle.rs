@@ -35,6 +35,25 @@ pub enum LifecycleError {
     Unhealthy { port: u16, path: String, timeout: Duration, logs: String },
     #[error("no preview named \"{0}\" is running; GET /api/previews lists them")]
     NotFound(Slug),
+    #[error("the name \"{name}\" is taken by {owner}; give this repository's previews other names (github.repos.*.name)")]
+    NameTaken { name: Slug, owner: String },
+}
+
+impl LifecycleError {
+    /// The error without the container's log lines, for places others can read (a PR comment):
+    /// an app may print secrets.
+    pub fn summary(&self) -> String {
+        match self {
+            Self::Crashed { exit_code, .. } => format!(
+                "the container stopped during start-up (exit code {}); previewd's log has its last lines",
+                exit_code.map_or("unknown".to_owned(), |c| c.to_string())
+            ),
+            Self::Unhealthy { path, timeout, .. } => {
+                format!("the app did not answer HTTP at {path} within {timeout:?}; previewd's log has its last lines")
+            }
+            other => other.to_string(),
+        }
+    }
 }
 
 /// What the API reports about a preview.
@@ -98,9 +117,14 @@ impl Lifecycle {
         let _guard = self.locks.lock(&request.name).await;
         let started = Instant::now();
         let spec = &request.spec;
+        let previous = self.runtime.list_slug(&request.name).await?;
+        if let Some(origin) = &request.origin
+            && let Some(other) = previous.iter().find(|c| !same_pull_request(c.origin.as_ref(), origin))
+        {
+            return Err(LifecycleError::NameTaken { name: request.name.clone(), owner: describe_owner(other.origin.as_ref()) });
+        }
         self.runtime.ensure_image(spec).await?;
         let ticket = self.router.ticket();
-        let previous = self.runtime.list_slug(&request.name).await?;
         let url = self.url_for(&request.name);
         let plan = ContainerPlan {
             slug: &request.name,
@@ -173,6 +197,21 @@ impl Lifecycle {
         }
     }
 
+    /// Removes the preview of a pull request, unless the name belongs to another preview (another
+    /// pull request's, or one launched by hand). Returns whether something was removed.
+    pub async fn kill_pull_request(&self, slug: &Slug, origin: &PullRequestOrigin) -> Result<bool, LifecycleError> {
+        let _guard = self.locks.lock(slug).await;
+        let containers = self.runtime.list_slug(slug).await?;
+        if containers.iter().any(|c| !same_pull_request(c.origin.as_ref(), origin)) {
+            tracing::warn!(%slug, "not removing a preview that belongs to someone else");
+            return Ok(false);
+        }
+        match self.kill_locked(slug, containers).await {
+            Err(LifecycleError::NotFound(_)) => Ok(false),
+            other => other.map(|()| true),
+        }
+    }
+
     /// Removes a preview: first its containers, then its route. In that order a crash half-way
     /// leaves a vhost without a container, which the next reconcile deletes; the other order
     /// would leave a container that reconcile routes again.
@@ -180,6 +219,10 @@ impl Lifecycle {
     pub async fn kill(&self, slug: &Slug) -> Result<(), LifecycleError> {
         let _guard = self.locks.lock(slug).await;
         let containers = self.runtime.list_slug(slug).await?;
+        self.kill_locked(slug, containers).await
+    }
+
+    async fn kill_locked(&self, slug: &Slug, containers: Vec<ManagedContainer>) -> Result<(), LifecycleError> {
         let routed = self.is_routed(slug);
         if containers.is_empty() && !routed {
             return Err(LifecycleError::NotFound(slug.clone()));
@@ -330,6 +373,17 @@ impl Lifecycle {
             pr,
             sha,
         }
+    }
+}
+
+fn same_pull_request(container: Option<&PullRequestOrigin>, origin: &PullRequestOrigin) -> bool {
+    container.is_some_and(|c| c.repo.eq_ignore_ascii_case(&origin.repo) && c.number == origin.number)
+}
+
+fn describe_owner(origin: Option<&PullRequestOrigin>) -> String {
+    match origin {
+        Some(origin) => format!("pull request #{} of {}", origin.number, origin.repo),
+        None => "a preview launched through the API".to_owned(),
     }
 }
 

@@ -328,11 +328,13 @@ async fn github_outages_delay_the_feedback_but_never_the_preview() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn github_tokens_with_push_access_may_use_the_api_and_stager_hook_credentials_work() {
-    let gh = GitHubApp::start(&format!("    {REPO}:\n      image: demo\n"), "  api_auth: true\n  webhook_basic_auth: true\n").await;
+    let repos = format!("    {REPO}:\n      image: demo\n    Codertocat/Secret:\n      image: demo\n      name: \"secret-{{{{ number }}}}\"\n");
+    let gh = GitHubApp::start(&repos, "  api_auth: true\n  webhook_basic_auth: true\n").await;
     gh.github.add_token("alice-token", "alice");
     gh.github.add_token("bob-token", "bob");
     gh.github.set_permission(REPO, "alice", "write");
     gh.github.set_permission(REPO, "bob", "read");
+    gh.github.set_permission("Codertocat/Secret", "alice", "none");
     let launch = |token: &str| {
         gh.client.post(gh.app.url("/launch")).bearer_auth(token).form(&[("image_name", "demo"), ("container_name", "by-token")]).send()
     };
@@ -342,8 +344,33 @@ async fn github_tokens_with_push_access_may_use_the_api_and_stager_hook_credenti
     let message: Value = refused.json().await.unwrap();
     assert!(message["error"].as_str().unwrap().contains("bob has no push access to Codertocat/Hello-World"), "{message}");
     assert_eq!(launch("no-such-token").await.unwrap().status(), 401);
-    let listed = gh.client.get(gh.app.url("/api/previews")).bearer_auth("alice-token").send().await.unwrap();
-    assert_eq!(listed.status(), 200);
+    // A preview of a repository alice cannot push to stays invisible to her.
+    let secret_pr = opened().repo("Codertocat/Secret").number(9).body();
+    let (status, _) = gh.send_as("pull_request", "secret-9", &secret_pr, Some(SECRET)).await;
+    assert_eq!(status, 401, "webhook_basic_auth wants Basic credentials too");
+    let response = gh
+        .client
+        .post(gh.app.url("/webhooks/github"))
+        .basic_auth(USER, Some(PASSWORD))
+        .header("x-github-event", "pull_request")
+        .header("x-github-delivery", "secret-9")
+        .header("x-hub-signature-256", common::github::signature(SECRET, &secret_pr))
+        .header("content-type", "application/json")
+        .body(secret_pr)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    gh.github
+        .wait_for("the secret preview", WAIT, |github| github.comments("Codertocat/Secret", 9).iter().any(|c| c.body.contains("is live at")).then_some(()))
+        .await;
+    let listed: Value = gh.client.get(gh.app.url("/api/previews")).bearer_auth("alice-token").send().await.unwrap().json().await.unwrap();
+    let names: Vec<&str> = listed.as_array().unwrap().iter().filter_map(|p| p["name"].as_str()).collect();
+    assert_eq!(names, ["by-token"], "{listed}");
+    let hidden = gh.client.get(gh.app.url("/api/previews/secret-9")).bearer_auth("alice-token").send().await.unwrap();
+    assert_eq!(hidden.status(), 404);
+    let all: Value = gh.client.get(gh.app.url("/api/previews")).basic_auth(USER, Some(PASSWORD)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(all.as_array().unwrap().len(), 2, "Basic users see everything: {all}");
     let killed = gh.client.post(gh.app.url("/kill")).bearer_auth("bob-token").form(&[("container_name", "by-token")]).send().await.unwrap();
     assert_eq!(killed.status(), 403);
 
@@ -404,4 +431,66 @@ async fn image_tag_picks_the_pull_requests_image_and_a_failed_launch_is_reported
     let description = statuses[1].description.clone().unwrap_or_default();
     assert!(description.contains("not on this host") && description.chars().count() <= 140, "{description}");
     assert_eq!(gh.app.containers().len(), 1, "the failed launch left nothing behind");
+}
+
+fn updated_at(mut event: PrEvent, when: &str) -> PrEvent {
+    event.value["pull_request"]["updated_at"] = json!(when);
+    event
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_delivery_of_an_older_state_is_dropped() {
+    let gh = GitHubApp::default().await;
+    // GitHub sent "closed" after "synchronize", but "closed" arrives first.
+    let closed = updated_at(PrEvent::new("closed"), "2030-01-01T10:00:05Z");
+    let (status, body) = gh.send_pr(closed).await;
+    assert_eq!((status, body["desired"].as_str()), (202, Some("absent")), "{body}");
+    let late = updated_at(PrEvent::new("synchronize").sha("2222222222222222222222222222222222222222"), "2030-01-01T10:00:01Z");
+    let (status, body) = gh.send_pr(late).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("stale")), "{body}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(gh.app.containers().is_empty(), "the closed pull request keeps no preview");
+    assert!(gh.github.deployments(REPO).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_request_never_takes_or_removes_a_preview_it_does_not_own() {
+    let gh = GitHubApp::default().await;
+    let manual = gh.app.launch(&[("image_name", "demo"), ("container_name", "hello-world-pr-2")]).await;
+    assert_eq!(manual.status(), 200);
+    let manual_id = gh.app.containers()[0].split(' ').next().unwrap().to_owned();
+
+    assert_eq!(gh.send_pr(opened()).await.0, 202);
+    let comments = gh.comment_saying(2, "failed for commit").await;
+    assert!(comments[0].body.contains("is taken by a preview launched through the API"), "{}", comments[0].body);
+    assert_eq!(gh.send_pr(PrEvent::new("closed")).await.0, 202);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let left = gh.app.containers();
+    assert!(left.len() == 1 && left[0].starts_with(&manual_id), "the manual preview is untouched: {left:?}");
+    assert_eq!(gh.app.via_nginx("hello-world-pr-2", "/").await.unwrap().0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_look_alike_comment_is_not_taken_over_and_failures_do_not_publish_logs() {
+    let repos = format!("    {REPO}:\n      image: crash\n");
+    let gh = GitHubApp::start(&repos, "").await;
+    gh.github.add_token("mallory-token", "mallory");
+    let marker = format!("<!-- previewd:{}:hello-world-pr-2 -->", gh.app.instance);
+    let planted = gh
+        .client
+        .post(format!("{}/repos/{REPO}/issues/2/comments", gh.github.url))
+        .bearer_auth("mallory-token")
+        .json(&json!({ "body": format!("{marker}\nnot previewd") }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(planted.status(), 201);
+
+    assert_eq!(gh.send_pr(opened()).await.0, 202);
+    let comments = gh.comment_saying(2, "failed for commit").await;
+    assert_eq!(comments.len(), 2, "previewd writes its own comment: {comments:?}");
+    assert!(comments.iter().any(|c| c.user == "mallory" && c.body.contains("not previewd")), "{comments:?}");
+    let ours = comments.iter().find(|c| c.user == "previewd-bot").expect("previewd's comment");
+    assert!(ours.body.contains("exit code 3"), "{}", ours.body);
+    assert!(!ours.body.contains("config file missing"), "the container's log stays off the PR: {}", ours.body);
 }

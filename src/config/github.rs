@@ -205,6 +205,11 @@ fn read_secret_file(path: &Path) -> Result<String, String> {
     std::fs::read_to_string(path).map_err(|err| format!("cannot read {}: {err}", path.display()))
 }
 
+fn depends_on_sha(template: &NameTemplate) -> bool {
+    let with = |sha| template.render(&PrContext { owner: "o", repo: "r", number: 1, branch: "b", sha });
+    with("0000000") != with("1111111")
+}
+
 fn validate_repo(
     full_name: &str,
     raw: RawRepo,
@@ -231,6 +236,9 @@ fn validate_repo(
     };
     let name = template("name", raw.name.as_deref().unwrap_or(DEFAULT_NAME));
     let image_tag = raw.image_tag.as_deref().and_then(|text| template("image_tag", text));
+    if name.as_ref().is_some_and(depends_on_sha) {
+        problems.add(&format!("{path}.name"), "must not use {{ sha }}: the name is the pull request's identity across pushes");
+    }
     if raw.label.as_deref().is_some_and(str::is_empty) {
         problems.add(&format!("{path}.label"), "must not be empty; remove it to preview every pull request");
     }
@@ -270,6 +278,12 @@ mod tests {
     fn names_from_branches_are_slugged() {
         let template = NameTemplate::parse("{{ branch }}").unwrap();
         assert_eq!(template.slug(&context()).unwrap().as_ref(), "feature-odd-name");
+    }
+
+    #[test]
+    fn a_name_that_changes_with_every_push_is_refused() {
+        assert!(depends_on_sha(&NameTemplate::parse("pr-{{ number }}-{{ sha }}").unwrap()));
+        assert!(!depends_on_sha(&NameTemplate::parse(DEFAULT_NAME).unwrap()));
     }
 
     #[test]

@@ -58,6 +58,7 @@ struct CommentItem {
     id: u64,
     #[serde(default)]
     body: Option<String>,
+    user: Option<UserItem>,
 }
 
 #[derive(Deserialize)]
@@ -90,12 +91,14 @@ impl GitHubApi {
         Ok(Self { octocrab })
     }
 
-    /// The id of the first comment on an issue or pull request whose body contains `marker`.
-    pub async fn find_comment(&self, repo: &str, number: u64, marker: &str) -> Result<Option<u64>, ApiCallError> {
+    /// The id of the first comment by `author` on an issue or pull request whose body contains
+    /// `marker` (anyone can post a comment that contains the marker).
+    pub async fn find_comment(&self, repo: &str, number: u64, marker: &str, author: &str) -> Result<Option<u64>, ApiCallError> {
         for page in 1..=MAX_PAGES {
             let route = format!("/repos/{repo}/issues/{number}/comments?per_page={PER_PAGE}&page={page}");
             let comments: Vec<CommentItem> = self.octocrab.get(route, None::<&()>).await?;
-            if let Some(found) = comments.iter().find(|c| c.body.as_deref().is_some_and(|b| b.contains(marker))) {
+            let ours = |c: &&CommentItem| c.user.as_ref().is_some_and(|u| u.login.eq_ignore_ascii_case(author));
+            if let Some(found) = comments.iter().filter(ours).find(|c| c.body.as_deref().is_some_and(|b| b.contains(marker))) {
                 return Ok(Some(found.id));
             }
             if comments.len() < PER_PAGE {
@@ -188,7 +191,8 @@ where
     Fut: Future<Output = Result<T, ApiCallError>>,
 {
     let mut delay = FIRST_RETRY;
-    for attempt in 1..=MAX_TRIES {
+    let mut attempt = 1;
+    loop {
         match call().await {
             Ok(value) => return Ok(value),
             Err(err) if err.is_retryable() && attempt < MAX_TRIES && !shutdown.is_cancelled() => {
@@ -198,11 +202,11 @@ where
                     () = shutdown.cancelled() => {}
                 }
                 delay = (delay * 2).min(MAX_RETRY);
+                attempt += 1;
             }
             Err(err) => return Err(err),
         }
     }
-    Err(ApiCallError::Transport(format!("{what}: no more tries")))
 }
 
 #[cfg(test)]

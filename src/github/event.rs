@@ -31,6 +31,10 @@ pub struct PullRequest {
     pub base: Branch,
     #[serde(default)]
     pub labels: Vec<Label>,
+    /// ISO 8601 in UTC (`2019-05-15T15:20:33Z`), so that it orders as text. GitHub does not
+    /// deliver webhooks in order; this tells which delivery describes the newer state.
+    #[serde(default)]
+    pub updated_at: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -49,20 +49,31 @@ struct Inner {
     memory: Mutex<HashMap<PullRequestKey, Posted>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    /// previewd's own login, to tell its comment from look-alikes others post.
+    login: tokio::sync::OnceCell<String>,
 }
 
 /// What has been posted on one pull request.
 #[derive(Debug, Clone, Default)]
 struct Posted {
     comment: Option<u64>,
-    deployment: Option<u64>,
-    /// The previous head's deployment, still serving until the new head is live.
-    superseded: Option<u64>,
+    /// Deployments (commit, id) not yet retired: the live one, and any still deploying.
+    deployments: Vec<(String, u64)>,
 }
+
+impl Posted {
+    fn deployment_of(&self, sha: &str) -> Option<u64> {
+        self.deployments.iter().find(|(commit, _)| commit == sha).map(|(_, id)| *id)
+    }
+}
+
+/// Pull requests whose comment and deployment ids are remembered.
+const MAX_REMEMBERED: usize = 10_000;
 
 impl Feedback {
     pub fn new(api: GitHubApi, instance: InstanceName, tasks: TaskTracker, shutdown: CancellationToken) -> Self {
-        let inner = Inner { api, instance, queues: Mutex::default(), memory: Mutex::default(), tasks, shutdown };
+        let inner =
+            Inner { api, instance, queues: Mutex::default(), memory: Mutex::default(), tasks, shutdown, login: Default::default() };
         Self { inner: Arc::new(inner) }
     }
 
@@ -114,60 +125,91 @@ async fn worker(inner: Arc<Inner>, key: PullRequestKey, mut steps: mpsc::Unbound
     }
 }
 
-/// Posts one step: the deployment status, then the sticky comment.
+/// Posts one step: the deployment statuses, then the sticky comment.
 async fn post(inner: &Inner, key: &PullRequestKey, slug: Slug, step: Step) {
     let mut posted = inner.memory.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned().unwrap_or_default();
-    if let Err(err) = post_status(inner, key, &slug, &step, &mut posted).await {
+    if let Err(err) = post_statuses(inner, key, &slug, &step, &mut posted).await {
         tracing::error!(repo = %key.repo, pr = key.number, %slug, error = %err, "cannot post the deployment status");
     }
     if let Err(err) = post_comment(inner, key, &slug, &step, &mut posted).await {
         tracing::error!(repo = %key.repo, pr = key.number, %slug, error = %err, "cannot post the pull request comment");
     }
-    inner.memory.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), posted);
+    let mut memory = inner.memory.lock().unwrap_or_else(|p| p.into_inner());
+    if matches!(step, Step::Removed { .. }) {
+        memory.remove(key);
+    } else {
+        if memory.len() >= MAX_REMEMBERED {
+            memory.clear();
+        }
+        memory.insert(key.clone(), posted);
+    }
 }
 
-async fn post_status(inner: &Inner, key: &PullRequestKey, slug: &Slug, step: &Step, posted: &mut Posted) -> Result<(), ApiCallError> {
+/// One deployment per head commit: created when it starts deploying, `success` or `failure` when
+/// that commit's launch ends, and the others retired (`inactive`) once a commit is live or the
+/// preview is removed. GitHub's auto_inactive skips transient deployments, hence by hand.
+async fn post_statuses(inner: &Inner, key: &PullRequestKey, slug: &Slug, step: &Step, posted: &mut Posted) -> Result<(), ApiCallError> {
     let (api, repo, shutdown) = (&inner.api, key.repo.as_str(), &inner.shutdown);
-    if let Step::Deploying { sha } = step {
-        let description = format!("Preview of pull request #{}", key.number);
-        let id = with_retries("create a deployment", shutdown, || api.create_deployment(repo, sha, slug.as_ref(), &description)).await?;
-        posted.superseded = posted.deployment.replace(id).or(posted.superseded);
-    }
-    let Some(deployment) = posted.deployment else {
-        return Ok(());
+    let status = |id: u64, state: &'static str, url: Option<String>, description: String| async move {
+        with_retries("create a deployment status", shutdown, || api.create_status(repo, id, state, url.as_deref(), &description)).await
     };
-    let (state, url, description) = match step {
-        Step::Deploying { .. } => ("in_progress", None, "Starting the preview".to_owned()),
-        Step::Live { url, .. } => ("success", Some(url.as_str()), "The preview is live".to_owned()),
-        Step::Failed { reason, .. } => ("failure", None, reason.clone()),
-        Step::Removed { reason } => ("inactive", None, format!("Removed: {reason}")),
-    };
-    with_retries("create a deployment status", shutdown, || api.create_status(repo, deployment, state, url, &description)).await?;
-    // GitHub's auto_inactive skips transient deployments, so the superseded one is retired here,
-    // once the new head is live (after a failed redeploy the old preview still serves).
-    if let (Step::Live { sha, .. }, Some(old)) = (step, posted.superseded) {
-        let description = format!("Superseded by {}", sha.chars().take(7).collect::<String>());
-        with_retries("retire the previous deployment", shutdown, || api.create_status(repo, old, "inactive", None, &description)).await?;
-        posted.superseded = None;
+    match step {
+        Step::Deploying { sha } => {
+            let description = format!("Preview of pull request #{}", key.number);
+            let id = with_retries("create a deployment", shutdown, || api.create_deployment(repo, sha, slug.as_ref(), &description)).await?;
+            posted.deployments.push((sha.clone(), id));
+            status(id, "in_progress", None, "Starting the preview".to_owned()).await
+        }
+        Step::Live { sha, url } => {
+            if let Some(id) = posted.deployment_of(sha) {
+                status(id, "success", Some(url.clone()), "The preview is live".to_owned()).await?;
+            }
+            let superseded: Vec<(String, u64)> = posted.deployments.iter().filter(|(commit, _)| commit != sha).cloned().collect();
+            for (_, old) in superseded {
+                status(old, "inactive", None, format!("Superseded by {}", short(sha))).await?;
+                posted.deployments.retain(|(_, id)| *id != old);
+            }
+            Ok(())
+        }
+        Step::Failed { sha, reason } => match posted.deployment_of(sha) {
+            Some(id) => {
+                // The previous commit, if any, still serves: only this deployment ends.
+                posted.deployments.retain(|(_, known)| *known != id);
+                status(id, "failure", None, reason.clone()).await
+            }
+            None => Ok(()),
+        },
+        Step::Removed { reason } => {
+            for (_, id) in std::mem::take(&mut posted.deployments) {
+                status(id, "inactive", None, format!("Removed: {reason}")).await?;
+            }
+            Ok(())
+        }
     }
-    Ok(())
 }
 
 async fn post_comment(inner: &Inner, key: &PullRequestKey, slug: &Slug, step: &Step, posted: &mut Posted) -> Result<(), ApiCallError> {
     let (api, repo, shutdown) = (&inner.api, key.repo.as_str(), &inner.shutdown);
     let marker = marker(&inner.instance, slug);
     let body = format!("{marker}\n{}", comment_text(slug, step));
-    if posted.comment.is_none() {
-        posted.comment = with_retries("find the preview comment", shutdown, || api.find_comment(repo, key.number, &marker)).await?;
+    if let Some(id) = posted.comment {
+        return with_retries("edit the preview comment", shutdown, || api.update_comment(repo, id, &body)).await;
     }
-    match posted.comment {
-        Some(id) => with_retries("edit the preview comment", shutdown, || api.update_comment(repo, id, &body)).await,
-        None => {
-            let id = with_retries("comment on the pull request", shutdown, || api.create_comment(repo, key.number, &body)).await?;
-            posted.comment = Some(id);
-            Ok(())
+    let login = inner.login.get_or_try_init(|| with_retries("find previewd's GitHub login", shutdown, || api.user())).await?;
+    // Looking again before each try: a create whose answer was lost may have succeeded.
+    let id = with_retries("comment on the pull request", shutdown, || async {
+        match api.find_comment(repo, key.number, &marker, login).await? {
+            Some(id) => api.update_comment(repo, id, &body).await.map(|()| id),
+            None => api.create_comment(repo, key.number, &body).await,
         }
-    }
+    })
+    .await?;
+    posted.comment = Some(id);
+    Ok(())
+}
+
+fn short(sha: &str) -> String {
+    sha.chars().take(7).collect()
 }
 
 /// The hidden marker that identifies previewd's comment for one preview.
@@ -176,7 +218,6 @@ pub fn marker(instance: &InstanceName, slug: &Slug) -> String {
 }
 
 fn comment_text(slug: &Slug, step: &Step) -> String {
-    let short = |sha: &str| sha.chars().take(7).collect::<String>();
     match step {
         Step::Deploying { sha } => format!("**Preview `{slug}`**: deploying commit `{}`…", short(sha)),
         Step::Live { sha, url } => format!("**Preview `{slug}`** is live at {url}\n\nCommit `{}` · status: ready", short(sha)),

@@ -1,14 +1,19 @@
 //! Applies a pull request's desired state: its preview made to run at the head commit (a new
 //! container answering before the route switches) or removed, one pull request at a time, with
 //! each step reported to GitHub.
+//!
+//! GitHub does not deliver webhooks in order. Each pull request keeps only the newest state
+//! delivered (by the payload's `updated_at`); an older delivery arriving late is dropped, and the
+//! work always applies the newest state, so `synchronize` and `closed` arriving together cannot
+//! leave the preview of a closed pull request running.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 use super::event::{Desired, Target, with_tag};
 use super::feedback::{Feedback, PullRequestKey, Step};
 use crate::config::Config;
-use crate::lifecycle::{Lifecycle, LifecycleError};
+use crate::lifecycle::Lifecycle;
 use crate::locks::KeyedLocks;
 use crate::preview::{EnvName, Slug};
 use crate::request::{LaunchRequest, PullRequestOrigin};
@@ -18,18 +23,47 @@ pub struct PullRequestPreviews {
     config: Arc<Config>,
     lifecycle: Lifecycle,
     feedback: Feedback,
-    /// Keeps each preview's check-launch-report sequence whole, so its feedback stays in order.
-    order: Arc<KeyedLocks<Slug>>,
+    /// The newest delivered state of each pull request.
+    latest: Arc<Mutex<HashMap<PullRequestKey, Latest>>>,
+    /// One pull request's work at a time, so its feedback stays in order.
+    order: Arc<KeyedLocks<PullRequestKey>>,
 }
+
+#[derive(Clone)]
+struct Latest {
+    updated_at: String,
+    slug: Slug,
+    desired: Desired,
+}
+
+/// Pull requests whose newest state is remembered; past this, those with no preview are forgotten.
+const MAX_REMEMBERED: usize = 10_000;
 
 impl PullRequestPreviews {
     pub fn new(config: Arc<Config>, lifecycle: Lifecycle, feedback: Feedback) -> Self {
-        Self { config, lifecycle, feedback, order: Arc::default() }
+        Self { config, lifecycle, feedback, latest: Arc::default(), order: Arc::default() }
     }
 
-    #[tracing::instrument(skip_all, fields(slug = %slug))]
-    pub async fn apply(&self, slug: Slug, desired: Desired, key: PullRequestKey) {
-        let _order = self.order.lock(&slug).await;
+    /// Remembers a delivered state; false when a newer one was delivered before (this one is
+    /// stale and must not be applied).
+    pub fn record(&self, key: &PullRequestKey, slug: Slug, desired: Desired, updated_at: &str) -> bool {
+        let mut latest = self.latest.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if latest.get(key).is_some_and(|known| known.updated_at.as_str() > updated_at) {
+            return false;
+        }
+        if latest.len() >= MAX_REMEMBERED {
+            latest.retain(|_, known| matches!(known.desired, Desired::Present(_)));
+        }
+        latest.insert(key.clone(), Latest { updated_at: updated_at.to_owned(), slug, desired });
+        true
+    }
+
+    /// Applies the newest state delivered for a pull request.
+    #[tracing::instrument(skip_all, fields(repo = %key.repo, pr = key.number))]
+    pub async fn apply_latest(&self, key: PullRequestKey) {
+        let _order = self.order.lock(&key).await;
+        let latest = self.latest.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&key).cloned();
+        let Some(Latest { slug, desired, .. }) = latest else { return };
         match desired {
             Desired::Present(target) => self.make_present(slug, target, key).await,
             Desired::Absent(reason) => self.make_absent(slug, reason, key).await,
@@ -38,7 +72,7 @@ impl PullRequestPreviews {
 
     async fn make_present(&self, slug: Slug, target: Target, key: PullRequestKey) {
         if self.lifecycle.runs_commit(&slug, &target.sha).await {
-            tracing::info!(sha = %target.sha, "preview already runs the head commit");
+            tracing::info!(%slug, sha = %target.sha, "preview already runs the head commit");
             return;
         }
         let Some(request) = self.launch_request(&slug, &target) else {
@@ -49,18 +83,19 @@ impl PullRequestPreviews {
         let step = match self.lifecycle.launch(request).await {
             Ok(info) => Step::Live { sha: target.sha, url: info.url },
             Err(err) => {
-                tracing::error!(error = %err, "pull request preview failed");
-                Step::Failed { sha: target.sha, reason: err.to_string() }
+                tracing::error!(%slug, error = %err, "pull request preview failed");
+                Step::Failed { sha: target.sha, reason: err.summary() }
             }
         };
         self.feedback.send(key, slug, step);
     }
 
     async fn make_absent(&self, slug: Slug, reason: &str, key: PullRequestKey) {
-        match self.lifecycle.kill(&slug).await {
-            Ok(()) => self.feedback.send(key, slug, Step::Removed { reason: reason.to_owned() }),
-            Err(LifecycleError::NotFound(_)) => tracing::debug!(reason, "no preview to remove"),
-            Err(err) => tracing::error!(error = %err, "cannot remove the pull request's preview"),
+        let origin = PullRequestOrigin { repo: key.repo.clone(), number: key.number, sha: String::new() };
+        match self.lifecycle.kill_pull_request(&slug, &origin).await {
+            Ok(true) => self.feedback.send(key, slug, Step::Removed { reason: reason.to_owned() }),
+            Ok(false) => tracing::debug!(%slug, reason, "no preview of this pull request to remove"),
+            Err(err) => tracing::error!(%slug, error = %err, "cannot remove the pull request's preview"),
         }
     }
 

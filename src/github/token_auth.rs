@@ -1,20 +1,23 @@
 //! GitHub tokens as API credentials (Stager's GithubAuthentication): with `github.api_auth`,
 //! `Authorization: Bearer <token>` is accepted for a GitHub user who has push access to a
-//! repository whose pull requests use the image at stake. GitHub's answers are cached briefly,
-//! so a burst of requests asks GitHub once.
+//! repository whose pull requests use the image at stake. GitHub's answers, refusals included,
+//! are cached briefly, identical tokens share one question, and only a few questions run at
+//! once: random tokens cannot turn previewd into a flood of requests to GitHub.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
 
 use super::client::{ApiCallError, GitHubApi};
+use crate::cache::ExpiringMap;
 use crate::config::{GitHubConfig, RepoConfig};
+use crate::locks::KeyedLocks;
 use crate::preview::ImageKey;
 
 const CACHE_FOR: Duration = Duration::from_secs(60);
 const MAX_CACHED: usize = 4096;
+const MAX_CONCURRENT_LOOKUPS: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenAuthError {
@@ -32,28 +35,57 @@ pub struct TokenAuth {
     api_url: String,
     /// previewd's own client, which reads collaborator permissions.
     service: GitHubApi,
-    logins: Cache<[u8; 32], String>,
-    push: Cache<(String, String), bool>,
+    /// Token digest → its owner's login, or `None` for a token GitHub refused.
+    logins: ExpiringMap<[u8; 32], Option<String>>,
+    push: ExpiringMap<(String, String), bool>,
+    in_flight: KeyedLocks<[u8; 32]>,
+    lookups: Semaphore,
 }
 
 impl TokenAuth {
     pub fn new(config: &GitHubConfig, service: GitHubApi) -> Self {
-        Self { api_url: config.api_url.clone(), service, logins: Cache::default(), push: Cache::default() }
+        Self {
+            api_url: config.api_url.clone(),
+            service,
+            logins: ExpiringMap::new(CACHE_FOR, MAX_CACHED),
+            push: ExpiringMap::new(CACHE_FOR, MAX_CACHED),
+            in_flight: KeyedLocks::default(),
+            lookups: Semaphore::new(MAX_CONCURRENT_LOOKUPS),
+        }
     }
 
     /// The login of the token's owner.
     pub async fn login(&self, token: &str) -> Result<String, TokenAuthError> {
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(login) = self.logins.get(&key) {
-            return Ok(login);
+        if let Some(known) = self.logins.get(&key) {
+            return known.ok_or(TokenAuthError::Rejected);
         }
+        let _flight = self.in_flight.lock(&key).await;
+        if let Some(known) = self.logins.get(&key) {
+            return known.ok_or(TokenAuthError::Rejected);
+        }
+        let _permit = self.lookups.acquire().await.map_err(|_| TokenAuthError::Rejected)?;
         let client = GitHubApi::new(&self.api_url, token).map_err(TokenAuthError::Unavailable)?;
-        let login = client.user().await.map_err(|err| match err {
-            ApiCallError::Status { status: 401 | 403, .. } => TokenAuthError::Rejected,
-            other => TokenAuthError::Unavailable(other),
-        })?;
-        self.logins.put(key, login.clone());
-        Ok(login)
+        match client.user().await {
+            Ok(login) => {
+                self.logins.insert(key, Some(login.clone()));
+                Ok(login)
+            }
+            Err(ApiCallError::Status { status: 401 | 403, .. }) => {
+                self.logins.insert(key, None);
+                Err(TokenAuthError::Rejected)
+            }
+            Err(other) => Err(TokenAuthError::Unavailable(other)),
+        }
+    }
+
+    /// Whether the user may see a preview of this repository (or, for a preview that is not a
+    /// pull request's, of this image).
+    pub async fn may_see(&self, github: &GitHubConfig, login: &str, repo: Option<&str>, image: &ImageKey) -> Result<bool, TokenAuthError> {
+        match repo {
+            Some(repo) => self.may_push(repo, login).await,
+            None => Ok(self.authorize(github, login, Some(image)).await.is_ok()),
+        }
     }
 
     /// Allows a user with push access to one of the repositories whose pull requests use
@@ -86,33 +118,7 @@ impl TokenAuth {
             Err(ApiCallError::Status { status: 404, .. }) => false,
             Err(err) => return Err(TokenAuthError::Unavailable(err)),
         };
-        self.push.put(key, allowed);
+        self.push.insert(key, allowed);
         Ok(allowed)
-    }
-}
-
-/// A small map whose entries count for [`CACHE_FOR`].
-struct Cache<K, V>(Mutex<HashMap<K, (V, Instant)>>);
-
-impl<K, V> Default for Cache<K, V> {
-    fn default() -> Self {
-        Self(Mutex::new(HashMap::new()))
-    }
-}
-
-impl<K: Eq + std::hash::Hash, V: Clone> Cache<K, V> {
-    fn get(&self, key: &K) -> Option<V> {
-        let entries = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        entries.get(key).filter(|(_, at)| at.elapsed() < CACHE_FOR).map(|(value, _)| value.clone())
-    }
-
-    fn put(&self, key: K, value: V) {
-        let mut entries = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if entries.len() >= MAX_CACHED {
-            entries.retain(|_, (_, at)| at.elapsed() < CACHE_FOR);
-        }
-        if entries.len() < MAX_CACHED {
-            entries.insert(key, (value, Instant::now()));
-        }
     }
 }

@@ -72,6 +72,7 @@ impl ApiError {
 fn lifecycle_status(err: &LifecycleError) -> StatusCode {
     match err {
         LifecycleError::NotFound(_) => StatusCode::NOT_FOUND,
+        LifecycleError::NameTaken { .. } => StatusCode::CONFLICT,
         LifecycleError::Crashed { .. } => StatusCode::BAD_GATEWAY,
         LifecycleError::Unhealthy { .. } => StatusCode::GATEWAY_TIMEOUT,
         LifecycleError::Docker(DockerError::Unreachable(_)) => StatusCode::SERVICE_UNAVAILABLE,

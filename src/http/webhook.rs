@@ -52,13 +52,17 @@ fn pull_request(state: &AppState, service: &super::GitHubService, delivery: Veri
         return Ok(answer(StatusCode::OK, json!({ "status": "duplicate", "delivery": delivery.delivery })));
     }
     let key = PullRequestKey { repo: repo.full_name.clone(), number: event.pull_request.number };
+    if !service.previews.record(&key, slug.clone(), desired.clone(), &event.pull_request.updated_at) {
+        tracing::info!(repo = %key.repo, pr = key.number, delivery = %delivery.delivery, "ignoring a delivery older than one already received");
+        return Ok(answer(StatusCode::OK, json!({ "status": "stale", "preview": slug })));
+    }
     let summary = match &desired {
         Desired::Present(target) => json!({ "status": "accepted", "preview": slug, "desired": "present", "sha": target.sha }),
         Desired::Absent(reason) => json!({ "status": "accepted", "preview": slug, "desired": "absent", "reason": reason }),
     };
     tracing::info!(repo = %key.repo, pr = key.number, action = %event.action, %slug, delivery = %delivery.delivery, "pull request delivery accepted");
     let previews = service.previews.clone();
-    state.tasks.spawn(async move { previews.apply(slug, desired, key).await });
+    state.tasks.spawn(async move { previews.apply_latest(key).await });
     Ok(answer(StatusCode::ACCEPTED, summary))
 }
 

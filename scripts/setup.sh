@@ -42,6 +42,12 @@ command -v nginx >/dev/null || missing+=(nginx)
 have_pkg busybox-static || missing+=(busybox-static)
 command -v curl >/dev/null || missing+=(curl)
 have_pkg ca-certificates || missing+=(ca-certificates)
+command -v systemd-analyze >/dev/null || missing+=(systemd)  # tests/install.rs: verify the unit
+command -v openssl >/dev/null || missing+=(openssl)          # tests/install.rs: a TLS certificate
+command -v shellcheck >/dev/null || missing+=(shellcheck)    # tests/install.rs: lint install.sh
+command -v chromium >/dev/null || missing+=(chromium)          # tests/dashboard.rs: headless browser
+command -v chromedriver >/dev/null || missing+=(chromium-driver) # tests/dashboard.rs: WebDriver for it
+have_pkg fonts-dejavu-core || missing+=(fonts-dejavu-core)     # tests/dashboard.rs: a font for screenshots
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 
 # --- Docker engine ---------------------------------------------------------

@@ -19,6 +19,7 @@ use crate::github::previews::PullRequestPreviews;
 use crate::github::token_auth::TokenAuth;
 use crate::http::{AppState, GitHubService, router};
 use crate::lifecycle::{Lifecycle, ReconcileReport};
+use crate::metrics::Metrics;
 use crate::nginx::sites::SitesDir;
 use crate::nginx::vhost::VhostTemplate;
 use crate::nginx::{Nginx, Router, RouterSettings};
@@ -55,7 +56,8 @@ impl Application {
             sites: SitesDir::new(sites_dir.clone(), &config.instance),
             nginx,
         });
-        let lifecycle = Lifecycle::new(Arc::clone(&config), runtime, router);
+        let metrics = Arc::new(Metrics::new());
+        let lifecycle = Lifecycle::new(Arc::clone(&config), runtime, router, metrics);
         let reconcile = match lifecycle.reconcile().await {
             Ok(report) => report,
             Err(err) => {
@@ -126,7 +128,9 @@ fn github_service(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(Option<GitHubService>, Option<Arc<TokenAuth>>)> {
     let Some(github) = &config.github else { return Ok((None, None)) };
-    let api = GitHubApi::new(&github.api_url, github.token.expose()).context("cannot set up the GitHub client")?;
+    let api = GitHubApi::new(&github.api_url, github.token.expose())
+        .context("cannot set up the GitHub client")?
+        .counted(Arc::clone(lifecycle.metrics()));
     let tokens = github.api_auth.then(|| Arc::new(TokenAuth::new(github, api.clone())));
     let feedback = Feedback::new(api, config.instance.clone(), tasks.clone(), shutdown.clone());
     let previews = PullRequestPreviews::new(Arc::clone(config), lifecycle.clone(), feedback);

@@ -1,4 +1,5 @@
-//! The command line: `serve`, `check-config` and `hash-password`.
+//! The command line: the daemon (`serve`), its tools (`check-config`, `hash-password`), and the
+//! client of a running daemon (`launch`, `kill`, `list`, `logs`, `login`).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -7,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::app::{Application, shutdown_signal};
+use crate::client::{self, Client, ClientError, ClientFile, write_client_file};
 use crate::config::Config;
 use crate::nginx::vhost::VhostTemplate;
 
@@ -33,6 +35,66 @@ pub enum Command {
     },
     /// Read a password from stdin and print its argon2id hash for `users` in config.yml.
     HashPassword,
+    /// Launch (or replace) a preview, showing each step as the daemon takes it.
+    Launch {
+        /// A key of `images` in the daemon's config.yml.
+        image: String,
+        /// The preview's name (slugged to a DNS label).
+        name: String,
+        /// An environment variable for the container; repeatable.
+        #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Open the preview in a browser once it is ready.
+        #[arg(long)]
+        open: bool,
+        /// Print the preview as JSON instead of its URL, and no progress.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Remove a preview.
+    Kill {
+        name: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// List the previews: name, image, PR, commit, status, age, URL.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Print a preview's log.
+    Logs {
+        name: String,
+        /// Keep printing what the container writes.
+        #[arg(short, long)]
+        follow: bool,
+        #[arg(long, default_value_t = 100)]
+        tail: usize,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Save the server and credentials (read from stdin) to ~/.config/previewd/client.yml (mode 0600).
+    Login {
+        /// A `users` name; the password is read from stdin.
+        #[arg(long, conflicts_with = "github")]
+        user: Option<String>,
+        /// Log in with a GitHub token read from stdin (the daemon needs github.api_auth).
+        #[arg(long)]
+        github: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServerArg {
+    /// The daemon's API address (default: the client file's, else http://127.0.0.1:7800).
+    #[arg(long, env = "PREVIEWD_SERVER")]
+    pub server: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -49,6 +111,113 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Command::CheckConfig { config } => check_config(&config),
         Command::HashPassword => hash_password(),
+        Command::Launch { image, name, env, open, json, server } => client_command(server, |client| launch(client, image, name, env, open, json)),
+        Command::Kill { name, server } => client_command(server, |client| async move {
+            client.kill(&name).await?;
+            println!("removed {name}");
+            Ok(())
+        }),
+        Command::List { json, server } => client_command(server, |client| async move {
+            let previews = client.list().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&previews).unwrap_or_default());
+            } else {
+                print!("{}", client::table(&previews));
+            }
+            Ok(())
+        }),
+        Command::Logs { name, follow, tail, server } => {
+            client_command(server, |client| async move { client.logs(&name, tail, follow, &mut std::io::stdout()).await })
+        }
+        Command::Login { user, github, server } => login(server.server, user, github),
+    }
+}
+
+/// Runs a client command; its error goes to stderr with a non-zero exit code.
+fn client_command<F, Fut>(server: ServerArg, command: F) -> ExitCode
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: Future<Output = Result<(), ClientError>>,
+{
+    let result = Client::from_environment(server.server).and_then(|client| block_on(command(client)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("previewd: {err}");
+            ExitCode::from(match err {
+                ClientError::NoCredentials | ClientError::Usage(_) | ClientError::File { .. } => 2,
+                _ => 1,
+            })
+        }
+    }
+}
+
+fn block_on<T>(future: impl Future<Output = Result<T, ClientError>>) -> Result<T, ClientError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| ClientError::Usage(format!("cannot start the async runtime: {err}")))?
+        .block_on(future)
+}
+
+async fn launch(client: Client, image: String, name: String, env: Vec<String>, open: bool, json: bool) -> Result<(), ClientError> {
+    let env = env
+        .iter()
+        .map(|pair| pair.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| ClientError::Usage("-e takes KEY=VALUE".to_owned()))?;
+    let started = std::time::Instant::now();
+    let preview = client
+        .launch(&image, &name, &env, |event| {
+            if !json {
+                let seconds = event["elapsed_ms"].as_u64().unwrap_or(0) as f64 / 1000.0;
+                eprintln!("{:>6.1}s  {:<7} {}", seconds, event["step"].as_str().unwrap_or(""), event["message"].as_str().unwrap_or(""));
+            }
+        })
+        .await?;
+    let url = preview["url"].as_str().unwrap_or_default().to_owned();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&preview).unwrap_or_default());
+    } else {
+        eprintln!("{:>6.1}s  {:<7} {url}", started.elapsed().as_secs_f64(), "ready");
+        println!("{url}");
+    }
+    if open && std::process::Command::new("xdg-open").arg(&url).status().is_err() {
+        eprintln!("previewd: cannot open a browser (no xdg-open); the URL is {url}");
+    }
+    Ok(())
+}
+
+fn login(server: Option<String>, user: Option<String>, github: bool) -> ExitCode {
+    if user.is_none() && !github {
+        eprintln!("previewd: give --user NAME (password on stdin) or --github (token on stdin)");
+        return ExitCode::from(2);
+    }
+    let mut secret = String::new();
+    if std::io::stdin().read_to_string(&mut secret).is_err() || secret.trim().is_empty() {
+        eprintln!("previewd: no {} on stdin", if github { "token" } else { "password" });
+        return ExitCode::from(2);
+    }
+    let secret = secret.trim_end_matches(['\n', '\r']).to_owned();
+    let server = server.unwrap_or_else(|| "http://127.0.0.1:7800".to_owned());
+    let client = Client::for_login(server.clone(), user.clone(), secret.clone());
+    if let Err(err) = block_on(client.check()) {
+        eprintln!("previewd: login failed: {err}");
+        return ExitCode::FAILURE;
+    }
+    let file = match user {
+        Some(user) => ClientFile { server: Some(server), user: Some(user), password: Some(secret), github_token: None },
+        None => ClientFile { server: Some(server), github_token: Some(secret), ..ClientFile::default() },
+    };
+    match write_client_file(&file) {
+        Ok(path) => {
+            println!("logged in; saved {}", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("previewd: {err}");
+            ExitCode::FAILURE
+        }
     }
 }
 

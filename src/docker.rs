@@ -151,8 +151,8 @@ impl Runtime {
             .map_err(|err| DockerError::PullFailed { image: image.to_owned(), message: err.to_string() })
     }
 
-    /// Creates and starts a container; returns its id. On a failed start the container is removed.
-    pub async fn create_and_start(&self, plan: ContainerPlan<'_>) -> Result<String, DockerError> {
+    /// Creates a container; returns its id.
+    pub async fn create(&self, plan: ContainerPlan<'_>) -> Result<String, DockerError> {
         let name = format!("previewd.{}.{}.{:08x}", self.instance, plan.slug, rand::random::<u32>());
         let body = self.create_body(&plan)?;
         let options = CreateContainerOptions { name: Some(name), ..Default::default() };
@@ -161,11 +161,11 @@ impl Runtime {
             .create_container(Some(options), body)
             .await
             .map_err(|err| DockerError::from_bollard("create the container", err))?;
-        if let Err(err) = self.docker.start_container(&created.id, None).await {
-            self.remove(&created.id).await.ok();
-            return Err(DockerError::from_bollard("start the container", err));
-        }
         Ok(created.id)
+    }
+
+    pub async fn start(&self, id: &str) -> Result<(), DockerError> {
+        self.docker.start_container(id, None).await.map_err(|err| DockerError::from_bollard("start the container", err))
     }
 
     fn create_body(&self, plan: &ContainerPlan<'_>) -> Result<ContainerCreateBody, DockerError> {
@@ -265,6 +265,15 @@ impl Runtime {
             .filter_map(Result::ok)
             .map(|chunk| String::from_utf8_lossy(&chunk.into_bytes()).into_owned())
             .collect()
+    }
+
+    /// The container's stdout and stderr as they come: the last `tail` lines, then (with
+    /// `follow`) everything it writes until it stops or the reader goes away.
+    pub fn log_stream(&self, id: &str, tail: usize, follow: bool) -> impl Stream<Item = Result<axum::body::Bytes, DockerError>> + use<> {
+        let options = LogsOptions { stdout: true, stderr: true, follow, tail: tail.to_string(), ..Default::default() };
+        self.docker
+            .logs(id, Some(options))
+            .map(|chunk| chunk.map(|c| c.into_bytes()).map_err(|err| DockerError::from_bollard("read the container's log", err)))
     }
 
     /// Removes a container and its anonymous volumes; a container that is already gone is fine.

@@ -6,6 +6,7 @@
 //! cancel a launch half-way, and shutdown waits for them to finish.
 
 pub mod body;
+pub mod dashboard;
 pub mod error;
 pub mod webhook;
 
@@ -18,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
+use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 use tower_http::trace::TraceLayer;
 
@@ -25,6 +27,7 @@ use crate::auth::{AuthError, Authenticator, Principal, bearer_token};
 use crate::config::Config;
 use crate::github::previews::PullRequestPreviews;
 use crate::github::token_auth::TokenAuth;
+use crate::metrics::Metrics;
 use crate::preview::ImageKey;
 use crate::github::webhook::DeliveryLog;
 use crate::lifecycle::{Lifecycle, LifecycleError, PreviewInfo};
@@ -53,13 +56,16 @@ pub struct GitHubService {
 
 pub fn router(state: AppState) -> Router {
     let protected = Router::new()
+        .route("/", get(dashboard::page))
         .route("/launch", post(launch))
         .route("/kill", post(kill))
         .route("/api/previews", get(list_previews))
         .route("/api/previews/{name}", get(get_preview))
+        .route("/api/previews/{name}/logs", get(preview_logs))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
         // The webhook checks GitHub's signature itself (and Basic auth when configured).
         .route("/webhooks/github", post(webhook::github_webhook))
         .route("/event_receiver", post(webhook::github_webhook))
@@ -93,6 +99,24 @@ impl AppState {
             (Principal::GitHub(_), _, _) => Err(AuthError::TokensOff.into()),
         }
     }
+
+    /// Basic users see every preview; GitHub users those of repositories they can push to.
+    async fn may_see(&self, principal: &Principal, preview: &PreviewInfo) -> Result<bool, ApiError> {
+        match (principal, &self.tokens, &self.config.github) {
+            (Principal::GitHub(login), Some(tokens), Some(github)) => {
+                Ok(tokens.may_see(github, login, preview.repo.as_deref(), &preview.image).await?)
+            }
+            _ => Ok(true),
+        }
+    }
+
+    /// A preview the caller may see, or 404 as if it did not exist.
+    async fn visible_preview(&self, principal: &Principal, name: &str) -> Result<PreviewInfo, ApiError> {
+        self.authorize(principal, None).await?;
+        let slug = preview_name("name", name)?;
+        let preview = self.lifecycle.get(&slug).await?;
+        if self.may_see(principal, &preview).await? { Ok(preview) } else { Err(LifecycleError::NotFound(slug).into()) }
+    }
 }
 
 async fn launch(
@@ -103,6 +127,9 @@ async fn launch(
 ) -> Result<Response, ApiError> {
     let request = LaunchRequest::parse(fields, &state.config.images)?;
     state.authorize(&principal, Some(&request.image)).await?;
+    if accepts(&headers, NDJSON) {
+        return Ok(launch_streaming(&state, request));
+    }
     let lifecycle = state.lifecycle.clone();
     let info = run_tracked(&state, async move { lifecycle.launch(request).await }).await?;
     Ok(if wants_json(&headers) { Json(info).into_response() } else { format!("{}\n", info.url).into_response() })
@@ -136,17 +163,13 @@ async fn list_previews(
     Extension(principal): Extension<Principal>,
 ) -> Result<Json<Vec<PreviewInfo>>, ApiError> {
     state.authorize(&principal, None).await?;
-    let mut previews = state.lifecycle.list().await?;
-    if let (Principal::GitHub(login), Some(tokens), Some(github)) = (&principal, &state.tokens, &state.config.github) {
-        let mut visible = Vec::new();
-        for preview in previews {
-            if tokens.may_see(github, login, preview.repo.as_deref(), &preview.image).await? {
-                visible.push(preview);
-            }
+    let mut visible = Vec::new();
+    for preview in state.lifecycle.list().await? {
+        if state.may_see(&principal, &preview).await? {
+            visible.push(preview);
         }
-        previews = visible;
     }
-    Ok(Json(previews))
+    Ok(Json(visible))
 }
 
 async fn get_preview(
@@ -154,15 +177,32 @@ async fn get_preview(
     Extension(principal): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Json<PreviewInfo>, ApiError> {
-    state.authorize(&principal, None).await?;
-    let slug = preview_name("name", &name)?;
-    let preview = state.lifecycle.get(&slug).await?;
-    if let (Principal::GitHub(login), Some(tokens), Some(github)) = (&principal, &state.tokens, &state.config.github)
-        && !tokens.may_see(github, login, preview.repo.as_deref(), &preview.image).await?
-    {
-        return Err(LifecycleError::NotFound(slug).into());
-    }
-    Ok(Json(preview))
+    Ok(Json(state.visible_preview(&principal, &name).await?))
+}
+
+#[derive(serde::Deserialize)]
+struct LogsQuery {
+    tail: Option<usize>,
+    #[serde(default)]
+    follow: bool,
+}
+
+/// Lines of log a request may ask for.
+const MAX_LOG_TAIL: usize = 100_000;
+
+/// `GET /api/previews/{name}/logs?tail=N&follow=true`: the container's output as plain text,
+/// streamed while it runs when `follow` is set.
+async fn preview_logs(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(name): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<LogsQuery>,
+) -> Result<Response, ApiError> {
+    let preview = state.visible_preview(&principal, &name).await?;
+    let tail = query.tail.unwrap_or(100).min(MAX_LOG_TAIL);
+    let stream = state.lifecycle.logs(&preview.name, tail, query.follow).await?;
+    let headers = [(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::CACHE_CONTROL, "no-store")];
+    Ok((headers, axum::body::Body::from_stream(stream)).into_response())
 }
 
 /// No auth: for load balancers and monitoring. 503 when Docker or nginx is not usable.
@@ -198,9 +238,65 @@ async fn run_tracked<T: Send + 'static>(
         .map_err(ApiError::from)
 }
 
+const NDJSON: &str = "application/x-ndjson";
+
 fn wants_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|accept| accept.contains("application/json"))
+    accepts(headers, "application/json")
+}
+
+fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
+    headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|accept| accept.contains(media_type))
+}
+
+/// A launch answered as it goes: one JSON object per line as each step begins, then a last line
+/// `{"step": "ready", "url", "preview"}` or `{"step": "failed", "error", "status"}`.
+fn launch_streaming(state: &AppState, request: LaunchRequest) -> Response {
+    let (lines, body) = mpsc::unbounded_channel::<String>();
+    let lifecycle = state.lifecycle.clone();
+    state.tasks.spawn(async move {
+        let (events, mut progress) = mpsc::unbounded_channel();
+        let launch = lifecycle.launch_reporting(request, Some(events));
+        tokio::pin!(launch);
+        let result = loop {
+            tokio::select! {
+                Some(event) = progress.recv() => send_line(&lines, &event),
+                result = &mut launch => break result,
+            }
+        };
+        while let Ok(event) = progress.try_recv() {
+            send_line(&lines, &event);
+        }
+        let last = match result {
+            Ok(info) => json!({ "step": "ready", "url": info.url, "preview": info }),
+            Err(err) => {
+                let err = ApiError::from(err);
+                json!({ "step": "failed", "error": err.to_string(), "status": err.status().as_u16() })
+            }
+        };
+        send_line(&lines, &last);
+    });
+    let stream = futures_util::stream::unfold(body, |mut body| async move {
+        body.recv().await.map(|line| (Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(line)), body))
+    });
+    ([(header::CONTENT_TYPE, NDJSON), (header::CACHE_CONTROL, "no-store")], axum::body::Body::from_stream(stream)).into_response()
+}
+
+fn send_line(lines: &mpsc::UnboundedSender<String>, value: &impl serde::Serialize) {
+    if let Ok(mut line) = serde_json::to_string(value) {
+        line.push('\n');
+        lines.send(line).ok();
+    }
+}
+
+/// `GET /metrics`: Prometheus (OpenMetrics) text. No auth, like `/healthz`; it names no preview.
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    let metrics = state.lifecycle.metrics();
+    if let Ok(previews) = state.lifecycle.list().await {
+        metrics.previews.set(previews.iter().filter(|p| p.status == "running").count() as i64);
+    }
+    let router = state.lifecycle.router();
+    Metrics::sync_counter(&metrics.nginx_reloads.get_or_create(&crate::metrics::SUCCESS), router.reloads());
+    Metrics::sync_counter(&metrics.nginx_reloads.get_or_create(&crate::metrics::FAILURE), router.failed_reloads());
+    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    ([(header::CONTENT_TYPE, content_type)], metrics.render()).into_response()
 }

@@ -11,25 +11,41 @@
 //! - [`lifecycle`]: launch, replace, kill, list and reconcile previews.
 //! - [`locks`]: one async lock per key (per preview, per credential).
 //! - [`cache`]: a bounded map whose entries expire.
+//! - [`metrics`]: Prometheus metrics, served at `/metrics`.
 //! - [`docker`]: the container runtime on the Docker API; labels are the record of what runs.
 //! - [`probe`]: whether an app answers HTTP yet.
 //! - [`nginx`]: vhost files, `nginx -t`, coalesced reloads, the managed nginx.
 //! - [`watch`]: re-routes previews whose container Docker restarted on a new port.
 //! - [`app`]: start-up (reconcile), serving and graceful shutdown.
 //! - [`cli`]: the command line.
+//! - [`client`]: the client side of `previewd launch|kill|list|logs|login`.
 
 pub mod app;
 pub mod auth;
 pub mod cache;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod docker;
 pub mod github;
 pub mod http;
 pub mod lifecycle;
 pub mod locks;
+pub mod metrics;
 pub mod nginx;
 pub mod preview;
 pub mod probe;
 pub mod request;
 pub mod watch;
+
+/// An error's message followed by each of its causes, for messages people read.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}

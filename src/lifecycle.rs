@@ -11,9 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use tokio::sync::mpsc;
 use crate::config::{Config, ImageSpec};
 use crate::docker::{ContainerPlan, DockerError, ManagedContainer, Runtime};
 use crate::locks::KeyedLocks;
+use crate::metrics::{self, ByStep, Metrics};
 use crate::nginx::{NginxError, RouteTicket, Router};
 use crate::preview::{ImageKey, Slug};
 use crate::probe::Prober;
@@ -95,11 +97,55 @@ pub struct Lifecycle {
     router: Router,
     prober: Prober,
     locks: Arc<KeyedLocks<Slug>>,
+    metrics: Arc<Metrics>,
+}
+
+/// A launch step as it begins: `image`, `create`, `start`, `health`, `route`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgressEvent {
+    pub step: &'static str,
+    pub message: String,
+    /// Since the launch began.
+    pub elapsed_ms: u64,
+}
+
+/// Reports launch steps to a listener, and their durations to the metrics.
+struct Progress {
+    events: Option<mpsc::UnboundedSender<ProgressEvent>>,
+    metrics: Arc<Metrics>,
+    started: Instant,
+    current: Option<(&'static str, Instant)>,
+}
+
+impl Progress {
+    fn new(events: Option<mpsc::UnboundedSender<ProgressEvent>>, metrics: Arc<Metrics>) -> Self {
+        Self { events, metrics, started: Instant::now(), current: None }
+    }
+
+    fn step(&mut self, step: &'static str, message: String) {
+        self.finish();
+        self.current = Some((step, Instant::now()));
+        if let Some(events) = &self.events {
+            let elapsed_ms = self.started.elapsed().as_millis() as u64;
+            events.send(ProgressEvent { step, message, elapsed_ms }).ok();
+        }
+    }
+
+    /// Ends the current step.
+    fn finish(&mut self) {
+        if let Some((step, began)) = self.current.take() {
+            self.metrics.launch_step_seconds.get_or_create(&ByStep { step }).observe(began.elapsed().as_secs_f64());
+        }
+    }
 }
 
 impl Lifecycle {
-    pub fn new(config: Arc<Config>, runtime: Runtime, router: Router) -> Self {
-        Self { config, runtime, router, prober: Prober::new(), locks: Arc::default() }
+    pub fn new(config: Arc<Config>, runtime: Runtime, router: Router, metrics: Arc<Metrics>) -> Self {
+        Self { config, runtime, router, prober: Prober::new(), locks: Arc::default(), metrics }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn runtime(&self) -> &Runtime {
@@ -112,12 +158,39 @@ impl Lifecycle {
 
     /// Starts a preview, or replaces the one of the same name with no downtime: the new
     /// container answers before the route switches, and only then is the old one removed.
-    #[tracing::instrument(skip_all, fields(slug = %request.name, image = %request.image))]
     pub async fn launch(&self, request: LaunchRequest) -> Result<PreviewInfo, LifecycleError> {
+        self.launch_reporting(request, None).await
+    }
+
+    /// `launch`, sending an event as each step begins (the API streams them to clients).
+    #[tracing::instrument(skip_all, fields(slug = %request.name, image = %request.image))]
+    pub async fn launch_reporting(
+        &self,
+        request: LaunchRequest,
+        events: Option<mpsc::UnboundedSender<ProgressEvent>>,
+    ) -> Result<PreviewInfo, LifecycleError> {
         let _guard = self.locks.lock(&request.name).await;
-        let started = Instant::now();
-        let spec = &request.spec;
+        let mut progress = Progress::new(events, Arc::clone(&self.metrics));
         let previous = self.runtime.list_slug(&request.name).await?;
+        let result = self.launch_locked(request, &previous, &mut progress).await;
+        progress.finish();
+        let outcome = if result.is_ok() { &metrics::SUCCESS } else { &metrics::FAILURE };
+        let counter = if previous.is_empty() { &self.metrics.launches } else { &self.metrics.redeploys };
+        counter.get_or_create(outcome).inc();
+        if result.is_ok() {
+            self.metrics.launch_seconds.observe(progress.started.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    async fn launch_locked(
+        &self,
+        request: LaunchRequest,
+        previous: &[ManagedContainer],
+        progress: &mut Progress,
+    ) -> Result<PreviewInfo, LifecycleError> {
+        let spec = &request.spec;
+        progress.step("image", format!("checking image {}", spec.image));
         if let Some(origin) = &request.origin
             && let Some(other) = previous.iter().find(|c| !same_pull_request(c.origin.as_ref(), origin))
         {
@@ -126,6 +199,7 @@ impl Lifecycle {
         self.runtime.ensure_image(spec).await?;
         let ticket = self.router.ticket();
         let url = self.url_for(&request.name);
+        progress.step("create", "creating the container".to_owned());
         let plan = ContainerPlan {
             slug: &request.name,
             image_key: &request.image,
@@ -133,9 +207,8 @@ impl Lifecycle {
             env: container_env(&request, &url),
             origin: request.origin.as_ref(),
         };
-        let id = self.runtime.create_and_start(plan).await?;
-        tracing::info!(container = %short(&id), "container started");
-        if let Err(err) = self.bring_up(&id, spec, &request.name, ticket).await {
+        let id = self.runtime.create(plan).await?;
+        if let Err(err) = self.bring_up(&id, spec, &request.name, ticket, progress).await {
             if let Err(cleanup) = self.runtime.remove(&id).await {
                 tracing::error!(error = %cleanup, container = %short(&id), "cannot remove the failed container");
             }
@@ -146,7 +219,7 @@ impl Lifecycle {
                 tracing::warn!(error = %err, container = %short(&old.id), "cannot remove the replaced container; reconcile will");
             }
         }
-        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, %url, "preview ready");
+        tracing::info!(elapsed_ms = progress.started.elapsed().as_millis() as u64, %url, "preview ready");
         let (repo, pr, sha) = split_origin(request.origin);
         Ok(PreviewInfo {
             name: request.name,
@@ -162,10 +235,22 @@ impl Lifecycle {
         })
     }
 
-    /// Waits until the new container answers, then routes its host to it.
-    async fn bring_up(&self, id: &str, spec: &ImageSpec, slug: &Slug, ticket: RouteTicket) -> Result<(), LifecycleError> {
+    /// Starts the new container, waits until it answers, then routes its host to it.
+    async fn bring_up(
+        &self,
+        id: &str,
+        spec: &ImageSpec,
+        slug: &Slug,
+        ticket: RouteTicket,
+        progress: &mut Progress,
+    ) -> Result<(), LifecycleError> {
+        progress.step("start", "starting the container".to_owned());
+        self.runtime.start(id).await?;
+        tracing::info!(container = %short(id), "container started");
+        progress.step("health", format!("waiting for the app to answer HTTP on port {} at {}", spec.port, spec.health_path));
         let port = self.wait_until_answering(id, spec).await?;
         self.runtime.keep_running(id).await?;
+        progress.step("route", format!("routing {}", self.config.base_domain.host_for(slug)));
         ticket.route(slug, port).await?;
         Ok(())
     }
@@ -223,6 +308,19 @@ impl Lifecycle {
     }
 
     async fn kill_locked(&self, slug: &Slug, containers: Vec<ManagedContainer>) -> Result<(), LifecycleError> {
+        let result = self.remove_preview(slug, containers).await;
+        let outcome = match &result {
+            Ok(()) => Some(&metrics::SUCCESS),
+            Err(LifecycleError::NotFound(_)) => None,
+            Err(_) => Some(&metrics::FAILURE),
+        };
+        if let Some(outcome) = outcome {
+            self.metrics.kills.get_or_create(outcome).inc();
+        }
+        result
+    }
+
+    async fn remove_preview(&self, slug: &Slug, containers: Vec<ManagedContainer>) -> Result<(), LifecycleError> {
         let routed = self.is_routed(slug);
         if containers.is_empty() && !routed {
             return Err(LifecycleError::NotFound(slug.clone()));
@@ -269,6 +367,17 @@ impl Lifecycle {
             Ok(info) => info.routed && info.status == "running" && info.sha.as_deref() == Some(sha),
             Err(_) => false,
         }
+    }
+
+    /// The log of a preview's newest container; see [`Runtime::log_stream`].
+    pub async fn logs(
+        &self,
+        slug: &Slug,
+        tail: usize,
+        follow: bool,
+    ) -> Result<impl futures_util::Stream<Item = Result<axum::body::Bytes, DockerError>> + use<>, LifecycleError> {
+        let preview = self.get(slug).await?;
+        Ok(self.runtime.log_stream(&preview.container_id, tail, follow))
     }
 
     /// Every preview of this instance, from the container labels.

@@ -273,7 +273,7 @@ async fn bad_requests_get_a_status_and_a_message_and_leave_nothing_behind() {
     let form_cases: &[(Form, u16, &str)] = &[
         (&[("container_name", "x")], 400, "missing field `image_name`"),
         (&[("image_name", "demo")], 400, "missing field `container_name`"),
-        (&[("image_name", "nope"), ("container_name", "x")], 400, "allowed: crash, demo, missing, silent, unpullable"),
+        (&[("image_name", "nope"), ("container_name", "x")], 400, "allowed: chatty, crash, demo, missing, silent, unpullable"),
         (&[("image_name", "demo"), ("container_name", "///")], 400, "has no letters or digits"),
         (&[("image_name", "demo"), ("container_name", "x"), ("BAD-NAME", "1")], 400, "\"BAD-NAME\" is not a valid environment variable name"),
         (&[("image_name", "demo"), ("container_name", "x"), ("PREVIEW_URL", "1")], 400, "set by previewd"),

@@ -87,15 +87,7 @@ impl NameTemplate {
 
     pub fn render(&self, context: &PrContext<'_>) -> Result<String, String> {
         let context = tera::Context::from_serialize(context).map_err(|err| err.to_string())?;
-        tera::Tera::one_off(&self.0, &context, false).map_err(|err| {
-            let mut message = err.to_string();
-            let mut source = std::error::Error::source(&err);
-            while let Some(cause) = source {
-                message = format!("{message}: {cause}");
-                source = cause.source();
-            }
-            message
-        })
+        tera::Tera::one_off(&self.0, &context, false).map_err(|err| crate::error_chain(&err))
     }
 
     /// The preview name of a pull request: the rendered template, slugged.

@@ -2,6 +2,7 @@
 //! who a token belongs to. Calls go through octocrab's generic requests to the documented
 //! routes, and only the fields previewd needs are read from the answers.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use octocrab::Octocrab;
@@ -9,6 +10,8 @@ use octocrab::service::middleware::retry::RetryConfig;
 use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
 
 /// GitHub limits a deployment status description to 140 characters.
 const MAX_DESCRIPTION: usize = 140;
@@ -74,6 +77,7 @@ struct PermissionItem {
 #[derive(Clone)]
 pub struct GitHubApi {
     octocrab: Octocrab,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl GitHubApi {
@@ -88,7 +92,20 @@ impl GitHubApi {
             .set_read_timeout(Some(Duration::from_secs(20)))
             .build()
             .map_err(|err| ApiCallError::Setup(err.to_string()))?;
-        Ok(Self { octocrab })
+        Ok(Self { octocrab, metrics: None })
+    }
+
+    /// Counts this client's calls in the metrics.
+    pub fn counted(self, metrics: Arc<Metrics>) -> Self {
+        Self { metrics: Some(metrics), ..self }
+    }
+
+    fn observe<T>(&self, result: Result<T, octocrab::Error>) -> Result<T, ApiCallError> {
+        if let Some(metrics) = &self.metrics {
+            let outcome = if result.is_ok() { &crate::metrics::SUCCESS } else { &crate::metrics::FAILURE };
+            metrics.github_calls.get_or_create(outcome).inc();
+        }
+        result.map_err(ApiCallError::from)
     }
 
     /// The id of the first comment by `author` on an issue or pull request whose body contains
@@ -96,7 +113,7 @@ impl GitHubApi {
     pub async fn find_comment(&self, repo: &str, number: u64, marker: &str, author: &str) -> Result<Option<u64>, ApiCallError> {
         for page in 1..=MAX_PAGES {
             let route = format!("/repos/{repo}/issues/{number}/comments?per_page={PER_PAGE}&page={page}");
-            let comments: Vec<CommentItem> = self.octocrab.get(route, None::<&()>).await?;
+            let comments: Vec<CommentItem> = self.observe(self.octocrab.get(route, None::<&()>).await)?;
             let ours = |c: &&CommentItem| c.user.as_ref().is_some_and(|u| u.login.eq_ignore_ascii_case(author));
             if let Some(found) = comments.iter().filter(ours).find(|c| c.body.as_deref().is_some_and(|b| b.contains(marker))) {
                 return Ok(Some(found.id));
@@ -110,13 +127,13 @@ impl GitHubApi {
 
     pub async fn create_comment(&self, repo: &str, number: u64, body: &str) -> Result<u64, ApiCallError> {
         let route = format!("/repos/{repo}/issues/{number}/comments");
-        let created: Created = self.octocrab.post(route, Some(&json!({ "body": body }))).await?;
+        let created: Created = self.observe(self.octocrab.post(route, Some(&json!({ "body": body }))).await)?;
         Ok(created.id)
     }
 
     pub async fn update_comment(&self, repo: &str, id: u64, body: &str) -> Result<(), ApiCallError> {
         let route = format!("/repos/{repo}/issues/comments/{id}");
-        let _: serde_json::Value = self.octocrab.patch(route, Some(&json!({ "body": body }))).await?;
+        let _: serde_json::Value = self.observe(self.octocrab.patch(route, Some(&json!({ "body": body }))).await)?;
         Ok(())
     }
 
@@ -134,7 +151,7 @@ impl GitHubApi {
             "transient_environment": true,
             "production_environment": false,
         });
-        let created: Created = self.octocrab.post(format!("/repos/{repo}/deployments"), Some(&body)).await?;
+        let created: Created = self.observe(self.octocrab.post(format!("/repos/{repo}/deployments"), Some(&body)).await)?;
         Ok(created.id)
     }
 
@@ -151,20 +168,20 @@ impl GitHubApi {
             body["environment_url"] = json!(url);
         }
         let route = format!("/repos/{repo}/deployments/{deployment}/statuses");
-        let _: serde_json::Value = self.octocrab.post(route, Some(&body)).await?;
+        let _: serde_json::Value = self.observe(self.octocrab.post(route, Some(&body)).await)?;
         Ok(())
     }
 
     /// The login of the token's owner.
     pub async fn user(&self) -> Result<String, ApiCallError> {
-        let user: UserItem = self.octocrab.get("/user", None::<&()>).await?;
+        let user: UserItem = self.observe(self.octocrab.get("/user", None::<&()>).await)?;
         Ok(user.login)
     }
 
     /// `admin`, `write`, `read` or `none`.
     pub async fn permission(&self, repo: &str, login: &str) -> Result<String, ApiCallError> {
         let route = format!("/repos/{repo}/collaborators/{login}/permission");
-        let permission: PermissionItem = self.octocrab.get(route, None::<&()>).await?;
+        let permission: PermissionItem = self.observe(self.octocrab.get(route, None::<&()>).await)?;
         Ok(permission.permission)
     }
 }

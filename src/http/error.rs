@@ -47,7 +47,7 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    fn status(&self) -> StatusCode {
+    pub fn status(&self) -> StatusCode {
         match self {
             Self::Auth(_) => StatusCode::UNAUTHORIZED,
             Self::Request(_) | Self::Body(_) => StatusCode::BAD_REQUEST,

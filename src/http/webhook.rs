@@ -18,7 +18,20 @@ use crate::github::webhook::{VerifiedDelivery, verify};
 /// GitHub caps payloads at 25 MB; a pull_request event is tens of kilobytes.
 const MAX_WEBHOOK_BYTES: usize = 5 * 1024 * 1024;
 
+/// Counts every delivery by event and outcome; events are named only once their signature matched.
 pub async fn github_webhook(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    let mut event = "unverified".to_owned();
+    let result = receive(&state, request, &mut event).await;
+    let outcome = match &result {
+        Ok((outcome, _)) => *outcome,
+        Err(ApiError::Body(_) | ApiError::Event(_) | ApiError::TooLarge(_)) => "invalid",
+        Err(_) => "rejected",
+    };
+    state.lifecycle.metrics().delivery(&event, outcome);
+    result.map(|(_, response)| response)
+}
+
+async fn receive(state: &AppState, request: Request, event: &mut String) -> Result<(&'static str, Response), ApiError> {
     let (Some(github), Some(service)) = (state.config.github.as_ref(), state.github.as_ref()) else {
         return Err(ApiError::NotConfigured("GitHub webhooks are off: add a `github` section to config.yml"));
     };
@@ -29,14 +42,15 @@ pub async fn github_webhook(State(state): State<AppState>, request: Request) -> 
     let headers = request.headers().clone();
     let body = read_limited(request.into_body(), MAX_WEBHOOK_BYTES).await?;
     let delivery = verify(&github.webhook_secret, &headers, body)?;
+    event.clone_from(&delivery.event);
     match delivery.event.as_str() {
-        "ping" => Ok(answer(StatusCode::OK, json!({ "status": "pong" }))),
-        "pull_request" => pull_request(&state, service, delivery),
+        "ping" => Ok(("pong", answer(StatusCode::OK, json!({ "status": "pong" })))),
+        "pull_request" => pull_request(state, service, delivery),
         other => Ok(ignored(&format!("the {other} event is not used; send pull_request events"))),
     }
 }
 
-fn pull_request(state: &AppState, service: &super::GitHubService, delivery: VerifiedDelivery) -> Result<Response, ApiError> {
+fn pull_request(state: &AppState, service: &super::GitHubService, delivery: VerifiedDelivery) -> Result<(&'static str, Response), ApiError> {
     let event: PullRequestEvent = serde_json::from_slice(&delivery.body)
         .map_err(|err| ApiError::Body(format!("the pull_request payload is not valid: {err}")))?;
     if !ACTIONS.contains(&event.action.as_str()) {
@@ -49,12 +63,12 @@ fn pull_request(state: &AppState, service: &super::GitHubService, delivery: Veri
     };
     let (slug, desired) = desired(&event.pull_request, repo)?;
     if !service.deliveries.first_time(&delivery.delivery) {
-        return Ok(answer(StatusCode::OK, json!({ "status": "duplicate", "delivery": delivery.delivery })));
+        return Ok(("duplicate", answer(StatusCode::OK, json!({ "status": "duplicate", "delivery": delivery.delivery }))));
     }
     let key = PullRequestKey { repo: repo.full_name.clone(), number: event.pull_request.number };
     if !service.previews.record(&key, slug.clone(), desired.clone(), &event.pull_request.updated_at) {
         tracing::info!(repo = %key.repo, pr = key.number, delivery = %delivery.delivery, "ignoring a delivery older than one already received");
-        return Ok(answer(StatusCode::OK, json!({ "status": "stale", "preview": slug })));
+        return Ok(("stale", answer(StatusCode::OK, json!({ "status": "stale", "preview": slug }))));
     }
     let summary = match &desired {
         Desired::Present(target) => json!({ "status": "accepted", "preview": slug, "desired": "present", "sha": target.sha }),
@@ -63,11 +77,11 @@ fn pull_request(state: &AppState, service: &super::GitHubService, delivery: Veri
     tracing::info!(repo = %key.repo, pr = key.number, action = %event.action, %slug, delivery = %delivery.delivery, "pull request delivery accepted");
     let previews = service.previews.clone();
     state.tasks.spawn(async move { previews.apply_latest(key).await });
-    Ok(answer(StatusCode::ACCEPTED, summary))
+    Ok(("accepted", answer(StatusCode::ACCEPTED, summary)))
 }
 
-fn ignored(reason: &str) -> Response {
-    answer(StatusCode::OK, json!({ "status": "ignored", "reason": reason }))
+fn ignored(reason: &str) -> (&'static str, Response) {
+    ("ignored", answer(StatusCode::OK, json!({ "status": "ignored", "reason": reason })))
 }
 
 fn answer(status: StatusCode, body: serde_json::Value) -> Response {

@@ -33,7 +33,7 @@ impl VhostTemplate {
         let mut tera = Tera::new();
         tera.autoescape_on(Vec::<&str>::new());
         tera.add_template_file(path, Some(NAME))
-            .map_err(|err| format!("cannot load template {}: {}", path.display(), error_chain(&err)))?;
+            .map_err(|err| format!("cannot load template {}: {}", path.display(), crate::error_chain(&err)))?;
         let template = Self { tera };
         let instance = InstanceName::parse("sample").map_err(|err| err.to_string())?;
         let slug = Slug::parse("sample").map_err(|err| err.to_string())?;
@@ -44,20 +44,9 @@ impl VhostTemplate {
     }
 
     pub fn render(&self, vhost: &Vhost<'_>) -> Result<String, String> {
-        let context = Context::from_serialize(vhost).map_err(|err| error_chain(&err))?;
-        self.tera.render(NAME, &context).map_err(|err| error_chain(&err))
+        let context = Context::from_serialize(vhost).map_err(|err| crate::error_chain(&err))?;
+        self.tera.render(NAME, &context).map_err(|err| crate::error_chain(&err))
     }
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 #[cfg(test)]

@@ -90,6 +90,11 @@ images:
     pids: 256
     health_timeout: {timeout}
     container_create_params: {{Hostname: preview-box, HostConfig: {{ShmSize: 8388608}}, Labels: {{team: web}}}}
+  chatty:
+    image: {DEMO_IMAGE}
+    port: 3000
+    command: [/bin/busybox, sh, -c, "echo hello from the log; exec /bin/busybox httpd -f -p 3000 -h /www"]
+    pull: never
   crash:
     image: {DEMO_IMAGE}
     port: 3000

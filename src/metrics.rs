@@ -1,0 +1,122 @@
+//! Prometheus metrics, counted where things happen and served at `GET /metrics` in the text
+//! format: previews running, launches, redeploys and kills by result, launch duration (whole and
+//! per step), nginx reloads, webhook deliveries by event and outcome, GitHub API calls.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByResult {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByStep {
+    pub step: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByDelivery {
+    pub event: String,
+    pub outcome: &'static str,
+}
+
+pub const SUCCESS: ByResult = ByResult { result: "success" };
+pub const FAILURE: ByResult = ByResult { result: "failure" };
+
+pub struct Metrics {
+    registry: Registry,
+    pub previews: Gauge,
+    pub launches: Family<ByResult, Counter>,
+    pub redeploys: Family<ByResult, Counter>,
+    pub kills: Family<ByResult, Counter>,
+    pub launch_seconds: Histogram,
+    pub launch_step_seconds: Family<ByStep, Histogram>,
+    pub nginx_reloads: Family<ByResult, Counter>,
+    pub webhook_deliveries: Family<ByDelivery, Counter>,
+    pub github_calls: Family<ByResult, Counter>,
+}
+
+fn seconds_histogram() -> Histogram {
+    // 50 ms to ~100 s.
+    Histogram::new(exponential_buckets(0.05, 2.0, 12))
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("previewd");
+        let metrics = Self {
+            previews: Gauge::default(),
+            launches: Family::default(),
+            redeploys: Family::default(),
+            kills: Family::default(),
+            launch_seconds: seconds_histogram(),
+            launch_step_seconds: Family::new_with_constructor(seconds_histogram),
+            nginx_reloads: Family::default(),
+            webhook_deliveries: Family::default(),
+            github_calls: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("previews", "Previews whose container runs", metrics.previews.clone());
+        registry.register("launches", "Launches of a new preview, by result", metrics.launches.clone());
+        registry.register("redeploys", "Launches that replaced a running preview, by result", metrics.redeploys.clone());
+        registry.register("kills", "Removed previews, by result", metrics.kills.clone());
+        registry.register("launch_seconds", "Time from launch request to preview served", metrics.launch_seconds.clone());
+        registry.register("launch_step_seconds", "Time of each launch step", metrics.launch_step_seconds.clone());
+        registry.register("nginx_reloads", "nginx reloads, by result", metrics.nginx_reloads.clone());
+        registry.register("webhook_deliveries", "GitHub webhook deliveries, by event and outcome", metrics.webhook_deliveries.clone());
+        registry.register("github_api_calls", "Calls to GitHub's API, by result", metrics.github_calls.clone());
+        Self { registry, ..metrics }
+    }
+
+    /// Counts a delivery of `event` that ended as `outcome`.
+    pub fn delivery(&self, event: &str, outcome: &'static str) {
+        self.webhook_deliveries.get_or_create(&ByDelivery { event: event.to_owned(), outcome }).inc();
+    }
+
+    /// Brings a counter kept elsewhere (as a plain total) up to date.
+    pub fn sync_counter(counter: &Counter, total: u64) {
+        let seen = counter.get();
+        if total > seen {
+            counter.inc_by(total - seen);
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        encode(&mut text, &self.registry).ok();
+        text
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_render_in_the_prometheus_text_format() {
+        let metrics = Metrics::new();
+        metrics.launches.get_or_create(&SUCCESS).inc();
+        metrics.delivery("pull_request", "accepted");
+        metrics.launch_step_seconds.get_or_create(&ByStep { step: "health" }).observe(0.3);
+        Metrics::sync_counter(&metrics.nginx_reloads.get_or_create(&SUCCESS), 7);
+        Metrics::sync_counter(&metrics.nginx_reloads.get_or_create(&SUCCESS), 7);
+        let text = metrics.render();
+        assert!(text.contains("previewd_launches_total{result=\"success\"} 1"), "{text}");
+        assert!(text.contains("previewd_webhook_deliveries_total{event=\"pull_request\",outcome=\"accepted\"} 1"), "{text}");
+        assert!(text.contains("previewd_launch_step_seconds_count{step=\"health\"} 1"), "{text}");
+        assert!(text.contains("previewd_nginx_reloads_total{result=\"success\"} 7"), "{text}");
+    }
+}

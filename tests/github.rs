@@ -302,8 +302,18 @@ async fn pings_other_events_actions_and_repositories_are_acknowledged_and_ignore
     let (status, body) = gh.send_pr(opened().repo("someone/else")).await;
     assert_eq!((status, body["status"].as_str()), (200, Some("ignored")), "{body}");
     assert!(body["reason"].as_str().unwrap().contains("not in config.yml"));
+    assert_eq!(gh.send_as("pull_request", "forged", &opened().body(), Some("wrong")).await.0, 401);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(gh.app.containers().is_empty());
+    let metrics = gh.client.get(gh.app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for line in [
+        "previewd_webhook_deliveries_total{event=\"ping\",outcome=\"pong\"} 1",
+        "previewd_webhook_deliveries_total{event=\"push\",outcome=\"ignored\"} 1",
+        "previewd_webhook_deliveries_total{event=\"pull_request\",outcome=\"ignored\"} 2",
+        "previewd_webhook_deliveries_total{event=\"unverified\",outcome=\"rejected\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line:?} missing from:\n{metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,6 +334,10 @@ async fn github_outages_delay_the_feedback_but_never_the_preview() {
     let deployments = gh.github.deployments(REPO);
     assert_eq!(deployments.len(), 1);
     assert_eq!(gh.statuses(deployments[0].id), ["in_progress", "success"], "order holds through the retries");
+    let metrics = gh.client.get(gh.app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let failed = metrics.lines().find_map(|l| l.strip_prefix("previewd_github_api_calls_total{result=\"failure\"} ")).unwrap_or("0");
+    assert!(failed.parse::<u64>().unwrap() >= 3, "the outage and the two 502s are counted: {metrics}");
+    assert!(metrics.contains("previewd_github_api_calls_total{result=\"success\"}"), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

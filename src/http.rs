@@ -62,7 +62,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/previews", get(list_previews))
         .route("/api/previews/{name}", get(get_preview))
         .route("/api/previews/{name}/logs", get(preview_logs))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_auth))
+        .route_layer(middleware::from_fn(refuse_cross_site));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
@@ -74,6 +75,28 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// Browsers send cached Basic credentials with any request to this origin, a form another site
+/// submits included; so a state-changing request that a browser marks as cross-site is refused.
+/// curl and the client send neither header.
+async fn refuse_cross_site(request: Request, next: Next) -> Result<Response, ApiError> {
+    if request.method() != axum::http::Method::GET && is_cross_site(request.headers()) {
+        return Err(ApiError::CrossSite);
+    }
+    Ok(next.run(request).await)
+}
+
+fn is_cross_site(headers: &HeaderMap) -> bool {
+    let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        return !matches!(site, "same-origin" | "none");
+    }
+    match (text(header::ORIGIN), text(header::HOST)) {
+        (Some(origin), Some(host)) => origin.split_once("://").map(|(_, authority)| authority) != Some(host),
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
 }
 
 /// Who calls: a `users` entry (Basic) or, with `github.api_auth`, a GitHub user (Bearer token).
@@ -299,4 +322,24 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
     Metrics::sync_counter(&metrics.nginx_reloads.get_or_create(&crate::metrics::FAILURE), router.failed_reloads());
     let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
     ([(header::CONTENT_TYPE, content_type)], metrics.render()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        pairs.iter().map(|(k, v)| (header::HeaderName::from_static(k), v.parse().unwrap())).collect()
+    }
+
+    #[test]
+    fn only_requests_a_browser_marks_as_cross_site_are_refused() {
+        assert!(!is_cross_site(&headers(&[])), "curl sends neither header");
+        assert!(!is_cross_site(&headers(&[("sec-fetch-site", "same-origin")])));
+        assert!(is_cross_site(&headers(&[("sec-fetch-site", "cross-site")])));
+        assert!(is_cross_site(&headers(&[("sec-fetch-site", "same-site")])));
+        assert!(!is_cross_site(&headers(&[("origin", "http://127.0.0.1:7800"), ("host", "127.0.0.1:7800")])));
+        assert!(is_cross_site(&headers(&[("origin", "https://evil.example"), ("host", "127.0.0.1:7800")])));
+        assert!(is_cross_site(&headers(&[("origin", "null"), ("host", "127.0.0.1:7800")])));
+    }
 }

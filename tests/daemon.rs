@@ -304,6 +304,8 @@ async fn bad_requests_get_a_status_and_a_message_and_leave_nothing_behind() {
         (post("/launch").form(&[("image_name", "demo"), ("container_name", &"x".repeat(100_000))]), 413, "larger than 65536 bytes"),
         (post("/kill").form(&[("nothing", "here")]), 400, "missing field `container_name`"),
         (post("/kill").form(&[("container_name", "ghost")]), 404, "no preview named \"ghost\""),
+        (post("/kill").header("origin", "https://evil.example").form(&[("container_name", "ghost")]), 403, "cross-site requests are refused"),
+        (post("/launch").header("sec-fetch-site", "cross-site").form(&[("image_name", "demo"), ("container_name", "x")]), 403, "cross-site"),
         (post("/nowhere"), 404, "no route"),
         (app.client.get(app.url("/launch")).basic_auth(USER, Some(PASSWORD)), 405, "method not allowed"),
         (app.client.get(app.url("/api/previews/ghost")).basic_auth(USER, Some(PASSWORD)), 404, "no preview named \"ghost\""),

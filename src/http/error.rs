@@ -44,6 +44,8 @@ pub enum ApiError {
     NotConfigured(&'static str),
     #[error(transparent)]
     Token(#[from] TokenAuthError),
+    #[error("cross-site requests are refused: call the API directly (curl, `previewd launch`) or use the dashboard")]
+    CrossSite,
 }
 
 impl ApiError {
@@ -62,6 +64,7 @@ impl ApiError {
             Self::Event(EventError::NotACommit(_)) => StatusCode::BAD_REQUEST,
             Self::Event(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::NotConfigured(_) => StatusCode::NOT_FOUND,
+            Self::CrossSite => StatusCode::FORBIDDEN,
             Self::Token(TokenAuthError::Rejected) => StatusCode::UNAUTHORIZED,
             Self::Token(TokenAuthError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Token(_) => StatusCode::FORBIDDEN,

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -16,6 +17,7 @@ use crate::docker::Runtime;
 use crate::github::client::GitHubApi;
 use crate::github::feedback::Feedback;
 use crate::github::previews::PullRequestPreviews;
+use crate::github::sync::Sync;
 use crate::github::token_auth::TokenAuth;
 use crate::http::{AppState, GitHubService, router};
 use crate::lifecycle::{Lifecycle, ReconcileReport};
@@ -30,6 +32,8 @@ pub struct Application {
     state: AppState,
     shutdown: CancellationToken,
     reconcile: ReconcileReport,
+    /// The periodic sync with GitHub's open pull requests, and how often it runs.
+    sync: Option<(Sync, Duration)>,
 }
 
 impl Application {
@@ -66,7 +70,7 @@ impl Application {
             }
         };
         let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
-        let (github, tokens) = match github_service(&config, &lifecycle, &tasks, &shutdown) {
+        let (github, tokens, sync) = match github_service(&config, &lifecycle, &tasks, &shutdown) {
             Ok(github) => github,
             Err(err) => {
                 stop_managed_nginx(&lifecycle).await;
@@ -74,7 +78,7 @@ impl Application {
             }
         };
         let state = AppState { auth: Authenticator::new(&config.users), config, lifecycle, tasks, github, tokens };
-        Ok(Self { listener, state, shutdown, reconcile })
+        Ok(Self { listener, state, shutdown, reconcile, sync })
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -102,13 +106,17 @@ impl Application {
     /// Serves until the shutdown token is cancelled, then finishes in-flight operations and
     /// stops the managed nginx.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let Self { listener, state, shutdown, .. } = self;
+        let Self { listener, state, shutdown, sync, .. } = self;
         tracing::info!(address = %listener.local_addr()?, "previewd is serving");
         let tasks = state.tasks.clone();
         let lifecycle = state.lifecycle.clone();
         let watcher = tokio::spawn(follow_container_starts(lifecycle.clone(), tasks.clone(), shutdown.clone()));
+        let syncer = sync.map(|(sync, every)| tokio::spawn(sync.run(every, tasks.clone(), shutdown.clone())));
         axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
         watcher.await.ok();
+        if let Some(syncer) = syncer {
+            syncer.await.ok();
+        }
         tasks.close();
         if !tasks.is_empty() {
             tracing::info!(operations = tasks.len(), "waiting for in-flight operations");
@@ -120,21 +128,28 @@ impl Application {
     }
 }
 
-/// The webhook service and, with `github.api_auth`, GitHub token checks.
+/// What a `github` section brings: the webhook service, GitHub token checks (with
+/// `github.api_auth`) and the periodic sync.
+type GitHubParts = (Option<GitHubService>, Option<Arc<TokenAuth>>, Option<(Sync, Duration)>);
+
 fn github_service(
     config: &Arc<Config>,
     lifecycle: &Lifecycle,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
-) -> anyhow::Result<(Option<GitHubService>, Option<Arc<TokenAuth>>)> {
-    let Some(github) = &config.github else { return Ok((None, None)) };
+) -> anyhow::Result<GitHubParts> {
+    let Some(github) = &config.github else { return Ok((None, None, None)) };
     let api = GitHubApi::new(&github.api_url, github.token.expose())
         .context("cannot set up the GitHub client")?
         .counted(Arc::clone(lifecycle.metrics()));
     let tokens = github.api_auth.then(|| Arc::new(TokenAuth::new(github, api.clone())));
-    let feedback = Feedback::new(api, config.instance.clone(), tasks.clone(), shutdown.clone());
+    let feedback = Feedback::new(api.clone(), config.instance.clone(), tasks.clone(), shutdown.clone());
     let previews = PullRequestPreviews::new(Arc::clone(config), lifecycle.clone(), feedback);
-    Ok((Some(GitHubService { previews, deliveries: Arc::default() }), tokens))
+    let sync = github.sync_interval.map(|every| {
+        let sync = Sync { api, previews: previews.clone(), lifecycle: lifecycle.clone(), config: Arc::clone(config) };
+        (sync, every)
+    });
+    Ok((Some(GitHubService { previews, deliveries: Arc::default() }), tokens, sync))
 }
 
 async fn stop_managed_nginx(lifecycle: &Lifecycle) {

@@ -5,7 +5,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -201,7 +201,7 @@ fn urlencode(text: &str) -> String {
 
 /// The `previewd list` table: name, image, PR, commit, status, age, URL.
 pub fn table(previews: &[Value]) -> String {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let now = crate::clock::unix_now();
     let mut rows = vec![["NAME", "IMAGE", "PR", "COMMIT", "STATUS", "AGE", "URL"].map(str::to_owned).to_vec()];
     for preview in previews {
         let text = |key: &str| preview[key].as_str().unwrap_or("-").to_owned();
@@ -211,7 +211,7 @@ pub fn table(previews: &[Value]) -> String {
         };
         let commit = preview["sha"].as_str().map_or("-".to_owned(), |sha| sha.chars().take(7).collect());
         let status = if preview["routed"].as_bool() == Some(false) { format!("{} (unrouted)", text("status")) } else { text("status") };
-        let age = age(now - preview["created"].as_i64().unwrap_or(now));
+        let age = crate::clock::age(now - preview["created"].as_i64().unwrap_or(now));
         rows.push(vec![text("name"), text("image"), pr, commit, status, age, text("url")]);
     }
     let widths: Vec<usize> = (0..7).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
@@ -223,16 +223,6 @@ pub fn table(previews: &[Value]) -> String {
         .collect()
 }
 
-/// `42s`, `5m`, `3h`, `2d`.
-pub fn age(seconds: i64) -> String {
-    match seconds.max(0) {
-        s if s < 60 => format!("{s}s"),
-        s if s < 3600 => format!("{}m", s / 60),
-        s if s < 86_400 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86_400),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,7 +230,7 @@ mod tests {
 
     #[test]
     fn the_table_has_a_row_per_preview_with_pr_commit_and_age() {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+        let now = crate::clock::unix_now();
         let previews = [
             json!({"name": "a", "image": "demo", "status": "running", "routed": true, "created": now - 125, "url": "http://a"}),
             json!({"name": "hello-world-pr-2", "image": "demo", "status": "running", "routed": false, "created": now - 7200,
@@ -253,8 +243,4 @@ mod tests {
         assert!(lines[2].contains("Codertocat/Hello-World#2") && lines[2].contains("ec26c3e") && lines[2].contains("(unrouted)") && lines[2].contains("2h"), "{text}");
     }
 
-    #[test]
-    fn ages_are_short() {
-        assert_eq!([age(5), age(300), age(7200), age(200_000)], ["5s", "5m", "2h", "2d"]);
-    }
 }

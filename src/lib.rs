@@ -19,12 +19,14 @@
 //! - [`app`]: start-up (reconcile), serving and graceful shutdown.
 //! - [`cli`]: the command line.
 //! - [`client`]: the client side of `previewd launch|kill|list|logs|login`.
+//! - [`clock`]: Unix time, UTC dates and short ages.
 
 pub mod app;
 pub mod auth;
 pub mod cache;
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod docker;
 pub mod github;

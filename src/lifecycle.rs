@@ -228,7 +228,7 @@ impl Lifecycle {
             container_id: id,
             status: "running".to_owned(),
             routed: true,
-            created: unix_now(),
+            created: crate::clock::unix_now(),
             repo,
             pr,
             sha,
@@ -524,11 +524,6 @@ fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
 
 #[cfg(test)]
 mod tests {

@@ -28,7 +28,10 @@ struct GitHubApp {
 
 impl GitHubApp {
     async fn start(repos: &str, extra: &str) -> Self {
-        let github = FakeGitHub::start().await;
+        Self::start_with(FakeGitHub::start().await, repos, extra).await
+    }
+
+    async fn start_with(github: FakeGitHub, repos: &str, extra: &str) -> Self {
         github.add_token(SERVICE_TOKEN, "previewd-bot");
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("webhook.secret"), format!("{SECRET}\n")).unwrap();
@@ -507,4 +510,26 @@ async fn a_look_alike_comment_is_not_taken_over_and_failures_do_not_publish_logs
     let ours = comments.iter().find(|c| c.user == "previewd-bot").expect("previewd's comment");
     assert!(ours.body.contains("exit code 3"), "{}", ours.body);
     assert!(!ours.body.contains("config file missing"), "the container's log stays off the PR: {}", ours.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_periodic_sync_repairs_missed_deliveries() {
+    let github = FakeGitHub::start().await;
+    let pr = |number: u64| PrEvent::new("opened").number(number).value["pull_request"].clone();
+    // PR 5 was opened while previewd was down: no delivery will ever come for it.
+    github.set_open_pulls(REPO, vec![pr(5)]);
+    let gh = GitHubApp::start_with(github, &format!("    {REPO}:\n      image: demo\n"), "  sync_interval: 1\n").await;
+    gh.comment_saying(5, "is live at").await;
+    assert_eq!(gh.app.via_nginx("hello-world-pr-5", "/").await.unwrap().0, 200);
+
+    gh.github.set_open_pulls(REPO, vec![pr(5), pr(6)]);
+    assert_eq!(gh.send_pr(opened().number(6)).await.0, 202);
+    gh.comment_saying(6, "is live at").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(gh.app.via_nginx("hello-world-pr-6", "/").await.unwrap().0, 200, "a sync keeps an open PR's preview");
+    // PR 6 is closed, and its delivery is lost.
+    gh.github.set_open_pulls(REPO, vec![pr(5)]);
+    gh.comment_saying(6, "was removed").await;
+    assert_eq!(gh.app.via_nginx("hello-world-pr-6", "/").await.unwrap().0, 404);
+    assert_eq!(gh.app.via_nginx("hello-world-pr-5", "/").await.unwrap().0, 200, "open pull requests keep theirs");
 }

@@ -22,6 +22,8 @@ pub struct GitHubConfig {
     pub api_auth: bool,
     /// Keyed by the lowercased `owner/name` (GitHub names are case-insensitive).
     pub repos: BTreeMap<String, RepoConfig>,
+    /// How often open pull requests are read from GitHub to catch missed deliveries; `None`: never.
+    pub sync_interval: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -107,6 +109,7 @@ pub(super) struct RawGitHub {
     token_file: Option<PathBuf>,
     webhook_basic_auth: Option<bool>,
     api_auth: Option<bool>,
+    sync_interval: Option<u64>,
     repos: BTreeMap<String, RawRepo>,
 }
 
@@ -131,6 +134,7 @@ fn yes() -> bool {
 }
 
 const DEFAULT_NAME: &str = "{{ repo }}-pr-{{ number }}";
+const DEFAULT_SYNC_SECS: u64 = 300;
 
 pub(super) fn validate(
     raw: RawGitHub,
@@ -160,6 +164,10 @@ pub(super) fn validate(
         webhook_basic_auth: raw.webhook_basic_auth.unwrap_or(false),
         api_auth: raw.api_auth.unwrap_or(false),
         repos,
+        sync_interval: match raw.sync_interval.unwrap_or(DEFAULT_SYNC_SECS) {
+            0 => None,
+            secs => Some(std::time::Duration::from_secs(secs)),
+        },
     })
 }
 

@@ -16,7 +16,7 @@ use crate::metrics::Metrics;
 /// GitHub limits a deployment status description to 140 characters.
 const MAX_DESCRIPTION: usize = 140;
 const PER_PAGE: usize = 100;
-/// Comment pages searched for previewd's sticky comment.
+/// Pages read of a paged list (comments searched for the sticky one, open pull requests).
 const MAX_PAGES: usize = 30;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -170,6 +170,21 @@ impl GitHubApi {
         let route = format!("/repos/{repo}/deployments/{deployment}/statuses");
         let _: serde_json::Value = self.observe(self.octocrab.post(route, Some(&body)).await)?;
         Ok(())
+    }
+
+    /// The open pull requests of a repository, every page.
+    pub async fn open_pulls(&self, repo: &str) -> Result<Vec<super::event::PullRequest>, ApiCallError> {
+        let mut pulls = Vec::new();
+        for page in 1..=MAX_PAGES {
+            let route = format!("/repos/{repo}/pulls?state=open&per_page={PER_PAGE}&page={page}");
+            let batch: Vec<super::event::PullRequest> = self.observe(self.octocrab.get(route, None::<&()>).await)?;
+            let last = batch.len() < PER_PAGE;
+            pulls.extend(batch);
+            if last {
+                break;
+            }
+        }
+        Ok(pulls)
     }
 
     /// The login of the token's owner.

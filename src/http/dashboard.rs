@@ -6,7 +6,7 @@
 //! a per-response CSP nonce, and the JS only calls this daemon's own `/launch`, `/kill` and `/`.
 
 use std::sync::OnceLock;
-use std::time::{SystemTime, UNIX_EPOCH};
+use crate::clock::{age, unix_now, utc};
 
 use axum::extract::{Extension, State};
 use axum::http::{HeaderValue, header};
@@ -185,33 +185,10 @@ fn shell_word(word: &str) -> String {
     }
 }
 
-/// "45s", "3m", "2h", "5d": how long ago, in its largest whole unit.
-fn age(seconds: i64) -> String {
-    match seconds.max(0) {
-        s if s < 60 => format!("{s}s"),
-        s if s < 3600 => format!("{}m", s / 60),
-        s if s < 86_400 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86_400),
-    }
-}
-
-/// `2026-01-31 12:34 UTC` from Unix seconds (civil-from-days, proleptic Gregorian).
+/// `2026-01-31 12:34 UTC`.
 fn utc_timestamp(unix: i64) -> String {
-    let (days, secs) = (unix.div_euclid(86_400), unix.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {:02}:{:02} UTC", secs / 3600, secs % 3600 / 60)
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    let t = utc(unix);
+    format!("{:04}-{:02}-{:02} {:02}:{:02} UTC", t.year, t.month, t.day, t.hour, t.minute)
 }
 
 /// The parsed template, built on first use.

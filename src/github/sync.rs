@@ -1,0 +1,76 @@
+//! The periodic sync with GitHub: webhooks missed while previewd was down (or lost by GitHub)
+//! would leave a closed pull request's preview running, or an open one without its preview.
+//! Every `sync_interval`, each configured repository's open pull requests are read from GitHub
+//! and fed through the same desired-state rule as deliveries; previews of pull requests that
+//! are no longer open are removed.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::client::{ApiCallError, GitHubApi};
+use super::event::{Desired, desired};
+use super::feedback::PullRequestKey;
+use super::previews::PullRequestPreviews;
+use crate::config::{Config, RepoConfig};
+use crate::lifecycle::Lifecycle;
+use crate::preview::Slug;
+
+pub struct Sync {
+    pub api: GitHubApi,
+    pub previews: PullRequestPreviews,
+    pub lifecycle: Lifecycle,
+    pub config: std::sync::Arc<Config>,
+}
+
+impl Sync {
+    /// Runs a sync every `interval` until `shutdown`, the first one right away.
+    pub async fn run(self, interval: Duration, tasks: TaskTracker, shutdown: CancellationToken) {
+        loop {
+            if let Err(err) = self.once(&tasks).await {
+                tracing::warn!(error = %err, "sync with GitHub's open pull requests failed; trying again later");
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    /// One pass over every configured repository.
+    pub async fn once(&self, tasks: &TaskTracker) -> Result<(), ApiCallError> {
+        let Some(github) = &self.config.github else { return Ok(()) };
+        let running = self.lifecycle.list().await.unwrap_or_default();
+        for repo in github.repos.values() {
+            let open = self.api.open_pulls(&repo.full_name).await?;
+            let mut open_numbers = BTreeSet::new();
+            for pr in &open {
+                open_numbers.insert(pr.number);
+                match desired(pr, repo) {
+                    Ok((slug, state)) => self.apply(tasks, repo, pr.number, slug, state, &pr.updated_at),
+                    Err(err) => tracing::warn!(repo = %repo.full_name, pr = pr.number, error = %err, "cannot sync a pull request"),
+                }
+            }
+            let closed = running.iter().filter(|p| {
+                p.repo.as_deref().is_some_and(|r| r.eq_ignore_ascii_case(&repo.full_name)) && p.pr.is_some_and(|n| !open_numbers.contains(&n))
+            });
+            for preview in closed {
+                let number = preview.pr.unwrap_or_default();
+                // Closed after everything the preview was built from, whatever GitHub sent before.
+                let now = crate::clock::iso8601(crate::clock::unix_now());
+                self.apply(tasks, repo, number, preview.name.clone(), Desired::Absent("the pull request is no longer open"), &now);
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&self, tasks: &TaskTracker, repo: &RepoConfig, number: u64, slug: Slug, state: Desired, updated_at: &str) {
+        let key = PullRequestKey { repo: repo.full_name.clone(), number };
+        if self.previews.record(&key, slug, state, updated_at) {
+            let previews = self.previews.clone();
+            tasks.spawn(async move { previews.apply_latest(key).await });
+        }
+    }
+}

@@ -2,10 +2,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use common::{Options, PASSWORD, USER};
+use common::{Cleanup, Daemon, Options, PASSWORD, USER, wait_until_healthy};
 
 const BIN: &str = env!("CARGO_BIN_EXE_previewd");
 
@@ -74,55 +74,6 @@ fn hash_password_prints_an_argon2id_hash_of_stdin() {
     assert_eq!(empty.status.code(), Some(2));
 }
 
-struct Daemon {
-    child: Child,
-}
-
-impl Daemon {
-    fn start(config: &std::path::Path, log: &std::path::Path) -> Self {
-        let log = std::fs::File::create(log).unwrap();
-        let child = Command::new(BIN)
-            .args(["serve", "--log-format", "json", "--config"])
-            .arg(config)
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Self { child }
-    }
-
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "previewd did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.child.kill().ok();
-        self.child.wait().ok();
-    }
-}
-
-async fn wait_until_healthy(client: &reqwest::Client, api: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if let Ok(response) = client.get(format!("{api}/healthz")).send().await
-            && response.status() == 200
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("previewd did not become healthy at {api}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_nginx_but_leaves_previews_and_a_restart_serves_them_again() {
     common::require_demo_image();
@@ -187,21 +138,5 @@ async fn sigterm_stops_nginx_but_leaves_previews_and_a_restart_serves_them_again
         let page = nginx.get(format!("http://{host}:{nginx_port}/")).send().await.unwrap();
         assert_eq!(page.status(), 200);
         assert!(page.text().await.unwrap().contains(&format!("Preview: {name}")));
-    }
-}
-
-/// Removes the test's containers and nginx whatever happened.
-struct Cleanup {
-    instance: String,
-    pid_file: std::path::PathBuf,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for line in common::docker_ps(&format!("label=previewd.instance={}", self.instance)) {
-            let id = line.split(' ').next().unwrap_or_default().to_owned();
-            Command::new("docker").args(["rm", "-f", &id]).output().ok();
-        }
-        common::stop_nginx(&self.pid_file);
     }
 }

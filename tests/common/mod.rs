@@ -8,7 +8,7 @@ pub mod github;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use previewd::app::Application;
 use previewd::config::Config;
@@ -308,4 +308,70 @@ pub async fn error_of(response: reqwest::Response) -> (u16, String) {
     let status = response.status().as_u16();
     let body: serde_json::Value = response.json().await.expect("errors are JSON");
     (status, body["error"].as_str().expect("an error field").to_owned())
+}
+
+/// The real `previewd serve` binary as a child process; killed on drop.
+pub struct Daemon {
+    pub child: std::process::Child,
+}
+
+impl Daemon {
+    pub fn start(config: &std::path::Path, log: &std::path::Path) -> Self {
+        let log = std::fs::File::create(log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_previewd"))
+            .args(["serve", "--log-format", "json", "--config"])
+            .arg(config)
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Self { child }
+    }
+
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "previewd did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+pub async fn wait_until_healthy(client: &reqwest::Client, api: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(response) = client.get(format!("{api}/healthz")).send().await
+            && response.status() == 200
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("previewd did not become healthy at {api}");
+}
+
+/// Removes the test's containers and nginx whatever happened.
+pub struct Cleanup {
+    pub instance: String,
+    pub pid_file: std::path::PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for line in docker_ps(&format!("label=previewd.instance={}", self.instance)) {
+            let id = line.split(' ').next().unwrap_or_default().to_owned();
+            Command::new("docker").args(["rm", "-f", &id]).output().ok();
+        }
+        stop_nginx(&self.pid_file);
+    }
 }

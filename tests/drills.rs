@@ -1,0 +1,161 @@
+//! Fault drills that are quick enough for the test suite: `kill -9` of the real previewd at 20
+//! different moments of launches, redeploys and kills. After each restart the state must
+//! converge within 10 s: every container up, routed and served; every vhost backed by a
+//! container; `nginx -t` passing.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Cleanup, Daemon, Options, PASSWORD, USER, wait_until_healthy};
+
+const ROUNDS: u64 = 20;
+const CONVERGE: Duration = Duration::from_secs(10);
+
+struct Drill {
+    dir: tempfile::TempDir,
+    instance: String,
+    nginx_port: u16,
+    api: String,
+    client: reqwest::Client,
+}
+
+impl Drill {
+    fn sites(&self) -> std::path::PathBuf {
+        self.dir.path().join("state/nginx/sites")
+    }
+
+    /// Running previews (slug per container) and routed previews (slug per vhost file).
+    fn state(&self) -> (Vec<(String, String)>, Vec<String>) {
+        let containers = common::docker_ps(&format!("label=previewd.instance={}", self.instance))
+            .into_iter()
+            .map(|line| {
+                let mut parts = line.split(' ');
+                let id = parts.next().unwrap_or_default().to_owned();
+                let slug = std::process::Command::new("docker")
+                    .args(["inspect", "--format", "{{index .Config.Labels \"previewd.slug\"}} {{.State.Status}}", &id])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+                    .unwrap_or_default();
+                (id, slug)
+            })
+            .collect();
+        let prefix = format!("previewd.{}.", self.instance);
+        let mut vhosts: Vec<String> = std::fs::read_dir(self.sites())
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter_map(|name| Some(name.strip_prefix(&prefix)?.strip_suffix(".conf")?.to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        vhosts.sort();
+        (containers, vhosts)
+    }
+
+    /// Why the state is not converged yet, if it is not.
+    async fn unconverged(&self) -> Option<String> {
+        let (containers, vhosts) = self.state();
+        let mut slugs = Vec::new();
+        for (id, label) in &containers {
+            let (slug, status) = label.split_once(' ').unwrap_or((label.as_str(), ""));
+            if status != "running" {
+                return Some(format!("container {id} of {slug} is {status}"));
+            }
+            slugs.push(slug.to_owned());
+        }
+        slugs.sort();
+        let unique = {
+            let mut u = slugs.clone();
+            u.dedup();
+            u
+        };
+        if unique.len() != slugs.len() {
+            return Some(format!("several containers for one preview: {slugs:?}"));
+        }
+        if unique != vhosts {
+            return Some(format!("containers {unique:?} but vhosts {vhosts:?}"));
+        }
+        for slug in &unique {
+            match self.via_nginx(slug).await {
+                Some(200) => {}
+                other => return Some(format!("{slug} answers {other:?} through nginx")),
+            }
+        }
+        None
+    }
+
+    async fn via_nginx(&self, slug: &str) -> Option<u16> {
+        let host = format!("{slug}.{}", common::BASE_DOMAIN);
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(2))
+            .resolve(&host, ([127, 0, 0, 1], self.nginx_port).into())
+            .build()
+            .ok()?;
+        client.get(format!("http://{host}:{}/", self.nginx_port)).send().await.ok().map(|r| r.status().as_u16())
+    }
+
+    fn nginx_test(&self) -> std::process::Output {
+        let prefix = self.dir.path().join("state/nginx");
+        std::process::Command::new("nginx")
+            .args(["-t", "-p"])
+            .arg(&prefix)
+            .arg("-c")
+            .arg(prefix.join("nginx.conf"))
+            .arg("-e")
+            .arg(prefix.join("error.log"))
+            .output()
+            .unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_twenty_moments_always_converges_after_a_restart() {
+    common::require_demo_image();
+    let dir = tempfile::tempdir().unwrap();
+    let instance = common::unique_instance();
+    let nginx_port = common::free_port();
+    let api_port = common::free_port();
+    let yaml = common::config_yaml(&instance, dir.path(), nginx_port, &Options::default())
+        .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{api_port}"));
+    let config = dir.path().join("config.yml");
+    std::fs::write(&config, yaml).unwrap();
+    let _cleanup = Cleanup { instance: instance.clone(), pid_file: dir.path().join("state/nginx/nginx.pid") };
+    let drill = Drill { dir, instance, nginx_port, api: format!("http://127.0.0.1:{api_port}"), client: common::client() };
+
+    let mut daemon = Daemon::start(&config, &drill.dir.path().join("daemon.log"));
+    wait_until_healthy(&drill.client, &drill.api).await;
+    let mut worst = Duration::ZERO;
+    for round in 0..ROUNDS {
+        // A different moment each round, from before Docker is asked to well after the launch.
+        let delay = Duration::from_millis((round * 173) % 1500);
+        let (path, name) = match round % 3 {
+            0 => ("/launch", format!("drill-{round}")),
+            1 => ("/launch", "drill-keep".to_owned()),
+            _ => ("/kill", format!("drill-{}", round - 2)),
+        };
+        let request = drill.client.post(format!("{}{path}", drill.api)).basic_auth(USER, Some(PASSWORD)).form(&[("image_name", "demo"), ("container_name", name.as_str())]);
+        let in_flight = tokio::spawn(request.send());
+        tokio::time::sleep(delay).await;
+        daemon.child.kill().unwrap();
+        daemon.child.wait().unwrap();
+        in_flight.abort();
+
+        let restarted = Instant::now();
+        daemon = Daemon::start(&config, &drill.dir.path().join(format!("daemon-{round}.log")));
+        wait_until_healthy(&drill.client, &drill.api).await;
+        loop {
+            match drill.unconverged().await {
+                None => break,
+                Some(why) => assert!(restarted.elapsed() < CONVERGE, "round {round} ({path} {name}, killed after {delay:?}): {why}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        worst = worst.max(restarted.elapsed());
+        let test = drill.nginx_test();
+        assert!(test.status.success(), "round {round}: nginx -t fails: {}", String::from_utf8_lossy(&test.stderr));
+    }
+    eprintln!("{ROUNDS} kill -9 rounds; slowest convergence after a restart: {worst:?}");
+    assert!(!drill.state().0.is_empty(), "the drill left previews to check");
+}

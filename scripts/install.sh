@@ -40,8 +40,8 @@ BIN_SRC=
 UNINSTALL=
 while [ $# -gt 0 ]; do
     case $1 in
-        --root) [ $# -ge 2 ] || die "--root needs a directory"; ROOT=$2; shift 2 ;;
-        --root=*) ROOT=${1#--root=}; shift ;;
+        --root) [ -n "${2:-}" ] || die "--root needs a directory"; ROOT=$2; shift 2 ;;
+        --root=*) ROOT=${1#--root=}; [ -n "$ROOT" ] || die "--root needs a directory"; shift ;;
         --bin) [ $# -ge 2 ] || die "--bin needs a path"; BIN_SRC=$2; shift 2 ;;
         --bin=*) BIN_SRC=${1#--bin=}; shift ;;
         --uninstall) UNINSTALL=1; shift ;;

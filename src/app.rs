@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::nginx::sites::SitesDir;
 use crate::nginx::vhost::VhostTemplate;
 use crate::nginx::{Nginx, Router, RouterSettings};
-use crate::watch::follow_container_starts;
+use crate::watch::{follow_container_starts, keep_nginx_running};
 
 pub struct Application {
     listener: TcpListener,
@@ -77,7 +77,8 @@ impl Application {
                 return Err(err);
             }
         };
-        let state = AppState { auth: Authenticator::new(&config.users), config, lifecycle, tasks, github, tokens };
+        let state =
+            AppState { auth: Authenticator::new(&config.users), config, lifecycle, tasks, github, tokens, shutdown: shutdown.clone() };
         Ok(Self { listener, state, shutdown, reconcile, sync })
     }
 
@@ -112,8 +113,10 @@ impl Application {
         let lifecycle = state.lifecycle.clone();
         let watcher = tokio::spawn(follow_container_starts(lifecycle.clone(), tasks.clone(), shutdown.clone()));
         let syncer = sync.map(|(sync, every)| tokio::spawn(sync.run(every, tasks.clone(), shutdown.clone())));
+        let nginx_keeper = tokio::spawn(keep_nginx_running(lifecycle.clone(), shutdown.clone()));
         axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
         watcher.await.ok();
+        nginx_keeper.await.ok();
         if let Some(syncer) = syncer {
             syncer.await.ok();
         }

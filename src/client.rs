@@ -176,7 +176,12 @@ impl Client {
         let mut body = response.bytes_stream();
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|err| ClientError::Unreachable { server: self.server.clone(), message: err.to_string() })?;
-            out.write_all(&chunk).and_then(|()| out.flush()).map_err(|err| ClientError::Usage(err.to_string()))?;
+            match out.write_all(&chunk).and_then(|()| out.flush()) {
+                Ok(()) => {}
+                // `previewd logs NAME | head`: the reader has all it wanted.
+                Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                Err(err) => return Err(ClientError::Usage(err.to_string())),
+            }
         }
         Ok(())
     }

@@ -128,8 +128,9 @@ impl Runtime {
         self.docker.ping().await.map(drop).map_err(|err| DockerError::from_bollard("answer a ping", err))
     }
 
-    /// Makes sure the image is on this host, pulling it as the image's `pull` policy says.
-    pub async fn ensure_image(&self, spec: &ImageSpec) -> Result<(), DockerError> {
+    /// Whether the image must be pulled before a launch, as its `pull` policy says; an error when
+    /// it is missing and may not be pulled.
+    pub async fn needs_pull(&self, spec: &ImageSpec) -> Result<bool, DockerError> {
         let present = match self.docker.inspect_image(&spec.image).await {
             Ok(_) => true,
             Err(err) if is_not_found(&err) => false,
@@ -137,12 +138,12 @@ impl Runtime {
         };
         match (spec.pull, present) {
             (PullPolicy::Never, false) => Err(DockerError::ImageMissing { image: spec.image.clone() }),
-            (PullPolicy::Always, _) | (PullPolicy::Missing, false) => self.pull(&spec.image).await,
-            _ => Ok(()),
+            (PullPolicy::Always, _) | (PullPolicy::Missing, false) => Ok(true),
+            _ => Ok(false),
         }
     }
 
-    async fn pull(&self, image: &str) -> Result<(), DockerError> {
+    pub async fn pull(&self, image: &str) -> Result<(), DockerError> {
         let options = CreateImageOptions { from_image: Some(image.to_owned()), ..Default::default() };
         self.docker
             .create_image(Some(options), None, None)

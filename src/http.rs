@@ -19,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
+use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 use tower_http::trace::TraceLayer;
@@ -45,6 +46,8 @@ pub struct AppState {
     pub github: Option<GitHubService>,
     /// Present with `github.api_auth: true`.
     pub tokens: Option<Arc<TokenAuth>>,
+    /// Cancelled when previewd stops: long-lived answers (followed logs) end then.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// What the webhook needs besides the shared state.
@@ -133,6 +136,18 @@ impl AppState {
         }
     }
 
+    /// The previews the caller may see.
+    pub async fn visible_previews(&self, principal: &Principal) -> Result<Vec<PreviewInfo>, ApiError> {
+        self.authorize(principal, None).await?;
+        let mut visible = Vec::new();
+        for preview in self.lifecycle.list().await? {
+            if self.may_see(principal, &preview).await? {
+                visible.push(preview);
+            }
+        }
+        Ok(visible)
+    }
+
     /// A preview the caller may see, or 404 as if it did not exist.
     async fn visible_preview(&self, principal: &Principal, name: &str) -> Result<PreviewInfo, ApiError> {
         self.authorize(principal, None).await?;
@@ -185,14 +200,7 @@ async fn list_previews(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
 ) -> Result<Json<Vec<PreviewInfo>>, ApiError> {
-    state.authorize(&principal, None).await?;
-    let mut visible = Vec::new();
-    for preview in state.lifecycle.list().await? {
-        if state.may_see(&principal, &preview).await? {
-            visible.push(preview);
-        }
-    }
-    Ok(Json(visible))
+    Ok(Json(state.visible_previews(&principal).await?))
 }
 
 async fn get_preview(
@@ -223,8 +231,15 @@ async fn preview_logs(
 ) -> Result<Response, ApiError> {
     let preview = state.visible_preview(&principal, &name).await?;
     let tail = query.tail.unwrap_or(100).min(MAX_LOG_TAIL);
-    let stream = state.lifecycle.logs(&preview.name, tail, query.follow).await?;
-    let headers = [(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::CACHE_CONTROL, "no-store")];
+    // A followed log would otherwise hold graceful shutdown until the container stops.
+    let stream = state.lifecycle.logs(&preview.name, tail, query.follow).await?.take_until(state.shutdown.clone().cancelled_owned());
+    // The output is the preview's code's: never let a browser run it on this origin.
+    let headers = [
+        (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+        (header::CACHE_CONTROL, "no-store"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::CONTENT_SECURITY_POLICY, "sandbox; default-src 'none'"),
+    ];
     Ok((headers, axum::body::Body::from_stream(stream)).into_response())
 }
 
@@ -278,7 +293,8 @@ fn launch_streaming(state: &AppState, request: LaunchRequest) -> Response {
     let lifecycle = state.lifecycle.clone();
     state.tasks.spawn(async move {
         let (events, mut progress) = mpsc::unbounded_channel();
-        let launch = lifecycle.launch_reporting(request, Some(events));
+        // A task of its own, so that even a panic ends the stream with a `failed` line.
+        let launch = tokio::spawn(async move { lifecycle.launch_reporting(request, Some(events)).await });
         tokio::pin!(launch);
         let result = loop {
             tokio::select! {
@@ -289,10 +305,11 @@ fn launch_streaming(state: &AppState, request: LaunchRequest) -> Response {
         while let Ok(event) = progress.try_recv() {
             send_line(&lines, &event);
         }
-        let last = match result {
+        let outcome = result.map_err(|err| ApiError::Internal(format!("the launch stopped: {err}"))).and_then(|r| r.map_err(ApiError::from));
+        let last = match outcome {
             Ok(info) => json!({ "step": "ready", "url": info.url, "preview": info }),
             Err(err) => {
-                let err = ApiError::from(err);
+                tracing::warn!(error = %err, "streamed launch failed");
                 json!({ "step": "failed", "error": err.to_string(), "status": err.status().as_u16() })
             }
         };

@@ -16,7 +16,7 @@ use crate::config::{Config, ImageSpec};
 use crate::docker::{ContainerPlan, DockerError, ManagedContainer, Runtime};
 use crate::locks::KeyedLocks;
 use crate::metrics::{self, ByStep, Metrics};
-use crate::nginx::{NginxError, RouteTicket, Router};
+use crate::nginx::{Drain, NginxError, RouteTicket, Router};
 use crate::preview::{ImageKey, Slug};
 use crate::probe::Prober;
 use crate::request::{LaunchRequest, PullRequestOrigin};
@@ -24,6 +24,9 @@ use crate::request::{LaunchRequest, PullRequestOrigin};
 /// How many lines of a failed container's log go into the error.
 const LOG_LINES_ON_FAILURE: usize = 20;
 const HEALTH_POLL: Duration = Duration::from_millis(50);
+/// How long a replace waits for requests in flight under the old route before removing the old
+/// container (a WebSocket may stay open far longer; it is cut then).
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
@@ -37,7 +40,7 @@ pub enum LifecycleError {
     Unhealthy { port: u16, path: String, timeout: Duration, logs: String },
     #[error("no preview named \"{0}\" is running; GET /api/previews lists them")]
     NotFound(Slug),
-    #[error("the name \"{name}\" is taken by {owner}; give this repository's previews other names (github.repos.*.name)")]
+    #[error("the name \"{name}\" is taken by {owner}; use another name (a pull request's preview follows its pushes)")]
     NameTaken { name: Slug, owner: String },
 }
 
@@ -191,12 +194,19 @@ impl Lifecycle {
     ) -> Result<PreviewInfo, LifecycleError> {
         let spec = &request.spec;
         progress.step("image", format!("checking image {}", spec.image));
-        if let Some(origin) = &request.origin
-            && let Some(other) = previous.iter().find(|c| !same_pull_request(c.origin.as_ref(), origin))
-        {
+        // A pull request's preview belongs to it: a launch by hand would leave it orphaned when
+        // the PR closes, and a PR may not take a name launched by hand either.
+        let foreign = |c: &&ManagedContainer| match (&request.origin, &c.origin) {
+            (Some(origin), _) => !same_pull_request(c.origin.as_ref(), origin),
+            (None, owner) => owner.is_some(),
+        };
+        if let Some(other) = previous.iter().find(foreign) {
             return Err(LifecycleError::NameTaken { name: request.name.clone(), owner: describe_owner(other.origin.as_ref()) });
         }
-        self.runtime.ensure_image(spec).await?;
+        if self.runtime.needs_pull(spec).await? {
+            progress.step("pull", format!("pulling image {}", spec.image));
+            self.runtime.pull(&spec.image).await?;
+        }
         let ticket = self.router.ticket();
         let url = self.url_for(&request.name);
         progress.step("create", "creating the container".to_owned());
@@ -208,11 +218,19 @@ impl Lifecycle {
             origin: request.origin.as_ref(),
         };
         let id = self.runtime.create(plan).await?;
-        if let Err(err) = self.bring_up(&id, spec, &request.name, ticket, progress).await {
-            if let Err(cleanup) = self.runtime.remove(&id).await {
-                tracing::error!(error = %cleanup, container = %short(&id), "cannot remove the failed container");
+        let drain = match self.bring_up(&id, spec, &request.name, ticket, progress).await {
+            Ok(drain) => drain,
+            Err(err) => {
+                if let Err(cleanup) = self.runtime.remove(&id).await {
+                    tracing::error!(error = %cleanup, container = %short(&id), "cannot remove the failed container");
+                }
+                return Err(err);
             }
-            return Err(err);
+        };
+        if !previous.is_empty() {
+            // Requests the old nginx workers accepted before the switch still go to the old
+            // container: let them finish first.
+            drain.wait(DRAIN_LIMIT).await;
         }
         for old in previous {
             if let Err(err) = self.runtime.remove(&old.id).await {
@@ -243,7 +261,7 @@ impl Lifecycle {
         slug: &Slug,
         ticket: RouteTicket,
         progress: &mut Progress,
-    ) -> Result<(), LifecycleError> {
+    ) -> Result<Drain, LifecycleError> {
         progress.step("start", "starting the container".to_owned());
         self.runtime.start(id).await?;
         tracing::info!(container = %short(id), "container started");
@@ -251,8 +269,7 @@ impl Lifecycle {
         let port = self.wait_until_answering(id, spec).await?;
         self.runtime.keep_running(id).await?;
         progress.step("route", format!("routing {}", self.config.base_domain.host_for(slug)));
-        ticket.route(slug, port).await?;
-        Ok(())
+        Ok(ticket.route(slug, port).await?)
     }
 
     async fn wait_until_answering(&self, id: &str, spec: &ImageSpec) -> Result<u16, LifecycleError> {

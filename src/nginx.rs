@@ -24,7 +24,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::preview::{BaseDomain, InstanceName, Slug};
-pub use process::{Nginx, NginxError};
+pub use process::{Drain, Nginx, NginxError};
 use sites::SitesDir;
 use vhost::{Vhost, VhostTemplate};
 
@@ -38,7 +38,7 @@ type Change = (Slug, Option<String>);
 
 struct Job {
     changes: Vec<Change>,
-    reply: oneshot::Sender<Result<(), NginxError>>,
+    reply: oneshot::Sender<Result<Drain, NginxError>>,
 }
 
 /// Renders vhosts and routes every change through the single worker.
@@ -115,8 +115,9 @@ impl Router {
         RouteTicket { router: self.clone(), open: true }
     }
 
-    /// Routes `<slug>.<base_domain>` to `127.0.0.1:<host_port>`; returns once nginx serves it.
-    pub async fn route(&self, slug: &Slug, host_port: u16) -> Result<(), NginxError> {
+    /// Routes `<slug>.<base_domain>` to `127.0.0.1:<host_port>`; returns once nginx serves it,
+    /// with the workers still finishing requests under the old route.
+    pub async fn route(&self, slug: &Slug, host_port: u16) -> Result<Drain, NginxError> {
         let content = self.inner.render(slug, host_port)?;
         self.submit(vec![(slug.clone(), Some(content))]).await
     }
@@ -128,12 +129,12 @@ impl Router {
         if current.as_deref() == Some(content.as_str()) {
             return Ok(false);
         }
-        self.submit(vec![(slug.clone(), Some(content))]).await.map(|()| true)
+        self.submit(vec![(slug.clone(), Some(content))]).await.map(|_| true)
     }
 
     /// Removes the route of a preview; returns once nginx no longer serves it.
     pub async fn unroute(&self, slug: &Slug) -> Result<(), NginxError> {
-        self.submit(vec![(slug.clone(), None)]).await
+        self.submit(vec![(slug.clone(), None)]).await.map(drop)
     }
 
     /// Makes the sites dir hold exactly these routes (re-rendered), deleting every other vhost
@@ -165,17 +166,17 @@ impl Router {
         Ok(failures)
     }
 
-    async fn submit(&self, changes: Vec<Change>) -> Result<(), NginxError> {
+    async fn submit(&self, changes: Vec<Change>) -> Result<Drain, NginxError> {
         Self::receive(self.send(changes)?).await
     }
 
-    fn send(&self, changes: Vec<Change>) -> Result<oneshot::Receiver<Result<(), NginxError>>, NginxError> {
+    fn send(&self, changes: Vec<Change>) -> Result<oneshot::Receiver<Result<Drain, NginxError>>, NginxError> {
         let (reply, answer) = oneshot::channel();
         self.jobs.send(Job { changes, reply }).map_err(|_| NginxError::Stopped)?;
         Ok(answer)
     }
 
-    async fn receive(answer: oneshot::Receiver<Result<(), NginxError>>) -> Result<(), NginxError> {
+    async fn receive(answer: oneshot::Receiver<Result<Drain, NginxError>>) -> Result<Drain, NginxError> {
         answer.await.map_err(|_| NginxError::Stopped)?
     }
 }
@@ -188,7 +189,7 @@ pub struct RouteTicket {
 }
 
 impl RouteTicket {
-    pub async fn route(mut self, slug: &Slug, host_port: u16) -> Result<(), NginxError> {
+    pub async fn route(mut self, slug: &Slug, host_port: u16) -> Result<Drain, NginxError> {
         self.close();
         self.router.route(slug, host_port).await
     }
@@ -273,7 +274,7 @@ impl Inner {
         }
     }
 
-    async fn reload(&self) -> Result<(), NginxError> {
+    async fn reload(&self) -> Result<Drain, NginxError> {
         let result = self.nginx.reload().await;
         let counter = if result.is_ok() { &self.reloads } else { &self.failed_reloads };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -359,7 +360,7 @@ async fn one_by_one(inner: &Arc<Inner>, batch: Vec<Job>) -> (Vec<Job>, Backups) 
     (accepted, backups)
 }
 
-fn reply_all(jobs: Vec<Job>, result: &Result<(), NginxError>) {
+fn reply_all(jobs: Vec<Job>, result: &Result<Drain, NginxError>) {
     for job in jobs {
         job.reply.send(result.clone()).ok();
     }

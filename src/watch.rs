@@ -2,7 +2,7 @@
 //! a crash, or when the engine restarts) and gives them new host ports; this follows Docker's
 //! container start events and re-routes those previews. When the event stream breaks (the
 //! engine went away), it reconnects with backoff and refreshes every preview, since events may
-//! have been missed meanwhile.
+//! have been missed meanwhile. And a managed nginx that died is started again.
 
 use std::time::Duration;
 
@@ -55,5 +55,38 @@ pub async fn follow_container_starts(lifecycle: Lifecycle, tasks: TaskTracker, s
             () = tokio::time::sleep(retry) => {}
         }
         retry = (retry * 2).min(MAX_RETRY);
+    }
+}
+
+/// How often the managed nginx is checked.
+const NGINX_CHECK: Duration = Duration::from_secs(2);
+
+/// Starts the managed nginx again whenever its master is gone (killed, OOM, crashed), from the
+/// vhost files on disk, which always hold what it served. Runs until `shutdown`.
+///
+/// A master killed outright leaves its workers running: they keep serving the old config, cannot
+/// be reloaded, and hold the port a new nginx needs. So the workers of the live master are
+/// remembered, and those are stopped before nginx starts again.
+pub async fn keep_nginx_running(lifecycle: Lifecycle, shutdown: CancellationToken) {
+    let router = lifecycle.router();
+    if !router.nginx().is_managed() {
+        return;
+    }
+    let mut workers = Vec::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(NGINX_CHECK) => {}
+        }
+        if let Some(master) = router.nginx().master_pid() {
+            workers = crate::nginx::process::workers(master);
+            continue;
+        }
+        tracing::error!(orphaned_workers = workers.len(), "the managed nginx is not running; starting it again");
+        crate::nginx::process::stop_orphaned_workers(&std::mem::take(&mut workers)).await;
+        match router.nginx().start_managed(router.sites().dir()).await {
+            Ok(()) => tracing::info!("the managed nginx runs again"),
+            Err(err) => tracing::error!(error = %err, "cannot start the managed nginx; trying again"),
+        }
     }
 }

@@ -120,6 +120,10 @@ async fn sigterm_stops_nginx_but_leaves_previews_and_a_restart_serves_them_again
     assert_eq!(response.status(), 200, "the in-flight launch completes before shutdown");
     let log = std::fs::read_to_string(dir.path().join("first.log")).unwrap();
     assert!(log.lines().all(|line| line.starts_with('{')), "--log-format json logs JSON lines:\n{log}");
+    assert!(
+        log.lines().any(|line| line.contains("preview ready") && line.contains("\"slug\":\"keep-me\"")),
+        "a launch's log lines carry its preview's name:\n{log}"
+    );
     assert!(!log.contains(PASSWORD), "no secret in the log");
     let pid = std::fs::read_to_string(dir.path().join("state/nginx/nginx.pid")).unwrap_or_default();
     assert!(

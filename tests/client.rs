@@ -164,3 +164,51 @@ async fn metrics_count_launches_steps_kills_and_reloads() {
     assert!(text.lines().any(|l| l == "previewd_kills_total{result=\"success\"} 1"), "{text}");
     assert!(text.lines().any(|l| l == "previewd_previews 0"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launch_progress_arrives_while_the_launch_is_still_running() {
+    use futures_util::StreamExt;
+    let app = TestApp::start().await;
+    // "silent" never answers, so its launch takes its whole 2 s health timeout.
+    let response = app
+        .client
+        .post(app.url("/launch"))
+        .basic_auth(USER, Some(PASSWORD))
+        .header("accept", "application/x-ndjson")
+        .form(&[("image_name", "silent"), ("container_name", "slow")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["content-type"], "application/x-ndjson");
+    let started = std::time::Instant::now();
+    let mut body = response.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains("\"step\":\"health\"") {
+        let chunk = body.next().await.expect("more lines").unwrap();
+        seen.push_str(&text(&chunk));
+    }
+    assert!(started.elapsed() < std::time::Duration::from_millis(1500), "the health step is reported as it begins: {:?}", started.elapsed());
+    while let Some(chunk) = body.next().await {
+        seen.push_str(&text(&chunk.unwrap()));
+    }
+    let last: serde_json::Value = serde_json::from_str(seen.lines().last().unwrap()).unwrap();
+    assert_eq!((last["step"].as_str(), last["status"].as_u64()), (Some("failed"), Some(504)), "{seen}");
+    assert!(app.containers().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launch_by_hand_cannot_take_a_pull_requests_preview() {
+    let app = TestApp::start().await;
+    let origin = previewd::request::PullRequestOrigin { repo: "Codertocat/Hello-World".into(), number: 2, sha: "a".repeat(40) };
+    let images = previewd::config::Config::from_yaml(&app.options_yaml, app.dir.path()).unwrap().images;
+    let fields = vec![("image_name".to_owned(), "demo".to_owned()), ("container_name".to_owned(), "hello-world-pr-2".to_owned())];
+    let mut request = previewd::request::LaunchRequest::parse(fields, &images).unwrap();
+    request.origin = Some(origin);
+    app.lifecycle.as_ref().unwrap().launch(request).await.unwrap();
+
+    let response = app.launch(&[("image_name", "demo"), ("container_name", "hello-world-pr-2")]).await;
+    assert_eq!(response.status(), 409);
+    let message: serde_json::Value = response.json().await.unwrap();
+    assert!(message["error"].as_str().unwrap().contains("taken by pull request #2 of Codertocat/Hello-World"), "{message}");
+    assert_eq!(app.containers().len(), 1);
+}

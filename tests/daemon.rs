@@ -273,7 +273,7 @@ async fn bad_requests_get_a_status_and_a_message_and_leave_nothing_behind() {
     let form_cases: &[(Form, u16, &str)] = &[
         (&[("container_name", "x")], 400, "missing field `image_name`"),
         (&[("image_name", "demo")], 400, "missing field `container_name`"),
-        (&[("image_name", "nope"), ("container_name", "x")], 400, "allowed: chatty, crash, demo, missing, silent, unpullable"),
+        (&[("image_name", "nope"), ("container_name", "x")], 400, "allowed: chatty, crash, demo, missing, silent, slowcgi, unpullable"),
         (&[("image_name", "demo"), ("container_name", "///")], 400, "has no letters or digits"),
         (&[("image_name", "demo"), ("container_name", "x"), ("BAD-NAME", "1")], 400, "\"BAD-NAME\" is not a valid environment variable name"),
         (&[("image_name", "demo"), ("container_name", "x"), ("PREVIEW_URL", "1")], 400, "set by previewd"),
@@ -525,4 +525,23 @@ async fn operations_on_one_name_are_serialized() {
         1 => all_fresh_connections_see(&app, "same", "Preview: same", 3).await,
         _ => panic!("one preview, several containers: {containers:?}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_during_a_replace_still_completes() {
+    let app = Arc::new(TestApp::start().await);
+    assert_eq!(app.launch(&[("image_name", "slowcgi"), ("container_name", "drain")]).await.status(), 200);
+    let (status, body) = app.via_nginx("drain", "/cgi-bin/slow").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "slow done\n"), "the slow page works");
+
+    // A 2 s request under the old route, then the replace switches the route under it.
+    let slow = {
+        let app = Arc::clone(&app);
+        tokio::spawn(async move { app.via_nginx("drain", "/cgi-bin/slow").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.launch(&[("image_name", "slowcgi"), ("container_name", "drain")]).await.status(), 200);
+    let (status, body) = slow.await.unwrap().unwrap();
+    assert_eq!((status, body.as_str()), (200, "slow done\n"), "the old container served its request to the end");
+    assert_eq!(app.containers().len(), 1);
 }

@@ -383,6 +383,6 @@ async fn drive_the_dashboard(app: &TestApp, client: &Client, preview_url: &str) 
     let origin = format!("http://{}", app.api);
     // The example names the first configured image (the test config sorts "chatty" first).
     assert!(empty.contains(&format!("curl --user {USER} -d 'image_name=chatty&container_name=my-branch' {origin}/launch")), "{empty}");
-    assert!(empty.contains("Images you can launch: chatty crash demo missing silent unpullable"), "{empty}");
+    assert!(empty.contains("Images you can launch: chatty crash demo missing silent slowcgi unpullable"), "{empty}");
     screenshot(client, DESKTOP, "dashboard-empty.png").await;
 }

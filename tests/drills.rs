@@ -1,10 +1,11 @@
 //! Fault drills that are quick enough for the test suite: `kill -9` of the real previewd at 20
-//! different moments of launches, redeploys and kills. After each restart the state must
+//! different moments of launches, redeploys and kills (after each restart the state must
 //! converge within 10 s: every container up, routed and served; every vhost backed by a
-//! container; `nginx -t` passing.
+//! container; `nginx -t` passing), and `kill -9` of the managed nginx.
 
 mod common;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{Cleanup, Daemon, Options, PASSWORD, USER, wait_until_healthy};
@@ -158,4 +159,40 @@ async fn kill_9_at_twenty_moments_always_converges_after_a_restart() {
     }
     eprintln!("{ROUNDS} kill -9 rounds; slowest convergence after a restart: {worst:?}");
     assert!(!drill.state().0.is_empty(), "the drill left previews to check");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_managed_nginx_is_started_again_and_serves_the_previews() {
+    let app = common::TestApp::start().await;
+    assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "survivor")]).await.status(), 200);
+    let pid_file = app.dir.path().join("state/nginx/nginx.pid");
+    let master = std::fs::read_to_string(&pid_file).unwrap().trim().to_owned();
+    // The master killed outright (an OOM kill, `kill -9`): its workers live on without it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children")).unwrap();
+    let old_workers: Vec<String> = children.split_whitespace().map(str::to_owned).collect();
+    assert!(!old_workers.is_empty());
+    std::process::Command::new("kill").args(["-9", &master]).status().unwrap();
+    let gone = Instant::now() + CONVERGE;
+    while Path::new(&format!("/proc/{master}")).exists() {
+        assert!(Instant::now() < gone, "the killed master lingers");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let deadline = Instant::now() + CONVERGE;
+    let new_master_live = || {
+        let pid = std::fs::read_to_string(&pid_file).unwrap_or_default().trim().to_owned();
+        pid != master && std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with("nginx: master"))
+    };
+    while !new_master_live() || !matches!(app.via_nginx("survivor", "/").await, Ok((200, _))) {
+        assert!(Instant::now() < deadline, "the managed nginx was not started again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let health: serde_json::Value = app.client.get(app.url("/healthz")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(health["nginx"]["ok"], true, "{health}");
+    let alive = |pid: &String| std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with("nginx: worker"));
+    assert!(!old_workers.iter().any(alive), "the dead master's workers are stopped: {old_workers:?}");
+    // A launch after the restart is routed and served too.
+    assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "after")]).await.status(), 200);
+    assert_eq!(app.via_nginx("after", "/").await.unwrap().0, 200);
 }

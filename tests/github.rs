@@ -224,7 +224,8 @@ async fn bad_or_missing_signatures_and_malformed_deliveries_do_nothing() {
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(gh.app.containers().is_empty());
-    assert!(gh.github.calls().is_empty(), "nothing reached GitHub: {:?}", gh.github.calls());
+    let posted: Vec<_> = gh.github.calls().into_iter().filter(|c| !(c.method == "GET" && c.path.contains("/pulls?state=open"))).collect();
+    assert!(posted.is_empty(), "nothing but the sync's reading of open pull requests reached GitHub: {posted:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,8 +26,7 @@ const TEMPLATE: &str = include_str!("../../templates/dashboard.html.tera");
 const TEMPLATE_NAME: &str = "dashboard.html";
 
 pub async fn page(State(state): State<AppState>, Extension(principal): Extension<Principal>) -> Result<Response, ApiError> {
-    state.authorize(&principal, None).await?;
-    let mut previews = state.lifecycle.list().await?;
+    let mut previews = state.visible_previews(&principal).await?;
     previews.sort_by(|a, b| a.name.as_ref().cmp(b.name.as_ref()));
     let nonce = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
     let page = Page::new(&state.config, &principal, &previews, unix_now(), nonce.clone());

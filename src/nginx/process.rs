@@ -68,6 +68,10 @@ impl Nginx {
         Self { config, managed }
     }
 
+    pub fn is_managed(&self) -> bool {
+        self.managed.is_some()
+    }
+
     /// `nginx -t` on the whole configuration, vhosts included.
     pub async fn test(&self) -> Result<(), NginxError> {
         self.run(&self.config.test_command).await.map_err(|err| match err {
@@ -76,8 +80,9 @@ impl Nginx {
         })
     }
 
-    /// Reloads and returns once only new workers accept connections.
-    pub async fn reload(&self) -> Result<(), NginxError> {
+    /// Reloads and returns once only new workers accept connections, with the old workers,
+    /// which may still be finishing requests they accepted before.
+    pub async fn reload(&self) -> Result<Drain, NginxError> {
         let master = self.master_pid().ok_or_else(|| NginxError::NotRunning(self.config.pid_file.clone()))?;
         let old_workers: HashSet<u32> = workers(master).into_iter().collect();
         self.run(&self.config.reload_command).await?;
@@ -86,7 +91,7 @@ impl Nginx {
             let old_still_accepting = old_workers.iter().any(|pid| title(*pid).as_deref() == Some(WORKER_TITLE));
             let new_running = workers(master).iter().any(|pid| !old_workers.contains(pid));
             if !old_still_accepting && new_running {
-                return Ok(());
+                return Ok(Drain { workers: old_workers.into_iter().collect() });
             }
             if Instant::now() >= deadline {
                 return Err(NginxError::Timeout("switch to the new configuration", self.config.reload_timeout));
@@ -112,7 +117,7 @@ impl Nginx {
         self.test().await?;
         if self.master_pid().is_some() {
             tracing::info!("adopting the managed nginx left running by a previous previewd");
-            return self.reload().await;
+            return self.reload().await.map(drop);
         }
         self.run(&[NGINX_PROGRAM.into()]).await?;
         let started = |nginx: &Self| nginx.master_pid().is_some_and(|pid| !workers(pid).is_empty());
@@ -218,8 +223,45 @@ http {{
     )
 }
 
+/// The workers a reload retired. They accept no new connection, but finish the requests they
+/// accepted before, which still go to the upstreams of the old configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Drain {
+    workers: Vec<u32>,
+}
+
+impl Drain {
+    /// Waits until the retired workers have exited (their requests are done), at most `limit`.
+    pub async fn wait(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.workers.iter().any(|pid| title(*pid).is_some_and(|t| t.starts_with(WORKER_TITLE))) {
+            if Instant::now() >= deadline {
+                tracing::warn!(?limit, "old nginx workers still finish requests; going on");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Stops worker processes whose master is gone (only those still titled as nginx workers).
+pub async fn stop_orphaned_workers(pids: &[u32]) {
+    let alive: Vec<String> = pids.iter().filter(|pid| title(**pid).is_some_and(|t| t.starts_with(WORKER_TITLE))).map(u32::to_string).collect();
+    if alive.is_empty() {
+        return;
+    }
+    tracing::warn!(workers = ?alive, "stopping the workers the dead nginx master left");
+    if let Err(err) = Command::new("kill").arg("-KILL").args(&alive).status().await {
+        tracing::error!(error = %err, "cannot stop the orphaned nginx workers");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pids.iter().any(|pid| title(*pid).is_some_and(|t| t.starts_with(WORKER_TITLE))) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The worker processes of an nginx master that still accept connections.
-fn workers(master: u32) -> Vec<u32> {
+pub fn workers(master: u32) -> Vec<u32> {
     children(master).into_iter().filter(|pid| title(*pid).as_deref() == Some(WORKER_TITLE)).collect()
 }
 

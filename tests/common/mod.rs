@@ -95,6 +95,11 @@ images:
     port: 3000
     command: [/bin/busybox, sh, -c, "echo hello from the log; exec /bin/busybox httpd -f -p 3000 -h /www"]
     pull: never
+  slowcgi:
+    image: {DEMO_IMAGE}
+    port: 3000
+    command: [/bin/busybox, sh, -c, "printf '%s\\n' '#!/bin/busybox sh' 'sleep 2' 'echo Content-Type: text/plain' echo 'echo slow done' > /www/cgi-bin/slow && chmod 755 /www/cgi-bin/slow && exec /bin/busybox httpd -f -p 3000 -h /www"]
+    pull: never
   crash:
     image: {DEMO_IMAGE}
     port: 3000

@@ -519,7 +519,9 @@ async fn the_periodic_sync_repairs_missed_deliveries() {
     let pr = |number: u64| PrEvent::new("opened").number(number).value["pull_request"].clone();
     // PR 5 was opened while previewd was down: no delivery will ever come for it.
     github.set_open_pulls(REPO, vec![pr(5)]);
-    let gh = GitHubApp::start_with(github, &format!("    {REPO}:\n      image: demo\n"), "  sync_interval: 1\n").await;
+    // A repository GitHub answers 404 for comes first: it must not stop the others' sync.
+    let repos = format!("    Aaa/No-Access:\n      image: demo\n    {REPO}:\n      image: demo\n");
+    let gh = GitHubApp::start_with(github, &repos, "  sync_interval: 1\n").await;
     gh.comment_saying(5, "is live at").await;
     assert_eq!(gh.app.via_nginx("hello-world-pr-5", "/").await.unwrap().0, 200);
 

@@ -172,7 +172,8 @@ impl GitHubApi {
         Ok(())
     }
 
-    /// The open pull requests of a repository, every page.
+    /// The open pull requests of a repository, every page; an error rather than a partial list
+    /// (a pull request missing from it would look closed).
     pub async fn open_pulls(&self, repo: &str) -> Result<Vec<super::event::PullRequest>, ApiCallError> {
         let mut pulls = Vec::new();
         for page in 1..=MAX_PAGES {
@@ -181,10 +182,10 @@ impl GitHubApi {
             let last = batch.len() < PER_PAGE;
             pulls.extend(batch);
             if last {
-                break;
+                return Ok(pulls);
             }
         }
-        Ok(pulls)
+        Err(ApiCallError::Status { status: 0, message: format!("{repo} has more than {} open pull requests; not syncing it", MAX_PAGES * PER_PAGE) })
     }
 
     /// The login of the token's owner.

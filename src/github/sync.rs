@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::client::{ApiCallError, GitHubApi};
+use super::client::GitHubApi;
 use super::event::{Desired, desired};
 use super::feedback::PullRequestKey;
 use super::previews::PullRequestPreviews;
@@ -29,9 +29,7 @@ impl Sync {
     /// Runs a sync every `interval` until `shutdown`, the first one right away.
     pub async fn run(self, interval: Duration, tasks: TaskTracker, shutdown: CancellationToken) {
         loop {
-            if let Err(err) = self.once(&tasks).await {
-                tracing::warn!(error = %err, "sync with GitHub's open pull requests failed; trying again later");
-            }
+            self.once(&tasks).await;
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(interval) => {}
@@ -39,12 +37,20 @@ impl Sync {
         }
     }
 
-    /// One pass over every configured repository.
-    pub async fn once(&self, tasks: &TaskTracker) -> Result<(), ApiCallError> {
-        let Some(github) = &self.config.github else { return Ok(()) };
+    /// One pass over every configured repository; a repository whose list cannot be read is
+    /// left as it is.
+    pub async fn once(&self, tasks: &TaskTracker) {
+        let Some(github) = &self.config.github else { return };
         let running = self.lifecycle.list().await.unwrap_or_default();
         for repo in github.repos.values() {
-            let open = self.api.open_pulls(&repo.full_name).await?;
+            // One repository's failure (no access, a hiccup) must not stop the others'.
+            let open = match self.api.open_pulls(&repo.full_name).await {
+                Ok(open) => open,
+                Err(err) => {
+                    tracing::warn!(repo = %repo.full_name, error = %err, "cannot read the open pull requests; skipping this repository");
+                    continue;
+                }
+            };
             let mut open_numbers = BTreeSet::new();
             for pr in &open {
                 open_numbers.insert(pr.number);
@@ -63,7 +69,6 @@ impl Sync {
                 self.apply(tasks, repo, number, preview.name.clone(), Desired::Absent("the pull request is no longer open"), &now);
             }
         }
-        Ok(())
     }
 
     fn apply(&self, tasks: &TaskTracker, repo: &RepoConfig, number: u64, slug: Slug, state: Desired, updated_at: &str) {

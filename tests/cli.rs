@@ -5,7 +5,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Cleanup, Daemon, Options, PASSWORD, USER, wait_until_healthy};
+use common::{Daemon, PASSWORD, USER, wait_until_healthy};
 
 const BIN: &str = env!("CARGO_BIN_EXE_previewd");
 
@@ -76,20 +76,12 @@ fn hash_password_prints_an_argon2id_hash_of_stdin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_nginx_but_leaves_previews_and_a_restart_serves_them_again() {
-    common::require_demo_image();
-    let dir = tempfile::tempdir().unwrap();
-    let instance = common::unique_instance();
-    let nginx_port = common::free_port();
-    let api_port = common::free_port();
-    let yaml = common::config_yaml(&instance, dir.path(), nginx_port, &Options::default())
-        .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{api_port}"));
-    let config = dir.path().join("config.yml");
-    std::fs::write(&config, yaml).unwrap();
-    let api = format!("http://127.0.0.1:{api_port}");
+    let setup = common::BinaryConfig::new();
+    let _cleanup = setup.cleanup();
+    let (dir, config, instance, nginx_port, api) = (&setup.dir, &setup.path, &setup.instance, setup.nginx_port, setup.api.clone());
     let client = common::client();
-    let _cleanup = Cleanup { instance: instance.clone(), pid_file: dir.path().join("state/nginx/nginx.pid") };
 
-    let mut daemon = Daemon::start(&config, &dir.path().join("first.log"));
+    let mut daemon = Daemon::start(config, &dir.path().join("first.log"));
     wait_until_healthy(&client, &api).await;
     let response = client
         .post(format!("{api}/launch"))
@@ -134,7 +126,7 @@ async fn sigterm_stops_nginx_but_leaves_previews_and_a_restart_serves_them_again
     assert_eq!(running.len(), 2, "{running:?}");
     assert!(running.iter().all(|c| c.ends_with("running")), "previews keep running: {running:?}");
 
-    let _daemon = Daemon::start(&config, &dir.path().join("second.log"));
+    let _daemon = Daemon::start(config, &dir.path().join("second.log"));
     wait_until_healthy(&client, &api).await;
     for name in ["keep-me", "in-flight"] {
         let host = format!("{name}.preview.localhost");

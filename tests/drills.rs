@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Cleanup, Daemon, Options, PASSWORD, USER, wait_until_healthy};
+use common::{Daemon, PASSWORD, USER, wait_until_healthy};
 
 const ROUNDS: u64 = 20;
 const CONVERGE: Duration = Duration::from_secs(10);
@@ -113,17 +113,10 @@ impl Drill {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_twenty_moments_always_converges_after_a_restart() {
-    common::require_demo_image();
-    let dir = tempfile::tempdir().unwrap();
-    let instance = common::unique_instance();
-    let nginx_port = common::free_port();
-    let api_port = common::free_port();
-    let yaml = common::config_yaml(&instance, dir.path(), nginx_port, &Options::default())
-        .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{api_port}"));
-    let config = dir.path().join("config.yml");
-    std::fs::write(&config, yaml).unwrap();
-    let _cleanup = Cleanup { instance: instance.clone(), pid_file: dir.path().join("state/nginx/nginx.pid") };
-    let drill = Drill { dir, instance, nginx_port, api: format!("http://127.0.0.1:{api_port}"), client: common::client() };
+    let setup = common::BinaryConfig::new();
+    let _cleanup = setup.cleanup();
+    let config = setup.path.clone();
+    let drill = Drill { instance: setup.instance.clone(), nginx_port: setup.nginx_port, api: setup.api.clone(), client: common::client(), dir: setup.dir };
 
     let mut daemon = Daemon::start(&config, &drill.dir.path().join("daemon.log"));
     wait_until_healthy(&drill.client, &drill.api).await;

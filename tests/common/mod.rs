@@ -380,3 +380,32 @@ impl Drop for Cleanup {
         stop_nginx(&self.pid_file);
     }
 }
+
+/// A config file for running the real binary: its own instance, nginx port and API port.
+pub struct BinaryConfig {
+    pub dir: tempfile::TempDir,
+    pub path: PathBuf,
+    pub instance: String,
+    pub nginx_port: u16,
+    pub api: String,
+}
+
+impl BinaryConfig {
+    pub fn new() -> Self {
+        require_demo_image();
+        let dir = tempfile::tempdir().unwrap();
+        let instance = unique_instance();
+        let nginx_port = free_port();
+        let api_port = free_port();
+        let yaml = config_yaml(&instance, dir.path(), nginx_port, &Options::default())
+            .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{api_port}"));
+        let path = dir.path().join("config.yml");
+        std::fs::write(&path, yaml).unwrap();
+        Self { dir, path, instance, nginx_port, api: format!("http://127.0.0.1:{api_port}") }
+    }
+
+    /// Removes this config's containers and nginx when dropped.
+    pub fn cleanup(&self) -> Cleanup {
+        Cleanup { instance: self.instance.clone(), pid_file: self.dir.path().join("state/nginx/nginx.pid") }
+    }
+}

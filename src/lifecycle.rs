@@ -435,9 +435,9 @@ impl Lifecycle {
                 routes.extend(live.host_port.map(|port| (slug, port)));
             }
         }
-        let existing = self.router.sites().slugs().unwrap_or_default();
-        report.removed_vhosts = existing.iter().filter(|slug| !routes.contains_key(*slug)).count();
-        for (slug, err) in self.router.sync(&routes).await? {
+        let outcome = self.router.sync(&routes).await?;
+        report.removed_vhosts = outcome.orphans;
+        for (slug, err) in outcome.failures {
             tracing::error!(%slug, error = %err, "cannot route a running preview");
             routes.remove(&slug);
             report.failed.push(format!("{slug}: {err}"));

@@ -139,8 +139,8 @@ impl Router {
 
     /// Makes the sites dir hold exactly these routes (re-rendered), deleting every other vhost
     /// and temp file of this instance, with one reload. Each preview is its own change, so one
-    /// that nginx rejects fails alone; the failures are returned.
-    pub async fn sync(&self, routes: &BTreeMap<Slug, u16>) -> Result<Vec<(Slug, NginxError)>, NginxError> {
+    /// that nginx rejects fails alone.
+    pub async fn sync(&self, routes: &BTreeMap<Slug, u16>) -> Result<SyncOutcome, NginxError> {
         let inner = Arc::clone(&self.inner);
         let existing = tokio::task::spawn_blocking(move || {
             inner.sites.remove_temp_files()?;
@@ -151,6 +151,7 @@ impl Router {
         .map_err(|err| self.inner.io_error(err))?;
         let mut failures = Vec::new();
         let mut changes: Vec<Change> = existing.into_iter().filter(|slug| !routes.contains_key(slug)).map(|slug| (slug, None)).collect();
+        let orphans = changes.len();
         for (slug, port) in routes {
             match self.inner.render(slug, *port) {
                 Ok(content) => changes.push((slug.clone(), Some(content))),
@@ -163,7 +164,7 @@ impl Router {
                 failures.push((slug, err));
             }
         }
-        Ok(failures)
+        Ok(SyncOutcome { orphans, failures })
     }
 
     async fn submit(&self, changes: Vec<Change>) -> Result<Drain, NginxError> {
@@ -179,6 +180,14 @@ impl Router {
     async fn receive(answer: oneshot::Receiver<Result<Drain, NginxError>>) -> Result<Drain, NginxError> {
         answer.await.map_err(|_| NginxError::Stopped)?
     }
+}
+
+/// What a [`Router::sync`] did.
+pub struct SyncOutcome {
+    /// Vhosts of this instance that matched no route, deleted.
+    pub orphans: usize,
+    /// Routes nginx rejected (or that did not render), with the reason.
+    pub failures: Vec<(Slug, NginxError)>,
 }
 
 /// A launch on its way to a route; see [`Router::ticket`]. Dropping it unused (a failed launch)

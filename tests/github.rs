@@ -66,6 +66,21 @@ impl GitHubApp {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// A signed delivery that also carries Basic credentials (Stager's hook URL), to `path`.
+    async fn send_with_basic_auth(&self, path: &str, delivery: &str, body: &[u8]) -> reqwest::Response {
+        self.client
+            .post(self.app.url(path))
+            .basic_auth(USER, Some(PASSWORD))
+            .header("x-github-event", "pull_request")
+            .header("x-github-delivery", delivery)
+            .header("x-hub-signature-256", common::github::signature(SECRET, body))
+            .header("content-type", "application/json")
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap()
+    }
+
     async fn send_pr(&self, event: PrEvent) -> (u16, Value) {
         self.send("pull_request", &event.body()).await
     }
@@ -366,18 +381,7 @@ async fn github_tokens_with_push_access_may_use_the_api_and_stager_hook_credenti
     let secret_pr = opened().repo("Codertocat/Secret").number(9).body();
     let (status, _) = gh.send_as("pull_request", "secret-9", &secret_pr, Some(SECRET)).await;
     assert_eq!(status, 401, "webhook_basic_auth wants Basic credentials too");
-    let response = gh
-        .client
-        .post(gh.app.url("/webhooks/github"))
-        .basic_auth(USER, Some(PASSWORD))
-        .header("x-github-event", "pull_request")
-        .header("x-github-delivery", "secret-9")
-        .header("x-hub-signature-256", common::github::signature(SECRET, &secret_pr))
-        .header("content-type", "application/json")
-        .body(secret_pr)
-        .send()
-        .await
-        .unwrap();
+    let response = gh.send_with_basic_auth("/webhooks/github", "secret-9", &secret_pr).await;
     assert_eq!(response.status(), 202);
     gh.github
         .wait_for("the secret preview", WAIT, |github| github.comments("Codertocat/Secret", 9).iter().any(|c| c.body.contains("is live at")).then_some(()))
@@ -395,18 +399,7 @@ async fn github_tokens_with_push_access_may_use_the_api_and_stager_hook_credenti
     // Stager's hook URL carried Basic credentials: with webhook_basic_auth they are required.
     let body = opened().body();
     assert_eq!(gh.send_as("pull_request", "no-basic", &body, Some(SECRET)).await.0, 401);
-    let signed = gh
-        .client
-        .post(gh.app.url("/event_receiver"))
-        .basic_auth(USER, Some(PASSWORD))
-        .header("x-github-event", "pull_request")
-        .header("x-github-delivery", "with-basic")
-        .header("x-hub-signature-256", common::github::signature(SECRET, &body))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let signed = gh.send_with_basic_auth("/event_receiver", "with-basic", &body).await;
     assert_eq!(signed.status(), 202);
     gh.comment_saying(2, "is live at").await;
 }

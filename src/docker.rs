@@ -1,7 +1,9 @@
 //! The Docker runtime: creates, starts, inspects, lists and removes preview containers through
 //! the Docker Engine API. Container labels are the record of what runs; nothing else is kept.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, TcpListener};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bollard::Docker;
 use bollard::errors::Error as BollardError;
@@ -48,6 +50,11 @@ pub enum DockerError {
     PullFailed { image: String, message: String },
     #[error("Docker could not {action}: {message}")]
     Api { action: &'static str, message: String },
+    /// The loopback port chosen for the container was taken before Docker bound it.
+    #[error("Docker could not publish the container on 127.0.0.1:{port}: {message}")]
+    PortInUse { port: u16, message: String },
+    #[error("cannot find a free port on 127.0.0.1 for the container: {0}")]
+    NoFreePort(String),
 }
 
 impl DockerError {
@@ -107,10 +114,19 @@ pub struct ContainerPlan<'a> {
     pub origin: Option<&'a PullRequestOrigin>,
 }
 
+/// A container just created, and the loopback port it will be published on once started.
+pub struct CreatedContainer {
+    pub id: String,
+    pub host_port: u16,
+    /// Keeps other launches off the port until the container has bound it.
+    _reserved: PortReservation,
+}
+
 #[derive(Clone)]
 pub struct Runtime {
     docker: Docker,
     instance: InstanceName,
+    ports: PortPicker,
 }
 
 impl Runtime {
@@ -121,7 +137,7 @@ impl Runtime {
             .negotiate_version()
             .await
             .map_err(|err| DockerError::Unreachable(err.to_string()))?;
-        Ok(Self { docker, instance })
+        Ok(Self { docker, instance, ports: PortPicker::default() })
     }
 
     pub async fn ping(&self) -> Result<(), DockerError> {
@@ -152,24 +168,31 @@ impl Runtime {
             .map_err(|err| DockerError::PullFailed { image: image.to_owned(), message: err.to_string() })
     }
 
-    /// Creates a container; returns its id.
-    pub async fn create(&self, plan: ContainerPlan<'_>) -> Result<String, DockerError> {
+    /// Creates a container to be published on a free loopback port, chosen here rather than by
+    /// Docker at start so that nginx can be routed to it while the container starts.
+    pub async fn create(&self, plan: ContainerPlan<'_>) -> Result<CreatedContainer, DockerError> {
+        let reserved = self.ports.reserve()?;
         let name = format!("previewd.{}.{}.{:08x}", self.instance, plan.slug, rand::random::<u32>());
-        let body = self.create_body(&plan)?;
+        let body = self.create_body(&plan, reserved.port)?;
         let options = CreateContainerOptions { name: Some(name), ..Default::default() };
         let created = self
             .docker
             .create_container(Some(options), body)
             .await
             .map_err(|err| DockerError::from_bollard("create the container", err))?;
-        Ok(created.id)
+        Ok(CreatedContainer { id: created.id, host_port: reserved.port, _reserved: reserved })
     }
 
-    pub async fn start(&self, id: &str) -> Result<(), DockerError> {
-        self.docker.start_container(id, None).await.map_err(|err| DockerError::from_bollard("start the container", err))
+    pub async fn start(&self, container: &CreatedContainer) -> Result<(), DockerError> {
+        self.docker.start_container(&container.id, None).await.map_err(|err| match err {
+            BollardError::DockerResponseServerError { message, .. } if is_port_conflict(&message) => {
+                DockerError::PortInUse { port: container.host_port, message }
+            }
+            other => DockerError::from_bollard("start the container", other),
+        })
     }
 
-    fn create_body(&self, plan: &ContainerPlan<'_>) -> Result<ContainerCreateBody, DockerError> {
+    fn create_body(&self, plan: &ContainerPlan<'_>, host_port: u16) -> Result<ContainerCreateBody, DockerError> {
         let spec = plan.spec;
         let port_key = format!("{}/tcp", spec.port);
         let mut labels = HashMap::from([
@@ -197,7 +220,7 @@ impl Runtime {
                 // Loopback only: previews are reached through nginx, never directly.
                 port_bindings: Some(HashMap::from([(
                     port_key,
-                    Some(vec![PortBinding { host_ip: Some("127.0.0.1".to_owned()), host_port: Some(String::new()) }]),
+                    Some(vec![PortBinding { host_ip: Some("127.0.0.1".to_owned()), host_port: Some(host_port.to_string()) }]),
                 )])),
                 security_opt: Some(security_opt),
                 // No restarts until the app has answered once (see `keep_running`): a crash
@@ -369,6 +392,57 @@ fn managed_container(summary: ContainerSummary) -> Option<ManagedContainer> {
     Some(ManagedContainer { id: summary.id?, slug, image, state, host_port, created, created_ns, origin })
 }
 
+/// What Docker says when a published port is already bound (by the userland proxy or iptables).
+fn is_port_conflict(message: &str) -> bool {
+    message.contains("address already in use") || message.contains("port is already allocated")
+}
+
+/// Hands out free loopback ports, each to one launch at a time: a port the kernel calls free
+/// stays free for others until Docker binds it, so two launches at once could get the same one.
+///
+/// Ports come from below the kernel's ephemeral range (as Kubernetes' node ports do): outgoing
+/// connections and Docker's own port choices take ports from that range, and Docker re-binds
+/// a container's port when it restarts the container, after an engine restart too.
+#[derive(Clone, Default)]
+struct PortPicker {
+    reserved: Arc<Mutex<HashSet<u16>>>,
+}
+
+impl PortPicker {
+    const ATTEMPTS: usize = 50;
+    /// The lowest port handed out.
+    const LOWEST: u16 = 20000;
+
+    fn reserve(&self) -> Result<PortReservation, DockerError> {
+        let range = Self::LOWEST..ephemeral_low().unwrap_or(30000).max(Self::LOWEST + 1000);
+        let mut reserved = self.reserved.lock().unwrap_or_else(PoisonError::into_inner);
+        for _ in 0..Self::ATTEMPTS {
+            let port = rand::random_range(range.clone());
+            if !reserved.contains(&port) && TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+                reserved.insert(port);
+                return Ok(PortReservation { port, picker: self.clone() });
+            }
+        }
+        Err(DockerError::NoFreePort(format!("{} ports tried between {} and {} were all in use", Self::ATTEMPTS, range.start, range.end)))
+    }
+}
+
+/// The first port of the kernel's ephemeral range (net.ipv4.ip_local_port_range).
+fn ephemeral_low() -> Option<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?.split_whitespace().next()?.parse().ok()
+}
+
+struct PortReservation {
+    port: u16,
+    picker: PortPicker,
+}
+
+impl Drop for PortReservation {
+    fn drop(&mut self) {
+        self.picker.reserved.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.port);
+    }
+}
+
 fn restart_policy(name: RestartPolicyNameEnum) -> RestartPolicy {
     RestartPolicy { name: Some(name), maximum_retry_count: None }
 }
@@ -420,6 +494,25 @@ mod tests {
             base,
             json!({"Tty": true, "HostConfig": {"Binds": ["/a:/b"], "Memory": 2}, "Labels": {"x": "1", "previewd.slug": "s"}})
         );
+    }
+
+    #[test]
+    fn a_reserved_port_is_not_handed_out_twice_until_released() {
+        let picker = PortPicker::default();
+        let held: Vec<PortReservation> = (0..50).map(|_| picker.reserve().unwrap()).collect();
+        let ports: HashSet<u16> = held.iter().map(|r| r.port).collect();
+        assert_eq!(ports.len(), 50);
+        let ephemeral = ephemeral_low().unwrap();
+        assert!(ports.iter().all(|p| (PortPicker::LOWEST..ephemeral.max(21000)).contains(p)), "{ports:?}");
+        drop(held);
+        assert!(picker.reserved.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn port_conflicts_are_recognised() {
+        assert!(is_port_conflict("driver failed programming external connectivity on endpoint x: Error starting userland proxy: listen tcp4 127.0.0.1:4000: bind: address already in use"));
+        assert!(is_port_conflict("Bind for 127.0.0.1:4000 failed: port is already allocated"));
+        assert!(!is_port_conflict("No such image: x"));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use crate::config::{Config, ImageSpec};
-use crate::docker::{ContainerPlan, DockerError, ManagedContainer, Runtime};
+use crate::docker::{ContainerPlan, CreatedContainer, DockerError, ManagedContainer, Runtime};
 use crate::locks::KeyedLocks;
 use crate::metrics::{self, ByStep, Metrics};
 use crate::nginx::{Drain, NginxError, RouteTicket, Router};
@@ -27,6 +27,8 @@ const HEALTH_POLL: Duration = Duration::from_millis(50);
 /// How long a replace waits for requests in flight under the old route before removing the old
 /// container (a WebSocket may stay open far longer; it is cut then).
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+/// How many ports a launch tries when the one chosen is taken before Docker binds it.
+const PORT_ATTEMPTS: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
@@ -207,26 +209,9 @@ impl Lifecycle {
             progress.step("pull", format!("pulling image {}", spec.image));
             self.runtime.pull(&spec.image).await?;
         }
-        let ticket = self.router.ticket();
         let url = self.url_for(&request.name);
-        progress.step("create", "creating the container".to_owned());
-        let plan = ContainerPlan {
-            slug: &request.name,
-            image_key: &request.image,
-            spec,
-            env: container_env(&request, &url),
-            origin: request.origin.as_ref(),
-        };
-        let id = self.runtime.create(plan).await?;
-        let drain = match self.bring_up(&id, spec, &request.name, ticket, progress).await {
-            Ok(drain) => drain,
-            Err(err) => {
-                if let Err(cleanup) = self.runtime.remove(&id).await {
-                    tracing::error!(error = %cleanup, container = %short(&id), "cannot remove the failed container");
-                }
-                return Err(err);
-            }
-        };
+        let env = container_env(&request, &url);
+        let (id, drain) = self.create_and_bring_up(&request, env, previous.is_empty(), progress).await?;
         if !previous.is_empty() {
             // Requests the old nginx workers accepted before the switch still go to the old
             // container: let them finish first.
@@ -253,23 +238,109 @@ impl Lifecycle {
         })
     }
 
-    /// Starts the new container, waits until it answers, then routes its host to it.
-    async fn bring_up(
+    /// Creates the container and brings it up; again on another port when the one chosen was
+    /// taken before Docker could bind it. Whatever fails is removed.
+    async fn create_and_bring_up(
         &self,
-        id: &str,
+        request: &LaunchRequest,
+        env: Vec<String>,
+        fresh: bool,
+        progress: &mut Progress,
+    ) -> Result<(String, Drain), LifecycleError> {
+        let mut attempt = 1;
+        loop {
+            let ticket = self.router.ticket();
+            progress.step("create", "creating the container".to_owned());
+            let plan = ContainerPlan {
+                slug: &request.name,
+                image_key: &request.image,
+                spec: &request.spec,
+                env: env.clone(),
+                origin: request.origin.as_ref(),
+            };
+            let container = self.runtime.create(plan).await?;
+            let result = if fresh {
+                self.bring_up_fresh(&container, &request.spec, &request.name, ticket, progress).await
+            } else {
+                self.bring_up_replacement(&container, &request.spec, &request.name, ticket, progress).await
+            };
+            let err = match result {
+                Ok(drain) => return Ok((container.id, drain)),
+                Err(err) => err,
+            };
+            if let Err(cleanup) = self.runtime.remove(&container.id).await {
+                tracing::error!(error = %cleanup, container = %short(&container.id), "cannot remove the failed container");
+            }
+            match err {
+                LifecycleError::Docker(DockerError::PortInUse { port, .. }) if attempt < PORT_ATTEMPTS => {
+                    tracing::warn!(port, "the port chosen for the container was taken meanwhile; trying another");
+                    attempt += 1;
+                }
+                err => return Err(err),
+            }
+        }
+    }
+
+    /// A new preview, with nothing to keep serving: nginx is routed to the container's port
+    /// while the container starts, so the reload costs no time of its own. The launch still
+    /// answers only once both the app and nginx do; if the app never answers, the route goes.
+    async fn bring_up_fresh(
+        &self,
+        container: &CreatedContainer,
         spec: &ImageSpec,
         slug: &Slug,
         ticket: RouteTicket,
         progress: &mut Progress,
     ) -> Result<Drain, LifecycleError> {
-        progress.step("start", "starting the container".to_owned());
-        self.runtime.start(id).await?;
-        tracing::info!(container = %short(id), "container started");
-        progress.step("health", format!("waiting for the app to answer HTTP on port {} at {}", spec.port, spec.health_path));
-        let port = self.wait_until_answering(id, spec).await?;
-        self.runtime.keep_running(id).await?;
+        let route = {
+            let (slug, port) = (slug.clone(), container.host_port);
+            tokio::spawn(async move { ticket.route(&slug, port).await })
+        };
+        let up = self.start_until_answering(container, spec, progress).await;
+        progress.step("route", format!("routing {}", self.config.base_domain.host_for(slug)));
+        let routed = route.await.unwrap_or(Err(NginxError::Stopped));
+        match (up, routed) {
+            (Ok(_), Ok(drain)) => Ok(drain),
+            (Ok(_), Err(err)) => Err(err.into()),
+            (Err(err), Ok(_)) => {
+                if let Err(unroute) = self.router.unroute(slug).await {
+                    tracing::error!(error = %unroute, "cannot remove the route of the failed launch; reconcile will");
+                }
+                Err(err)
+            }
+            (Err(err), Err(_)) => Err(err),
+        }
+    }
+
+    /// A replacement: the old container serves until the new one answers; only then does the
+    /// route switch.
+    async fn bring_up_replacement(
+        &self,
+        container: &CreatedContainer,
+        spec: &ImageSpec,
+        slug: &Slug,
+        ticket: RouteTicket,
+        progress: &mut Progress,
+    ) -> Result<Drain, LifecycleError> {
+        let port = self.start_until_answering(container, spec, progress).await?;
         progress.step("route", format!("routing {}", self.config.base_domain.host_for(slug)));
         Ok(ticket.route(slug, port).await?)
+    }
+
+    /// Starts the container and waits until the app answers HTTP; returns its host port.
+    async fn start_until_answering(
+        &self,
+        container: &CreatedContainer,
+        spec: &ImageSpec,
+        progress: &mut Progress,
+    ) -> Result<u16, LifecycleError> {
+        progress.step("start", "starting the container".to_owned());
+        self.runtime.start(container).await?;
+        tracing::info!(container = %short(&container.id), port = container.host_port, "container started");
+        progress.step("health", format!("waiting for the app to answer HTTP on port {} at {}", spec.port, spec.health_path));
+        let port = self.wait_until_answering(&container.id, spec).await?;
+        self.runtime.keep_running(&container.id).await?;
+        Ok(port)
     }
 
     async fn wait_until_answering(&self, id: &str, spec: &ImageSpec) -> Result<u16, LifecycleError> {

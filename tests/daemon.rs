@@ -431,9 +431,20 @@ fn host_port_of(id: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_docker_restarts_on_a_new_port_is_routed_again() {
-    let app = TestApp::start().await;
-    assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "bounce")]).await.status(), 200);
-    let id = app.containers()[0].split(' ').next().unwrap().to_owned();
+    let mut app = TestApp::start().await;
+    app.stop().await;
+    // previewd publishes on ports it picks, which Docker keeps across restarts; a container on
+    // a port Docker picks (an older previewd's) gets a new one each time Docker restarts it.
+    let created = std::process::Command::new("docker")
+        .args(["run", "-d", "-p", "127.0.0.1::3000", "--label", "previewd.managed=true"])
+        .args(["--label", &format!("previewd.instance={}", app.instance), "--label", "previewd.slug=bounce"])
+        .args(["--label", "previewd.image=demo", "--label", "previewd.port=3000", "-e", "PREVIEW_NAME=bounce", common::DEMO_IMAGE])
+        .args(["/bin/busybox", "httpd", "-f", "-p", "3000", "-h", "/www"])
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{created:?}");
+    let id = String::from_utf8_lossy(&created.stdout).trim().to_owned();
+    app.boot().await;
     let before = host_port_of(&id);
 
     // What Docker does after a crash or an engine restart: the same container, a new host port.

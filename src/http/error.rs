@@ -78,7 +78,9 @@ fn lifecycle_status(err: &LifecycleError) -> StatusCode {
         LifecycleError::NameTaken { .. } => StatusCode::CONFLICT,
         LifecycleError::Crashed { .. } => StatusCode::BAD_GATEWAY,
         LifecycleError::Unhealthy { .. } => StatusCode::GATEWAY_TIMEOUT,
-        LifecycleError::Docker(DockerError::Unreachable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+        LifecycleError::Docker(DockerError::Unreachable(_) | DockerError::PortInUse { .. } | DockerError::NoFreePort(_)) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         LifecycleError::Docker(DockerError::ImageMissing { .. } | DockerError::PullFailed { .. }) => StatusCode::UNPROCESSABLE_ENTITY,
         LifecycleError::Docker(DockerError::Api { .. }) => StatusCode::BAD_GATEWAY,
         LifecycleError::Nginx(NginxError::NotRunning(_) | NginxError::Stopped) => StatusCode::SERVICE_UNAVAILABLE,

@@ -62,6 +62,7 @@ impl DockerError {
         match err {
             BollardError::DockerResponseServerError { message, .. } => Self::Api { action, message },
             BollardError::IOError { .. }
+            | BollardError::HyperLegacyError { .. }
             | BollardError::HyperResponseError { .. }
             | BollardError::HttpClientError { .. }
             | BollardError::RequestTimeoutError => Self::Unreachable(err.to_string()),

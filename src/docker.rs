@@ -218,11 +218,7 @@ impl Runtime {
             labels: Some(labels),
             exposed_ports: Some(vec![port_key.clone()]),
             host_config: Some(HostConfig {
-                // Loopback only: previews are reached through nginx, never directly.
-                port_bindings: Some(HashMap::from([(
-                    port_key,
-                    Some(vec![PortBinding { host_ip: Some("127.0.0.1".to_owned()), host_port: Some(host_port.to_string()) }]),
-                )])),
+                port_bindings: Some(loopback_binding(&spec.port.to_string(), host_port)),
                 security_opt: Some(security_opt),
                 // No restarts until the app has answered once (see `keep_running`): a crash
                 // during start-up then stays visible, with its exit code.
@@ -245,6 +241,41 @@ impl Runtime {
         let mut merged = Value::Object(spec.container_create_params.clone());
         merge(&mut merged, ours);
         serde_json::from_value(merged).map_err(|err| invalid_params(err.to_string()))
+    }
+
+    /// A new container like `id` (same image, command, environment, labels and limits) on
+    /// another free port, for a preview that was up and that Docker could not start again
+    /// (another program took its port while the engine was down). `None` when `id` never came
+    /// up (its restart policy was never set) or is gone: there is nothing to bring back.
+    pub async fn recreate(&self, id: &str) -> Result<Option<CreatedContainer>, DockerError> {
+        let inspect = match self.docker.inspect_container(id, None).await {
+            Ok(inspect) => inspect,
+            Err(err) if is_not_found(&err) => return Ok(None),
+            Err(err) => return Err(DockerError::from_bollard("inspect the container", err)),
+        };
+        let mut host_config = inspect.host_config.unwrap_or_default();
+        let kept_running = host_config.restart_policy.as_ref().and_then(|p| p.name) == Some(RestartPolicyNameEnum::UNLESS_STOPPED);
+        let Some(config) = inspect.config.filter(|_| kept_running) else { return Ok(None) };
+        let mut labels = config.labels.clone().unwrap_or_default();
+        let Some(container_port) = labels.get(LABEL_PORT).cloned() else { return Ok(None) };
+        let slug = labels.get(LABEL_SLUG).cloned().unwrap_or_default();
+        labels.insert(LABEL_CREATED.to_owned(), unix_nanos().to_string());
+        let reserved = self.ports.reserve()?;
+        host_config.port_bindings = Some(loopback_binding(&container_port, reserved.port));
+        host_config.restart_policy = Some(restart_policy(RestartPolicyNameEnum::NO));
+        let config = serde_json::to_value(config).map_err(|err| invalid_params(err.to_string()))?;
+        let mut body: ContainerCreateBody = serde_json::from_value(config).map_err(|err| invalid_params(err.to_string()))?;
+        body.hostname = None;
+        body.labels = Some(labels);
+        body.host_config = Some(host_config);
+        let name = format!("previewd.{}.{slug}.{:08x}", self.instance, rand::random::<u32>());
+        let options = CreateContainerOptions { name: Some(name), ..Default::default() };
+        let created = self
+            .docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|err| DockerError::from_bollard("create the container", err))?;
+        Ok(Some(CreatedContainer { id: created.id, host_port: reserved.port, _reserved: reserved }))
     }
 
     /// From now on Docker restarts the container after a crash or an engine restart
@@ -391,6 +422,12 @@ fn managed_container(summary: ContainerSummary) -> Option<ManagedContainer> {
         _ => None,
     };
     Some(ManagedContainer { id: summary.id?, slug, image, state, host_port, created, created_ns, origin })
+}
+
+/// Publishes `<container_port>/tcp` on 127.0.0.1 only: previews are reached through nginx.
+fn loopback_binding(container_port: &str, host_port: u16) -> HashMap<String, Option<Vec<PortBinding>>> {
+    let binding = PortBinding { host_ip: Some("127.0.0.1".to_owned()), host_port: Some(host_port.to_string()) };
+    HashMap::from([(format!("{container_port}/tcp"), Some(vec![binding]))])
 }
 
 /// What Docker says when a published port is already bound (by the userland proxy or iptables).

@@ -85,6 +85,12 @@ pub struct PreviewInfo {
     pub sha: Option<String>,
 }
 
+/// What settling one preview left: the port to route, and how many containers went.
+struct Settled {
+    port: Option<u16>,
+    removed: usize,
+}
+
 /// What a reconcile found and did.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct ReconcileReport {
@@ -423,18 +429,22 @@ impl Lifecycle {
         Ok(())
     }
 
-    /// Points a preview's route at the port its newest running container has now: Docker gives
-    /// a container it restarts a new host port. Does nothing when the route is already right or
-    /// nothing runs (a stopped preview is left to `kill` or the next start-up reconcile).
+    /// Settles one preview as a start-up reconcile would, under its lock: the route points at
+    /// the port its live container has now (Docker gives a container it restarts a new host
+    /// port, unless previewd chose it), a preview Docker could not restart is brought back on
+    /// a new port, and containers that stopped for good (a launch cut off by an engine
+    /// restart) are removed, with the route when nothing is left running.
     #[tracing::instrument(skip_all, fields(slug = %slug))]
     pub async fn refresh(&self, slug: &Slug) -> Result<(), LifecycleError> {
         let _guard = self.locks.lock(slug).await;
         let containers = self.runtime.list_slug(slug).await?;
-        let Some(port) = containers.iter().rev().find(|c| c.is_running()).and_then(|c| c.host_port) else {
-            return Ok(());
-        };
-        if self.router.route_if_changed(slug, port).await? {
-            tracing::info!(port, "preview re-routed to its container's new port");
+        let settled = self.settle_preview(slug, containers).await?;
+        match settled.port {
+            Some(port) if self.router.route_if_changed(slug, port).await? => {
+                tracing::info!(port, "preview re-routed to its container's new port");
+            }
+            None if settled.removed > 0 && self.is_routed(slug) => self.router.unroute(slug).await?,
+            Some(_) | None => {}
         }
         Ok(())
     }
@@ -494,17 +504,9 @@ impl Lifecycle {
         let mut report = ReconcileReport::default();
         let mut routes = BTreeMap::new();
         for (slug, group) in groups {
-            let (live, doomed) = self.settle(group).await;
-            for container in doomed {
-                tracing::info!(%slug, container = %short(&container.id), state = %container.state, "removing a container that is not the live preview");
-                self.runtime.remove(&container.id).await?;
-                report.removed_containers += 1;
-            }
-            if let Some(live) = live {
-                // previewd may have died between the first answer and this setting.
-                self.runtime.keep_running(&live.id).await?;
-                routes.extend(live.host_port.map(|port| (slug, port)));
-            }
+            let settled = self.settle_preview(&slug, group).await?;
+            report.removed_containers += settled.removed;
+            routes.extend(settled.port.map(|port| (slug, port)));
         }
         let outcome = self.router.sync(&routes).await?;
         report.removed_vhosts = outcome.orphans;
@@ -516,6 +518,52 @@ impl Lifecycle {
         report.routed = routes.len();
         tracing::info!(routed = report.routed, removed_containers = report.removed_containers, removed_vhosts = report.removed_vhosts, failed = report.failed.len(), "reconciled");
         Ok(report)
+    }
+
+    /// Keeps the live container of one preview (brought back on a new port if Docker could not
+    /// restart it) and removes the others; the port to route, if any.
+    async fn settle_preview(&self, slug: &Slug, group: Vec<ManagedContainer>) -> Result<Settled, LifecycleError> {
+        let (live, doomed) = self.settle(group).await;
+        let port = match (&live, doomed.last()) {
+            (Some(live), _) => {
+                // previewd may have died between the first answer and this setting.
+                self.runtime.keep_running(&live.id).await?;
+                live.host_port
+            }
+            (None, Some(stopped)) => self.revive(slug, stopped).await,
+            (None, None) => None,
+        };
+        for container in &doomed {
+            tracing::info!(%slug, container = %short(&container.id), state = %container.state, "removing a container that is not the live preview");
+            self.runtime.remove(&container.id).await?;
+        }
+        Ok(Settled { port, removed: doomed.len() })
+    }
+
+    /// Brings back a preview that was up but whose container Docker could not start again
+    /// (another program took its port while the engine was down): a copy on a new port. Its
+    /// port once it answers; `None` when there is nothing to bring back or it does not answer.
+    async fn revive(&self, slug: &Slug, stopped: &ManagedContainer) -> Option<u16> {
+        let spec = self.config.images.get(&stopped.image)?;
+        let created = match self.runtime.recreate(&stopped.id).await {
+            Ok(created) => created?,
+            Err(err) => {
+                tracing::warn!(%slug, error = %err, "cannot bring back a stopped preview");
+                return None;
+            }
+        };
+        tracing::warn!(%slug, port = created.host_port, "Docker could not restart this preview; starting a copy on a new port");
+        let mut progress = Progress::new(None, Arc::clone(&self.metrics));
+        match self.start_until_answering(&created, spec, &mut progress).await {
+            Ok(port) => Some(port),
+            Err(err) => {
+                tracing::warn!(%slug, error = %err, "the copy of a stopped preview did not come up; removing the preview");
+                if let Err(err) = self.runtime.remove(&created.id).await {
+                    tracing::error!(error = %err, container = %short(&created.id), "cannot remove the failed copy");
+                }
+                None
+            }
+        }
     }
 
     /// Picks the live container of one preview (oldest first in `group`) and the ones to remove.

@@ -556,3 +556,27 @@ async fn a_request_in_flight_during_a_replace_still_completes() {
     assert_eq!((status, body.as_str()), (200, "slow done\n"), "the old container served its request to the end");
     assert_eq!(app.containers().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_whose_port_was_taken_while_it_was_down_comes_back_on_another_port() {
+    let mut app = TestApp::start().await;
+    assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "held")]).await.status(), 200);
+    app.stop().await;
+    let id = app.containers()[0].split(' ').next().unwrap().to_owned();
+    let old_port = host_port_of(&id);
+    // What an engine restart can leave: the container stopped and its port held by another program.
+    let stopped = std::process::Command::new("docker").args(["stop", "-t", "0", &id]).output().unwrap();
+    assert!(stopped.status.success(), "{stopped:?}");
+    let _squatter = std::net::TcpListener::bind(format!("127.0.0.1:{old_port}")).expect("the old port is free to take");
+    let started = std::process::Command::new("docker").args(["start", &id]).output().unwrap();
+    assert!(!started.status.success(), "Docker started the container on a taken port; this test proves nothing");
+
+    let report = app.boot().await;
+    assert_eq!((report.routed, report.removed_containers), (1, 1), "{report:?}");
+    all_fresh_connections_see(&app, "held", "Preview: held", 3).await;
+    let states = app.containers();
+    assert_eq!(states.len(), 1, "{states:?}");
+    let new_id = states[0].split(' ').next().unwrap();
+    assert_ne!(host_port_of(new_id), old_port);
+    assert_eq!(docker_inspect(new_id, "{{.HostConfig.RestartPolicy.Name}}"), "unless-stopped");
+}

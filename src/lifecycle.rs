@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use serde::Serialize;
 use tokio::sync::mpsc;
 use crate::config::{Config, ImageSpec};
@@ -27,6 +28,8 @@ const HEALTH_POLL: Duration = Duration::from_millis(50);
 /// How long a replace waits for requests in flight under the old route before removing the old
 /// container (a WebSocket may stay open far longer; it is cut then).
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+/// How many previews a reconcile settles at once.
+const RECONCILE_PARALLELISM: usize = 16;
 /// How many ports a launch tries when the one chosen is taken before Docker binds it.
 const PORT_ATTEMPTS: u32 = 3;
 
@@ -503,8 +506,13 @@ impl Lifecycle {
         }
         let mut report = ReconcileReport::default();
         let mut routes = BTreeMap::new();
-        for (slug, group) in groups {
-            let settled = self.settle_preview(&slug, group).await?;
+        // One Docker call or more per preview: at hundreds of previews, in sequence they made a
+        // restart take seconds.
+        let mut settling = futures_util::stream::iter(groups)
+            .map(|(slug, group)| async move { self.settle_preview(&slug, group).await.map(|settled| (slug, settled)) })
+            .buffer_unordered(RECONCILE_PARALLELISM);
+        while let Some(result) = settling.next().await {
+            let (slug, settled) = result?;
             report.removed_containers += settled.removed;
             routes.extend(settled.port.map(|port| (slug, port)));
         }

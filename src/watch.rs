@@ -82,6 +82,10 @@ pub async fn keep_nginx_running(lifecycle: Lifecycle, shutdown: CancellationToke
             workers = crate::nginx::process::workers(master);
             continue;
         }
+        if shutdown.is_cancelled() {
+            // Stopping: the nginx is gone because previewd's own shutdown stops it.
+            return;
+        }
         tracing::error!(orphaned_workers = workers.len(), "the managed nginx is not running; starting it again");
         crate::nginx::process::stop_orphaned_workers(&std::mem::take(&mut workers)).await;
         match router.nginx().start_managed(router.sites().dir()).await {

@@ -298,10 +298,23 @@ pub fn docker_ps(filter: &str) -> Vec<String> {
     String::from_utf8_lossy(&output.stdout).lines().map(str::to_owned).collect()
 }
 
-/// Stops an nginx left running by a test that failed before its graceful stop.
+/// Stops an nginx left running by a test that failed before its graceful stop: the master
+/// named by the pid file, and any other master of the same prefix (one the app's watchdog may
+/// have started while the test ended).
 pub fn stop_nginx(pid_file: &Path) {
-    if let Ok(pid) = std::fs::read_to_string(pid_file) {
-        Command::new("kill").args(["-QUIT", pid.trim()]).output().ok();
+    let mut pids: Vec<String> = std::fs::read_to_string(pid_file).map(|pid| vec![pid.trim().to_owned()]).unwrap_or_default();
+    if let Some(prefix) = pid_file.parent() {
+        let needle = format!("nginx: master process nginx -p {} ", prefix.display());
+        let processes = std::fs::read_dir("/proc").into_iter().flatten().filter_map(Result::ok);
+        for process in processes {
+            let cmdline = std::fs::read(process.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).replace('\0', " ").starts_with(&needle) {
+                pids.push(process.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    if !pids.is_empty() {
+        Command::new("kill").arg("-QUIT").args(&pids).output().ok();
     }
 }
 

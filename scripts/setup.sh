@@ -48,6 +48,8 @@ command -v shellcheck >/dev/null || missing+=(shellcheck)    # tests/install.rs:
 command -v chromium >/dev/null || missing+=(chromium)          # tests/dashboard.rs: headless browser
 command -v chromedriver >/dev/null || missing+=(chromium-driver) # tests/dashboard.rs: WebDriver for it
 have_pkg fonts-dejavu-core || missing+=(fonts-dejavu-core)     # tests/dashboard.rs: a font for screenshots
+command -v jq >/dev/null || missing+=(jq)                      # scripts/drills.sh, scripts/bench.sh
+command -v ip >/dev/null || missing+=(iproute2)                # scripts/drills.sh: its engine's bridge
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 
 # --- Docker engine ---------------------------------------------------------

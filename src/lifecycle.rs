@@ -114,7 +114,8 @@ pub struct Lifecycle {
     metrics: Arc<Metrics>,
 }
 
-/// A launch step as it begins: `image`, `create`, `start`, `health`, `route`.
+/// A launch step as it begins: `image`, `pull`, `create`, `start`, `health`, `route`, and
+/// `retire` for a replacement.
 #[derive(Debug, Clone, Serialize)]
 pub struct ProgressEvent {
     pub step: &'static str,
@@ -224,6 +225,7 @@ impl Lifecycle {
         if !previous.is_empty() {
             // Requests the old nginx workers accepted before the switch still go to the old
             // container: let them finish first.
+            progress.step("retire", "removing the replaced container once its requests are done".to_owned());
             drain.wait(DRAIN_LIMIT).await;
         }
         for old in previous {

@@ -50,6 +50,13 @@ async fn the_client_launches_with_progress_lists_reads_logs_and_kills() {
     let (_, env) = app.via_nginx("client-test", "/cgi-bin/env").await.unwrap();
     assert!(env.lines().any(|l| l == "FOO=bar"), "{env}");
 
+    // A replacement switches the route after the health check, then retires the old container.
+    let out = previewd(&app, home.path(), &["launch", "demo", "Client Test", "-e", "FOO=bar"], true, None).await;
+    assert!(out.status.success(), "{out:?}");
+    let progress = text(&out.stderr);
+    let steps: Vec<&str> = progress.lines().filter_map(|line| line.split_whitespace().nth(1)).collect();
+    assert_eq!(steps, ["image", "create", "start", "health", "route", "retire", "ready"], "{progress}");
+
     let out = previewd(&app, home.path(), &["list"], true, None).await;
     let table = text(&out.stdout);
     assert!(out.status.success(), "{out:?}");

@@ -7,8 +7,10 @@
 //! work always applies the newest state, so `synchronize` and `closed` arriving together cannot
 //! leave the preview of a closed pull request running.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio_util::task::TaskTracker;
 
 use super::event::{Desired, Target, with_tag};
 use super::feedback::{Feedback, PullRequestKey, Step};
@@ -27,6 +29,8 @@ pub struct PullRequestPreviews {
     latest: Arc<Mutex<HashMap<PullRequestKey, Latest>>>,
     /// One pull request's work at a time, so its feedback stays in order.
     order: Arc<KeyedLocks<PullRequestKey>>,
+    /// Pull requests with work queued that has not read their newest state yet.
+    queued: Arc<Mutex<HashSet<PullRequestKey>>>,
 }
 
 #[derive(Clone)]
@@ -41,7 +45,7 @@ const MAX_REMEMBERED: usize = 10_000;
 
 impl PullRequestPreviews {
     pub fn new(config: Arc<Config>, lifecycle: Lifecycle, feedback: Feedback) -> Self {
-        Self { config, lifecycle, feedback, latest: Arc::default(), order: Arc::default() }
+        Self { config, lifecycle, feedback, latest: Arc::default(), order: Arc::default(), queued: Arc::default() }
     }
 
     /// Remembers a delivered state; false when a newer one was delivered before (this one is
@@ -58,10 +62,23 @@ impl PullRequestPreviews {
         true
     }
 
+    /// Queues the work that applies a pull request's newest state, unless work that has yet to
+    /// read it is queued already: a flood of deliveries for one pull request then costs one run
+    /// (and one task waiting), not one each.
+    pub fn schedule(&self, key: PullRequestKey, tasks: &TaskTracker) {
+        if !self.queued.lock().unwrap_or_else(PoisonError::into_inner).insert(key.clone()) {
+            return;
+        }
+        let previews = self.clone();
+        tasks.spawn(async move { previews.apply_latest(key).await });
+    }
+
     /// Applies the newest state delivered for a pull request.
     #[tracing::instrument(skip_all, fields(repo = %key.repo, pr = key.number))]
-    pub async fn apply_latest(&self, key: PullRequestKey) {
+    async fn apply_latest(&self, key: PullRequestKey) {
         let _order = self.order.lock(&key).await;
+        // From here on, a newer delivery needs work of its own: this one may have read too early.
+        self.queued.lock().unwrap_or_else(PoisonError::into_inner).remove(&key);
         let latest = self.latest.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&key).cloned();
         let Some(Latest { slug, desired, .. }) = latest else { return };
         match desired {

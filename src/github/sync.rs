@@ -74,8 +74,7 @@ impl Sync {
     fn apply(&self, tasks: &TaskTracker, repo: &RepoConfig, number: u64, slug: Slug, state: Desired, updated_at: &str) {
         let key = PullRequestKey { repo: repo.full_name.clone(), number };
         if self.previews.record(&key, slug, state, updated_at) {
-            let previews = self.previews.clone();
-            tasks.spawn(async move { previews.apply_latest(key).await });
+            self.previews.schedule(key, tasks);
         }
     }
 }

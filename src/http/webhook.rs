@@ -75,8 +75,7 @@ fn pull_request(state: &AppState, service: &super::GitHubService, delivery: Veri
         Desired::Absent(reason) => json!({ "status": "accepted", "preview": slug, "desired": "absent", "reason": reason }),
     };
     tracing::info!(repo = %key.repo, pr = key.number, action = %event.action, %slug, delivery = %delivery.delivery, "pull request delivery accepted");
-    let previews = service.previews.clone();
-    state.tasks.spawn(async move { previews.apply_latest(key).await });
+    service.previews.schedule(key, &state.tasks);
     Ok(("accepted", answer(StatusCode::ACCEPTED, summary)))
 }
 

@@ -39,6 +39,7 @@ pub struct Metrics {
     pub launch_step_seconds: Family<ByStep, Histogram>,
     pub nginx_reloads: Family<ByResult, Counter>,
     pub webhook_deliveries: Family<ByDelivery, Counter>,
+    pub pull_request_runs: Gauge,
     pub github_calls: Family<ByResult, Counter>,
 }
 
@@ -59,6 +60,7 @@ impl Metrics {
             launch_step_seconds: Family::new_with_constructor(seconds_histogram),
             nginx_reloads: Family::default(),
             webhook_deliveries: Family::default(),
+            pull_request_runs: Gauge::default(),
             github_calls: Family::default(),
             registry: Registry::default(),
         };
@@ -70,6 +72,7 @@ impl Metrics {
         registry.register("launch_step_seconds", "Time of each launch step", metrics.launch_step_seconds.clone());
         registry.register("nginx_reloads", "nginx reloads, by result", metrics.nginx_reloads.clone());
         registry.register("webhook_deliveries", "GitHub webhook deliveries, by event and outcome", metrics.webhook_deliveries.clone());
+        registry.register("pull_request_runs", "Runs applying a pull request's newest state, queued or running", metrics.pull_request_runs.clone());
         registry.register("github_api_calls", "Calls to GitHub's API, by result", metrics.github_calls.clone());
         Self { registry, ..metrics }
     }

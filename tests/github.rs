@@ -336,6 +336,31 @@ async fn pings_other_events_actions_and_repositories_are_acknowledged_and_ignore
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_deliveries_for_one_pull_request_queues_one_run() {
+    let gh = GitHubApp::default().await;
+    let body = opened().body();
+    // Each a delivery of its own (GitHub redelivers, or a bot keeps editing the pull request).
+    let floods = (0..40).map(|_| gh.send("pull_request", &body));
+    let statuses: Vec<u16> = futures_util::future::join_all(floods).await.into_iter().map(|(status, _)| status).collect();
+    assert!(statuses.iter().all(|s| *s == 202), "{statuses:?}");
+    let runs = |metrics: &str| metrics.lines().find_map(|l| l.strip_prefix("previewd_pull_request_runs ")).map(str::to_owned);
+    let metrics = gh.client.get(gh.app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let queued: u64 = runs(&metrics).expect("the runs gauge").parse().unwrap();
+    assert!(queued <= 2, "one run may be running and one waiting, not {queued}");
+    gh.comment_saying(2, "is live at").await;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let metrics = gh.client.get(gh.app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        if runs(&metrics).as_deref() == Some("0") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the runs never finished: {metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(gh.github.deployments(REPO).len(), 1, "one deployment for the one commit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn github_outages_delay_the_feedback_but_never_the_preview() {
     let gh = GitHubApp::default().await;
     gh.github.set_down(true);

@@ -70,7 +70,12 @@ impl PullRequestPreviews {
             return;
         }
         let previews = self.clone();
-        tasks.spawn(async move { previews.apply_latest(key).await });
+        let runs = self.lifecycle.metrics().pull_request_runs.clone();
+        runs.inc();
+        tasks.spawn(async move {
+            previews.apply_latest(key).await;
+            runs.dec();
+        });
     }
 
     /// Applies the newest state delivered for a pull request.

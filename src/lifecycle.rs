@@ -534,14 +534,13 @@ impl Lifecycle {
     /// restart it) and removes the others; the port to route, if any.
     async fn settle_preview(&self, slug: &Slug, group: Vec<ManagedContainer>) -> Result<Settled, LifecycleError> {
         let (live, doomed) = self.settle(group).await;
-        let port = match (&live, doomed.last()) {
-            (Some(live), _) => {
+        let port = match &live {
+            Some(live) => {
                 // previewd may have died between the first answer and this setting.
                 self.runtime.keep_running(&live.id).await?;
                 live.host_port
             }
-            (None, Some(stopped)) => self.revive(slug, stopped).await,
-            (None, None) => None,
+            None => self.revive(slug, &doomed).await,
         };
         for container in &doomed {
             tracing::info!(%slug, container = %short(&container.id), state = %container.state, "removing a container that is not the live preview");
@@ -553,23 +552,32 @@ impl Lifecycle {
     /// Brings back a preview that was up but whose container Docker could not start again
     /// (another program took its port while the engine was down): a copy on a new port. Its
     /// port once it answers; `None` when there is nothing to bring back or it does not answer.
-    async fn revive(&self, slug: &Slug, stopped: &ManagedContainer) -> Option<u16> {
-        let spec = self.config.images.get(&stopped.image)?;
-        let created = match self.runtime.recreate(&stopped.id).await {
-            Ok(created) => created?,
-            Err(err) => {
-                tracing::warn!(%slug, error = %err, "cannot bring back a stopped preview");
-                return None;
+    async fn revive(&self, slug: &Slug, stopped: &[ManagedContainer]) -> Option<u16> {
+        // The newest container that had been up: a replacement cut off by the same outage may
+        // be newer, but never came up. One whose image left config.yml stays gone.
+        for container in stopped.iter().rev() {
+            let Some(spec) = self.config.images.get(&container.image) else { continue };
+            match self.runtime.recreate(&container.id).await {
+                Ok(Some(copy)) => return self.start_copy(slug, copy, spec).await,
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::warn!(%slug, error = %err, "cannot bring back a stopped preview");
+                    return None;
+                }
             }
-        };
-        tracing::warn!(%slug, port = created.host_port, "Docker could not restart this preview; starting a copy on a new port");
+        }
+        None
+    }
+
+    async fn start_copy(&self, slug: &Slug, copy: CreatedContainer, spec: &ImageSpec) -> Option<u16> {
+        tracing::warn!(%slug, port = copy.host_port, "Docker could not restart this preview; starting a copy on a new port");
         let mut progress = Progress::new(None, Arc::clone(&self.metrics));
-        match self.start_until_answering(&created, spec, &mut progress).await {
+        match self.start_until_answering(&copy, spec, &mut progress).await {
             Ok(port) => Some(port),
             Err(err) => {
                 tracing::warn!(%slug, error = %err, "the copy of a stopped preview did not come up; removing the preview");
-                if let Err(err) = self.runtime.remove(&created.id).await {
-                    tracing::error!(error = %err, container = %short(&created.id), "cannot remove the failed copy");
+                if let Err(err) = self.runtime.remove(&copy.id).await {
+                    tracing::error!(error = %err, container = %short(&copy.id), "cannot remove the failed copy");
                 }
                 None
             }

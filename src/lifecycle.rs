@@ -537,7 +537,7 @@ impl Lifecycle {
         let port = match &live {
             Some(live) => {
                 // previewd may have died between the first answer and this setting.
-                self.runtime.keep_running(&live.id).await?;
+                self.runtime.ensure_kept_running(&live.id).await?;
                 live.host_port
             }
             None => self.revive(slug, &doomed).await,

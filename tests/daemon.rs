@@ -172,7 +172,11 @@ async fn restart_restores_deleted_vhosts_removes_orphans_and_keeps_previews() {
     }
     app.stop().await;
     assert!(!nginx_alive(&app), "managed nginx stopped with previewd");
-    assert_eq!(app.containers().len(), 2, "previews keep running while previewd is down");
+    let containers: Vec<String> = app.containers().iter().filter_map(|line| line.split_whitespace().next().map(str::to_owned)).collect();
+    assert_eq!(containers.len(), 2, "previews keep running while previewd is down");
+    // As if previewd had died between the app's first answer and setting the restart policy.
+    let update = std::process::Command::new("docker").args(["update", "--restart=no", &containers[0]]).output().unwrap();
+    assert!(update.status.success(), "{update:?}");
 
     std::fs::remove_file(app.vhost_path("alpha")).unwrap();
     std::fs::write(app.vhost_path("ghost"), "server { listen 127.0.0.1:1; server_name ghost.invalid; }\n").unwrap();
@@ -184,6 +188,9 @@ async fn restart_restores_deleted_vhosts_removes_orphans_and_keeps_previews() {
     assert_eq!(app.reloads(), 1, "start-up reconcile reloads nginx once");
     for name in ["alpha", "beta"] {
         all_fresh_connections_see(&app, name, &format!("Preview: {name}"), 5).await;
+    }
+    for id in &containers {
+        assert_eq!(docker_inspect(id, "{{.HostConfig.RestartPolicy.Name}}"), "unless-stopped", "Docker keeps every live preview running");
     }
     assert!(app.vhost_path("alpha").exists());
     assert!(!app.vhost_path("ghost").exists(), "orphan vhost removed");

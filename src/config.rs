@@ -42,7 +42,8 @@ pub struct NginxConfig {
     pub sites_dir: PathBuf,
     pub template: PathBuf,
     pub test_command: Vec<String>,
-    pub reload_command: Vec<String>,
+    /// `None`: previewd sends SIGHUP to the master itself (see `Nginx::reload`).
+    pub reload_command: Option<Vec<String>>,
     /// Where the nginx master writes its pid; previewd watches its workers through it.
     pub pid_file: PathBuf,
     /// How long a reload may take until every new connection gets the new config.
@@ -366,15 +367,17 @@ fn validate_nginx(
     problems: &mut Problems,
 ) -> NginxConfig {
     let managed = raw.managed.unwrap_or(true);
-    let command = |name: &str, value: Option<Vec<String>>, default: &[&str], problems: &mut Problems| {
-        let argv = value.unwrap_or_else(|| default.iter().map(|s| s.to_string()).collect());
-        if argv.is_empty() || argv[0].is_empty() {
+    let check = |name: &str, argv: &[String], problems: &mut Problems| {
+        if argv.first().is_none_or(String::is_empty) {
             problems.add(&format!("nginx.{name}"), "must be a non-empty argument list, e.g. [nginx, -t]");
         }
-        argv
     };
-    let test_command = command("test_command", raw.test_command, &["nginx", "-t"], problems);
-    let reload_command = command("reload_command", raw.reload_command, &["nginx", "-s", "reload"], problems);
+    let test_command = raw.test_command.unwrap_or_else(|| vec!["nginx".to_owned(), "-t".to_owned()]);
+    check("test_command", &test_command, problems);
+    let reload_command = raw.reload_command;
+    if let Some(argv) = &reload_command {
+        check("reload_command", argv, problems);
+    }
     let pid_file = match (managed, raw.pid_file) {
         (true, Some(_)) => {
             problems.add("nginx.pid_file", "previewd chooses the pid file of the nginx it manages; remove this key or set managed: false");
@@ -551,6 +554,7 @@ mod tests {
         assert_eq!(config.nginx.sites_dir, PathBuf::from("/etc/previewd/state/nginx/sites"));
         assert_eq!(config.nginx.pid_file, PathBuf::from("/etc/previewd/state/nginx/nginx.pid"));
         assert_eq!(config.nginx.test_command, ["nginx", "-t"]);
+        assert_eq!(config.nginx.reload_command, None, "previewd signals the master itself");
         let demo = &config.images[&ImageKey::parse("demo").unwrap()];
         assert_eq!(demo.pull, PullPolicy::Missing);
         assert_eq!(demo.health_path, "/");
@@ -563,6 +567,17 @@ mod tests {
         let config = Config::from_yaml(text, Path::new(".")).unwrap();
         assert_eq!(config.base_domain.as_ref(), "preview.localhost");
         assert!(config.nginx.managed);
+    }
+
+    #[test]
+    fn nginx_commands_must_name_a_program() {
+        let text = format!("{}nginx:\n  test_command: []\n  reload_command: ['']\n", minimal());
+        let problems = Config::from_yaml(&text, Path::new(".")).unwrap_err();
+        let all = format!("{problems:?}");
+        assert!(all.contains("nginx.test_command") && all.contains("nginx.reload_command"), "{all}");
+        let text = format!("{}nginx:\n  reload_command: [systemctl, reload, nginx]\n", minimal());
+        let config = Config::from_yaml(&text, Path::new(".")).unwrap();
+        assert_eq!(config.nginx.reload_command.as_deref(), Some(&["systemctl".to_owned(), "reload".to_owned(), "nginx".to_owned()][..]));
     }
 
     #[test]

@@ -18,9 +18,11 @@
 #      signatures (401) at wrk's full speed.
 #   6. scale: 500 running previews (launched 8 at a time; fewer if the host runs short of
 #      memory): launch latency, a redeploy's route step (nginx -t and reload with 500 vhosts)
-#      and nginx -t, vs the same with 0 previews; GET /api/previews vs Docker's own list; a
-#      restart (SIGTERM, start, until /healthz says ok: the start-up reconcile) vs the same by
-#      hand: stop an nginx that has the same vhosts, that list, start it again
+#      and nginx -t, vs the same with 0 previews; the floor's launch latency at 0 and at 500
+#      (its nginx holding the same vhosts) and Docker's container start, to tell Docker's share;
+#      GET /api/previews vs Docker's own list; a restart (SIGTERM, start, until /healthz says ok:
+#      the start-up reconcile) vs the same by hand: stop an nginx that has the same vhosts, that
+#      list, start it again
 #   7. footprint: previewd's RSS idle, after the burst and its peak, with 500 previews and after
 #      the restart
 # Sizes can be overridden for a quick try, e.g. `BENCH_SCALE=30 BENCH_INTAKE_SECONDS=5
@@ -558,14 +560,19 @@ docker_list() { # what previewd asks Docker for a list, straight from the Engine
         --data-urlencode "filters={\"label\":[\"previewd.managed=true\",\"previewd.instance=$instance\"]}"
 }
 managed_nginx_test() { nginx -t -q -p "$work/state/nginx" -c "$work/state/nginx/nginx.conf" -e "$work/state/nginx/error.log"; }
+floor_mirror_vhosts() { # the floor's nginx gets previewd's vhosts (moved to the floor's port) and no others
+    local f
+    rm -f "$work"/floor/sites/*.conf
+    for f in "$work"/state/nginx/sites/*.conf; do
+        [ -e "$f" ] || continue
+        sed "s/127\.0\.0\.1:$nginx_port/127.0.0.1:$floor_port/" "$f" >"$work/floor/sites/${f##*/}"
+    done
+}
 floor_restart() { # probe: previewd's restart by hand: stop an nginx that has previewd's vhosts
     # (moved to the floor's port) gracefully, list the containers, start nginx again, until the
     # probe is served; sets restart_floor
-    local f pid t
-    rm -f "$work"/floor/sites/*.conf
-    for f in "$work"/state/nginx/sites/*.conf; do
-        sed "s/127\.0\.0\.1:$nginx_port/127.0.0.1:$floor_port/" "$f" >"$work/floor/sites/${f##*/}"
-    done
+    local pid t
+    floor_mirror_vhosts
     floor_nginx -s reload
     sleep 1
     pid=$(cat "$work/floor/nginx.pid")
@@ -580,9 +587,13 @@ floor_restart() { # probe: previewd's restart by hand: stop an nginx that has pr
 }
 scale_point() { # tag: sets point_lat (median of RUNS launches, each killed again), point_route (mean
     # route step of a redeploy of each, from /metrics: a new preview's route may overlap its
-    # start, a redeploy's cannot) and point_nginx_t (median of 3 nginx -t)
-    local i t sum0 count0 sum1 count1
-    : >"$work/lat-$1.txt"; : >"$work/nginx-t-$1.txt"; : >"$work/route-$1.txt"
+    # start, a redeploy's cannot), point_nginx_t (median of 3 nginx -t), point_start (mean of
+    # Docker's container start, from /metrics) and point_floor (median of RUNS floor launches,
+    # its nginx holding the same vhosts as previewd's)
+    local i t sum0 count0 sum1 count1 start_sum start_count
+    : >"$work/lat-$1.txt"; : >"$work/nginx-t-$1.txt"; : >"$work/route-$1.txt"; : >"$work/floor-$1.txt"
+    start_sum=$(metric 'previewd_launch_step_seconds_sum{step="start"}')
+    start_count=$(metric 'previewd_launch_step_seconds_count{step="start"}')
     for i in $(seq "$RUNS"); do
         t=$(now); launch "probe-$1-$i"; wait_200 "probe-$1-$i.preview.localhost" "$nginx_port"; since "$t" >>"$work/lat-$1.txt"
         sum0=$(metric 'previewd_launch_step_seconds_sum{step="route"}')
@@ -593,7 +604,16 @@ scale_point() { # tag: sets point_lat (median of RUNS launches, each killed agai
         awk -v s0="$sum0" -v c0="$count0" -v s1="$sum1" -v c1="$count1" 'BEGIN { if (c1 > c0) print (s1 - s0) / (c1 - c0) }' >>"$work/route-$1.txt"
         kill_preview "probe-$1-$i"
     done
+    point_start=$(awk -v s0="$start_sum" -v c0="$start_count" -v s1="$(metric 'previewd_launch_step_seconds_sum{step="start"}')" \
+        -v c1="$(metric 'previewd_launch_step_seconds_count{step="start"}')" 'BEGIN { print c1 > c0 ? (s1 - s0) / (c1 - c0) : 0 }')
     point_route=$(awk '{ s += $1 } END { print NR ? s / NR : 0 }' "$work/route-$1.txt")
+    floor_mirror_vhosts
+    for i in $(seq "$RUNS"); do
+        t=$(now); floor_launch "scale-floor-$1-$i"; since "$t" >>"$work/floor-$1.txt"
+        docker rm -f "$(docker ps -q --filter "label=bench.floor=$instance" | head -1)" >/dev/null
+    done
+    rm -f "$work"/floor/sites/*.conf; floor_nginx -s reload
+    point_floor=$(median <"$work/floor-$1.txt")
     for i in 1 2 3; do t=$(now); managed_nginx_test; since "$t" >>"$work/nginx-t-$1.txt"; done
     point_lat=$(median <"$work/lat-$1.txt"); point_nginx_t=$(median <"$work/nginx-t-$1.txt")
 }
@@ -607,7 +627,7 @@ bench_scale() {
     docker ps -aq --filter "label=bench.floor=$instance" | xargs -r -n 50 -P 4 docker rm -f >/dev/null
     rm -f "$work"/floor/sites/*.conf; floor_nginx -s reload
     sleep 1
-    scale_point 0; lat0=$point_lat; route0=$point_route; nginx_t0=$point_nginx_t
+    scale_point 0; lat0=$point_lat; route0=$point_route; nginx_t0=$point_nginx_t; start0=$point_start; floor0=$point_floor
 
     mem0=$(mem_available_mb)
     scale_deadline=$(( $(date +%s) + SCALE_BUDGET )); export scale_deadline
@@ -625,7 +645,7 @@ bench_scale() {
     scale_limits="ulimit -n $(ulimit -n), previewd's $(awk '/^Max open files/ { print $4 }' "/proc/$daemon/limits"), $(cat /proc/sys/kernel/threads-max) threads-max"
     rss_scale=$(rss_kb)
 
-    scale_point n; latN=$point_lat; routeN=$point_route; nginx_tN=$point_nginx_t
+    scale_point n; latN=$point_lat; routeN=$point_route; nginx_tN=$point_nginx_t; startN=$point_start; floorN=$point_floor
 
     : >"$work/list.txt"; : >"$work/docker-ps.txt"
     curl -sf -m 60 -o /dev/null -u bench:bench "http://127.0.0.1:$api_port/api/previews" # authenticates once (argon2)
@@ -694,7 +714,7 @@ on loopback. This machine is shared and noisy: compare the ratios, not the absol
 | webhooks: nginx reloads | $hook_reloads | $BURST | | ≤ 5 |
 | webhook intake: signed deliveries for the $BURST running PR previews, paced at $INTAKE_RATE/s for ${INTAKE_SECONDS}s (wrk + Lua, 50 connections); each answered 202 queues a check of the running commit (at most one waiting per pull request), which launches nothing | $intake_rate req/s, p50 $intake_p50 ms, p99 $intake_p99 ms; $intake_good of $intake_requests answered 202${intake_other:+ (others:$intake_other)}, $intake_socket socket errors; queued work done $intake_drain; $intake_launches launches | | | $INTAKE_RATE req/s, all 202 |
 | bad signatures, wrk at full speed for ${FLOOD_SECONDS}s (50 connections) | $flood_rate req/s, p50 $flood_p50 ms, p99 $flood_p99 ms; $flood_good of $flood_requests answered 401 (counted rejected: $flood_rejected), $flood_socket socket errors | | | |
-| scale: launch latency with $scale_n running, median of $RUNS ($(f2 "$scale_fill") s to launch them $SCALE_PARALLEL at a time; ≈ $scale_mem MiB of host memory each; $scale_limits) | $(f3 "$latN") s | 0 previews: $(f3 "$lat0") s | $(ratio "$latN" "$lat0")× | ≤ 1.20× |
+| scale: launch latency with $scale_n running, median of $RUNS ($(f2 "$scale_fill") s to launch them $SCALE_PARALLEL at a time; ≈ $scale_mem MiB of host memory each; $scale_limits) | $(f3 "$latN") s | 0 previews: $(f3 "$lat0") s. The floor, its nginx holding the same vhosts: $(f3 "$floor0") s at 0, $(f3 "$floorN") s at $reached ($(ratio "$floorN" "$floor0")×); Docker's container start alone, mean in previewd: $(f3 "$start0") s at 0, $(f3 "$startN") s at $reached | $(ratio "$latN" "$lat0")× (floor: $(ratio "$floorN" "$floor0")×) | ≤ 1.20× |
 | scale: GET /api/previews with $list_n previews, median of 5 | $(f3 "$list_p") s | the same list from Docker's API: $(f3 "$list_f") s | $(ratio "$list_p" "$list_f")× | |
 | scale: restart with $reached previews, SIGTERM until /healthz says ok (stop $(f2 "$restart_stop") s, start and reconcile $(f2 "$restart_start") s: $restart_report); previews unreachable meanwhile: $restart_dark | $(f2 "$restart_total") s | by hand: stop an nginx with the same vhosts, Docker's list, start it until a preview is served: $(f2 "$restart_floor") s | $(ratio "$restart_total" "$restart_floor")× | |
 | scale: route step of a redeploy (vhost, \`nginx -t\`, reload, until only new workers accept), mean of $RUNS, with $reached vhosts | $(ms "$routeN") ms | 0 previews: $(ms "$route0") ms | $(ratio "$routeN" "$route0")× | |

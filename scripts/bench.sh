@@ -605,7 +605,7 @@ scale_point() { # tag: sets point_lat (median of RUNS launches, each killed agai
         kill_preview "probe-$1-$i"
     done
     point_start=$(awk -v s0="$start_sum" -v c0="$start_count" -v s1="$(metric 'previewd_launch_step_seconds_sum{step="start"}')" \
-        -v c1="$(metric 'previewd_launch_step_seconds_count{step="start"}')" 'BEGIN { print c1 > c0 ? (s1 - s0) / (c1 - c0) : 0 }')
+        -v c1="$(metric 'previewd_launch_step_seconds_count{step="start"}')" 'BEGIN { print (c1 > c0 ? (s1 - s0) / (c1 - c0) : 0) }')
     point_route=$(awk '{ s += $1 } END { print NR ? s / NR : 0 }' "$work/route-$1.txt")
     floor_mirror_vhosts
     for i in $(seq "$RUNS"); do

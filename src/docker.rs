@@ -173,8 +173,14 @@ impl Runtime {
     /// Docker at start so that nginx can be routed to it while the container starts.
     pub async fn create(&self, plan: ContainerPlan<'_>) -> Result<CreatedContainer, DockerError> {
         let reserved = self.ports.reserve()?;
-        let name = format!("previewd.{}.{}.{:08x}", self.instance, plan.slug, rand::random::<u32>());
         let body = self.create_body(&plan, reserved.port)?;
+        self.create_named(plan.slug.as_ref(), body, reserved).await
+    }
+
+    /// Creates the container under a name that tells the instance and the preview, unique by a
+    /// random suffix (a replacement lives beside the container it replaces).
+    async fn create_named(&self, slug: &str, body: ContainerCreateBody, reserved: PortReservation) -> Result<CreatedContainer, DockerError> {
+        let name = format!("previewd.{}.{slug}.{:08x}", self.instance, rand::random::<u32>());
         let options = CreateContainerOptions { name: Some(name), ..Default::default() };
         let created = self
             .docker
@@ -268,14 +274,7 @@ impl Runtime {
         body.hostname = None;
         body.labels = Some(labels);
         body.host_config = Some(host_config);
-        let name = format!("previewd.{}.{slug}.{:08x}", self.instance, rand::random::<u32>());
-        let options = CreateContainerOptions { name: Some(name), ..Default::default() };
-        let created = self
-            .docker
-            .create_container(Some(options), body)
-            .await
-            .map_err(|err| DockerError::from_bollard("create the container", err))?;
-        Ok(Some(CreatedContainer { id: created.id, host_port: reserved.port, _reserved: reserved }))
+        self.create_named(&slug, body, reserved).await.map(Some)
     }
 
     /// `keep_running`, unless Docker already keeps the container running. The check is a read

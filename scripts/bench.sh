@@ -19,7 +19,8 @@
 #   6. scale: 500 running previews (launched 8 at a time; fewer if the host runs short of
 #      memory): launch latency, a redeploy's route step (nginx -t and reload with 500 vhosts)
 #      and nginx -t, vs the same with 0 previews; the floor's launch latency at 0 and at 500
-#      (its nginx holding the same vhosts) and Docker's container start, to tell Docker's share;
+#      (its nginx holding the same vhosts) and Docker's container start (in previewd, and by
+#      hand with and without a published port), to tell Docker's share;
 #      GET /api/previews vs Docker's own list; a restart (SIGTERM, start, until /healthz says ok:
 #      the start-up reconcile) vs the same by hand: stop an nginx that has the same vhosts, that
 #      list, start it again
@@ -560,6 +561,14 @@ docker_list() { # what previewd asks Docker for a list, straight from the Engine
         --data-urlencode "filters={\"label\":[\"previewd.managed=true\",\"previewd.instance=$instance\"]}"
 }
 managed_nginx_test() { nginx -t -q -p "$work/state/nginx" -c "$work/state/nginx/nginx.conf" -e "$work/state/nginx/error.log"; }
+docker_start_ms() { # [docker run args]: creates a demo container, times Docker's start API call alone (ms), removes it
+    local id t
+    id=$(docker create --label "bench.floor=$instance" "$@" "$IMAGE" /bin/busybox httpd -f -p 3000 -h /www)
+    t=$(now)
+    curl -sf -m 60 -o /dev/null --unix-socket "$docker_socket" -X POST "http://localhost/containers/$id/start"
+    awk -v a="$t" -v b="$(now)" 'BEGIN { printf "%.0f\n", (b - a) * 1000 }'
+    docker rm -f "$id" >/dev/null
+}
 floor_mirror_vhosts() { # the floor's nginx gets previewd's vhosts (moved to the floor's port) and no others
     local f
     rm -f "$work"/floor/sites/*.conf
@@ -614,6 +623,13 @@ scale_point() { # tag: sets point_lat (median of RUNS launches, each killed agai
     done
     rm -f "$work"/floor/sites/*.conf; floor_nginx -s reload
     point_floor=$(median <"$work/floor-$1.txt")
+    # Docker's start alone, with the port published as previewd and the floor do and without.
+    : >"$work/start-p-$1.txt"; : >"$work/start-nop-$1.txt"
+    for i in $(seq "$RUNS"); do
+        docker_start_ms -p 127.0.0.1::3000 >>"$work/start-p-$1.txt"
+        docker_start_ms >>"$work/start-nop-$1.txt"
+    done
+    point_start_p=$(median <"$work/start-p-$1.txt"); point_start_nop=$(median <"$work/start-nop-$1.txt")
     for i in 1 2 3; do t=$(now); managed_nginx_test; since "$t" >>"$work/nginx-t-$1.txt"; done
     point_lat=$(median <"$work/lat-$1.txt"); point_nginx_t=$(median <"$work/nginx-t-$1.txt")
 }
@@ -628,6 +644,7 @@ bench_scale() {
     rm -f "$work"/floor/sites/*.conf; floor_nginx -s reload
     sleep 1
     scale_point 0; lat0=$point_lat; route0=$point_route; nginx_t0=$point_nginx_t; start0=$point_start; floor0=$point_floor
+    start_p0=$point_start_p; start_nop0=$point_start_nop
 
     mem0=$(mem_available_mb)
     scale_deadline=$(( $(date +%s) + SCALE_BUDGET )); export scale_deadline
@@ -646,6 +663,7 @@ bench_scale() {
     rss_scale=$(rss_kb)
 
     scale_point n; latN=$point_lat; routeN=$point_route; nginx_tN=$point_nginx_t; startN=$point_start; floorN=$point_floor
+    start_pN=$point_start_p; start_nopN=$point_start_nop
 
     : >"$work/list.txt"; : >"$work/docker-ps.txt"
     curl -sf -m 60 -o /dev/null -u bench:bench "http://127.0.0.1:$api_port/api/previews" # authenticates once (argon2)
@@ -714,7 +732,7 @@ on loopback. This machine is shared and noisy: compare the ratios, not the absol
 | webhooks: nginx reloads | $hook_reloads | $BURST | | ≤ 5 |
 | webhook intake: signed deliveries for the $BURST running PR previews, paced at $INTAKE_RATE/s for ${INTAKE_SECONDS}s (wrk + Lua, 50 connections); each answered 202 queues a check of the running commit (at most one waiting per pull request), which launches nothing | $intake_rate req/s, p50 $intake_p50 ms, p99 $intake_p99 ms; $intake_good of $intake_requests answered 202${intake_other:+ (others:$intake_other)}, $intake_socket socket errors; queued work done $intake_drain; $intake_launches launches | | | $INTAKE_RATE req/s, all 202 |
 | bad signatures, wrk at full speed for ${FLOOD_SECONDS}s (50 connections) | $flood_rate req/s, p50 $flood_p50 ms, p99 $flood_p99 ms; $flood_good of $flood_requests answered 401 (counted rejected: $flood_rejected), $flood_socket socket errors | | | |
-| scale: launch latency with $scale_n running, median of $RUNS ($(f2 "$scale_fill") s to launch them $SCALE_PARALLEL at a time; ≈ $scale_mem MiB of host memory each; $scale_limits) | $(f3 "$latN") s | 0 previews: $(f3 "$lat0") s. The floor, its nginx holding the same vhosts: $(f3 "$floor0") s at 0, $(f3 "$floorN") s at $reached ($(ratio "$floorN" "$floor0")×); Docker's container start alone, mean in previewd: $(f3 "$start0") s at 0, $(f3 "$startN") s at $reached | $(ratio "$latN" "$lat0")× (floor: $(ratio "$floorN" "$floor0")×) | ≤ 1.20× |
+| scale: launch latency with $scale_n running, median of $RUNS ($(f2 "$scale_fill") s to launch them $SCALE_PARALLEL at a time; ≈ $scale_mem MiB of host memory each; $scale_limits) | $(f3 "$latN") s | 0 previews: $(f3 "$lat0") s. The floor, its nginx holding the same vhosts: $(f3 "$floor0") s at 0, $(f3 "$floorN") s at $reached ($(ratio "$floorN" "$floor0")×); Docker's container start alone, mean in previewd: $(f3 "$start0") s at 0, $(f3 "$startN") s at $reached; by hand, median of $RUNS: with a port published on 127.0.0.1 $start_p0 ms at 0, $start_pN ms at $reached, without $start_nop0 ms at 0, $start_nopN ms at $reached | $(ratio "$latN" "$lat0")× (floor: $(ratio "$floorN" "$floor0")×) | ≤ 1.20× |
 | scale: GET /api/previews with $list_n previews, median of 5 | $(f3 "$list_p") s | the same list from Docker's API: $(f3 "$list_f") s | $(ratio "$list_p" "$list_f")× | |
 | scale: restart with $reached previews, SIGTERM until /healthz says ok (stop $(f2 "$restart_stop") s, start and reconcile $(f2 "$restart_start") s: $restart_report); previews unreachable meanwhile: $restart_dark | $(f2 "$restart_total") s | by hand: stop an nginx with the same vhosts, Docker's list, start it until a preview is served: $(f2 "$restart_floor") s | $(ratio "$restart_total" "$restart_floor")× | |
 | scale: route step of a redeploy (vhost, \`nginx -t\`, reload, until only new workers accept), mean of $RUNS, with $reached vhosts | $(ms "$routeN") ms | 0 previews: $(ms "$route0") ms | $(ratio "$routeN" "$route0")× | |

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use rustix::process::Signal;
 use tokio::process::Command;
 
 use crate::config::NginxConfig;
@@ -92,7 +93,7 @@ impl Nginx {
         let old_workers: HashSet<u32> = workers(master).into_iter().collect();
         match &self.config.reload_command {
             Some(argv) => self.run(argv).await?,
-            None => signal(master, "HUP").await?,
+            None => signal(master, Signal::HUP)?,
         }
         let deadline = Instant::now() + self.config.reload_timeout;
         loop {
@@ -257,20 +258,29 @@ impl Drain {
     }
 }
 
-/// Sends a signal (`HUP`) with kill(1), as nginx's own `-s` does with kill(2).
-async fn signal(pid: u32, name: &str) -> Result<(), NginxError> {
-    execute("kill", &[format!("-{name}"), pid.to_string()]).await
+/// kill(2), as nginx's own `-s` does.
+fn signal(pid: u32, signal: Signal) -> Result<(), NginxError> {
+    let name = match signal {
+        Signal::HUP => "HUP".to_owned(),
+        Signal::KILL => "KILL".to_owned(),
+        other => other.as_raw().to_string(),
+    };
+    let failure = |message: String| NginxError::Command { command: format!("kill -{name} {pid}"), message };
+    let target = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw).ok_or_else(|| failure("not a process id".to_owned()))?;
+    rustix::process::kill_process(target, signal).map_err(|errno| failure(errno.to_string()))
 }
 
 /// Stops worker processes whose master is gone (only those still titled as nginx workers).
 pub async fn stop_orphaned_workers(pids: &[u32]) {
-    let alive: Vec<String> = pids.iter().filter(|pid| title(**pid).is_some_and(|t| t.starts_with(WORKER_TITLE))).map(u32::to_string).collect();
+    let alive: Vec<u32> = pids.iter().copied().filter(|pid| title(*pid).is_some_and(|t| t.starts_with(WORKER_TITLE))).collect();
     if alive.is_empty() {
         return;
     }
     tracing::warn!(workers = ?alive, "stopping the workers the dead nginx master left");
-    if let Err(err) = Command::new("kill").arg("-KILL").args(&alive).status().await {
-        tracing::error!(error = %err, "cannot stop the orphaned nginx workers");
+    for pid in alive {
+        if let Err(err) = signal(pid, Signal::KILL) {
+            tracing::error!(error = %err, "cannot stop an orphaned nginx worker");
+        }
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while pids.iter().any(|pid| title(*pid).is_some_and(|t| t.starts_with(WORKER_TITLE))) && Instant::now() < deadline {
@@ -321,5 +331,13 @@ mod tests {
         let me = std::process::id();
         assert!(title(me).is_some());
         assert!(workers(me).is_empty());
+    }
+
+    #[test]
+    fn a_signal_that_cannot_be_sent_names_the_process_and_the_reason() {
+        let gone = signal(i32::MAX as u32, Signal::HUP).unwrap_err().to_string();
+        assert!(gone.contains(&format!("kill -HUP {}", i32::MAX)) && gone.contains("No such process"), "{gone}");
+        let bogus = signal(u32::MAX, Signal::HUP).unwrap_err().to_string();
+        assert!(bogus.contains("not a process id"), "{bogus}");
     }
 }

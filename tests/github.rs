@@ -385,6 +385,26 @@ async fn github_outages_delay_the_feedback_but_never_the_preview() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_github_delays_the_feedback_but_never_the_preview() {
+    let gh = GitHubApp::default().await;
+    // Each call takes 2 s: the feedback of one launch is six calls in a row.
+    gh.github.set_delay(Duration::from_secs(2));
+    let sent = std::time::Instant::now();
+    assert_eq!(gh.send_pr(opened()).await.0, 202);
+    assert!(sent.elapsed() < Duration::from_secs(1), "the delivery is answered before any GitHub call");
+    while !matches!(gh.app.via_nginx("hello-world-pr-2", "/").await, Ok((200, _))) {
+        assert!(sent.elapsed() < Duration::from_secs(8), "the preview must not wait for the slow GitHub");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gh.github.deployments(REPO).iter().all(|d| gh.statuses(d.id).len() < 2), "the preview is up before its feedback is through");
+    let comments = gh.comment_saying(2, "is live at").await;
+    assert_eq!(comments.len(), 1);
+    let deployments = gh.github.deployments(REPO);
+    assert_eq!(deployments.len(), 1);
+    assert_eq!(gh.statuses(deployments[0].id), ["in_progress", "success"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn github_tokens_with_push_access_may_use_the_api_and_stager_hook_credentials_work() {
     let repos = format!("    {REPO}:\n      image: demo\n    Codertocat/Secret:\n      image: demo\n      name: \"secret-{{{{ number }}}}\"\n");
     let gh = GitHubApp::start(&repos, "  api_auth: true\n  webhook_basic_auth: true\n").await;

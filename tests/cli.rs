@@ -5,7 +5,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Daemon, PASSWORD, USER, wait_until_healthy};
+use common::{Daemon, PASSWORD, USER};
 
 const BIN: &str = env!("CARGO_BIN_EXE_previewd");
 
@@ -82,7 +82,7 @@ async fn sigterm_stops_nginx_but_leaves_previews_and_a_restart_serves_them_again
     let client = common::client();
 
     let mut daemon = Daemon::start(config, &dir.path().join("first.log"));
-    wait_until_healthy(&client, &api).await;
+    daemon.wait_until_healthy(&client, &api).await;
     let response = client
         .post(format!("{api}/launch"))
         .basic_auth(USER, Some(PASSWORD))
@@ -126,8 +126,8 @@ async fn sigterm_stops_nginx_but_leaves_previews_and_a_restart_serves_them_again
     assert_eq!(running.len(), 2, "{running:?}");
     assert!(running.iter().all(|c| c.ends_with("running")), "previews keep running: {running:?}");
 
-    let _daemon = Daemon::start(config, &dir.path().join("second.log"));
-    wait_until_healthy(&client, &api).await;
+    let mut daemon = Daemon::start(config, &dir.path().join("second.log"));
+    daemon.wait_until_healthy(&client, &api).await;
     for name in ["keep-me", "in-flight"] {
         let host = format!("{name}.preview.localhost");
         let nginx = reqwest::Client::builder().no_proxy().resolve(&host, ([127, 0, 0, 1], nginx_port).into()).build().unwrap();

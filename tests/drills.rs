@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, PASSWORD, USER, wait_until_healthy};
+use common::{Daemon, PASSWORD, USER};
 
 const ROUNDS: u64 = 20;
 const CONVERGE: Duration = Duration::from_secs(10);
@@ -119,7 +119,7 @@ async fn kill_9_at_twenty_moments_always_converges_after_a_restart() {
     let drill = Drill { instance: setup.instance.clone(), nginx_port: setup.nginx_port, api: setup.api.clone(), client: common::client(), dir: setup.dir };
 
     let mut daemon = Daemon::start(&config, &drill.dir.path().join("daemon.log"));
-    wait_until_healthy(&drill.client, &drill.api).await;
+    daemon.wait_until_healthy(&drill.client, &drill.api).await;
     let mut worst = Duration::ZERO;
     for round in 0..ROUNDS {
         // A different moment each round, from before Docker is asked to well after the launch.
@@ -138,7 +138,7 @@ async fn kill_9_at_twenty_moments_always_converges_after_a_restart() {
 
         let restarted = Instant::now();
         daemon = Daemon::start(&config, &drill.dir.path().join(format!("daemon-{round}.log")));
-        wait_until_healthy(&drill.client, &drill.api).await;
+        daemon.wait_until_healthy(&drill.client, &drill.api).await;
         loop {
             match drill.unconverged().await {
                 None => break,

@@ -331,18 +331,40 @@ pub async fn error_of(response: reqwest::Response) -> (u16, String) {
 /// The real `previewd serve` binary as a child process; killed on drop.
 pub struct Daemon {
     pub child: std::process::Child,
+    log: std::path::PathBuf,
 }
 
 impl Daemon {
     pub fn start(config: &std::path::Path, log: &std::path::Path) -> Self {
-        let log = std::fs::File::create(log).unwrap();
+        let file = std::fs::File::create(log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_previewd"))
             .args(["serve", "--log-format", "json", "--config"])
             .arg(config)
-            .stderr(log)
+            .stderr(file)
             .spawn()
             .unwrap();
-        Self { child }
+        Self { child, log: log.to_owned() }
+    }
+
+    /// Waits until `/healthz` answers 200. Fails at once if previewd exits, and after a minute
+    /// otherwise, with the end of its log either way: a failed start must say why.
+    pub async fn wait_until_healthy(&mut self, client: &reqwest::Client, api: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(response) = client.get(format!("{api}/healthz")).send().await
+                && response.status() == 200
+            {
+                return;
+            }
+            let exited = self.child.try_wait().unwrap();
+            if exited.is_some() || Instant::now() >= deadline {
+                let why = exited.map_or_else(|| "still not healthy after 60 s".to_owned(), |status| format!("it exited: {status}"));
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
+                panic!("previewd did not become healthy at {api} ({why}); the end of its log:\n{}", tail.join("\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     pub fn terminate(&mut self) -> std::process::ExitStatus {
@@ -363,19 +385,6 @@ impl Drop for Daemon {
         self.child.kill().ok();
         self.child.wait().ok();
     }
-}
-
-pub async fn wait_until_healthy(client: &reqwest::Client, api: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if let Ok(response) = client.get(format!("{api}/healthz")).send().await
-            && response.status() == 200
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("previewd did not become healthy at {api}");
 }
 
 /// Removes the test's containers and nginx whatever happened.

@@ -71,6 +71,10 @@ impl DockerError {
     }
 }
 
+fn is_removal_in_progress(err: &BollardError) -> bool {
+    matches!(err, BollardError::DockerResponseServerError { status_code: 409, message } if message.contains("already in progress"))
+}
+
 fn is_not_found(err: &BollardError) -> bool {
     matches!(err, BollardError::DockerResponseServerError { status_code: 404, .. })
 }
@@ -277,32 +281,39 @@ impl Runtime {
         self.create_named(&slug, body, reserved).await.map(Some)
     }
 
-    /// `keep_running`, unless Docker already keeps the container running. The check is a read
-    /// (~1 ms); the update writes the container's config even when nothing changes (~15 ms,
-    /// one at a time), which at 500 previews made every start-up reconcile take 8 s.
-    pub async fn ensure_kept_running(&self, id: &str) -> Result<(), DockerError> {
-        let inspect = self
-            .docker
-            .inspect_container(id, None)
-            .await
-            .map_err(|err| DockerError::from_bollard("inspect the container", err))?;
+    /// `keep_running`, unless Docker already keeps the container running; `false` when the
+    /// container is gone (a removal a killed previewd had asked for, which Docker finishes).
+    /// The check is a read (~1 ms); the update writes the container's config even when nothing
+    /// changes (~15 ms, one at a time), which at 500 previews made every start-up reconcile
+    /// take 8 s.
+    pub async fn ensure_kept_running(&self, id: &str) -> Result<bool, DockerError> {
+        let inspect = match self.docker.inspect_container(id, None).await {
+            Ok(inspect) => inspect,
+            Err(err) if is_not_found(&err) => return Ok(false),
+            Err(err) => return Err(DockerError::from_bollard("inspect the container", err)),
+        };
         if inspect.host_config.as_ref().is_some_and(is_kept_running) {
-            return Ok(());
+            return Ok(true);
         }
-        self.keep_running(id).await
+        match self.set_unless_stopped(id).await {
+            Ok(()) => Ok(true),
+            Err(err) if is_not_found(&err) => Ok(false),
+            Err(err) => Err(DockerError::from_bollard("set the restart policy", err)),
+        }
     }
 
     /// From now on Docker restarts the container after a crash or an engine restart
     /// (`unless-stopped`). Set once the app has answered; repeating it is harmless.
     pub async fn keep_running(&self, id: &str) -> Result<(), DockerError> {
+        self.set_unless_stopped(id).await.map_err(|err| DockerError::from_bollard("set the restart policy", err))
+    }
+
+    async fn set_unless_stopped(&self, id: &str) -> Result<(), BollardError> {
         let update = ContainerUpdateBody {
             restart_policy: Some(restart_policy(RestartPolicyNameEnum::UNLESS_STOPPED)),
             ..Default::default()
         };
-        self.docker
-            .update_container(id, update)
-            .await
-            .map_err(|err| DockerError::from_bollard("set the restart policy", err))
+        self.docker.update_container(id, update).await.map(drop)
     }
 
     /// State and published port of one container; `None` when it no longer exists.
@@ -350,7 +361,8 @@ impl Runtime {
     pub async fn remove(&self, id: &str) -> Result<(), DockerError> {
         let options = RemoveContainerOptions { force: true, v: true, ..Default::default() };
         match self.docker.remove_container(id, Some(options)).await {
-            Err(err) if !is_not_found(&err) => Err(DockerError::from_bollard("remove the container", err)),
+            // Gone, or going: a removal a killed previewd had asked for is still under way.
+            Err(err) if !is_not_found(&err) && !is_removal_in_progress(&err) => Err(DockerError::from_bollard("remove the container", err)),
             _ => Ok(()),
         }
     }

@@ -539,10 +539,12 @@ impl Lifecycle {
     async fn settle_preview(&self, slug: &Slug, group: Vec<ManagedContainer>) -> Result<Settled, LifecycleError> {
         let (live, doomed) = self.settle(group).await;
         let port = match &live {
+            // previewd may have died between the first answer and this setting, or while it
+            // removed the container, which Docker then finishes: a container gone meanwhile
+            // leaves nothing to route.
             Some(live) => {
-                // previewd may have died between the first answer and this setting.
-                self.runtime.ensure_kept_running(&live.id).await?;
-                live.host_port
+                let kept = self.runtime.ensure_kept_running(&live.id).await?;
+                live.host_port.filter(|_| kept)
             }
             None => self.revive(slug, &doomed).await,
         };

@@ -587,3 +587,35 @@ async fn a_preview_whose_port_was_taken_while_it_was_down_comes_back_on_another_
     assert_ne!(host_port_of(new_id), old_port);
     assert_eq!(docker_inspect(new_id, "{{.HostConfig.RestartPolicy.Name}}"), "unless-stopped");
 }
+
+/// What a restart after `kill -9` can meet: a removal the killed previewd had asked for, which
+/// Docker is still carrying out. Removing it again, or keeping it running, is not an error: the
+/// start-up reconcile used to fail on it, and previewd did not start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_being_removed_or_gone_is_not_an_error() {
+    common::require_demo_image();
+    let instance = common::unique_instance();
+    let no_nginx = tempfile::tempdir().unwrap();
+    let _cleanup = common::Cleanup { instance: instance.clone(), pid_file: no_nginx.path().join("nginx.pid") };
+    let runtime = previewd::docker::Runtime::connect(previewd::preview::InstanceName::parse(&instance).unwrap()).await.unwrap();
+    let run = || {
+        let output = std::process::Command::new("docker")
+            .args(["run", "-d", "--label", &format!("previewd.instance={instance}"), common::DEMO_IMAGE, "/bin/busybox", "httpd", "-f", "-p", "3000", "-h", "/www"])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    };
+    for _ in 0..3 {
+        let id = run();
+        let (first, second) = tokio::join!(runtime.remove(&id), runtime.remove(&id));
+        first.unwrap();
+        second.unwrap();
+        assert!(common::docker_ps(&format!("id={id}")).is_empty());
+        assert!(!runtime.ensure_kept_running(&id).await.unwrap(), "a container that is gone is not kept running");
+    }
+    let id = run();
+    assert!(runtime.ensure_kept_running(&id).await.unwrap());
+    assert_eq!(docker_inspect(&id, "{{.HostConfig.RestartPolicy.Name}}"), "unless-stopped");
+    runtime.remove(&id).await.unwrap();
+}

@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::nginx::sites::SitesDir;
 use crate::nginx::vhost::VhostTemplate;
 use crate::nginx::{Nginx, Router, RouterSettings};
-use crate::watch::{follow_container_starts, keep_nginx_running};
+use crate::watch::{follow_container_changes, keep_nginx_running};
 
 pub struct Application {
     listener: TcpListener,
@@ -111,7 +111,7 @@ impl Application {
         tracing::info!(address = %listener.local_addr()?, "previewd is serving");
         let tasks = state.tasks.clone();
         let lifecycle = state.lifecycle.clone();
-        let watcher = tokio::spawn(follow_container_starts(lifecycle.clone(), tasks.clone(), shutdown.clone()));
+        let watcher = tokio::spawn(follow_container_changes(lifecycle.clone(), tasks.clone(), shutdown.clone()));
         let syncer = sync.map(|(sync, every)| tokio::spawn(sync.run(every, tasks.clone(), shutdown.clone())));
         let nginx_keeper = tokio::spawn(keep_nginx_running(lifecycle.clone(), shutdown.clone()));
         axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await?;

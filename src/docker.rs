@@ -367,12 +367,13 @@ impl Runtime {
         }
     }
 
-    /// The previews whose container Docker starts from now on, as Docker reports them (it also
-    /// restarts containers by itself, after a crash or an engine restart).
-    pub fn container_starts(&self) -> impl Stream<Item = Result<Slug, DockerError>> + use<> {
+    /// The previews whose container Docker starts or removes from now on, as Docker reports them
+    /// (it also restarts containers by itself, after a crash or an engine restart, and anyone may
+    /// remove one by hand).
+    pub fn container_changes(&self) -> impl Stream<Item = Result<Slug, DockerError>> + use<> {
         let filters = HashMap::from([
             ("type".to_owned(), vec!["container".to_owned()]),
-            ("event".to_owned(), vec!["start".to_owned()]),
+            ("event".to_owned(), vec!["start".to_owned(), "destroy".to_owned()]),
             ("label".to_owned(), self.instance_labels()),
         ]);
         let options = EventsOptions { filters: Some(filters), ..Default::default() };

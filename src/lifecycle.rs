@@ -442,17 +442,22 @@ impl Lifecycle {
     /// the port its live container has now (Docker gives a container it restarts a new host
     /// port, unless previewd chose it), a preview Docker could not restart is brought back on
     /// a new port, and containers that stopped for good (a launch cut off by an engine
-    /// restart) are removed, with the route when nothing is left running.
+    /// restart) are removed, with the route when nothing is left running. A preview whose
+    /// containers are all gone (removed by hand) loses its route.
     #[tracing::instrument(skip_all, fields(slug = %slug))]
     pub async fn refresh(&self, slug: &Slug) -> Result<(), LifecycleError> {
         let _guard = self.locks.lock(slug).await;
         let containers = self.runtime.list_slug(slug).await?;
+        let none_left = containers.is_empty();
         let settled = self.settle_preview(slug, containers).await?;
         match settled.port {
             Some(port) if self.router.route_if_changed(slug, port).await? => {
                 tracing::info!(port, "preview re-routed to its container's new port");
             }
-            None if settled.removed > 0 && self.is_routed(slug) => self.router.unroute(slug).await?,
+            None if (settled.removed > 0 || none_left) && self.is_routed(slug) => {
+                tracing::info!("preview has no container left; removing its route");
+                self.router.unroute(slug).await?;
+            }
             Some(_) | None => {}
         }
         Ok(())

@@ -1,8 +1,9 @@
 //! Keeps routes right while previewd runs. Docker restarts preview containers by itself (after
-//! a crash, or when the engine restarts) and gives them new host ports; this follows Docker's
-//! container start events and re-routes those previews. When the event stream breaks (the
-//! engine went away), it reconnects with backoff and refreshes every preview, since events may
-//! have been missed meanwhile. And a managed nginx that died is started again.
+//! a crash, or when the engine restarts), and a container may be removed behind previewd's back
+//! (by hand, or a removal a killed previewd had asked for); this follows Docker's container start
+//! and destroy events and refreshes those previews. When the event stream breaks (the engine
+//! went away), it reconnects with backoff and refreshes every preview, since events may have
+//! been missed meanwhile. And a managed nginx that died is started again.
 
 use std::time::Duration;
 
@@ -16,20 +17,20 @@ const FIRST_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(30);
 
 /// Runs until `shutdown` is cancelled; refreshes run as tasks of `tasks`.
-pub async fn follow_container_starts(lifecycle: Lifecycle, tasks: TaskTracker, shutdown: CancellationToken) {
+pub async fn follow_container_changes(lifecycle: Lifecycle, tasks: TaskTracker, shutdown: CancellationToken) {
     let mut retry = FIRST_RETRY;
     let mut reconnecting = false;
     loop {
         if lifecycle.runtime().ping().await.is_ok() {
-            let starts = lifecycle.runtime().container_starts();
+            let changes = lifecycle.runtime().container_changes();
             if reconnecting && let Err(err) = lifecycle.refresh_all().await {
                 tracing::warn!(error = %err, "cannot refresh the routes after reconnecting to Docker");
             }
-            tokio::pin!(starts);
+            tokio::pin!(changes);
             loop {
                 let event = tokio::select! {
                     () = shutdown.cancelled() => return,
-                    event = starts.next() => event,
+                    event = changes.next() => event,
                 };
                 match event {
                     Some(Ok(slug)) => {
@@ -37,7 +38,7 @@ pub async fn follow_container_starts(lifecycle: Lifecycle, tasks: TaskTracker, s
                         let lifecycle = lifecycle.clone();
                         tasks.spawn(async move {
                             if let Err(err) = lifecycle.refresh(&slug).await {
-                                tracing::warn!(%slug, error = %err, "cannot re-route a restarted preview");
+                                tracing::warn!(%slug, error = %err, "cannot refresh the route of a preview Docker changed");
                             }
                         });
                     }

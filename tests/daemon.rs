@@ -619,3 +619,25 @@ async fn a_container_being_removed_or_gone_is_not_an_error() {
     assert_eq!(docker_inspect(&id, "{{.HostConfig.RestartPolicy.Name}}"), "unless-stopped");
     runtime.remove(&id).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_whose_container_is_removed_behind_previewds_back_loses_its_route() {
+    let app = TestApp::start().await;
+    for name in ["doomed", "bystander"] {
+        assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", name)]).await.status(), 200);
+    }
+    let doomed = app.containers().into_iter().find(|line| line.contains(".doomed.")).unwrap();
+    let id = doomed.split_whitespace().next().unwrap().to_owned();
+    let removed = std::process::Command::new("docker").args(["rm", "-f", &id]).output().unwrap();
+    assert!(removed.status.success(), "{removed:?}");
+
+    // Docker's destroy event makes previewd drop the route (vhost deleted, nginx reloaded).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.vhost_path("doomed").exists() || !matches!(app.via_nginx("doomed", "/").await, Ok((404, _))) {
+        assert!(Instant::now() < deadline, "the route of the removed container is still there");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(matches!(app.via_nginx("bystander", "/").await, Ok((200, _))), "the other preview is untouched");
+    let response = app.client.get(app.url("/api/previews/doomed")).basic_auth(USER, Some(PASSWORD)).send().await.unwrap();
+    assert_eq!(response.status(), 404);
+}

@@ -169,30 +169,25 @@ impl Nginx {
                 args.push(path.display().to_string());
             }
         }
-        execute(&argv[0], &args).await
-    }
-}
-
-/// Runs a program (no shell) within `COMMAND_TIMEOUT`; its stderr is the error when it fails.
-async fn execute(program: &str, args: &[String]) -> Result<(), NginxError> {
-    let command_line = std::iter::once(program).chain(args.iter().map(String::as_str)).collect::<Vec<_>>().join(" ");
-    let failure = |message: String| NginxError::Command { command: command_line.clone(), message };
-    let child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(COMMAND_TIMEOUT, child)
-        .await
-        .map_err(|_| failure(format!("no answer within {COMMAND_TIMEOUT:?}")))?
-        .map_err(|err| failure(err.to_string()))?;
-    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
-    match (output.status.success(), stderr.is_empty()) {
-        (true, _) => Ok(()),
-        (false, false) => Err(failure(stderr)),
-        (false, true) => Err(failure(format!("it {} and printed nothing", output.status))),
+        let command_line = std::iter::once(argv[0].as_str()).chain(args.iter().map(String::as_str)).collect::<Vec<_>>().join(" ");
+        let failure = |message: String| NginxError::Command { command: command_line.clone(), message };
+        let child = Command::new(&argv[0])
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(COMMAND_TIMEOUT, child)
+            .await
+            .map_err(|_| failure(format!("no answer within {COMMAND_TIMEOUT:?}")))?
+            .map_err(|err| failure(err.to_string()))?;
+        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+        match (output.status.success(), stderr.is_empty()) {
+            (true, _) => Ok(()),
+            (false, false) => Err(failure(stderr)),
+            (false, true) => Err(failure(format!("it {} and printed nothing", output.status))),
+        }
     }
 }
 

@@ -106,7 +106,6 @@ impl ManagedContainer {
 pub struct ContainerStatus {
     pub running: bool,
     pub exit_code: Option<i64>,
-    pub host_port: Option<u16>,
 }
 
 /// Everything needed to create one preview container.
@@ -316,25 +315,15 @@ impl Runtime {
         self.docker.update_container(id, update).await.map(drop)
     }
 
-    /// State and published port of one container; `None` when it no longer exists.
-    pub async fn status(&self, id: &str, container_port: u16) -> Result<Option<ContainerStatus>, DockerError> {
+    /// Whether one container runs, and its exit code; `None` when it no longer exists.
+    pub async fn status(&self, id: &str) -> Result<Option<ContainerStatus>, DockerError> {
         let inspect = match self.docker.inspect_container(id, None).await {
             Ok(inspect) => inspect,
             Err(err) if is_not_found(&err) => return Ok(None),
             Err(err) => return Err(DockerError::from_bollard("inspect the container", err)),
         };
         let state = inspect.state.unwrap_or_default();
-        let host_port = inspect
-            .network_settings
-            .and_then(|settings| settings.ports)
-            .and_then(|mut ports| ports.remove(&format!("{container_port}/tcp")))
-            .flatten()
-            .and_then(|bindings| loopback_port(bindings.iter().map(|b| (b.host_ip.as_deref(), b.host_port.as_deref()))));
-        Ok(Some(ContainerStatus {
-            running: state.running.unwrap_or(false),
-            exit_code: state.exit_code,
-            host_port,
-        }))
+        Ok(Some(ContainerStatus { running: state.running.unwrap_or(false), exit_code: state.exit_code }))
     }
 
     /// The last `lines` lines the container wrote to stdout and stderr.
@@ -522,10 +511,6 @@ fn unix_nanos() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
 }
 
-fn loopback_port<'a>(mut bindings: impl Iterator<Item = (Option<&'a str>, Option<&'a str>)>) -> Option<u16> {
-    bindings.find(|(ip, _)| *ip == Some("127.0.0.1")).and_then(|(_, port)| port?.parse().ok())
-}
-
 fn user_security_opts(params: &serde_json::Map<String, Value>) -> Vec<String> {
     params
         .get("HostConfig")
@@ -584,12 +569,5 @@ mod tests {
         assert!(is_port_conflict("driver failed programming external connectivity on endpoint x: Error starting userland proxy: listen tcp4 127.0.0.1:4000: bind: address already in use"));
         assert!(is_port_conflict("Bind for 127.0.0.1:4000 failed: port is already allocated"));
         assert!(!is_port_conflict("No such image: x"));
-    }
-
-    #[test]
-    fn only_the_loopback_binding_counts() {
-        let bindings = [(Some("0.0.0.0"), Some("1")), (Some("127.0.0.1"), Some("4242"))];
-        assert_eq!(loopback_port(bindings.into_iter()), Some(4242));
-        assert_eq!(loopback_port([(Some("::"), Some("9"))].into_iter()), None);
     }
 }

@@ -350,23 +350,23 @@ impl Lifecycle {
         self.runtime.start(container).await?;
         tracing::info!(container = %short(&container.id), port = container.host_port, "container started");
         progress.step("health", format!("waiting for the app to answer HTTP on port {} at {}", spec.port, spec.health_path));
-        let port = self.wait_until_answering(container, spec).await?;
+        self.wait_until_answering(container, spec).await?;
         self.runtime.keep_running(&container.id).await?;
-        Ok(port)
+        Ok(container.host_port)
     }
 
     /// Probes the app on the port previewd gave the container until it answers, asking Docker
     /// between tries whether it crashed. Tries come quickly at first (10 ms, doubling up to
     /// `HEALTH_POLL`): most apps answer within milliseconds of their start, and a fixed 50 ms
     /// pause after a first miss was launch latency.
-    async fn wait_until_answering(&self, container: &CreatedContainer, spec: &ImageSpec) -> Result<u16, LifecycleError> {
+    async fn wait_until_answering(&self, container: &CreatedContainer, spec: &ImageSpec) -> Result<(), LifecycleError> {
         let deadline = Instant::now() + spec.health_timeout;
         let mut pause = FIRST_HEALTH_POLL;
         loop {
             if self.prober.answers(container.host_port, &spec.health_path).await {
-                return Ok(container.host_port);
+                return Ok(());
             }
-            let status = self.runtime.status(&container.id, spec.port).await?;
+            let status = self.runtime.status(&container.id).await?;
             if status.as_ref().is_none_or(|s| !s.running) {
                 let logs = self.runtime.logs_tail(&container.id, LOG_LINES_ON_FAILURE).await;
                 return Err(LifecycleError::Crashed { exit_code: status.and_then(|s| s.exit_code), logs });

@@ -32,7 +32,7 @@
 # BENCH_SCALE_PARALLEL (8), BENCH_SCALE_BUDGET (1800 s to launch them), BENCH_MEM_RESERVE_MB
 # (2048: stop launching below this much available memory), BENCH_INTAKE_RATE (500),
 # BENCH_INTAKE_SECONDS (20), BENCH_FLOOD_SECONDS (10), BENCH_TIMEOUT (120 s for any one wait),
-# BENCH_FIXTURE (the pull_request.opened payload; default ../shared/fixtures/github-webhooks/),
+# BENCH_FIXTURE (the pull_request.opened payload; default tests/fixtures/github-webhooks/),
 # BENCH_LOGS (a directory to keep previewd's, the fake GitHub's and wrk's logs in).
 # Everything it starts is removed on exit, interrupted or not: containers by label, both nginx,
 # previewd, the fake GitHub API, wrk, the temp dir.
@@ -51,7 +51,7 @@ INTAKE_RATE=${BENCH_INTAKE_RATE:-500}
 INTAKE_SECONDS=${BENCH_INTAKE_SECONDS:-20}
 FLOOD_SECONDS=${BENCH_FLOOD_SECONDS:-10}
 WAIT_TIMEOUT=${BENCH_TIMEOUT:-120}
-FIXTURE=${BENCH_FIXTURE:-$PWD/../shared/fixtures/github-webhooks/pull_request.opened.json}
+FIXTURE=${BENCH_FIXTURE:-$PWD/tests/fixtures/github-webhooks/pull_request.opened.json}
 IMAGE=previewd-demo:latest
 docker_socket=/var/run/docker.sock
 [[ "${DOCKER_HOST:-}" != unix://* ]] || docker_socket=${DOCKER_HOST#unix://}

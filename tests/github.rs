@@ -1,4 +1,4 @@
-//! Pull-request previews end to end: signed deliveries (the shared fixtures and variants derived
+//! Pull-request previews end to end: signed deliveries (the fixtures in `tests/fixtures/` and variants derived
 //! from them) into the real daemon, containers on the real Docker engine served through a real
 //! nginx, and feedback on a fake GitHub API on loopback.
 

@@ -172,7 +172,7 @@ mod tests {
     use crate::config::Config;
 
     fn fixture(name: &str) -> PullRequestEvent {
-        let path = format!("{}/../shared/fixtures/github-webhooks/{name}.json", env!("CARGO_MANIFEST_DIR"));
+        let path = format!("{}/tests/fixtures/github-webhooks/{name}.json", env!("CARGO_MANIFEST_DIR"));
         serde_json::from_slice(&std::fs::read(&path).expect("fixture")).expect("fixture parses")
     }
 

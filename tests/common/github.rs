@@ -848,9 +848,9 @@ fn now_iso8601() -> String {
 // ---------------------------------------------------------------------------------------------
 // Webhooks
 
-/// A fixture from `shared/fixtures/github-webhooks`, e.g. `fixture("pull_request.opened")`.
+/// A fixture from `tests/fixtures/github-webhooks`, e.g. `fixture("pull_request.opened")`.
 pub fn fixture(name: &str) -> Value {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../shared/fixtures/github-webhooks/{name}.json"));
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/github-webhooks/{name}.json"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("read {}: {err}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|err| panic!("parse {}: {err}", path.display()))
 }

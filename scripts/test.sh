@@ -8,6 +8,10 @@ command -v cargo >/dev/null || export PATH="$HOME/.cargo/bin:$PATH"
 
 bash scripts/setup.sh
 
+cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+echo "test: cargo fmt --check" >&2
+cargo fmt --check
+
 cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 echo "test: cargo clippy --all-targets -- -D warnings" >&2
 cargo clippy --all-targets -- -D warnings

@@ -42,14 +42,14 @@ impl Application {
     /// started, it is stopped again.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let config = Arc::new(config);
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let listener =
+            TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
         let template = VhostTemplate::load(&config.nginx.template).map_err(anyhow::Error::msg)?;
         let runtime = Runtime::connect(config.instance.clone()).await?;
         runtime.ping().await?;
         let sites_dir = &config.nginx.sites_dir;
-        std::fs::create_dir_all(sites_dir).with_context(|| format!("cannot create nginx.sites_dir {}", sites_dir.display()))?;
+        std::fs::create_dir_all(sites_dir)
+            .with_context(|| format!("cannot create nginx.sites_dir {}", sites_dir.display()))?;
         let nginx = Nginx::new(config.nginx.clone(), &config.state_dir);
         nginx.start_managed(sites_dir).await.context("cannot start the managed nginx")?;
         let router = Router::start(RouterSettings {
@@ -77,8 +77,15 @@ impl Application {
                 return Err(err);
             }
         };
-        let state =
-            AppState { auth: Authenticator::new(&config.users), config, lifecycle, tasks, github, tokens, shutdown: shutdown.clone() };
+        let state = AppState {
+            auth: Authenticator::new(&config.users),
+            config,
+            lifecycle,
+            tasks,
+            github,
+            tokens,
+            shutdown: shutdown.clone(),
+        };
         Ok(Self { listener, state, shutdown, reconcile, sync })
     }
 

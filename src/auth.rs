@@ -139,9 +139,7 @@ fn parse_basic(header: &[u8]) -> Result<(String, String), AuthError> {
     if !scheme.eq_ignore_ascii_case("basic") {
         return Err(AuthError::Malformed);
     }
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded.trim())
-        .map_err(|_| AuthError::Malformed)?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).map_err(|_| AuthError::Malformed)?;
     let decoded = String::from_utf8(decoded).map_err(|_| AuthError::Malformed)?;
     let (user, password) = decoded.split_once(':').ok_or(AuthError::Malformed)?;
     Ok((user.to_owned(), password.to_owned()))

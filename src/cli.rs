@@ -111,7 +111,9 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Command::CheckConfig { config } => check_config(&config),
         Command::HashPassword => hash_password(),
-        Command::Launch { image, name, env, open, json, server } => client_command(server, |client| launch(client, image, name, env, open, json)),
+        Command::Launch { image, name, env, open, json, server } => {
+            client_command(server, |client| launch(client, image, name, env, open, json))
+        }
         Command::Kill { name, server } => client_command(server, |client| async move {
             client.kill(&name).await?;
             println!("removed {name}");
@@ -127,7 +129,10 @@ pub fn run(cli: Cli) -> ExitCode {
             Ok(())
         }),
         Command::Logs { name, follow, tail, server } => {
-            client_command(server, |client| async move { client.logs(&name, tail, follow, &mut std::io::stdout()).await })
+            client_command(
+                server,
+                |client| async move { client.logs(&name, tail, follow, &mut std::io::stdout()).await },
+            )
         }
         Command::Login { user, github, server } => login(server.server, user, github),
     }
@@ -160,7 +165,14 @@ fn block_on<T>(future: impl Future<Output = Result<T, ClientError>>) -> Result<T
         .block_on(future)
 }
 
-async fn launch(client: Client, image: String, name: String, env: Vec<String>, open: bool, json: bool) -> Result<(), ClientError> {
+async fn launch(
+    client: Client,
+    image: String,
+    name: String,
+    env: Vec<String>,
+    open: bool,
+    json: bool,
+) -> Result<(), ClientError> {
     let env = env
         .iter()
         .map(|pair| pair.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
@@ -171,7 +183,12 @@ async fn launch(client: Client, image: String, name: String, env: Vec<String>, o
         .launch(&image, &name, &env, |event| {
             if !json {
                 let seconds = event["elapsed_ms"].as_u64().unwrap_or(0) as f64 / 1000.0;
-                eprintln!("{:>6.1}s  {:<7} {}", seconds, event["step"].as_str().unwrap_or(""), event["message"].as_str().unwrap_or(""));
+                eprintln!(
+                    "{:>6.1}s  {:<7} {}",
+                    seconds,
+                    event["step"].as_str().unwrap_or(""),
+                    event["message"].as_str().unwrap_or("")
+                );
             }
         })
         .await?;
@@ -268,7 +285,8 @@ fn serve(path: &Path) -> ExitCode {
 /// The config and its template, or every problem as text for the terminal.
 fn load(path: &Path) -> Result<Config, String> {
     let config = Config::load(path).map_err(|err| err.to_string())?;
-    VhostTemplate::load(&config.nginx.template).map_err(|err| format!("{}: nginx.template: {err}\n", path.display()))?;
+    VhostTemplate::load(&config.nginx.template)
+        .map_err(|err| format!("{}: nginx.template: {err}\n", path.display()))?;
     Ok(config)
 }
 

@@ -15,7 +15,9 @@ const DEFAULT_SERVER: &str = "http://127.0.0.1:7800";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("no credentials: run `previewd login`, or set PREVIEWD_USER and PREVIEWD_PASSWORD (or PREVIEWD_GITHUB_TOKEN)")]
+    #[error(
+        "no credentials: run `previewd login`, or set PREVIEWD_USER and PREVIEWD_PASSWORD (or PREVIEWD_GITHUB_TOKEN)"
+    )]
     NoCredentials,
     #[error("cannot reach previewd at {server}: {message}")]
     Unreachable { server: String, message: String },
@@ -79,7 +81,8 @@ pub fn write_client_file(file: &ClientFile) -> Result<PathBuf, ClientError> {
     std::fs::create_dir_all(&dir).map_err(|e| failure(&e))?;
     let text = serde_norway::to_string(file).map_err(|e| failure(&e))?;
     let temp = dir.join(format!(".client.yml.{:08x}", rand::random::<u32>()));
-    let mut out = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp).map_err(|e| failure(&e))?;
+    let mut out =
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp).map_err(|e| failure(&e))?;
     out.write_all(text.as_bytes()).and_then(|()| out.sync_all()).map_err(|e| failure(&e))?;
     std::fs::rename(&temp, &path).map_err(|e| failure(&e))?;
     Ok(path)
@@ -104,7 +107,8 @@ impl Client {
     }
 
     fn new(server: String, credentials: Credentials) -> Self {
-        let http = reqwest::Client::builder().no_proxy().connect_timeout(Duration::from_secs(10)).build().unwrap_or_default();
+        let http =
+            reqwest::Client::builder().no_proxy().connect_timeout(Duration::from_secs(10)).build().unwrap_or_default();
         Self { server: server.trim_end_matches('/').to_owned(), credentials, http }
     }
 
@@ -131,8 +135,15 @@ impl Client {
     }
 
     /// Launches and reports each step to `on_step` as the daemon takes it; returns the preview.
-    pub async fn launch(&self, image: &str, name: &str, env: &[(String, String)], mut on_step: impl FnMut(&Value)) -> Result<Value, ClientError> {
-        let mut fields = vec![("image_name".to_owned(), image.to_owned()), ("container_name".to_owned(), name.to_owned())];
+    pub async fn launch(
+        &self,
+        image: &str,
+        name: &str,
+        env: &[(String, String)],
+        mut on_step: impl FnMut(&Value),
+    ) -> Result<Value, ClientError> {
+        let mut fields =
+            vec![("image_name".to_owned(), image.to_owned()), ("container_name".to_owned(), name.to_owned())];
         fields.extend(env.iter().cloned());
         let form = serde_urlencoded::to_string(&fields).map_err(|err| ClientError::Usage(err.to_string()))?;
         let request = self
@@ -144,14 +155,19 @@ impl Client {
         let mut body = response.bytes_stream();
         let mut pending = Vec::new();
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|err| ClientError::Unreachable { server: self.server.clone(), message: err.to_string() })?;
+            let chunk = chunk
+                .map_err(|err| ClientError::Unreachable { server: self.server.clone(), message: err.to_string() })?;
             pending.extend_from_slice(&chunk);
             while let Some(end) = pending.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = pending.drain(..=end).collect();
                 let Ok(event) = serde_json::from_slice::<Value>(&line) else { continue };
                 match event["step"].as_str() {
                     Some("ready") => return Ok(event["preview"].clone()),
-                    Some("failed") => return Err(ClientError::Refused(event["error"].as_str().unwrap_or("the launch failed").to_owned())),
+                    Some("failed") => {
+                        return Err(ClientError::Refused(
+                            event["error"].as_str().unwrap_or("the launch failed").to_owned(),
+                        ));
+                    }
                     _ => on_step(&event),
                 }
             }
@@ -160,7 +176,10 @@ impl Client {
     }
 
     pub async fn kill(&self, name: &str) -> Result<(), ClientError> {
-        let request = self.request(reqwest::Method::POST, "/kill").header("accept", "application/json").form(&[("container_name", name)]);
+        let request = self
+            .request(reqwest::Method::POST, "/kill")
+            .header("accept", "application/json")
+            .form(&[("container_name", name)]);
         self.send(request).await.map(drop)
     }
 
@@ -175,7 +194,8 @@ impl Client {
         let response = self.send(self.request(reqwest::Method::GET, &path)).await?;
         let mut body = response.bytes_stream();
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|err| ClientError::Unreachable { server: self.server.clone(), message: err.to_string() })?;
+            let chunk = chunk
+                .map_err(|err| ClientError::Unreachable { server: self.server.clone(), message: err.to_string() })?;
             match out.write_all(&chunk).and_then(|()| out.flush()) {
                 Ok(()) => {}
                 // `previewd logs NAME | head`: the reader has all it wanted.
@@ -215,7 +235,11 @@ pub fn table(previews: &[Value]) -> String {
             _ => "-".to_owned(),
         };
         let commit = preview["sha"].as_str().map_or("-".to_owned(), |sha| sha.chars().take(7).collect());
-        let status = if preview["routed"].as_bool() == Some(false) { format!("{} (unrouted)", text("status")) } else { text("status") };
+        let status = if preview["routed"].as_bool() == Some(false) {
+            format!("{} (unrouted)", text("status"))
+        } else {
+            text("status")
+        };
         let age = crate::clock::age(now - preview["created"].as_i64().unwrap_or(now));
         rows.push(vec![text("name"), text("image"), pr, commit, status, age, text("url")]);
     }
@@ -245,7 +269,12 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("NAME"), "{text}");
         assert!(lines[1].contains("2m") && lines[1].contains("http://a"), "{text}");
-        assert!(lines[2].contains("Codertocat/Hello-World#2") && lines[2].contains("ec26c3e") && lines[2].contains("(unrouted)") && lines[2].contains("2h"), "{text}");
+        assert!(
+            lines[2].contains("Codertocat/Hello-World#2")
+                && lines[2].contains("ec26c3e")
+                && lines[2].contains("(unrouted)")
+                && lines[2].contains("2h"),
+            "{text}"
+        );
     }
-
 }

@@ -161,7 +161,8 @@ fn every_problem(text: &str, base_dir: &Path, first: &serde_norway::Error) -> Ve
         return problems;
     };
     let sections = Sections::check(top);
-    let rules = sections.rest_as_config().map(|raw| raw.validate(base_dir).err().unwrap_or_default()).unwrap_or_default();
+    let rules =
+        sections.rest_as_config().map(|raw| raw.validate(base_dir).err().unwrap_or_default()).unwrap_or_default();
     let broken_rule = |p: &Problem| sections.broken.iter().any(|path| p.message.starts_with(&format!("{path}:")));
     for problem in sections.problems.into_iter().chain(rules.into_iter().filter(|p| !broken_rule(p))) {
         if !problems.iter().any(|p| p.message == problem.message) {
@@ -201,7 +202,9 @@ impl Sections {
                         None => {
                             good.insert(image, spec);
                         }
-                        Some(problem) => sections.fail(format!("images.{}", image.as_str().unwrap_or_default()), problem),
+                        Some(problem) => {
+                            sections.fail(format!("images.{}", image.as_str().unwrap_or_default()), problem)
+                        }
                     }
                 }
                 if good.is_empty() {
@@ -336,8 +339,11 @@ impl RawConfig {
 
         let instance = self.instance.unwrap_or_else(|| InstanceName::parse("default").expect("valid literal"));
         let listen = self.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid literal"));
-        let base_domain =
-            problems.require("base_domain", self.base_domain, "set the domain previews live under, e.g. preview.localhost");
+        let base_domain = problems.require(
+            "base_domain",
+            self.base_domain,
+            "set the domain previews live under, e.g. preview.localhost",
+        );
         let public_url = match PublicUrl::parse(self.public_url.as_deref().unwrap_or("http://{host}")) {
             Ok(url) => Some(url),
             Err(message) => {
@@ -380,7 +386,10 @@ fn validate_nginx(
     }
     let pid_file = match (managed, raw.pid_file) {
         (true, Some(_)) => {
-            problems.add("nginx.pid_file", "previewd chooses the pid file of the nginx it manages; remove this key or set managed: false");
+            problems.add(
+                "nginx.pid_file",
+                "previewd chooses the pid file of the nginx it manages; remove this key or set managed: false",
+            );
             PathBuf::new()
         }
         (true, None) => state_dir.join("nginx").join("nginx.pid"),
@@ -472,11 +481,8 @@ fn check_create_params(params: &serde_json::Map<String, serde_json::Value>) -> R
     let body: bollard::models::ContainerCreateBody =
         serde_json::from_value(serde_json::Value::Object(params.clone())).map_err(|err| err.to_string())?;
     let known = serde_json::to_value(&body).map_err(|err| err.to_string())?;
-    let unknown: Vec<&str> = params
-        .keys()
-        .filter(|key| known.get(key.as_str()).is_none())
-        .map(String::as_str)
-        .collect();
+    let unknown: Vec<&str> =
+        params.keys().filter(|key| known.get(key.as_str()).is_none()).map(String::as_str).collect();
     if unknown.is_empty() {
         Ok(())
     } else {
@@ -537,7 +543,8 @@ fn validate_users(raw: Vec<RawUser>, problems: &mut Problems) -> Vec<User> {
 mod tests {
     use super::*;
 
-    const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$4dFZ3kCXbd9bLkmhaDkH1EkFfr9mHQ/f/uMqMrOQt5w";
+    const HASH: &str =
+        "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$4dFZ3kCXbd9bLkmhaDkH1EkFfr9mHQ/f/uMqMrOQt5w";
 
     fn minimal() -> String {
         format!(
@@ -577,7 +584,10 @@ mod tests {
         assert!(all.contains("nginx.test_command") && all.contains("nginx.reload_command"), "{all}");
         let text = format!("{}nginx:\n  reload_command: [systemctl, reload, nginx]\n", minimal());
         let config = Config::from_yaml(&text, Path::new(".")).unwrap();
-        assert_eq!(config.nginx.reload_command.as_deref(), Some(&["systemctl".to_owned(), "reload".to_owned(), "nginx".to_owned()][..]));
+        assert_eq!(
+            config.nginx.reload_command.as_deref(),
+            Some(&["systemctl".to_owned(), "reload".to_owned(), "nginx".to_owned()][..])
+        );
     }
 
     #[test]
@@ -605,7 +615,10 @@ mod tests {
     #[test]
     fn cross_field_problems_are_all_listed() {
         let text = minimal()
-            .replace("port: 3000", "port: 3000\n    memory: lots\n    health_path: nope\n    container_create_params: {Ttyy: true}")
+            .replace(
+                "port: 3000",
+                "port: 3000\n    memory: lots\n    health_path: nope\n    container_create_params: {Ttyy: true}",
+            )
             .replace(HASH, "testuser:testpassword");
         let problems = Config::from_yaml(&text, Path::new(".")).unwrap_err();
         let all = format!("{problems:?}");
@@ -627,7 +640,10 @@ mod tests {
         for needle in ["images.broken.port", "images.demo.memory", "users[0].password_hash"] {
             assert!(all.iter().any(|m| m.starts_with(needle)), "missing {needle} in {all:?}");
         }
-        assert!(!all.iter().any(|m| m.starts_with("base_domain: missing")), "a broken key is not also 'missing': {all:?}");
+        assert!(
+            !all.iter().any(|m| m.starts_with("base_domain: missing")),
+            "a broken key is not also 'missing': {all:?}"
+        );
         assert_eq!(all.len(), 4, "{all:?}");
     }
 

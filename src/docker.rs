@@ -182,7 +182,12 @@ impl Runtime {
 
     /// Creates the container under a name that tells the instance and the preview, unique by a
     /// random suffix (a replacement lives beside the container it replaces).
-    async fn create_named(&self, slug: &str, body: ContainerCreateBody, reserved: PortReservation) -> Result<CreatedContainer, DockerError> {
+    async fn create_named(
+        &self,
+        slug: &str,
+        body: ContainerCreateBody,
+        reserved: PortReservation,
+    ) -> Result<CreatedContainer, DockerError> {
         let name = format!("previewd.{}.{slug}.{:08x}", self.instance, rand::random::<u32>());
         let options = CreateContainerOptions { name: Some(name), ..Default::default() };
         let created = self
@@ -273,7 +278,8 @@ impl Runtime {
         host_config.port_bindings = Some(loopback_binding(&container_port, reserved.port));
         host_config.restart_policy = Some(restart_policy(RestartPolicyNameEnum::NO));
         let config = serde_json::to_value(config).map_err(|err| invalid_params(err.to_string()))?;
-        let mut body: ContainerCreateBody = serde_json::from_value(config).map_err(|err| invalid_params(err.to_string()))?;
+        let mut body: ContainerCreateBody =
+            serde_json::from_value(config).map_err(|err| invalid_params(err.to_string()))?;
         body.hostname = None;
         body.labels = Some(labels);
         body.host_config = Some(host_config);
@@ -339,11 +345,16 @@ impl Runtime {
 
     /// The container's stdout and stderr as they come: the last `tail` lines, then (with
     /// `follow`) everything it writes until it stops or the reader goes away.
-    pub fn log_stream(&self, id: &str, tail: usize, follow: bool) -> impl Stream<Item = Result<axum::body::Bytes, DockerError>> + use<> {
+    pub fn log_stream(
+        &self,
+        id: &str,
+        tail: usize,
+        follow: bool,
+    ) -> impl Stream<Item = Result<axum::body::Bytes, DockerError>> + use<> {
         let options = LogsOptions { stdout: true, stderr: true, follow, tail: tail.to_string(), ..Default::default() };
-        self.docker
-            .logs(id, Some(options))
-            .map(|chunk| chunk.map(|c| c.into_bytes()).map_err(|err| DockerError::from_bollard("read the container's log", err)))
+        self.docker.logs(id, Some(options)).map(|chunk| {
+            chunk.map(|c| c.into_bytes()).map_err(|err| DockerError::from_bollard("read the container's log", err))
+        })
     }
 
     /// Removes a container and its anonymous volumes; a container that is already gone is fine.
@@ -351,7 +362,9 @@ impl Runtime {
         let options = RemoveContainerOptions { force: true, v: true, ..Default::default() };
         match self.docker.remove_container(id, Some(options)).await {
             // Gone, or going: a removal a killed previewd had asked for is still under way.
-            Err(err) if !is_not_found(&err) && !is_removal_in_progress(&err) => Err(DockerError::from_bollard("remove the container", err)),
+            Err(err) if !is_not_found(&err) && !is_removal_in_progress(&err) => {
+                Err(DockerError::from_bollard("remove the container", err))
+            }
             _ => Ok(()),
         }
     }
@@ -433,10 +446,13 @@ fn managed_container(summary: ContainerSummary) -> Option<ManagedContainer> {
         .find(|port| port.ip.as_deref() == Some("127.0.0.1"))
         .and_then(|port| port.public_port)
         .filter(|_| running);
-    let origin = match (labels.get(LABEL_REPO), labels.get(LABEL_PR).and_then(|n| n.parse().ok()), labels.get(LABEL_SHA)) {
-        (Some(repo), Some(number), Some(sha)) => Some(PullRequestOrigin { repo: repo.clone(), number, sha: sha.clone() }),
-        _ => None,
-    };
+    let origin =
+        match (labels.get(LABEL_REPO), labels.get(LABEL_PR).and_then(|n| n.parse().ok()), labels.get(LABEL_SHA)) {
+            (Some(repo), Some(number), Some(sha)) => {
+                Some(PullRequestOrigin { repo: repo.clone(), number, sha: sha.clone() })
+            }
+            _ => None,
+        };
     Some(ManagedContainer { id: summary.id?, slug, image, state, host_port, created, created_ns, origin })
 }
 
@@ -477,7 +493,12 @@ impl PortPicker {
                 return Ok(PortReservation { port, picker: self.clone() });
             }
         }
-        Err(DockerError::NoFreePort(format!("{} ports tried between {} and {} were all in use", Self::ATTEMPTS, range.start, range.end)))
+        Err(DockerError::NoFreePort(format!(
+            "{} ports tried between {} and {} were all in use",
+            Self::ATTEMPTS,
+            range.start,
+            range.end
+        )))
     }
 }
 
@@ -566,7 +587,9 @@ mod tests {
 
     #[test]
     fn port_conflicts_are_recognised() {
-        assert!(is_port_conflict("driver failed programming external connectivity on endpoint x: Error starting userland proxy: listen tcp4 127.0.0.1:4000: bind: address already in use"));
+        assert!(is_port_conflict(
+            "driver failed programming external connectivity on endpoint x: Error starting userland proxy: listen tcp4 127.0.0.1:4000: bind: address already in use"
+        ));
         assert!(is_port_conflict("Bind for 127.0.0.1:4000 failed: port is already allocated"));
         assert!(!is_port_conflict("No such image: x"));
     }

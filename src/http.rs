@@ -18,8 +18,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::json;
 use futures_util::StreamExt;
+use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 use tower_http::trace::TraceLayer;
@@ -28,10 +28,10 @@ use crate::auth::{AuthError, Authenticator, Principal, bearer_token};
 use crate::config::Config;
 use crate::github::previews::PullRequestPreviews;
 use crate::github::token_auth::TokenAuth;
-use crate::metrics::Metrics;
-use crate::preview::ImageKey;
 use crate::github::webhook::DeliveryLog;
 use crate::lifecycle::{Lifecycle, LifecycleError, PreviewInfo};
+use crate::metrics::Metrics;
+use crate::preview::ImageKey;
 use crate::request::{KillRequest, LaunchRequest, preview_name};
 use body::Fields;
 use error::ApiError;
@@ -121,7 +121,9 @@ impl AppState {
     pub async fn authorize(&self, principal: &Principal, image: Option<&ImageKey>) -> Result<(), ApiError> {
         match (principal, &self.tokens, &self.config.github) {
             (Principal::User(_), _, _) => Ok(()),
-            (Principal::GitHub(login), Some(tokens), Some(github)) => Ok(tokens.authorize(github, login, image).await?),
+            (Principal::GitHub(login), Some(tokens), Some(github)) => {
+                Ok(tokens.authorize(github, login, image).await?)
+            }
             (Principal::GitHub(_), _, _) => Err(AuthError::TokensOff.into()),
         }
     }
@@ -232,7 +234,11 @@ async fn preview_logs(
     let preview = state.visible_preview(&principal, &name).await?;
     let tail = query.tail.unwrap_or(100).min(MAX_LOG_TAIL);
     // A followed log would otherwise hold graceful shutdown until the container stops.
-    let stream = state.lifecycle.logs(&preview.name, tail, query.follow).await?.take_until(state.shutdown.clone().cancelled_owned());
+    let stream = state
+        .lifecycle
+        .logs(&preview.name, tail, query.follow)
+        .await?
+        .take_until(state.shutdown.clone().cancelled_owned());
     // The output is the preview's code's: never let a browser run it on this origin.
     let headers = [
         (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
@@ -247,7 +253,8 @@ async fn preview_logs(
 async fn healthz(State(state): State<AppState>) -> Response {
     let docker = state.lifecycle.runtime().ping().await.err().map(|err| err.to_string());
     let nginx = state.lifecycle.router().nginx();
-    let nginx_error = nginx.master_pid().is_none().then(|| "no live nginx master process (is nginx running?)".to_owned());
+    let nginx_error =
+        nginx.master_pid().is_none().then(|| "no live nginx master process (is nginx running?)".to_owned());
     let healthy = docker.is_none() && nginx_error.is_none();
     let check = |error: Option<String>| match error {
         None => json!({ "ok": true }),
@@ -305,7 +312,9 @@ fn launch_streaming(state: &AppState, request: LaunchRequest) -> Response {
         while let Ok(event) = progress.try_recv() {
             send_line(&lines, &event);
         }
-        let outcome = result.map_err(|err| ApiError::Internal(format!("the launch stopped: {err}"))).and_then(|r| r.map_err(ApiError::from));
+        let outcome = result
+            .map_err(|err| ApiError::Internal(format!("the launch stopped: {err}")))
+            .and_then(|r| r.map_err(ApiError::from));
         let last = match outcome {
             Ok(info) => json!({ "step": "ready", "url": info.url, "preview": info }),
             Err(err) => {
@@ -318,7 +327,8 @@ fn launch_streaming(state: &AppState, request: LaunchRequest) -> Response {
     let stream = futures_util::stream::unfold(body, |mut body| async move {
         body.recv().await.map(|line| (Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(line)), body))
     });
-    ([(header::CONTENT_TYPE, NDJSON), (header::CACHE_CONTROL, "no-store")], axum::body::Body::from_stream(stream)).into_response()
+    ([(header::CONTENT_TYPE, NDJSON), (header::CACHE_CONTROL, "no-store")], axum::body::Body::from_stream(stream))
+        .into_response()
 }
 
 fn send_line(lines: &mpsc::UnboundedSender<String>, value: &impl serde::Serialize) {

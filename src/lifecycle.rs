@@ -10,9 +10,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
-use serde::Serialize;
-use tokio::sync::mpsc;
 use crate::config::{Config, ImageSpec};
 use crate::docker::{ContainerPlan, CreatedContainer, DockerError, ManagedContainer, Runtime};
 use crate::locks::KeyedLocks;
@@ -21,6 +18,9 @@ use crate::nginx::{Drain, NginxError, RouteTicket, Router};
 use crate::preview::{ImageKey, Slug};
 use crate::probe::Prober;
 use crate::request::{LaunchRequest, PullRequestOrigin};
+use futures_util::StreamExt;
+use serde::Serialize;
+use tokio::sync::mpsc;
 
 /// How many lines of a failed container's log go into the error.
 const LOG_LINES_ON_FAILURE: usize = 20;
@@ -42,7 +42,9 @@ pub enum LifecycleError {
     Nginx(#[from] NginxError),
     #[error("the container stopped during start-up (exit code {}); it was removed. Last log lines:\n{logs}", exit_code.map_or("unknown".to_owned(), |c| c.to_string()))]
     Crashed { exit_code: Option<i64>, logs: String },
-    #[error("the app did not answer HTTP on container port {port} at {path} within {timeout:?}; the container was removed. Last log lines:\n{logs}")]
+    #[error(
+        "the app did not answer HTTP on container port {port} at {path} within {timeout:?}; the container was removed. Last log lines:\n{logs}"
+    )]
     Unhealthy { port: u16, path: String, timeout: Duration, logs: String },
     #[error("no preview named \"{0}\" is running; GET /api/previews lists them")]
     NotFound(Slug),
@@ -214,7 +216,10 @@ impl Lifecycle {
             (None, owner) => owner.is_some(),
         };
         if let Some(other) = previous.iter().find(foreign) {
-            return Err(LifecycleError::NameTaken { name: request.name.clone(), owner: describe_owner(other.origin.as_ref()) });
+            return Err(LifecycleError::NameTaken {
+                name: request.name.clone(),
+                owner: describe_owner(other.origin.as_ref()),
+            });
         }
         if self.runtime.needs_pull(spec).await? {
             progress.step("pull", format!("pulling image {}", spec.image));
@@ -349,7 +354,10 @@ impl Lifecycle {
         progress.step("start", "starting the container".to_owned());
         self.runtime.start(container).await?;
         tracing::info!(container = %short(&container.id), port = container.host_port, "container started");
-        progress.step("health", format!("waiting for the app to answer HTTP on port {} at {}", spec.port, spec.health_path));
+        progress.step(
+            "health",
+            format!("waiting for the app to answer HTTP on port {} at {}", spec.port, spec.health_path),
+        );
         self.wait_until_answering(container, spec).await?;
         self.runtime.keep_running(&container.id).await?;
         Ok(container.host_port)
@@ -535,7 +543,13 @@ impl Lifecycle {
             report.failed.push(format!("{slug}: {err}"));
         }
         report.routed = routes.len();
-        tracing::info!(routed = report.routed, removed_containers = report.removed_containers, removed_vhosts = report.removed_vhosts, failed = report.failed.len(), "reconciled");
+        tracing::info!(
+            routed = report.routed,
+            removed_containers = report.removed_containers,
+            removed_vhosts = report.removed_vhosts,
+            failed = report.failed.len(),
+            "reconciled"
+        );
         Ok(report)
     }
 
@@ -601,7 +615,8 @@ impl Lifecycle {
         let (running, others): (Vec<_>, Vec<_>) = group.into_iter().partition(ManagedContainer::is_running);
         // Restarting or paused containers are left alone; created, exited or dead ones never
         // came up, or stopped for good.
-        let mut doomed: Vec<_> = others.into_iter().filter(|c| !matches!(c.state, State::RESTARTING | State::PAUSED)).collect();
+        let mut doomed: Vec<_> =
+            others.into_iter().filter(|c| !matches!(c.state, State::RESTARTING | State::PAUSED)).collect();
         if running.len() <= 1 {
             return (running.into_iter().next(), doomed);
         }
@@ -689,7 +704,6 @@ fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -708,7 +722,14 @@ mod tests {
         ];
         let request = LaunchRequest::parse(fields, &config.images).unwrap();
         let env = container_env(&request, "http://my-branch.p.localhost");
-        for expected in ["A=image", "B=request", "image_name=demo", "container_name=My Branch", "PREVIEW_NAME=my-branch", "PREVIEW_URL=http://my-branch.p.localhost"] {
+        for expected in [
+            "A=image",
+            "B=request",
+            "image_name=demo",
+            "container_name=My Branch",
+            "PREVIEW_NAME=my-branch",
+            "PREVIEW_URL=http://my-branch.p.localhost",
+        ] {
             assert!(env.contains(&expected.to_owned()), "{expected} not in {env:?}");
         }
     }

@@ -66,13 +66,29 @@ impl Metrics {
         };
         registry.register("previews", "Previews whose container runs", metrics.previews.clone());
         registry.register("launches", "Launches of a new preview, by result", metrics.launches.clone());
-        registry.register("redeploys", "Launches that replaced a running preview, by result", metrics.redeploys.clone());
+        registry.register(
+            "redeploys",
+            "Launches that replaced a running preview, by result",
+            metrics.redeploys.clone(),
+        );
         registry.register("kills", "Removed previews, by result", metrics.kills.clone());
-        registry.register("launch_seconds", "Time from launch request to preview served", metrics.launch_seconds.clone());
+        registry.register(
+            "launch_seconds",
+            "Time from launch request to preview served",
+            metrics.launch_seconds.clone(),
+        );
         registry.register("launch_step_seconds", "Time of each launch step", metrics.launch_step_seconds.clone());
         registry.register("nginx_reloads", "nginx reloads, by result", metrics.nginx_reloads.clone());
-        registry.register("webhook_deliveries", "GitHub webhook deliveries, by event and outcome", metrics.webhook_deliveries.clone());
-        registry.register("pull_request_runs", "Runs applying a pull request's newest state, queued or running", metrics.pull_request_runs.clone());
+        registry.register(
+            "webhook_deliveries",
+            "GitHub webhook deliveries, by event and outcome",
+            metrics.webhook_deliveries.clone(),
+        );
+        registry.register(
+            "pull_request_runs",
+            "Runs applying a pull request's newest state, queued or running",
+            metrics.pull_request_runs.clone(),
+        );
         registry.register("github_api_calls", "Calls to GitHub's API, by result", metrics.github_calls.clone());
         Self { registry, ..metrics }
     }
@@ -118,7 +134,10 @@ mod tests {
         Metrics::sync_counter(&metrics.nginx_reloads.get_or_create(&SUCCESS), 7);
         let text = metrics.render();
         assert!(text.contains("previewd_launches_total{result=\"success\"} 1"), "{text}");
-        assert!(text.contains("previewd_webhook_deliveries_total{event=\"pull_request\",outcome=\"accepted\"} 1"), "{text}");
+        assert!(
+            text.contains("previewd_webhook_deliveries_total{event=\"pull_request\",outcome=\"accepted\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("previewd_launch_step_seconds_count{step=\"health\"} 1"), "{text}");
         assert!(text.contains("previewd_nginx_reloads_total{result=\"success\"} 7"), "{text}");
     }

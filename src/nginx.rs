@@ -150,7 +150,8 @@ impl Router {
         .map_err(|err| NginxError::Io { path: self.inner.sites.dir().to_owned(), message: err.to_string() })?
         .map_err(|err| self.inner.io_error(err))?;
         let mut failures = Vec::new();
-        let mut changes: Vec<Change> = existing.into_iter().filter(|slug| !routes.contains_key(slug)).map(|slug| (slug, None)).collect();
+        let mut changes: Vec<Change> =
+            existing.into_iter().filter(|slug| !routes.contains_key(slug)).map(|slug| (slug, None)).collect();
         let orphans = changes.len();
         for (slug, port) in routes {
             match self.inner.render(slug, *port) {

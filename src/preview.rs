@@ -20,9 +20,7 @@ pub enum NameError {
     NotALabel { what: &'static str, input: String, max: usize },
     #[error("{input:?} is not a domain name: use dot-separated DNS labels of a-z, 0-9 and '-'")]
     NotADomain { input: String },
-    #[error(
-        "{input:?} is not an image key: use 1-64 characters of letters, digits, '.', '_' and '-'"
-    )]
+    #[error("{input:?} is not an image key: use 1-64 characters of letters, digits, '.', '_' and '-'")]
     NotAnImageKey { input: String },
     #[error(
         "{input:?} is not a valid environment variable name: use letters, digits and '_', \
@@ -69,16 +67,9 @@ impl InstanceName {
 
 fn parse_label(what: &'static str, input: &str, max: usize) -> Result<String, NameError> {
     let valid_chars = input.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    let valid = !input.is_empty()
-        && input.len() <= max
-        && valid_chars
-        && !input.starts_with('-')
-        && !input.ends_with('-');
-    if valid {
-        Ok(input.to_owned())
-    } else {
-        Err(NameError::NotALabel { what, input: input.to_owned(), max })
-    }
+    let valid =
+        !input.is_empty() && input.len() <= max && valid_chars && !input.starts_with('-') && !input.ends_with('-');
+    if valid { Ok(input.to_owned()) } else { Err(NameError::NotALabel { what, input: input.to_owned(), max }) }
 }
 
 /// The domain previews live under, e.g. `preview.localhost`.
@@ -92,11 +83,7 @@ impl BaseDomain {
     pub fn parse(input: &str) -> Result<Self, NameError> {
         let valid = input.len() <= Self::MAX_LEN
             && input.split('.').all(|label| parse_label("domain label", label, MAX_LABEL_LEN).is_ok());
-        if valid {
-            Ok(Self(input.to_owned()))
-        } else {
-            Err(NameError::NotADomain { input: input.to_owned() })
-        }
+        if valid { Ok(Self(input.to_owned())) } else { Err(NameError::NotADomain { input: input.to_owned() }) }
     }
 
     /// The host name of one preview: `<slug>.<base_domain>`.
@@ -134,11 +121,7 @@ impl ImageKey {
     pub fn parse(input: &str) -> Result<Self, NameError> {
         let valid = (1..=64).contains(&input.len())
             && input.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if valid {
-            Ok(Self(input.to_owned()))
-        } else {
-            Err(NameError::NotAnImageKey { input: input.to_owned() })
-        }
+        if valid { Ok(Self(input.to_owned())) } else { Err(NameError::NotAnImageKey { input: input.to_owned() }) }
     }
 }
 

@@ -148,12 +148,26 @@ mod tests {
         let parse = |pairs: &[(&str, &str)]| LaunchRequest::parse(fields(pairs), &images).unwrap_err();
         assert_eq!(parse(&[("container_name", "x")]), RequestError::MissingField("image_name"));
         assert_eq!(parse(&[("image_name", "demo")]), RequestError::MissingField("container_name"));
-        assert!(matches!(parse(&[("image_name", "nope"), ("container_name", "x")]), RequestError::UnknownImage { allowed, .. } if allowed == "demo"));
+        assert!(
+            matches!(parse(&[("image_name", "nope"), ("container_name", "x")]), RequestError::UnknownImage { allowed, .. } if allowed == "demo")
+        );
         assert!(matches!(parse(&[("image_name", "demo"), ("container_name", "///")]), RequestError::Name { .. }));
-        assert!(matches!(parse(&[("image_name", "demo"), ("container_name", "x"), ("BAD-NAME", "1")]), RequestError::EnvName(_)));
-        assert_eq!(parse(&[("image_name", "demo"), ("container_name", "x"), ("PREVIEW_URL", "1")]), RequestError::ReservedEnv("PREVIEW_URL".into()));
-        assert_eq!(parse(&[("image_name", "demo"), ("container_name", "x"), ("A", "a\0b")]), RequestError::NulByte("A".into()));
-        assert_eq!(parse(&[("image_name", "demo"), ("image_name", "demo"), ("container_name", "x")]), RequestError::DuplicateField("image_name".into()));
+        assert!(matches!(
+            parse(&[("image_name", "demo"), ("container_name", "x"), ("BAD-NAME", "1")]),
+            RequestError::EnvName(_)
+        ));
+        assert_eq!(
+            parse(&[("image_name", "demo"), ("container_name", "x"), ("PREVIEW_URL", "1")]),
+            RequestError::ReservedEnv("PREVIEW_URL".into())
+        );
+        assert_eq!(
+            parse(&[("image_name", "demo"), ("container_name", "x"), ("A", "a\0b")]),
+            RequestError::NulByte("A".into())
+        );
+        assert_eq!(
+            parse(&[("image_name", "demo"), ("image_name", "demo"), ("container_name", "x")]),
+            RequestError::DuplicateField("image_name".into())
+        );
     }
 
     #[test]

@@ -14,7 +14,10 @@ fn check_config_accepts_the_shipped_config() {
     let output = Command::new(BIN).args(["check-config", "--config", "config.yml"]).output().unwrap();
     assert!(output.status.success(), "{output:?}");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(stdout.contains("OK (instance default, 1 image(s), 1 user(s), previews at *.preview.localhost)"), "{stdout}");
+    assert!(
+        stdout.contains("OK (instance default, 1 image(s), 1 user(s), previews at *.preview.localhost)"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -41,9 +44,19 @@ fn check_config_lists_every_problem_with_line_and_column() {
 fn the_config_path_comes_from_previewd_config_when_not_given() {
     let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.yml");
     let elsewhere = tempfile::tempdir().unwrap();
-    let output = Command::new(BIN).arg("check-config").env("PREVIEWD_CONFIG", &shipped).current_dir(elsewhere.path()).output().unwrap();
+    let output = Command::new(BIN)
+        .arg("check-config")
+        .env("PREVIEWD_CONFIG", &shipped)
+        .current_dir(elsewhere.path())
+        .output()
+        .unwrap();
     assert!(output.status.success(), "{output:?}");
-    let missing = Command::new(BIN).arg("check-config").env_remove("PREVIEWD_CONFIG").current_dir(elsewhere.path()).output().unwrap();
+    let missing = Command::new(BIN)
+        .arg("check-config")
+        .env_remove("PREVIEWD_CONFIG")
+        .current_dir(elsewhere.path())
+        .output()
+        .unwrap();
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("config.yml: cannot read the file"), "{missing:?}");
 }
@@ -62,7 +75,8 @@ fn check_config_reports_a_broken_template() {
 
 #[test]
 fn hash_password_prints_an_argon2id_hash_of_stdin() {
-    let mut child = Command::new(BIN).arg("hash-password").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut child =
+        Command::new(BIN).arg("hash-password").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
     std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"s3cret\n").unwrap();
     let output = child.wait_with_output().unwrap();
     assert!(output.status.success());
@@ -78,7 +92,8 @@ fn hash_password_prints_an_argon2id_hash_of_stdin() {
 async fn sigterm_stops_nginx_but_leaves_previews_and_a_restart_serves_them_again() {
     let setup = common::BinaryConfig::new();
     let _cleanup = setup.cleanup();
-    let (dir, config, instance, nginx_port, api) = (&setup.dir, &setup.path, &setup.instance, setup.nginx_port, setup.api.clone());
+    let (dir, config, instance, nginx_port, api) =
+        (&setup.dir, &setup.path, &setup.instance, setup.nginx_port, setup.api.clone());
     let client = common::client();
 
     let mut daemon = Daemon::start(config, &dir.path().join("first.log"));
@@ -130,7 +145,8 @@ async fn sigterm_stops_nginx_but_leaves_previews_and_a_restart_serves_them_again
     daemon.wait_until_healthy(&client, &api).await;
     for name in ["keep-me", "in-flight"] {
         let host = format!("{name}.preview.localhost");
-        let nginx = reqwest::Client::builder().no_proxy().resolve(&host, ([127, 0, 0, 1], nginx_port).into()).build().unwrap();
+        let nginx =
+            reqwest::Client::builder().no_proxy().resolve(&host, ([127, 0, 0, 1], nginx_port).into()).build().unwrap();
         let page = nginx.get(format!("http://{host}:{nginx_port}/")).send().await.unwrap();
         assert_eq!(page.status(), 200);
         assert!(page.text().await.unwrap().contains(&format!("Preview: {name}")));

@@ -10,7 +10,13 @@ use common::{PASSWORD, TestApp, USER};
 const BIN: &str = env!("CARGO_BIN_EXE_previewd");
 
 /// Runs the client binary against the app, with a home of its own.
-async fn previewd(app: &TestApp, home: &std::path::Path, args: &[&str], credentials: bool, stdin: Option<&str>) -> Output {
+async fn previewd(
+    app: &TestApp,
+    home: &std::path::Path,
+    args: &[&str],
+    credentials: bool,
+    stdin: Option<&str>,
+) -> Output {
     let mut command = tokio::process::Command::new(BIN);
     command.args(args).env("HOME", home).env_remove("XDG_CONFIG_HOME").env_remove("PREVIEWD_GITHUB_TOKEN");
     command.env("PREVIEWD_SERVER", format!("http://{}", app.api));
@@ -19,7 +25,10 @@ async fn previewd(app: &TestApp, home: &std::path::Path, args: &[&str], credenti
     } else {
         command.env_remove("PREVIEWD_USER").env_remove("PREVIEWD_PASSWORD");
     }
-    command.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
     let mut child = command.spawn().expect("run previewd");
     if let Some(input) = stdin {
         use tokio::io::AsyncWriteExt;
@@ -80,7 +89,13 @@ async fn the_client_launches_with_progress_lists_reads_logs_and_kills() {
         .unwrap();
     let mut stdout = follow.stdout.take().unwrap();
     let mut first = vec![0u8; 19];
-    tokio::time::timeout(std::time::Duration::from_secs(10), tokio::io::AsyncReadExt::read_exact(&mut stdout, &mut first)).await.unwrap().unwrap();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_exact(&mut stdout, &mut first),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(text(&first), "hello from the log\n");
     assert!(follow.try_wait().unwrap().is_none(), "--follow waits for more");
     follow.kill().await.unwrap();
@@ -123,10 +138,18 @@ async fn login_saves_credentials_privately_and_commands_use_them() {
     assert!(text(&out.stderr).contains("previewd login"), "{out:?}");
 
     let server = format!("http://{}", app.api);
-    let out = previewd(&app, home.path(), &["login", "--user", USER, "--server", &server], false, Some("wrong\n")).await;
+    let out =
+        previewd(&app, home.path(), &["login", "--user", USER, "--server", &server], false, Some("wrong\n")).await;
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(text(&out.stderr).contains("wrong user name or password"), "{out:?}");
-    let out = previewd(&app, home.path(), &["login", "--user", USER, "--server", &server], false, Some(&format!("{PASSWORD}\n"))).await;
+    let out = previewd(
+        &app,
+        home.path(),
+        &["login", "--user", USER, "--server", &server],
+        false,
+        Some(&format!("{PASSWORD}\n")),
+    )
+    .await;
     assert!(out.status.success(), "{out:?}");
     let file = home.path().join(".config/previewd/client.yml");
     assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
@@ -194,7 +217,11 @@ async fn launch_progress_arrives_while_the_launch_is_still_running() {
         let chunk = body.next().await.expect("more lines").unwrap();
         seen.push_str(&text(&chunk));
     }
-    assert!(started.elapsed() < std::time::Duration::from_millis(1500), "the health step is reported as it begins: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(1500),
+        "the health step is reported as it begins: {:?}",
+        started.elapsed()
+    );
     while let Some(chunk) = body.next().await {
         seen.push_str(&text(&chunk.unwrap()));
     }
@@ -206,9 +233,13 @@ async fn launch_progress_arrives_while_the_launch_is_still_running() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_launch_by_hand_cannot_take_a_pull_requests_preview() {
     let app = TestApp::start().await;
-    let origin = previewd::request::PullRequestOrigin { repo: "Codertocat/Hello-World".into(), number: 2, sha: "a".repeat(40) };
+    let origin =
+        previewd::request::PullRequestOrigin { repo: "Codertocat/Hello-World".into(), number: 2, sha: "a".repeat(40) };
     let images = previewd::config::Config::from_yaml(&app.options_yaml, app.dir.path()).unwrap().images;
-    let fields = vec![("image_name".to_owned(), "demo".to_owned()), ("container_name".to_owned(), "hello-world-pr-2".to_owned())];
+    let fields = vec![
+        ("image_name".to_owned(), "demo".to_owned()),
+        ("container_name".to_owned(), "hello-world-pr-2".to_owned()),
+    ];
     let mut request = previewd::request::LaunchRequest::parse(fields, &images).unwrap();
     request.origin = Some(origin);
     app.lifecycle.as_ref().unwrap().launch(request).await.unwrap();
@@ -216,6 +247,9 @@ async fn a_launch_by_hand_cannot_take_a_pull_requests_preview() {
     let response = app.launch(&[("image_name", "demo"), ("container_name", "hello-world-pr-2")]).await;
     assert_eq!(response.status(), 409);
     let message: serde_json::Value = response.json().await.unwrap();
-    assert!(message["error"].as_str().unwrap().contains("taken by pull request #2 of Codertocat/Hello-World"), "{message}");
+    assert!(
+        message["error"].as_str().unwrap().contains("taken by pull request #2 of Codertocat/Hello-World"),
+        "{message}"
+    );
     assert_eq!(app.containers().len(), 1);
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Options, PASSWORD, TestApp, Template, USER, error_of};
+use common::{Options, PASSWORD, Template, TestApp, USER, error_of};
 use serde_json::json;
 
 /// Form fields of a request.
@@ -57,21 +57,62 @@ async fn launch_serves_the_preview_with_its_env_then_relaunch_and_kill_leave_not
     let containers = app.containers();
     assert_eq!(containers.len(), 1, "{containers:?}");
     let first_id = containers[0].split(' ').next().unwrap().to_owned();
-    assert_eq!(docker_inspect(&first_id, "{{index .Config.Labels \"previewd.slug\"}} {{index .Config.Labels \"previewd.image\"}} {{index .Config.Labels \"previewd.managed\"}}"), "test demo true");
-    assert_eq!(docker_inspect(&first_id, "{{range $p, $b := .HostConfig.PortBindings}}{{$p}}={{(index $b 0).HostIp}}{{end}}"), "3000/tcp=127.0.0.1");
-    assert_eq!(docker_inspect(&first_id, "{{.HostConfig.SecurityOpt}} {{.HostConfig.RestartPolicy.Name}}"), "[no-new-privileges] unless-stopped", "restarts are on once the app answered");
-    assert_eq!(docker_inspect(&first_id, "{{.HostConfig.LogConfig.Type}} {{index .HostConfig.LogConfig.Config \"max-size\"}} {{index .HostConfig.LogConfig.Config \"max-file\"}}"), "json-file 10m 3");
+    assert_eq!(
+        docker_inspect(
+            &first_id,
+            "{{index .Config.Labels \"previewd.slug\"}} {{index .Config.Labels \"previewd.image\"}} {{index .Config.Labels \"previewd.managed\"}}"
+        ),
+        "test demo true"
+    );
+    assert_eq!(
+        docker_inspect(&first_id, "{{range $p, $b := .HostConfig.PortBindings}}{{$p}}={{(index $b 0).HostIp}}{{end}}"),
+        "3000/tcp=127.0.0.1"
+    );
+    assert_eq!(
+        docker_inspect(&first_id, "{{.HostConfig.SecurityOpt}} {{.HostConfig.RestartPolicy.Name}}"),
+        "[no-new-privileges] unless-stopped",
+        "restarts are on once the app answered"
+    );
+    assert_eq!(
+        docker_inspect(
+            &first_id,
+            "{{.HostConfig.LogConfig.Type}} {{index .HostConfig.LogConfig.Config \"max-size\"}} {{index .HostConfig.LogConfig.Config \"max-file\"}}"
+        ),
+        "json-file 10m 3"
+    );
     // The image's raw Docker create fields are merged in, under previewd's own.
-    assert_eq!(docker_inspect(&first_id, "{{.Config.Hostname}} {{.HostConfig.ShmSize}} {{index .Config.Labels \"team\"}}"), "preview-box 8388608 web");
-    assert_eq!(docker_inspect(&first_id, "{{.HostConfig.Memory}} {{.HostConfig.NanoCpus}} {{.HostConfig.PidsLimit}}"), "67108864 500000000 256");
+    assert_eq!(
+        docker_inspect(&first_id, "{{.Config.Hostname}} {{.HostConfig.ShmSize}} {{index .Config.Labels \"team\"}}"),
+        "preview-box 8388608 web"
+    );
+    assert_eq!(
+        docker_inspect(&first_id, "{{.HostConfig.Memory}} {{.HostConfig.NanoCpus}} {{.HostConfig.PidsLimit}}"),
+        "67108864 500000000 256"
+    );
 
-    let listed: serde_json::Value =
-        app.client.get(app.url("/api/previews")).basic_auth(USER, Some(PASSWORD)).send().await.unwrap().json().await.unwrap();
+    let listed: serde_json::Value = app
+        .client
+        .get(app.url("/api/previews"))
+        .basic_auth(USER, Some(PASSWORD))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
     assert_eq!(listed[0]["name"], "test");
     assert_eq!(listed[0]["routed"], true);
-    let one: serde_json::Value =
-        app.client.get(app.url("/api/previews/test")).basic_auth(USER, Some(PASSWORD)).send().await.unwrap().json().await.unwrap();
+    let one: serde_json::Value = app
+        .client
+        .get(app.url("/api/previews/test"))
+        .basic_auth(USER, Some(PASSWORD))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert!(one["container_id"].as_str().unwrap().starts_with(&first_id), "{one}");
 
     // Relaunch (JSON this time): a new container replaces the old one.
@@ -105,7 +146,10 @@ async fn launch_serves_the_preview_with_its_env_then_relaunch_and_kill_leave_not
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relaunch_switches_to_the_new_container_without_a_failed_request() {
     let app = Arc::new(TestApp::start().await);
-    assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "swap"), ("VERSION", "one")]).await.status(), 200);
+    assert_eq!(
+        app.launch(&[("image_name", "demo"), ("container_name", "swap"), ("VERSION", "one")]).await.status(),
+        200
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -172,10 +216,12 @@ async fn restart_restores_deleted_vhosts_removes_orphans_and_keeps_previews() {
     }
     app.stop().await;
     assert!(!nginx_alive(&app), "managed nginx stopped with previewd");
-    let containers: Vec<String> = app.containers().iter().filter_map(|line| line.split_whitespace().next().map(str::to_owned)).collect();
+    let containers: Vec<String> =
+        app.containers().iter().filter_map(|line| line.split_whitespace().next().map(str::to_owned)).collect();
     assert_eq!(containers.len(), 2, "previews keep running while previewd is down");
     // As if previewd had died between the app's first answer and setting the restart policy.
-    let update = std::process::Command::new("docker").args(["update", "--restart=no", &containers[0]]).output().unwrap();
+    let update =
+        std::process::Command::new("docker").args(["update", "--restart=no", &containers[0]]).output().unwrap();
     assert!(update.status.success(), "{update:?}");
 
     std::fs::remove_file(app.vhost_path("alpha")).unwrap();
@@ -190,7 +236,11 @@ async fn restart_restores_deleted_vhosts_removes_orphans_and_keeps_previews() {
         all_fresh_connections_see(&app, name, &format!("Preview: {name}"), 5).await;
     }
     for id in &containers {
-        assert_eq!(docker_inspect(id, "{{.HostConfig.RestartPolicy.Name}}"), "unless-stopped", "Docker keeps every live preview running");
+        assert_eq!(
+            docker_inspect(id, "{{.HostConfig.RestartPolicy.Name}}"),
+            "unless-stopped",
+            "Docker keeps every live preview running"
+        );
     }
     assert!(app.vhost_path("alpha").exists());
     assert!(!app.vhost_path("ghost").exists(), "orphan vhost removed");
@@ -268,10 +318,23 @@ async fn bad_requests_get_a_status_and_a_message_and_leave_nothing_behind() {
     let post = |path: &str| app.client.post(app.url(path)).basic_auth(USER, Some(PASSWORD));
 
     // Authentication.
-    let response = app.client.post(app.url("/launch")).form(&[("image_name", "demo"), ("container_name", "x")]).send().await.unwrap();
+    let response = app
+        .client
+        .post(app.url("/launch"))
+        .form(&[("image_name", "demo"), ("container_name", "x")])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.headers()["www-authenticate"], r#"Basic realm="previewd", charset="UTF-8""#);
     assert_eq!(error_of(response).await.0, 401);
-    let response = app.client.post(app.url("/launch")).basic_auth(USER, Some("wrong")).form(&[("image_name", "demo")]).send().await.unwrap();
+    let response = app
+        .client
+        .post(app.url("/launch"))
+        .basic_auth(USER, Some("wrong"))
+        .form(&[("image_name", "demo")])
+        .send()
+        .await
+        .unwrap();
     let (status, message) = error_of(response).await;
     assert_eq!((status, message.as_str()), (401, "wrong user name or password"));
     let response = app.client.get(app.url("/api/previews")).send().await.unwrap();
@@ -280,16 +343,32 @@ async fn bad_requests_get_a_status_and_a_message_and_leave_nothing_behind() {
     let form_cases: &[(Form, u16, &str)] = &[
         (&[("container_name", "x")], 400, "missing field `image_name`"),
         (&[("image_name", "demo")], 400, "missing field `container_name`"),
-        (&[("image_name", "nope"), ("container_name", "x")], 400, "allowed: chatty, crash, demo, missing, silent, slowcgi, unpullable"),
+        (
+            &[("image_name", "nope"), ("container_name", "x")],
+            400,
+            "allowed: chatty, crash, demo, missing, silent, slowcgi, unpullable",
+        ),
         (&[("image_name", "demo"), ("container_name", "///")], 400, "has no letters or digits"),
-        (&[("image_name", "demo"), ("container_name", "x"), ("BAD-NAME", "1")], 400, "\"BAD-NAME\" is not a valid environment variable name"),
+        (
+            &[("image_name", "demo"), ("container_name", "x"), ("BAD-NAME", "1")],
+            400,
+            "\"BAD-NAME\" is not a valid environment variable name",
+        ),
         (&[("image_name", "demo"), ("container_name", "x"), ("PREVIEW_URL", "1")], 400, "set by previewd"),
         (&[("image_name", "demo"), ("container_name", "x"), ("A", "1"), ("A", "2")], 400, "given more than once"),
         (&[("image_name", "demo"), ("container_name", "x"), ("A", "nul\0byte")], 400, "NUL byte"),
         (&[("image_name", "missing"), ("container_name", "x")], 422, "pull policy is `never`: build or load it first"),
-        (&[("image_name", "unpullable"), ("container_name", "x")], 422, "cannot pull image registry.invalid/previewd/none:1"),
+        (
+            &[("image_name", "unpullable"), ("container_name", "x")],
+            422,
+            "cannot pull image registry.invalid/previewd/none:1",
+        ),
         (&[("image_name", "crash"), ("container_name", "x")], 502, "exit code 3"),
-        (&[("image_name", "silent"), ("container_name", "x")], 504, "did not answer HTTP on container port 3000 at / within 2s"),
+        (
+            &[("image_name", "silent"), ("container_name", "x")],
+            504,
+            "did not answer HTTP on container port 3000 at / within 2s",
+        ),
     ];
     for (fields, expected_status, expected_message) in form_cases {
         let (status, message) = error_of(post("/launch").form(fields).send().await.unwrap()).await;
@@ -298,24 +377,53 @@ async fn bad_requests_get_a_status_and_a_message_and_leave_nothing_behind() {
     }
 
     // The container's last log lines come with a failed start.
-    let (_, message) = error_of(post("/launch").form(&[("image_name", "crash"), ("container_name", "x")]).send().await.unwrap()).await;
+    let (_, message) =
+        error_of(post("/launch").form(&[("image_name", "crash"), ("container_name", "x")]).send().await.unwrap()).await;
     assert!(message.contains("config file missing"), "{message}");
-    let (_, message) = error_of(post("/launch").form(&[("image_name", "silent"), ("container_name", "x")]).send().await.unwrap()).await;
+    let (_, message) =
+        error_of(post("/launch").form(&[("image_name", "silent"), ("container_name", "x")]).send().await.unwrap())
+            .await;
     assert!(message.contains("waiting forever"), "{message}");
 
     let body_cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
-        (post("/launch").header("content-type", "application/json").body("{\"image_name\": "), 400, "JSON body is not valid"),
-        (post("/launch").json(&json!({"image_name": "demo", "container_name": "x", "NESTED": {"a": 1}})), 400, "`NESTED` must be a string"),
+        (
+            post("/launch").header("content-type", "application/json").body("{\"image_name\": "),
+            400,
+            "JSON body is not valid",
+        ),
+        (
+            post("/launch").json(&json!({"image_name": "demo", "container_name": "x", "NESTED": {"a": 1}})),
+            400,
+            "`NESTED` must be a string",
+        ),
         (post("/launch").json(&json!(["demo"])), 400, "must be an object"),
         (post("/launch").header("content-type", "text/plain").body("image_name=demo"), 415, "unsupported Content-Type"),
-        (post("/launch").form(&[("image_name", "demo"), ("container_name", &"x".repeat(100_000))]), 413, "larger than 65536 bytes"),
+        (
+            post("/launch").form(&[("image_name", "demo"), ("container_name", &"x".repeat(100_000))]),
+            413,
+            "larger than 65536 bytes",
+        ),
         (post("/kill").form(&[("nothing", "here")]), 400, "missing field `container_name`"),
         (post("/kill").form(&[("container_name", "ghost")]), 404, "no preview named \"ghost\""),
-        (post("/kill").header("origin", "https://evil.example").form(&[("container_name", "ghost")]), 403, "cross-site requests are refused"),
-        (post("/launch").header("sec-fetch-site", "cross-site").form(&[("image_name", "demo"), ("container_name", "x")]), 403, "cross-site"),
+        (
+            post("/kill").header("origin", "https://evil.example").form(&[("container_name", "ghost")]),
+            403,
+            "cross-site requests are refused",
+        ),
+        (
+            post("/launch")
+                .header("sec-fetch-site", "cross-site")
+                .form(&[("image_name", "demo"), ("container_name", "x")]),
+            403,
+            "cross-site",
+        ),
         (post("/nowhere"), 404, "no route"),
         (app.client.get(app.url("/launch")).basic_auth(USER, Some(PASSWORD)), 405, "method not allowed"),
-        (app.client.get(app.url("/api/previews/ghost")).basic_auth(USER, Some(PASSWORD)), 404, "no preview named \"ghost\""),
+        (
+            app.client.get(app.url("/api/previews/ghost")).basic_auth(USER, Some(PASSWORD)),
+            404,
+            "no preview named \"ghost\"",
+        ),
     ];
     for (request, expected_status, expected_message) in body_cases {
         let (status, message) = error_of(request.send().await.unwrap()).await;
@@ -378,7 +486,14 @@ impl SystemNginx {
             ),
         )
         .unwrap();
-        let args = vec!["-p".into(), dir.display().to_string(), "-c".into(), conf.display().to_string(), "-e".into(), dir.join("error.log").display().to_string()];
+        let args = vec![
+            "-p".into(),
+            dir.display().to_string(),
+            "-c".into(),
+            conf.display().to_string(),
+            "-e".into(),
+            dir.join("error.log").display().to_string(),
+        ];
         let started = std::process::Command::new("nginx").args(&args).output().unwrap();
         assert!(started.status.success(), "{started:?}");
         let master = std::fs::read_to_string(dir.join("nginx.pid")).unwrap().trim().to_owned();
@@ -386,7 +501,8 @@ impl SystemNginx {
     }
 
     fn yaml_list(&self, head: &[&str]) -> String {
-        let items: Vec<String> = head.iter().map(|s| s.to_string()).chain(self.args.iter().cloned()).map(|s| format!("\"{s}\"")).collect();
+        let items: Vec<String> =
+            head.iter().map(|s| s.to_string()).chain(self.args.iter().cloned()).map(|s| format!("\"{s}\"")).collect();
         format!("[{}]", items.join(", "))
     }
 }
@@ -411,7 +527,8 @@ async fn unmanaged_mode_drives_an_existing_nginx_through_its_commands_and_pid_fi
         test = system.yaml_list(&["nginx", "-t"]),
         reload = system.yaml_list(&["nginx", "-s", "reload"]),
     );
-    let yaml = common::config_yaml(&instance, dir.path(), nginx_port, &Options::default()).replace("  managed: true\n", &unmanaged);
+    let yaml = common::config_yaml(&instance, dir.path(), nginx_port, &Options::default())
+        .replace("  managed: true\n", &unmanaged);
     let mut app = TestApp::start_from(dir, instance, nginx_port, yaml).await;
 
     assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "sys")]).await.status(), 200);
@@ -445,7 +562,15 @@ async fn a_container_docker_restarts_on_a_new_port_is_routed_again() {
     let created = std::process::Command::new("docker")
         .args(["run", "-d", "-p", "127.0.0.1::3000", "--label", "previewd.managed=true"])
         .args(["--label", &format!("previewd.instance={}", app.instance), "--label", "previewd.slug=bounce"])
-        .args(["--label", "previewd.image=demo", "--label", "previewd.port=3000", "-e", "PREVIEW_NAME=bounce", common::DEMO_IMAGE])
+        .args([
+            "--label",
+            "previewd.image=demo",
+            "--label",
+            "previewd.port=3000",
+            "-e",
+            "PREVIEW_NAME=bounce",
+            common::DEMO_IMAGE,
+        ])
         .args(["/bin/busybox", "httpd", "-f", "-p", "3000", "-h", "/www"])
         .output()
         .unwrap();
@@ -535,7 +660,8 @@ async fn operations_on_one_name_are_serialized() {
     assert!(env.lines().any(|l| l == "RUN=a" || l == "RUN=b"), "{env}");
 
     // Whichever of a launch and a kill gets the name first, the other sees its whole result.
-    let (launch, kill) = tokio::join!(app.launch(&[("image_name", "demo"), ("container_name", "same")]), app.kill("same"));
+    let (launch, kill) =
+        tokio::join!(app.launch(&[("image_name", "demo"), ("container_name", "same")]), app.kill("same"));
     assert_eq!((launch.status().as_u16(), kill.status().as_u16()), (200, 200));
     let containers = app.containers();
     match containers.len() {
@@ -597,10 +723,24 @@ async fn a_container_being_removed_or_gone_is_not_an_error() {
     let instance = common::unique_instance();
     let no_nginx = tempfile::tempdir().unwrap();
     let _cleanup = common::Cleanup { instance: instance.clone(), pid_file: no_nginx.path().join("nginx.pid") };
-    let runtime = previewd::docker::Runtime::connect(previewd::preview::InstanceName::parse(&instance).unwrap()).await.unwrap();
+    let runtime =
+        previewd::docker::Runtime::connect(previewd::preview::InstanceName::parse(&instance).unwrap()).await.unwrap();
     let run = || {
         let output = std::process::Command::new("docker")
-            .args(["run", "-d", "--label", &format!("previewd.instance={instance}"), common::DEMO_IMAGE, "/bin/busybox", "httpd", "-f", "-p", "3000", "-h", "/www"])
+            .args([
+                "run",
+                "-d",
+                "--label",
+                &format!("previewd.instance={instance}"),
+                common::DEMO_IMAGE,
+                "/bin/busybox",
+                "httpd",
+                "-f",
+                "-p",
+                "3000",
+                "-h",
+                "/www",
+            ])
             .output()
             .unwrap();
         assert!(output.status.success(), "{output:?}");
@@ -638,6 +778,7 @@ async fn a_preview_whose_container_is_removed_behind_previewds_back_loses_its_ro
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(matches!(app.via_nginx("bystander", "/").await, Ok((200, _))), "the other preview is untouched");
-    let response = app.client.get(app.url("/api/previews/doomed")).basic_auth(USER, Some(PASSWORD)).send().await.unwrap();
+    let response =
+        app.client.get(app.url("/api/previews/doomed")).basic_auth(USER, Some(PASSWORD)).send().await.unwrap();
     assert_eq!(response.status(), 404);
 }

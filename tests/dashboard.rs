@@ -31,7 +31,8 @@ const PR_SHA: &str = "ec26c3e57ca3a959ca5aad62de7213c562f8c821";
 /// A program on PATH (or in the usual Debian place), or a failure that says how to get it.
 fn require_program(names: &[&str]) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    let dirs: Vec<PathBuf> = std::env::split_paths(&path).chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/lib/chromium")]).collect();
+    let dirs: Vec<PathBuf> =
+        std::env::split_paths(&path).chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/lib/chromium")]).collect();
     for name in names {
         for dir in &dirs {
             let candidate = dir.join(name);
@@ -40,7 +41,10 @@ fn require_program(names: &[&str]) -> PathBuf {
             }
         }
     }
-    panic!("{} not found: the dashboard test needs Debian's chromium and chromium-driver; run scripts/setup.sh", names.join(" / "));
+    panic!(
+        "{} not found: the dashboard test needs Debian's chromium and chromium-driver; run scripts/setup.sh",
+        names.join(" / ")
+    );
 }
 
 fn artifacts_dir() -> PathBuf {
@@ -87,10 +91,20 @@ impl Browser {
         capabilities.insert("unhandledPromptBehavior".into(), json!("ignore"));
         capabilities.insert("timeouts".into(), json!({"pageLoad": 30_000, "script": 30_000, "implicit": 0}));
         let mut args: Vec<String> = [
-            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            "--no-first-run", "--no-default-browser-check", "--disable-extensions",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--disable-default-apps", "--no-proxy-server", "--hide-scrollbars", "--force-color-profile=srgb",
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--disable-extensions",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-default-apps",
+            "--no-proxy-server",
+            "--hide-scrollbars",
+            "--force-color-profile=srgb",
             "--lang=en-US",
         ]
         .map(String::from)
@@ -219,7 +233,11 @@ async fn launch_pull_request_preview(app: &TestApp) {
         name: Slug::parse(PR_PREVIEW).unwrap(),
         container_name: "feature/greeting".to_owned(),
         env: BTreeMap::new(),
-        origin: Some(PullRequestOrigin { repo: "Codertocat/Hello-World".to_owned(), number: 2, sha: PR_SHA.to_owned() }),
+        origin: Some(PullRequestOrigin {
+            repo: "Codertocat/Hello-World".to_owned(),
+            number: 2,
+            sha: PR_SHA.to_owned(),
+        }),
     };
     app.lifecycle.as_ref().unwrap().launch(request).await.expect("the pull-request preview starts");
 }
@@ -243,7 +261,10 @@ async fn dashboard_lists_previews_in_chromium_and_its_buttons_relaunch_and_kill_
     assert_eq!(header("content-type"), "text/html; charset=utf-8");
     assert_eq!(header("cache-control"), "no-store");
     let csp = header("content-security-policy");
-    assert!(csp.starts_with("default-src 'none'") && csp.contains("connect-src 'self'") && csp.contains("'nonce-"), "{csp}");
+    assert!(
+        csp.starts_with("default-src 'none'") && csp.contains("connect-src 'self'") && csp.contains("'nonce-"),
+        "{csp}"
+    );
     let body = page.text().await.unwrap();
     let nonce = csp.split("'nonce-").nth(1).and_then(|rest| rest.split('\'').next()).unwrap();
     assert!(body.contains(&format!(r#"<script nonce="{nonce}">"#)), "the inline script carries this response's nonce");
@@ -253,9 +274,17 @@ async fn dashboard_lists_previews_in_chromium_and_its_buttons_relaunch_and_kill_
     let shot = tokio::time::timeout(TEST_BUDGET, async {
         let client = dark.client();
         client.goto(&format!("http://{USER}:{PASSWORD}@{}/", app.api)).await.expect("open the dashboard");
-        client.wait().at_most(WAIT).for_element(Locator::Css(r#"tr[data-name="test"]"#)).await.expect("the preview's row");
+        client
+            .wait()
+            .at_most(WAIT)
+            .for_element(Locator::Css(r#"tr[data-name="test"]"#))
+            .await
+            .expect("the preview's row");
         let background = client.find(Locator::Css("body")).await.unwrap().css_value("background-color").await.unwrap();
-        assert!(background.starts_with("rgb(13, 17, 23") || background.starts_with("rgba(13, 17, 23"), "the dark palette applies: {background}");
+        assert!(
+            background.starts_with("rgb(13, 17, 23") || background.starts_with("rgba(13, 17, 23"),
+            "the dark palette applies: {background}"
+        );
         screenshot(client, DESKTOP, "dashboard-dark.png").await;
     })
     .await;
@@ -298,9 +327,13 @@ async fn drive_the_dashboard(app: &TestApp, client: &Client, preview_url: &str) 
 
     // The pull request's preview links to the PR and its commit.
     let pr_row = client.find(Locator::Css(&format!(r#"tr[data-name="{PR_PREVIEW}"]"#))).await.unwrap();
-    let pr_link = pr_row.find(Locator::Css(r#"a[href="https://github.com/Codertocat/Hello-World/pull/2"]"#)).await.unwrap();
+    let pr_link =
+        pr_row.find(Locator::Css(r#"a[href="https://github.com/Codertocat/Hello-World/pull/2"]"#)).await.unwrap();
     assert!(pr_link.text().await.unwrap().contains("Codertocat/Hello-World #2"));
-    let commit = pr_row.find(Locator::Css(&format!(r#"a[href="https://github.com/Codertocat/Hello-World/commit/{PR_SHA}"]"#))).await.unwrap();
+    let commit = pr_row
+        .find(Locator::Css(&format!(r#"a[href="https://github.com/Codertocat/Hello-World/commit/{PR_SHA}"]"#)))
+        .await
+        .unwrap();
     assert_eq!(commit.text().await.unwrap(), &PR_SHA[..7]);
 
     // The inline style applied under the CSP (a blocked <style> would leave the badge unstyled).
@@ -344,7 +377,10 @@ async fn drive_the_dashboard(app: &TestApp, client: &Client, preview_url: &str) 
 
     // Kill, with its confirmation: the row goes, and so does the container.
     click_and_confirm(client, "test", "kill", "Kill preview \"test\"").await;
-    eventually("the killed preview to leave the page", || async { (row_count(client, "test").await == 0).then_some(()) }).await;
+    eventually("the killed preview to leave the page", || async {
+        (row_count(client, "test").await == 0).then_some(())
+    })
+    .await;
     assert_eq!(flash_text(client).await, "Removed test.");
     assert_eq!(row_count(client, PR_PREVIEW).await, 1, "the other preview stays");
     let remaining = app.containers();
@@ -352,7 +388,13 @@ async fn drive_the_dashboard(app: &TestApp, client: &Client, preview_url: &str) 
     assert!(!app.vhost_path("test").exists(), "the killed preview's vhost is gone");
 
     // Dismissing the confirmation changes nothing.
-    client.find(Locator::Css(&format!(r#"tr[data-name="{PR_PREVIEW}"] button[data-action="kill"]"#))).await.unwrap().click().await.unwrap();
+    client
+        .find(Locator::Css(&format!(r#"tr[data-name="{PR_PREVIEW}"] button[data-action="kill"]"#)))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     eventually("the confirm dialog", || async { client.get_alert_text().await.ok() }).await;
     client.dismiss_alert().await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -363,7 +405,8 @@ async fn drive_the_dashboard(app: &TestApp, client: &Client, preview_url: &str) 
     assert_eq!(app.kill(PR_PREVIEW).await.status(), 200);
     click_and_confirm(client, PR_PREVIEW, "kill", PR_PREVIEW).await;
     let error = eventually("the error in the row", || async {
-        let message = client.find(Locator::Css(&format!(r#"tr[data-name="{PR_PREVIEW}"] .row-msg.error"#))).await.ok()?;
+        let message =
+            client.find(Locator::Css(&format!(r#"tr[data-name="{PR_PREVIEW}"] .row-msg.error"#))).await.ok()?;
         message.text().await.ok().filter(|text| !text.is_empty())
     })
     .await;
@@ -382,7 +425,10 @@ async fn drive_the_dashboard(app: &TestApp, client: &Client, preview_url: &str) 
     assert_eq!(flash_text(client).await, "", "a refresh clears the old message");
     let origin = format!("http://{}", app.api);
     // The example names the first configured image (the test config sorts "chatty" first).
-    assert!(empty.contains(&format!("curl --user {USER} -d 'image_name=chatty&container_name=my-branch' {origin}/launch")), "{empty}");
+    assert!(
+        empty.contains(&format!("curl --user {USER} -d 'image_name=chatty&container_name=my-branch' {origin}/launch")),
+        "{empty}"
+    );
     assert!(empty.contains("Images you can launch: chatty crash demo missing silent slowcgi unpullable"), "{empty}");
     screenshot(client, DESKTOP, "dashboard-empty.png").await;
 }

@@ -116,7 +116,13 @@ async fn kill_9_at_twenty_moments_always_converges_after_a_restart() {
     let setup = common::BinaryConfig::new();
     let _cleanup = setup.cleanup();
     let config = setup.path.clone();
-    let drill = Drill { instance: setup.instance.clone(), nginx_port: setup.nginx_port, api: setup.api.clone(), client: common::client(), dir: setup.dir };
+    let drill = Drill {
+        instance: setup.instance.clone(),
+        nginx_port: setup.nginx_port,
+        api: setup.api.clone(),
+        client: common::client(),
+        dir: setup.dir,
+    };
 
     let mut daemon = Daemon::start(&config, &drill.dir.path().join("daemon.log"));
     daemon.wait_until_healthy(&drill.client, &drill.api).await;
@@ -129,7 +135,11 @@ async fn kill_9_at_twenty_moments_always_converges_after_a_restart() {
             1 => ("/launch", "drill-keep".to_owned()),
             _ => ("/kill", format!("drill-{}", round - 2)),
         };
-        let request = drill.client.post(format!("{}{path}", drill.api)).basic_auth(USER, Some(PASSWORD)).form(&[("image_name", "demo"), ("container_name", name.as_str())]);
+        let request = drill
+            .client
+            .post(format!("{}{path}", drill.api))
+            .basic_auth(USER, Some(PASSWORD))
+            .form(&[("image_name", "demo"), ("container_name", name.as_str())]);
         let in_flight = tokio::spawn(request.send());
         tokio::time::sleep(delay).await;
         daemon.child.kill().unwrap();
@@ -142,7 +152,10 @@ async fn kill_9_at_twenty_moments_always_converges_after_a_restart() {
         loop {
             match drill.unconverged().await {
                 None => break,
-                Some(why) => assert!(restarted.elapsed() < CONVERGE, "round {round} ({path} {name}, killed after {delay:?}): {why}"),
+                Some(why) => assert!(
+                    restarted.elapsed() < CONVERGE,
+                    "round {round} ({path} {name}, killed after {delay:?}): {why}"
+                ),
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -175,7 +188,8 @@ async fn a_killed_managed_nginx_is_started_again_and_serves_the_previews() {
     let deadline = Instant::now() + CONVERGE;
     let new_master_live = || {
         let pid = std::fs::read_to_string(&pid_file).unwrap_or_default().trim().to_owned();
-        pid != master && std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with("nginx: master"))
+        pid != master
+            && std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with("nginx: master"))
     };
     while !new_master_live() || !matches!(app.via_nginx("survivor", "/").await, Ok((200, _))) {
         assert!(Instant::now() < deadline, "the managed nginx was not started again");
@@ -183,7 +197,9 @@ async fn a_killed_managed_nginx_is_started_again_and_serves_the_previews() {
     }
     let health: serde_json::Value = app.client.get(app.url("/healthz")).send().await.unwrap().json().await.unwrap();
     assert_eq!(health["nginx"]["ok"], true, "{health}");
-    let alive = |pid: &String| std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with("nginx: worker"));
+    let alive = |pid: &String| {
+        std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with("nginx: worker"))
+    };
     assert!(!old_workers.iter().any(alive), "the dead master's workers are stopped: {old_workers:?}");
     // A launch after the restart is routed and served too.
     assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "after")]).await.status(), 200);

@@ -94,7 +94,13 @@ fn nginx_accepts_the_vhosts_of_hostile_names() {
         let text = hostile_text().new_tree(&mut runner).unwrap().current();
         let Ok(slug) = Slug::slugify(&text) else { continue };
         let host = domain.host_for(&slug);
-        let vhost = Vhost { instance: &instance, slug: &slug, host: &host, listen: ([127, 0, 0, 1], 8080).into(), upstream_port: 1024 + round % 60000 };
+        let vhost = Vhost {
+            instance: &instance,
+            slug: &slug,
+            host: &host,
+            listen: ([127, 0, 0, 1], 8080).into(),
+            upstream_port: 1024 + round % 60000,
+        };
         std::fs::write(sites.join(format!("{slug}.conf")), template.render(&vhost).unwrap()).unwrap();
         written += 1;
     }
@@ -118,5 +124,9 @@ fn nginx_accepts_the_vhosts_of_hostile_names() {
         .arg(dir.path().join("error.log"))
         .output()
         .expect("nginx is installed by scripts/setup.sh");
-    assert!(output.status.success(), "nginx -t failed on {written} vhosts: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "nginx -t failed on {written} vhosts: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

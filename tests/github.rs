@@ -147,8 +147,20 @@ async fn an_opened_pull_request_gets_a_preview_a_comment_and_a_successful_deploy
     assert_eq!(statuses.iter().map(|s| s.state.as_str()).collect::<Vec<_>>(), ["in_progress", "success"]);
     assert_eq!(statuses[1].environment_url.as_deref(), Some(url.as_str()));
 
-    let listed: Value = gh.client.get(gh.app.url("/api/previews/hello-world-pr-2")).basic_auth(USER, Some(PASSWORD)).send().await.unwrap().json().await.unwrap();
-    assert_eq!((listed["repo"].as_str(), listed["pr"].as_u64(), listed["sha"].as_str()), (Some(REPO), Some(2), Some(HEAD)));
+    let listed: Value = gh
+        .client
+        .get(gh.app.url("/api/previews/hello-world-pr-2"))
+        .basic_auth(USER, Some(PASSWORD))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (listed["repo"].as_str(), listed["pr"].as_u64(), listed["sha"].as_str()),
+        (Some(REPO), Some(2), Some(HEAD))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -239,7 +251,12 @@ async fn bad_or_missing_signatures_and_malformed_deliveries_do_nothing() {
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(gh.app.containers().is_empty());
-    let posted: Vec<_> = gh.github.calls().into_iter().filter(|c| !(c.method == "GET" && c.path.contains("/pulls?state=open"))).collect();
+    let posted: Vec<_> = gh
+        .github
+        .calls()
+        .into_iter()
+        .filter(|c| !(c.method == "GET" && c.path.contains("/pulls?state=open")))
+        .collect();
     assert!(posted.is_empty(), "nothing but the sync's reading of open pull requests reached GitHub: {posted:?}");
 }
 
@@ -261,7 +278,9 @@ async fn a_redelivery_is_acknowledged_and_ignored_and_a_current_preview_is_left_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forks_are_refused_unless_allowed_and_drafts_wait_for_review() {
-    let repos = format!("    {REPO}:\n      image: demo\n    Codertocat/Open-Source:\n      image: demo\n      allow_forks: true\n      name: \"oss-{{{{ number }}}}\"\n");
+    let repos = format!(
+        "    {REPO}:\n      image: demo\n    Codertocat/Open-Source:\n      image: demo\n      allow_forks: true\n      name: \"oss-{{{{ number }}}}\"\n"
+    );
     let gh = GitHubApp::start(&repos, "").await;
 
     let (status, body) = gh.send_pr(opened().fork(true)).await;
@@ -271,7 +290,9 @@ async fn forks_are_refused_unless_allowed_and_drafts_wait_for_review() {
     let (status, body) = gh.send_pr(opened().repo("Codertocat/Open-Source").fork(true).number(7)).await;
     assert_eq!((status, body["preview"].as_str()), (202, Some("oss-7")), "{body}");
     gh.github
-        .wait_for("the fork's preview", WAIT, |github| github.comments("Codertocat/Open-Source", 7).iter().any(|c| c.body.contains("is live at")).then_some(()))
+        .wait_for("the fork's preview", WAIT, |github| {
+            github.comments("Codertocat/Open-Source", 7).iter().any(|c| c.body.contains("is live at")).then_some(())
+        })
         .await;
     assert_eq!(gh.app.via_nginx("oss-7", "/").await.unwrap().0, 200);
     assert!(gh.github.comments(REPO, 2).is_empty(), "nothing is said on the refused fork's PR");
@@ -289,7 +310,11 @@ async fn forks_are_refused_unless_allowed_and_drafts_wait_for_review() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gate_label_adds_and_removes_the_preview() {
-    let gh = GitHubApp::start(&format!("    {REPO}:\n      image: demo\n      label: staging\n      name: \"{{{{ branch }}}}\"\n"), "").await;
+    let gh = GitHubApp::start(
+        &format!("    {REPO}:\n      image: demo\n      label: staging\n      name: \"{{{{ branch }}}}\"\n"),
+        "",
+    )
+    .await;
     let branch = "Feature/Ünïcode & spaces";
     let (status, body) = gh.send_pr(opened().branch(branch)).await;
     assert_eq!((status, body["desired"].as_str()), (202, Some("absent")), "no label, no preview: {body}");
@@ -341,9 +366,11 @@ async fn a_flood_of_deliveries_for_one_pull_request_queues_one_run() {
     let body = opened().body();
     // Each a delivery of its own (GitHub redelivers, or a bot keeps editing the pull request).
     let floods = (0..40).map(|_| gh.send("pull_request", &body));
-    let statuses: Vec<u16> = futures_util::future::join_all(floods).await.into_iter().map(|(status, _)| status).collect();
+    let statuses: Vec<u16> =
+        futures_util::future::join_all(floods).await.into_iter().map(|(status, _)| status).collect();
     assert!(statuses.iter().all(|s| *s == 202), "{statuses:?}");
-    let runs = |metrics: &str| metrics.lines().find_map(|l| l.strip_prefix("previewd_pull_request_runs ")).map(str::to_owned);
+    let runs =
+        |metrics: &str| metrics.lines().find_map(|l| l.strip_prefix("previewd_pull_request_runs ")).map(str::to_owned);
     let metrics = gh.client.get(gh.app.url("/metrics")).send().await.unwrap().text().await.unwrap();
     let queued: u64 = runs(&metrics).expect("the runs gauge").parse().unwrap();
     assert!(queued <= 2, "one run may be running and one waiting, not {queued}");
@@ -379,7 +406,10 @@ async fn github_outages_delay_the_feedback_but_never_the_preview() {
     assert_eq!(deployments.len(), 1);
     assert_eq!(gh.statuses(deployments[0].id), ["in_progress", "success"], "order holds through the retries");
     let metrics = gh.client.get(gh.app.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    let failed = metrics.lines().find_map(|l| l.strip_prefix("previewd_github_api_calls_total{result=\"failure\"} ")).unwrap_or("0");
+    let failed = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("previewd_github_api_calls_total{result=\"failure\"} "))
+        .unwrap_or("0");
     assert!(failed.parse::<u64>().unwrap() >= 3, "the outage and the two 502s are counted: {metrics}");
     assert!(metrics.contains("previewd_github_api_calls_total{result=\"success\"}"), "{metrics}");
 }
@@ -396,7 +426,10 @@ async fn a_slow_github_delays_the_feedback_but_never_the_preview() {
         assert!(sent.elapsed() < Duration::from_secs(8), "the preview must not wait for the slow GitHub");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(gh.github.deployments(REPO).iter().all(|d| gh.statuses(d.id).len() < 2), "the preview is up before its feedback is through");
+    assert!(
+        gh.github.deployments(REPO).iter().all(|d| gh.statuses(d.id).len() < 2),
+        "the preview is up before its feedback is through"
+    );
     let comments = gh.comment_saying(2, "is live at").await;
     assert_eq!(comments.len(), 1);
     let deployments = gh.github.deployments(REPO);
@@ -406,7 +439,9 @@ async fn a_slow_github_delays_the_feedback_but_never_the_preview() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn github_tokens_with_push_access_may_use_the_api_and_stager_hook_credentials_work() {
-    let repos = format!("    {REPO}:\n      image: demo\n    Codertocat/Secret:\n      image: demo\n      name: \"secret-{{{{ number }}}}\"\n");
+    let repos = format!(
+        "    {REPO}:\n      image: demo\n    Codertocat/Secret:\n      image: demo\n      name: \"secret-{{{{ number }}}}\"\n"
+    );
     let gh = GitHubApp::start(&repos, "  api_auth: true\n  webhook_basic_auth: true\n").await;
     gh.github.add_token("alice-token", "alice");
     gh.github.add_token("bob-token", "bob");
@@ -414,13 +449,20 @@ async fn github_tokens_with_push_access_may_use_the_api_and_stager_hook_credenti
     gh.github.set_permission(REPO, "bob", "read");
     gh.github.set_permission("Codertocat/Secret", "alice", "none");
     let launch = |token: &str| {
-        gh.client.post(gh.app.url("/launch")).bearer_auth(token).form(&[("image_name", "demo"), ("container_name", "by-token")]).send()
+        gh.client
+            .post(gh.app.url("/launch"))
+            .bearer_auth(token)
+            .form(&[("image_name", "demo"), ("container_name", "by-token")])
+            .send()
     };
     assert_eq!(launch("alice-token").await.unwrap().status(), 200);
     let refused = launch("bob-token").await.unwrap();
     assert_eq!(refused.status(), 403);
     let message: Value = refused.json().await.unwrap();
-    assert!(message["error"].as_str().unwrap().contains("bob has no push access to Codertocat/Hello-World"), "{message}");
+    assert!(
+        message["error"].as_str().unwrap().contains("bob has no push access to Codertocat/Hello-World"),
+        "{message}"
+    );
     assert_eq!(launch("no-such-token").await.unwrap().status(), 401);
     // A preview of a repository alice cannot push to stays invisible to her.
     let secret_pr = opened().repo("Codertocat/Secret").number(9).body();
@@ -429,16 +471,43 @@ async fn github_tokens_with_push_access_may_use_the_api_and_stager_hook_credenti
     let response = gh.send_with_basic_auth("/webhooks/github", "secret-9", &secret_pr).await;
     assert_eq!(response.status(), 202);
     gh.github
-        .wait_for("the secret preview", WAIT, |github| github.comments("Codertocat/Secret", 9).iter().any(|c| c.body.contains("is live at")).then_some(()))
+        .wait_for("the secret preview", WAIT, |github| {
+            github.comments("Codertocat/Secret", 9).iter().any(|c| c.body.contains("is live at")).then_some(())
+        })
         .await;
-    let listed: Value = gh.client.get(gh.app.url("/api/previews")).bearer_auth("alice-token").send().await.unwrap().json().await.unwrap();
+    let listed: Value = gh
+        .client
+        .get(gh.app.url("/api/previews"))
+        .bearer_auth("alice-token")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let names: Vec<&str> = listed.as_array().unwrap().iter().filter_map(|p| p["name"].as_str()).collect();
     assert_eq!(names, ["by-token"], "{listed}");
     let hidden = gh.client.get(gh.app.url("/api/previews/secret-9")).bearer_auth("alice-token").send().await.unwrap();
     assert_eq!(hidden.status(), 404);
-    let all: Value = gh.client.get(gh.app.url("/api/previews")).basic_auth(USER, Some(PASSWORD)).send().await.unwrap().json().await.unwrap();
+    let all: Value = gh
+        .client
+        .get(gh.app.url("/api/previews"))
+        .basic_auth(USER, Some(PASSWORD))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(all.as_array().unwrap().len(), 2, "Basic users see everything: {all}");
-    let killed = gh.client.post(gh.app.url("/kill")).bearer_auth("bob-token").form(&[("container_name", "by-token")]).send().await.unwrap();
+    let killed = gh
+        .client
+        .post(gh.app.url("/kill"))
+        .bearer_auth("bob-token")
+        .form(&[("container_name", "by-token")])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(killed.status(), 403);
 
     // Stager's hook URL carried Basic credentials: with webhook_basic_auth they are required.
@@ -472,15 +541,24 @@ async fn image_tag_picks_the_pull_requests_image_and_a_failed_launch_is_reported
     let started = std::time::Instant::now();
     let (status, _) = gh.send_pr(opened().number(41)).await;
     assert_eq!(status, 202);
-    assert!(started.elapsed() < Duration::from_secs(1), "the webhook answers without waiting for the launch: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the webhook answers without waiting for the launch: {:?}",
+        started.elapsed()
+    );
     gh.comment_saying(41, "is live at").await;
     let id = gh.app.containers()[0].split(' ').next().unwrap().to_owned();
-    let image = std::process::Command::new("docker").args(["inspect", "--format", "{{.Config.Image}}", &id]).output().unwrap();
+    let image =
+        std::process::Command::new("docker").args(["inspect", "--format", "{{.Config.Image}}", &id]).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&image.stdout).trim(), tagged.0);
 
     assert_eq!(gh.send_pr(opened().number(42)).await.0, 202);
     let comments = gh.comment_saying(42, "failed for commit").await;
-    assert!(comments[0].body.contains(&format!("previewd-demo:pr-42{suffix}")), "the reason names the image: {}", comments[0].body);
+    assert!(
+        comments[0].body.contains(&format!("previewd-demo:pr-42{suffix}")),
+        "the reason names the image: {}",
+        comments[0].body
+    );
     let deployment = gh.github.deployments(REPO).into_iter().find(|d| d.environment == "hello-world-pr-42").unwrap();
     let statuses = gh.github.statuses(REPO, deployment.id);
     assert_eq!(statuses.iter().map(|s| s.state.as_str()).collect::<Vec<_>>(), ["in_progress", "failure"]);
@@ -501,7 +579,8 @@ async fn a_late_delivery_of_an_older_state_is_dropped() {
     let closed = updated_at(PrEvent::new("closed"), "2030-01-01T10:00:05Z");
     let (status, body) = gh.send_pr(closed).await;
     assert_eq!((status, body["desired"].as_str()), (202, Some("absent")), "{body}");
-    let late = updated_at(PrEvent::new("synchronize").sha("2222222222222222222222222222222222222222"), "2030-01-01T10:00:01Z");
+    let late =
+        updated_at(PrEvent::new("synchronize").sha("2222222222222222222222222222222222222222"), "2030-01-01T10:00:01Z");
     let (status, body) = gh.send_pr(late).await;
     assert_eq!((status, body["status"].as_str()), (200, Some("stale")), "{body}");
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -185,7 +185,10 @@ fn install_sh_installs_everything_once_and_keeps_an_edited_config() {
     // The installed config names the template beside it, whatever the root.
     let shipped = read(&repo("systemd/config.production.yml"));
     let config = read(&etc.join("config.yml"));
-    assert_eq!(config, replace(&shipped, "  template: ../templates/vhost.conf.tera\n", "  template: vhost.conf.tera\n", 1));
+    assert_eq!(
+        config,
+        replace(&shipped, "  template: ../templates/vhost.conf.tera\n", "  template: vhost.conf.tera\n", 1)
+    );
     let nginx = root.join("etc/nginx");
     assert_eq!(read(&nginx.join("conf.d/previewd.conf")), read(&repo("systemd/nginx/previewd-http.conf")));
     for name in ["previewd-wildcard.conf", "previewd-wildcard-tls.conf"] {
@@ -193,7 +196,10 @@ fn install_sh_installs_everything_once_and_keeps_an_edited_config() {
     }
     // Plain HTTP is enabled, TLS (which needs a certificate first) is not.
     let enabled = nginx.join("sites-enabled");
-    assert_eq!(std::fs::read_link(enabled.join("previewd-wildcard.conf")).unwrap(), Path::new("../sites-available/previewd-wildcard.conf"));
+    assert_eq!(
+        std::fs::read_link(enabled.join("previewd-wildcard.conf")).unwrap(),
+        Path::new("../sites-available/previewd-wildcard.conf")
+    );
     assert_eq!(read(&enabled.join("previewd-wildcard.conf")), read(&repo("systemd/nginx/previewd-wildcard.conf")));
     assert!(!enabled.join("previewd-wildcard-tls.conf").exists());
     assert_eq!(mode(&root.join("var/lib/previewd")), 0o750);
@@ -210,9 +216,16 @@ fn install_sh_installs_everything_once_and_keeps_an_edited_config() {
     let edited = config.replace("base_domain: preview.example.com", "base_domain: pr.acme.test");
     std::fs::write(etc.join("config.yml"), &edited).unwrap();
     std::fs::remove_file(enabled.join("previewd-wildcard.conf")).unwrap();
-    std::os::unix::fs::symlink("../sites-available/previewd-wildcard-tls.conf", enabled.join("previewd-wildcard-tls.conf")).unwrap();
+    std::os::unix::fs::symlink(
+        "../sites-available/previewd-wildcard-tls.conf",
+        enabled.join("previewd-wildcard-tls.conf"),
+    )
+    .unwrap();
     let output = install(root, &[]);
-    assert!(output.contains("kept your /etc/previewd/config.yml; the shipped version is /etc/previewd/config.yml.new"), "{output}");
+    assert!(
+        output.contains("kept your /etc/previewd/config.yml; the shipped version is /etc/previewd/config.yml.new"),
+        "{output}"
+    );
     assert_eq!(read(&etc.join("config.yml")), edited);
     assert_eq!(read(&etc.join("config.yml.new")), config);
     assert!(!enabled.join("previewd-wildcard.conf").exists(), "a disabled site stays disabled");
@@ -252,7 +265,10 @@ fn the_production_config_passes_check_config_in_the_repo_and_installed() {
     let output = run(Command::new(BIN).args(["check-config", "--config"]).arg(&config).env_clear());
     assert!(output.status.success(), "{}", text(&output));
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(stdout.contains("OK (instance default, 1 image(s), 1 user(s), previews at *.preview.example.com)"), "{stdout}");
+    assert!(
+        stdout.contains("OK (instance default, 1 image(s), 1 user(s), previews at *.preview.example.com)"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -305,7 +321,9 @@ impl TestNginx {
         let (instance, slug) = (InstanceName::parse("default").unwrap(), Slug::parse(preview).unwrap());
         let host = BaseDomain::parse(BASE_DOMAIN).unwrap().host_for(&slug);
         let listen = ([0, 0, 0, 0], if tls { tls_port } else { http_port }).into();
-        let vhost = template.render(&Vhost { instance: &instance, slug: &slug, host: &host, listen, upstream_port: app_port }).unwrap();
+        let vhost = template
+            .render(&Vhost { instance: &instance, slug: &slug, host: &host, listen, upstream_port: app_port })
+            .unwrap();
         std::fs::write(sites.join(format!("previewd.default.{preview}.conf")), vhost).unwrap();
 
         let d = dir.path().display();
@@ -313,7 +331,11 @@ impl TestNginx {
             .iter()
             .map(|kind| format!("    {kind}_temp_path {d}/tmp-{kind};\n"))
             .collect();
-        let http_conf = if with_http_conf { format!("    include {}/etc/nginx/conf.d/*.conf;\n", root.display()) } else { String::new() };
+        let http_conf = if with_http_conf {
+            format!("    include {}/etc/nginx/conf.d/*.conf;\n", root.display())
+        } else {
+            String::new()
+        };
         let conf = format!(
             "pid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{}}\nhttp {{\n    access_log off;\n{temp_paths}{http_conf}    include {}/*;\n}}\n",
             sites.display()
@@ -324,7 +346,14 @@ impl TestNginx {
 
     fn nginx(&self, args: &[&str]) -> Output {
         let d = self.dir.path();
-        run(Command::new("nginx").args(args).arg("-p").arg(d).arg("-c").arg(d.join("nginx.conf")).arg("-e").arg(d.join("error.log")))
+        run(Command::new("nginx")
+            .args(args)
+            .arg("-p")
+            .arg(d)
+            .arg("-c")
+            .arg(d.join("nginx.conf"))
+            .arg("-e")
+            .arg(d.join("error.log")))
     }
 
     fn start(&mut self) {
@@ -369,7 +398,12 @@ fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let output = run(Command::new("openssl")
         .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
-        .args(["-subj", "/CN=preview.example.com", "-addext", "subjectAltName=DNS:preview.example.com,DNS:*.preview.example.com"])
+        .args([
+            "-subj",
+            "/CN=preview.example.com",
+            "-addext",
+            "subjectAltName=DNS:preview.example.com,DNS:*.preview.example.com",
+        ])
         .arg("-keyout")
         .arg(&key)
         .arg("-out")
@@ -392,7 +426,10 @@ fn echo_app() -> u16 {
                 head.push(byte[0]);
             }
             let body = String::from_utf8_lossy(&head).to_lowercase();
-            let response = format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
             stream.write_all(response.as_bytes()).ok();
         }
     });
@@ -419,7 +456,10 @@ fn nginx_serves_previews_and_answers_unknown_names_with_the_plain_snippet() {
 
     let (status, _, body) = nginx.get(&format!("http://{LONG}.{BASE_DOMAIN}:{port}/"));
     assert_eq!(status, 200, "{body}");
-    assert!(body.contains(&format!("host: {LONG}.{BASE_DOMAIN}")) && body.contains("x-forwarded-proto: http\r"), "{body}");
+    assert!(
+        body.contains(&format!("host: {LONG}.{BASE_DOMAIN}")) && body.contains("x-forwarded-proto: http\r"),
+        "{body}"
+    );
 
     let (status, _, body) = nginx.get(&format!("http://nothing-here.{BASE_DOMAIN}:{port}/"));
     assert_eq!((status, body.as_str()), (404, NOT_FOUND));

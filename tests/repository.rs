@@ -11,7 +11,12 @@ fn root() -> &'static Path {
 fn tracked_files() -> Vec<PathBuf> {
     let output = Command::new("git").arg("-C").arg(root()).args(["ls-files", "-z"]).output().expect("git runs");
     assert!(output.status.success(), "git ls-files failed: {}", String::from_utf8_lossy(&output.stderr));
-    output.stdout.split(|byte| *byte == 0).filter(|name| !name.is_empty()).map(|name| root().join(String::from_utf8_lossy(name).as_ref())).collect()
+    output
+        .stdout
+        .split(|byte| *byte == 0)
+        .filter(|name| !name.is_empty())
+        .map(|name| root().join(String::from_utf8_lossy(name).as_ref()))
+        .collect()
 }
 
 #[test]
@@ -21,7 +26,9 @@ fn no_tracked_file_reads_from_outside_the_checkout() {
     let needle = ["..", "shared"].join("/");
     let offenders: Vec<_> = files
         .iter()
-        .filter(|file| std::fs::read(file).map(|bytes| String::from_utf8_lossy(&bytes).contains(&needle)).unwrap_or(false))
+        .filter(|file| {
+            std::fs::read(file).map(|bytes| String::from_utf8_lossy(&bytes).contains(&needle)).unwrap_or(false)
+        })
         .collect();
     assert!(offenders.is_empty(), "these files refer to {needle}: {offenders:?}");
 }

@@ -147,7 +147,14 @@ pub(super) fn validate(
     if !(api_url.starts_with("https://") || api_url.starts_with("http://")) {
         problems.add("github.api_url", format!("{api_url:?} must be an http:// or https:// URL"));
     }
-    let webhook_secret = secret("webhook_secret", raw.webhook_secret_env, raw.webhook_secret_file, "PREVIEWD_WEBHOOK_SECRET", resolve, problems);
+    let webhook_secret = secret(
+        "webhook_secret",
+        raw.webhook_secret_env,
+        raw.webhook_secret_file,
+        "PREVIEWD_WEBHOOK_SECRET",
+        resolve,
+        problems,
+    );
     let token = secret("token", raw.token_env, raw.token_file, "PREVIEWD_GITHUB_TOKEN", resolve, problems);
     if raw.repos.is_empty() {
         problems.add("github.repos", "no repository is configured; add `owner/name: {image: ...}` entries");
@@ -155,7 +162,9 @@ pub(super) fn validate(
     let repos: BTreeMap<String, RepoConfig> = raw
         .repos
         .into_iter()
-        .filter_map(|(full_name, repo)| validate_repo(&full_name, repo, images, problems).map(|r| (full_name.to_ascii_lowercase(), r)))
+        .filter_map(|(full_name, repo)| {
+            validate_repo(&full_name, repo, images, problems).map(|r| (full_name.to_ascii_lowercase(), r))
+        })
         .collect();
     (problems.0.len() == before).then(|| GitHubConfig {
         api_url,
@@ -185,7 +194,8 @@ fn secret(
         (None, Some(file)) => read_secret_file(&resolve(file)),
         (env, None) => {
             let var = env.unwrap_or_else(|| default_env.to_owned());
-            std::env::var(&var).map_err(|_| format!("environment variable {var} is not set; export it or use {name}_file"))
+            std::env::var(&var)
+                .map_err(|_| format!("environment variable {var} is not set; export it or use {name}_file"))
         }
     };
     match value.map(|v| v.trim_end_matches(['\n', '\r']).to_owned()) {
@@ -218,14 +228,19 @@ fn validate_repo(
 ) -> Option<RepoConfig> {
     let path = format!("github.repos.{full_name}");
     let before = problems.0.len();
-    let valid_part = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    let valid_part = |part: &str| {
+        !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    };
     match full_name.split_once('/') {
         Some((owner, name)) if valid_part(owner) && valid_part(name) => {}
         _ => problems.add(&path, "must be a repository as owner/name, e.g. Codertocat/Hello-World"),
     }
     if !images.contains_key(&raw.image) {
         let allowed: Vec<String> = images.keys().map(ToString::to_string).collect();
-        problems.add(&format!("{path}.image"), format!("{:?} is not a key of `images` ({})", raw.image.as_ref(), allowed.join(", ")));
+        problems.add(
+            &format!("{path}.image"),
+            format!("{:?} is not a key of `images` ({})", raw.image.as_ref(), allowed.join(", ")),
+        );
     }
     let mut template = |key: &str, text: &str| match NameTemplate::parse(text) {
         Ok(template) => Some(template),
@@ -237,7 +252,10 @@ fn validate_repo(
     let name = template("name", raw.name.as_deref().unwrap_or(DEFAULT_NAME));
     let image_tag = raw.image_tag.as_deref().and_then(|text| template("image_tag", text));
     if name.as_ref().is_some_and(depends_on_sha) {
-        problems.add(&format!("{path}.name"), "must not use {{ sha }}: the name is the pull request's identity across pushes");
+        problems.add(
+            &format!("{path}.name"),
+            "must not use {{ sha }}: the name is the pull request's identity across pushes",
+        );
     }
     if raw.label.as_deref().is_some_and(str::is_empty) {
         problems.add(&format!("{path}.label"), "must not be empty; remove it to preview every pull request");

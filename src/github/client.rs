@@ -35,7 +35,9 @@ impl ApiCallError {
         match self {
             Self::Transport(_) => true,
             Self::Status { status, message } => {
-                *status >= 500 || *status == 429 || (*status == 403 && message.to_ascii_lowercase().contains("rate limit"))
+                *status >= 500
+                    || *status == 429
+                    || (*status == 403 && message.to_ascii_lowercase().contains("rate limit"))
             }
             Self::Setup(_) => false,
         }
@@ -45,7 +47,9 @@ impl ApiCallError {
 impl From<octocrab::Error> for ApiCallError {
     fn from(err: octocrab::Error) -> Self {
         match err {
-            octocrab::Error::GitHub { source, .. } => Self::Status { status: source.status_code.as_u16(), message: source.message },
+            octocrab::Error::GitHub { source, .. } => {
+                Self::Status { status: source.status_code.as_u16(), message: source.message }
+            }
             other => Self::Transport(other.to_string()),
         }
     }
@@ -110,12 +114,20 @@ impl GitHubApi {
 
     /// The id of the first comment by `author` on an issue or pull request whose body contains
     /// `marker` (anyone can post a comment that contains the marker).
-    pub async fn find_comment(&self, repo: &str, number: u64, marker: &str, author: &str) -> Result<Option<u64>, ApiCallError> {
+    pub async fn find_comment(
+        &self,
+        repo: &str,
+        number: u64,
+        marker: &str,
+        author: &str,
+    ) -> Result<Option<u64>, ApiCallError> {
         for page in 1..=MAX_PAGES {
             let route = format!("/repos/{repo}/issues/{number}/comments?per_page={PER_PAGE}&page={page}");
             let comments: Vec<CommentItem> = self.observe(self.octocrab.get(route, None::<&()>).await)?;
             let ours = |c: &&CommentItem| c.user.as_ref().is_some_and(|u| u.login.eq_ignore_ascii_case(author));
-            if let Some(found) = comments.iter().filter(ours).find(|c| c.body.as_deref().is_some_and(|b| b.contains(marker))) {
+            if let Some(found) =
+                comments.iter().filter(ours).find(|c| c.body.as_deref().is_some_and(|b| b.contains(marker)))
+            {
                 return Ok(Some(found.id));
             }
             if comments.len() < PER_PAGE {
@@ -140,7 +152,13 @@ impl GitHubApi {
     /// A transient, non-production deployment of one commit to the preview's environment. No
     /// required status contexts and no auto-merge: GitHub would otherwise refuse (409) until every
     /// check passed, or merge the default branch into the PR.
-    pub async fn create_deployment(&self, repo: &str, sha: &str, environment: &str, description: &str) -> Result<u64, ApiCallError> {
+    pub async fn create_deployment(
+        &self,
+        repo: &str,
+        sha: &str,
+        environment: &str,
+        description: &str,
+    ) -> Result<u64, ApiCallError> {
         let body = json!({
             "ref": sha,
             "task": "deploy",
@@ -151,7 +169,8 @@ impl GitHubApi {
             "transient_environment": true,
             "production_environment": false,
         });
-        let created: Created = self.observe(self.octocrab.post(format!("/repos/{repo}/deployments"), Some(&body)).await)?;
+        let created: Created =
+            self.observe(self.octocrab.post(format!("/repos/{repo}/deployments"), Some(&body)).await)?;
         Ok(created.id)
     }
 
@@ -185,7 +204,10 @@ impl GitHubApi {
                 return Ok(pulls);
             }
         }
-        Err(ApiCallError::Status { status: 0, message: format!("{repo} has more than {} open pull requests; not syncing it", MAX_PAGES * PER_PAGE) })
+        Err(ApiCallError::Status {
+            status: 0,
+            message: format!("{repo} has more than {} open pull requests; not syncing it", MAX_PAGES * PER_PAGE),
+        })
     }
 
     /// The login of the token's owner.

@@ -101,7 +101,8 @@ pub fn desired(pr: &PullRequest, repo: &RepoConfig) -> Result<(Slug, Desired), E
     }
     let (owner, name) = repo.full_name.split_once('/').unwrap_or((&repo.full_name, ""));
     let context = PrContext { owner, repo: name, number: pr.number, branch: &pr.head.git_ref, sha: &pr.head.sha };
-    let slug = repo.name.slug(&context).map_err(|message| EventError::Name { repo: repo.full_name.clone(), message })?;
+    let slug =
+        repo.name.slug(&context).map_err(|message| EventError::Name { repo: repo.full_name.clone(), message })?;
     if let Some(reason) = ineligible(pr, repo) {
         return Ok((slug, Desired::Absent(reason)));
     }
@@ -228,7 +229,8 @@ mod tests {
     #[test]
     fn image_tag_templates_become_docker_tags() {
         let event = fixture("pull_request.opened");
-        let (_, desired) = desired(&event.pull_request, &repo("      image_tag: \"pr-{{ number }}-{{ sha }}\"\n")).unwrap();
+        let (_, desired) =
+            desired(&event.pull_request, &repo("      image_tag: \"pr-{{ number }}-{{ sha }}\"\n")).unwrap();
         let Desired::Present(target) = desired else { panic!() };
         assert_eq!(target.image_tag.as_deref(), Some("pr-2-ec26c3e57ca3a959ca5aad62de7213c562f8c821"));
         let bad = desired_error("      image_tag: \"{{ branch }}/x\"\n");

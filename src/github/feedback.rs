@@ -72,8 +72,15 @@ const MAX_REMEMBERED: usize = 10_000;
 
 impl Feedback {
     pub fn new(api: GitHubApi, instance: InstanceName, tasks: TaskTracker, shutdown: CancellationToken) -> Self {
-        let inner =
-            Inner { api, instance, queues: Mutex::default(), memory: Mutex::default(), tasks, shutdown, login: Default::default() };
+        let inner = Inner {
+            api,
+            instance,
+            queues: Mutex::default(),
+            memory: Mutex::default(),
+            tasks,
+            shutdown,
+            login: Default::default(),
+        };
         Self { inner: Arc::new(inner) }
     }
 
@@ -148,15 +155,27 @@ async fn post(inner: &Inner, key: &PullRequestKey, slug: Slug, step: Step) {
 /// One deployment per head commit: created when it starts deploying, `success` or `failure` when
 /// that commit's launch ends, and the others retired (`inactive`) once a commit is live or the
 /// preview is removed. GitHub's auto_inactive skips transient deployments, hence by hand.
-async fn post_statuses(inner: &Inner, key: &PullRequestKey, slug: &Slug, step: &Step, posted: &mut Posted) -> Result<(), ApiCallError> {
+async fn post_statuses(
+    inner: &Inner,
+    key: &PullRequestKey,
+    slug: &Slug,
+    step: &Step,
+    posted: &mut Posted,
+) -> Result<(), ApiCallError> {
     let (api, repo, shutdown) = (&inner.api, key.repo.as_str(), &inner.shutdown);
     let status = |id: u64, state: &'static str, url: Option<String>, description: String| async move {
-        with_retries("create a deployment status", shutdown, || api.create_status(repo, id, state, url.as_deref(), &description)).await
+        with_retries("create a deployment status", shutdown, || {
+            api.create_status(repo, id, state, url.as_deref(), &description)
+        })
+        .await
     };
     match step {
         Step::Deploying { sha } => {
             let description = format!("Preview of pull request #{}", key.number);
-            let id = with_retries("create a deployment", shutdown, || api.create_deployment(repo, sha, slug.as_ref(), &description)).await?;
+            let id = with_retries("create a deployment", shutdown, || {
+                api.create_deployment(repo, sha, slug.as_ref(), &description)
+            })
+            .await?;
             posted.deployments.push((sha.clone(), id));
             status(id, "in_progress", None, "Starting the preview".to_owned()).await
         }
@@ -164,7 +183,8 @@ async fn post_statuses(inner: &Inner, key: &PullRequestKey, slug: &Slug, step: &
             if let Some(id) = posted.deployment_of(sha) {
                 status(id, "success", Some(url.clone()), "The preview is live".to_owned()).await?;
             }
-            let superseded: Vec<(String, u64)> = posted.deployments.iter().filter(|(commit, _)| commit != sha).cloned().collect();
+            let superseded: Vec<(String, u64)> =
+                posted.deployments.iter().filter(|(commit, _)| commit != sha).cloned().collect();
             for (_, old) in superseded {
                 status(old, "inactive", None, format!("Superseded by {}", short(sha))).await?;
                 posted.deployments.retain(|(_, id)| *id != old);
@@ -188,14 +208,21 @@ async fn post_statuses(inner: &Inner, key: &PullRequestKey, slug: &Slug, step: &
     }
 }
 
-async fn post_comment(inner: &Inner, key: &PullRequestKey, slug: &Slug, step: &Step, posted: &mut Posted) -> Result<(), ApiCallError> {
+async fn post_comment(
+    inner: &Inner,
+    key: &PullRequestKey,
+    slug: &Slug,
+    step: &Step,
+    posted: &mut Posted,
+) -> Result<(), ApiCallError> {
     let (api, repo, shutdown) = (&inner.api, key.repo.as_str(), &inner.shutdown);
     let marker = marker(&inner.instance, slug);
     let body = format!("{marker}\n{}", comment_text(slug, step));
     if let Some(id) = posted.comment {
         return with_retries("edit the preview comment", shutdown, || api.update_comment(repo, id, &body)).await;
     }
-    let login = inner.login.get_or_try_init(|| with_retries("find previewd's GitHub login", shutdown, || api.user())).await?;
+    let login =
+        inner.login.get_or_try_init(|| with_retries("find previewd's GitHub login", shutdown, || api.user())).await?;
     // Looking again before each try: a create whose answer was lost may have succeeded.
     let id = with_retries("comment on the pull request", shutdown, || async {
         match api.find_comment(repo, key.number, &marker, login).await? {
@@ -220,9 +247,15 @@ pub fn marker(instance: &InstanceName, slug: &Slug) -> String {
 fn comment_text(slug: &Slug, step: &Step) -> String {
     match step {
         Step::Deploying { sha } => format!("**Preview `{slug}`**: deploying commit `{}`…", short(sha)),
-        Step::Live { sha, url } => format!("**Preview `{slug}`** is live at {url}\n\nCommit `{}` · status: ready", short(sha)),
+        Step::Live { sha, url } => {
+            format!("**Preview `{slug}`** is live at {url}\n\nCommit `{}` · status: ready", short(sha))
+        }
         Step::Failed { sha, reason } => {
-            format!("**Preview `{slug}`** failed for commit `{}`.\n\n```\n{}\n```", short(sha), reason.replace("```", "'''"))
+            format!(
+                "**Preview `{slug}`** failed for commit `{}`.\n\n```\n{}\n```",
+                short(sha),
+                reason.replace("```", "'''")
+            )
         }
         Step::Removed { reason } => format!("**Preview `{slug}`** was removed: {reason}."),
     }

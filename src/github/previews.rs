@@ -144,7 +144,11 @@ impl PullRequestPreviews {
             name: slug.clone(),
             container_name: target.branch.replace('\0', ""),
             env,
-            origin: Some(PullRequestOrigin { repo: target.repo.clone(), number: target.number, sha: target.sha.clone() }),
+            origin: Some(PullRequestOrigin {
+                repo: target.repo.clone(),
+                number: target.number,
+                sha: target.sha.clone(),
+            }),
         })
     }
 }

@@ -56,17 +56,27 @@ impl Sync {
                 open_numbers.insert(pr.number);
                 match desired(pr, repo) {
                     Ok((slug, state)) => self.apply(tasks, repo, pr.number, slug, state, &pr.updated_at),
-                    Err(err) => tracing::warn!(repo = %repo.full_name, pr = pr.number, error = %err, "cannot sync a pull request"),
+                    Err(err) => {
+                        tracing::warn!(repo = %repo.full_name, pr = pr.number, error = %err, "cannot sync a pull request")
+                    }
                 }
             }
             let closed = running.iter().filter(|p| {
-                p.repo.as_deref().is_some_and(|r| r.eq_ignore_ascii_case(&repo.full_name)) && p.pr.is_some_and(|n| !open_numbers.contains(&n))
+                p.repo.as_deref().is_some_and(|r| r.eq_ignore_ascii_case(&repo.full_name))
+                    && p.pr.is_some_and(|n| !open_numbers.contains(&n))
             });
             for preview in closed {
                 let number = preview.pr.unwrap_or_default();
                 // Closed after everything the preview was built from, whatever GitHub sent before.
                 let now = crate::clock::iso8601(crate::clock::unix_now());
-                self.apply(tasks, repo, number, preview.name.clone(), Desired::Absent("the pull request is no longer open"), &now);
+                self.apply(
+                    tasks,
+                    repo,
+                    number,
+                    preview.name.clone(),
+                    Desired::Absent("the pull request is no longer open"),
+                    &now,
+                );
             }
         }
     }

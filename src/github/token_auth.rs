@@ -81,7 +81,13 @@ impl TokenAuth {
 
     /// Whether the user may see a preview of this repository (or, for a preview that is not a
     /// pull request's, of this image).
-    pub async fn may_see(&self, github: &GitHubConfig, login: &str, repo: Option<&str>, image: &ImageKey) -> Result<bool, TokenAuthError> {
+    pub async fn may_see(
+        &self,
+        github: &GitHubConfig,
+        login: &str,
+        repo: Option<&str>,
+        image: &ImageKey,
+    ) -> Result<bool, TokenAuthError> {
         match repo {
             Some(repo) => self.may_push(repo, login).await,
             None => Ok(self.authorize(github, login, Some(image)).await.is_ok()),
@@ -90,7 +96,12 @@ impl TokenAuth {
 
     /// Allows a user with push access to one of the repositories whose pull requests use
     /// `image` (any configured repository when `image` is `None`).
-    pub async fn authorize(&self, github: &GitHubConfig, login: &str, image: Option<&ImageKey>) -> Result<(), TokenAuthError> {
+    pub async fn authorize(
+        &self,
+        github: &GitHubConfig,
+        login: &str,
+        image: Option<&ImageKey>,
+    ) -> Result<(), TokenAuthError> {
         let repos: Vec<&RepoConfig> = match image {
             Some(image) => github.repos_of_image(image).collect(),
             None => github.repos.values().collect(),

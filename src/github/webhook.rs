@@ -123,7 +123,10 @@ mod tests {
         let wrong = sign("another secret", &body);
         assert_eq!(verify(&secret(), &headers(Some(&wrong)), body.clone()).unwrap_err(), WebhookError::BadSignature);
         for malformed in ["sha1=abc", "sha256=zz", "sha256="] {
-            assert_eq!(verify(&secret(), &headers(Some(malformed)), body.clone()).unwrap_err(), WebhookError::BadSignature);
+            assert_eq!(
+                verify(&secret(), &headers(Some(malformed)), body.clone()).unwrap_err(),
+                WebhookError::BadSignature
+            );
         }
     }
 

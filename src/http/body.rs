@@ -65,7 +65,10 @@ fn parse_json(bytes: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
     let value: Value =
         serde_json::from_slice(bytes).map_err(|err| ApiError::Body(format!("the JSON body is not valid: {err}")))?;
     let Value::Object(object) = value else {
-        return Err(ApiError::Body("the JSON body must be an object of fields, e.g. {\"image_name\": \"demo\", \"container_name\": \"test\"}".into()));
+        return Err(ApiError::Body(
+            "the JSON body must be an object of fields, e.g. {\"image_name\": \"demo\", \"container_name\": \"test\"}"
+                .into(),
+        ));
     };
     object
         .into_iter()

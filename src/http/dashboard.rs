@@ -5,8 +5,8 @@
 //! page fetches nothing from elsewhere: its style and a little vanilla JS are inline, allowed by
 //! a per-response CSP nonce, and the JS only calls this daemon's own `/launch`, `/kill` and `/`.
 
-use std::sync::OnceLock;
 use crate::clock::{age, unix_now, utc};
+use std::sync::OnceLock;
 
 use axum::extract::{Extension, State};
 use axum::http::{HeaderValue, header};
@@ -25,7 +25,10 @@ const TEMPLATE: &str = include_str!("../../templates/dashboard.html.tera");
 /// The `.html` suffix turns Tera's autoescaping on (it is also set explicitly below).
 const TEMPLATE_NAME: &str = "dashboard.html";
 
-pub async fn page(State(state): State<AppState>, Extension(principal): Extension<Principal>) -> Result<Response, ApiError> {
+pub async fn page(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Response, ApiError> {
     let mut previews = state.visible_previews(&principal).await?;
     previews.sort_by(|a, b| a.name.as_ref().cmp(b.name.as_ref()));
     let nonce = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
@@ -101,7 +104,9 @@ impl Page {
         let images: Vec<String> = config.images.keys().map(ToString::to_string).collect();
         let (user, auth) = match principal {
             Principal::User(name) => (name.clone(), format!("--user {}", shell_word(name))),
-            Principal::GitHub(login) => (format!("{login} (GitHub)"), r#"-H "Authorization: Bearer $GITHUB_TOKEN""#.to_owned()),
+            Principal::GitHub(login) => {
+                (format!("{login} (GitHub)"), r#"-H "Authorization: Bearer $GITHUB_TOKEN""#.to_owned())
+            }
         };
         let image = images.first().map_or("IMAGE", String::as_str);
         let launch_command = format!("curl {auth} -d 'image_name={image}&container_name=my-branch'");
@@ -196,7 +201,8 @@ fn tera() -> Result<&'static Tera, String> {
     TERA.get_or_init(|| {
         let mut tera = Tera::new();
         tera.autoescape_on([".html"]);
-        tera.add_raw_template(TEMPLATE_NAME, TEMPLATE).map_err(|err| format!("the dashboard template does not parse: {err}"))?;
+        tera.add_raw_template(TEMPLATE_NAME, TEMPLATE)
+            .map_err(|err| format!("the dashboard template does not parse: {err}"))?;
         Ok(tera)
     })
     .as_ref()
@@ -205,7 +211,9 @@ fn tera() -> Result<&'static Tera, String> {
 
 fn render(page: &Page) -> Result<String, String> {
     let context = Context::from_serialize(page).map_err(|err| format!("cannot render the dashboard: {err}"))?;
-    tera()?.render(TEMPLATE_NAME, &context).map_err(|err| format!("cannot render the dashboard: {}", crate::error_chain(&err)))
+    tera()?
+        .render(TEMPLATE_NAME, &context)
+        .map_err(|err| format!("cannot render the dashboard: {}", crate::error_chain(&err)))
 }
 
 #[cfg(test)]
@@ -267,7 +275,9 @@ mod tests {
     #[test]
     fn the_template_has_no_inline_handlers_or_external_resources() {
         let html = render(&page(vec![Row::new(&info("test"), 1_000_060, "https://github.com")])).unwrap();
-        for banned in [" onclick=", " onload=", " onsubmit=", "<script src", "<link rel=\"stylesheet\"", "@import", " style=\""] {
+        for banned in
+            [" onclick=", " onload=", " onsubmit=", "<script src", "<link rel=\"stylesheet\"", "@import", " style=\""]
+        {
             assert!(!html.contains(banned), "{banned} in the page: CSP would block it, or it fetches at run time");
         }
         assert!(html.contains(r#"<meta name="viewport""#));
@@ -280,7 +290,10 @@ mod tests {
     fn empty_state_shows_how_to_launch() {
         let html = render(&page(Vec::new())).unwrap();
         assert!(html.contains("No previews are running"), "{html}");
-        assert!(html.contains("curl --user testuser -d &#39;image_name=demo&amp;container_name=my-branch&#39;"), "{html}");
+        assert!(
+            html.contains("curl --user testuser -d &#39;image_name=demo&amp;container_name=my-branch&#39;"),
+            "{html}"
+        );
         assert!(html.contains(r#"<span class="api-origin">http://127.0.0.1:7800</span>/launch"#), "{html}");
     }
 
@@ -297,7 +310,9 @@ mod tests {
         let html = render(&page(vec![row])).unwrap();
         assert!(html.contains(r#"href="https://github.com/Codertocat/Hello-World/pull/2""#), "{html}");
         assert!(html.contains(">#2<"), "{html}");
-        assert!(html.contains(r#"href="https://github.com/Codertocat/Hello-World/commit/ec26c3e57ca3a959ca5aad62de7213c562f8c821""#));
+        assert!(html.contains(
+            r#"href="https://github.com/Codertocat/Hello-World/commit/ec26c3e57ca3a959ca5aad62de7213c562f8c821""#
+        ));
     }
 
     #[test]

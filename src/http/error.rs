@@ -78,10 +78,12 @@ fn lifecycle_status(err: &LifecycleError) -> StatusCode {
         LifecycleError::NameTaken { .. } => StatusCode::CONFLICT,
         LifecycleError::Crashed { .. } => StatusCode::BAD_GATEWAY,
         LifecycleError::Unhealthy { .. } => StatusCode::GATEWAY_TIMEOUT,
-        LifecycleError::Docker(DockerError::Unreachable(_) | DockerError::PortInUse { .. } | DockerError::NoFreePort(_)) => {
-            StatusCode::SERVICE_UNAVAILABLE
+        LifecycleError::Docker(
+            DockerError::Unreachable(_) | DockerError::PortInUse { .. } | DockerError::NoFreePort(_),
+        ) => StatusCode::SERVICE_UNAVAILABLE,
+        LifecycleError::Docker(DockerError::ImageMissing { .. } | DockerError::PullFailed { .. }) => {
+            StatusCode::UNPROCESSABLE_ENTITY
         }
-        LifecycleError::Docker(DockerError::ImageMissing { .. } | DockerError::PullFailed { .. }) => StatusCode::UNPROCESSABLE_ENTITY,
         LifecycleError::Docker(DockerError::Api { .. }) => StatusCode::BAD_GATEWAY,
         LifecycleError::Nginx(NginxError::NotRunning(_) | NginxError::Stopped) => StatusCode::SERVICE_UNAVAILABLE,
         LifecycleError::Nginx(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -98,9 +100,10 @@ impl IntoResponse for ApiError {
         }
         let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
         if matches!(self, Self::Auth(_) | Self::Token(TokenAuthError::Rejected)) {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(r#"Basic realm="previewd", charset="UTF-8""#));
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"Basic realm="previewd", charset="UTF-8""#),
+            );
         }
         response
     }

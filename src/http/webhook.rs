@@ -50,7 +50,11 @@ async fn receive(state: &AppState, request: Request, event: &mut String) -> Resu
     }
 }
 
-fn pull_request(state: &AppState, service: &super::GitHubService, delivery: VerifiedDelivery) -> Result<(&'static str, Response), ApiError> {
+fn pull_request(
+    state: &AppState,
+    service: &super::GitHubService,
+    delivery: VerifiedDelivery,
+) -> Result<(&'static str, Response), ApiError> {
     let event: PullRequestEvent = serde_json::from_slice(&delivery.body)
         .map_err(|err| ApiError::Body(format!("the pull_request payload is not valid: {err}")))?;
     if !ACTIONS.contains(&event.action.as_str()) {
@@ -63,7 +67,10 @@ fn pull_request(state: &AppState, service: &super::GitHubService, delivery: Veri
     };
     let (slug, desired) = desired(&event.pull_request, repo)?;
     if !service.deliveries.first_time(&delivery.delivery) {
-        return Ok(("duplicate", answer(StatusCode::OK, json!({ "status": "duplicate", "delivery": delivery.delivery }))));
+        return Ok((
+            "duplicate",
+            answer(StatusCode::OK, json!({ "status": "duplicate", "delivery": delivery.delivery })),
+        ));
     }
     let key = PullRequestKey { repo: repo.full_name.clone(), number: event.pull_request.number };
     if !service.previews.record(&key, slug.clone(), desired.clone(), &event.pull_request.updated_at) {
@@ -71,8 +78,12 @@ fn pull_request(state: &AppState, service: &super::GitHubService, delivery: Veri
         return Ok(("stale", answer(StatusCode::OK, json!({ "status": "stale", "preview": slug }))));
     }
     let summary = match &desired {
-        Desired::Present(target) => json!({ "status": "accepted", "preview": slug, "desired": "present", "sha": target.sha }),
-        Desired::Absent(reason) => json!({ "status": "accepted", "preview": slug, "desired": "absent", "reason": reason }),
+        Desired::Present(target) => {
+            json!({ "status": "accepted", "preview": slug, "desired": "present", "sha": target.sha })
+        }
+        Desired::Absent(reason) => {
+            json!({ "status": "accepted", "preview": slug, "desired": "absent", "reason": reason })
+        }
     };
     tracing::info!(repo = %key.repo, pr = key.number, action = %event.action, %slug, delivery = %delivery.delivery, "pull request delivery accepted");
     service.previews.schedule(key, &state.tasks);

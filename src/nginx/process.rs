@@ -32,7 +32,9 @@ const FAST_STOP: Duration = Duration::from_secs(5);
 pub enum NginxError {
     #[error("nginx rejected the configuration: {0}")]
     TestFailed(String),
-    #[error("nginx rejected the new configuration, so the previous vhost files were restored and nginx keeps serving them: {0}")]
+    #[error(
+        "nginx rejected the new configuration, so the previous vhost files were restored and nginx keeps serving them: {0}"
+    )]
     RolledBack(String),
     #[error("cannot run `{command}`: {message}")]
     Command { command: String, message: String },
@@ -149,7 +151,12 @@ impl Nginx {
         self.wait_for("stop", FAST_STOP, stopped).await
     }
 
-    async fn wait_for(&self, what: &'static str, timeout: Duration, done: impl Fn(&Self) -> bool) -> Result<(), NginxError> {
+    async fn wait_for(
+        &self,
+        what: &'static str,
+        timeout: Duration,
+        done: impl Fn(&Self) -> bool,
+    ) -> Result<(), NginxError> {
         let deadline = Instant::now() + timeout;
         while !done(self) {
             if Instant::now() >= deadline {
@@ -169,7 +176,8 @@ impl Nginx {
                 args.push(path.display().to_string());
             }
         }
-        let command_line = std::iter::once(argv[0].as_str()).chain(args.iter().map(String::as_str)).collect::<Vec<_>>().join(" ");
+        let command_line =
+            std::iter::once(argv[0].as_str()).chain(args.iter().map(String::as_str)).collect::<Vec<_>>().join(" ");
         let failure = |message: String| NginxError::Command { command: command_line.clone(), message };
         let child = Command::new(&argv[0])
             .args(&args)
@@ -261,13 +269,17 @@ fn signal(pid: u32, signal: Signal) -> Result<(), NginxError> {
         other => other.as_raw().to_string(),
     };
     let failure = |message: String| NginxError::Command { command: format!("kill -{name} {pid}"), message };
-    let target = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw).ok_or_else(|| failure("not a process id".to_owned()))?;
+    let target = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| failure("not a process id".to_owned()))?;
     rustix::process::kill_process(target, signal).map_err(|errno| failure(errno.to_string()))
 }
 
 /// Stops worker processes whose master is gone (only those still titled as nginx workers).
 pub async fn stop_orphaned_workers(pids: &[u32]) {
-    let alive: Vec<u32> = pids.iter().copied().filter(|pid| title(*pid).is_some_and(|t| t.starts_with(WORKER_TITLE))).collect();
+    let alive: Vec<u32> =
+        pids.iter().copied().filter(|pid| title(*pid).is_some_and(|t| t.starts_with(WORKER_TITLE))).collect();
     if alive.is_empty() {
         return;
     }
@@ -315,7 +327,12 @@ mod tests {
             conf: "/s/nginx/nginx.conf".into(),
             error_log: "/s/nginx/error.log".into(),
         };
-        let conf = main_conf("127.0.0.1:8080".parse().unwrap(), Path::new("/s/a \"b\""), &managed, Path::new("/s/nginx/nginx.pid"));
+        let conf = main_conf(
+            "127.0.0.1:8080".parse().unwrap(),
+            Path::new("/s/a \"b\""),
+            &managed,
+            Path::new("/s/nginx/nginx.pid"),
+        );
         assert!(conf.contains(r#"include "/s/a \"b\"/*.conf";"#), "{conf}");
         assert!(conf.contains("listen 127.0.0.1:8080 default_server;"), "{conf}");
         assert!(conf.contains(r#"pid "/s/nginx/nginx.pid";"#), "{conf}");

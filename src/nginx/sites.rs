@@ -50,7 +50,8 @@ impl SitesDir {
         let temp_prefix = format!(".{}", self.prefix);
         for entry in std::fs::read_dir(&self.dir)? {
             let entry = entry?;
-            let is_temp = entry.file_name().to_str().is_some_and(|n| n.starts_with(&temp_prefix) && n.ends_with(".tmp"));
+            let is_temp =
+                entry.file_name().to_str().is_some_and(|n| n.starts_with(&temp_prefix) && n.ends_with(".tmp"));
             if is_temp {
                 std::fs::remove_file(entry.path())?;
             }
@@ -119,7 +120,13 @@ mod tests {
     #[test]
     fn slugs_lists_only_this_instances_files() {
         let dir = tempfile::tempdir().unwrap();
-        for name in ["previewd.a.one.conf", "previewd.a-b.two.conf", "previewd.a.conf", "other.conf", ".previewd.a.x.conf.1.tmp"] {
+        for name in [
+            "previewd.a.one.conf",
+            "previewd.a-b.two.conf",
+            "previewd.a.conf",
+            "other.conf",
+            ".previewd.a.x.conf.1.tmp",
+        ] {
             std::fs::write(dir.path().join(name), "").unwrap();
         }
         assert_eq!(sites(dir.path(), "a").slugs().unwrap(), vec![Slug::parse("one").unwrap()]);

@@ -38,7 +38,13 @@ impl VhostTemplate {
         let instance = InstanceName::parse("sample").map_err(|err| err.to_string())?;
         let slug = Slug::parse("sample").map_err(|err| err.to_string())?;
         let host = crate::preview::BaseDomain::parse("example.com").map_err(|e| e.to_string())?.host_for(&slug);
-        let sample = Vhost { instance: &instance, slug: &slug, host: &host, listen: ([127, 0, 0, 1], 80).into(), upstream_port: 1 };
+        let sample = Vhost {
+            instance: &instance,
+            slug: &slug,
+            host: &host,
+            listen: ([127, 0, 0, 1], 80).into(),
+            upstream_port: 1,
+        };
         template.render(&sample).map_err(|err| format!("template {}: {err}", path.display()))?;
         Ok(template)
     }
@@ -60,7 +66,13 @@ mod tests {
         let instance = InstanceName::parse("default").unwrap();
         let slug = Slug::parse("feature-x").unwrap();
         let host = crate::preview::BaseDomain::parse("preview.localhost").unwrap().host_for(&slug);
-        let vhost = Vhost { instance: &instance, slug: &slug, host: &host, listen: ([127, 0, 0, 1], 8080).into(), upstream_port: 49153 };
+        let vhost = Vhost {
+            instance: &instance,
+            slug: &slug,
+            host: &host,
+            listen: ([127, 0, 0, 1], 8080).into(),
+            upstream_port: 49153,
+        };
         let conf = template.render(&vhost).unwrap();
         assert!(conf.contains("listen 127.0.0.1:8080;"), "{conf}");
         assert!(conf.contains("server_name feature-x.preview.localhost;"), "{conf}");

@@ -395,11 +395,16 @@ async fn get_permission(State(shared): Fake, Path((owner, name, login)): Path<(S
     Ok(reply(StatusCode::OK, &json!({ "permission": permission, "role_name": role, "user": user })))
 }
 
-async fn list_comments(State(shared): Fake, Path((owner, name, issue)): Path<(String, String, String)>, uri: Uri) -> Answer {
+async fn list_comments(
+    State(shared): Fake,
+    Path((owner, name, issue)): Path<(String, String, String)>,
+    uri: Uri,
+) -> Answer {
     let issue = parse_id(&issue)?;
     let mut inner = shared.lock();
     let repo = inner.known_repo(&owner, &name)?;
-    let items = repo.comments.iter().filter(|c| c.issue == issue).map(|c| comment_json(&shared.base, repo, c)).collect();
+    let items =
+        repo.comments.iter().filter(|c| c.issue == issue).map(|c| comment_json(&shared.base, repo, c)).collect();
     Ok(paginate(&shared.base, &uri, items))
 }
 
@@ -413,7 +418,11 @@ async fn create_comment(
     let mut inner = shared.lock();
     let id = inner.next_id();
     let repo = inner.repo_entry(&format!("{owner}/{name}"));
-    let comment = StoredComment { item: Comment { id, body: text, user: caller.login.clone() }, issue, stamp: stamp(&caller.login) };
+    let comment = StoredComment {
+        item: Comment { id, body: text, user: caller.login.clone() },
+        issue,
+        stamp: stamp(&caller.login),
+    };
     let answer = comment_json(&shared.base, repo, &comment);
     repo.comments.push(comment);
     Ok(reply(StatusCode::CREATED, &answer))
@@ -479,7 +488,11 @@ async fn create_deployment(
     Ok(reply(StatusCode::CREATED, &answer))
 }
 
-async fn list_statuses(State(shared): Fake, Path((owner, name, id)): Path<(String, String, String)>, uri: Uri) -> Answer {
+async fn list_statuses(
+    State(shared): Fake,
+    Path((owner, name, id)): Path<(String, String, String)>,
+    uri: Uri,
+) -> Answer {
     let id = parse_id(&id)?;
     let mut inner = shared.lock();
     let repo = inner.known_repo(&owner, &name)?;
@@ -505,7 +518,8 @@ async fn create_status(
         deployment.item.environment = environment;
     }
     let deactivate = status.state == "success" && status.auto_inactive != Some(false);
-    let stored = StoredStatus { item: status, environment: deployment.item.environment.clone(), stamp: stamp(&caller.login) };
+    let stored =
+        StoredStatus { item: status, environment: deployment.item.environment.clone(), stamp: stamp(&caller.login) };
     let answer = status_json(&shared.base, &repo.full_name, deployment_id, &stored);
     repo.deployments[index].statuses.push(stored);
     if deactivate {
@@ -548,7 +562,11 @@ fn deactivate_earlier(repo: &mut Repo, current: usize, last_id: &mut u64, creato
     for deployment in &mut repo.deployments[..current] {
         let item = &deployment.item;
         let latest_success = deployment.statuses.last().is_some_and(|s| s.item.state == "success");
-        if item.environment != environment || item.transient_environment || item.production_environment || !latest_success {
+        if item.environment != environment
+            || item.transient_environment
+            || item.production_environment
+            || !latest_success
+        {
             continue;
         }
         *last_id += 1;
@@ -560,7 +578,11 @@ fn deactivate_earlier(repo: &mut Repo, current: usize, last_id: &mut u64, creato
             description: None,
             auto_inactive: None,
         };
-        deployment.statuses.push(StoredStatus { item: inactive, environment: environment.clone(), stamp: stamp(creator) });
+        deployment.statuses.push(StoredStatus {
+            item: inactive,
+            environment: environment.clone(),
+            stamp: stamp(creator),
+        });
     }
 }
 
@@ -683,7 +705,8 @@ fn validation_failed(resource: &str, field: &str, code: &str, message: Option<&s
 
 fn status_checks_failed(git_ref: &str) -> GhError {
     let contexts = [json!({ "context": "continuous-integration/fake", "state": "pending" })];
-    let detail = json!({ "contexts": contexts, "resource": "Deployment", "field": "required_contexts", "code": "invalid" });
+    let detail =
+        json!({ "contexts": contexts, "resource": "Deployment", "field": "required_contexts", "code": "invalid" });
     let message = format!("Conflict: Commit status checks failed for {git_ref}.");
     error_with(StatusCode::CONFLICT, json!({ "message": message, "errors": [detail] }))
 }
@@ -692,7 +715,8 @@ fn status_checks_failed(git_ref: &str) -> GhError {
 /// prev/next/last/first in GitHub's order when there is more than one page.
 fn paginate(base: &str, uri: &Uri, items: Vec<Value>) -> Response {
     let query = query_pairs(uri);
-    let number = |key: &str| query.iter().find(|(k, _)| k == key).and_then(|(_, v)| v.parse::<usize>().ok()).filter(|n| *n > 0);
+    let number =
+        |key: &str| query.iter().find(|(k, _)| k == key).and_then(|(_, v)| v.parse::<usize>().ok()).filter(|n| *n > 0);
     let per_page = number("per_page").unwrap_or(30).min(100);
     let page = number("page").unwrap_or(1);
     let last = items.len().div_ceil(per_page).max(1);
@@ -850,7 +874,8 @@ fn now_iso8601() -> String {
 
 /// A fixture from `tests/fixtures/github-webhooks`, e.g. `fixture("pull_request.opened")`.
 pub fn fixture(name: &str) -> Value {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/github-webhooks/{name}.json"));
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/github-webhooks/{name}.json"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("read {}: {err}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|err| panic!("parse {}: {err}", path.display()))
 }
@@ -871,7 +896,14 @@ pub fn delivery_id() -> String {
 }
 
 /// Posts a delivery with the headers GitHub sends.
-pub async fn deliver(client: &reqwest::Client, url: &str, event: &str, delivery: &str, body: &[u8], secret: Option<&str>) -> reqwest::Response {
+pub async fn deliver(
+    client: &reqwest::Client,
+    url: &str,
+    event: &str,
+    delivery: &str,
+    body: &[u8],
+    secret: Option<&str>,
+) -> reqwest::Response {
     let mut request = client
         .post(url)
         .header("X-GitHub-Event", event)

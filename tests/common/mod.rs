@@ -302,7 +302,8 @@ pub fn docker_ps(filter: &str) -> Vec<String> {
 /// named by the pid file, and any other master of the same prefix (one the app's watchdog may
 /// have started while the test ended).
 pub fn stop_nginx(pid_file: &Path) {
-    let mut pids: Vec<String> = std::fs::read_to_string(pid_file).map(|pid| vec![pid.trim().to_owned()]).unwrap_or_default();
+    let mut pids: Vec<String> =
+        std::fs::read_to_string(pid_file).map(|pid| vec![pid.trim().to_owned()]).unwrap_or_default();
     if let Some(prefix) = pid_file.parent() {
         let needle = format!("nginx: master process nginx -p {} ", prefix.display());
         let processes = std::fs::read_dir("/proc").into_iter().flatten().filter_map(Result::ok);
@@ -358,7 +359,8 @@ impl Daemon {
             }
             let exited = self.child.try_wait().unwrap();
             if exited.is_some() || Instant::now() >= deadline {
-                let why = exited.map_or_else(|| "still not healthy after 60 s".to_owned(), |status| format!("it exited: {status}"));
+                let why = exited
+                    .map_or_else(|| "still not healthy after 60 s".to_owned(), |status| format!("it exited: {status}"));
                 let log = std::fs::read_to_string(&self.log).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
                 panic!("previewd did not become healthy at {api} ({why}); the end of its log:\n{}", tail.join("\n"));

@@ -317,15 +317,25 @@ impl Lifecycle {
         progress.step("route", format!("routing {}", self.config.base_domain.host_for(slug)));
         let routed = route.await.unwrap_or(Err(NginxError::Stopped));
         match (up, routed) {
-            (Ok(_), Ok(drain)) => Ok(drain),
+            (Ok(port), Ok(drain)) => match self.router.check_served(slug, port).await {
+                Ok(()) => Ok(drain),
+                Err(err) => {
+                    self.unroute_failed(slug).await;
+                    Err(err.into())
+                }
+            },
             (Ok(_), Err(err)) => Err(err.into()),
             (Err(err), Ok(_)) => {
-                if let Err(unroute) = self.router.unroute(slug).await {
-                    tracing::error!(error = %unroute, "cannot remove the route of the failed launch; reconcile will");
-                }
+                self.unroute_failed(slug).await;
                 Err(err)
             }
             (Err(err), Err(_)) => Err(err),
+        }
+    }
+
+    async fn unroute_failed(&self, slug: &Slug) {
+        if let Err(unroute) = self.router.unroute(slug).await {
+            tracing::error!(error = %unroute, "cannot remove the route of the failed launch; reconcile will");
         }
     }
 
@@ -341,7 +351,16 @@ impl Lifecycle {
     ) -> Result<Drain, LifecycleError> {
         let port = self.start_until_answering(container, spec, progress).await?;
         progress.step("route", format!("routing {}", self.config.base_domain.host_for(slug)));
-        Ok(ticket.route(slug, port).await?)
+        let previous = self.router.current(slug)?;
+        let drain = ticket.route(slug, port).await?;
+        if let Err(err) = self.router.check_served(slug, port).await {
+            // The old container still runs: give it its route back.
+            if let Err(restore) = self.router.restore(slug, previous).await {
+                tracing::error!(error = %restore, "cannot put the previous route back; reconcile will");
+            }
+            return Err(err.into());
+        }
+        Ok(drain)
     }
 
     /// Starts the container and waits until the app answers HTTP; returns its host port.

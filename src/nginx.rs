@@ -11,6 +11,7 @@
 //! launch waits for nobody.
 
 pub mod process;
+pub mod reach;
 pub mod sites;
 pub mod vhost;
 
@@ -132,6 +133,36 @@ impl Router {
         self.submit(vec![(slug.clone(), Some(content))]).await.map(|_| true)
     }
 
+    /// Proves that nginx serves the preview's host from its vhost, routed to `upstream_port`:
+    /// a probe through nginx itself (see [`reach`]). When it does not, the error says why.
+    pub async fn check_served(&self, slug: &Slug, upstream_port: u16) -> Result<(), NginxError> {
+        let vhost = self.inner.render(slug, upstream_port)?;
+        let host = self.inner.base_domain.host_for(slug).to_string();
+        let addr = reach::connect_addr(self.inner.listen);
+        let answer = reach::probe(addr, &host, reach::listens_tls(&vhost)).await;
+        if answer.reached(&vhost::upstream(upstream_port)) {
+            return Ok(());
+        }
+        let dump = self.inner.nginx.dump().await.unwrap_or_else(|err| {
+            tracing::warn!(error = %err, "cannot read nginx's configuration to say why the route is not served");
+            String::new()
+        });
+        let file = self.inner.sites.path_for(slug);
+        let why = reach::diagnose(&dump, self.inner.sites.dir(), &file, self.inner.listen, &answer);
+        tracing::warn!(%slug, ?answer, "nginx does not serve the new route");
+        Err(NginxError::NotServed(why))
+    }
+
+    /// The vhost of a preview as it is now, to put back with [`Router::restore`].
+    pub fn current(&self, slug: &Slug) -> Result<Option<String>, NginxError> {
+        self.inner.sites.read(slug).map_err(|err| self.inner.io_error(err))
+    }
+
+    /// Puts back a vhost read with [`Router::current`] (`None`: no route).
+    pub async fn restore(&self, slug: &Slug, vhost: Option<String>) -> Result<(), NginxError> {
+        self.submit(vec![(slug.clone(), vhost)]).await.map(drop)
+    }
+
     /// Removes the route of a preview; returns once nginx no longer serves it.
     pub async fn unroute(&self, slug: &Slug) -> Result<(), NginxError> {
         self.submit(vec![(slug.clone(), None)]).await.map(drop)
@@ -221,7 +252,7 @@ impl Drop for RouteTicket {
 impl Inner {
     fn render(&self, slug: &Slug, upstream_port: u16) -> Result<String, NginxError> {
         let host = self.base_domain.host_for(slug);
-        let vhost = Vhost { instance: &self.instance, slug, host: &host, listen: self.listen, upstream_port };
+        let vhost = Vhost::new(&self.instance, slug, &host, self.listen, upstream_port);
         self.template.render(&vhost).map_err(NginxError::Template)
     }
 

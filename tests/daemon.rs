@@ -471,6 +471,12 @@ struct SystemNginx {
 
 impl SystemNginx {
     fn start(dir: &std::path::Path, port: u16) -> Self {
+        Self::start_with(dir, port, true, true)
+    }
+
+    /// `includes_sites`: whether nginx.conf includes the sites dir; `long_names`: whether it
+    /// sets a `server_names_hash_bucket_size` that holds previewd's longest host names.
+    fn start_with(dir: &std::path::Path, port: u16, includes_sites: bool, long_names: bool) -> Self {
         let sites = dir.join("sites-enabled");
         std::fs::create_dir_all(&sites).unwrap();
         std::fs::create_dir_all(dir.join("tmp")).unwrap();
@@ -479,10 +485,11 @@ impl SystemNginx {
         std::fs::write(
             &conf,
             format!(
-                "pid {pid};\nevents {{}}\nhttp {{\n  client_body_temp_path {tmp}/b;\n  proxy_temp_path {tmp}/p;\n  fastcgi_temp_path {tmp}/f;\n  uwsgi_temp_path {tmp}/u;\n  scgi_temp_path {tmp}/s;\n  server_names_hash_bucket_size 256;\n  server {{ listen 127.0.0.1:{port} default_server; return 404; }}\n  include {sites}/*;\n}}\n",
+                "pid {pid};\nevents {{}}\nhttp {{\n  client_body_temp_path {tmp}/b;\n  proxy_temp_path {tmp}/p;\n  fastcgi_temp_path {tmp}/f;\n  uwsgi_temp_path {tmp}/u;\n  scgi_temp_path {tmp}/s;\n{bucket}  server {{ listen 127.0.0.1:{port} default_server; return 404; }}\n{include}}}\n",
                 pid = dir.join("nginx.pid").display(),
                 tmp = tmp.display(),
-                sites = sites.display(),
+                bucket = if long_names { "  server_names_hash_bucket_size 256;\n" } else { "" },
+                include = if includes_sites { format!("  include {}/*;\n", sites.display()) } else { String::new() },
             ),
         )
         .unwrap();
@@ -511,6 +518,63 @@ impl Drop for SystemNginx {
     fn drop(&mut self) {
         std::process::Command::new("kill").args(["-QUIT", &self.master]).output().ok();
     }
+}
+
+/// A previewd driving a system nginx started with `SystemNginx::start_with`.
+async fn with_system_nginx(dir: tempfile::TempDir, system: &SystemNginx, nginx_port: u16) -> TestApp {
+    let system_dir = dir.path().join("system-nginx");
+    let instance = common::unique_instance();
+    let unmanaged = format!(
+        "  managed: false\n  sites_dir: {sites}\n  pid_file: {pid}\n  test_command: {test}\n  reload_command: {reload}\n",
+        sites = system_dir.join("sites-enabled").display(),
+        pid = system_dir.join("nginx.pid").display(),
+        test = system.yaml_list(&["nginx", "-t"]),
+        reload = system.yaml_list(&["nginx", "-s", "reload"]),
+    );
+    let yaml = common::config_yaml(&instance, dir.path(), nginx_port, &Options::default())
+        .replace("  managed: true\n", &unmanaged);
+    TestApp::start_from(dir, instance, nginx_port, yaml).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launch_against_an_nginx_that_does_not_include_the_sites_dir_fails_saying_so_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let system_dir = dir.path().join("system-nginx");
+    let nginx_port = common::free_port();
+    let system = SystemNginx::start_with(&system_dir, nginx_port, false, true);
+    let app = with_system_nginx(dir, &system, nginx_port).await;
+
+    let (status, message) = error_of(app.launch(&[("image_name", "demo"), ("container_name", "lost")]).await).await;
+    let sites = system_dir.join("sites-enabled");
+    let expected = format!(
+        "nginx does not serve {}: add `include {}/*.conf;` to the http block of {}, then reload nginx",
+        sites.display(),
+        sites.display(),
+        system_dir.join("nginx.conf").display()
+    );
+    assert_eq!((status, message.as_str()), (503, expected.as_str()));
+    assert_eq!(app.containers(), Vec::<String>::new(), "the launch's container is removed");
+    let left: Vec<_> = std::fs::read_dir(&sites).unwrap().map(|entry| entry.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "files left in the sites dir: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launch_whose_host_name_nginx_cannot_hold_fails_naming_the_hash_bucket_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let system_dir = dir.path().join("system-nginx");
+    let nginx_port = common::free_port();
+    let system = SystemNginx::start_with(&system_dir, nginx_port, true, false);
+    let app = with_system_nginx(dir, &system, nginx_port).await;
+    let long = "a-preview-name-of-the-longest-kind-that-a-dns-label-can-hold-63";
+
+    let (status, message) = error_of(app.launch(&[("image_name", "demo"), ("container_name", long)]).await).await;
+    assert_eq!(status, 503, "{message}");
+    assert!(message.contains("add `server_names_hash_bucket_size 256;` to the http block"), "{message}");
+    assert_eq!(app.containers(), Vec::<String>::new(), "the launch's container is removed");
+    let sites = system_dir.join("sites-enabled");
+    assert_eq!(std::fs::read_dir(&sites).unwrap().count(), 0, "a vhost file is left in {}", sites.display());
+    // A short name still works on that nginx.
+    assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "short")]).await.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use previewd::nginx::vhost::{Vhost, VhostTemplate};
+use previewd::nginx::reach;
+use previewd::nginx::vhost::{self, Vhost, VhostTemplate};
 use previewd::preview::{BaseDomain, InstanceName, Slug};
 
 const BIN: &str = env!("CARGO_BIN_EXE_previewd");
@@ -288,6 +289,7 @@ struct TestNginx {
     dir: tempfile::TempDir,
     http_port: u16,
     tls_port: u16,
+    app_port: u16,
     started: bool,
 }
 
@@ -321,9 +323,7 @@ impl TestNginx {
         let (instance, slug) = (InstanceName::parse("default").unwrap(), Slug::parse(preview).unwrap());
         let host = BaseDomain::parse(BASE_DOMAIN).unwrap().host_for(&slug);
         let listen = ([0, 0, 0, 0], if tls { tls_port } else { http_port }).into();
-        let vhost = template
-            .render(&Vhost { instance: &instance, slug: &slug, host: &host, listen, upstream_port: app_port })
-            .unwrap();
+        let vhost = template.render(&Vhost::new(&instance, &slug, &host, listen, app_port)).unwrap();
         std::fs::write(sites.join(format!("previewd.default.{preview}.conf")), vhost).unwrap();
 
         let d = dir.path().display();
@@ -341,7 +341,7 @@ impl TestNginx {
             sites.display()
         );
         std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
-        Self { dir, http_port, tls_port, started: false }
+        Self { dir, http_port, tls_port, app_port, started: false }
     }
 
     fn nginx(&self, args: &[&str]) -> Output {
@@ -354,6 +354,12 @@ impl TestNginx {
             .arg(d.join("nginx.conf"))
             .arg("-e")
             .arg(d.join("error.log")))
+    }
+
+    /// previewd's own route check (`nginx::reach`) for a host, against this nginx on `port`.
+    fn probe(&self, host: &str, port: u16) -> reach::Answer {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(reach::probe(([127, 0, 0, 1], port).into(), host, false))
     }
 
     fn start(&mut self) {
@@ -464,6 +470,12 @@ fn nginx_serves_previews_and_answers_unknown_names_with_the_plain_snippet() {
     let (status, _, body) = nginx.get(&format!("http://nothing-here.{BASE_DOMAIN}:{port}/"));
     assert_eq!((status, body.as_str()), (404, NOT_FOUND));
 
+    // previewd's route check reaches the app through the vhost, and not for another name.
+    let answer = nginx.probe(&format!("{LONG}.{BASE_DOMAIN}"), port);
+    assert!(answer.reached(&vhost::upstream(nginx.app_port)), "{answer:?}");
+    let answer = nginx.probe(&format!("nothing-here.{BASE_DOMAIN}"), port);
+    assert_eq!(answer, reach::Answer::Http { status: 404, upstream: None });
+
     // The API is not published over plain HTTP, only the webhook and /healthz are.
     let (status, _, body) = nginx.get(&format!("http://{BASE_DOMAIN}:{port}/api/previews"));
     assert_eq!(status, 403, "{body}");
@@ -485,6 +497,11 @@ fn nginx_serves_previews_over_tls_with_the_wildcard_certificate() {
 
     let (status, _, body) = nginx.get(&format!("https://nothing-here.{BASE_DOMAIN}:{tls}/"));
     assert_eq!((status, body.as_str()), (404, NOT_FOUND));
+
+    // previewd's route check speaks TLS with SNI to that port (nginx's 400 to plain HTTP tells it
+    // to) and reaches the app through the vhost.
+    let answer = nginx.probe(&format!("{LONG}.{BASE_DOMAIN}"), tls);
+    assert!(answer.reached(&vhost::upstream(nginx.app_port)), "{answer:?}");
 
     let (status, location, _) = nginx.get(&format!("http://{LONG}.{BASE_DOMAIN}:{http}/x?y=1"));
     assert_eq!((status, location.as_str()), (301, format!("https://{LONG}.{BASE_DOMAIN}/x?y=1").as_str()));

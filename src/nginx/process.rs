@@ -42,6 +42,10 @@ pub enum NginxError {
     NotRunning(PathBuf),
     #[error("cannot write nginx files at {path}: {message}")]
     Io { path: PathBuf, message: String },
+    /// The route is written and nginx reloaded, but a request to nginx does not reach the
+    /// preview; the message says why and what to change.
+    #[error("{0}")]
+    NotServed(String),
     #[error("cannot render the vhost template: {0}")]
     Template(String),
     #[error("nginx did not {0} within {1:?}; see its error log")]
@@ -78,6 +82,12 @@ impl Nginx {
     /// `nginx -t` on the whole configuration, vhosts included.
     pub async fn test(&self) -> Result<(), NginxError> {
         self.run(&self.config.test_command).await.map_err(|err| match err {
+            NginxError::Command { message, .. } if message.contains("server_names_hash_bucket_size") => {
+                NginxError::NotServed(format!(
+                    "nginx cannot hold the preview's host name: {message}; add `server_names_hash_bucket_size 256;` \
+                     to the http block of nginx.conf (preview host names are up to 253 characters)"
+                ))
+            }
             NginxError::Command { message, .. } => NginxError::TestFailed(message),
             other => other,
         })
@@ -167,8 +177,31 @@ impl Nginx {
         Ok(())
     }
 
+    /// `nginx -T`: the whole configuration as nginx reads it, each file under a
+    /// `# configuration file <path>:` line. The test command with `-t` turned into `-T`.
+    pub async fn dump(&self) -> Result<String, NginxError> {
+        let argv: Vec<String> = self
+            .config
+            .test_command
+            .iter()
+            .map(|arg| if arg == "-t" { "-T".to_owned() } else { arg.clone() })
+            .collect();
+        if !argv.iter().any(|arg| arg == "-T") {
+            return Err(NginxError::Command {
+                command: argv.join(" "),
+                message: "nginx.test_command has no -t to turn into -T".to_owned(),
+            });
+        }
+        self.output(&argv).await
+    }
+
     /// Runs an nginx command line; in managed mode it is pointed at previewd's own nginx.
     async fn run(&self, argv: &[String]) -> Result<(), NginxError> {
+        self.output(argv).await.map(drop)
+    }
+
+    /// Runs an nginx command line and returns what it printed on stdout.
+    async fn output(&self, argv: &[String]) -> Result<String, NginxError> {
         let mut args: Vec<String> = argv[1..].to_vec();
         if let Some(managed) = &self.managed {
             for (flag, path) in [("-p", &managed.prefix), ("-c", &managed.conf), ("-e", &managed.error_log)] {
@@ -182,7 +215,7 @@ impl Nginx {
         let child = Command::new(&argv[0])
             .args(&args)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .output();
@@ -192,7 +225,7 @@ impl Nginx {
             .map_err(|err| failure(err.to_string()))?;
         let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
         match (output.status.success(), stderr.is_empty()) {
-            (true, _) => Ok(()),
+            (true, _) => Ok(String::from_utf8_lossy(&output.stdout).into_owned()),
             (false, false) => Err(failure(stderr)),
             (false, true) => Err(failure(format!("it {} and printed nothing", output.status))),
         }

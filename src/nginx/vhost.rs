@@ -12,7 +12,8 @@ use crate::preview::{Host, InstanceName, Slug};
 const NAME: &str = "vhost";
 
 /// What a vhost template can use: `{{ instance }}`, `{{ slug }}`, `{{ host }}`, `{{ listen }}`,
-/// `{{ upstream_port }}`.
+/// `{{ upstream_port }}`, and `{{ probe }}`, the location previewd checks each route through
+/// (required: see [`super::reach`]).
 #[derive(Debug, Serialize)]
 pub struct Vhost<'a> {
     pub instance: &'a InstanceName,
@@ -20,6 +21,25 @@ pub struct Vhost<'a> {
     pub host: &'a Host,
     pub listen: SocketAddr,
     pub upstream_port: u16,
+    probe: String,
+}
+
+impl<'a> Vhost<'a> {
+    pub fn new(
+        instance: &'a InstanceName,
+        slug: &'a Slug,
+        host: &'a Host,
+        listen: SocketAddr,
+        upstream_port: u16,
+    ) -> Self {
+        let probe = super::reach::probe_location(&upstream(upstream_port));
+        Self { instance, slug, host, listen, upstream_port, probe }
+    }
+}
+
+/// The address nginx proxies a preview to, as the probe header carries it.
+pub fn upstream(port: u16) -> String {
+    format!("127.0.0.1:{port}")
 }
 
 pub struct VhostTemplate {
@@ -38,14 +58,15 @@ impl VhostTemplate {
         let instance = InstanceName::parse("sample").map_err(|err| err.to_string())?;
         let slug = Slug::parse("sample").map_err(|err| err.to_string())?;
         let host = crate::preview::BaseDomain::parse("example.com").map_err(|e| e.to_string())?.host_for(&slug);
-        let sample = Vhost {
-            instance: &instance,
-            slug: &slug,
-            host: &host,
-            listen: ([127, 0, 0, 1], 80).into(),
-            upstream_port: 1,
-        };
-        template.render(&sample).map_err(|err| format!("template {}: {err}", path.display()))?;
+        let sample = Vhost::new(&instance, &slug, &host, ([127, 0, 0, 1], 80).into(), 1);
+        let rendered = template.render(&sample).map_err(|err| format!("template {}: {err}", path.display()))?;
+        if !rendered.contains(super::reach::PROBE_PATH) {
+            return Err(format!(
+                "template {} does not use {{{{ probe }}}}: put it inside the server block; previewd requests it after \
+                 each route change to prove nginx serves the preview",
+                path.display()
+            ));
+        }
         Ok(template)
     }
 
@@ -66,17 +87,21 @@ mod tests {
         let instance = InstanceName::parse("default").unwrap();
         let slug = Slug::parse("feature-x").unwrap();
         let host = crate::preview::BaseDomain::parse("preview.localhost").unwrap().host_for(&slug);
-        let vhost = Vhost {
-            instance: &instance,
-            slug: &slug,
-            host: &host,
-            listen: ([127, 0, 0, 1], 8080).into(),
-            upstream_port: 49153,
-        };
+        let vhost = Vhost::new(&instance, &slug, &host, ([127, 0, 0, 1], 8080).into(), 49153);
         let conf = template.render(&vhost).unwrap();
         assert!(conf.contains("listen 127.0.0.1:8080;"), "{conf}");
         assert!(conf.contains("server_name feature-x.preview.localhost;"), "{conf}");
         assert!(conf.contains("proxy_pass http://127.0.0.1:49153;"), "{conf}");
+        assert!(conf.contains("add_header X-Previewd-Upstream \"127.0.0.1:49153\" always;"), "{conf}");
+    }
+
+    #[test]
+    fn a_template_without_the_probe_location_is_refused_at_load_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.tera");
+        std::fs::write(&path, "server { listen {{ listen }}; server_name {{ host }}; }").unwrap();
+        let err = VhostTemplate::load(&path).err().expect("a template without the probe must be refused");
+        assert!(err.contains("{{ probe }}") && err.contains("old.tera"), "{err}");
     }
 
     #[test]

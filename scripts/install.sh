@@ -278,6 +278,16 @@ if ! out=$(set -a && . "$ENV_FILE" && set +a && "$BIN" check-config --config "$C
     warn "$CONFIG has problems:"$'\n'"$out"
     status=1
 fi
+# The whole deployment, end to end (Docker, images, nginx serving a probe vhost, DNS, GitHub,
+# ports). A first install still has preview.example.com and no secrets, so its failures are
+# reported, not fatal: they are the list of what to do next.
+if [ -n "$LIVE" ]; then
+    say "previewd doctor --config $CONFIG:"
+    # shellcheck disable=SC1090 # as above
+    (set -a && . "$ENV_FILE" && set +a && "$BIN" doctor --config "$CONFIG") 2>&1 | sed 's/^/  /' || true
+else
+    say "installed under $ROOT: on the server, run $BIN doctor --config $CONFIG"
+fi
 if [ -n "$SYSTEMD" ] && systemctl is-active --quiet previewd.service && [ -n "$BIN_CHANGED$UNIT_CHANGED" ]; then
     say "previewd is running the previous version: systemctl restart previewd"
 fi

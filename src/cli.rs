@@ -1,4 +1,4 @@
-//! The command line: the daemon (`serve`), its tools (`check-config`, `hash-password`), and the
+//! The command line: the daemon (`serve`), its tools (`check-config`, `doctor`, `hash-password`), and the
 //! client of a running daemon (`launch`, `kill`, `list`, `logs`, `login`).
 
 use std::io::Read;
@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::app::{Application, shutdown_signal};
 use crate::client::{self, Client, ClientError, ClientFile, write_client_file};
 use crate::config::Config;
+use crate::doctor::Level;
 use crate::nginx::vhost::VhostTemplate;
 
 #[derive(Debug, Parser)]
@@ -30,6 +31,12 @@ pub enum Command {
     },
     /// Validate a config file (and its vhost template): exit 0, or list every problem.
     CheckConfig {
+        #[arg(long, env = "PREVIEWD_CONFIG", default_value = "config.yml")]
+        config: PathBuf,
+    },
+    /// Check the deployment end to end (config, Docker, images, nginx, DNS, GitHub, ports): one
+    /// line per check, exit 0 only when none fails.
+    Doctor {
         #[arg(long, env = "PREVIEWD_CONFIG", default_value = "config.yml")]
         config: PathBuf,
     },
@@ -110,6 +117,7 @@ pub fn run(cli: Cli) -> ExitCode {
             serve(&config)
         }
         Command::CheckConfig { config } => check_config(&config),
+        Command::Doctor { config } => doctor(&config),
         Command::HashPassword => hash_password(),
         Command::Launch { image, name, env, open, json, server } => {
             client_command(server, |client| launch(client, image, name, env, open, json))
@@ -308,6 +316,24 @@ fn check_config(path: &Path) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn doctor(path: &Path) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("previewd: cannot start: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let checks = runtime.block_on(crate::doctor::run(path));
+    for check in &checks {
+        println!("{check}");
+    }
+    let count = |level| checks.iter().filter(|check| check.level == level).count();
+    let (ok, warn, fail) = (count(Level::Ok), count(Level::Warn), count(Level::Fail));
+    println!("doctor: {ok} ok, {warn} warning(s), {fail} failed");
+    if crate::doctor::worst(&checks) == Level::Fail { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 
 fn hash_password() -> ExitCode {

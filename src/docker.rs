@@ -79,6 +79,16 @@ fn is_not_found(err: &BollardError) -> bool {
     matches!(err, BollardError::DockerResponseServerError { status_code: 404, .. })
 }
 
+/// The engine's version and storage, as `docker version` and `docker info` tell them.
+#[derive(Debug, Clone)]
+pub struct EngineInfo {
+    pub version: String,
+    pub api_version: String,
+    pub storage_driver: String,
+    /// Where the engine keeps images and containers, on the engine's host.
+    pub data_root: String,
+}
+
 /// A container of this instance, as its labels and Docker's state describe it.
 #[derive(Debug, Clone)]
 pub struct ManagedContainer {
@@ -144,6 +154,27 @@ impl Runtime {
         Ok(Self { docker, instance, ports: PortPicker::default() })
     }
 
+    /// What `previewd doctor` reports of the engine.
+    pub async fn engine(&self) -> Result<EngineInfo, DockerError> {
+        let version = self.docker.version().await.map_err(|err| DockerError::from_bollard("tell its version", err))?;
+        let info = self.docker.info().await.map_err(|err| DockerError::from_bollard("describe itself", err))?;
+        Ok(EngineInfo {
+            version: version.version.unwrap_or_default(),
+            api_version: version.api_version.unwrap_or_default(),
+            storage_driver: info.driver.unwrap_or_default(),
+            data_root: info.docker_root_dir.unwrap_or_default(),
+        })
+    }
+
+    /// Whether an image is in the engine's store.
+    pub async fn has_image(&self, image: &str) -> Result<bool, DockerError> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => Ok(true),
+            Err(err) if is_not_found(&err) => Ok(false),
+            Err(err) => Err(DockerError::from_bollard("inspect the image", err)),
+        }
+    }
+
     pub async fn ping(&self) -> Result<(), DockerError> {
         self.docker.ping().await.map(drop).map_err(|err| DockerError::from_bollard("answer a ping", err))
     }
@@ -151,11 +182,7 @@ impl Runtime {
     /// Whether the image must be pulled before a launch, as its `pull` policy says; an error when
     /// it is missing and may not be pulled.
     pub async fn needs_pull(&self, spec: &ImageSpec) -> Result<bool, DockerError> {
-        let present = match self.docker.inspect_image(&spec.image).await {
-            Ok(_) => true,
-            Err(err) if is_not_found(&err) => false,
-            Err(err) => return Err(DockerError::from_bollard("inspect the image", err)),
-        };
+        let present = self.has_image(&spec.image).await?;
         match (spec.pull, present) {
             (PullPolicy::Never, false) => Err(DockerError::ImageMissing { image: spec.image.clone() }),
             (PullPolicy::Always, _) | (PullPolicy::Missing, false) => Ok(true),

@@ -29,6 +29,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod docker;
+pub mod doctor;
 pub mod github;
 pub mod http;
 pub mod lifecycle;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::system_nginx::SystemNginx;
 use common::{Options, PASSWORD, Template, TestApp, USER, error_of};
 use serde_json::json;
 
@@ -462,77 +463,11 @@ async fn healthz_needs_no_auth_and_reports_a_dead_nginx() {
     panic!("healthz never reported the stopped nginx: {last}");
 }
 
-/// An nginx started by hand, as a system nginx would be; stopped on drop (by pid: its files may
-/// already be gone with the temp dir).
-struct SystemNginx {
-    args: Vec<String>,
-    master: String,
-}
-
-impl SystemNginx {
-    fn start(dir: &std::path::Path, port: u16) -> Self {
-        Self::start_with(dir, port, true, true)
-    }
-
-    /// `includes_sites`: whether nginx.conf includes the sites dir; `long_names`: whether it
-    /// sets a `server_names_hash_bucket_size` that holds previewd's longest host names.
-    fn start_with(dir: &std::path::Path, port: u16, includes_sites: bool, long_names: bool) -> Self {
-        let sites = dir.join("sites-enabled");
-        std::fs::create_dir_all(&sites).unwrap();
-        std::fs::create_dir_all(dir.join("tmp")).unwrap();
-        let conf = dir.join("nginx.conf");
-        let tmp = dir.join("tmp");
-        std::fs::write(
-            &conf,
-            format!(
-                "pid {pid};\nevents {{}}\nhttp {{\n  client_body_temp_path {tmp}/b;\n  proxy_temp_path {tmp}/p;\n  fastcgi_temp_path {tmp}/f;\n  uwsgi_temp_path {tmp}/u;\n  scgi_temp_path {tmp}/s;\n{bucket}  server {{ listen 127.0.0.1:{port} default_server; return 404; }}\n{include}}}\n",
-                pid = dir.join("nginx.pid").display(),
-                tmp = tmp.display(),
-                bucket = if long_names { "  server_names_hash_bucket_size 256;\n" } else { "" },
-                include = if includes_sites { format!("  include {}/*;\n", sites.display()) } else { String::new() },
-            ),
-        )
-        .unwrap();
-        let args = vec![
-            "-p".into(),
-            dir.display().to_string(),
-            "-c".into(),
-            conf.display().to_string(),
-            "-e".into(),
-            dir.join("error.log").display().to_string(),
-        ];
-        let started = std::process::Command::new("nginx").args(&args).output().unwrap();
-        assert!(started.status.success(), "{started:?}");
-        let master = std::fs::read_to_string(dir.join("nginx.pid")).unwrap().trim().to_owned();
-        Self { args, master }
-    }
-
-    fn yaml_list(&self, head: &[&str]) -> String {
-        let items: Vec<String> =
-            head.iter().map(|s| s.to_string()).chain(self.args.iter().cloned()).map(|s| format!("\"{s}\"")).collect();
-        format!("[{}]", items.join(", "))
-    }
-}
-
-impl Drop for SystemNginx {
-    fn drop(&mut self) {
-        std::process::Command::new("kill").args(["-QUIT", &self.master]).output().ok();
-    }
-}
-
 /// A previewd driving a system nginx started with `SystemNginx::start_with`.
 async fn with_system_nginx(dir: tempfile::TempDir, system: &SystemNginx, nginx_port: u16) -> TestApp {
-    let system_dir = dir.path().join("system-nginx");
     let instance = common::unique_instance();
-    let unmanaged = format!(
-        "  managed: false\n  sites_dir: {sites}\n  pid_file: {pid}\n  test_command: {test}\n  reload_command: {reload}\n",
-        sites = system_dir.join("sites-enabled").display(),
-        pid = system_dir.join("nginx.pid").display(),
-        test = system.yaml_list(&["nginx", "-t"]),
-        reload = system.yaml_list(&["nginx", "-s", "reload"]),
-    );
     let yaml = common::config_yaml(&instance, dir.path(), nginx_port, &Options::default())
-        .replace("  managed: true\n", &unmanaged);
+        .replace("  managed: true\n", &system.unmanaged_yaml());
     TestApp::start_from(dir, instance, nginx_port, yaml).await
 }
 
@@ -584,15 +519,8 @@ async fn unmanaged_mode_drives_an_existing_nginx_through_its_commands_and_pid_fi
     let nginx_port = common::free_port();
     let system = SystemNginx::start(&system_dir, nginx_port);
     let instance = common::unique_instance();
-    let unmanaged = format!(
-        "  managed: false\n  sites_dir: {sites}\n  pid_file: {pid}\n  test_command: {test}\n  reload_command: {reload}\n",
-        sites = system_dir.join("sites-enabled").display(),
-        pid = system_dir.join("nginx.pid").display(),
-        test = system.yaml_list(&["nginx", "-t"]),
-        reload = system.yaml_list(&["nginx", "-s", "reload"]),
-    );
     let yaml = common::config_yaml(&instance, dir.path(), nginx_port, &Options::default())
-        .replace("  managed: true\n", &unmanaged);
+        .replace("  managed: true\n", &system.unmanaged_yaml());
     let mut app = TestApp::start_from(dir, instance, nginx_port, yaml).await;
 
     assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "sys")]).await.status(), 200);

@@ -78,6 +78,37 @@ struct PermissionItem {
     permission: String,
 }
 
+/// What the token's owner may do on a repository (`GET /repos/{owner}/{repo}`'s `permissions`).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RepoPermissions {
+    #[serde(default)]
+    pub admin: bool,
+    #[serde(default)]
+    pub push: bool,
+    #[serde(default)]
+    pub pull: bool,
+}
+
+#[derive(Deserialize)]
+struct RepoItem {
+    #[serde(default)]
+    permissions: Option<RepoPermissions>,
+}
+
+#[derive(Deserialize)]
+struct HookItem {
+    #[serde(default)]
+    active: bool,
+    #[serde(default)]
+    config: HookConfig,
+}
+
+#[derive(Default, Deserialize)]
+struct HookConfig {
+    #[serde(default)]
+    url: Option<String>,
+}
+
 #[derive(Clone)]
 pub struct GitHubApi {
     octocrab: Octocrab,
@@ -214,6 +245,20 @@ impl GitHubApi {
     pub async fn user(&self) -> Result<String, ApiCallError> {
         let user: UserItem = self.observe(self.octocrab.get("/user", None::<&()>).await)?;
         Ok(user.login)
+    }
+
+    /// The token owner's permissions on a repository (none listed: read-only, as for an
+    /// installation token GitHub describes without them).
+    pub async fn repo_permissions(&self, repo: &str) -> Result<RepoPermissions, ApiCallError> {
+        let item: RepoItem = self.observe(self.octocrab.get(format!("/repos/{repo}"), None::<&()>).await)?;
+        Ok(item.permissions.unwrap_or_default())
+    }
+
+    /// The URLs the repository's active webhooks deliver to (needs admin on the repository).
+    pub async fn hook_urls(&self, repo: &str) -> Result<Vec<String>, ApiCallError> {
+        let route = format!("/repos/{repo}/hooks?per_page={PER_PAGE}");
+        let hooks: Vec<HookItem> = self.observe(self.octocrab.get(route, None::<&()>).await)?;
+        Ok(hooks.into_iter().filter(|hook| hook.active).filter_map(|hook| hook.config.url).collect())
     }
 
     /// `admin`, `write`, `read` or `none`.

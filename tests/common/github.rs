@@ -104,6 +104,8 @@ struct Repo {
     comments: Vec<StoredComment>,
     deployments: Vec<StoredDeployment>,
     pulls: Vec<Value>,
+    /// Payload URLs of the repository's webhooks.
+    hooks: Vec<String>,
 }
 
 /// Who made a resource and when: shown by GitHub, rarely asserted on by tests.
@@ -177,6 +179,11 @@ impl FakeGitHub {
     pub fn set_permission(&self, repo: &str, login: &str, permission: &str) {
         let mut inner = self.shared.lock();
         inner.repo_entry(repo).permissions.insert(login.to_lowercase(), permission.to_owned());
+    }
+
+    /// The repository's (active, `web`) webhooks deliver to these payload URLs.
+    pub fn set_hooks(&self, repo: &str, urls: &[&str]) {
+        self.shared.lock().repo_entry(repo).hooks = urls.iter().map(|url| (*url).to_owned()).collect();
     }
 
     pub fn set_open_pulls(&self, repo: &str, pulls: Vec<Value>) {
@@ -269,6 +276,7 @@ impl Inner {
             comments: Vec::new(),
             deployments: Vec::new(),
             pulls: Vec::new(),
+            hooks: Vec::new(),
         })
     }
 
@@ -293,6 +301,8 @@ fn router(shared: Arc<Shared>) -> Router {
     let repo = "/repos/{owner}/{repo}";
     Router::new()
         .route("/user", get(get_user))
+        .route(repo, get(get_repo))
+        .route(&format!("{repo}/hooks"), get(list_hooks))
         .route(&format!("{repo}/collaborators/{{username}}/permission"), get(get_permission))
         .route(&format!("{repo}/issues/{{issue}}/comments"), get(list_comments).post(create_comment))
         // GitHub accepts POST in place of PATCH for clients that cannot send PATCH.
@@ -377,6 +387,76 @@ async fn get_user(State(shared): Fake, Extension(caller): Extension<Caller>) -> 
     user["email"] = Value::Null;
     user["created_at"] = json!("2011-01-25T18:44:36Z");
     reply(StatusCode::OK, &user)
+}
+
+/// `GET /repos/{owner}/{repo}`: a public repository, with the caller's `permissions`.
+async fn get_repo(
+    State(shared): Fake,
+    Extension(caller): Extension<Caller>,
+    Path((owner, name)): Path<(String, String)>,
+) -> Answer {
+    let mut inner = shared.lock();
+    let repo = inner.known_repo(&owner, &name)?;
+    let role = repo.permissions.get(&caller.login.to_lowercase()).cloned().unwrap_or_else(|| "none".to_owned());
+    let mut permissions = permissions_json(&role);
+    permissions["pull"] = json!(true);
+    let full_name = repo.full_name.clone();
+    let (owner_login, short) = full_name.split_once('/').unwrap_or((&full_name, &full_name));
+    let id = stable_id(&full_name);
+    Ok(reply(
+        StatusCode::OK,
+        &json!({
+            "id": id,
+            "node_id": format!("R_fake{id}"),
+            "name": short,
+            "full_name": full_name,
+            "private": false,
+            "owner": user_json(&shared.base, owner_login),
+            "html_url": format!("{WEB}/{full_name}"),
+            "url": format!("{}/repos/{full_name}", shared.base),
+            "default_branch": "main",
+            "visibility": "public",
+            "permissions": permissions,
+        }),
+    ))
+}
+
+/// `GET /repos/{owner}/{repo}/hooks`: admins only; GitHub answers others 404.
+async fn list_hooks(
+    State(shared): Fake,
+    Extension(caller): Extension<Caller>,
+    Path((owner, name)): Path<(String, String)>,
+) -> Answer {
+    let mut inner = shared.lock();
+    let repo = inner.known_repo(&owner, &name)?;
+    if repo.permissions.get(&caller.login.to_lowercase()).map(String::as_str) != Some("admin") {
+        return Err(not_found());
+    }
+    let base = format!("{}/repos/{}", shared.base, repo.full_name);
+    let hooks: Vec<Value> = repo
+        .hooks
+        .iter()
+        .enumerate()
+        .map(|(index, url)| {
+            let id = 1000 + index as u64;
+            json!({
+                "type": "Repository",
+                "id": id,
+                "name": "web",
+                "active": true,
+                "events": ["pull_request"],
+                "config": { "content_type": "json", "insecure_ssl": "0", "url": url },
+                "updated_at": "2026-01-01T00:00:00Z",
+                "created_at": "2026-01-01T00:00:00Z",
+                "url": format!("{base}/hooks/{id}"),
+                "test_url": format!("{base}/hooks/{id}/test"),
+                "ping_url": format!("{base}/hooks/{id}/pings"),
+                "deliveries_url": format!("{base}/hooks/{id}/deliveries"),
+                "last_response": { "code": null, "status": "unused", "message": null },
+            })
+        })
+        .collect();
+    Ok(reply(StatusCode::OK, &json!(hooks)))
 }
 
 async fn get_permission(State(shared): Fake, Path((owner, name, login)): Path<(String, String, String)>) -> Answer {

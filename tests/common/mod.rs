@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod github;
+pub mod system_nginx;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

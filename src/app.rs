@@ -41,6 +41,7 @@ impl Application {
     /// managed nginx running, routes reconciled. If a step fails after the managed nginx was
     /// started, it is stopped again.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        refuse_unsafe_images(&config)?;
         let config = Arc::new(config);
         let listener =
             TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -160,6 +161,20 @@ fn github_service(
         (sync, every)
     });
     Ok((Some(GitHubService { previews, deliveries: Arc::default() }), tokens, sync))
+}
+
+/// Images whose settings hand a preview the host run only with `allow_unsafe: true` (and are
+/// logged then); a config that a copy-paste made unsafe is caught before the first launch.
+fn refuse_unsafe_images(config: &Config) -> anyhow::Result<()> {
+    let settings = config.unsafe_settings();
+    for (line, _) in settings.iter().filter(|(_, refused)| !refused) {
+        tracing::warn!("{line}");
+    }
+    let refused: Vec<&str> = settings.iter().filter(|(_, refused)| *refused).map(|(line, _)| line.as_str()).collect();
+    if refused.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!("these settings weaken the isolation of previews:\n  {}", refused.join("\n  "))
 }
 
 async fn stop_managed_nginx(lifecycle: &Lifecycle) {

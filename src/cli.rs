@@ -301,6 +301,9 @@ fn load(path: &Path) -> Result<Config, String> {
 fn check_config(path: &Path) -> ExitCode {
     match load(path) {
         Ok(config) => {
+            for (line, _) in config.unsafe_settings() {
+                eprintln!("{}: warning: {line}", path.display());
+            }
             println!(
                 "{}: OK (instance {}, {} image(s), {} user(s), previews at *.{})",
                 path.display(),

@@ -17,7 +17,9 @@ use serde_norway::{Mapping, Value};
 use crate::preview::{BaseDomain, EnvName, Host, ImageKey, InstanceName};
 
 pub mod github;
+pub mod hardening;
 pub use github::{GitHubConfig, RepoConfig};
+pub use hardening::Capability;
 
 /// Everything previewd needs, validated.
 #[derive(Debug, Clone)]
@@ -57,9 +59,17 @@ pub struct ImageSpec {
     pub command: Option<Vec<String>>,
     pub env: BTreeMap<EnvName, String>,
     pub pull: PullPolicy,
-    pub memory: Option<i64>,
+    /// Bytes; `DEFAULT_MEMORY` when config.yml sets none, so no preview is unbounded.
+    pub memory: i64,
     pub cpus: Option<f64>,
-    pub pids: Option<i64>,
+    /// `DEFAULT_PIDS` when config.yml sets none (a fork bomb stays inside its preview).
+    pub pids: i64,
+    /// Added back after `CapDrop: ALL`.
+    pub cap_add: Vec<Capability>,
+    /// The root filesystem is read-only, with a tmpfs on `/tmp`.
+    pub read_only: bool,
+    /// `serve` runs the image although its settings weaken the isolation (`unsafe_settings`).
+    pub allow_unsafe: bool,
     pub container_create_params: serde_json::Map<String, serde_json::Value>,
     pub health_path: String,
     pub health_timeout: Duration,
@@ -288,6 +298,12 @@ struct RawImage {
     #[serde(default)]
     pids: Option<i64>,
     #[serde(default)]
+    cap_add: Option<Vec<String>>,
+    #[serde(default)]
+    read_only: Option<bool>,
+    #[serde(default)]
+    allow_unsafe: Option<bool>,
+    #[serde(default)]
     container_create_params: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(default)]
     health_path: Option<String>,
@@ -330,6 +346,10 @@ const DEFAULT_LISTEN: &str = "127.0.0.1:7800";
 const DEFAULT_NGINX_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_HEALTH_TIMEOUT_SECS: u64 = 30;
 const DEFAULT_RELOAD_TIMEOUT_SECS: u64 = 10;
+/// 1 GiB: the memory of a preview whose image sets no `memory`.
+pub const DEFAULT_MEMORY: i64 = 1 << 30;
+/// The process limit of a preview whose image sets no `pids`.
+pub const DEFAULT_PIDS: i64 = 512;
 
 impl RawConfig {
     fn validate(self, base_dir: &Path) -> Result<Config, Vec<Problem>> {
@@ -460,19 +480,65 @@ fn validate_image(path: &str, raw: RawImage, problems: &mut Problems) -> Option<
     if let Err(message) = check_create_params(&params) {
         problems.add(&format!("{path}.container_create_params"), message);
     }
+    let cap_add: Vec<Capability> = raw
+        .cap_add
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|name| {
+            Capability::parse(name).map_err(|message| problems.add(&format!("{path}.cap_add"), message)).ok()
+        })
+        .collect();
     (problems.0.len() == before).then(|| ImageSpec {
         image: raw.image,
         port: raw.port,
         command: raw.command,
         env: raw.env,
         pull: raw.pull.unwrap_or(PullPolicy::Missing),
-        memory,
+        memory: memory.unwrap_or(DEFAULT_MEMORY),
         cpus: raw.cpus,
-        pids: raw.pids,
+        pids: raw.pids.unwrap_or(DEFAULT_PIDS),
+        cap_add,
+        read_only: raw.read_only.unwrap_or(false),
+        allow_unsafe: raw.allow_unsafe.unwrap_or(false),
         container_create_params: params,
         health_path,
         health_timeout: Duration::from_secs(health_timeout),
     })
+}
+
+impl ImageSpec {
+    /// Each setting that weakens the container's isolation, as `(key under the image, why)`.
+    pub fn unsafe_settings(&self) -> Vec<(String, String)> {
+        let caps = self.cap_add.iter().filter(|cap| cap.gives_the_host());
+        caps.map(|cap| ("cap_add".to_owned(), format!("{cap} lets the container take over the host or its network")))
+            .chain(
+                hardening::unsafe_params(&self.container_create_params)
+                    .into_iter()
+                    .map(|(key, why)| (format!("container_create_params.{key}"), why)),
+            )
+            .collect()
+    }
+}
+
+impl Config {
+    /// One line per setting that weakens an image's isolation, `images.<key>.<path>: why`, and
+    /// whether `serve` refuses it (the image lacks `allow_unsafe: true`).
+    pub fn unsafe_settings(&self) -> Vec<(String, bool)> {
+        self.images
+            .iter()
+            .flat_map(|(key, spec)| {
+                spec.unsafe_settings().into_iter().map(move |(path, why)| {
+                    let refused = !spec.allow_unsafe;
+                    let consequence = if refused {
+                        format!("serve refuses it unless images.{key}.allow_unsafe: true")
+                    } else {
+                        "allowed by allow_unsafe: true".to_owned()
+                    };
+                    (format!("images.{key}.{path}: {why}; {consequence}"), refused)
+                })
+            })
+            .collect()
+    }
 }
 
 /// The raw Docker create fields must be fields Docker knows (`ContainerCreateBody`), with the
@@ -566,6 +632,27 @@ mod tests {
         assert_eq!(demo.pull, PullPolicy::Missing);
         assert_eq!(demo.health_path, "/");
         assert_eq!(demo.health_timeout, Duration::from_secs(30));
+        assert_eq!((demo.memory, demo.pids), (DEFAULT_MEMORY, DEFAULT_PIDS), "no preview is unbounded");
+        assert!(demo.cap_add.is_empty() && !demo.read_only && !demo.allow_unsafe);
+    }
+
+    #[test]
+    fn an_unknown_capability_is_named_with_its_image() {
+        let text = minimal().replace("port: 3000", "port: 3000\n    cap_add: [CHOWN, FLY]");
+        let err = Config::from_yaml(&text, Path::new("/etc/previewd")).unwrap_err();
+        assert!(
+            err.iter().any(|p| p.message.contains("images.demo.cap_add: \"FLY\" is not a Linux capability")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_host_capability_in_cap_add_is_an_unsafe_setting() {
+        let text = minimal().replace("port: 3000", "port: 3000\n    cap_add: [NET_ADMIN]");
+        let config = Config::from_yaml(&text, Path::new("/etc/previewd")).unwrap();
+        let settings = config.unsafe_settings();
+        assert_eq!(settings.len(), 1);
+        assert!(settings[0].0.starts_with("images.demo.cap_add: NET_ADMIN") && settings[0].1, "{settings:?}");
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub const LABEL_CREATED: &str = "previewd.created";
 /// What the container's log files may grow to (json-file rotation), so previews cannot fill the disk.
 const LOG_MAX_SIZE: &str = "10m";
 const LOG_MAX_FILES: &str = "3";
+/// `/tmp` of a read-only preview: writable, but no device files or set-uid programs.
+const READ_ONLY_TMPFS: &str = "rw,nosuid,nodev,size=256m";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
@@ -271,9 +273,13 @@ impl Runtime {
                         ("max-file".to_owned(), LOG_MAX_FILES.to_owned()),
                     ])),
                 }),
-                memory: spec.memory,
+                memory: Some(spec.memory),
                 nano_cpus: spec.cpus.map(|cpus| (cpus * 1e9).round() as i64),
-                pids_limit: spec.pids,
+                pids_limit: Some(spec.pids),
+                cap_drop: Some(vec!["ALL".to_owned()]),
+                cap_add: Some(capabilities(spec)),
+                readonly_rootfs: spec.read_only.then_some(true),
+                tmpfs: spec.read_only.then(|| HashMap::from([("/tmp".to_owned(), READ_ONLY_TMPFS.to_owned())])),
                 ..Default::default()
             }),
             ..Default::default()
@@ -557,6 +563,18 @@ fn is_kept_running(host_config: &HostConfig) -> bool {
 
 fn unix_nanos() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+}
+
+/// The image's `cap_add` and any `CapAdd` of its create params: both survive `CapDrop: ALL`.
+fn capabilities(spec: &ImageSpec) -> Vec<String> {
+    let mut caps: Vec<String> = spec.cap_add.iter().map(ToString::to_string).collect();
+    let user = spec.container_create_params.get("HostConfig").and_then(|host| host.get("CapAdd"));
+    for cap in user.and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
+        if !caps.iter().any(|known| known.eq_ignore_ascii_case(cap)) {
+            caps.push(cap.to_owned());
+        }
+    }
+    caps
 }
 
 fn user_security_opts(params: &serde_json::Map<String, Value>) -> Vec<String> {

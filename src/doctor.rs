@@ -78,6 +78,9 @@ pub async fn run(config_path: &Path) -> Vec<Check> {
             config.base_domain
         ),
     )];
+    for (line, refused) in config.unsafe_settings() {
+        checks.push(if refused { Check::fail("isolation", line) } else { Check::warn("isolation", line) });
+    }
     let template = match VhostTemplate::load(&config.nginx.template) {
         Ok(template) => {
             checks.push(Check::ok("template", format!("{} renders", config.nginx.template.display())));

@@ -74,6 +74,32 @@ fn check_config_reports_a_broken_template() {
 }
 
 #[test]
+fn check_config_warns_about_create_params_that_hand_a_preview_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = std::fs::read_to_string("config.yml").unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = shipped
+        .replace("templates/vhost.conf.tera", &root.join("templates/vhost.conf.tera").display().to_string())
+        .replacen(
+            "    port: 3000\n",
+            "    port: 3000\n    container_create_params: {HostConfig: {NetworkMode: host}}\n",
+            1,
+        );
+    let path = dir.path().join("config.yml");
+    std::fs::write(&path, text).unwrap();
+    let output = Command::new(BIN).args(["check-config", "--config"]).arg(&path).output().unwrap();
+    assert!(output.status.success(), "a warning is not an error: {output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}: warning: images.demo.container_create_params.HostConfig.NetworkMode: sharing the host's namespace",
+            path.display()
+        )) && stderr.contains("serve refuses it unless images.demo.allow_unsafe: true"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn hash_password_prints_an_argon2id_hash_of_stdin() {
     let mut child =
         Command::new(BIN).arg("hash-password").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();

@@ -370,12 +370,20 @@ impl TestNginx {
 
     /// curl's status line, Location header and body for a URL, resolving every name to 127.0.0.1.
     fn get(&self, url: &str) -> (u16, String, String) {
+        self.get_with(url, &[])
+    }
+
+    /// `get` with extra request headers (`Name: value`).
+    fn get_with(&self, url: &str, headers: &[&str]) -> (u16, String, String) {
         let host = url.split("://").nth(1).unwrap().split('/').next().unwrap();
         let mut curl = Command::new("curl");
         curl.args(["-sS", "--max-time", "5", "--noproxy", "*", "--resolve", &format!("{host}:127.0.0.1")]);
         let cert = self.dir.path().join("cert.pem");
         if cert.exists() {
             curl.arg("--cacert").arg(cert);
+        }
+        for header in headers {
+            curl.args(["-H", header]);
         }
         let output = run(curl.args(["-w", "\n%{http_code} %{redirect_url}", url]));
         assert!(output.status.success(), "curl {url}: {}", text(&output));
@@ -479,6 +487,20 @@ fn nginx_serves_previews_and_answers_unknown_names_with_the_plain_snippet() {
     // The API is not published over plain HTTP, only the webhook and /healthz are.
     let (status, _, body) = nginx.get(&format!("http://{BASE_DOMAIN}:{port}/api/previews"));
     assert_eq!(status, 403, "{body}");
+}
+
+#[test]
+fn the_app_sees_the_client_address_nginx_saw_and_a_connection_header_nginx_chose() {
+    let mut nginx = TestNginx::new("previewd-wildcard.conf", "headers", true);
+    nginx.start();
+    let url = format!("http://headers.{BASE_DOMAIN}:{}/", nginx.http_port);
+    let spoofed = ["X-Forwarded-For: 203.0.113.66", "Connection: keep-alive, x-forwarded-for"];
+    let (status, _, body) = nginx.get_with(&url, &spoofed);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("x-forwarded-for: 127.0.0.1\r") && !body.contains("203.0.113.66"), "{body}");
+    assert!(body.contains("connection: close\r"), "{body}");
+    let (_, _, body) = nginx.get_with(&url, &["Upgrade: websocket", "Connection: Upgrade"]);
+    assert!(body.contains("connection: upgrade\r") && body.contains("upgrade: websocket\r"), "{body}");
 }
 
 #[test]

@@ -253,8 +253,7 @@ async fn preview_logs(
 async fn healthz(State(state): State<AppState>) -> Response {
     let docker = state.lifecycle.runtime().ping().await.err().map(|err| err.to_string());
     let nginx = state.lifecycle.router().nginx();
-    let nginx_error =
-        nginx.master_pid().is_none().then(|| "no live nginx master process (is nginx running?)".to_owned());
+    let nginx_error = nginx.master_pid().is_none().then(|| nginx.not_running().to_string());
     let healthy = docker.is_none() && nginx_error.is_none();
     let check = |error: Option<String>| match error {
         None => json!({ "ok": true }),

@@ -463,6 +463,36 @@ async fn healthz_needs_no_auth_and_reports_a_dead_nginx() {
     panic!("healthz never reported the stopped nginx: {last}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_stopped_system_nginx_healthz_and_launches_name_the_pid_file_and_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let system_dir = dir.path().join("system-nginx");
+    let nginx_port = common::free_port();
+    let system = SystemNginx::start(&system_dir, nginx_port);
+    let app = with_system_nginx(dir, &system, nginx_port).await;
+    let pid_file = system_dir.join("nginx.pid");
+    common::stop_nginx(&pid_file);
+    let expected = format!(
+        "nginx is not running: no live nginx master in {} (nginx.pid_file): start nginx (systemctl start nginx), \
+         or set nginx.pid_file to the pid file nginx.conf names",
+        pid_file.display()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let response = app.client.get(app.url("/healthz")).send().await.unwrap();
+        let status = response.status().as_u16();
+        let body: serde_json::Value = response.json().await.unwrap();
+        if status == 503 || Instant::now() > deadline {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(body["nginx"]["error"], expected.as_str(), "{body}");
+    let (status, message) = error_of(app.launch(&[("image_name", "demo"), ("container_name", "nowhere")]).await).await;
+    assert_eq!((status, message.as_str()), (503, expected.as_str()));
+    assert_eq!(app.containers(), Vec::<String>::new(), "the failed launch leaves no container");
+}
+
 /// A previewd driving a system nginx started with `SystemNginx::start_with`.
 async fn with_system_nginx(dir: tempfile::TempDir, system: &SystemNginx, nginx_port: u16) -> TestApp {
     let instance = common::unique_instance();

@@ -25,7 +25,7 @@ pub async fn nginx_checks(config: &Config, template: Option<&VhostTemplate>) -> 
         return checks;
     }
     let Some(master) = nginx.master_pid() else {
-        checks.push(not_running(config));
+        checks.push(not_running(config, &nginx));
         return checks;
     };
     checks.push(Check::ok("nginx running", format!("master pid {master} ({})", config.nginx.pid_file.display())));
@@ -58,7 +58,7 @@ async fn found(program: &str) -> Check {
     }
 }
 
-fn not_running(config: &Config) -> Check {
+fn not_running(config: &Config, nginx: &Nginx) -> Check {
     let pid_file = config.nginx.pid_file.display();
     if config.nginx.managed {
         Check::warn(
@@ -69,13 +69,7 @@ fn not_running(config: &Config) -> Check {
             ),
         )
     } else {
-        Check::fail(
-            "nginx running",
-            format!(
-                "no live nginx master in {pid_file}: start nginx (systemctl start nginx), or set nginx.pid_file to \
-                 the pid file nginx.conf names"
-            ),
-        )
+        Check::fail("nginx running", nginx.not_running().to_string())
     }
 }
 

@@ -85,7 +85,7 @@ fn lifecycle_status(err: &LifecycleError) -> StatusCode {
             StatusCode::UNPROCESSABLE_ENTITY
         }
         LifecycleError::Docker(DockerError::Api { .. }) => StatusCode::BAD_GATEWAY,
-        LifecycleError::Nginx(NginxError::NotRunning(_) | NginxError::Stopped | NginxError::NotServed(_)) => {
+        LifecycleError::Nginx(NginxError::NotRunning { .. } | NginxError::Stopped | NginxError::NotServed(_)) => {
             StatusCode::SERVICE_UNAVAILABLE
         }
         LifecycleError::Nginx(_) => StatusCode::INTERNAL_SERVER_ERROR,

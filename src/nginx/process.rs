@@ -38,8 +38,8 @@ pub enum NginxError {
     RolledBack(String),
     #[error("cannot run `{command}`: {message}")]
     Command { command: String, message: String },
-    #[error("nginx is not running (no live nginx master process in {0})")]
-    NotRunning(PathBuf),
+    #[error("{}", not_running_message(pid_file, *managed))]
+    NotRunning { pid_file: PathBuf, managed: bool },
     #[error("cannot write nginx files at {path}: {message}")]
     Io { path: PathBuf, message: String },
     /// The route is written and nginx reloaded, but a request to nginx does not reach the
@@ -52,6 +52,20 @@ pub enum NginxError {
     Timeout(&'static str, Duration),
     #[error("previewd is shutting down and no longer changes routes")]
     Stopped,
+}
+
+fn not_running_message(pid_file: &Path, managed: bool) -> String {
+    let pid_file = pid_file.display();
+    if managed {
+        format!(
+            "previewd's nginx is not running (no live nginx master in {pid_file}); previewd starts it again within seconds"
+        )
+    } else {
+        format!(
+            "nginx is not running: no live nginx master in {pid_file} (nginx.pid_file): start nginx \
+             (systemctl start nginx), or set nginx.pid_file to the pid file nginx.conf names"
+        )
+    }
 }
 
 /// Paths of previewd's own nginx, all under `<state_dir>/nginx`.
@@ -101,7 +115,7 @@ impl Nginx {
     /// and the master parses it again, so the third parse only made each reload slower (~45 ms
     /// at 500 vhosts).
     pub async fn reload(&self) -> Result<Drain, NginxError> {
-        let master = self.master_pid().ok_or_else(|| NginxError::NotRunning(self.config.pid_file.clone()))?;
+        let master = self.master_pid().ok_or_else(|| self.not_running())?;
         let old_workers: HashSet<u32> = workers(master).into_iter().collect();
         match &self.config.reload_command {
             Some(argv) => self.run(argv).await?,
@@ -119,6 +133,11 @@ impl Nginx {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// The error for a pid file that names no live master: it names the file and the key.
+    pub fn not_running(&self) -> NginxError {
+        NginxError::NotRunning { pid_file: self.config.pid_file.clone(), managed: self.config.managed }
     }
 
     /// The pid of the live nginx master named by the pid file, if any.

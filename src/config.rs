@@ -70,9 +70,26 @@ pub struct ImageSpec {
     pub read_only: bool,
     /// `serve` runs the image although its settings weaken the isolation (`unsafe_settings`).
     pub allow_unsafe: bool,
+    /// Which fields of a launch request become variables.
+    pub request_env: RequestEnv,
     pub container_create_params: serde_json::Map<String, serde_json::Value>,
     pub health_path: String,
     pub health_timeout: Duration,
+}
+
+/// `images.<key>.request_env`: `true` (any field, as Stager did), a list of names, or `false`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestEnv {
+    Any,
+    Only(std::collections::BTreeSet<EnvName>),
+    None,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawRequestEnv {
+    Flag(bool),
+    Names(Vec<EnvName>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -304,6 +321,8 @@ struct RawImage {
     #[serde(default)]
     allow_unsafe: Option<bool>,
     #[serde(default)]
+    request_env: Option<RawRequestEnv>,
+    #[serde(default)]
     container_create_params: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(default)]
     health_path: Option<String>,
@@ -500,6 +519,11 @@ fn validate_image(path: &str, raw: RawImage, problems: &mut Problems) -> Option<
         cap_add,
         read_only: raw.read_only.unwrap_or(false),
         allow_unsafe: raw.allow_unsafe.unwrap_or(false),
+        request_env: match raw.request_env {
+            None | Some(RawRequestEnv::Flag(true)) => RequestEnv::Any,
+            Some(RawRequestEnv::Flag(false)) => RequestEnv::None,
+            Some(RawRequestEnv::Names(names)) => RequestEnv::Only(names.into_iter().collect()),
+        },
         container_create_params: params,
         health_path,
         health_timeout: Duration::from_secs(health_timeout),

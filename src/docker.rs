@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use crate::config::{ImageSpec, PullPolicy};
 use crate::preview::{ImageKey, InstanceName, Slug};
-use crate::request::PullRequestOrigin;
+use crate::request::{Owner, PullRequestOrigin};
 
 pub const LABEL_MANAGED: &str = "previewd.managed";
 pub const LABEL_INSTANCE: &str = "previewd.instance";
@@ -32,6 +32,8 @@ pub const LABEL_PORT: &str = "previewd.port";
 pub const LABEL_REPO: &str = "previewd.repo";
 pub const LABEL_PR: &str = "previewd.pr";
 pub const LABEL_SHA: &str = "previewd.sha";
+/// Who launched a preview by hand (`Owner`'s label form).
+pub const LABEL_OWNER: &str = "previewd.owner";
 /// Creation time in nanoseconds: Docker's own `Created` has one-second resolution, too coarse
 /// to tell which of two containers of a quick replace is the newer.
 pub const LABEL_CREATED: &str = "previewd.created";
@@ -105,6 +107,7 @@ pub struct ManagedContainer {
     /// Unix nanoseconds, for ordering.
     pub created_ns: u128,
     pub origin: Option<PullRequestOrigin>,
+    pub owner: Option<Owner>,
 }
 
 impl ManagedContainer {
@@ -128,6 +131,7 @@ pub struct ContainerPlan<'a> {
     /// `KEY=VALUE` entries.
     pub env: Vec<String>,
     pub origin: Option<&'a PullRequestOrigin>,
+    pub owner: Option<&'a Owner>,
 }
 
 /// A container just created, and the loopback port it will be published on once started.
@@ -251,6 +255,9 @@ impl Runtime {
             labels.insert(LABEL_REPO.to_owned(), origin.repo.clone());
             labels.insert(LABEL_PR.to_owned(), origin.number.to_string());
             labels.insert(LABEL_SHA.to_owned(), origin.sha.clone());
+        }
+        if let Some(owner) = plan.owner {
+            labels.insert(LABEL_OWNER.to_owned(), owner.to_string());
         }
         let mut security_opt = user_security_opts(&spec.container_create_params);
         security_opt.push("no-new-privileges".to_owned());
@@ -486,7 +493,8 @@ fn managed_container(summary: ContainerSummary) -> Option<ManagedContainer> {
             }
             _ => None,
         };
-    Some(ManagedContainer { id: summary.id?, slug, image, state, host_port, created, created_ns, origin })
+    let owner = labels.get(LABEL_OWNER).and_then(|text| Owner::parse_label(text));
+    Some(ManagedContainer { id: summary.id?, slug, image, state, host_port, created, created_ns, origin, owner })
 }
 
 /// Publishes `<container_port>/tcp` on 127.0.0.1 only: previews are reached through nginx.

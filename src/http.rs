@@ -31,8 +31,8 @@ use crate::github::token_auth::TokenAuth;
 use crate::github::webhook::DeliveryLog;
 use crate::lifecycle::{Lifecycle, LifecycleError, PreviewInfo};
 use crate::metrics::Metrics;
-use crate::preview::ImageKey;
-use crate::request::{KillRequest, LaunchRequest, preview_name};
+use crate::preview::{ImageKey, Slug};
+use crate::request::{KillRequest, LaunchRequest, Owner, preview_name};
 use body::Fields;
 use error::ApiError;
 
@@ -128,13 +128,31 @@ impl AppState {
         }
     }
 
-    /// Basic users see every preview; GitHub users those of repositories they can push to.
+    /// Basic users see every preview; GitHub users the previews of pull requests of
+    /// repositories they can push to, and the previews they launched.
     async fn may_see(&self, principal: &Principal, preview: &PreviewInfo) -> Result<bool, ApiError> {
-        match (principal, &self.tokens, &self.config.github) {
-            (Principal::GitHub(login), Some(tokens), Some(github)) => {
-                Ok(tokens.may_see(github, login, preview.repo.as_deref(), &preview.image).await?)
-            }
-            _ => Ok(true),
+        match (principal, &self.tokens, &preview.repo) {
+            (Principal::User(_), _, _) => Ok(true),
+            (Principal::GitHub(login), Some(tokens), Some(repo)) => Ok(tokens.may_push(repo, login).await?),
+            (Principal::GitHub(login), _, None) => Ok(preview.owner == Some(Owner::GitHub(login.clone()))),
+            (Principal::GitHub(_), None, Some(_)) => Ok(false),
+        }
+    }
+
+    /// A manual launch may not take a name a repo's pull requests get, nor replace a preview
+    /// the caller may not see (a GitHub user's launch of an operator's or a PR's preview).
+    async fn may_launch(&self, principal: &Principal, name: &Slug) -> Result<(), ApiError> {
+        let repos = self.config.github.iter().flat_map(|github| github.repos.values());
+        if let Some(repo) = repos.into_iter().find(|repo| repo.reserves(name)) {
+            return Err(ApiError::NameReserved { name: name.clone(), repo: repo.full_name.clone() });
+        }
+        if matches!(principal, Principal::User(_)) {
+            return Ok(());
+        }
+        match self.lifecycle.get(name).await {
+            Ok(existing) if !self.may_see(principal, &existing).await? => Err(ApiError::NotYours(name.clone())),
+            Ok(_) | Err(LifecycleError::NotFound(_)) => Ok(()),
+            Err(err) => Err(err.into()),
         }
     }
 
@@ -165,8 +183,13 @@ async fn launch(
     headers: HeaderMap,
     Fields(fields): Fields,
 ) -> Result<Response, ApiError> {
-    let request = LaunchRequest::parse(fields, &state.config.images)?;
+    let mut request = LaunchRequest::parse(fields, &state.config.images)?;
     state.authorize(&principal, Some(&request.image)).await?;
+    state.may_launch(&principal, &request.name).await?;
+    request.owner = Some(match &principal {
+        Principal::User(name) => Owner::User(name.clone()),
+        Principal::GitHub(login) => Owner::GitHub(login.clone()),
+    });
     if accepts(&headers, NDJSON) {
         return Ok(launch_streaming(&state, request));
     }
@@ -183,10 +206,8 @@ async fn kill(
 ) -> Result<Response, ApiError> {
     let request = KillRequest::parse(fields)?;
     if matches!(principal, Principal::GitHub(_)) {
-        // Authorized at all before learning whether the preview exists.
-        state.authorize(&principal, None).await?;
-        let image = state.lifecycle.get(&request.name).await?.image;
-        state.authorize(&principal, Some(&image)).await?;
+        // A preview the caller may not see answers as one that does not exist.
+        state.visible_preview(&principal, request.name.as_ref()).await?;
     }
     let lifecycle = state.lifecycle.clone();
     let name = request.name.clone();

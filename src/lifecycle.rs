@@ -17,7 +17,7 @@ use crate::metrics::{self, ByStep, Metrics};
 use crate::nginx::{Drain, NginxError, RouteTicket, Router};
 use crate::preview::{ImageKey, Slug};
 use crate::probe::Prober;
-use crate::request::{LaunchRequest, PullRequestOrigin};
+use crate::request::{LaunchRequest, Owner, PullRequestOrigin};
 use futures_util::StreamExt;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -89,6 +89,16 @@ pub struct PreviewInfo {
     pub pr: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sha: Option<String>,
+    /// Who launched it by hand: `user:<name>` or `github:<login>`.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "owner_label")]
+    pub owner: Option<Owner>,
+}
+
+fn owner_label<S: serde::Serializer>(owner: &Option<Owner>, serializer: S) -> Result<S::Ok, S::Error> {
+    match owner {
+        Some(owner) => serializer.collect_str(owner),
+        None => serializer.serialize_none(),
+    }
 }
 
 /// What settling one preview left: the port to route, and how many containers went.
@@ -241,6 +251,7 @@ impl Lifecycle {
         }
         tracing::info!(elapsed_ms = progress.started.elapsed().as_millis() as u64, %url, "preview ready");
         let (repo, pr, sha) = split_origin(request.origin);
+        let owner = request.owner;
         Ok(PreviewInfo {
             name: request.name,
             url,
@@ -252,6 +263,7 @@ impl Lifecycle {
             repo,
             pr,
             sha,
+            owner,
         })
     }
 
@@ -274,6 +286,7 @@ impl Lifecycle {
                 spec: &request.spec,
                 env: env.clone(),
                 origin: request.origin.as_ref(),
+                owner: request.owner.as_ref(),
             };
             let container = self.runtime.create(plan).await?;
             let result = if fresh {
@@ -680,6 +693,7 @@ impl Lifecycle {
             repo,
             pr,
             sha,
+            owner: container.owner,
         }
     }
 }

@@ -356,6 +356,7 @@ async fn bad_requests_get_a_status_and_a_message_and_leave_nothing_behind() {
             "\"BAD-NAME\" is not a valid environment variable name",
         ),
         (&[("image_name", "demo"), ("container_name", "x"), ("PREVIEW_URL", "1")], 400, "set by previewd"),
+        (&[("image_name", "demo"), ("container_name", "x"), ("PREVIEW_SHA", "f00")], 400, "starting with PREVIEW_"),
         (&[("image_name", "demo"), ("container_name", "x"), ("A", "1"), ("A", "2")], 400, "given more than once"),
         (&[("image_name", "demo"), ("container_name", "x"), ("A", "nul\0byte")], 400, "NUL byte"),
         (&[("image_name", "missing"), ("container_name", "x")], 422, "pull policy is `never`: build or load it first"),

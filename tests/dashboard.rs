@@ -238,6 +238,7 @@ async fn launch_pull_request_preview(app: &TestApp) {
             number: 2,
             sha: PR_SHA.to_owned(),
         }),
+        owner: None,
     };
     app.lifecycle.as_ref().unwrap().launch(request).await.expect("the pull-request preview starts");
 }

@@ -591,8 +591,12 @@ async fn a_late_delivery_of_an_older_state_is_dropped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pull_request_never_takes_or_removes_a_preview_it_does_not_own() {
     let gh = GitHubApp::default().await;
-    let manual = gh.app.launch(&[("image_name", "demo"), ("container_name", "hello-world-pr-2")]).await;
-    assert_eq!(manual.status(), 200);
+    // The API refuses manual launches of names a PR gets (see below); one launched before the
+    // repository was configured can still hold the name.
+    let images = previewd::config::Config::from_yaml(&gh.app.options_yaml, gh.app.dir.path()).unwrap().images;
+    let fields = vec![("image_name".into(), "demo".into()), ("container_name".into(), "hello-world-pr-2".into())];
+    let request = previewd::request::LaunchRequest::parse(fields, &images).unwrap();
+    gh.app.lifecycle.as_ref().unwrap().launch(request).await.expect("a manual preview");
     let manual_id = gh.app.containers()[0].split(' ').next().unwrap().to_owned();
 
     assert_eq!(gh.send_pr(opened()).await.0, 202);
@@ -603,6 +607,111 @@ async fn a_pull_request_never_takes_or_removes_a_preview_it_does_not_own() {
     let left = gh.app.containers();
     assert!(left.len() == 1 && left[0].starts_with(&manual_id), "the manual preview is untouched: {left:?}");
     assert_eq!(gh.app.via_nginx("hello-world-pr-2", "/").await.unwrap().0, 200);
+}
+
+/// A previewd with two repos of one image: mallory may push to the other one only.
+async fn two_repos_and_mallory() -> GitHubApp {
+    let repos = format!("    {REPO}:\n      image: demo\n    other/web2:\n      image: demo\n");
+    let gh = GitHubApp::start(&repos, "  api_auth: true\n").await;
+    gh.github.add_token("mallory-token", "mallory");
+    gh.github.set_permission("other/web2", "mallory", "write");
+    gh.github.set_permission(REPO, "mallory", "read");
+    gh
+}
+
+impl GitHubApp {
+    /// A form POST to the API as a GitHub token user; status and error message.
+    async fn post_as(&self, token: &str, path: &str, fields: &[(&str, &str)]) -> (u16, String) {
+        let response = self.client.post(self.app.url(path)).bearer_auth(token).form(fields).send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        let error =
+            serde_json::from_str::<Value>(&text).ok().and_then(|body| body["error"].as_str().map(str::to_owned));
+        (status, error.unwrap_or(text))
+    }
+
+    async fn get_as(&self, token: &str, path: &str) -> u16 {
+        self.client.get(self.app.url(path)).bearer_auth(token).send().await.unwrap().status().as_u16()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_github_user_of_another_repository_gets_404_for_a_pull_requests_preview() {
+    let gh = two_repos_and_mallory().await;
+    assert_eq!(gh.send_pr(opened()).await.0, 202);
+    gh.comment_saying(2, "is live at").await;
+    let name = "hello-world-pr-2";
+    let (_, missing) = gh.post_as("mallory-token", "/kill", &[("container_name", "hello-world-pr-9")]).await;
+    let (status, message) = gh.post_as("mallory-token", "/kill", &[("container_name", name)]).await;
+    let missing = missing.replace("hello-world-pr-9", name);
+    assert_eq!((status, message.as_str()), (404, missing.as_str()), "as if it did not exist");
+    assert_eq!(gh.get_as("mallory-token", &format!("/api/previews/{name}")).await, 404);
+    assert_eq!(gh.get_as("mallory-token", &format!("/api/previews/{name}/logs")).await, 404);
+    let (status, _) = gh.post_as("mallory-token", "/launch", &[("image_name", "demo"), ("container_name", name)]).await;
+    assert_eq!(status, 409, "nor may she replace it");
+    assert_eq!(gh.app.via_nginx(name, "/").await.unwrap().0, 200, "the preview is untouched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_github_user_may_change_the_previews_they_launched_and_no_others() {
+    let gh = two_repos_and_mallory().await;
+    assert_eq!(gh.app.launch(&[("image_name", "demo"), ("container_name", "ops-box")]).await.status(), 200);
+    let (status, _) = gh.post_as("mallory-token", "/kill", &[("container_name", "ops-box")]).await;
+    assert_eq!(status, 404, "an operator's preview is not hers");
+    let fields = [("image_name", "demo"), ("container_name", "ops-box"), ("GREETING", "pwned")];
+    let (status, message) = gh.post_as("mallory-token", "/launch", &fields).await;
+    assert_eq!(
+        (status, message.as_str()),
+        (409, "the name ops-box is taken by a preview you may not change; choose another name")
+    );
+    assert!(!gh.app.via_nginx("ops-box", "/cgi-bin/env").await.unwrap().1.contains("pwned"));
+
+    let (status, _) =
+        gh.post_as("mallory-token", "/launch", &[("image_name", "demo"), ("container_name", "mine")]).await;
+    assert_eq!(status, 200);
+    let mine: Value = gh
+        .client
+        .get(gh.app.url("/api/previews/mine"))
+        .bearer_auth("mallory-token")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(mine["owner"], "github:mallory", "{mine}");
+    assert_eq!(gh.post_as("mallory-token", "/kill", &[("container_name", "mine")]).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_launch_of_a_name_a_pull_request_will_get_is_refused() {
+    let gh = GitHubApp::default().await;
+    let (status, message) =
+        common::error_of(gh.app.launch(&[("image_name", "demo"), ("container_name", "Hello-World-PR-3")]).await).await;
+    assert_eq!(status, 409);
+    assert_eq!(
+        message,
+        format!(
+            "the name hello-world-pr-3 is reserved for pull requests of {REPO} (github.repos.{REPO}.name); choose another name"
+        )
+    );
+    assert!(gh.app.containers().is_empty());
+    assert_eq!(gh.app.launch(&[("image_name", "demo"), ("container_name", "hello-world-3")]).await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_repositories_of_the_same_name_get_previews_named_with_their_owner() {
+    let repos = format!("    {REPO}:\n      image: demo\n    other/Hello-World:\n      image: demo\n");
+    let gh = GitHubApp::start(&repos, "").await;
+    assert_eq!(gh.send_pr(opened().repo("other/Hello-World")).await.0, 202);
+    assert_eq!(gh.send_pr(opened()).await.0, 202);
+    for name in ["other-hello-world-pr-2", "codertocat-hello-world-pr-2"] {
+        let deadline = std::time::Instant::now() + WAIT;
+        while gh.app.via_nginx(name, "/").await.map(|(status, _)| status).unwrap_or(0) != 200 {
+            assert!(std::time::Instant::now() < deadline, "{name} was never served");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,6 +29,12 @@ const IMAGES: &str = r#"images:
     command: [/bin/busybox, httpd, -f, -p, "3000", -h, /www]
     pull: never
     read_only: true
+  strict:
+    image: previewd-demo:latest
+    port: 3000
+    command: [/bin/busybox, httpd, -f, -p, "3000", -h, /www]
+    pull: never
+    request_env: [TICKET]
 "#;
 
 async fn app_with(images: &str) -> TestApp {
@@ -136,4 +142,24 @@ async fn serve_runs_an_unsafe_image_its_config_allows() {
     let application = Application::build(config).await.expect("allow_unsafe lets it start");
     application.shutdown_token().cancel();
     application.run_until_stopped().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn an_image_with_request_env_takes_only_the_listed_fields_as_variables() {
+    let app = app_with(IMAGES).await;
+    let fields = [("image_name", "strict"), ("container_name", "strict"), ("LD_PRELOAD", "/tmp/x.so")];
+    let (status, message) = common::error_of(app.launch(&fields).await).await;
+    assert_eq!(
+        (status, message.as_str()),
+        (
+            400,
+            "field `LD_PRELOAD` is not a variable image strict takes from requests; it takes TICKET (images.strict.request_env)"
+        )
+    );
+    assert!(app.containers().is_empty());
+    launched(&app, "strict", "strict").await;
+    let fields = [("image_name", "strict"), ("container_name", "ticket"), ("TICKET", "T-42")];
+    assert_eq!(app.launch(&fields).await.status(), 200);
+    let (_, env) = app.via_nginx("ticket", "/cgi-bin/env").await.unwrap();
+    assert!(env.contains("TICKET=T-42"), "{env}");
 }

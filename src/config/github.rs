@@ -36,6 +36,41 @@ pub struct RepoConfig {
     pub allow_forks: bool,
     pub skip_drafts: bool,
     pub image_tag: Option<NameTemplate>,
+    /// The preview names `name` can give this repo's pull requests, kept from manual launches;
+    /// `None` when the template is the branch alone (it could produce any name).
+    pub reserved: Option<regex::Regex>,
+}
+
+impl RepoConfig {
+    /// Whether `slug` is a name this repo's pull requests may get.
+    pub fn reserves(&self, slug: &Slug) -> bool {
+        self.reserved.as_ref().is_some_and(|pattern| pattern.is_match(slug.as_ref()))
+    }
+}
+
+/// Stand-ins for the parts of a pull request's name that vary, chosen to survive slugging.
+const NUMBER_MARK: u64 = 9_081_726_354;
+const BRANCH_MARK: &str = "qqbranchmarkqq";
+
+/// The names `template` gives pull requests of `owner/repo`, as a pattern over slugs.
+fn reserved_names(template: &NameTemplate, owner: &str, repo: &str) -> Option<regex::Regex> {
+    let context = PrContext { owner, repo, number: NUMBER_MARK, branch: BRANCH_MARK, sha: "0000000" };
+    let slug = template.slug(&context).ok()?;
+    let text = slug.as_ref();
+    if text == BRANCH_MARK {
+        return None;
+    }
+    let number = NUMBER_MARK.to_string();
+    let mut pattern = String::from("^");
+    for (index, piece) in text.split(BRANCH_MARK).enumerate() {
+        if index > 0 {
+            pattern.push_str("[a-z0-9-]+");
+        }
+        let literals: Vec<String> = piece.split(number.as_str()).map(regex::escape).collect();
+        pattern.push_str(&literals.join("[0-9]+"));
+    }
+    pattern.push('$');
+    regex::Regex::new(&pattern).ok()
 }
 
 impl GitHubConfig {
@@ -134,6 +169,8 @@ fn yes() -> bool {
 }
 
 const DEFAULT_NAME: &str = "{{ repo }}-pr-{{ number }}";
+/// The default when two listed repositories share a name, so their previews cannot collide.
+const DEFAULT_NAME_WITH_OWNER: &str = "{{ owner }}-{{ repo }}-pr-{{ number }}";
 const DEFAULT_SYNC_SECS: u64 = 300;
 
 pub(super) fn validate(
@@ -159,11 +196,18 @@ pub(super) fn validate(
     if raw.repos.is_empty() {
         problems.add("github.repos", "no repository is configured; add `owner/name: {image: ...}` entries");
     }
+    let short_name = |full_name: &str| full_name.rsplit('/').next().unwrap_or_default().to_ascii_lowercase();
+    let mut short_names: BTreeMap<String, usize> = BTreeMap::new();
+    for full_name in raw.repos.keys() {
+        *short_names.entry(short_name(full_name)).or_default() += 1;
+    }
     let repos: BTreeMap<String, RepoConfig> = raw
         .repos
         .into_iter()
         .filter_map(|(full_name, repo)| {
-            validate_repo(&full_name, repo, images, problems).map(|r| (full_name.to_ascii_lowercase(), r))
+            let shared = short_names.get(&short_name(&full_name)).is_some_and(|count| *count > 1);
+            let default_name = if shared { DEFAULT_NAME_WITH_OWNER } else { DEFAULT_NAME };
+            validate_repo(&full_name, repo, default_name, images, problems).map(|r| (full_name.to_ascii_lowercase(), r))
         })
         .collect();
     (problems.0.len() == before).then(|| GitHubConfig {
@@ -223,6 +267,7 @@ fn depends_on_sha(template: &NameTemplate) -> bool {
 fn validate_repo(
     full_name: &str,
     raw: RawRepo,
+    default_name: &str,
     images: &BTreeMap<ImageKey, super::ImageSpec>,
     problems: &mut Problems,
 ) -> Option<RepoConfig> {
@@ -249,7 +294,7 @@ fn validate_repo(
             None
         }
     };
-    let name = template("name", raw.name.as_deref().unwrap_or(DEFAULT_NAME));
+    let name = template("name", raw.name.as_deref().unwrap_or(default_name));
     let image_tag = raw.image_tag.as_deref().and_then(|text| template("image_tag", text));
     if name.as_ref().is_some_and(depends_on_sha) {
         problems.add(
@@ -260,7 +305,10 @@ fn validate_repo(
     if raw.label.as_deref().is_some_and(str::is_empty) {
         problems.add(&format!("{path}.label"), "must not be empty; remove it to preview every pull request");
     }
+    let (owner, repo) = full_name.split_once('/').unwrap_or_default();
+    let reserved = name.as_ref().and_then(|name| reserved_names(name, owner, repo));
     (problems.0.len() == before).then(|| RepoConfig {
+        reserved,
         full_name: full_name.to_owned(),
         image: raw.image,
         name: name.unwrap_or(NameTemplate(String::new())),
@@ -302,6 +350,25 @@ mod tests {
     fn a_name_that_changes_with_every_push_is_refused() {
         assert!(depends_on_sha(&NameTemplate::parse("pr-{{ number }}-{{ sha }}").unwrap()));
         assert!(!depends_on_sha(&NameTemplate::parse(DEFAULT_NAME).unwrap()));
+    }
+
+    fn reserves(template: &str, name: &str) -> bool {
+        let pattern = reserved_names(&NameTemplate::parse(template).unwrap(), "acme", "web");
+        pattern.is_some_and(|pattern| pattern.is_match(name))
+    }
+
+    #[test]
+    fn the_names_a_template_gives_pull_requests_are_reserved() {
+        assert!(reserves(DEFAULT_NAME, "web-pr-3") && reserves(DEFAULT_NAME, "web-pr-1234"));
+        assert!(!reserves(DEFAULT_NAME, "web-pr-x") && !reserves(DEFAULT_NAME, "my-web-pr-3"));
+        assert!(reserves(DEFAULT_NAME_WITH_OWNER, "acme-web-pr-3") && !reserves(DEFAULT_NAME_WITH_OWNER, "web-pr-3"));
+        assert!(reserves("pr-{{ number }}-{{ branch }}", "pr-7-fix-login"));
+        assert!(!reserves("pr-{{ number }}-{{ branch }}", "pr-fix-login"));
+    }
+
+    #[test]
+    fn a_name_of_the_branch_alone_reserves_nothing() {
+        assert!(!reserves("{{ branch }}", "anything"));
     }
 
     #[test]

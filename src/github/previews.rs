@@ -149,6 +149,7 @@ impl PullRequestPreviews {
                 number: target.number,
                 sha: target.sha.clone(),
             }),
+            owner: None,
         })
     }
 }

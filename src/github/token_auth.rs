@@ -79,21 +79,6 @@ impl TokenAuth {
         }
     }
 
-    /// Whether the user may see a preview of this repository (or, for a preview that is not a
-    /// pull request's, of this image).
-    pub async fn may_see(
-        &self,
-        github: &GitHubConfig,
-        login: &str,
-        repo: Option<&str>,
-        image: &ImageKey,
-    ) -> Result<bool, TokenAuthError> {
-        match repo {
-            Some(repo) => self.may_push(repo, login).await,
-            None => Ok(self.authorize(github, login, Some(image)).await.is_ok()),
-        }
-    }
-
     /// Allows a user with push access to one of the repositories whose pull requests use
     /// `image` (any configured repository when `image` is `None`).
     pub async fn authorize(
@@ -118,7 +103,8 @@ impl TokenAuth {
         Err(TokenAuthError::NoPushAccess { login: login.to_owned(), repos: names.join(", ") })
     }
 
-    async fn may_push(&self, repo: &str, login: &str) -> Result<bool, TokenAuthError> {
+    /// Whether the user may push to `repo` (asked once, then cached).
+    pub async fn may_push(&self, repo: &str, login: &str) -> Result<bool, TokenAuthError> {
         let key = (repo.to_owned(), login.to_owned());
         if let Some(allowed) = self.push.get(&key) {
             return Ok(allowed);

@@ -233,6 +233,7 @@ mod tests {
             repo: None,
             pr: None,
             sha: None,
+            owner: None,
         }
     }
 

@@ -14,6 +14,7 @@ use crate::github::token_auth::TokenAuthError;
 use crate::github::webhook::WebhookError;
 use crate::lifecycle::LifecycleError;
 use crate::nginx::NginxError;
+use crate::preview::Slug;
 use crate::request::RequestError;
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +47,10 @@ pub enum ApiError {
     Token(#[from] TokenAuthError),
     #[error("cross-site requests are refused: call the API directly (curl, `previewd launch`) or use the dashboard")]
     CrossSite,
+    #[error("the name {name} is reserved for pull requests of {repo} (github.repos.{repo}.name); choose another name")]
+    NameReserved { name: Slug, repo: String },
+    #[error("the name {0} is taken by a preview you may not change; choose another name")]
+    NotYours(Slug),
 }
 
 impl ApiError {
@@ -65,6 +70,7 @@ impl ApiError {
             Self::Event(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::NotConfigured(_) => StatusCode::NOT_FOUND,
             Self::CrossSite => StatusCode::FORBIDDEN,
+            Self::NameReserved { .. } | Self::NotYours(_) => StatusCode::CONFLICT,
             Self::Token(TokenAuthError::Rejected) => StatusCode::UNAUTHORIZED,
             Self::Token(TokenAuthError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Token(_) => StatusCode::FORBIDDEN,

@@ -76,8 +76,18 @@ pub fn router(state: AppState) -> Router {
         .merge(protected)
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(state.clone(), count_refusals))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// Counts every 4xx answer by the reason its error set (see `error::Refusal`).
+async fn count_refusals(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    if let Some(error::Refusal(reason)) = response.extensions().get::<error::Refusal>() {
+        state.lifecycle.metrics().refused_requests.get_or_create(&crate::metrics::ByReason { reason }).inc();
+    }
+    response
 }
 
 /// Browsers send cached Basic credentials with any request to this origin, a form another site

@@ -26,6 +26,11 @@ pub struct ByDelivery {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByReason {
+    pub reason: &'static str,
+}
+
 pub const SUCCESS: ByResult = ByResult { result: "success" };
 pub const FAILURE: ByResult = ByResult { result: "failure" };
 
@@ -41,6 +46,7 @@ pub struct Metrics {
     pub webhook_deliveries: Family<ByDelivery, Counter>,
     pub pull_request_runs: Gauge,
     pub github_calls: Family<ByResult, Counter>,
+    pub refused_requests: Family<ByReason, Counter>,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -62,6 +68,7 @@ impl Metrics {
             webhook_deliveries: Family::default(),
             pull_request_runs: Gauge::default(),
             github_calls: Family::default(),
+            refused_requests: Family::default(),
             registry: Registry::default(),
         };
         registry.register("previews", "Previews whose container runs", metrics.previews.clone());
@@ -90,6 +97,11 @@ impl Metrics {
             metrics.pull_request_runs.clone(),
         );
         registry.register("github_api_calls", "Calls to GitHub's API, by result", metrics.github_calls.clone());
+        registry.register(
+            "refused_requests",
+            "Requests answered 4xx, by reason (they are logged at debug only)",
+            metrics.refused_requests.clone(),
+        );
         Self { registry, ..metrics }
     }
 

@@ -115,6 +115,41 @@ fn hash_password_prints_an_argon2id_hash_of_stdin() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_requests_are_counted_by_reason_and_kept_out_of_the_info_log() {
+    let setup = common::BinaryConfig::new();
+    let _cleanup = setup.cleanup();
+    let log = setup.dir.path().join("refusals.log");
+    let client = common::client();
+    let mut daemon = Daemon::start(&setup.path, &log);
+    daemon.wait_until_healthy(&client, &setup.api).await;
+    for _ in 0..8 {
+        let refused = client
+            .post(format!("{}/launch", setup.api))
+            .basic_auth(USER, Some("wrong"))
+            .form(&[("image_name", "demo"), ("container_name", "x")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 401);
+    }
+    let bad = client
+        .post(format!("{}/launch", setup.api))
+        .basic_auth(USER, Some(PASSWORD))
+        .form(&[("container_name", "x")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let metrics = client.get(format!("{}/metrics", setup.api)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("previewd_refused_requests_total{reason=\"unauthenticated\"} 8"), "{metrics}");
+    assert!(metrics.contains("previewd_refused_requests_total{reason=\"invalid_request\"} 1"), "{metrics}");
+    assert!(daemon.terminate().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("\"level\":\"INFO\""), "the log is at info: {text}");
+    assert!(!text.contains("request refused"), "refusals are logged at debug only: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_nginx_but_leaves_previews_and_a_restart_serves_them_again() {
     let setup = common::BinaryConfig::new();
     let _cleanup = setup.cleanup();

@@ -53,7 +53,29 @@ pub enum ApiError {
     NotYours(Slug),
 }
 
+/// Set on a 4xx answer for the metrics layer (`count_refusals`): why the request was refused.
+#[derive(Debug, Clone, Copy)]
+pub struct Refusal(pub &'static str);
+
 impl ApiError {
+    /// A short label of why a request was refused, for `previewd_refused_requests_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Auth(_) | Self::Token(TokenAuthError::Rejected) => "unauthenticated",
+            Self::Token(_) => "not_authorized",
+            Self::Request(_) | Self::Body(_) | Self::UnsupportedMediaType(_) => "invalid_request",
+            Self::TooLarge(_) => "too_large",
+            Self::NoRoute | Self::MethodNotAllowed | Self::NotConfigured(_) => "no_route",
+            Self::Webhook(WebhookError::MissingHeader(_)) | Self::Event(_) => "invalid_delivery",
+            Self::Webhook(_) => "bad_signature",
+            Self::CrossSite => "cross_site",
+            Self::NameReserved { .. } | Self::NotYours(_) => "name_taken",
+            Self::Lifecycle(LifecycleError::NotFound(_)) => "not_found",
+            Self::Lifecycle(LifecycleError::NameTaken { .. }) => "name_taken",
+            Self::Lifecycle(_) | Self::Internal(_) => "launch_failed",
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Auth(_) => StatusCode::UNAUTHORIZED,
@@ -104,9 +126,13 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         } else {
-            tracing::info!(error = %self, status = status.as_u16(), "request refused");
+            // At debug: a flood of bad requests must not fill the journal (they are counted).
+            tracing::debug!(error = %self, status = status.as_u16(), "request refused");
         }
         let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
+        if status.is_client_error() {
+            response.extensions_mut().insert(Refusal(self.reason()));
+        }
         if matches!(self, Self::Auth(_) | Self::Token(TokenAuthError::Rejected)) {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

@@ -342,6 +342,8 @@ impl Daemon {
         let child = Command::new(env!("CARGO_BIN_EXE_previewd"))
             .args(["serve", "--log-format", "json", "--config"])
             .arg(config)
+            // The documented default level, whatever the test's environment says.
+            .env_remove("RUST_LOG")
             .stderr(file)
             .spawn()
             .unwrap();

@@ -475,16 +475,7 @@ async fn github_tokens_with_push_access_may_use_the_api_and_stager_hook_credenti
             github.comments("Codertocat/Secret", 9).iter().any(|c| c.body.contains("is live at")).then_some(())
         })
         .await;
-    let listed: Value = gh
-        .client
-        .get(gh.app.url("/api/previews"))
-        .bearer_auth("alice-token")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = gh.get_json_as("alice-token", "/api/previews").await;
     let names: Vec<&str> = listed.as_array().unwrap().iter().filter_map(|p| p["name"].as_str()).collect();
     assert_eq!(names, ["by-token"], "{listed}");
     let hidden = gh.client.get(gh.app.url("/api/previews/secret-9")).bearer_auth("alice-token").send().await.unwrap();
@@ -630,6 +621,10 @@ impl GitHubApp {
         (status, error.unwrap_or(text))
     }
 
+    async fn get_json_as(&self, token: &str, path: &str) -> Value {
+        self.client.get(self.app.url(path)).bearer_auth(token).send().await.unwrap().json().await.unwrap()
+    }
+
     async fn get_as(&self, token: &str, path: &str) -> u16 {
         self.client.get(self.app.url(path)).bearer_auth(token).send().await.unwrap().status().as_u16()
     }
@@ -669,16 +664,7 @@ async fn a_github_user_may_change_the_previews_they_launched_and_no_others() {
     let (status, _) =
         gh.post_as("mallory-token", "/launch", &[("image_name", "demo"), ("container_name", "mine")]).await;
     assert_eq!(status, 200);
-    let mine: Value = gh
-        .client
-        .get(gh.app.url("/api/previews/mine"))
-        .bearer_auth("mallory-token")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let mine = gh.get_json_as("mallory-token", "/api/previews/mine").await;
     assert_eq!(mine["owner"], "github:mallory", "{mine}");
     assert_eq!(gh.post_as("mallory-token", "/kill", &[("container_name", "mine")]).await.0, 200);
 }

@@ -80,6 +80,7 @@ impl Application {
         };
         let state = AppState {
             auth: Authenticator::new(&config.users),
+            log_streams: Arc::new(crate::http::streams::LogStreams::new(&config.limits)),
             config,
             lifecycle,
             tasks,

@@ -18,8 +18,10 @@ use crate::preview::{BaseDomain, EnvName, Host, ImageKey, InstanceName};
 
 pub mod github;
 pub mod hardening;
+pub mod limits;
 pub use github::{GitHubConfig, RepoConfig};
 pub use hardening::Capability;
+pub use limits::Limits;
 
 /// Everything previewd needs, validated.
 #[derive(Debug, Clone)]
@@ -34,6 +36,14 @@ pub struct Config {
     pub users: Vec<User>,
     /// Pull-request previews; absent when the `github` section is.
     pub github: Option<GitHubConfig>,
+    pub limits: Limits,
+    /// With entries, the API answers only requests whose `Host` is one of these names (or an
+    /// IP address), so a DNS-rebinding page cannot reach it by a name of its own.
+    pub api_hosts: Vec<BaseDomain>,
+    /// `/metrics` asks for the same credentials as the API.
+    pub metrics_auth: bool,
+    /// Proxies in front of nginx whose `X-Forwarded-For` nginx believes (its real-IP module).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone)]
@@ -282,6 +292,10 @@ struct RawConfig {
     images: Option<BTreeMap<ImageKey, RawImage>>,
     users: Option<Vec<RawUser>>,
     github: Option<github::RawGitHub>,
+    limits: Option<limits::RawLimits>,
+    api_hosts: Option<Vec<String>>,
+    metrics_auth: Option<bool>,
+    trusted_proxies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -395,14 +409,65 @@ impl RawConfig {
         let images = validate_images(self.images.unwrap_or_default(), &mut problems);
         let users = validate_users(self.users.unwrap_or_default(), &mut problems);
         let github = self.github.and_then(|raw| github::validate(raw, &images, &resolve, &mut problems));
+        let limits = limits::validate(self.limits.unwrap_or_default()).unwrap_or_else(|errors| {
+            for (key, message) in errors {
+                problems.add(&key, message);
+            }
+            Limits::default()
+        });
+        let api_hosts = validate_api_hosts(self.api_hosts.unwrap_or_default(), &mut problems);
+        let trusted_proxies = validate_trusted_proxies(self.trusted_proxies.unwrap_or_default(), &mut problems);
 
         match (base_domain, public_url, problems.0.is_empty()) {
-            (Some(base_domain), Some(public_url), true) => {
-                Ok(Config { instance, listen, base_domain, public_url, state_dir, nginx, images, users, github })
-            }
+            (Some(base_domain), Some(public_url), true) => Ok(Config {
+                instance,
+                listen,
+                base_domain,
+                public_url,
+                state_dir,
+                nginx,
+                images,
+                users,
+                github,
+                limits,
+                api_hosts,
+                metrics_auth: self.metrics_auth.unwrap_or(false),
+                trusted_proxies,
+            }),
             _ => Err(problems.0),
         }
     }
+}
+
+fn validate_api_hosts(raw: Vec<String>, problems: &mut Problems) -> Vec<BaseDomain> {
+    raw.iter()
+        .enumerate()
+        .filter_map(|(index, name)| match BaseDomain::parse(&name.to_ascii_lowercase()) {
+            Ok(host) => Some(host),
+            Err(message) => {
+                problems.add(&format!("api_hosts[{index}]"), format!("{message} (a host name, without port)"));
+                None
+            }
+        })
+        .collect()
+}
+
+fn validate_trusted_proxies(raw: Vec<String>, problems: &mut Problems) -> Vec<ipnet::IpNet> {
+    raw.iter()
+        .enumerate()
+        .filter_map(|(index, text)| {
+            let parsed =
+                text.parse::<ipnet::IpNet>().or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            parsed
+                .map_err(|_| {
+                    problems.add(
+                        &format!("trusted_proxies[{index}]"),
+                        format!("{text:?} is not an IP address or network, e.g. 10.0.0.5 or 10.0.0.0/8"),
+                    )
+                })
+                .ok()
+        })
+        .collect()
 }
 
 fn validate_nginx(

@@ -8,6 +8,7 @@
 pub mod body;
 pub mod dashboard;
 pub mod error;
+pub mod streams;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -48,6 +49,7 @@ pub struct AppState {
     pub tokens: Option<Arc<TokenAuth>>,
     /// Cancelled when previewd stops: long-lived answers (followed logs) end then.
     pub shutdown: tokio_util::sync::CancellationToken,
+    pub log_streams: Arc<streams::LogStreams>,
 }
 
 /// What the webhook needs besides the shared state.
@@ -264,12 +266,20 @@ async fn preview_logs(
 ) -> Result<Response, ApiError> {
     let preview = state.visible_preview(&principal, &name).await?;
     let tail = query.tail.unwrap_or(100).min(MAX_LOG_TAIL);
+    let slot = if query.follow { Some(state.log_streams.take(&principal)?) } else { None };
     // A followed log would otherwise hold graceful shutdown until the container stops.
-    let stream = state
-        .lifecycle
-        .logs(&preview.name, tail, query.follow)
-        .await?
-        .take_until(state.shutdown.clone().cancelled_owned());
+    let (shutdown, max_follow) = (state.shutdown.clone().cancelled_owned(), state.log_streams.max_follow);
+    let ends = async move {
+        tokio::select! {
+            () = shutdown => {},
+            () = tokio::time::sleep(max_follow) => {},
+        }
+    };
+    let stream = state.lifecycle.logs(&preview.name, tail, query.follow).await?.take_until(ends).map(move |chunk| {
+        // The slot lives as long as the stream that the answer's body owns.
+        let _slot = &slot;
+        chunk
+    });
     // The output is the preview's code's: never let a browser run it on this origin.
     let headers = [
         (header::CONTENT_TYPE, "text/plain; charset=utf-8"),

@@ -9,6 +9,7 @@
 //! - [`github`]: pull-request previews: webhooks, desired state, feedback on the PR.
 //! - [`request`]: launch and kill requests parsed from the API's fields.
 //! - [`lifecycle`]: launch, replace, kill, list and reconcile previews.
+//! - [`admission`]: the preview limits, and the queue of launches.
 //! - [`locks`]: one async lock per key (per preview, per credential).
 //! - [`cache`]: a bounded map whose entries expire.
 //! - [`metrics`]: Prometheus metrics, served at `/metrics`.
@@ -21,6 +22,7 @@
 //! - [`client`]: the client side of `previewd launch|kill|list|logs|login`.
 //! - [`clock`]: Unix time, UTC dates and short ages.
 
+pub mod admission;
 pub mod app;
 pub mod auth;
 pub mod cache;

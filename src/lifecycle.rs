@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::admission::{Admission, AdmitError, LimitError};
 use crate::config::{Config, ImageSpec};
 use crate::docker::{ContainerPlan, CreatedContainer, DockerError, ManagedContainer, Runtime};
 use crate::locks::KeyedLocks;
@@ -50,6 +51,8 @@ pub enum LifecycleError {
     NotFound(Slug),
     #[error("the name \"{name}\" is taken by {owner}; use another name (a pull request's preview follows its pushes)")]
     NameTaken { name: Slug, owner: String },
+    #[error(transparent)]
+    Limit(#[from] LimitError),
 }
 
 impl LifecycleError {
@@ -125,6 +128,7 @@ pub struct Lifecycle {
     prober: Prober,
     locks: Arc<KeyedLocks<Slug>>,
     metrics: Arc<Metrics>,
+    admission: Admission,
 }
 
 /// A launch step as it begins: `image`, `pull`, `create`, `start`, `health`, `route`, and
@@ -169,7 +173,8 @@ impl Progress {
 
 impl Lifecycle {
     pub fn new(config: Arc<Config>, runtime: Runtime, router: Router, metrics: Arc<Metrics>) -> Self {
-        Self { config, runtime, router, prober: Prober::new(), locks: Arc::default(), metrics }
+        let admission = Admission::new(config.limits);
+        Self { config, runtime, router, prober: Prober::new(), locks: Arc::default(), metrics, admission }
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -199,8 +204,10 @@ impl Lifecycle {
     ) -> Result<PreviewInfo, LifecycleError> {
         let _guard = self.locks.lock(&request.name).await;
         let mut progress = Progress::new(events, Arc::clone(&self.metrics));
-        let previous = self.runtime.list_slug(&request.name).await?;
+        let (previous, place) = self.admit(&request).await?;
+        let _turn = self.take_turn(&mut progress).await;
         let result = self.launch_locked(request, &previous, &mut progress).await;
+        place.release().await;
         progress.finish();
         let outcome = if result.is_ok() { &metrics::SUCCESS } else { &metrics::FAILURE };
         let counter = if previous.is_empty() { &self.metrics.launches } else { &self.metrics.redeploys };
@@ -209,6 +216,37 @@ impl Lifecycle {
             self.metrics.launch_seconds.observe(progress.started.elapsed().as_secs_f64());
         }
         result
+    }
+
+    /// The preview's containers so far, and its place under `limits` (see [`Admission`]).
+    async fn admit(
+        &self,
+        request: &LaunchRequest,
+    ) -> Result<(Vec<ManagedContainer>, crate::admission::Place), LifecycleError> {
+        let list = async {
+            let containers = self.runtime.list().await?;
+            let owners = containers.iter().map(|c| (c.slug.clone(), c.owner.clone())).collect();
+            let previous = containers.into_iter().filter(|c| c.slug == request.name).collect::<Vec<_>>();
+            Ok::<_, DockerError>((previous, owners))
+        };
+        match self.admission.admit(&request.name, request.owner.as_ref(), list).await {
+            Ok(admitted) => Ok(admitted),
+            Err(AdmitError::List(err)) => Err(err.into()),
+            Err(AdmitError::Limit(err)) => {
+                tracing::info!(error = %err, "launch refused");
+                Err(err.into())
+            }
+        }
+    }
+
+    /// Waits for one of the `limits.parallel_launches` turns, saying so when all are taken.
+    async fn take_turn(&self, progress: &mut Progress) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if let Some(turn) = self.admission.try_turn() {
+            return Some(turn);
+        }
+        let limit = self.admission.limits().parallel_launches;
+        progress.step("queue", format!("waiting for a turn: {limit} launches are starting (limits.parallel_launches)"));
+        self.admission.wait_turn().await
     }
 
     async fn launch_locked(

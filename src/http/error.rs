@@ -51,6 +51,8 @@ pub enum ApiError {
     NameReserved { name: Slug, repo: String },
     #[error("the name {0} is taken by a preview you may not change; choose another name")]
     NotYours(Slug),
+    #[error(transparent)]
+    StreamsFull(#[from] crate::http::streams::StreamsFull),
 }
 
 /// Set on a 4xx answer for the metrics layer (`count_refusals`): why the request was refused.
@@ -69,9 +71,11 @@ impl ApiError {
             Self::Webhook(WebhookError::MissingHeader(_)) | Self::Event(_) => "invalid_delivery",
             Self::Webhook(_) => "bad_signature",
             Self::CrossSite => "cross_site",
+            Self::StreamsFull(_) => "limit",
             Self::NameReserved { .. } | Self::NotYours(_) => "name_taken",
             Self::Lifecycle(LifecycleError::NotFound(_)) => "not_found",
             Self::Lifecycle(LifecycleError::NameTaken { .. }) => "name_taken",
+            Self::Lifecycle(LifecycleError::Limit(_)) => "limit",
             Self::Lifecycle(_) | Self::Internal(_) => "launch_failed",
         }
     }
@@ -92,6 +96,7 @@ impl ApiError {
             Self::Event(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::NotConfigured(_) => StatusCode::NOT_FOUND,
             Self::CrossSite => StatusCode::FORBIDDEN,
+            Self::StreamsFull(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::NameReserved { .. } | Self::NotYours(_) => StatusCode::CONFLICT,
             Self::Token(TokenAuthError::Rejected) => StatusCode::UNAUTHORIZED,
             Self::Token(TokenAuthError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
@@ -104,6 +109,7 @@ fn lifecycle_status(err: &LifecycleError) -> StatusCode {
     match err {
         LifecycleError::NotFound(_) => StatusCode::NOT_FOUND,
         LifecycleError::NameTaken { .. } => StatusCode::CONFLICT,
+        LifecycleError::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
         LifecycleError::Crashed { .. } => StatusCode::BAD_GATEWAY,
         LifecycleError::Unhealthy { .. } => StatusCode::GATEWAY_TIMEOUT,
         LifecycleError::Docker(

@@ -8,6 +8,7 @@
 pub mod body;
 pub mod dashboard;
 pub mod error;
+pub mod request_id;
 pub mod streams;
 pub mod webhook;
 
@@ -60,6 +61,9 @@ pub struct GitHubService {
 }
 
 pub fn router(state: AppState) -> Router {
+    let metrics_route = Router::new().route("/metrics", get(metrics_text));
+    let (public_metrics, protected_metrics) =
+        if state.config.metrics_auth { (Router::new(), metrics_route) } else { (metrics_route, Router::new()) };
     let protected = Router::new()
         .route("/", get(dashboard::page))
         .route("/launch", post(launch))
@@ -67,18 +71,21 @@ pub fn router(state: AppState) -> Router {
         .route("/api/previews", get(list_previews))
         .route("/api/previews/{name}", get(get_preview))
         .route("/api/previews/{name}/logs", get(preview_logs))
+        .merge(protected_metrics)
         .route_layer(middleware::from_fn_with_state(state.clone(), require_auth))
         .route_layer(middleware::from_fn(refuse_cross_site));
     Router::new()
         .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics_text))
+        .merge(public_metrics)
         // The webhook checks GitHub's signature itself (and Basic auth when configured).
         .route("/webhooks/github", post(webhook::github_webhook))
         .route("/event_receiver", post(webhook::github_webhook))
         .merge(protected)
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(state.clone(), refuse_other_hosts))
         .layer(middleware::from_fn_with_state(state.clone(), count_refusals))
+        .layer(middleware::from_fn(request_id::assign))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -90,6 +97,30 @@ async fn count_refusals(State(state): State<AppState>, request: Request, next: N
         state.lifecycle.metrics().refused_requests.get_or_create(&crate::metrics::ByReason { reason }).inc();
     }
     response
+}
+
+/// With `api_hosts`, a request must name one of them (or an IP address) as its `Host`: a page
+/// that rebinds its own domain to this address reaches the API under a name not on the list.
+async fn refuse_other_hosts(State(state): State<AppState>, request: Request, next: Next) -> Result<Response, ApiError> {
+    let allowed = &state.config.api_hosts;
+    if allowed.is_empty() {
+        return Ok(next.run(request).await);
+    }
+    let host = request.headers().get(header::HOST).and_then(|v| v.to_str().ok()).or(request.uri().host());
+    match host {
+        Some(host) if host_allowed(host, allowed) => Ok(next.run(request).await),
+        _ => Err(ApiError::WrongHost(allowed.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))),
+    }
+}
+
+/// `Host` without its port is an IP address, or one of `allowed` (case-insensitive).
+fn host_allowed(host: &str, allowed: &[crate::preview::BaseDomain]) -> bool {
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    let bare = name.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<std::net::IpAddr>().is_ok() || allowed.iter().any(|known| known.as_ref().eq_ignore_ascii_case(bare))
 }
 
 /// Browsers send cached Basic credentials with any request to this origin, a form another site
@@ -338,6 +369,7 @@ fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
 fn launch_streaming(state: &AppState, request: LaunchRequest) -> Response {
     let (lines, body) = mpsc::unbounded_channel::<String>();
     let lifecycle = state.lifecycle.clone();
+    let request_id = request_id::current();
     state.tasks.spawn(async move {
         let (events, mut progress) = mpsc::unbounded_channel();
         // A task of its own, so that even a panic ends the stream with a `failed` line.
@@ -357,8 +389,14 @@ fn launch_streaming(state: &AppState, request: LaunchRequest) -> Response {
             .and_then(|r| r.map_err(ApiError::from));
         let last = match outcome {
             Ok(info) => json!({ "step": "ready", "url": info.url, "preview": info }),
+            Err(err) if err.status().is_server_error() => {
+                let id = request_id.as_deref().unwrap_or("-");
+                tracing::error!(request_id = id, error = %crate::error_chain(&err), "streamed launch failed");
+                let error = format!("{} (request id {id})", err.public_message());
+                json!({ "step": "failed", "error": error, "status": err.status().as_u16(), "request_id": id })
+            }
             Err(err) => {
-                tracing::warn!(error = %err, "streamed launch failed");
+                tracing::info!(error = %err, "streamed launch refused");
                 json!({ "step": "failed", "error": err.to_string(), "status": err.status().as_u16() })
             }
         };
@@ -408,5 +446,16 @@ mod tests {
         assert!(!is_cross_site(&headers(&[("origin", "http://127.0.0.1:7800"), ("host", "127.0.0.1:7800")])));
         assert!(is_cross_site(&headers(&[("origin", "https://evil.example"), ("host", "127.0.0.1:7800")])));
         assert!(is_cross_site(&headers(&[("origin", "null"), ("host", "127.0.0.1:7800")])));
+    }
+
+    #[test]
+    fn with_api_hosts_only_those_names_and_ip_addresses_are_answered() {
+        let allowed = [crate::preview::BaseDomain::parse("previews.example.com").unwrap()];
+        for host in ["previews.example.com", "Previews.Example.COM:7800", "127.0.0.1:7800", "10.1.2.3", "[::1]:7800"] {
+            assert!(host_allowed(host, &allowed), "{host}");
+        }
+        for host in ["evil.example", "evil.example:7800", "previews.example.com.evil.example", "localhost:7800"] {
+            assert!(!host_allowed(host, &allowed), "{host}");
+        }
     }
 }

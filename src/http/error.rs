@@ -53,6 +53,8 @@ pub enum ApiError {
     NotYours(Slug),
     #[error(transparent)]
     StreamsFull(#[from] crate::http::streams::StreamsFull),
+    #[error("this API answers only for the names in api_hosts ({0}) or an IP address: call it by one of those")]
+    WrongHost(String),
 }
 
 /// Set on a 4xx answer for the metrics layer (`count_refusals`): why the request was refused.
@@ -72,6 +74,7 @@ impl ApiError {
             Self::Webhook(_) => "bad_signature",
             Self::CrossSite => "cross_site",
             Self::StreamsFull(_) => "limit",
+            Self::WrongHost(_) => "wrong_host",
             Self::NameReserved { .. } | Self::NotYours(_) => "name_taken",
             Self::Lifecycle(LifecycleError::NotFound(_)) => "not_found",
             Self::Lifecycle(LifecycleError::NameTaken { .. }) => "name_taken",
@@ -97,6 +100,7 @@ impl ApiError {
             Self::NotConfigured(_) => StatusCode::NOT_FOUND,
             Self::CrossSite => StatusCode::FORBIDDEN,
             Self::StreamsFull(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::WrongHost(_) => StatusCode::MISDIRECTED_REQUEST,
             Self::NameReserved { .. } | Self::NotYours(_) => StatusCode::CONFLICT,
             Self::Token(TokenAuthError::Rejected) => StatusCode::UNAUTHORIZED,
             Self::Token(TokenAuthError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
@@ -126,16 +130,52 @@ fn lifecycle_status(err: &LifecycleError) -> StatusCode {
     }
 }
 
+impl ApiError {
+    /// What a 5xx answer says: what failed, without the output, messages and paths the cause
+    /// carries (those go to the log under the request id). Errors that tell the operator what
+    /// to change on this host (nginx not running or not serving the sites dir) and a preview's
+    /// own start-up failure (its log lines are the caller's to see anyway) are kept whole.
+    pub fn public_message(&self) -> String {
+        match self {
+            Self::Internal(_) => "internal error".to_owned(),
+            Self::Token(TokenAuthError::Unavailable(_)) => "cannot ask GitHub who this token belongs to".to_owned(),
+            Self::Lifecycle(LifecycleError::Docker(err)) => match err {
+                DockerError::Unreachable(_) => "cannot reach the Docker engine; is dockerd running?".to_owned(),
+                DockerError::Api { action, .. } => format!("Docker could not {action}"),
+                DockerError::PortInUse { port, .. } => format!("Docker could not publish the container on port {port}"),
+                DockerError::NoFreePort(_) => "no free port on 127.0.0.1 for the container".to_owned(),
+                other => other.to_string(),
+            },
+            Self::Lifecycle(LifecycleError::Nginx(err)) => match err {
+                NginxError::TestFailed(_) => "nginx rejected the configuration".to_owned(),
+                NginxError::RolledBack(_) => {
+                    "nginx rejected the new configuration; the previous vhost files were restored".to_owned()
+                }
+                NginxError::Command { .. } => "cannot run the nginx command".to_owned(),
+                NginxError::Io { .. } => "cannot write nginx's files".to_owned(),
+                NginxError::Template(_) => "cannot render the vhost template".to_owned(),
+                other => other.to_string(),
+            },
+            other => other.to_string(),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
-            tracing::error!(error = %self, "request failed");
+        let body = if status.is_server_error() {
+            let request_id = super::request_id::current();
+            let chain = crate::error_chain(&self);
+            tracing::error!(request_id = request_id.as_deref().unwrap_or("-"), error = %chain, "request failed");
+            let message = format!("{} (request id {})", self.public_message(), request_id.as_deref().unwrap_or("-"));
+            json!({ "error": message, "request_id": request_id })
         } else {
             // At debug: a flood of bad requests must not fill the journal (they are counted).
             tracing::debug!(error = %self, status = status.as_u16(), "request refused");
-        }
-        let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
+            json!({ "error": self.to_string() })
+        };
+        let mut response = (status, Json(body)).into_response();
         if status.is_client_error() {
             response.extensions_mut().insert(Refusal(self.reason()));
         }

@@ -45,7 +45,8 @@ impl Application {
         let config = Arc::new(config);
         let listener =
             TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
-        let template = VhostTemplate::load(&config.nginx.template).map_err(anyhow::Error::msg)?;
+        let template =
+            VhostTemplate::load(&config.nginx.template, &config.trusted_proxies).map_err(anyhow::Error::msg)?;
         let runtime = Runtime::connect(config.instance.clone()).await?;
         runtime.ping().await?;
         let sites_dir = &config.nginx.sites_dir;

@@ -293,7 +293,7 @@ fn serve(path: &Path) -> ExitCode {
 /// The config and its template, or every problem as text for the terminal.
 fn load(path: &Path) -> Result<Config, String> {
     let config = Config::load(path).map_err(|err| err.to_string())?;
-    VhostTemplate::load(&config.nginx.template)
+    VhostTemplate::load(&config.nginx.template, &config.trusted_proxies)
         .map_err(|err| format!("{}: nginx.template: {err}\n", path.display()))?;
     Ok(config)
 }

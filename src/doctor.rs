@@ -81,7 +81,7 @@ pub async fn run(config_path: &Path) -> Vec<Check> {
     for (line, refused) in config.unsafe_settings() {
         checks.push(if refused { Check::fail("isolation", line) } else { Check::warn("isolation", line) });
     }
-    let template = match VhostTemplate::load(&config.nginx.template) {
+    let template = match VhostTemplate::load(&config.nginx.template, &config.trusted_proxies) {
         Ok(template) => {
             checks.push(Check::ok("template", format!("{} renders", config.nginx.template.display())));
             Some(template)

@@ -13,7 +13,7 @@ use previewd::request::{KillRequest, LaunchRequest};
 use proptest::prelude::*;
 
 fn template() -> VhostTemplate {
-    VhostTemplate::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("templates/vhost.conf.tera")).unwrap()
+    VhostTemplate::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("templates/vhost.conf.tera"), &[]).unwrap()
 }
 
 fn config() -> Config {

@@ -297,6 +297,11 @@ impl TestNginx {
     /// `site` is the installed sites-available file to enable; `preview` the slug of a routed
     /// preview (listening like config.yml's nginx.listen says for that site).
     fn new(site: &str, preview: &str, with_http_conf: bool) -> Self {
+        Self::trusting(site, preview, with_http_conf, &[])
+    }
+
+    /// The vhost rendered with these `trusted_proxies`.
+    fn trusting(site: &str, preview: &str, with_http_conf: bool, trusted_proxies: &[ipnet::IpNet]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         install_config_only(&root);
@@ -319,7 +324,7 @@ impl TestNginx {
 
         // The vhost previewd would write, rendered by previewd's own code from the installed
         // template, on 0.0.0.0:<port> as config.yml's nginx.listen (0.0.0.0:80 or 0.0.0.0:443).
-        let template = VhostTemplate::load(&root.join("etc/previewd/vhost.conf.tera")).unwrap();
+        let template = VhostTemplate::load(&root.join("etc/previewd/vhost.conf.tera"), trusted_proxies).unwrap();
         let (instance, slug) = (InstanceName::parse("default").unwrap(), Slug::parse(preview).unwrap());
         let host = BaseDomain::parse(BASE_DOMAIN).unwrap().host_for(&slug);
         let listen = ([0, 0, 0, 0], if tls { tls_port } else { http_port }).into();
@@ -501,6 +506,17 @@ fn the_app_sees_the_client_address_nginx_saw_and_a_connection_header_nginx_chose
     assert!(body.contains("connection: close\r"), "{body}");
     let (_, _, body) = nginx.get_with(&url, &["Upgrade: websocket", "Connection: Upgrade"]);
     assert!(body.contains("connection: upgrade\r") && body.contains("upgrade: websocket\r"), "{body}");
+}
+
+#[test]
+fn behind_a_trusted_proxy_the_app_sees_the_client_address_the_proxy_forwarded() {
+    let mut nginx = TestNginx::trusting("previewd-wildcard.conf", "headers", true, &["127.0.0.1/32".parse().unwrap()]);
+    nginx.start();
+    let url = format!("http://headers.{BASE_DOMAIN}:{}/", nginx.http_port);
+    let (status, _, body) = nginx.get_with(&url, &["X-Forwarded-For: 203.0.113.66"]);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("x-forwarded-for: 203.0.113.66\r"), "{body}");
+    assert!(body.contains("x-real-ip: 203.0.113.66\r"), "{body}");
 }
 
 #[test]

@@ -12,8 +12,9 @@ use crate::preview::{Host, InstanceName, Slug};
 const NAME: &str = "vhost";
 
 /// What a vhost template can use: `{{ instance }}`, `{{ slug }}`, `{{ host }}`, `{{ listen }}`,
-/// `{{ upstream_port }}`, and `{{ probe }}`, the location previewd checks each route through
-/// (required: see [`super::reach`]).
+/// `{{ upstream_port }}`, `{{ probe }}`, the location previewd checks each route through
+/// (required: see [`super::reach`]), and `{{ real_ip }}`, the real-IP directives for
+/// `trusted_proxies` (empty without them; required with them).
 #[derive(Debug, Serialize)]
 pub struct Vhost<'a> {
     pub instance: &'a InstanceName,
@@ -44,17 +45,31 @@ pub fn upstream(port: u16) -> String {
 
 pub struct VhostTemplate {
     tera: Tera,
+    /// nginx's real-IP module set to believe `X-Forwarded-For` from these proxies only.
+    real_ip: String,
+}
+
+/// The directives that make nginx take the client address from `X-Forwarded-For` when the
+/// request comes from a trusted proxy (and only then). Networks are validated, so they are safe
+/// to write into nginx's config.
+fn real_ip_directives(trusted_proxies: &[ipnet::IpNet]) -> String {
+    if trusted_proxies.is_empty() {
+        return String::new();
+    }
+    let mut block: String = trusted_proxies.iter().map(|net| format!("set_real_ip_from {net};\n    ")).collect();
+    block.push_str("real_ip_header X-Forwarded-For;\n    real_ip_recursive on;");
+    block
 }
 
 impl VhostTemplate {
     /// Loads the template and renders it once with sample values, so a broken template is found
     /// at start-up and by `check-config`, not at the first launch.
-    pub fn load(path: &Path) -> Result<Self, String> {
+    pub fn load(path: &Path, trusted_proxies: &[ipnet::IpNet]) -> Result<Self, String> {
         let mut tera = Tera::new();
         tera.autoescape_on(Vec::<&str>::new());
         tera.add_template_file(path, Some(NAME))
             .map_err(|err| format!("cannot load template {}: {}", path.display(), crate::error_chain(&err)))?;
-        let template = Self { tera };
+        let template = Self { tera, real_ip: real_ip_directives(trusted_proxies) };
         let instance = InstanceName::parse("sample").map_err(|err| err.to_string())?;
         let slug = Slug::parse("sample").map_err(|err| err.to_string())?;
         let host = crate::preview::BaseDomain::parse("example.com").map_err(|e| e.to_string())?.host_for(&slug);
@@ -67,11 +82,19 @@ impl VhostTemplate {
                 path.display()
             ));
         }
+        if !template.real_ip.is_empty() && !rendered.contains("set_real_ip_from") {
+            return Err(format!(
+                "template {} does not use {{{{ real_ip }}}}, so trusted_proxies would have no effect: put it inside \
+                 the server block",
+                path.display()
+            ));
+        }
         Ok(template)
     }
 
     pub fn render(&self, vhost: &Vhost<'_>) -> Result<String, String> {
-        let context = Context::from_serialize(vhost).map_err(|err| crate::error_chain(&err))?;
+        let mut context = Context::from_serialize(vhost).map_err(|err| crate::error_chain(&err))?;
+        context.insert("real_ip", &self.real_ip);
         self.tera.render(NAME, &context).map_err(|err| crate::error_chain(&err))
     }
 }
@@ -83,7 +106,7 @@ mod tests {
     #[test]
     fn shipped_template_routes_the_host_to_the_loopback_port() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("templates/vhost.conf.tera");
-        let template = VhostTemplate::load(&path).unwrap();
+        let template = VhostTemplate::load(&path, &[]).unwrap();
         let instance = InstanceName::parse("default").unwrap();
         let slug = Slug::parse("feature-x").unwrap();
         let host = crate::preview::BaseDomain::parse("preview.localhost").unwrap().host_for(&slug);
@@ -96,11 +119,37 @@ mod tests {
     }
 
     #[test]
+    fn with_trusted_proxies_the_shipped_template_believes_their_forwarded_for_only() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("templates/vhost.conf.tera");
+        let proxies = ["10.0.0.0/8".parse().unwrap(), "192.0.2.7/32".parse().unwrap()];
+        let template = VhostTemplate::load(&path, &proxies).unwrap();
+        let instance = InstanceName::parse("default").unwrap();
+        let slug = Slug::parse("feature-x").unwrap();
+        let host = crate::preview::BaseDomain::parse("preview.localhost").unwrap().host_for(&slug);
+        let conf = template.render(&Vhost::new(&instance, &slug, &host, ([127, 0, 0, 1], 8080).into(), 1)).unwrap();
+        assert!(conf.contains("set_real_ip_from 10.0.0.0/8;") && conf.contains("set_real_ip_from 192.0.2.7/32;"));
+        assert!(conf.contains("real_ip_header X-Forwarded-For;"), "{conf}");
+        let plain = VhostTemplate::load(&path, &[]).unwrap();
+        let conf = plain.render(&Vhost::new(&instance, &slug, &host, ([127, 0, 0, 1], 8080).into(), 1)).unwrap();
+        assert!(!conf.contains("real_ip"), "{conf}");
+    }
+
+    #[test]
+    fn with_trusted_proxies_a_template_without_real_ip_is_refused_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("custom.tera");
+        std::fs::write(&path, "server { listen {{ listen }}; server_name {{ host }}; {{ probe }} }").unwrap();
+        assert!(VhostTemplate::load(&path, &[]).is_ok());
+        let err = VhostTemplate::load(&path, &["10.0.0.0/8".parse().unwrap()]).err().unwrap();
+        assert!(err.contains("{{ real_ip }}") && err.contains("trusted_proxies"), "{err}");
+    }
+
+    #[test]
     fn a_template_without_the_probe_location_is_refused_at_load_naming_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("old.tera");
         std::fs::write(&path, "server { listen {{ listen }}; server_name {{ host }}; }").unwrap();
-        let err = VhostTemplate::load(&path).err().expect("a template without the probe must be refused");
+        let err = VhostTemplate::load(&path, &[]).err().expect("a template without the probe must be refused");
         assert!(err.contains("{{ probe }}") && err.contains("old.tera"), "{err}");
     }
 
@@ -109,7 +158,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.tera");
         std::fs::write(&path, "server { {{ slug ").unwrap();
-        let err = VhostTemplate::load(&path).err().expect("a broken template must be refused");
+        let err = VhostTemplate::load(&path, &[]).err().expect("a broken template must be refused");
         assert!(err.contains("bad.tera"), "{err}");
     }
 
@@ -118,6 +167,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("unknown.tera");
         std::fs::write(&path, "server_name {{ nope }};").unwrap();
-        assert!(VhostTemplate::load(&path).is_err());
+        assert!(VhostTemplate::load(&path, &[]).is_err());
     }
 }

@@ -124,7 +124,9 @@ impl Application {
         let watcher = tokio::spawn(follow_container_changes(lifecycle.clone(), tasks.clone(), shutdown.clone()));
         let syncer = sync.map(|(sync, every)| tokio::spawn(sync.run(every, tasks.clone(), shutdown.clone())));
         let nginx_keeper = tokio::spawn(keep_nginx_running(lifecycle.clone(), shutdown.clone()));
-        axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+        axum::serve(listener, router(state).into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await?;
         watcher.await.ok();
         nginx_keeper.await.ok();
         if let Some(syncer) = syncer {

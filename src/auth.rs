@@ -3,11 +3,14 @@
 //!
 //! argon2 is slow by design (tens of ms and ~19 MiB per check), so a successful check is
 //! remembered for a few minutes under a salted digest of the credentials (never the password
-//! itself), concurrent requests with the same credentials share one check, and at most a few
-//! checks run at once.
+//! itself), concurrent requests with the same credentials share one check, at most a few
+//! checks run at once with a bounded queue behind them (429 beyond), and each client address
+//! may fail only a few logins before it must wait (see [`crate::throttle`]).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use argon2::Argon2;
@@ -20,6 +23,7 @@ use tokio::sync::Semaphore;
 use crate::cache::ExpiringMap;
 use crate::config::User;
 use crate::locks::KeyedLocks;
+use crate::throttle::{Budget, RetryAfter, Throttle};
 
 /// Who is calling the API.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +44,21 @@ pub enum AuthError {
     Rejected,
     #[error("GitHub tokens are not accepted here (github.api_auth is off); use HTTP Basic credentials")]
     TokensOff,
+    #[error("too many failed logins from your address; try again in {} s", .0.seconds())]
+    Throttled(RetryAfter),
+    #[error("too many logins are being checked right now; try again in a second")]
+    Busy,
+}
+
+impl AuthError {
+    /// For a `Retry-After` header.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::Throttled(wait) => Some(wait.seconds()),
+            Self::Busy => Some(1),
+            _ => None,
+        }
+    }
 }
 
 /// The token of `Authorization: Bearer <token>` (or GitHub's older `token <token>`).
@@ -67,11 +86,18 @@ struct Inner {
     /// Digests of credentials that passed.
     verified: ExpiringMap<CredentialDigest, ()>,
     in_flight: KeyedLocks<CredentialDigest>,
+    /// Checks waiting for a permit.
+    waiting: AtomicUsize,
+    throttle: Throttle,
 }
 
 type CredentialDigest = [u8; 32];
 
 const MAX_CONCURRENT_CHECKS: usize = 4;
+/// Checks that may wait for a permit (a few seconds of argon2); beyond, 429.
+const MAX_WAITING_CHECKS: usize = 64;
+/// Ten failed logins per address, then one more every six seconds.
+const LOGIN_BUDGET: Budget = Budget { burst: 10, refill_every: Duration::from_secs(6), in_flight: 1 };
 const REMEMBER_FOR: Duration = Duration::from_secs(300);
 const MAX_REMEMBERED: usize = 4096;
 
@@ -84,29 +110,40 @@ impl Authenticator {
             salt: rand::random(),
             verified: ExpiringMap::new(REMEMBER_FOR, MAX_REMEMBERED),
             in_flight: KeyedLocks::default(),
+            waiting: AtomicUsize::new(0),
+            throttle: Throttle::new(LOGIN_BUDGET),
         };
         Self { inner: Arc::new(inner) }
     }
 
-    /// Returns the user name when the `Authorization` header holds valid credentials.
-    pub async fn authenticate(&self, authorization: Option<&[u8]>) -> Result<String, AuthError> {
+    /// Returns the user name when the `Authorization` header holds valid credentials. Checks
+    /// from `client` (when known) are throttled as a whole: failed ones use up its budget.
+    pub async fn authenticate(
+        &self,
+        authorization: Option<&[u8]>,
+        client: Option<IpAddr>,
+    ) -> Result<String, AuthError> {
         let (user, password) = parse_basic(authorization.ok_or(AuthError::Missing)?)?;
         let digest = self.inner.digest(&user, &password);
         if self.inner.remembers(&digest) {
             return Ok(user);
         }
+        // Requests with the same credentials wait here for the first one's check (a browser's
+        // parallel requests), so they do not count against the address.
         let _flight = self.inner.in_flight.lock(&digest).await;
         if self.inner.remembers(&digest) {
             return Ok(user);
         }
+        let attempt = self.inner.throttle.begin(client).map_err(AuthError::Throttled)?;
         let known = self.inner.hashes.get(&user).cloned();
-        let hash = known.clone().unwrap_or_else(|| self.inner.dummy_hash.clone());
         let matches = {
-            let _permit = self.inner.permits.acquire().await.map_err(|_| AuthError::Rejected)?;
+            let hash = known.clone().unwrap_or_else(|| self.inner.dummy_hash.clone());
+            let _permit = self.inner.permit().await?;
             tokio::task::spawn_blocking(move || verify_password(&password, &hash)).await.unwrap_or(false)
         };
         if matches && known.is_some() {
             self.inner.remember(digest);
+            attempt.succeeded();
             Ok(user)
         } else {
             Err(AuthError::Rejected)
@@ -115,6 +152,20 @@ impl Authenticator {
 }
 
 impl Inner {
+    /// A turn to run argon2, waiting in a bounded queue.
+    async fn permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, AuthError> {
+        if let Ok(permit) = self.permits.try_acquire() {
+            return Ok(permit);
+        }
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= MAX_WAITING_CHECKS {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(AuthError::Busy);
+        }
+        let permit = self.permits.acquire().await.map_err(|_| AuthError::Busy);
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        permit
+    }
+
     fn digest(&self, user: &str, password: &str) -> CredentialDigest {
         let mut hasher = Sha256::new();
         hasher.update(self.salt);
@@ -178,6 +229,30 @@ mod tests {
         format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(credentials)).into_bytes()
     }
 
+    impl Authenticator {
+        async fn authenticate_anywhere(&self, authorization: Option<&[u8]>) -> Result<String, AuthError> {
+            self.authenticate(authorization, None).await
+        }
+    }
+
+    #[tokio::test]
+    async fn an_address_that_failed_its_budget_is_refused_without_a_check_while_others_are_not() {
+        let auth = authenticator();
+        let (attacker, operator) = (IpAddr::from([127, 0, 0, 2]), IpAddr::from([127, 0, 0, 1]));
+        for _ in 0..LOGIN_BUDGET.burst {
+            assert_eq!(
+                auth.authenticate(Some(&basic("testuser:guess")), Some(attacker)).await,
+                Err(AuthError::Rejected)
+            );
+        }
+        let refused = auth.authenticate(Some(&basic("testuser:testpassword")), Some(attacker)).await;
+        assert!(matches!(refused, Err(AuthError::Throttled(_))), "{refused:?}");
+        let wait = refused.unwrap_err().retry_after().unwrap();
+        assert!((1..=6).contains(&wait), "at most one refill away: {wait}");
+        let operator_login = auth.authenticate(Some(&basic("testuser:testpassword")), Some(operator)).await;
+        assert_eq!(operator_login, Ok("testuser".into()));
+    }
+
     fn authenticator() -> Authenticator {
         let hash = hash_password("testpassword").unwrap();
         Authenticator::new(&[User { name: "testuser".into(), password_hash: hash }])
@@ -208,29 +283,29 @@ mod tests {
     #[tokio::test]
     async fn right_credentials_give_the_user_name() {
         let auth = authenticator();
-        assert_eq!(auth.authenticate(Some(&basic("testuser:testpassword"))).await, Ok("testuser".into()));
+        assert_eq!(auth.authenticate_anywhere(Some(&basic("testuser:testpassword"))).await, Ok("testuser".into()));
     }
 
     #[tokio::test]
     async fn a_verified_password_is_remembered_but_a_wrong_one_never_is() {
         let auth = authenticator();
-        assert!(auth.authenticate(Some(&basic("testuser:testpassword"))).await.is_ok());
+        assert!(auth.authenticate_anywhere(Some(&basic("testuser:testpassword"))).await.is_ok());
         let started = std::time::Instant::now();
         for _ in 0..50 {
-            assert!(auth.authenticate(Some(&basic("testuser:testpassword"))).await.is_ok());
+            assert!(auth.authenticate_anywhere(Some(&basic("testuser:testpassword"))).await.is_ok());
         }
         assert!(started.elapsed() < Duration::from_millis(200), "remembered checks skip argon2");
-        assert_eq!(auth.authenticate(Some(&basic("testuser:testpassword2"))).await, Err(AuthError::Rejected));
+        assert_eq!(auth.authenticate_anywhere(Some(&basic("testuser:testpassword2"))).await, Err(AuthError::Rejected));
         assert_eq!(auth.inner.verified.size(), 1);
     }
 
     #[tokio::test]
     async fn wrong_missing_or_malformed_credentials_are_refused() {
         let auth = authenticator();
-        assert_eq!(auth.authenticate(None).await, Err(AuthError::Missing));
-        assert_eq!(auth.authenticate(Some(&basic("testuser:nope"))).await, Err(AuthError::Rejected));
-        assert_eq!(auth.authenticate(Some(&basic("nobody:testpassword"))).await, Err(AuthError::Rejected));
-        assert_eq!(auth.authenticate(Some(b"Bearer abc")).await, Err(AuthError::Malformed));
-        assert_eq!(auth.authenticate(Some(b"Basic !!!")).await, Err(AuthError::Malformed));
+        assert_eq!(auth.authenticate_anywhere(None).await, Err(AuthError::Missing));
+        assert_eq!(auth.authenticate_anywhere(Some(&basic("testuser:nope"))).await, Err(AuthError::Rejected));
+        assert_eq!(auth.authenticate_anywhere(Some(&basic("nobody:testpassword"))).await, Err(AuthError::Rejected));
+        assert_eq!(auth.authenticate_anywhere(Some(b"Bearer abc")).await, Err(AuthError::Malformed));
+        assert_eq!(auth.authenticate_anywhere(Some(b"Basic !!!")).await, Err(AuthError::Malformed));
     }
 }

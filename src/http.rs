@@ -149,13 +149,50 @@ fn is_cross_site(headers: &HeaderMap) -> bool {
 async fn require_auth(State(state): State<AppState>, mut request: Request, next: Next) -> Result<Response, ApiError> {
     let authorization = request.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes().to_vec());
     let principal = match (authorization.as_deref().and_then(bearer_token), &state.tokens) {
-        (Some(token), Some(tokens)) => Principal::GitHub(tokens.login(token).await?),
+        (Some(token), Some(tokens)) => {
+            let client = client_address(&request, &state.config.trusted_proxies);
+            Principal::GitHub(tokens.login(token, client).await?)
+        }
         (Some(_), None) => return Err(AuthError::TokensOff.into()),
-        (None, _) => Principal::User(state.auth.authenticate(authorization.as_deref()).await?),
+        (None, _) => {
+            let client = client_address(&request, &state.config.trusted_proxies);
+            Principal::User(state.auth.authenticate(authorization.as_deref(), client).await?)
+        }
     };
     tracing::debug!(?principal, "authenticated");
     request.extensions_mut().insert(principal);
     Ok(next.run(request).await)
+}
+
+/// Who the caller is on the network: the connection's peer, or, when the peer is one of
+/// `trusted_proxies`, the last address in its `X-Forwarded-For` that is not a trusted proxy
+/// (the ones before it are the client's to make up). `None` without a connection (tests that
+/// call the router directly).
+pub fn client_address(request: &Request, trusted_proxies: &[ipnet::IpNet]) -> Option<std::net::IpAddr> {
+    let peer = request.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()?.0.ip();
+    let forwarded = request.headers().get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok());
+    Some(client_behind(peer, forwarded, trusted_proxies))
+}
+
+fn client_behind<'a>(
+    peer: std::net::IpAddr,
+    forwarded: impl DoubleEndedIterator<Item = &'a str>,
+    trusted_proxies: &[ipnet::IpNet],
+) -> std::net::IpAddr {
+    let trusted = |address: &std::net::IpAddr| trusted_proxies.iter().any(|net| net.contains(address));
+    if !trusted(&peer) {
+        return peer;
+    }
+    let hops = forwarded.rev().flat_map(|header| header.rsplit(',').map(str::trim).collect::<Vec<_>>());
+    let mut client = peer;
+    for hop in hops {
+        match hop.parse::<std::net::IpAddr>() {
+            Ok(address) if trusted(&address) => client = address,
+            Ok(address) => return address,
+            Err(_) => return client,
+        }
+    }
+    client
 }
 
 impl AppState {
@@ -446,6 +483,24 @@ mod tests {
         assert!(!is_cross_site(&headers(&[("origin", "http://127.0.0.1:7800"), ("host", "127.0.0.1:7800")])));
         assert!(is_cross_site(&headers(&[("origin", "https://evil.example"), ("host", "127.0.0.1:7800")])));
         assert!(is_cross_site(&headers(&[("origin", "null"), ("host", "127.0.0.1:7800")])));
+    }
+
+    #[test]
+    fn the_client_is_the_peer_unless_the_peer_is_a_trusted_proxy() {
+        let trusted = ["10.0.0.0/8".parse().unwrap()];
+        let (proxy, client): (std::net::IpAddr, std::net::IpAddr) =
+            ("10.0.0.5".parse().unwrap(), "203.0.113.9".parse().unwrap());
+        let stranger: std::net::IpAddr = "198.51.100.1".parse().unwrap();
+        assert_eq!(
+            client_behind(stranger, ["203.0.113.9"].into_iter(), &trusted),
+            stranger,
+            "a stranger's header is ignored"
+        );
+        assert_eq!(client_behind(proxy, ["203.0.113.9"].into_iter(), &trusted), client);
+        let spoofed = ["1.2.3.4, 203.0.113.9, 10.0.0.7"];
+        assert_eq!(client_behind(proxy, spoofed.into_iter(), &trusted), client, "the last untrusted hop counts");
+        assert_eq!(client_behind(proxy, std::iter::empty(), &trusted), proxy);
+        assert_eq!(client_behind(proxy, ["garbage"].into_iter(), &trusted), proxy);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - [`preview`]: validated domain names (`Slug`, `BaseDomain`, `EnvName`, ...).
 //! - [`http`]: the API: routes, body parsing, the error-to-response mapping.
 //! - [`auth`]: HTTP Basic credentials against argon2 hashes.
+//! - [`throttle`]: per-address budgets for failed logins and token lookups.
 //! - [`github`]: pull-request previews: webhooks, desired state, feedback on the PR.
 //! - [`request`]: launch and kill requests parsed from the API's fields.
 //! - [`lifecycle`]: launch, replace, kill, list and reconcile previews.
@@ -41,6 +42,7 @@ pub mod nginx;
 pub mod preview;
 pub mod probe;
 pub mod request;
+pub mod throttle;
 pub mod watch;
 
 /// An error's message followed by each of its causes, for messages people read.

@@ -27,6 +27,10 @@ pub enum ApiCallError {
     Transport(String),
     #[error("cannot set up the GitHub client: {0}")]
     Setup(String),
+    /// GitHub's rate limit (primary: `X-RateLimit-Remaining: 0`; secondary: `Retry-After`) says
+    /// nothing about the request itself.
+    #[error("GitHub's rate limit applies (HTTP {status}){}", retry_after.map(|s| format!("; retry in {s} s")).unwrap_or_default())]
+    RateLimited { status: u16, retry_after: Option<u64> },
 }
 
 impl ApiCallError {
@@ -39,9 +43,28 @@ impl ApiCallError {
                     || *status == 429
                     || (*status == 403 && message.to_ascii_lowercase().contains("rate limit"))
             }
+            Self::RateLimited { .. } => true,
             Self::Setup(_) => false,
         }
     }
+}
+
+/// Whether an error answer is GitHub's rate limit rather than about the request, per GitHub's
+/// docs on rate limits: 403 or 429 with `x-ratelimit-remaining: 0`, or with `retry-after`.
+/// Returns the seconds to wait when GitHub says.
+pub fn rate_limit(status: u16, headers: &axum::http::HeaderMap, now_unix: u64) -> Option<Option<u64>> {
+    if !matches!(status, 403 | 429) {
+        return None;
+    }
+    let number =
+        |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(seconds) = number("retry-after") {
+        return Some(Some(seconds));
+    }
+    if number("x-ratelimit-remaining") == Some(0) {
+        return Some(number("x-ratelimit-reset").map(|reset| reset.saturating_sub(now_unix)));
+    }
+    None
 }
 
 impl From<octocrab::Error> for ApiCallError {
@@ -136,11 +159,15 @@ impl GitHubApi {
     }
 
     fn observe<T>(&self, result: Result<T, octocrab::Error>) -> Result<T, ApiCallError> {
+        self.count(result.is_ok());
+        result.map_err(ApiCallError::from)
+    }
+
+    fn count(&self, success: bool) {
         if let Some(metrics) = &self.metrics {
-            let outcome = if result.is_ok() { &crate::metrics::SUCCESS } else { &crate::metrics::FAILURE };
+            let outcome = if success { &crate::metrics::SUCCESS } else { &crate::metrics::FAILURE };
             metrics.github_calls.get_or_create(outcome).inc();
         }
-        result.map_err(ApiCallError::from)
     }
 
     /// The id of the first comment by `author` on an issue or pull request whose body contains
@@ -241,9 +268,26 @@ impl GitHubApi {
         })
     }
 
-    /// The login of the token's owner.
+    /// The login of the token's owner. Read raw, because a refusal must be told apart from
+    /// GitHub's rate limit by its headers (a refused token is remembered; a rate limit is not).
     pub async fn user(&self) -> Result<String, ApiCallError> {
-        let user: UserItem = self.observe(self.octocrab.get("/user", None::<&()>).await)?;
+        let response = self.octocrab._get("/user").await.inspect_err(|_| self.count(false))?;
+        let status = response.status().as_u16();
+        self.count((200..300).contains(&status));
+        let limited = rate_limit(status, response.headers(), crate::clock::unix_now().max(0) as u64);
+        let body = self.octocrab.body_to_string(response).await.map_err(ApiCallError::from)?;
+        if let Some(retry_after) = limited {
+            return Err(ApiCallError::RateLimited { status, retry_after });
+        }
+        if !(200..300).contains(&status) {
+            let message = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["message"].as_str().map(str::to_owned))
+                .unwrap_or_default();
+            return Err(ApiCallError::Status { status, message });
+        }
+        let user: UserItem = serde_json::from_str(&body)
+            .map_err(|err| ApiCallError::Transport(format!("GitHub's answer to GET /user is not a user: {err}")))?;
         Ok(user.login)
     }
 
@@ -266,6 +310,25 @@ impl GitHubApi {
         let route = format!("/repos/{repo}/collaborators/{login}/permission");
         let permission: PermissionItem = self.observe(self.octocrab.get(route, None::<&()>).await)?;
         Ok(permission.permission)
+    }
+}
+
+#[cfg(test)]
+mod rate_limit_tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> axum::http::HeaderMap {
+        pairs.iter().map(|(k, v)| (axum::http::HeaderName::from_static(k), v.parse().unwrap())).collect()
+    }
+
+    #[test]
+    fn githubs_rate_limit_answers_are_told_apart_from_refusals() {
+        let primary = headers(&[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "1000060")]);
+        assert_eq!(rate_limit(403, &primary, 1_000_000), Some(Some(60)));
+        assert_eq!(rate_limit(429, &headers(&[("retry-after", "30")]), 0), Some(Some(30)));
+        assert_eq!(rate_limit(403, &headers(&[("x-ratelimit-remaining", "4999")]), 0), None, "a real refusal");
+        assert_eq!(rate_limit(401, &primary, 0), None);
+        assert_eq!(rate_limit(403, &headers(&[("x-ratelimit-remaining", "0")]), 0), Some(None));
     }
 }
 

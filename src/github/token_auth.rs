@@ -1,9 +1,12 @@
 //! GitHub tokens as API credentials (Stager's GithubAuthentication): with `github.api_auth`,
 //! `Authorization: Bearer <token>` is accepted for a GitHub user who has push access to a
 //! repository whose pull requests use the image at stake. GitHub's answers, refusals included,
-//! are cached briefly, identical tokens share one question, and only a few questions run at
-//! once: random tokens cannot turn previewd into a flood of requests to GitHub.
+//! are cached briefly (GitHub's rate limit is not a refusal and is not cached), identical tokens
+//! share one question, only a few questions run at once, and each client address may present
+//! only a few tokens GitHub refuses: random tokens cannot turn previewd into a flood of requests
+//! to GitHub.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -14,6 +17,7 @@ use crate::cache::ExpiringMap;
 use crate::config::{GitHubConfig, RepoConfig};
 use crate::locks::KeyedLocks;
 use crate::preview::ImageKey;
+use crate::throttle::{Budget, RetryAfter, Throttle};
 
 const CACHE_FOR: Duration = Duration::from_secs(60);
 const MAX_CACHED: usize = 4096;
@@ -29,7 +33,24 @@ pub enum TokenAuthError {
     NoPushAccess { login: String, repos: String },
     #[error("no repository in github.repos uses image {0}, so GitHub users cannot use it")]
     NoRepository(String),
+    #[error("too many unknown tokens from your address; try again in {} s", .0.seconds())]
+    Throttled(RetryAfter),
 }
+
+impl TokenAuthError {
+    /// For a `Retry-After` header.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::Throttled(wait) => Some(wait.seconds()),
+            Self::Unavailable(ApiCallError::RateLimited { retry_after, .. }) => Some(retry_after.unwrap_or(60)),
+            _ => None,
+        }
+    }
+}
+
+/// Ten tokens GitHub refuses per address, then one more every six seconds: each lookup of an
+/// unknown token is a call to GitHub, which counts failed ones against previewd's address.
+const LOOKUP_BUDGET: Budget = Budget { burst: 10, refill_every: Duration::from_secs(6), in_flight: 4 };
 
 pub struct TokenAuth {
     api_url: String,
@@ -40,6 +61,7 @@ pub struct TokenAuth {
     push: ExpiringMap<(String, String), bool>,
     in_flight: KeyedLocks<[u8; 32]>,
     lookups: Semaphore,
+    throttle: Throttle,
 }
 
 impl TokenAuth {
@@ -51,31 +73,39 @@ impl TokenAuth {
             push: ExpiringMap::new(CACHE_FOR, MAX_CACHED),
             in_flight: KeyedLocks::default(),
             lookups: Semaphore::new(MAX_CONCURRENT_LOOKUPS),
+            throttle: Throttle::new(LOOKUP_BUDGET),
         }
     }
 
-    /// The login of the token's owner.
-    pub async fn login(&self, token: &str) -> Result<String, TokenAuthError> {
+    /// The login of the token's owner. Lookups of tokens GitHub refuses are throttled per
+    /// `client` address (when known); GitHub's rate limit is not remembered as a refusal.
+    pub async fn login(&self, token: &str, client: Option<IpAddr>) -> Result<String, TokenAuthError> {
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(known) = self.logins.get(&key) {
             return known.ok_or(TokenAuthError::Rejected);
         }
+        let attempt = self.throttle.begin(client).map_err(TokenAuthError::Throttled)?;
         let _flight = self.in_flight.lock(&key).await;
         if let Some(known) = self.logins.get(&key) {
             return known.ok_or(TokenAuthError::Rejected);
         }
         let _permit = self.lookups.acquire().await.map_err(|_| TokenAuthError::Rejected)?;
-        let client = GitHubApi::new(&self.api_url, token).map_err(TokenAuthError::Unavailable)?;
-        match client.user().await {
+        let api = GitHubApi::new(&self.api_url, token).map_err(TokenAuthError::Unavailable)?;
+        match api.user().await {
             Ok(login) => {
                 self.logins.insert(key, Some(login.clone()));
+                attempt.succeeded();
                 Ok(login)
             }
             Err(ApiCallError::Status { status: 401 | 403, .. }) => {
                 self.logins.insert(key, None);
                 Err(TokenAuthError::Rejected)
             }
-            Err(other) => Err(TokenAuthError::Unavailable(other)),
+            Err(other) => {
+                // GitHub's trouble, not the caller's.
+                attempt.succeeded();
+                Err(TokenAuthError::Unavailable(other))
+            }
         }
     }
 

@@ -65,7 +65,9 @@ impl ApiError {
     /// A short label of why a request was refused, for `previewd_refused_requests_total`.
     pub fn reason(&self) -> &'static str {
         match self {
+            Self::Auth(AuthError::Throttled(_) | AuthError::Busy) => "throttled",
             Self::Auth(_) | Self::Token(TokenAuthError::Rejected) => "unauthenticated",
+            Self::Token(TokenAuthError::Throttled(_)) => "throttled",
             Self::Token(_) => "not_authorized",
             Self::Request(_) | Self::Body(_) | Self::UnsupportedMediaType(_) => "invalid_request",
             Self::TooLarge(_) => "too_large",
@@ -85,6 +87,7 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
+            Self::Auth(AuthError::Throttled(_) | AuthError::Busy) => StatusCode::TOO_MANY_REQUESTS,
             Self::Auth(_) => StatusCode::UNAUTHORIZED,
             Self::Request(_) | Self::Body(_) => StatusCode::BAD_REQUEST,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -104,6 +107,7 @@ impl ApiError {
             Self::NameReserved { .. } | Self::NotYours(_) => StatusCode::CONFLICT,
             Self::Token(TokenAuthError::Rejected) => StatusCode::UNAUTHORIZED,
             Self::Token(TokenAuthError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Token(TokenAuthError::Throttled(_)) => StatusCode::TOO_MANY_REQUESTS,
             Self::Token(_) => StatusCode::FORBIDDEN,
         }
     }
@@ -179,7 +183,16 @@ impl IntoResponse for ApiError {
         if status.is_client_error() {
             response.extensions_mut().insert(Refusal(self.reason()));
         }
-        if matches!(self, Self::Auth(_) | Self::Token(TokenAuthError::Rejected)) {
+        let retry_after = match &self {
+            Self::Auth(err) => err.retry_after(),
+            Self::Token(err) => err.retry_after(),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        let challenge = matches!(&self, Self::Auth(err) if err.retry_after().is_none());
+        if challenge || matches!(self, Self::Token(TokenAuthError::Rejected)) {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static(r#"Basic realm="previewd", charset="UTF-8""#),

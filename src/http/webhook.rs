@@ -37,7 +37,8 @@ async fn receive(state: &AppState, request: Request, event: &mut String) -> Resu
     };
     if github.webhook_basic_auth {
         let authorization = request.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
-        state.auth.authenticate(authorization).await?;
+        let client = super::client_address(&request, &state.config.trusted_proxies);
+        state.auth.authenticate(authorization, client).await?;
     }
     let headers = request.headers().clone();
     let body = read_limited(request.into_body(), MAX_WEBHOOK_BYTES).await?;

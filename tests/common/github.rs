@@ -94,6 +94,8 @@ struct Inner {
     last_id: u64,
     fail_remaining: usize,
     fail_status: u16,
+    /// Calls still to answer with GitHub's primary rate-limit refusal.
+    rate_limited: usize,
     down: bool,
     delay: Duration,
 }
@@ -218,6 +220,12 @@ impl FakeGitHub {
         inner.fail_status = status;
     }
 
+    /// The next `count` calls answer as GitHub does once a token's primary rate limit is used
+    /// up: 403, `x-ratelimit-remaining: 0`, the reset time, and GitHub's message.
+    pub fn rate_limit_next(&self, count: usize) {
+        self.shared.lock().rate_limited = count;
+    }
+
     pub fn set_down(&self, down: bool) {
         self.shared.lock().down = down;
     }
@@ -337,6 +345,9 @@ async fn gate(State(shared): Fake, request: Request, next: Next) -> Response {
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
+    if let Some(limited) = rate_limit(&mut shared.lock()) {
+        return limited;
+    }
     let login = match admit(&mut shared.lock(), &parts.headers) {
         Ok(login) => login,
         Err(refusal) => return refusal.into_response(),
@@ -354,6 +365,34 @@ fn parse_body(bytes: &[u8]) -> Option<Value> {
         return Some(Value::Null);
     }
     serde_json::from_slice(bytes).ok()
+}
+
+/// GitHub's documented answer to a request over the primary rate limit.
+fn rate_limit(inner: &mut Inner) -> Option<Response> {
+    if inner.rate_limited == 0 {
+        return None;
+    }
+    inner.rate_limited -= 1;
+    let reset = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) + 60;
+    let body = json!({
+        "message": "API rate limit exceeded for user ID 1.",
+        "documentation_url": "https://docs.github.com/rest/overview/rate-limits-for-the-rest-api",
+        "status": "403"
+    });
+    let mut response = reply(StatusCode::FORBIDDEN, &body);
+    let headers = response.headers_mut();
+    for (name, value) in [
+        ("x-ratelimit-limit", "5000".to_owned()),
+        ("x-ratelimit-remaining", "0".to_owned()),
+        ("x-ratelimit-used", "5000".to_owned()),
+        ("x-ratelimit-reset", reset.to_string()),
+        ("x-ratelimit-resource", "core".to_owned()),
+    ] {
+        if let Ok(value) = value.parse() {
+            headers.insert(name, value);
+        }
+    }
+    Some(response)
 }
 
 fn admit(inner: &mut Inner, headers: &HeaderMap) -> Result<String, GhError> {

@@ -882,3 +882,15 @@ async fn with_github_down_a_delivery_no_newer_than_the_state_applied_is_not_acte
     assert!(gh.app.containers().is_empty());
     assert_eq!(gh.github.deployments(REPO).len(), 1, "nothing was launched");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_for_a_pull_request_github_answers_404_for_launches_nothing() {
+    let gh = GitHubApp::default().await;
+    // Signed, but of a pull request GitHub does not show (deleted, or the token cannot see it).
+    let (status, answer) = gh.replay("unknown-pr", &opened().number(77).body()).await;
+    assert_eq!((status, answer["desired"].as_str()), (202, Some("present")), "{answer}");
+    gh.wait_for_metric(ACTED_ON_NOTHING, 1).await;
+    assert_eq!(gh.github.pull_reads(REPO, 77), 1);
+    assert!(gh.app.containers().is_empty());
+    assert!(gh.github.deployments(REPO).is_empty() && gh.github.comments(REPO, 77).is_empty());
+}

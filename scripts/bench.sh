@@ -129,6 +129,7 @@ import datetime, json, os, re, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 LOGIN = "previewd-bench"
+HOOKS = sys.argv[2]  # the deliveries the bench sends, <number>.json
 DOCS = "https://docs.github.com/rest"
 lock = threading.Lock()
 last_id = 0
@@ -191,6 +192,14 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(200, {"permission": "admin", "role_name": "admin", "user": self.user()})
         if repo and method == "GET" and rest == "/pulls":
             return self.reply(200, [])
+        m = re.fullmatch(r"/pulls/(\d+)", rest or "")
+        if m and method == "GET":
+            # GitHub holds what it delivered last: the pull request of the bench's delivery.
+            try:
+                with open(os.path.join(HOOKS, m.group(1) + ".json")) as f:
+                    return self.reply(200, json.load(f)["pull_request"])
+            except (OSError, ValueError, KeyError):
+                return self.error(404, "Not Found")
         m = re.fullmatch(r"/issues/(\d+)/comments", rest or "")
         if m and method == "GET":
             with lock:
@@ -237,7 +246,7 @@ with open(sys.argv[1] + ".tmp", "w") as f:
 os.replace(sys.argv[1] + ".tmp", sys.argv[1])
 server.serve_forever()
 EOF
-python3 "$work/fake_github.py" "$work/github.port" >"$work/github.log" 2>&1 &
+python3 "$work/fake_github.py" "$work/github.port" "$work/hooks" >"$work/github.log" 2>&1 &
 gh_pid=$!
 until [ -s "$work/github.port" ]; do
     kill -0 "$gh_pid" 2>/dev/null || die "the fake GitHub API did not start: $(cat "$work/github.log")"

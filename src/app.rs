@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::docker::Runtime;
 use crate::github::client::GitHubApi;
 use crate::github::feedback::Feedback;
+use crate::github::memory::Memory;
 use crate::github::previews::PullRequestPreviews;
 use crate::github::sync::Sync;
 use crate::github::token_auth::TokenAuth;
@@ -124,6 +125,12 @@ impl Application {
         let watcher = tokio::spawn(follow_container_changes(lifecycle.clone(), tasks.clone(), shutdown.clone()));
         let syncer = sync.map(|(sync, every)| tokio::spawn(sync.run(every, tasks.clone(), shutdown.clone())));
         let nginx_keeper = tokio::spawn(keep_nginx_running(lifecycle.clone(), shutdown.clone()));
+        // Stopped only after the last operation: those change what it writes.
+        let memory_done = CancellationToken::new();
+        let memory_writer = state
+            .github
+            .as_ref()
+            .map(|github| tokio::spawn(Arc::clone(&github.memory).keep_written(memory_done.clone())));
         axum::serve(listener, router(state).into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await?;
@@ -137,6 +144,10 @@ impl Application {
             tracing::info!(operations = tasks.len(), "waiting for in-flight operations");
         }
         tasks.wait().await;
+        memory_done.cancel();
+        if let Some(writer) = memory_writer {
+            writer.await.ok();
+        }
         lifecycle.router().nginx().stop_managed().await.context("cannot stop the managed nginx")?;
         tracing::info!("stopped; previews keep running");
         Ok(())
@@ -159,12 +170,14 @@ fn github_service(
         .counted(Arc::clone(lifecycle.metrics()));
     let tokens = github.api_auth.then(|| Arc::new(TokenAuth::new(github, api.clone())));
     let feedback = Feedback::new(api.clone(), config.instance.clone(), tasks.clone(), shutdown.clone());
-    let previews = PullRequestPreviews::new(Arc::clone(config), lifecycle.clone(), feedback);
+    let memory = Arc::new(Memory::load(&config.state_dir));
+    let previews =
+        PullRequestPreviews::new(Arc::clone(config), lifecycle.clone(), feedback, api.clone(), Arc::clone(&memory));
     let sync = github.sync_interval.map(|every| {
         let sync = Sync { api, previews: previews.clone(), lifecycle: lifecycle.clone(), config: Arc::clone(config) };
         (sync, every)
     });
-    Ok((Some(GitHubService { previews, deliveries: Arc::default() }), tokens, sync))
+    Ok((Some(GitHubService { previews, memory }), tokens, sync))
 }
 
 /// Images whose settings hand a preview the host run only with `allow_unsafe: true` (and are

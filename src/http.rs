@@ -28,9 +28,9 @@ use tower_http::trace::TraceLayer;
 
 use crate::auth::{AuthError, Authenticator, Principal, bearer_token};
 use crate::config::Config;
+use crate::github::memory::Memory;
 use crate::github::previews::PullRequestPreviews;
 use crate::github::token_auth::TokenAuth;
-use crate::github::webhook::DeliveryLog;
 use crate::lifecycle::{Lifecycle, LifecycleError, PreviewInfo};
 use crate::metrics::Metrics;
 use crate::preview::{ImageKey, Slug};
@@ -57,7 +57,8 @@ pub struct AppState {
 #[derive(Clone)]
 pub struct GitHubService {
     pub previews: PullRequestPreviews,
-    pub deliveries: Arc<DeliveryLog>,
+    /// Delivery ids seen and states applied, kept across restarts.
+    pub memory: Arc<Memory>,
 }
 
 pub fn router(state: AppState) -> Router {

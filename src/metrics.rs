@@ -1,6 +1,7 @@
 //! Prometheus metrics, counted where things happen and served at `GET /metrics` in the text
 //! format: previews running, launches, redeploys and kills by result, launch duration (whole and
-//! per step), nginx reloads, webhook deliveries by event and outcome, GitHub API calls.
+//! per step), nginx reloads, webhook deliveries by event and outcome and what their work acted
+//! on, GitHub API calls.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
@@ -27,6 +28,11 @@ pub struct ByDelivery {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByBasis {
+    pub basis: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ByReason {
     pub reason: &'static str,
 }
@@ -45,6 +51,7 @@ pub struct Metrics {
     pub nginx_reloads: Family<ByResult, Counter>,
     pub webhook_deliveries: Family<ByDelivery, Counter>,
     pub pull_request_runs: Gauge,
+    pub delivery_bases: Family<ByBasis, Counter>,
     pub github_calls: Family<ByResult, Counter>,
     pub refused_requests: Family<ByReason, Counter>,
 }
@@ -67,6 +74,7 @@ impl Metrics {
             nginx_reloads: Family::default(),
             webhook_deliveries: Family::default(),
             pull_request_runs: Gauge::default(),
+            delivery_bases: Family::default(),
             github_calls: Family::default(),
             refused_requests: Family::default(),
             registry: Registry::default(),
@@ -96,6 +104,11 @@ impl Metrics {
             "Runs applying a pull request's newest state, queued or running",
             metrics.pull_request_runs.clone(),
         );
+        registry.register(
+            "delivery_bases",
+            "What the work of pull_request deliveries acted on: github (the state read from GitHub), payload (unverified, GitHub unreachable) or nothing",
+            metrics.delivery_bases.clone(),
+        );
         registry.register("github_api_calls", "Calls to GitHub's API, by result", metrics.github_calls.clone());
         registry.register(
             "refused_requests",
@@ -108,6 +121,11 @@ impl Metrics {
     /// Counts a delivery of `event` that ended as `outcome`.
     pub fn delivery(&self, event: &str, outcome: &'static str) {
         self.webhook_deliveries.get_or_create(&ByDelivery { event: event.to_owned(), outcome }).inc();
+    }
+
+    /// Counts a delivery's work that acted on `basis`.
+    pub fn delivery_basis(&self, basis: &'static str) {
+        self.delivery_bases.get_or_create(&ByBasis { basis }).inc();
     }
 
     /// Brings a counter kept elsewhere (as a plain total) up to date.

@@ -60,14 +60,58 @@ impl GitHubApp {
         self.send_as(event, &self.next_delivery(), body, Some(SECRET)).await
     }
 
+    /// A delivery as GitHub sends it: when it is GitHub's (signed with the secret), GitHub holds
+    /// the pull request it describes from then on.
     async fn send_as(&self, event: &str, delivery: &str, body: &[u8], secret: Option<&str>) -> (u16, Value) {
+        if secret == Some(SECRET) {
+            self.hold_on_github(event, body);
+        }
+        self.post_delivery(event, delivery, body, secret).await
+    }
+
+    /// A captured delivery sent again by someone else: GitHub's state does not change.
+    async fn replay(&self, delivery: &str, body: &[u8]) -> (u16, Value) {
+        self.post_delivery("pull_request", delivery, body, Some(SECRET)).await
+    }
+
+    async fn post_delivery(&self, event: &str, delivery: &str, body: &[u8], secret: Option<&str>) -> (u16, Value) {
         let response = deliver(&self.client, &self.app.url("/webhooks/github"), event, delivery, body, secret).await;
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// Records a `pull_request` delivery's pull request as its current state on the fake GitHub,
+    /// unless the fake holds a newer one (the delivery is a late one of an older state).
+    fn hold_on_github(&self, event: &str, body: &[u8]) {
+        let Ok(payload) = serde_json::from_slice::<Value>(body) else { return };
+        let (Some(repo), pull) = (payload["repository"]["full_name"].as_str(), &payload["pull_request"]) else {
+            return;
+        };
+        let Some(number) = pull["number"].as_u64().filter(|_| event == "pull_request") else { return };
+        let held = self.github.pull(repo, number);
+        if held.is_none_or(|held| held["updated_at"].as_str() <= pull["updated_at"].as_str()) {
+            self.github.set_pull(repo, pull.clone());
+        }
+    }
+
+    /// The value of one metric line, e.g. `previewd_delivery_bases_total{basis="github"}`.
+    async fn metric(&self, name: &str) -> u64 {
+        let metrics = self.client.get(self.app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        let value = metrics.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ').map(str::to_owned));
+        value.map_or(0, |value| value.parse().unwrap())
+    }
+
+    async fn wait_for_metric(&self, name: &str, at_least: u64) {
+        let deadline = std::time::Instant::now() + WAIT;
+        while self.metric(name).await < at_least {
+            assert!(std::time::Instant::now() < deadline, "{name} never reached {at_least}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// A signed delivery that also carries Basic credentials (Stager's hook URL), to `path`.
     async fn send_with_basic_auth(&self, path: &str, delivery: &str, body: &[u8]) -> reqwest::Response {
+        self.hold_on_github("pull_request", body);
         self.client
             .post(self.app.url(path))
             .basic_auth(USER, Some(PASSWORD))
@@ -747,4 +791,106 @@ async fn the_periodic_sync_repairs_missed_deliveries() {
     gh.comment_saying(6, "was removed").await;
     assert_eq!(gh.app.via_nginx("hello-world-pr-6", "/").await.unwrap().0, 404);
     assert_eq!(gh.app.via_nginx("hello-world-pr-5", "/").await.unwrap().0, 200, "open pull requests keep theirs");
+}
+
+const READ_FROM_GITHUB: &str = "previewd_delivery_bases_total{basis=\"github\"}";
+const ACTED_UNVERIFIED: &str = "previewd_delivery_bases_total{basis=\"payload\"}";
+const ACTED_ON_NOTHING: &str = "previewd_delivery_bases_total{basis=\"nothing\"}";
+
+/// The `pull_request` object of a `closed` delivery, as GitHub holds it after the close.
+fn closed_on_github() -> Value {
+    PrEvent::new("closed").value["pull_request"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_opened_delivery_after_the_pull_request_was_closed_launches_nothing() {
+    let gh = GitHubApp::default().await;
+    let captured = opened().body();
+    assert_eq!(gh.send_as("pull_request", "original", &captured, Some(SECRET)).await.0, 202);
+    gh.comment_saying(2, "is live at").await;
+    // Closed on GitHub, and the `closed` delivery never reached previewd (lost, or held back).
+    gh.github.set_pull(REPO, closed_on_github());
+
+    let (status, answer) = gh.replay("a-new-delivery-id", &captured).await;
+    assert_eq!(status, 202, "the signature is GitHub's, so the delivery is taken: {answer}");
+    gh.wait_for_metric(READ_FROM_GITHUB, 2).await;
+    gh.comment_saying(2, "was removed").await;
+    assert_eq!(gh.github.pull_reads(REPO, 2), 2, "{}", gh.github.dump_calls());
+    assert!(gh.app.containers().is_empty(), "the closed pull request keeps no preview");
+    assert_eq!(gh.github.deployments(REPO).len(), 1, "the replay launched nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_delivery_after_a_restart_is_still_stale_or_a_duplicate() {
+    let mut gh = GitHubApp::default().await;
+    let captured = opened().body();
+    assert_eq!(gh.send_as("pull_request", "opened-id", &captured, Some(SECRET)).await.0, 202);
+    gh.comment_saying(2, "is live at").await;
+    assert_eq!(gh.send_pr(PrEvent::new("closed")).await.0, 202);
+    gh.comment_saying(2, "was removed").await;
+    gh.app.stop().await;
+    let record = gh.app.dir.path().join("state/github-deliveries.json");
+    let saved: Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    assert!(saved["deliveries"].as_array().unwrap().contains(&json!("opened-id")), "{saved}");
+
+    gh.app.boot().await;
+    let (status, answer) = gh.replay("opened-id", &captured).await;
+    assert_eq!((status, answer["status"].as_str()), (200, Some("duplicate")), "{answer}");
+    let (status, answer) = gh.replay("a-new-delivery-id", &captured).await;
+    assert_eq!((status, answer["status"].as_str()), (200, Some("stale")), "older than the close: {answer}");
+    assert!(gh.app.containers().is_empty());
+    assert_eq!(gh.github.deployments(REPO).len(), 1, "the replays launched nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_github_down_a_delivery_newer_than_the_state_applied_is_acted_on() {
+    let gh = GitHubApp::default().await;
+    assert_eq!(gh.send_pr(opened()).await.0, 202);
+    gh.comment_saying(2, "is live at").await;
+    gh.github.set_down(true);
+
+    let new_head = "3333333333333333333333333333333333333333";
+    let push = updated_at(PrEvent::new("synchronize").sha(new_head), "2019-05-15T15:25:00Z");
+    assert_eq!(gh.send_pr(push).await.0, 202);
+    gh.wait_for_metric(ACTED_UNVERIFIED, 1).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    let wanted = format!("PREVIEW_SHA={new_head}");
+    while !gh.app.via_nginx("hello-world-pr-2", "/cgi-bin/env").await.is_ok_and(|(_, env)| env.contains(&wanted)) {
+        assert!(std::time::Instant::now() < deadline, "the new head was never deployed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_github_down_a_delivery_no_newer_than_the_state_applied_is_not_acted_on() {
+    let gh = GitHubApp::default().await;
+    let captured_open = opened().body();
+    let captured_close = PrEvent::new("closed").body();
+    assert_eq!(gh.send_as("pull_request", "opened-id", &captured_open, Some(SECRET)).await.0, 202);
+    gh.comment_saying(2, "is live at").await;
+    assert_eq!(gh.send_as("pull_request", "closed-id", &captured_close, Some(SECRET)).await.0, 202);
+    gh.comment_saying(2, "was removed").await;
+    gh.github.set_down(true);
+
+    let (status, answer) = gh.replay("replayed-open", &captured_open).await;
+    assert_eq!((status, answer["status"].as_str()), (200, Some("stale")), "older than the close: {answer}");
+    // As old as the state applied: taken, but GitHub cannot confirm it and it is not newer.
+    let (status, answer) = gh.replay("replayed-close", &captured_close).await;
+    assert_eq!(status, 202, "{answer}");
+    gh.wait_for_metric(ACTED_ON_NOTHING, 1).await;
+    assert_eq!(gh.metric(ACTED_UNVERIFIED).await, 0);
+    assert!(gh.app.containers().is_empty());
+    assert_eq!(gh.github.deployments(REPO).len(), 1, "nothing was launched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_for_a_pull_request_github_answers_404_for_launches_nothing() {
+    let gh = GitHubApp::default().await;
+    // Signed, but of a pull request GitHub does not show (deleted, or the token cannot see it).
+    let (status, answer) = gh.replay("unknown-pr", &opened().number(77).body()).await;
+    assert_eq!((status, answer["desired"].as_str()), (202, Some("present")), "{answer}");
+    gh.wait_for_metric(ACTED_ON_NOTHING, 1).await;
+    assert_eq!(gh.github.pull_reads(REPO, 77), 1);
+    assert!(gh.app.containers().is_empty());
+    assert!(gh.github.deployments(REPO).is_empty() && gh.github.comments(REPO, 77).is_empty());
 }

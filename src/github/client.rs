@@ -1,5 +1,5 @@
-//! GitHub's REST API as previewd uses it: issue comments, deployments and their statuses, and
-//! who a token belongs to. Calls go through octocrab's generic requests to the documented
+//! GitHub's REST API as previewd uses it: pull requests, issue comments, deployments and their
+//! statuses, and who a token belongs to. Calls go through octocrab's generic requests to the documented
 //! routes, and only the fields previewd needs are read from the answers.
 
 use std::sync::Arc;
@@ -34,6 +34,11 @@ pub enum ApiCallError {
 }
 
 impl ApiCallError {
+    /// GitHub says there is no such thing, or the token may not see it (GitHub answers both 404).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Self::Status { status: 404, .. })
+    }
+
     /// Worth another try: GitHub or the network failed, or a rate limit applies.
     pub fn is_retryable(&self) -> bool {
         match self {
@@ -266,6 +271,11 @@ impl GitHubApi {
             status: 0,
             message: format!("{repo} has more than {} open pull requests; not syncing it", MAX_PAGES * PER_PAGE),
         })
+    }
+
+    /// One pull request as GitHub holds it now.
+    pub async fn pull(&self, repo: &str, number: u64) -> Result<super::event::PullRequest, ApiCallError> {
+        self.observe(self.octocrab.get(format!("/repos/{repo}/pulls/{number}"), None::<&()>).await)
     }
 
     /// The login of the token's owner. Read raw, because a refusal must be told apart from

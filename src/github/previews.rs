@@ -6,14 +6,23 @@
 //! delivered (by the payload's `updated_at`); an older delivery arriving late is dropped, and the
 //! work always applies the newest state, so `synchronize` and `closed` arriving together cannot
 //! leave the preview of a closed pull request running.
+//!
+//! A delivery's signature does not cover its delivery id, so a captured delivery can be sent
+//! again under a new id. The work therefore acts on the pull request as GitHub's API shows it,
+//! not on the payload; only when GitHub cannot be asked does it fall back to a payload, and only
+//! to one newer than anything applied to that pull request (see [`basis`]). The newest state
+//! applied is kept in [`Memory`] across restarts.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use tokio_util::task::TaskTracker;
 
-use super::event::{Desired, Target, with_tag};
+use super::client::{ApiCallError, GitHubApi};
+use super::event::{Desired, PullRequest, Target, desired, with_tag};
 use super::feedback::{Feedback, PullRequestKey, Step};
+use super::memory::Memory;
 use crate::config::Config;
 use crate::lifecycle::Lifecycle;
 use crate::locks::KeyedLocks;
@@ -25,6 +34,8 @@ pub struct PullRequestPreviews {
     config: Arc<Config>,
     lifecycle: Lifecycle,
     feedback: Feedback,
+    api: GitHubApi,
+    memory: Arc<Memory>,
     /// The newest delivered state of each pull request.
     latest: Arc<Mutex<HashMap<PullRequestKey, Latest>>>,
     /// One pull request's work at a time, so its feedback stays in order.
@@ -33,24 +44,99 @@ pub struct PullRequestPreviews {
     queued: Arc<Mutex<HashSet<PullRequestKey>>>,
 }
 
+/// Where a pull request's state came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A webhook payload: authentic, but maybe replayed; read from GitHub before acting.
+    Delivery,
+    /// GitHub's API (the periodic sync): current when read.
+    GitHub,
+}
+
 #[derive(Clone)]
 struct Latest {
     updated_at: String,
     slug: Slug,
     desired: Desired,
+    source: Source,
 }
 
 /// Pull requests whose newest state is remembered; past this, those with no preview are forgotten.
 const MAX_REMEMBERED: usize = 10_000;
+/// The read of a pull request delays its preview: past this, GitHub counts as unreachable.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// GitHub's API can lag a moment behind the webhook it just sent: reads of a state older than
+/// the delivery's are tried this often, this far apart, before GitHub's answer is taken anyway.
+const LAG_TRIES: usize = 3;
+const LAG_DELAY: Duration = Duration::from_secs(1);
+
+/// What a delivery's work acts on, given what reading the pull request from GitHub gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Basis {
+    /// The pull request as GitHub's API showed it.
+    GitHub,
+    /// The payload, unverified, and why that is allowed.
+    Payload(String),
+    /// Nothing, and why.
+    Nothing(String),
+}
+
+/// A payload is acted on unverified only when GitHub cannot be asked (unreachable, failing,
+/// rate-limited) and it is strictly newer than the newest state applied: a replay is of a
+/// delivery previewd (or GitHub) saw before, so it is never newer than that. A 404 (no such pull
+/// request, or the token cannot see it) and any other refusal act on nothing.
+pub fn basis(read: &Result<PullRequest, ApiCallError>, delivered_at: &str, applied: Option<&str>) -> Basis {
+    let err = match read {
+        Ok(_) => return Basis::GitHub,
+        Err(err) => err,
+    };
+    if err.is_not_found() {
+        return Basis::Nothing(format!(
+            "GitHub does not show this pull request ({err}): it does not exist, or the token cannot see it"
+        ));
+    }
+    if !err.is_retryable() {
+        return Basis::Nothing(format!("GitHub refused to show this pull request ({err})"));
+    }
+    match applied {
+        Some(applied) if delivered_at <= applied => Basis::Nothing(format!(
+            "GitHub cannot be asked ({err}), and the payload (updated_at {delivered_at}) is not newer than the state last applied ({applied})"
+        )),
+        Some(applied) => Basis::Payload(format!(
+            "GitHub cannot be asked ({err}); the payload (updated_at {delivered_at}) is newer than the state last applied ({applied})"
+        )),
+        None => {
+            Basis::Payload(format!("GitHub cannot be asked ({err}); no state of this pull request was applied before"))
+        }
+    }
+}
 
 impl PullRequestPreviews {
-    pub fn new(config: Arc<Config>, lifecycle: Lifecycle, feedback: Feedback) -> Self {
-        Self { config, lifecycle, feedback, latest: Arc::default(), order: Arc::default(), queued: Arc::default() }
+    pub fn new(
+        config: Arc<Config>,
+        lifecycle: Lifecycle,
+        feedback: Feedback,
+        api: GitHubApi,
+        memory: Arc<Memory>,
+    ) -> Self {
+        Self {
+            config,
+            lifecycle,
+            feedback,
+            api,
+            memory,
+            latest: Arc::default(),
+            order: Arc::default(),
+            queued: Arc::default(),
+        }
     }
 
-    /// Remembers a delivered state; false when a newer one was delivered before (this one is
-    /// stale and must not be applied).
-    pub fn record(&self, key: &PullRequestKey, slug: Slug, desired: Desired, updated_at: &str) -> bool {
+    /// Remembers a delivered state; false when a newer one was delivered or applied before (this
+    /// one is stale and must not be applied).
+    pub fn record(&self, key: &PullRequestKey, slug: Slug, desired: Desired, updated_at: &str, source: Source) -> bool {
+        if self.memory.applied(key).is_some_and(|applied| applied.as_str() > updated_at) {
+            return false;
+        }
         let mut latest = self.latest.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if latest.get(key).is_some_and(|known| known.updated_at.as_str() > updated_at) {
             return false;
@@ -58,7 +144,7 @@ impl PullRequestPreviews {
         if latest.len() >= MAX_REMEMBERED {
             latest.retain(|_, known| matches!(known.desired, Desired::Present(_)));
         }
-        latest.insert(key.clone(), Latest { updated_at: updated_at.to_owned(), slug, desired });
+        latest.insert(key.clone(), Latest { updated_at: updated_at.to_owned(), slug, desired, source });
         true
     }
 
@@ -78,17 +164,87 @@ impl PullRequestPreviews {
         });
     }
 
-    /// Applies the newest state delivered for a pull request.
+    /// Applies the newest state delivered for a pull request, as GitHub confirms it.
     #[tracing::instrument(skip_all, fields(repo = %key.repo, pr = key.number))]
     async fn apply_latest(&self, key: PullRequestKey) {
         let _order = self.order.lock(&key).await;
         // From here on, a newer delivery needs work of its own: this one may have read too early.
         self.queued.lock().unwrap_or_else(PoisonError::into_inner).remove(&key);
         let latest = self.latest.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&key).cloned();
-        let Some(Latest { slug, desired, .. }) = latest else { return };
+        let Some(latest) = latest else { return };
+        let current = match latest.source {
+            Source::GitHub => Some(latest),
+            // Read here, not in the webhook handler: GitHub wants its answer within 10 s, and this
+            // read may wait for a slow GitHub; the order lock also keeps reads of one pull
+            // request from overtaking each other.
+            Source::Delivery => self.confirm(&key, latest).await,
+        };
+        let Some(Latest { slug, desired, updated_at, .. }) = current else { return };
+        self.memory.set_applied(&key, &updated_at);
         match desired {
             Desired::Present(target) => self.make_present(slug, target, key).await,
             Desired::Absent(reason) => self.make_absent(slug, reason, key).await,
+        }
+    }
+
+    /// The state to apply for a delivered one: the pull request as GitHub shows it now, the
+    /// payload when GitHub cannot be asked and [`basis`] allows it, or nothing.
+    async fn confirm(&self, key: &PullRequestKey, delivered: Latest) -> Option<Latest> {
+        let read = self.read_pull(key, &delivered.updated_at).await;
+        let applied = self.memory.applied(key);
+        let metrics = self.lifecycle.metrics();
+        match basis(&read, &delivered.updated_at, applied.as_deref()) {
+            Basis::GitHub => {
+                metrics.delivery_basis("github");
+                let pr = read.ok()?;
+                self.state_of(key, &pr)
+            }
+            Basis::Payload(why) => {
+                metrics.delivery_basis("payload");
+                tracing::warn!(reason = %why, "acting on the delivery's payload unverified");
+                Some(delivered)
+            }
+            Basis::Nothing(why) => {
+                metrics.delivery_basis("nothing");
+                tracing::warn!(reason = %why, "acting on nothing for this delivery");
+                None
+            }
+        }
+    }
+
+    /// Reads the pull request, again while GitHub shows a state older than the delivered one.
+    async fn read_pull(&self, key: &PullRequestKey, delivered_at: &str) -> Result<PullRequest, ApiCallError> {
+        for _ in 1..LAG_TRIES {
+            match self.read_pull_once(key).await {
+                Ok(pr) if pr.updated_at.as_str() < delivered_at => {
+                    tracing::debug!(read = %pr.updated_at, delivered = delivered_at, "GitHub shows an older state than the delivery's; reading again");
+                    tokio::time::sleep(LAG_DELAY).await;
+                }
+                other => return other,
+            }
+        }
+        self.read_pull_once(key).await
+    }
+
+    async fn read_pull_once(&self, key: &PullRequestKey) -> Result<PullRequest, ApiCallError> {
+        let read = tokio::time::timeout(READ_TIMEOUT, self.api.pull(&key.repo, key.number)).await;
+        read.unwrap_or_else(|_| Err(ApiCallError::Transport(format!("no answer within {} s", READ_TIMEOUT.as_secs()))))
+    }
+
+    /// GitHub's pull request through the same rule as a payload.
+    fn state_of(&self, key: &PullRequestKey, pr: &PullRequest) -> Option<Latest> {
+        let Some(repo) = self.config.github.as_ref().and_then(|github| github.repo(&key.repo)) else {
+            tracing::error!("the repository is no longer in config.yml");
+            return None;
+        };
+        match desired(pr, repo) {
+            Ok((slug, desired)) => {
+                Some(Latest { updated_at: pr.updated_at.clone(), slug, desired, source: Source::GitHub })
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot use the pull request GitHub shows");
+                None
+            }
         }
     }
 
@@ -151,5 +307,51 @@ impl PullRequestPreviews {
             }),
             owner: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const APPLIED: &str = "2019-05-15T15:21:18Z";
+
+    fn pull() -> PullRequest {
+        let path = format!("{}/tests/fixtures/github-webhooks/pull_request.closed.json", env!("CARGO_MANIFEST_DIR"));
+        let event: super::super::event::PullRequestEvent =
+            serde_json::from_slice(&std::fs::read(&path).expect("fixture")).expect("fixture parses");
+        event.pull_request
+    }
+
+    fn status(status: u16, message: &str) -> Result<PullRequest, ApiCallError> {
+        Err(ApiCallError::Status { status, message: message.into() })
+    }
+
+    #[test]
+    fn githubs_answer_wins_over_any_payload() {
+        assert_eq!(basis(&Ok(pull()), "2030-01-01T00:00:00Z", Some(APPLIED)), Basis::GitHub);
+        assert_eq!(basis(&Ok(pull()), "2000-01-01T00:00:00Z", None), Basis::GitHub);
+    }
+
+    #[test]
+    fn an_unreachable_github_lets_only_a_strictly_newer_payload_act() {
+        let down = Err(ApiCallError::Transport("connection refused".into()));
+        assert!(matches!(basis(&down, "2019-05-15T15:21:19Z", Some(APPLIED)), Basis::Payload(_)));
+        assert!(matches!(basis(&down, APPLIED, Some(APPLIED)), Basis::Nothing(_)), "a replay of the newest state");
+        assert!(matches!(basis(&down, "2019-05-15T15:20:33Z", Some(APPLIED)), Basis::Nothing(_)));
+        assert!(matches!(basis(&down, "2019-05-15T15:20:33Z", None), Basis::Payload(_)), "nothing applied yet");
+        for failing in [status(502, "Bad Gateway"), status(429, "Too Many"), status(403, "API rate limit exceeded")] {
+            assert!(matches!(basis(&failing, "2019-05-15T15:21:19Z", Some(APPLIED)), Basis::Payload(_)));
+        }
+    }
+
+    #[test]
+    fn a_404_or_a_refusal_acts_on_nothing_however_new_the_payload() {
+        let Basis::Nothing(why) = basis(&status(404, "Not Found"), "2030-01-01T00:00:00Z", None) else {
+            panic!("a 404 acts on nothing")
+        };
+        assert!(why.contains("does not exist, or the token cannot see it"), "{why}");
+        let refused = status(403, "Resource not accessible by integration");
+        assert!(matches!(basis(&refused, "2030-01-01T00:00:00Z", None), Basis::Nothing(_)));
     }
 }

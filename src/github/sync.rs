@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use super::client::GitHubApi;
 use super::event::{Desired, desired};
 use super::feedback::PullRequestKey;
-use super::previews::PullRequestPreviews;
+use super::previews::{PullRequestPreviews, Source};
 use crate::config::{Config, RepoConfig};
 use crate::lifecycle::Lifecycle;
 use crate::preview::Slug;
@@ -83,7 +83,7 @@ impl Sync {
 
     fn apply(&self, tasks: &TaskTracker, repo: &RepoConfig, number: u64, slug: Slug, state: Desired, updated_at: &str) {
         let key = PullRequestKey { repo: repo.full_name.clone(), number };
-        if self.previews.record(&key, slug, state, updated_at) {
+        if self.previews.record(&key, slug, state, updated_at, Source::GitHub) {
             self.previews.schedule(key, tasks);
         }
     }

@@ -1,6 +1,7 @@
 //! Webhook deliveries: a delivery exists as a [`VerifiedDelivery`] only once its
 //! `X-Hub-Signature-256` matched the HMAC-SHA256 of the raw body (compared in constant time), and
-//! the [`DeliveryLog`] acknowledges GitHub's redeliveries without doing the work twice.
+//! the [`DeliveryLog`] acknowledges GitHub's redeliveries without doing the work twice (its ids
+//! are kept across restarts by [`super::memory`]).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Mutex;
@@ -57,6 +58,21 @@ impl DeliveryLog {
 
     pub fn new() -> Self {
         Self { seen: Mutex::new((HashSet::new(), VecDeque::new())) }
+    }
+
+    /// A log that has seen `ids`, oldest first (as [`DeliveryLog::ids`] gave them); past the
+    /// capacity only the newest are kept.
+    pub fn from_ids(ids: impl IntoIterator<Item = String>) -> Self {
+        let log = Self::new();
+        for id in ids {
+            log.first_time(&id);
+        }
+        log
+    }
+
+    /// The ids remembered, oldest first.
+    pub fn ids(&self) -> Vec<String> {
+        self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).1.iter().cloned().collect()
     }
 
     /// True the first time an id is offered.
@@ -147,5 +163,19 @@ mod tests {
         }
         assert!(log.first_time("a"), "the oldest ids are forgotten");
         assert!(log.seen.lock().unwrap().0.len() <= DeliveryLog::CAPACITY);
+    }
+
+    #[test]
+    fn a_log_rebuilt_from_its_ids_knows_them_in_the_same_order() {
+        let log = DeliveryLog::new();
+        for id in ["a", "b", "c"] {
+            log.first_time(id);
+        }
+        let rebuilt = DeliveryLog::from_ids(log.ids());
+        assert_eq!(rebuilt.ids(), ["a", "b", "c"]);
+        assert!(!rebuilt.first_time("b"));
+        let many = DeliveryLog::from_ids((0..DeliveryLog::CAPACITY + 5).map(|i| i.to_string()));
+        assert_eq!(many.ids().len(), DeliveryLog::CAPACITY);
+        assert_eq!(many.ids()[0], "5", "the oldest are the ones dropped");
     }
 }

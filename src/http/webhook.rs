@@ -1,6 +1,7 @@
 //! `POST /webhooks/github` (and Stager's `/event_receiver`): GitHub deliveries, answered within
 //! milliseconds. The signature is checked before anything is parsed; the work itself runs in the
-//! background, one pull request at a time.
+//! background, one pull request at a time, and acts on the pull request as GitHub's API shows it
+//! (the answer describes what the delivery says, not yet what will be done).
 
 use axum::Json;
 use axum::extract::{Request, State};
@@ -13,6 +14,7 @@ use super::body::read_limited;
 use super::error::ApiError;
 use crate::github::event::{ACTIONS, Desired, PullRequestEvent, desired};
 use crate::github::feedback::PullRequestKey;
+use crate::github::previews::Source;
 use crate::github::webhook::{VerifiedDelivery, verify};
 
 /// GitHub caps payloads at 25 MB; a pull_request event is tens of kilobytes.
@@ -67,14 +69,15 @@ fn pull_request(
         return Ok(ignored(&format!("repository {full_name} is not in config.yml")));
     };
     let (slug, desired) = desired(&event.pull_request, repo)?;
-    if !service.deliveries.first_time(&delivery.delivery) {
+    if !service.memory.first_delivery(&delivery.delivery) {
         return Ok((
             "duplicate",
             answer(StatusCode::OK, json!({ "status": "duplicate", "delivery": delivery.delivery })),
         ));
     }
     let key = PullRequestKey { repo: repo.full_name.clone(), number: event.pull_request.number };
-    if !service.previews.record(&key, slug.clone(), desired.clone(), &event.pull_request.updated_at) {
+    let updated_at = &event.pull_request.updated_at;
+    if !service.previews.record(&key, slug.clone(), desired.clone(), updated_at, Source::Delivery) {
         tracing::info!(repo = %key.repo, pr = key.number, delivery = %delivery.delivery, "ignoring a delivery older than one already received");
         return Ok(("stale", answer(StatusCode::OK, json!({ "status": "stale", "preview": slug }))));
     }

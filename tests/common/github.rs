@@ -2,7 +2,7 @@
 //! build and deliver `pull_request` webhooks like GitHub does.
 //!
 //! [`FakeGitHub::start`] serves the endpoints previewd uses (user, collaborator permission, issue
-//! comments, deployments and their statuses, open pulls) on `127.0.0.1:<free port>` inside the
+//! comments, deployments and their statuses, open pulls, one pull request) on `127.0.0.1:<free port>` inside the
 //! test's tokio runtime. It keeps state in memory, records every request, and can be told to fail
 //! ([`FakeGitHub::fail_next`], [`FakeGitHub::set_down`], [`FakeGitHub::set_delay`]). Answers follow
 //! GitHub's REST docs — status codes, field names, error JSON, `Link` paging — not what any one
@@ -106,6 +106,9 @@ struct Repo {
     comments: Vec<StoredComment>,
     deployments: Vec<StoredDeployment>,
     pulls: Vec<Value>,
+    /// Each pull request's current state, by number, as `GET .../pulls/{number}` shows it. The
+    /// fake keeps it apart from `pulls` (the open list): tests set each as they need.
+    pull_states: HashMap<u64, Value>,
     /// Payload URLs of the repository's webhooks.
     hooks: Vec<String>,
 }
@@ -190,6 +193,24 @@ impl FakeGitHub {
 
     pub fn set_open_pulls(&self, repo: &str, pulls: Vec<Value>) {
         self.shared.lock().repo_entry(repo).pulls = pulls;
+    }
+
+    /// A pull request's current state (its `number` says which): what `GET
+    /// /repos/{owner}/{repo}/pulls/{number}` answers from now on.
+    pub fn set_pull(&self, repo: &str, pull: Value) {
+        let number = pull["number"].as_u64().expect("a pull request has a number");
+        self.shared.lock().repo_entry(repo).pull_states.insert(number, pull);
+    }
+
+    /// The state `set_pull` last set.
+    pub fn pull(&self, repo: &str, number: u64) -> Option<Value> {
+        self.with_repo(repo, |r| r.pull_states.get(&number).cloned())
+    }
+
+    /// How often `GET /repos/{repo}/pulls/{number}` was answered (any status).
+    pub fn pull_reads(&self, repo: &str, number: u64) -> usize {
+        let path = format!("/repos/{repo}/pulls/{number}").to_lowercase();
+        self.calls().iter().filter(|c| c.method == "GET" && c.path.to_lowercase() == path).count()
     }
 
     pub fn calls(&self) -> Vec<Call> {
@@ -284,6 +305,7 @@ impl Inner {
             comments: Vec::new(),
             deployments: Vec::new(),
             pulls: Vec::new(),
+            pull_states: HashMap::new(),
             hooks: Vec::new(),
         })
     }
@@ -318,6 +340,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route(&format!("{repo}/deployments"), post(create_deployment))
         .route(&format!("{repo}/deployments/{{id}}/statuses"), get(list_statuses).post(create_status))
         .route(&format!("{repo}/pulls"), get(list_pulls))
+        .route(&format!("{repo}/pulls/{{number}}"), get(get_pull))
         .fallback(not_found_handler)
         // GitHub answers 404, not 405, to a method a route does not support.
         .method_not_allowed_fallback(not_found_handler)
@@ -712,6 +735,17 @@ async fn list_pulls(State(shared): Fake, Path((owner, name)): Path<(String, Stri
     let repo = inner.known_repo(&owner, &name)?;
     let items = if closed { Vec::new() } else { repo.pulls.clone() };
     Ok(paginate(&shared.base, &uri, items))
+}
+
+/// `GET /repos/{owner}/{repo}/pulls/{number}`: what `set_pull` set, with the API URLs of this
+/// fake; 404 with GitHub's error JSON for a pull request (or repository) it does not know.
+async fn get_pull(State(shared): Fake, Path((owner, name, number)): Path<(String, String, String)>) -> Answer {
+    let number = parse_id(&number)?;
+    let mut inner = shared.lock();
+    let repo = inner.known_repo(&owner, &name)?;
+    let mut pull = repo.pull_states.get(&number).cloned().ok_or_else(not_found)?;
+    replace_strings(&mut pull, "https://api.github.com", &shared.base);
+    Ok(reply(StatusCode::OK, &pull))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -894,3 +894,43 @@ async fn a_delivery_for_a_pull_request_github_answers_404_for_launches_nothing()
     assert!(gh.app.containers().is_empty());
     assert!(gh.github.deployments(REPO).is_empty() && gh.github.comments(REPO, 77).is_empty());
 }
+
+fn user_lookups(gh: &GitHubApp) -> usize {
+    gh.github.calls().iter().filter(|call| call.method == "GET" && call.path == "/user").count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_tokens_from_one_address_are_looked_up_only_until_its_budget_is_spent() {
+    let gh = two_repos_and_mallory().await;
+    let mut refused = 0;
+    let throttled = loop {
+        let response = gh.client.get(gh.app.url("/api/previews")).bearer_auth(format!("guess-{refused}")).send().await;
+        let response = response.unwrap();
+        match response.status().as_u16() {
+            401 => refused += 1,
+            429 => break response,
+            other => panic!("an unknown token got {other}"),
+        }
+        assert!(refused <= 10, "more than ten unknown tokens were looked up");
+    };
+    assert_eq!(refused, 10);
+    let wait: u64 = throttled.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=6).contains(&wait), "{wait}");
+    assert!(throttled.text().await.unwrap().contains("unknown tokens from your address"));
+    assert_eq!(user_lookups(&gh), 10, "the refused lookup did not reach GitHub");
+    let elsewhere = reqwest::Client::builder().no_proxy().local_address(std::net::IpAddr::from([127, 0, 0, 2])).build();
+    let answer = elsewhere.unwrap().get(gh.app.url("/api/previews")).bearer_auth("mallory-token").send().await;
+    assert_eq!(answer.unwrap().status(), 200, "another address keeps its budget");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn githubs_rate_limit_answer_is_passed_on_and_not_remembered_as_a_refusal() {
+    let gh = two_repos_and_mallory().await;
+    gh.github.rate_limit_next(1);
+    let limited = gh.client.get(gh.app.url("/api/previews")).bearer_auth("mallory-token").send().await.unwrap();
+    assert_eq!(limited.status(), 503);
+    let wait: u64 = limited.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&wait), "GitHub's reset time: {wait}");
+    assert_eq!(gh.get_as("mallory-token", "/api/previews").await, 200, "the token was asked about again");
+    assert_eq!(user_lookups(&gh), 2);
+}

@@ -116,10 +116,16 @@ async fn beyond_parallel_launches_a_launch_waits_its_turn_and_says_so() {
     assert!(when(waited, "create").unwrap() >= other_routing, "the waiting launch created nothing meanwhile");
 }
 
+/// An app with these limits and a preview named `watched` to follow.
+async fn watched_app(limits: &str) -> TestApp {
+    let app = app_with(limits).await;
+    assert_eq!(launch_as(&app, USER, "watched").await.status(), 200);
+    app
+}
+
 #[tokio::test]
 async fn a_caller_may_follow_only_its_share_of_logs_and_a_closed_stream_frees_its_place() {
-    let app = app_with("  log_streams_per_user: 2\n").await;
-    assert_eq!(launch_as(&app, USER, "watched").await.status(), 200);
+    let app = watched_app("  log_streams_per_user: 2\n").await;
     let first = follow_logs(&app, USER, "watched").await;
     let second = follow_logs(&app, USER, "watched").await;
     assert_eq!((first.status().as_u16(), second.status().as_u16()), (200, 200));
@@ -143,8 +149,7 @@ async fn a_caller_may_follow_only_its_share_of_logs_and_a_closed_stream_frees_it
 
 #[tokio::test]
 async fn the_host_wide_log_stream_limit_counts_every_caller() {
-    let app = app_with("  log_streams: 2\n").await;
-    assert_eq!(launch_as(&app, USER, "watched").await.status(), 200);
+    let app = watched_app("  log_streams: 2\n").await;
     let _mine = follow_logs(&app, USER, "watched").await;
     let _theirs = follow_logs(&app, OTHER, "watched").await;
     let (status, error) = error_of(follow_logs(&app, OTHER, "watched").await).await;
@@ -154,8 +159,7 @@ async fn the_host_wide_log_stream_limit_counts_every_caller() {
 
 #[tokio::test]
 async fn a_followed_log_ends_after_log_stream_seconds() {
-    let app = app_with("  log_stream_seconds: 2\n").await;
-    assert_eq!(launch_as(&app, USER, "watched").await.status(), 200);
+    let app = watched_app("  log_stream_seconds: 2\n").await;
     let started = Instant::now();
     let response = follow_logs(&app, USER, "watched").await;
     assert_eq!(response.status(), 200);

@@ -99,6 +99,15 @@ fn flood(
         .collect()
 }
 
+/// Waits (30 s at most) until `counter` has counted something.
+async fn until_counted(counter: &AtomicUsize, failure: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while counter.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "{failure}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_correct_login_stays_fast_while_another_address_floods_wrong_passwords() {
     let _serial = SERIAL.lock().await;
@@ -110,11 +119,7 @@ async fn a_correct_login_stays_fast_while_another_address_floods_wrong_passwords
     let (stop, seen) = (Arc::new(AtomicBool::new(false)), Arc::new(Seen::default()));
     let workers = flood(&app, 1, 200, Arc::clone(&stop), Arc::clone(&seen));
     // The flood is under way once its address has been refused.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while seen.throttled.load(Ordering::Relaxed) == 0 {
-        assert!(Instant::now() < deadline, "the flood was never throttled");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_counted(&seen.throttled, "the flood was never throttled").await;
     let mut flooded = Vec::new();
     for user in &USERS[3..] {
         flooded.push(login_time(&app, user).await);
@@ -160,11 +165,7 @@ async fn when_the_argon2_queue_is_full_a_login_is_answered_429_at_once() {
     let (stop, seen) = (Arc::new(AtomicBool::new(false)), Arc::new(Seen::default()));
     // 150 addresses, one check in flight each: more than the 4 running and 64 waiting.
     let workers = flood(&app, 150, 150, Arc::clone(&stop), Arc::clone(&seen));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while seen.busy.load(Ordering::Relaxed) == 0 {
-        assert!(Instant::now() < deadline, "the queue never filled");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_counted(&seen.busy, "the queue never filled").await;
     stop.store(true, Ordering::Relaxed);
     for worker in workers {
         worker.await.unwrap();

@@ -103,15 +103,18 @@ impl VhostTemplate {
 mod tests {
     use super::*;
 
-    #[test]
-    fn shipped_template_routes_the_host_to_the_loopback_port() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("templates/vhost.conf.tera");
-        let template = VhostTemplate::load(&path, &[]).unwrap();
+    /// `feature-x.preview.localhost` on 127.0.0.1:8080, routed to `upstream_port`.
+    fn render_sample(template: &VhostTemplate, upstream_port: u16) -> String {
         let instance = InstanceName::parse("default").unwrap();
         let slug = Slug::parse("feature-x").unwrap();
         let host = crate::preview::BaseDomain::parse("preview.localhost").unwrap().host_for(&slug);
-        let vhost = Vhost::new(&instance, &slug, &host, ([127, 0, 0, 1], 8080).into(), 49153);
-        let conf = template.render(&vhost).unwrap();
+        template.render(&Vhost::new(&instance, &slug, &host, ([127, 0, 0, 1], 8080).into(), upstream_port)).unwrap()
+    }
+
+    #[test]
+    fn shipped_template_routes_the_host_to_the_loopback_port() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("templates/vhost.conf.tera");
+        let conf = render_sample(&VhostTemplate::load(&path, &[]).unwrap(), 49153);
         assert!(conf.contains("listen 127.0.0.1:8080;"), "{conf}");
         assert!(conf.contains("server_name feature-x.preview.localhost;"), "{conf}");
         assert!(conf.contains("proxy_pass http://127.0.0.1:49153;"), "{conf}");
@@ -122,15 +125,10 @@ mod tests {
     fn with_trusted_proxies_the_shipped_template_believes_their_forwarded_for_only() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("templates/vhost.conf.tera");
         let proxies = ["10.0.0.0/8".parse().unwrap(), "192.0.2.7/32".parse().unwrap()];
-        let template = VhostTemplate::load(&path, &proxies).unwrap();
-        let instance = InstanceName::parse("default").unwrap();
-        let slug = Slug::parse("feature-x").unwrap();
-        let host = crate::preview::BaseDomain::parse("preview.localhost").unwrap().host_for(&slug);
-        let conf = template.render(&Vhost::new(&instance, &slug, &host, ([127, 0, 0, 1], 8080).into(), 1)).unwrap();
+        let conf = render_sample(&VhostTemplate::load(&path, &proxies).unwrap(), 1);
         assert!(conf.contains("set_real_ip_from 10.0.0.0/8;") && conf.contains("set_real_ip_from 192.0.2.7/32;"));
         assert!(conf.contains("real_ip_header X-Forwarded-For;"), "{conf}");
-        let plain = VhostTemplate::load(&path, &[]).unwrap();
-        let conf = plain.render(&Vhost::new(&instance, &slug, &host, ([127, 0, 0, 1], 8080).into(), 1)).unwrap();
+        let conf = render_sample(&VhostTemplate::load(&path, &[]).unwrap(), 1);
         assert!(!conf.contains("real_ip"), "{conf}");
     }
 

@@ -137,7 +137,8 @@ fn lifecycle_status(err: &LifecycleError) -> StatusCode {
 impl ApiError {
     /// What a 5xx answer says: what failed, without the output, messages and paths the cause
     /// carries (those go to the log under the request id). Errors that tell the operator what
-    /// to change on this host (nginx not running or not serving the sites dir) and a preview's
+    /// to change on this host (nginx not running or not serving the sites dir, its command
+    /// failing, its files not writable) and a preview's
     /// own start-up failure (its log lines are the caller's to see anyway) are kept whole.
     pub fn public_message(&self) -> String {
         match self {
@@ -155,8 +156,6 @@ impl ApiError {
                 NginxError::RolledBack(_) => {
                     "nginx rejected the new configuration; the previous vhost files were restored".to_owned()
                 }
-                NginxError::Command { .. } => "cannot run the nginx command".to_owned(),
-                NginxError::Io { .. } => "cannot write nginx's files".to_owned(),
                 NginxError::Template(_) => "cannot render the vhost template".to_owned(),
                 other => other.to_string(),
             },

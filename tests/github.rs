@@ -926,7 +926,7 @@ async fn unknown_tokens_from_one_address_are_looked_up_only_until_its_budget_is_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn githubs_rate_limit_answer_is_passed_on_and_not_remembered_as_a_refusal() {
     let gh = two_repos_and_mallory().await;
-    gh.github.rate_limit_next(1);
+    gh.github.rate_limit_user_lookups(1);
     let limited = gh.client.get(gh.app.url("/api/previews")).bearer_auth("mallory-token").send().await.unwrap();
     assert_eq!(limited.status(), 503);
     let wait: u64 = limited.headers()["retry-after"].to_str().unwrap().parse().unwrap();

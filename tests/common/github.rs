@@ -241,9 +241,10 @@ impl FakeGitHub {
         inner.fail_status = status;
     }
 
-    /// The next `count` calls answer as GitHub does once a token's primary rate limit is used
-    /// up: 403, `x-ratelimit-remaining: 0`, the reset time, and GitHub's message.
-    pub fn rate_limit_next(&self, count: usize) {
+    /// The next `count` calls of `GET /user` (token lookups) answer as GitHub does once a token's
+    /// primary rate limit is used up: 403, `x-ratelimit-remaining: 0`, the reset time, and
+    /// GitHub's message. Other calls (previewd's own, running meanwhile) are not limited.
+    pub fn rate_limit_user_lookups(&self, count: usize) {
         self.shared.lock().rate_limited = count;
     }
 
@@ -368,7 +369,7 @@ async fn gate(State(shared): Fake, request: Request, next: Next) -> Response {
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    if let Some(limited) = rate_limit(&mut shared.lock()) {
+    if let Some(limited) = (parts.uri.path() == "/user").then(|| rate_limit(&mut shared.lock())).flatten() {
         return limited;
     }
     let login = match admit(&mut shared.lock(), &parts.headers) {

@@ -123,6 +123,7 @@ impl Application {
         let tasks = state.tasks.clone();
         let lifecycle = state.lifecycle.clone();
         let watcher = tokio::spawn(follow_container_changes(lifecycle.clone(), tasks.clone(), shutdown.clone()));
+        let warm_networks = tokio::spawn(lifecycle.networks().clone().keep_warm(shutdown.clone()));
         let syncer = sync.map(|(sync, every)| tokio::spawn(sync.run(every, tasks.clone(), shutdown.clone())));
         let nginx_keeper = tokio::spawn(keep_nginx_running(lifecycle.clone(), shutdown.clone()));
         // Stopped only after the last operation: those change what it writes.
@@ -135,6 +136,7 @@ impl Application {
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await?;
         watcher.await.ok();
+        warm_networks.await.ok();
         nginx_keeper.await.ok();
         if let Some(syncer) = syncer {
             syncer.await.ok();

@@ -19,9 +19,11 @@ use crate::preview::{BaseDomain, EnvName, Host, ImageKey, InstanceName};
 pub mod github;
 pub mod hardening;
 pub mod limits;
+pub mod network;
 pub use github::{GitHubConfig, RepoConfig};
 pub use hardening::Capability;
 pub use limits::Limits;
+pub use network::NetworkConfig;
 
 /// Everything previewd needs, validated.
 #[derive(Debug, Clone)]
@@ -37,6 +39,8 @@ pub struct Config {
     /// Pull-request previews; absent when the `github` section is.
     pub github: Option<GitHubConfig>,
     pub limits: Limits,
+    /// Per-preview networks and the firewall around them.
+    pub network: NetworkConfig,
     /// With entries, the API answers only requests whose `Host` is one of these names (or an
     /// IP address), so a DNS-rebinding page cannot reach it by a name of its own.
     pub api_hosts: Vec<BaseDomain>,
@@ -293,6 +297,7 @@ struct RawConfig {
     users: Option<Vec<RawUser>>,
     github: Option<github::RawGitHub>,
     limits: Option<limits::RawLimits>,
+    network: Option<network::RawNetwork>,
     api_hosts: Option<Vec<String>>,
     metrics_auth: Option<bool>,
     trusted_proxies: Option<Vec<String>>,
@@ -415,6 +420,12 @@ impl RawConfig {
             }
             Limits::default()
         });
+        let network = network::validate(self.network.unwrap_or_default()).unwrap_or_else(|errors| {
+            for (key, message) in errors {
+                problems.add(&key, message);
+            }
+            NetworkConfig::default()
+        });
         let api_hosts = validate_api_hosts(self.api_hosts.unwrap_or_default(), &mut problems);
         let trusted_proxies = validate_trusted_proxies(self.trusted_proxies.unwrap_or_default(), &mut problems);
 
@@ -430,6 +441,7 @@ impl RawConfig {
                 users,
                 github,
                 limits,
+                network,
                 api_hosts,
                 metrics_auth: self.metrics_auth.unwrap_or(false),
                 trusted_proxies,
@@ -596,6 +608,12 @@ fn validate_image(path: &str, raw: RawImage, problems: &mut Problems) -> Option<
 }
 
 impl ImageSpec {
+    /// The `NetworkMode` the image's `container_create_params` set, if any: such a preview
+    /// gets no network of its own (see `crate::network`).
+    pub fn network_mode(&self) -> Option<&str> {
+        self.container_create_params.get("HostConfig")?.get("NetworkMode")?.as_str()
+    }
+
     /// Each setting that weakens the container's isolation, as `(key under the image, why)`.
     pub fn unsafe_settings(&self) -> Vec<(String, String)> {
         let caps = self.cap_add.iter().filter(|cap| cap.gives_the_host());

@@ -22,6 +22,9 @@ use crate::config::{ImageSpec, PullPolicy};
 use crate::preview::{ImageKey, InstanceName, Slug};
 use crate::request::{Owner, PullRequestOrigin};
 
+mod networks;
+pub use networks::{CreateNetworkError, ManagedNetwork, NetworkSpec};
+
 pub const LABEL_MANAGED: &str = "previewd.managed";
 pub const LABEL_INSTANCE: &str = "previewd.instance";
 pub const LABEL_SLUG: &str = "previewd.slug";
@@ -34,6 +37,8 @@ pub const LABEL_PR: &str = "previewd.pr";
 pub const LABEL_SHA: &str = "previewd.sha";
 /// Who launched a preview by hand (`Owner`'s label form).
 pub const LABEL_OWNER: &str = "previewd.owner";
+/// The preview's own network (see `crate::network`); absent on Docker's default bridge.
+pub const LABEL_NETWORK: &str = "previewd.network";
 /// Creation time in nanoseconds: Docker's own `Created` has one-second resolution, too coarse
 /// to tell which of two containers of a quick replace is the newer.
 pub const LABEL_CREATED: &str = "previewd.created";
@@ -108,6 +113,8 @@ pub struct ManagedContainer {
     pub created_ns: u128,
     pub origin: Option<PullRequestOrigin>,
     pub owner: Option<Owner>,
+    /// The preview's own network, when it has one.
+    pub network: Option<String>,
 }
 
 impl ManagedContainer {
@@ -132,6 +139,8 @@ pub struct ContainerPlan<'a> {
     pub env: Vec<String>,
     pub origin: Option<&'a PullRequestOrigin>,
     pub owner: Option<&'a Owner>,
+    /// The preview's own network; `None`: Docker's default bridge.
+    pub network: Option<&'a str>,
 }
 
 /// A container just created, and the loopback port it will be published on once started.
@@ -259,6 +268,9 @@ impl Runtime {
         if let Some(owner) = plan.owner {
             labels.insert(LABEL_OWNER.to_owned(), owner.to_string());
         }
+        if let Some(network) = plan.network {
+            labels.insert(LABEL_NETWORK.to_owned(), network.to_owned());
+        }
         let mut security_opt = user_security_opts(&spec.container_create_params);
         security_opt.push("no-new-privileges".to_owned());
         let ours = ContainerCreateBody {
@@ -269,6 +281,7 @@ impl Runtime {
             exposed_ports: Some(vec![port_key.clone()]),
             host_config: Some(HostConfig {
                 port_bindings: Some(loopback_binding(&spec.port.to_string(), host_port)),
+                network_mode: plan.network.map(str::to_owned),
                 security_opt: Some(security_opt),
                 // No restarts until the app has answered once (see `keep_running`): a crash
                 // during start-up then stays visible, with its exit code.
@@ -494,7 +507,19 @@ fn managed_container(summary: ContainerSummary) -> Option<ManagedContainer> {
             _ => None,
         };
     let owner = labels.get(LABEL_OWNER).and_then(|text| Owner::parse_label(text));
-    Some(ManagedContainer { id: summary.id?, slug, image, state, host_port, created, created_ns, origin, owner })
+    let network = labels.get(LABEL_NETWORK).cloned();
+    Some(ManagedContainer {
+        id: summary.id?,
+        slug,
+        image,
+        state,
+        host_port,
+        created,
+        created_ns,
+        origin,
+        owner,
+        network,
+    })
 }
 
 /// Publishes `<container_port>/tcp` on 127.0.0.1 only: previews are reached through nginx.

@@ -15,6 +15,7 @@
 //! - [`cache`]: a bounded map whose entries expire.
 //! - [`metrics`]: Prometheus metrics, served at `/metrics`.
 //! - [`docker`]: the container runtime on the Docker API; labels are the record of what runs.
+//! - [`network`]: each preview's own network, the warm pool of them, and the host firewall.
 //! - [`probe`]: whether an app answers HTTP yet.
 //! - [`nginx`]: vhost files, `nginx -t`, coalesced reloads, the managed nginx.
 //! - [`watch`]: re-routes previews whose container Docker restarted on a new port.
@@ -38,6 +39,7 @@ pub mod http;
 pub mod lifecycle;
 pub mod locks;
 pub mod metrics;
+pub mod network;
 pub mod nginx;
 pub mod preview;
 pub mod probe;

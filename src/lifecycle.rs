@@ -15,6 +15,7 @@ use crate::config::{Config, ImageSpec};
 use crate::docker::{ContainerPlan, CreatedContainer, DockerError, ManagedContainer, Runtime};
 use crate::locks::KeyedLocks;
 use crate::metrics::{self, ByStep, Metrics};
+use crate::network::{NetworkError, Networks};
 use crate::nginx::{Drain, NginxError, RouteTicket, Router};
 use crate::preview::{ImageKey, Slug};
 use crate::probe::Prober;
@@ -53,6 +54,8 @@ pub enum LifecycleError {
     NameTaken { name: Slug, owner: String },
     #[error(transparent)]
     Limit(#[from] LimitError),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
 }
 
 impl LifecycleError {
@@ -129,6 +132,14 @@ pub struct Lifecycle {
     locks: Arc<KeyedLocks<Slug>>,
     metrics: Arc<Metrics>,
     admission: Admission,
+    networks: Networks,
+}
+
+/// The network a launch puts its container on.
+struct PreviewNetwork {
+    name: String,
+    /// Taken for this launch: removed again if the launch fails.
+    new: bool,
 }
 
 /// A launch step as it begins: `image`, `pull`, `create`, `start`, `health`, `route`, and
@@ -174,7 +185,12 @@ impl Progress {
 impl Lifecycle {
     pub fn new(config: Arc<Config>, runtime: Runtime, router: Router, metrics: Arc<Metrics>) -> Self {
         let admission = Admission::new(config.limits);
-        Self { config, runtime, router, prober: Prober::new(), locks: Arc::default(), metrics, admission }
+        let networks = Networks::new(runtime.clone(), config.instance.clone(), config.network, &metrics);
+        Self { config, runtime, router, prober: Prober::new(), locks: Arc::default(), metrics, admission, networks }
+    }
+
+    pub fn networks(&self) -> &Networks {
+        &self.networks
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -275,7 +291,21 @@ impl Lifecycle {
         }
         let url = self.url_for(&request.name);
         let env = container_env(&request, &url);
-        let (id, drain) = self.create_and_bring_up(&request, env, previous.is_empty(), progress).await?;
+        // Announced before the network is taken: a launch that has to wait for a new network
+        // (the warm pool ran dry in a burst) still shares the burst's reload.
+        let ticket = self.router.ticket();
+        let network = self.network_for(spec, previous).await?;
+        let network_name = network.as_ref().map(|n| n.name.as_str());
+        let brought_up =
+            self.create_and_bring_up(&request, env, network_name, previous.is_empty(), ticket, progress).await;
+        let (id, drain) = match (brought_up, network) {
+            (Ok(up), _) => up,
+            (Err(err), Some(PreviewNetwork { name, new: true })) => {
+                self.networks.remove(&name).await;
+                return Err(err);
+            }
+            (Err(err), _) => return Err(err),
+        };
         if !previous.is_empty() {
             // Requests the old nginx workers accepted before the switch still go to the old
             // container: let them finish first.
@@ -305,18 +335,39 @@ impl Lifecycle {
         })
     }
 
+    /// The network of the preview's containers: the one its running containers are on (a
+    /// replacement joins them), else a new one; `None` with `network.isolation: false` or when
+    /// the image's `container_create_params` choose a `NetworkMode` of their own.
+    async fn network_for(
+        &self,
+        spec: &ImageSpec,
+        previous: &[ManagedContainer],
+    ) -> Result<Option<PreviewNetwork>, LifecycleError> {
+        if !self.networks.enabled() || spec.network_mode().is_some() {
+            return Ok(None);
+        }
+        if let Some(name) = previous.iter().rev().find_map(|c| c.network.clone()) {
+            return Ok(Some(PreviewNetwork { name, new: false }));
+        }
+        let name = self.networks.lease().await?;
+        Ok(Some(PreviewNetwork { name, new: true }))
+    }
+
     /// Creates the container and brings it up; again on another port when the one chosen was
     /// taken before Docker could bind it. Whatever fails is removed.
     async fn create_and_bring_up(
         &self,
         request: &LaunchRequest,
         env: Vec<String>,
+        network: Option<&str>,
         fresh: bool,
+        first_ticket: RouteTicket,
         progress: &mut Progress,
     ) -> Result<(String, Drain), LifecycleError> {
         let mut attempt = 1;
+        let mut first_ticket = Some(first_ticket);
         loop {
-            let ticket = self.router.ticket();
+            let ticket = first_ticket.take().unwrap_or_else(|| self.router.ticket());
             progress.step("create", "creating the container".to_owned());
             let plan = ContainerPlan {
                 slug: &request.name,
@@ -325,6 +376,7 @@ impl Lifecycle {
                 env: env.clone(),
                 origin: request.origin.as_ref(),
                 owner: request.owner.as_ref(),
+                network,
             };
             let container = self.runtime.create(plan).await?;
             let result = if fresh {
@@ -506,8 +558,13 @@ impl Lifecycle {
         if containers.is_empty() && !routed {
             return Err(LifecycleError::NotFound(slug.clone()));
         }
+        let networks: std::collections::BTreeSet<String> =
+            containers.iter().filter_map(|c| c.network.clone()).collect();
         for container in containers {
             self.runtime.remove(&container.id).await?;
+        }
+        for network in networks {
+            self.networks.remove(&network).await;
         }
         if routed {
             self.router.unroute(slug).await?;
@@ -613,6 +670,8 @@ impl Lifecycle {
             report.failed.push(format!("{slug}: {err}"));
         }
         report.routed = routes.len();
+        let in_use = self.runtime.list().await?.into_iter().filter_map(|c| c.network).collect();
+        self.networks.reconcile(&in_use).await?;
         tracing::info!(
             routed = report.routed,
             removed_containers = report.removed_containers,

@@ -54,6 +54,8 @@ pub struct Metrics {
     pub delivery_bases: Family<ByBasis, Counter>,
     pub github_calls: Family<ByResult, Counter>,
     pub refused_requests: Family<ByReason, Counter>,
+    pub warm_networks: Gauge,
+    pub cold_networks: Counter,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -77,6 +79,8 @@ impl Metrics {
             delivery_bases: Family::default(),
             github_calls: Family::default(),
             refused_requests: Family::default(),
+            warm_networks: Gauge::default(),
+            cold_networks: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("previews", "Previews whose container runs", metrics.previews.clone());
@@ -114,6 +118,16 @@ impl Metrics {
             "refused_requests",
             "Requests answered 4xx, by reason (they are logged at debug only)",
             metrics.refused_requests.clone(),
+        );
+        registry.register(
+            "warm_networks",
+            "Preview networks kept ready for launches (network.warm)",
+            metrics.warm_networks.clone(),
+        );
+        registry.register(
+            "cold_networks",
+            "Launches that waited for a network to be created because none was ready (raise network.warm if it grows)",
+            metrics.cold_networks.clone(),
         );
         Self { registry, ..metrics }
     }

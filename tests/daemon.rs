@@ -186,12 +186,19 @@ async fn relaunch_switches_to_the_new_container_without_a_failed_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_concurrent_launches_are_all_served_with_few_reloads() {
     // All twenty run at once (the default `limits.parallel_launches` queues all but 8), so their
-    // routes can share reloads.
+    // routes can share reloads; each finds its network ready, as on a daemon that has been up a
+    // moment (`network.warm`).
     let dir = tempfile::tempdir().unwrap();
     let (instance, nginx_port) = (common::unique_instance(), common::free_port());
     let yaml = common::config_yaml(&instance, dir.path(), nginx_port, &Options::default())
-        + "limits:\n  parallel_launches: 20\n";
+        + "limits:\n  parallel_launches: 20\nnetwork:\n  warm: 20\n";
     let app = TestApp::start_from(dir, instance, nginx_port, yaml).await;
+    let networks = app.lifecycle.as_ref().unwrap().networks().clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while networks.warm_count() < 20 {
+        assert!(Instant::now() < deadline, "20 networks are not ready after 60 s: {}", networks.warm_count());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let reloads_before = app.reloads();
     let logged_before = app.nginx_reloads_logged();
     let names: Vec<String> = (0..20).map(|i| format!("burst-{i}")).collect();

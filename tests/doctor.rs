@@ -21,6 +21,8 @@ struct Broken {
     missing_image: bool,
     docker_host: Option<&'static str>,
     read_only_token: bool,
+    /// `iptables` on the PATH fails as it does for a user who is not root.
+    no_iptables: bool,
 }
 
 struct Setup {
@@ -28,6 +30,8 @@ struct Setup {
     config: PathBuf,
     sites: PathBuf,
     docker_host: Option<&'static str>,
+    /// A directory put first on the doctor's PATH.
+    path_first: Option<PathBuf>,
     _nginx: SystemNginx,
     _github: FakeGitHub,
 }
@@ -92,7 +96,8 @@ github:
         let config = dir.path().join("config.yml");
         std::fs::write(&config, yaml).unwrap();
         let sites = nginx.sites_dir();
-        Self { _dir: dir, config, sites, docker_host: broken.docker_host, _nginx: nginx, _github: github }
+        let path_first = broken.no_iptables.then(|| failing_iptables(dir.path()));
+        Self { _dir: dir, config, sites, docker_host: broken.docker_host, path_first, _nginx: nginx, _github: github }
     }
 
     /// Runs `previewd doctor --config <config>`: its exit status and report.
@@ -101,6 +106,9 @@ github:
         command.arg("doctor").arg("--config").arg(&self.config).env_remove("PREVIEWD_CONFIG");
         if let Some(host) = self.docker_host {
             command.env("DOCKER_HOST", host);
+        }
+        if let Some(dir) = &self.path_first {
+            command.env("PATH", format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default()));
         }
         let output = command.output().await.unwrap();
         Report {
@@ -157,6 +165,8 @@ fn docker_free_bytes() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn doctor_passes_a_good_setup_with_every_line_ok() {
     let setup = Setup::new(Broken::default()).await;
+    // What `previewd serve` does at start; the rules are the same for every instance.
+    previewd::network::Firewall::new("pv-doctor", true).install().await.unwrap();
     let report = setup.doctor().await;
     assert!(report.success, "{report}");
     let names = [
@@ -164,6 +174,8 @@ async fn doctor_passes_a_good_setup_with_every_line_ok() {
         "template",
         "docker",
         "disk",
+        "firewall",
+        "subnets",
         "image demo",
         "nginx",
         "nginx running",
@@ -243,6 +255,28 @@ async fn doctor_fails_the_docker_line_when_docker_is_unreachable() {
     assert!(message.starts_with(&format!("cannot talk to Docker at {socket}")), "{report}");
     assert!(message.contains("start the engine"), "{report}");
     assert_eq!(report.check("nginx served").0, "ok", "the other checks still run:\n{report}");
+}
+
+/// A directory whose `iptables` fails the way it does for a user who is not root.
+fn failing_iptables(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let script = bin.join("iptables");
+    std::fs::write(&script, "#!/bin/sh\necho 'iptables v1.8.9 (nf_tables): Could not fetch rule set generation id: Permission denied (you must be root)' >&2\nexit 4\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_fails_the_firewall_line_when_iptables_cannot_be_run() {
+    let setup = Setup::new(Broken { no_iptables: true, ..Broken::default() }).await;
+    let report = setup.doctor().await;
+    assert!(!report.success, "{report}");
+    let (level, message) = report.check("firewall");
+    assert_eq!(level, "FAIL", "{report}");
+    assert!(message.contains("Permission denied (you must be root)"), "{report}");
+    assert!(message.contains("network.isolation: false"), "the fix is named: {report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

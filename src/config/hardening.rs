@@ -116,7 +116,20 @@ pub fn unsafe_params(params: &Map<String, Value>) -> Vec<(String, String)> {
             flag("Mounts", format!("mounting {source} hands the container the host"));
         }
     }
-    for key in ["NetworkMode", "PidMode", "IpcMode", "UTSMode", "UsernsMode"] {
+    match host.get("NetworkMode").and_then(Value::as_str) {
+        None | Some("none") => {}
+        Some("host") => flag(
+            "NetworkMode",
+            "sharing the host's namespace lets the container see and reach the host's own".to_owned(),
+        ),
+        Some(other) => flag(
+            "NetworkMode",
+            format!(
+                "`{other}` puts previews on a network they share, outside the per-preview networks and their firewall"
+            ),
+        ),
+    }
+    for key in ["PidMode", "IpcMode", "UTSMode", "UsernsMode"] {
         if host.get(key).and_then(Value::as_str) == Some("host") {
             flag(key, "sharing the host's namespace lets the container see and reach the host's own".to_owned());
         }
@@ -183,9 +196,18 @@ mod tests {
     }
 
     #[test]
+    fn a_network_mode_of_the_images_own_is_named_as_leaving_the_preview_networks() {
+        for mode in ["bridge", "shared-db", "container:abc"] {
+            let found = unsafe_params(json!({"HostConfig": {"NetworkMode": mode}}).as_object().unwrap());
+            assert_eq!(found.len(), 1, "{mode}");
+            assert!(found[0].1.contains("outside the per-preview networks"), "{found:?}");
+        }
+    }
+
+    #[test]
     fn ordinary_params_are_not_unsafe() {
         let found = keys(json!({"Tty": true, "HostConfig": {
-            "Binds": ["/srv/seed:/seed:ro"], "ShmSize": 8388608, "CapAdd": ["CHOWN"], "NetworkMode": "bridge",
+            "Binds": ["/srv/seed:/seed:ro"], "ShmSize": 8388608, "CapAdd": ["CHOWN"], "NetworkMode": "none",
             "SecurityOpt": ["no-new-privileges"],
         }}));
         assert!(found.is_empty(), "{found:?}");

@@ -4,6 +4,7 @@
 use super::Check;
 use crate::config::{Config, PullPolicy};
 use crate::docker::Runtime;
+use crate::network::Networks;
 
 /// Free space under Docker's data root below which launches start failing for lack of room.
 const FAIL_BELOW: u64 = 1 << 30;
@@ -27,6 +28,7 @@ pub async fn checks(config: &Config) -> Vec<Check> {
         ),
     )];
     checks.push(disk(&engine.data_root));
+    checks.extend(network(config, &runtime).await);
     for (key, spec) in &config.images {
         checks.push(match (runtime.has_image(&spec.image).await, spec.pull) {
             (Ok(true), _) => Check::ok(format!("image {key}"), format!("{} is present", spec.image)),
@@ -60,6 +62,45 @@ fn unreachable(why: &str) -> Check {
              to its socket, and make sure previewd's user may use it"
         ),
     )
+}
+
+/// The preview networks: isolation on, the firewall in place (or installable), and subnets left
+/// for every preview `limits.max_previews` allows.
+async fn network(config: &Config, runtime: &Runtime) -> Vec<Check> {
+    if !config.network.isolation {
+        return vec![Check::warn(
+            "network",
+            "network.isolation is false: previews share Docker's default bridge, reach each other's containers and \
+             the host's addresses",
+        )];
+    }
+    let metrics = crate::metrics::Metrics::new();
+    let networks = Networks::new(runtime.clone(), config.instance.clone(), config.network, &metrics);
+    let firewall = if networks.firewall().installed().await {
+        Check::ok("firewall", "the preview networks' rules are in place (PREVIEWD-INPUT, PREVIEWD-FORWARD)")
+    } else {
+        match networks.firewall().usable().await {
+            Ok(()) => Check::warn(
+                "firewall",
+                "the preview networks' rules are not in place yet; previewd serve installs them when it starts",
+            ),
+            Err(err) => Check::fail("firewall", err.to_string()),
+        }
+    };
+    let needed = config.limits.max_previews + config.network.warm;
+    let subnets = match networks.free_subnets().await {
+        Ok(free) if free >= needed => Check::ok("subnets", format!("{free} free subnets in network.subnets")),
+        Ok(free) => Check::fail(
+            "subnets",
+            format!(
+                "only {free} free /{} subnets in network.subnets ({}), fewer than limits.max_previews + network.warm \
+                 ({needed}): widen network.subnets or lengthen network.subnet_prefix",
+                config.network.subnet_prefix, config.network.subnets
+            ),
+        ),
+        Err(err) => Check::fail("subnets", err.to_string()),
+    };
+    vec![firewall, subnets]
 }
 
 fn disk(data_root: &str) -> Check {

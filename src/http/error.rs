@@ -13,6 +13,7 @@ use crate::github::event::EventError;
 use crate::github::token_auth::TokenAuthError;
 use crate::github::webhook::WebhookError;
 use crate::lifecycle::LifecycleError;
+use crate::network::NetworkError;
 use crate::nginx::NginxError;
 use crate::preview::Slug;
 use crate::request::RequestError;
@@ -131,6 +132,7 @@ fn lifecycle_status(err: &LifecycleError) -> StatusCode {
             StatusCode::SERVICE_UNAVAILABLE
         }
         LifecycleError::Nginx(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        LifecycleError::Network(_) => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
@@ -158,6 +160,11 @@ impl ApiError {
                 }
                 NginxError::Template(_) => "cannot render the vhost template".to_owned(),
                 other => other.to_string(),
+            },
+            Self::Lifecycle(LifecycleError::Network(err)) => match err {
+                NetworkError::NoSubnet { .. } => err.to_string(),
+                NetworkError::Docker(_) => "Docker could not create the preview's network".to_owned(),
+                NetworkError::Firewall(_) => "cannot set up the firewall of the preview networks".to_owned(),
             },
             other => other.to_string(),
         }

@@ -286,7 +286,27 @@ impl Drop for TestApp {
             args.extend(ids.iter().map(|line| line.split(' ').next().unwrap_or_default().to_owned()));
             Command::new("docker").args(&args).output().ok();
         }
+        remove_networks(&self.instance);
         stop_nginx(&self.dir.path().join("state/nginx/nginx.pid"));
+    }
+}
+
+/// The names of an instance's Docker networks, sorted.
+pub fn networks(instance: &str) -> Vec<String> {
+    let output = Command::new("docker")
+        .args(["network", "ls", "--filter", &format!("label=previewd.instance={instance}"), "--format", "{{.Name}}"])
+        .output()
+        .expect("docker network ls");
+    let mut names: Vec<String> = String::from_utf8_lossy(&output.stdout).lines().map(str::to_owned).collect();
+    names.sort();
+    names
+}
+
+/// Removes an instance's networks (its containers must be gone first).
+pub fn remove_networks(instance: &str) {
+    let names = networks(instance);
+    if !names.is_empty() {
+        Command::new("docker").arg("network").arg("rm").args(&names).output().ok();
     }
 }
 
@@ -404,6 +424,7 @@ impl Drop for Cleanup {
             let id = line.split(' ').next().unwrap_or_default().to_owned();
             Command::new("docker").args(["rm", "-f", &id]).output().ok();
         }
+        remove_networks(&self.instance);
         stop_nginx(&self.pid_file);
     }
 }

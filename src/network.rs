@@ -1,0 +1,240 @@
+//! Each preview's own Docker network: naming, the warm pool that keeps network creation off a
+//! launch's path, removal with the preview, the start-up reconcile, and the firewall around them
+//! ([`firewall`]). Which subnet a network gets is planned in [`subnets`].
+//!
+//! A network belongs to a preview while a container labelled with its name exists
+//! (`previewd.network`); any other network of the instance is free. The warm pool is only held
+//! in memory: after a crash, the start-up reconcile takes free networks back into it (up to
+//! `network.warm`) and removes the rest.
+
+pub mod firewall;
+pub mod subnets;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::NetworkConfig;
+use crate::docker::{CreateNetworkError, DockerError, NetworkSpec, Runtime};
+use crate::metrics::Metrics;
+use crate::preview::InstanceName;
+pub use firewall::{Firewall, FirewallError};
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+
+/// Subnets tried before a network creation gives up (another daemon may take each meanwhile).
+const CREATE_ATTEMPTS: usize = 5;
+/// Pause before the warm pool tries again after Docker refused a network.
+const REFILL_BACKOFF: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+    #[error(
+        "no free /{prefix} subnet is left in network.subnets ({range}): remove unused Docker networks or widen network.subnets"
+    )]
+    NoSubnet { range: ipnet::Ipv4Net, prefix: u8 },
+    #[error(transparent)]
+    Firewall(#[from] FirewallError),
+}
+
+/// The preview networks of one instance.
+#[derive(Clone)]
+pub struct Networks {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    runtime: Runtime,
+    instance: InstanceName,
+    config: NetworkConfig,
+    /// `pv-` and six hex digits of the instance name's hash: every bridge of the instance
+    /// starts with it (Linux allows 15 characters in all).
+    bridge_prefix: String,
+    firewall: Firewall,
+    warm: Mutex<Vec<String>>,
+    /// Woken when the pool is below `network.warm`.
+    wanted: Notify,
+    /// The pool's size, and the launches that found it empty.
+    warm_gauge: Gauge,
+    cold: Counter,
+}
+
+impl Networks {
+    pub fn new(runtime: Runtime, instance: InstanceName, config: NetworkConfig, metrics: &Metrics) -> Self {
+        let bridge_prefix = format!("pv-{}", instance_tag(&instance));
+        let firewall = Firewall::new(&bridge_prefix, config.egress);
+        let inner = Inner {
+            runtime,
+            instance,
+            config,
+            bridge_prefix,
+            firewall,
+            warm: Mutex::default(),
+            wanted: Notify::new(),
+            warm_gauge: metrics.warm_networks.clone(),
+            cold: metrics.cold_networks.clone(),
+        };
+        Self { inner: Arc::new(inner) }
+    }
+
+    /// Whether previews get networks of their own (`network.isolation`).
+    pub fn enabled(&self) -> bool {
+        self.inner.config.isolation
+    }
+
+    pub fn firewall(&self) -> &Firewall {
+        &self.inner.firewall
+    }
+
+    /// A network for a new preview: a warm one, or one made now when the pool is empty.
+    pub async fn lease(&self) -> Result<String, NetworkError> {
+        let warm = self.take_warm();
+        self.inner.wanted.notify_one();
+        match warm {
+            Some(name) => Ok(name),
+            None => {
+                tracing::debug!("no warm network; creating one for this launch");
+                self.inner.cold.inc();
+                self.create().await
+            }
+        }
+    }
+
+    /// Removes a network no container uses any more; a failure is logged, and the next start's
+    /// reconcile removes or reuses the network.
+    pub async fn remove(&self, name: &str) {
+        if let Err(err) = self.inner.runtime.remove_network(name).await {
+            tracing::warn!(network = name, error = %err, "cannot remove a preview network; the next start will");
+        }
+    }
+
+    /// Start-up: the firewall is (re)installed, and networks of this instance that no container
+    /// in `in_use` names are taken into the warm pool (up to `network.warm`) or removed. With
+    /// isolation off, every free network goes, and the firewall once none is left.
+    pub async fn reconcile(&self, in_use: &HashSet<String>) -> Result<(), NetworkError> {
+        if self.enabled() {
+            self.inner.firewall.install().await?;
+        }
+        let networks = self.inner.runtime.list_networks().await?;
+        let mut keep = if self.enabled() { self.inner.config.warm } else { 0 };
+        let mut left = 0;
+        for network in networks {
+            if in_use.contains(&network.name) {
+                left += 1;
+            } else if keep > 0 && network.bridge.as_deref().is_some_and(|b| b.starts_with(&self.inner.bridge_prefix)) {
+                keep -= 1;
+                left += 1;
+                self.put_warm(network.name);
+            } else {
+                self.inner.runtime.remove_network(&network.name).await?;
+            }
+        }
+        if !self.enabled() && left == 0 {
+            self.inner.firewall.remove().await;
+        }
+        Ok(())
+    }
+
+    /// Keeps `network.warm` networks ready until `shutdown`.
+    pub async fn keep_warm(self, shutdown: CancellationToken) {
+        if !self.enabled() || self.inner.config.warm == 0 {
+            return;
+        }
+        loop {
+            while self.warm_count() < self.inner.config.warm {
+                match self.create().await {
+                    Ok(name) => self.put_warm(name),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "cannot keep a network ready for launches; trying again");
+                        tokio::select! {
+                            () = tokio::time::sleep(REFILL_BACKOFF) => {}
+                            () = shutdown.cancelled() => return,
+                        }
+                    }
+                }
+                if shutdown.is_cancelled() {
+                    return;
+                }
+            }
+            tokio::select! {
+                () = self.inner.wanted.notified() => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// How many subnets of `network.subnets` no network on the engine overlaps.
+    pub async fn free_subnets(&self) -> Result<usize, NetworkError> {
+        let used = self.inner.runtime.used_subnets().await?;
+        Ok(subnets::free(self.inner.config.subnets, self.inner.config.subnet_prefix, &used, 0).count())
+    }
+
+    /// How many networks are ready now.
+    pub fn warm_count(&self) -> usize {
+        self.inner.warm.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    fn take_warm(&self) -> Option<String> {
+        let mut warm = self.inner.warm.lock().unwrap_or_else(PoisonError::into_inner);
+        let name = warm.pop();
+        self.inner.warm_gauge.set(warm.len() as i64);
+        name
+    }
+
+    fn put_warm(&self, name: String) {
+        let mut warm = self.inner.warm.lock().unwrap_or_else(PoisonError::into_inner);
+        warm.push(name);
+        self.inner.warm_gauge.set(warm.len() as i64);
+    }
+
+    /// A new network on a free subnet of `network.subnets`.
+    async fn create(&self) -> Result<String, NetworkError> {
+        let config = &self.inner.config;
+        for _ in 0..CREATE_ATTEMPTS {
+            let used = self.inner.runtime.used_subnets().await?;
+            let start = rand::random::<u32>() as usize;
+            let Some(subnet) = subnets::free(config.subnets, config.subnet_prefix, &used, start).next() else {
+                return Err(NetworkError::NoSubnet { range: config.subnets, prefix: config.subnet_prefix });
+            };
+            let bridge = format!("{}{:05x}", self.inner.bridge_prefix, rand::random::<u32>() & 0x000f_ffff);
+            let name = format!("previewd.{}.{bridge}", self.inner.instance);
+            match self.inner.runtime.create_network(&NetworkSpec { name: &name, bridge: &bridge, subnet }).await {
+                Ok(()) => return Ok(name),
+                Err(CreateNetworkError::SubnetTaken(message)) => {
+                    tracing::debug!(%subnet, message, "subnet taken meanwhile; trying another");
+                }
+                Err(CreateNetworkError::Docker(err)) => return Err(err.into()),
+            }
+        }
+        Err(NetworkError::NoSubnet { range: config.subnets, prefix: config.subnet_prefix })
+    }
+}
+
+fn instance_tag(instance: &InstanceName) -> String {
+    hex::encode(Sha256::digest(instance.as_ref().as_bytes()))[..6].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bridge_names_fit_linux_interface_names() {
+        let tag = instance_tag(&InstanceName::parse(&"x".repeat(32)).unwrap());
+        // "pv-" + tag + five random hex digits
+        assert_eq!(3 + tag.len() + 5, 14);
+        assert!(tag.bytes().all(|b| b.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn instances_get_different_tags() {
+        let a = instance_tag(&InstanceName::parse("default").unwrap());
+        let b = instance_tag(&InstanceName::parse("staging").unwrap());
+        assert_ne!(a, b);
+    }
+}

@@ -18,9 +18,11 @@ use crate::preview::{BaseDomain, EnvName, Host, ImageKey, InstanceName};
 
 pub mod github;
 pub mod hardening;
+pub mod http;
 pub mod limits;
 pub use github::{GitHubConfig, RepoConfig};
 pub use hardening::Capability;
+pub use http::HttpSettings;
 pub use limits::Limits;
 
 /// Everything previewd needs, validated.
@@ -37,6 +39,8 @@ pub struct Config {
     /// Pull-request previews; absent when the `github` section is.
     pub github: Option<GitHubConfig>,
     pub limits: Limits,
+    /// Timeouts and the connection cap of the API's HTTP server.
+    pub http: HttpSettings,
     /// With entries, the API answers only requests whose `Host` is one of these names (or an
     /// IP address), so a DNS-rebinding page cannot reach it by a name of its own.
     pub api_hosts: Vec<BaseDomain>,
@@ -293,6 +297,7 @@ struct RawConfig {
     users: Option<Vec<RawUser>>,
     github: Option<github::RawGitHub>,
     limits: Option<limits::RawLimits>,
+    http: Option<http::RawHttp>,
     api_hosts: Option<Vec<String>>,
     metrics_auth: Option<bool>,
     trusted_proxies: Option<Vec<String>>,
@@ -415,6 +420,12 @@ impl RawConfig {
             }
             Limits::default()
         });
+        let http = http::validate(self.http.unwrap_or_default()).unwrap_or_else(|errors| {
+            for (key, message) in errors {
+                problems.add(&key, message);
+            }
+            HttpSettings::default()
+        });
         let api_hosts = validate_api_hosts(self.api_hosts.unwrap_or_default(), &mut problems);
         let trusted_proxies = validate_trusted_proxies(self.trusted_proxies.unwrap_or_default(), &mut problems);
 
@@ -430,6 +441,7 @@ impl RawConfig {
                 users,
                 github,
                 limits,
+                http,
                 api_hosts,
                 metrics_auth: self.metrics_auth.unwrap_or(false),
                 trusted_proxies,
@@ -742,6 +754,20 @@ mod tests {
         let settings = config.unsafe_settings();
         assert_eq!(settings.len(), 1);
         assert!(settings[0].0.starts_with("images.demo.cap_add: NET_ADMIN") && settings[0].1, "{settings:?}");
+    }
+
+    #[test]
+    fn the_http_section_is_read_and_checked() {
+        let config = Config::from_yaml(&minimal(), Path::new(".")).unwrap();
+        assert_eq!(config.http, HttpSettings::default());
+        let text = format!("{}http:\n  header_timeout: 2\n  max_connections: 8\n", minimal());
+        let config = Config::from_yaml(&text, Path::new(".")).unwrap();
+        assert_eq!((config.http.header_timeout, config.http.max_connections), (Duration::from_secs(2), 8));
+        assert_eq!(config.http.body_timeout, Duration::from_secs(30));
+        let zero = Config::from_yaml(&format!("{}http:\n  body_timeout: 0\n", minimal()), Path::new("."));
+        assert!(format!("{:?}", zero.unwrap_err()).contains("http.body_timeout: must be at least 1"));
+        let unknown = Config::from_yaml(&format!("{}http:\n  idle_timeout: 5\n", minimal()), Path::new("."));
+        assert!(format!("{:?}", unknown.unwrap_err()).contains("idle_timeout"));
     }
 
     #[test]

@@ -21,12 +21,17 @@ use tower_http::add_extension::AddExtension;
 
 use crate::config::HttpSettings;
 
+/// What one connection may buffer of what its client sends (hyper's default is about 400 KiB):
+/// `max_connections` of them is what a flood of connections can make previewd hold. The request
+/// head must fit in it; 64 KiB is eight times what nginx accepts by default.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+
 /// Serves `router` until `shutdown` is cancelled, then waits for the requests in flight.
 pub async fn serve(listener: TcpListener, router: Router, settings: HttpSettings, shutdown: CancellationToken) {
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     let graceful = GracefulShutdown::new();
     let mut builder = http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(settings.header_timeout);
+    builder.timer(TokioTimer::new()).header_read_timeout(settings.header_timeout).max_buf_size(READ_BUFFER_BYTES);
     loop {
         let slot = tokio::select! {
             () = shutdown.cancelled() => break,

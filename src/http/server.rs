@@ -23,7 +23,7 @@ use crate::config::HttpSettings;
 
 /// What one connection may buffer of what its client sends (hyper's default is about 400 KiB):
 /// `max_connections` of them is what a flood of connections can make previewd hold. The request
-/// head must fit in it; 64 KiB is eight times what nginx accepts by default.
+/// head must fit in it: 64 KiB is twice what nginx accepts by default (4 buffers of 8 KiB).
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 
 /// Serves `router` until `shutdown` is cancelled, then waits for the requests in flight.

@@ -3,7 +3,7 @@
 //! background, one pull request at a time, and acts on the pull request as GitHub's API shows it
 //! (the answer describes what the delivery says, not yet what will be done).
 //!
-//! Until its signature matches a delivery is anyone's: one too large by its `Content-Length` or
+//! Until its signature matches, a delivery is anyone's: one too large by its `Content-Length` or
 //! without a signature is refused unread, and the bodies of signed ones are hashed as they arrive
 //! and held only within [`UNVERIFIED_BUDGET`].
 

@@ -132,9 +132,8 @@ impl Application {
             .github
             .as_ref()
             .map(|github| tokio::spawn(Arc::clone(&github.memory).keep_written(memory_done.clone())));
-        axum::serve(listener, router(state).into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await?;
+        let http = state.config.http;
+        crate::http::server::serve(listener, router(state), http, shutdown.clone()).await;
         watcher.await.ok();
         warm_networks.await.ok();
         nginx_keeper.await.ok();
@@ -179,7 +178,8 @@ fn github_service(
         let sync = Sync { api, previews: previews.clone(), lifecycle: lifecycle.clone(), config: Arc::clone(config) };
         (sync, every)
     });
-    Ok((Some(GitHubService { previews, memory }), tokens, sync))
+    let unverified = crate::http::body::ReadBudget::new(crate::http::webhook::UNVERIFIED_BUDGET);
+    Ok((Some(GitHubService { previews, memory, unverified }), tokens, sync))
 }
 
 /// Images whose settings hand a preview the host run only with `allow_unsafe: true` (and are

@@ -18,10 +18,12 @@ use crate::preview::{BaseDomain, EnvName, Host, ImageKey, InstanceName};
 
 pub mod github;
 pub mod hardening;
+pub mod http;
 pub mod limits;
 pub mod network;
 pub use github::{GitHubConfig, RepoConfig};
 pub use hardening::Capability;
+pub use http::HttpSettings;
 pub use limits::Limits;
 pub use network::NetworkConfig;
 
@@ -41,6 +43,8 @@ pub struct Config {
     pub limits: Limits,
     /// Per-preview networks and the firewall around them.
     pub network: NetworkConfig,
+    /// Timeouts and the connection cap of the API's HTTP server.
+    pub http: HttpSettings,
     /// With entries, the API answers only requests whose `Host` is one of these names (or an
     /// IP address), so a DNS-rebinding page cannot reach it by a name of its own.
     pub api_hosts: Vec<BaseDomain>,
@@ -298,6 +302,7 @@ struct RawConfig {
     github: Option<github::RawGitHub>,
     limits: Option<limits::RawLimits>,
     network: Option<network::RawNetwork>,
+    http: Option<http::RawHttp>,
     api_hosts: Option<Vec<String>>,
     metrics_auth: Option<bool>,
     trusted_proxies: Option<Vec<String>>,
@@ -426,6 +431,12 @@ impl RawConfig {
             }
             NetworkConfig::default()
         });
+        let http = http::validate(self.http.unwrap_or_default()).unwrap_or_else(|errors| {
+            for (key, message) in errors {
+                problems.add(&key, message);
+            }
+            HttpSettings::default()
+        });
         let api_hosts = validate_api_hosts(self.api_hosts.unwrap_or_default(), &mut problems);
         let trusted_proxies = validate_trusted_proxies(self.trusted_proxies.unwrap_or_default(), &mut problems);
 
@@ -442,6 +453,7 @@ impl RawConfig {
                 github,
                 limits,
                 network,
+                http,
                 api_hosts,
                 metrics_auth: self.metrics_auth.unwrap_or(false),
                 trusted_proxies,
@@ -760,6 +772,20 @@ mod tests {
         let settings = config.unsafe_settings();
         assert_eq!(settings.len(), 1);
         assert!(settings[0].0.starts_with("images.demo.cap_add: NET_ADMIN") && settings[0].1, "{settings:?}");
+    }
+
+    #[test]
+    fn the_http_section_is_read_and_checked() {
+        let config = Config::from_yaml(&minimal(), Path::new(".")).unwrap();
+        assert_eq!(config.http, HttpSettings::default());
+        let text = format!("{}http:\n  header_timeout: 2\n  max_connections: 8\n", minimal());
+        let config = Config::from_yaml(&text, Path::new(".")).unwrap();
+        assert_eq!((config.http.header_timeout, config.http.max_connections), (Duration::from_secs(2), 8));
+        assert_eq!(config.http.body_timeout, Duration::from_secs(30));
+        let zero = Config::from_yaml(&format!("{}http:\n  body_timeout: 0\n", minimal()), Path::new("."));
+        assert!(format!("{:?}", zero.unwrap_err()).contains("http.body_timeout: must be at least 1"));
+        let unknown = Config::from_yaml(&format!("{}http:\n  idle_timeout: 5\n", minimal()), Path::new("."));
+        assert!(format!("{:?}", unknown.unwrap_err()).contains("idle_timeout"));
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod body;
 pub mod dashboard;
 pub mod error;
 pub mod request_id;
+pub mod server;
 pub mod streams;
 pub mod webhook;
 
@@ -24,6 +25,7 @@ use futures_util::StreamExt;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
+use tower_http::timeout::RequestBodyDeadlineLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::auth::{AuthError, Authenticator, Principal, bearer_token};
@@ -59,6 +61,8 @@ pub struct GitHubService {
     pub previews: PullRequestPreviews,
     /// Delivery ids seen and states applied, kept across restarts.
     pub memory: Arc<Memory>,
+    /// What bodies of deliveries not yet verified may hold at once.
+    pub unverified: body::ReadBudget,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -87,6 +91,7 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), refuse_other_hosts))
         .layer(middleware::from_fn_with_state(state.clone(), count_refusals))
         .layer(middleware::from_fn(request_id::assign))
+        .layer(RequestBodyDeadlineLayer::new(state.config.http.body_timeout))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

@@ -31,21 +31,50 @@ pub struct VerifiedDelivery {
     pub body: Bytes,
 }
 
+/// A delivery's claimed signature, hashed against the body as it arrives, so that the body is
+/// checked without first being held whole.
+pub struct Signed {
+    expected: Vec<u8>,
+    mac: Hmac<Sha256>,
+}
+
+impl Signed {
+    /// Reads `X-Hub-Signature-256` before any of the body: a request without a well-formed one
+    /// is refused unread.
+    pub fn start(secret: &Secret, headers: &HeaderMap) -> Result<Self, WebhookError> {
+        let signature = headers.get("x-hub-signature-256").ok_or(WebhookError::MissingSignature)?;
+        let expected = signature
+            .to_str()
+            .ok()
+            .and_then(|s| s.strip_prefix("sha256="))
+            .and_then(|hex_digest| hex::decode(hex_digest).ok())
+            .filter(|digest| digest.len() == 32)
+            .ok_or(WebhookError::BadSignature)?;
+        let mac = Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes()).map_err(|_| WebhookError::BadSignature)?;
+        Ok(Self { expected, mac })
+    }
+
+    /// The next piece of the body.
+    pub fn update(&mut self, chunk: &[u8]) {
+        self.mac.update(chunk);
+    }
+
+    /// The delivery, once every byte of `body` went through [`Signed::update`] and the
+    /// signature matched (compared in constant time).
+    pub fn finish(self, headers: &HeaderMap, body: Bytes) -> Result<VerifiedDelivery, WebhookError> {
+        self.mac.verify_slice(&self.expected).map_err(|_| WebhookError::BadSignature)?;
+        let header = |name: &'static str| {
+            headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned).ok_or(WebhookError::MissingHeader(name))
+        };
+        Ok(VerifiedDelivery { event: header("x-github-event")?, delivery: header("x-github-delivery")?, body })
+    }
+}
+
+/// [`Signed`] over a body already in memory.
 pub fn verify(secret: &Secret, headers: &HeaderMap, body: Bytes) -> Result<VerifiedDelivery, WebhookError> {
-    let signature = headers.get("x-hub-signature-256").ok_or(WebhookError::MissingSignature)?;
-    let expected = signature
-        .to_str()
-        .ok()
-        .and_then(|s| s.strip_prefix("sha256="))
-        .and_then(|hex_digest| hex::decode(hex_digest).ok())
-        .ok_or(WebhookError::BadSignature)?;
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes()).map_err(|_| WebhookError::BadSignature)?;
-    mac.update(&body);
-    mac.verify_slice(&expected).map_err(|_| WebhookError::BadSignature)?;
-    let header = |name: &'static str| {
-        headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned).ok_or(WebhookError::MissingHeader(name))
-    };
-    Ok(VerifiedDelivery { event: header("x-github-event")?, delivery: header("x-github-delivery")?, body })
+    let mut signed = Signed::start(secret, headers)?;
+    signed.update(&body);
+    signed.finish(headers, body)
 }
 
 /// The delivery ids seen recently (GitHub reuses the id when it redelivers).
@@ -151,6 +180,24 @@ mod tests {
         let signature = sign("It's a Secret to Everybody", b"{\"a\":1}");
         assert!(verify(&secret(), &headers(Some(&signature)), Bytes::from_static(b"{\"a\":1}")).is_ok());
         assert!(verify(&secret(), &headers(Some(&signature)), Bytes::from_static(b"{\"a\":1} ")).is_err());
+    }
+
+    #[test]
+    fn a_body_hashed_in_pieces_verifies_like_the_whole() {
+        let body = b"{\"action\":\"opened\",\"number\":1}";
+        let signature = sign("It's a Secret to Everybody", body);
+        let headers = headers(Some(&signature));
+        let mut signed = Signed::start(&secret(), &headers).unwrap();
+        for piece in body.chunks(5) {
+            signed.update(piece);
+        }
+        assert_eq!(signed.finish(&headers, Bytes::from_static(body)).unwrap().event, "ping");
+    }
+
+    #[test]
+    fn a_signature_of_the_wrong_length_is_refused_before_any_body() {
+        let short = format!("sha256={}", "ab".repeat(16));
+        assert!(matches!(Signed::start(&secret(), &headers(Some(&short))), Err(WebhookError::BadSignature)));
     }
 
     #[test]

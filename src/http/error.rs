@@ -30,6 +30,10 @@ pub enum ApiError {
     Body(String),
     #[error("request body is larger than {0} bytes")]
     TooLarge(usize),
+    #[error("the request body did not arrive completely within http.body_timeout: send it without pausing")]
+    BodyTimeout,
+    #[error("too many request bodies are being read at once; send it again in a minute")]
+    BodiesBusy,
     #[error("unsupported Content-Type {0:?}: send application/x-www-form-urlencoded or application/json")]
     UnsupportedMediaType(String),
     #[error("no route for this path; see the API in the README")]
@@ -72,6 +76,8 @@ impl ApiError {
             Self::Token(_) => "not_authorized",
             Self::Request(_) | Self::Body(_) | Self::UnsupportedMediaType(_) => "invalid_request",
             Self::TooLarge(_) => "too_large",
+            Self::BodyTimeout => "timeout",
+            Self::BodiesBusy => "throttled",
             Self::NoRoute | Self::MethodNotAllowed | Self::NotConfigured(_) => "no_route",
             Self::Webhook(WebhookError::MissingHeader(_)) | Self::Event(_) => "invalid_delivery",
             Self::Webhook(_) => "bad_signature",
@@ -92,6 +98,8 @@ impl ApiError {
             Self::Auth(_) => StatusCode::UNAUTHORIZED,
             Self::Request(_) | Self::Body(_) => StatusCode::BAD_REQUEST,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::BodiesBusy => StatusCode::TOO_MANY_REQUESTS,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NoRoute => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,

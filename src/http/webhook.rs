@@ -2,6 +2,10 @@
 //! milliseconds. The signature is checked before anything is parsed; the work itself runs in the
 //! background, one pull request at a time, and acts on the pull request as GitHub's API shows it
 //! (the answer describes what the delivery says, not yet what will be done).
+//!
+//! Until its signature matches, a delivery is anyone's: one too large by its `Content-Length` or
+//! without a signature is refused unread, and the bodies of signed ones are hashed as they arrive
+//! and held only within [`UNVERIFIED_BUDGET`].
 
 use axum::Json;
 use axum::extract::{Request, State};
@@ -10,15 +14,19 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::AppState;
-use super::body::read_limited;
+use super::body::{declared_length, read_each};
 use super::error::ApiError;
 use crate::github::event::{ACTIONS, Desired, PullRequestEvent, desired};
 use crate::github::feedback::PullRequestKey;
 use crate::github::previews::Source;
-use crate::github::webhook::{VerifiedDelivery, verify};
+use crate::github::webhook::{Signed, VerifiedDelivery};
 
 /// GitHub caps payloads at 25 MB; a pull_request event is tens of kilobytes.
-const MAX_WEBHOOK_BYTES: usize = 5 * 1024 * 1024;
+pub const MAX_WEBHOOK_BYTES: usize = 5 * 1024 * 1024;
+
+/// The bytes of webhook bodies whose signature is not checked yet that previewd holds at once:
+/// one of the largest (GitHub's deliveries are tens of kilobytes; many fit at once).
+pub const UNVERIFIED_BUDGET: usize = MAX_WEBHOOK_BYTES;
 
 /// Counts every delivery by event and outcome; events are named only once their signature matched.
 pub async fn github_webhook(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
@@ -26,7 +34,7 @@ pub async fn github_webhook(State(state): State<AppState>, request: Request) -> 
     let result = receive(&state, request, &mut event).await;
     let outcome = match &result {
         Ok((outcome, _)) => *outcome,
-        Err(ApiError::Body(_) | ApiError::Event(_) | ApiError::TooLarge(_)) => "invalid",
+        Err(ApiError::Body(_) | ApiError::Event(_) | ApiError::TooLarge(_) | ApiError::BodyTimeout) => "invalid",
         Err(_) => "rejected",
     };
     state.lifecycle.metrics().delivery(&event, outcome);
@@ -42,15 +50,29 @@ async fn receive(state: &AppState, request: Request, event: &mut String) -> Resu
         let client = super::client_address(&request, &state.config.trusted_proxies);
         state.auth.authenticate(authorization, client).await?;
     }
-    let headers = request.headers().clone();
-    let body = read_limited(request.into_body(), MAX_WEBHOOK_BYTES).await?;
-    let delivery = verify(&github.webhook_secret, &headers, body)?;
+    let delivery = read_signed(state, service, &github.webhook_secret, request).await?;
     event.clone_from(&delivery.event);
     match delivery.event.as_str() {
         "ping" => Ok(("pong", answer(StatusCode::OK, json!({ "status": "pong" })))),
         "pull_request" => pull_request(state, service, delivery),
         other => Ok(ignored(&format!("the {other} event is not used; send pull_request events"))),
     }
+}
+
+/// The delivery, read only as far as its headers allow and held within the unverified budget.
+async fn read_signed(
+    state: &AppState,
+    service: &super::GitHubService,
+    secret: &crate::config::github::Secret,
+    request: Request,
+) -> Result<VerifiedDelivery, ApiError> {
+    let (parts, body) = request.into_parts();
+    let declared = declared_length(&parts.headers, MAX_WEBHOOK_BYTES)?;
+    let mut signed = Signed::start(secret, &parts.headers)?;
+    let wait = state.config.http.body_timeout;
+    let _held = service.unverified.reserve(declared.unwrap_or(MAX_WEBHOOK_BYTES), wait).await?;
+    let body = read_each(body, MAX_WEBHOOK_BYTES, declared, |piece| signed.update(piece)).await?;
+    Ok(signed.finish(&parts.headers, body)?)
 }
 
 fn pull_request(

@@ -298,3 +298,24 @@ async fn a_launch_that_finds_no_warm_network_waits_for_a_new_one_and_is_counted(
     assert!(metrics.lines().any(|line| line == "previewd_cold_networks_total 1"), "{metrics}");
     assert!(metrics.lines().any(|line| line == "previewd_warm_networks 0"), "{metrics}");
 }
+
+/// `iptables -S` of the chain Docker evaluates first for forwarded traffic.
+fn docker_user_rules() -> String {
+    let output = Command::new("iptables").args(["-w", "-S", "DOCKER-USER"]).output().unwrap();
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn turning_isolation_off_removes_the_instances_networks_and_its_own_firewall_rule() {
+    let mut app = app_with_network("network:\n  egress: false\n  warm: 1\n").await;
+    let a = launched(&app, "net-off").await;
+    // previewd.<instance>.pv-<tag><random>: the instance's bridges are pv-<tag>…
+    let bridge_prefix = network_of(&a).rsplit('.').next().unwrap()[..9].to_owned();
+    assert!(docker_user_rules().contains(&format!("-i {bridge_prefix}+")), "{}", docker_user_rules());
+    assert_eq!(app.kill("net-off").await.status(), 200);
+    app.stop().await;
+    app.options_yaml.push_str("  isolation: false\n");
+    app.boot().await;
+    assert_eq!(common::networks(&app.instance), Vec::<String>::new());
+    assert!(!docker_user_rules().contains(&format!("-i {bridge_prefix}+")), "{}", docker_user_rules());
+}

@@ -98,12 +98,22 @@ impl Firewall {
         Ok(())
     }
 
-    /// Takes this instance's own rule out (with `network.isolation: false`); the shared chains
-    /// stay, matching no bridge once no preview network is left.
+    /// Takes this instance's own rule out (with `network.isolation: false` once none of its
+    /// networks is left), and the shared chains too when no preview bridge of any instance is
+    /// left on the host.
     pub async fn remove(&self) {
+        let last = !any_preview_bridge();
         for family in families() {
             let hook = forward_hook(family).await;
             delete_all(family, &self.no_egress_rule(family, hook)).await;
+            if last {
+                delete_all(family, &jump("INPUT", INPUT_CHAIN)).await;
+                delete_all(family, &jump(hook, FORWARD_CHAIN)).await;
+                for chain in [INPUT_CHAIN, FORWARD_CHAIN] {
+                    let _ = run(family.iptables(), &["-w", "-F", chain]).await;
+                    let _ = run(family.iptables(), &["-w", "-X", chain]).await;
+                }
+            }
         }
     }
 
@@ -177,6 +187,14 @@ fn forward_rules(family: Family) -> Vec<String> {
         format!("-o br-+ {reject}"),
     ]);
     rules
+}
+
+/// Whether any interface of the host is a preview bridge (`pv-…`).
+fn any_preview_bridge() -> bool {
+    let prefix = ALL_BRIDGES.trim_end_matches('+');
+    std::fs::read_dir("/sys/class/net")
+        .map(|entries| entries.flatten().any(|entry| entry.file_name().to_string_lossy().starts_with(prefix)))
+        .unwrap_or(true)
 }
 
 /// Where forwarded traffic is filtered: Docker's `DOCKER-USER`, or `FORWARD` without it.

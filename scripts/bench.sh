@@ -112,6 +112,8 @@ cleanup() {
     for filter in "label=previewd.instance=$instance" "label=bench.floor=$instance"; do
         docker ps -aq --filter "$filter" | xargs -r -n 50 -P 4 docker rm -f >/dev/null 2>&1
     done
+    # The previews' own networks (network.isolation), once their containers are gone.
+    docker network ls -q --filter "label=previewd.instance=$instance" | xargs -r docker network rm >/dev/null 2>&1
     [ -f "$work/state/nginx/nginx.pid" ] && kill -QUIT "$(cat "$work/state/nginx/nginx.pid")" 2>/dev/null
     [ -f "$work/floor/nginx.pid" ] && kill -QUIT "$(cat "$work/floor/nginx.pid")" 2>/dev/null
     [ -n "${BENCH_LOGS:-}" ] && mkdir -p "$BENCH_LOGS" && cp "$work"/*.log "$work"/*.txt "$BENCH_LOGS"/ 2>/dev/null
@@ -267,6 +269,9 @@ nginx:
 images:
   demo: {image: $IMAGE, port: 3000, command: [/bin/busybox, httpd, -f, -p, "3000", -h, /www], pull: never}
 users: [{name: bench, password_hash: "$hash"}]
+# The bench launches hundreds of previews as one user, and its bursts all at once, as the floor
+# does: the limits that protect a shared host would measure the queue instead.
+limits: {max_previews: 100000, max_previews_per_user: 100000, parallel_launches: 1000}
 github:
   api_url: http://127.0.0.1:$(cat "$work/github.port")
   webhook_secret_file: $work/webhook.secret

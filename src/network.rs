@@ -66,7 +66,7 @@ struct Inner {
 
 impl Networks {
     pub fn new(runtime: Runtime, instance: InstanceName, config: NetworkConfig, metrics: &Metrics) -> Self {
-        let bridge_prefix = format!("pv-{}", instance_tag(&instance));
+        let bridge_prefix = bridge_prefix(&instance);
         let firewall = Firewall::new(&bridge_prefix, config.egress);
         let inner = Inner {
             runtime,
@@ -213,6 +213,11 @@ impl Networks {
         }
         Err(NetworkError::NoSubnet { range: config.subnets, prefix: config.subnet_prefix })
     }
+}
+
+/// What every bridge of `instance` is named with: `pv-` and six hex digits of the name's hash.
+pub fn bridge_prefix(instance: &InstanceName) -> String {
+    format!("pv-{}", instance_tag(instance))
 }
 
 fn instance_tag(instance: &InstanceName) -> String {

@@ -175,6 +175,15 @@ while True:
     c.close()
 "#;
 
+/// `address:port` answers a container on Docker's default bridge (the control) with `expected`,
+/// and refuses `preview`.
+fn assert_refused_to(app: &TestApp, preview: &str, address: &str, port: u16, expected: &str) {
+    let control = fetch_from_new_container(&app.instance, "bridge", address, port);
+    assert_eq!(control.as_deref(), Ok(expected), "control: the default bridge reaches {address}:{port}");
+    let answer = fetch_from(preview, address, port);
+    assert!(answer.is_err(), "the preview reached {address}:{port}: {answer:?}");
+}
+
 #[tokio::test]
 async fn a_preview_cannot_connect_to_another_previews_container() {
     let app = app_with_network("").await;
@@ -222,10 +231,7 @@ async fn a_preview_cannot_reach_link_local_metadata() {
     let _metadata = OutsideHost::start("169.254.169.253", "169.254.169.254");
     let app = app_with_network("").await;
     let a = launched(&app, "net-meta").await;
-    let control = fetch_from_new_container(&app.instance, "bridge", "169.254.169.254", 80);
-    assert_eq!(control, Ok("hello from outside\n".to_owned()), "control: the default bridge reaches 169.254.169.254");
-    let answer = fetch_from(&a, "169.254.169.254", 80);
-    assert!(answer.is_err(), "the preview reached 169.254.169.254: {answer:?}");
+    assert_refused_to(&app, &a, "169.254.169.254", 80, "hello from outside\n");
 }
 
 #[tokio::test]
@@ -241,10 +247,7 @@ async fn with_egress_off_a_preview_cannot_open_connections_to_the_outside() {
     let _outside = OutsideHost::start("198.51.100.6", "198.51.100.5");
     let app = app_with_network("network:\n  egress: false\n").await;
     let a = launched(&app, "net-sealed").await;
-    let control = fetch_from_new_container(&app.instance, "bridge", "198.51.100.5", 80);
-    assert_eq!(control, Ok("hello from outside\n".to_owned()), "control: the default bridge reaches the outside host");
-    let answer = fetch_from(&a, "198.51.100.5", 80);
-    assert!(answer.is_err(), "the preview reached the outside with egress off: {answer:?}");
+    assert_refused_to(&app, &a, "198.51.100.5", 80, "hello from outside\n");
     let (status, body) = app.via_nginx("net-sealed", "/").await.unwrap();
     assert_eq!(status, 200, "{body}");
 }

@@ -233,45 +233,33 @@ fn families() -> Vec<Family> {
 }
 
 async fn restore(family: Family, input: &str) -> Result<(), FirewallError> {
-    let program = family.restore();
-    let describe = || format!("{program} --noflush");
-    let mut child = Command::new(program)
-        .args(["-w", "--noflush"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|err| FirewallError { command: describe(), message: err.to_string() })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(input.as_bytes())
-            .await
-            .map_err(|err| FirewallError { command: describe(), message: err.to_string() })?;
-    }
-    let output = child
-        .wait_with_output()
-        .await
-        .map_err(|err| FirewallError { command: describe(), message: err.to_string() })?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(FirewallError { command: describe(), message: String::from_utf8_lossy(&output.stderr).trim().to_owned() })
-    }
+    run_with(family.restore(), &["-w", "--noflush"], Some(input)).await
 }
 
 async fn run<S: AsRef<str>>(program: &str, args: &[S]) -> Result<(), FirewallError> {
+    run_with(program, args, None).await
+}
+
+/// Runs `program` (no shell), with `input` on its stdin; its stderr is the error's message.
+async fn run_with<S: AsRef<str>>(program: &str, args: &[S], input: Option<&str>) -> Result<(), FirewallError> {
     let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
-    let describe = || format!("{program} {}", args.join(" "));
-    let output = Command::new(program)
+    let failed = |message: String| FirewallError { command: format!("{program} {}", args.join(" ")), message };
+    let mut child = Command::new(program)
         .args(&args)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|err| FirewallError { command: describe(), message: err.to_string() })?;
+        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|err| failed(err.to_string()))?;
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        // Dropped at the end of this block: the program sees the end of its input.
+        stdin.write_all(input.as_bytes()).await.map_err(|err| failed(err.to_string()))?;
+    }
+    let output = child.wait_with_output().await.map_err(|err| failed(err.to_string()))?;
     if output.status.success() {
         Ok(())
     } else {
-        Err(FirewallError { command: describe(), message: String::from_utf8_lossy(&output.stderr).trim().to_owned() })
+        Err(failed(String::from_utf8_lossy(&output.stderr).trim().to_owned()))
     }
 }
 

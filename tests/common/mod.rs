@@ -302,11 +302,37 @@ pub fn networks(instance: &str) -> Vec<String> {
     names
 }
 
-/// Removes an instance's networks (its containers must be gone first).
+/// Removes an instance's networks (its containers must be gone first) and its own firewall rule
+/// (`network.egress: false`). A warm network the instance was still creating as its test ended
+/// appears later: a thread looks again once Docker has finished it.
 pub fn remove_networks(instance: &str) {
+    remove_networks_now(instance);
+    remove_egress_rules(instance);
+    let instance = instance.to_owned();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        remove_networks_now(&instance);
+    });
+}
+
+fn remove_networks_now(instance: &str) {
     let names = networks(instance);
     if !names.is_empty() {
         Command::new("docker").arg("network").arg("rm").args(&names).output().ok();
+    }
+}
+
+fn remove_egress_rules(instance: &str) {
+    let Ok(instance) = previewd::preview::InstanceName::parse(instance) else { return };
+    let own = format!("-i {}+ ", previewd::network::bridge_prefix(&instance));
+    for program in ["iptables", "ip6tables"] {
+        let Ok(output) = Command::new(program).args(["-w", "-S"]).output() else { continue };
+        for rule in String::from_utf8_lossy(&output.stdout).lines().filter(|rule| rule.contains(&own)) {
+            let args: Vec<&str> = rule.split(' ').collect();
+            if let Some(("-A", spec)) = args.split_first().map(|(first, rest)| (*first, rest)) {
+                Command::new(program).arg("-w").arg("-D").args(spec).output().ok();
+            }
+        }
     }
 }
 

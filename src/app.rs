@@ -23,6 +23,7 @@ use crate::github::token_auth::TokenAuth;
 use crate::http::{AppState, GitHubService, router};
 use crate::lifecycle::{Lifecycle, ReconcileReport};
 use crate::metrics::Metrics;
+use crate::network::{Firewall, bridge_prefix};
 use crate::nginx::sites::SitesDir;
 use crate::nginx::vhost::VhostTemplate;
 use crate::nginx::{Nginx, Router, RouterSettings};
@@ -50,6 +51,12 @@ impl Application {
             VhostTemplate::load(&config.nginx.template, &config.trusted_proxies).map_err(anyhow::Error::msg)?;
         let runtime = Runtime::connect(config.instance.clone()).await?;
         runtime.ping().await?;
+        // First of all: Docker has restarted the previews at boot already, and iptables rules do
+        // not survive a reboot.
+        if config.network.isolation {
+            let firewall = Firewall::new(&bridge_prefix(&config.instance), config.network.egress);
+            firewall.install().await.context("cannot fence off the preview networks")?;
+        }
         let sites_dir = &config.nginx.sites_dir;
         std::fs::create_dir_all(sites_dir)
             .with_context(|| format!("cannot create nginx.sites_dir {}", sites_dir.display()))?;

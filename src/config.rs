@@ -585,7 +585,7 @@ fn validate_image(path: &str, raw: RawImage, problems: &mut Problems) -> Option<
         problems.add(&format!("{path}.health_timeout"), "must be at least 1 (seconds)");
     }
     let params = raw.container_create_params.unwrap_or_default();
-    if let Err(message) = check_create_params(&params) {
+    if let Err(message) = crate::docker::check_create_params(&params) {
         problems.add(&format!("{path}.container_create_params"), message);
     }
     let cap_add: Vec<Capability> = raw
@@ -626,16 +626,26 @@ impl ImageSpec {
         self.container_create_params.get("HostConfig")?.get("NetworkMode")?.as_str()
     }
 
-    /// Each setting that weakens the container's isolation, as `(key under the image, why)`.
-    pub fn unsafe_settings(&self) -> Vec<(String, String)> {
+    /// Each setting that weakens the container's isolation, as `(key under the image, why)`;
+    /// with `isolated` (`network.isolation`), also those that leave the preview's own network.
+    pub fn unsafe_settings(&self, isolated: bool) -> Vec<(String, String)> {
         let caps = self.cap_add.iter().filter(|cap| cap.gives_the_host());
+        let params = &self.container_create_params;
+        let network = if isolated { hardening::leaves_preview_network(params) } else { Vec::new() };
         caps.map(|cap| ("cap_add".to_owned(), format!("{cap} lets the container take over the host or its network")))
             .chain(
-                hardening::unsafe_params(&self.container_create_params)
+                hardening::unsafe_params(params)
                     .into_iter()
+                    .chain(network)
                     .map(|(key, why)| (format!("container_create_params.{key}"), why)),
             )
             .collect()
+    }
+
+    /// Whether the create params take the container off its own network (see
+    /// [`hardening::leaves_preview_network`]): such a preview gets none.
+    pub fn leaves_preview_network(&self) -> bool {
+        !hardening::leaves_preview_network(&self.container_create_params).is_empty()
     }
 }
 
@@ -646,7 +656,7 @@ impl Config {
         self.images
             .iter()
             .flat_map(|(key, spec)| {
-                spec.unsafe_settings().into_iter().map(move |(path, why)| {
+                spec.unsafe_settings(self.network.isolation).into_iter().map(move |(path, why)| {
                     let refused = !spec.allow_unsafe;
                     let consequence = if refused {
                         format!("serve refuses it unless images.{key}.allow_unsafe: true")
@@ -657,24 +667,6 @@ impl Config {
                 })
             })
             .collect()
-    }
-}
-
-/// The raw Docker create fields must be fields Docker knows (`ContainerCreateBody`), with the
-/// right types; an unknown or misspelt key would otherwise be dropped without a word.
-fn check_create_params(params: &serde_json::Map<String, serde_json::Value>) -> Result<(), String> {
-    let body: bollard::models::ContainerCreateBody =
-        serde_json::from_value(serde_json::Value::Object(params.clone())).map_err(|err| err.to_string())?;
-    let known = serde_json::to_value(&body).map_err(|err| err.to_string())?;
-    let unknown: Vec<&str> =
-        params.keys().filter(|key| known.get(key.as_str()).is_none()).map(String::as_str).collect();
-    if unknown.is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
-            "unknown Docker create field(s) {}; use the Docker Engine API names, e.g. Tty, HostConfig",
-            unknown.join(", ")
-        ))
     }
 }
 

@@ -19,7 +19,7 @@ use futures_util::{Stream, StreamExt, TryStreamExt};
 use serde_json::Value;
 
 use crate::config::{ImageSpec, PullPolicy};
-use crate::preview::{ImageKey, InstanceName, Slug};
+use crate::preview::{ImageKey, InstanceName, PreviewState, Slug};
 use crate::request::{Owner, PullRequestOrigin};
 
 mod networks;
@@ -104,7 +104,7 @@ pub struct ManagedContainer {
     pub id: String,
     pub slug: Slug,
     pub image: ImageKey,
-    pub state: ContainerSummaryStateEnum,
+    pub state: PreviewState,
     /// The 127.0.0.1 port Docker published for the routed container port, while running.
     pub host_port: Option<u16>,
     /// Unix seconds.
@@ -119,7 +119,7 @@ pub struct ManagedContainer {
 
 impl ManagedContainer {
     pub fn is_running(&self) -> bool {
-        self.state == ContainerSummaryStateEnum::RUNNING
+        self.state == PreviewState::Running
     }
 }
 
@@ -489,8 +489,8 @@ fn managed_container(summary: ContainerSummary) -> Option<ManagedContainer> {
         .get(LABEL_CREATED)
         .and_then(|ns| ns.parse().ok())
         .unwrap_or(u128::try_from(created).unwrap_or_default() * 1_000_000_000);
-    let state = summary.state.unwrap_or(ContainerSummaryStateEnum::EMPTY);
-    let running = state == ContainerSummaryStateEnum::RUNNING;
+    let state = preview_state(summary.state);
+    let running = state == PreviewState::Running;
     let host_port = summary
         .ports
         .unwrap_or_default()
@@ -520,6 +520,40 @@ fn managed_container(summary: ContainerSummary) -> Option<ManagedContainer> {
         owner,
         network,
     })
+}
+
+/// Docker's state of a container in previewd's terms.
+fn preview_state(state: Option<ContainerSummaryStateEnum>) -> PreviewState {
+    match state {
+        Some(ContainerSummaryStateEnum::CREATED) => PreviewState::Created,
+        Some(ContainerSummaryStateEnum::RUNNING) => PreviewState::Running,
+        Some(ContainerSummaryStateEnum::RESTARTING) => PreviewState::Restarting,
+        Some(ContainerSummaryStateEnum::PAUSED) => PreviewState::Paused,
+        Some(ContainerSummaryStateEnum::STOPPING) => PreviewState::Stopping,
+        Some(ContainerSummaryStateEnum::REMOVING) => PreviewState::Removing,
+        Some(ContainerSummaryStateEnum::EXITED) => PreviewState::Exited,
+        Some(ContainerSummaryStateEnum::DEAD) => PreviewState::Dead,
+        Some(ContainerSummaryStateEnum::EMPTY) | None => PreviewState::Unknown,
+    }
+}
+
+/// Checks `container_create_params` against the fields Docker's create call knows
+/// (`ContainerCreateBody`), with their types: an unknown or misspelt key would otherwise be
+/// dropped without a word.
+pub fn check_create_params(params: &serde_json::Map<String, Value>) -> Result<(), String> {
+    let body: ContainerCreateBody =
+        serde_json::from_value(Value::Object(params.clone())).map_err(|err| err.to_string())?;
+    let known = serde_json::to_value(&body).map_err(|err| err.to_string())?;
+    let unknown: Vec<&str> =
+        params.keys().filter(|key| known.get(key.as_str()).is_none()).map(String::as_str).collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "unknown Docker create field(s) {}; use the Docker Engine API names, e.g. Tty, HostConfig",
+            unknown.join(", ")
+        ))
+    }
 }
 
 /// Publishes `<container_port>/tcp` on 127.0.0.1 only: previews are reached through nginx.

@@ -463,7 +463,9 @@ fn send_line(lines: &mpsc::UnboundedSender<String>, value: &impl serde::Serializ
 async fn metrics_text(State(state): State<AppState>) -> Response {
     let metrics = state.lifecycle.metrics();
     if let Ok(previews) = state.lifecycle.list().await {
-        metrics.previews.set(previews.iter().filter(|p| p.status == "running").count() as i64);
+        metrics
+            .previews
+            .set(previews.iter().filter(|p| p.status == crate::preview::PreviewState::Running).count() as i64);
     }
     let router = state.lifecycle.router();
     Metrics::sync_counter(&metrics.nginx_reloads.get_or_create(&crate::metrics::SUCCESS), router.reloads());

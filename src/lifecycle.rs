@@ -6,7 +6,7 @@
 //! answering before the route switches, failed launches remove what they created, and
 //! `reconcile` rebuilds the routes from the container labels alone.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,7 @@ use crate::locks::KeyedLocks;
 use crate::metrics::{self, ByStep, Metrics};
 use crate::network::{NetworkError, Networks};
 use crate::nginx::{Drain, NginxError, RouteTicket, Router};
-use crate::preview::{ImageKey, Slug};
+use crate::preview::{ImageKey, PreviewState, Slug};
 use crate::probe::Prober;
 use crate::request::{LaunchRequest, Owner, PullRequestOrigin};
 use futures_util::StreamExt;
@@ -82,8 +82,8 @@ pub struct PreviewInfo {
     pub url: String,
     pub image: ImageKey,
     pub container_id: String,
-    /// Docker's state of the container: running, restarting, exited, ...
-    pub status: String,
+    /// The state of the preview's container: running, restarting, exited, ...
+    pub status: PreviewState,
     /// Whether nginx routes the preview's host.
     pub routed: bool,
     /// Unix seconds.
@@ -325,7 +325,7 @@ impl Lifecycle {
             url,
             image: request.image,
             container_id: id,
-            status: "running".to_owned(),
+            status: PreviewState::Running,
             routed: true,
             created: crate::clock::unix_now(),
             repo,
@@ -343,11 +343,17 @@ impl Lifecycle {
         spec: &ImageSpec,
         previous: &[ManagedContainer],
     ) -> Result<Option<PreviewNetwork>, LifecycleError> {
-        if !self.networks.enabled() || spec.network_mode().is_some() {
+        if !self.networks.enabled() || spec.network_mode().is_some() || spec.leaves_preview_network() {
             return Ok(None);
         }
         if let Some(name) = previous.iter().rev().find_map(|c| c.network.clone()) {
-            return Ok(Some(PreviewNetwork { name, new: false }));
+            if self.networks.exists(&name).await? {
+                return Ok(Some(PreviewNetwork { name, new: false }));
+            }
+            tracing::warn!(
+                network = name,
+                "the preview's network was removed behind previewd's back; taking a new one"
+            );
         }
         let name = self.networks.lease().await?;
         Ok(Some(PreviewNetwork { name, new: true }))
@@ -558,8 +564,7 @@ impl Lifecycle {
         if containers.is_empty() && !routed {
             return Err(LifecycleError::NotFound(slug.clone()));
         }
-        let networks: std::collections::BTreeSet<String> =
-            containers.iter().filter_map(|c| c.network.clone()).collect();
+        let networks: BTreeSet<String> = containers.iter().filter_map(|c| c.network.clone()).collect();
         for container in containers {
             self.runtime.remove(&container.id).await?;
         }
@@ -584,7 +589,13 @@ impl Lifecycle {
         let _guard = self.locks.lock(slug).await;
         let containers = self.runtime.list_slug(slug).await?;
         let none_left = containers.is_empty();
+        let networks: BTreeSet<String> = containers.iter().filter_map(|c| c.network.clone()).collect();
         let settled = self.settle_preview(slug, containers).await?;
+        if settled.port.is_none() && settled.removed > 0 && self.runtime.list_slug(slug).await?.is_empty() {
+            for network in &networks {
+                self.networks.remove(network).await;
+            }
+        }
         match settled.port {
             Some(port) if self.router.route_if_changed(slug, port).await? => {
                 tracing::info!(port, "preview re-routed to its container's new port");
@@ -600,7 +611,7 @@ impl Lifecycle {
 
     /// `refresh` for every preview that has a container.
     pub async fn refresh_all(&self) -> Result<(), LifecycleError> {
-        let slugs: std::collections::BTreeSet<Slug> = self.runtime.list().await?.into_iter().map(|c| c.slug).collect();
+        let slugs: BTreeSet<Slug> = self.runtime.list().await?.into_iter().map(|c| c.slug).collect();
         for slug in slugs {
             self.refresh(&slug).await?;
         }
@@ -611,7 +622,7 @@ impl Lifecycle {
     pub async fn runs_commit(&self, slug: &Slug, sha: &str) -> bool {
         let _guard = self.locks.lock(slug).await;
         match self.get(slug).await {
-            Ok(info) => info.routed && info.status == "running" && info.sha.as_deref() == Some(sha),
+            Ok(info) => info.routed && info.status == PreviewState::Running && info.sha.as_deref() == Some(sha),
             Err(_) => false,
         }
     }
@@ -740,12 +751,10 @@ impl Lifecycle {
 
     /// Picks the live container of one preview (oldest first in `group`) and the ones to remove.
     async fn settle(&self, group: Vec<ManagedContainer>) -> (Option<ManagedContainer>, Vec<ManagedContainer>) {
-        use bollard::models::ContainerSummaryStateEnum as State;
         let (running, others): (Vec<_>, Vec<_>) = group.into_iter().partition(ManagedContainer::is_running);
         // Restarting or paused containers are left alone; created, exited or dead ones never
         // came up, or stopped for good.
-        let mut doomed: Vec<_> =
-            others.into_iter().filter(|c| !matches!(c.state, State::RESTARTING | State::PAUSED)).collect();
+        let mut doomed: Vec<_> = others.into_iter().filter(|c| !c.state.is_transient()).collect();
         if running.len() <= 1 {
             return (running.into_iter().next(), doomed);
         }
@@ -785,7 +794,7 @@ impl Lifecycle {
             name: container.slug,
             image: container.image,
             container_id: container.id,
-            status: container.state.to_string(),
+            status: container.state,
             created: container.created,
             repo,
             pr,

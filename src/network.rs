@@ -91,18 +91,35 @@ impl Networks {
         &self.inner.firewall
     }
 
-    /// A network for a new preview: a warm one, or one made now when the pool is empty.
+    /// A network for a new preview: a warm one, or one made now when the pool is empty. A warm
+    /// network someone removed meanwhile (`docker network prune`) is passed over.
     pub async fn lease(&self) -> Result<String, NetworkError> {
-        let warm = self.take_warm();
-        self.inner.wanted.notify_one();
-        match warm {
-            Some(name) => Ok(name),
-            None => {
-                tracing::debug!("no warm network; creating one for this launch");
-                self.inner.cold.inc();
-                self.create().await
+        loop {
+            let warm = self.take_warm();
+            self.inner.wanted.notify_one();
+            let Some(name) = warm else { break };
+            if self.inner.runtime.network_exists(&name).await? {
+                return Ok(name);
             }
+            tracing::warn!(network = name, "a warm network was removed behind previewd's back; taking another");
         }
+        tracing::debug!("no warm network; creating one for this launch");
+        self.inner.cold.inc();
+        self.create().await
+    }
+
+    /// Whether a preview's network still exists, for a replacement that would join it.
+    pub async fn exists(&self, name: &str) -> Result<bool, NetworkError> {
+        Ok(self.inner.runtime.network_exists(name).await?)
+    }
+
+    /// Installs the firewall (idempotent): first thing at start, before Docker's restarted
+    /// previews are reconciled.
+    pub async fn install_firewall(&self) -> Result<(), NetworkError> {
+        if self.enabled() {
+            self.inner.firewall.install().await?;
+        }
+        Ok(())
     }
 
     /// Removes a network no container uses any more; a failure is logged, and the next start's
@@ -117,9 +134,7 @@ impl Networks {
     /// in `in_use` names are taken into the warm pool (up to `network.warm`) or removed. With
     /// isolation off, every free network goes, and the firewall once none is left.
     pub async fn reconcile(&self, in_use: &HashSet<String>) -> Result<(), NetworkError> {
-        if self.enabled() {
-            self.inner.firewall.install().await?;
-        }
+        self.install_firewall().await?;
         let networks = self.inner.runtime.list_networks().await?;
         let mut keep = if self.enabled() { self.inner.config.warm } else { 0 };
         let mut left = 0;
@@ -130,8 +145,10 @@ impl Networks {
                 keep -= 1;
                 left += 1;
                 self.put_warm(network.name);
-            } else {
-                self.inner.runtime.remove_network(&network.name).await?;
+            } else if let Err(err) = self.inner.runtime.remove_network(&network.name).await {
+                // Say, a container attached by hand: the next start tries again.
+                tracing::warn!(network = network.name, error = %err, "cannot remove a network no preview uses");
+                left += 1;
             }
         }
         if !self.enabled() && left == 0 {
@@ -148,7 +165,10 @@ impl Networks {
         loop {
             while self.warm_count() < self.inner.config.warm {
                 match self.create().await {
-                    Ok(name) => self.put_warm(name),
+                    Ok(name) => {
+                        self.put_warm(name);
+                        self.repair_firewall().await;
+                    }
                     Err(err) => {
                         tracing::warn!(error = %err, "cannot keep a network ready for launches; trying again");
                         tokio::select! {
@@ -165,6 +185,18 @@ impl Networks {
                 () = self.inner.wanted.notified() => {}
                 () = shutdown.cancelled() => return,
             }
+        }
+    }
+
+    /// Puts the firewall back if its jumps are gone (a firewall reload by another tool, an
+    /// `iptables -F`), checked each time the pool makes a network.
+    async fn repair_firewall(&self) {
+        if self.inner.firewall.installed().await {
+            return;
+        }
+        tracing::warn!("the preview networks' firewall rules were gone; installing them again");
+        if let Err(err) = self.inner.firewall.install().await {
+            tracing::error!(error = %err, "cannot install the preview networks' firewall again");
         }
     }
 

@@ -169,6 +169,57 @@ deserialize_with_parse!(
     ImageKey => "an image key"
 );
 
+/// Where a preview's container is in its life, in previewd's terms (the engine's own states are
+/// mapped onto these in its module). Shown as the lowercase word in the API and the dashboard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PreviewState {
+    /// Made, not started yet (or a start that never happened).
+    Created,
+    Running,
+    /// The engine is starting it again after a crash or an engine restart.
+    Restarting,
+    Paused,
+    /// Being stopped.
+    Stopping,
+    /// Being removed.
+    Removing,
+    /// Stopped: exited by itself, or stopped.
+    Exited,
+    /// The engine could not stop or remove it.
+    Dead,
+    /// The engine reported a state previewd does not know.
+    Unknown,
+}
+
+impl PreviewState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Running => "running",
+            Self::Restarting => "restarting",
+            Self::Paused => "paused",
+            Self::Stopping => "stopping",
+            Self::Removing => "removing",
+            Self::Exited => "exited",
+            Self::Dead => "dead",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    /// Whether the engine may still bring the container back by itself (restart policies), so
+    /// that previewd leaves it alone.
+    pub fn is_transient(self) -> bool {
+        matches!(self, Self::Restarting | Self::Paused)
+    }
+}
+
+impl fmt::Display for PreviewState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -227,6 +227,32 @@ async fn a_preview_cannot_reach_services_on_the_hosts_addresses_but_is_still_ser
 }
 
 #[tokio::test]
+async fn a_preview_cannot_reach_a_port_docker_publishes_on_the_hosts_addresses() {
+    let app = app_with_network("").await;
+    let a = launched(&app, "net-published").await;
+    // Someone else's container, published on every address of the host.
+    let port = free_port();
+    let output = Command::new("docker")
+        .args(["run", "-d", "--rm", "--label", &format!("previewd.instance={}", app.instance)])
+        .args(["-p", &format!("0.0.0.0:{port}:3000"), common::DEMO_IMAGE])
+        .args(["/bin/busybox", "httpd", "-f", "-p", "3000", "-h", "/www"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let address = host_addresses().into_iter().find(|ip| ip != "172.17.0.1").expect("an address of the host's own");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let control = loop {
+        let answer = fetch_from_new_container(&app.instance, "bridge", &address, port);
+        if answer.is_ok() || Instant::now() > deadline {
+            break answer;
+        }
+    };
+    assert!(control.is_ok(), "control: the default bridge reaches {address}:{port}: {control:?}");
+    let answer = fetch_from(&a, &address, port);
+    assert!(answer.is_err(), "the preview reached the published port {address}:{port}: {answer:?}");
+}
+
+#[tokio::test]
 async fn a_preview_cannot_reach_link_local_metadata() {
     let _metadata = OutsideHost::start("169.254.169.253", "169.254.169.254");
     let app = app_with_network("").await;
@@ -274,6 +300,28 @@ async fn a_killed_preview_leaves_no_network_behind() {
     assert!(common::networks(&app.instance).contains(&network));
     assert_eq!(app.kill("net-kill").await.status(), 200);
     assert!(!common::networks(&app.instance).contains(&network), "{network} is still there");
+}
+
+async fn wait_for_warm(app: &TestApp, count: usize) {
+    let networks = app.lifecycle.as_ref().unwrap().networks().clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while networks.warm_count() < count {
+        assert!(Instant::now() < deadline, "{count} warm networks are not ready: {}", networks.warm_count());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn networks_no_preview_uses_are_taken_back_into_the_warm_pool_at_start() {
+    let mut app = app_with_network("network:\n  warm: 3\n").await;
+    launched(&app, "net-pool").await;
+    wait_for_warm(&app, 3).await;
+    let before = common::networks(&app.instance);
+    assert_eq!(before.len(), 4, "three warm and the preview's: {before:?}");
+    app.stop().await;
+    app.boot().await;
+    assert_eq!(app.lifecycle.as_ref().unwrap().networks().warm_count(), 3, "taken back at start");
+    assert_eq!(common::networks(&app.instance), before, "none removed, none created");
 }
 
 #[tokio::test]

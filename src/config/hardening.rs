@@ -116,20 +116,7 @@ pub fn unsafe_params(params: &Map<String, Value>) -> Vec<(String, String)> {
             flag("Mounts", format!("mounting {source} hands the container the host"));
         }
     }
-    match host.get("NetworkMode").and_then(Value::as_str) {
-        None | Some("none") => {}
-        Some("host") => flag(
-            "NetworkMode",
-            "sharing the host's namespace lets the container see and reach the host's own".to_owned(),
-        ),
-        Some(other) => flag(
-            "NetworkMode",
-            format!(
-                "`{other}` puts previews on a network they share, outside the per-preview networks and their firewall"
-            ),
-        ),
-    }
-    for key in ["PidMode", "IpcMode", "UTSMode", "UsernsMode"] {
+    for key in ["NetworkMode", "PidMode", "IpcMode", "UTSMode", "UsernsMode"] {
         if host.get(key).and_then(Value::as_str) == Some("host") {
             flag(key, "sharing the host's namespace lets the container see and reach the host's own".to_owned());
         }
@@ -138,6 +125,30 @@ pub fn unsafe_params(params: &Map<String, Value>) -> Vec<(String, String)> {
         if opt.ends_with("=unconfined") || opt.starts_with("no-new-privileges=false") {
             flag("SecurityOpt", format!("{opt} turns off a protection of the host"));
         }
+    }
+    found
+}
+
+/// Create params that take a preview off the network of its own that `network.isolation` gives
+/// it: a `NetworkMode` (other than `none`, and `host`, named by [`unsafe_params`]), or
+/// `NetworkingConfig`, whose endpoints Docker attaches instead.
+pub fn leaves_preview_network(params: &Map<String, Value>) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    let mode = params.get("HostConfig").and_then(|host| host.get("NetworkMode")).and_then(Value::as_str);
+    if let Some(mode) = mode.filter(|mode| !matches!(*mode, "none" | "host")) {
+        found.push((
+            "HostConfig.NetworkMode".to_owned(),
+            format!(
+                "`{mode}` puts previews on a network they share, outside the per-preview networks and their firewall"
+            ),
+        ));
+    }
+    if params.contains_key("NetworkingConfig") {
+        found.push((
+            "NetworkingConfig".to_owned(),
+            "attaches previews to networks of its choosing, outside the per-preview networks and their firewall"
+                .to_owned(),
+        ));
     }
     found
 }
@@ -196,18 +207,24 @@ mod tests {
     }
 
     #[test]
-    fn a_network_mode_of_the_images_own_is_named_as_leaving_the_preview_networks() {
+    fn a_network_mode_or_networking_config_of_the_images_own_is_named_as_leaving_the_preview_networks() {
         for mode in ["bridge", "shared-db", "container:abc"] {
-            let found = unsafe_params(json!({"HostConfig": {"NetworkMode": mode}}).as_object().unwrap());
+            let found = leaves_preview_network(json!({"HostConfig": {"NetworkMode": mode}}).as_object().unwrap());
             assert_eq!(found.len(), 1, "{mode}");
             assert!(found[0].1.contains("outside the per-preview networks"), "{found:?}");
+        }
+        let config = json!({"NetworkingConfig": {"EndpointsConfig": {"bridge": {}}}});
+        assert_eq!(leaves_preview_network(config.as_object().unwrap())[0].0, "NetworkingConfig");
+        for mode in ["none", "host"] {
+            let params = json!({"HostConfig": {"NetworkMode": mode}});
+            assert!(leaves_preview_network(params.as_object().unwrap()).is_empty(), "{mode}");
         }
     }
 
     #[test]
     fn ordinary_params_are_not_unsafe() {
         let found = keys(json!({"Tty": true, "HostConfig": {
-            "Binds": ["/srv/seed:/seed:ro"], "ShmSize": 8388608, "CapAdd": ["CHOWN"], "NetworkMode": "none",
+            "Binds": ["/srv/seed:/seed:ro"], "ShmSize": 8388608, "CapAdd": ["CHOWN"], "NetworkMode": "bridge",
             "SecurityOpt": ["no-new-privileges"],
         }}));
         assert!(found.is_empty(), "{found:?}");

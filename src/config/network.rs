@@ -46,6 +46,8 @@ pub(super) struct RawNetwork {
 
 /// Most networks kept ready: each holds a bridge, a subnet and ~100 ms of Docker's time.
 const MAX_WARM: usize = 32;
+/// At most 2^16 subnets: previewd lists the candidates when it picks one.
+const MAX_SPLIT_BITS: u8 = 16;
 /// A subnet must hold a gateway, a broadcast address and some containers.
 const LONGEST_PREFIX: u8 = 29;
 
@@ -68,7 +70,16 @@ pub(super) fn validate(raw: RawNetwork) -> Result<NetworkConfig, Vec<(String, St
         }
     };
     let subnet_prefix = raw.subnet_prefix.unwrap_or(defaults.subnet_prefix);
-    if subnet_prefix <= subnets.prefix_len() || subnet_prefix > LONGEST_PREFIX {
+    if subnet_prefix > subnets.prefix_len() + MAX_SPLIT_BITS && subnet_prefix <= LONGEST_PREFIX {
+        problems.push((
+            "network.subnet_prefix".to_owned(),
+            format!(
+                "cuts network.subnets into more than {} subnets: use a prefix of at most /{}",
+                1u32 << MAX_SPLIT_BITS,
+                subnets.prefix_len() + MAX_SPLIT_BITS
+            ),
+        ));
+    } else if subnet_prefix <= subnets.prefix_len() || subnet_prefix > LONGEST_PREFIX {
         problems.push((
             "network.subnet_prefix".to_owned(),
             format!("must be longer than network.subnets' /{} and at most /{LONGEST_PREFIX}", subnets.prefix_len()),
@@ -128,6 +139,15 @@ mod tests {
             let problems = validate(raw).unwrap_err();
             assert_eq!(problems[0].0, "network.subnet_prefix", "/{prefix}");
         }
+    }
+
+    #[test]
+    fn a_range_cut_into_more_than_65536_subnets_is_refused() {
+        let raw =
+            RawNetwork { subnets: Some("10.0.0.0/8".to_owned()), subnet_prefix: Some(27), ..RawNetwork::default() };
+        let problems = validate(raw).unwrap_err();
+        assert_eq!(problems[0].0, "network.subnet_prefix");
+        assert!(problems[0].1.contains("at most /24"), "{problems:?}");
     }
 
     #[test]

@@ -64,6 +64,15 @@ impl Runtime {
         }
     }
 
+    /// Whether a network of that name exists (someone may have pruned it).
+    pub async fn network_exists(&self, name: &str) -> Result<bool, DockerError> {
+        match self.docker.inspect_network(name, None).await {
+            Ok(_) => Ok(true),
+            Err(err) if is_not_found(&err) => Ok(false),
+            Err(err) => Err(DockerError::from_bollard("inspect a network", err)),
+        }
+    }
+
     /// Removes a network; one that is already gone is fine.
     pub async fn remove_network(&self, name: &str) -> Result<(), DockerError> {
         match self.docker.remove_network(name).await {

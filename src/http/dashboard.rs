@@ -20,6 +20,7 @@ use super::error::ApiError;
 use crate::auth::Principal;
 use crate::config::Config;
 use crate::lifecycle::PreviewInfo;
+use crate::preview::PreviewState;
 
 const TEMPLATE: &str = include_str!("../../templates/dashboard.html.tera");
 /// The `.html` suffix turns Tera's autoescaping on (it is also set explicitly below).
@@ -114,7 +115,7 @@ impl Page {
             nonce,
             instance: config.instance.to_string(),
             user,
-            running: previews.iter().filter(|p| p.status == "running").count(),
+            running: previews.iter().filter(|p| p.status == PreviewState::Running).count(),
             previews: previews.iter().map(|info| Row::new(info, now, &web)).collect(),
             images,
             launch_command,
@@ -140,8 +141,8 @@ impl Row {
             url_is_link: info.url.starts_with("http://") || info.url.starts_with("https://"),
             image: info.image.to_string(),
             container: info.container_id.chars().take(12).collect(),
-            status: info.status.clone(),
-            status_class: status_class(&info.status),
+            status: info.status.to_string(),
+            status_class: status_class(info.status),
             routed: info.routed,
             age: age(now - info.created),
             created_utc: utc_timestamp(info.created),
@@ -157,12 +158,16 @@ impl Row {
     }
 }
 
-fn status_class(status: &str) -> &'static str {
+fn status_class(status: PreviewState) -> &'static str {
     match status {
-        "running" => "ok",
-        "restarting" | "created" | "paused" | "removing" => "warn",
-        "exited" | "dead" => "bad",
-        _ => "idle",
+        PreviewState::Running => "ok",
+        PreviewState::Restarting
+        | PreviewState::Created
+        | PreviewState::Paused
+        | PreviewState::Stopping
+        | PreviewState::Removing => "warn",
+        PreviewState::Exited | PreviewState::Dead => "bad",
+        PreviewState::Unknown => "idle",
     }
 }
 
@@ -227,7 +232,7 @@ mod tests {
             url: format!("http://{name}.preview.localhost:8080"),
             image: ImageKey::parse("demo").unwrap(),
             container_id: "0123456789abcdef0123".to_owned(),
-            status: "running".to_owned(),
+            status: PreviewState::Running,
             routed: true,
             created: 1_000_000,
             repo: None,

@@ -140,6 +140,7 @@ fn lifecycle_status(err: &LifecycleError) -> StatusCode {
             StatusCode::SERVICE_UNAVAILABLE
         }
         LifecycleError::Nginx(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        LifecycleError::Network(NetworkError::Docker(DockerError::Api { .. })) => StatusCode::BAD_GATEWAY,
         LifecycleError::Network(_) => StatusCode::SERVICE_UNAVAILABLE,
     }
 }

@@ -12,11 +12,12 @@
 //!   containers) passes; to another container network, to link-local addresses (cloud metadata
 //!   at 169.254.169.254) and to ports Docker publishes on the host's addresses is refused; the
 //!   rest (the internet) passes, unless the instance has `network.egress: false`: then one more
-//!   rule for its own bridges (`pv-<tag>…`) refuses every other new connection.
+//!   rule for its own bridges (`pv-<tag>…`) refuses every other connection that is not an answer.
 //!
 //! The chains' contents are written whole with `iptables-restore --noflush`, one transaction, so
-//! re-applying them (at every start and after each network is created) never opens a gap. They
-//! are the same for every instance, so instances sharing a host agree on them.
+//! re-applying them (first thing at every start, and whenever the warm pool finds the jumps
+//! gone) never opens a gap. They are the same for every instance, so instances sharing a host
+//! agree on them, and no instance removes them.
 
 use std::process::Stdio;
 
@@ -99,21 +100,13 @@ impl Firewall {
     }
 
     /// Takes this instance's own rule out (with `network.isolation: false` once none of its
-    /// networks is left), and the shared chains too when no preview bridge of any instance is
-    /// left on the host.
+    /// networks is left). The shared chains stay: another instance on this host may rely on them
+    /// at any moment, and they match no interface once no preview bridge is left (README:
+    /// Security model says how to remove them by hand).
     pub async fn remove(&self) {
-        let last = !any_preview_bridge();
         for family in families() {
             let hook = forward_hook(family).await;
             delete_all(family, &self.no_egress_rule(family, hook)).await;
-            if last {
-                delete_all(family, &jump("INPUT", INPUT_CHAIN)).await;
-                delete_all(family, &jump(hook, FORWARD_CHAIN)).await;
-                for chain in [INPUT_CHAIN, FORWARD_CHAIN] {
-                    let _ = run(family.iptables(), &["-w", "-F", chain]).await;
-                    let _ = run(family.iptables(), &["-w", "-X", chain]).await;
-                }
-            }
         }
     }
 
@@ -122,16 +115,24 @@ impl Firewall {
         run(Family::V4.iptables(), &["-w", "-n", "-L", "INPUT"]).await
     }
 
-    /// Whether the jumps to the chains are in place, for `previewd doctor`.
+    /// Whether the jumps to the chains, and the chains' last rules, are in place.
     pub async fn installed(&self) -> bool {
-        let hook = forward_hook(Family::V4).await;
-        check(Family::V4, &jump("INPUT", INPUT_CHAIN)).await && check(Family::V4, &jump(hook, FORWARD_CHAIN)).await
+        let family = Family::V4;
+        let hook = forward_hook(family).await;
+        let last =
+            |chain: &str, rule: &str| format!("{chain} {rule}").split(' ').map(str::to_owned).collect::<Vec<_>>();
+        let input_last = input_rules(family).pop().unwrap_or_default();
+        let forward_last = forward_rules(family).pop().unwrap_or_default();
+        check(family, &jump("INPUT", INPUT_CHAIN)).await
+            && check(family, &jump(hook, FORWARD_CHAIN)).await
+            && check(family, &last(INPUT_CHAIN, &input_last)).await
+            && check(family, &last(FORWARD_CHAIN, &forward_last)).await
     }
 
     /// `hook` + the match of every new, routed connection from this instance's bridges.
     fn no_egress_rule(&self, family: Family, hook: &str) -> Vec<String> {
         let rule = format!(
-            "{hook} -i {} -m physdev ! --physdev-is-bridged -m conntrack --ctstate NEW -j REJECT --reject-with {}",
+            "{hook} -i {} -m physdev ! --physdev-is-bridged -m conntrack ! --ctstate RELATED,ESTABLISHED -j REJECT --reject-with {}",
             self.own_bridges,
             family.reject()
         );
@@ -189,17 +190,10 @@ fn forward_rules(family: Family) -> Vec<String> {
     rules
 }
 
-/// Whether any interface of the host is a preview bridge (`pv-…`).
-fn any_preview_bridge() -> bool {
-    let prefix = ALL_BRIDGES.trim_end_matches('+');
-    std::fs::read_dir("/sys/class/net")
-        .map(|entries| entries.flatten().any(|entry| entry.file_name().to_string_lossy().starts_with(prefix)))
-        .unwrap_or(true)
-}
-
-/// Where forwarded traffic is filtered: Docker's `DOCKER-USER`, or `FORWARD` without it.
+/// Where forwarded traffic is filtered: Docker's `DOCKER-USER` when `FORWARD` jumps to it (the
+/// chain can outlive an engine switched to `--iptables=false`), `FORWARD` itself otherwise.
 async fn forward_hook(family: Family) -> &'static str {
-    let docker_user = run(family.iptables(), &["-w", "-n", "-L", "DOCKER-USER"]).await.is_ok();
+    let docker_user = run(family.iptables(), &["-w", "-C", "FORWARD", "-j", "DOCKER-USER"]).await.is_ok();
     if docker_user { "DOCKER-USER" } else { "FORWARD" }
 }
 
@@ -304,7 +298,7 @@ COMMIT
         let rule = Firewall::new("pv-1a2b3c", false).no_egress_rule(Family::V4, "DOCKER-USER").join(" ");
         assert_eq!(
             rule,
-            "DOCKER-USER -i pv-1a2b3c+ -m physdev ! --physdev-is-bridged -m conntrack --ctstate NEW -j REJECT --reject-with icmp-admin-prohibited"
+            "DOCKER-USER -i pv-1a2b3c+ -m physdev ! --physdev-is-bridged -m conntrack ! --ctstate RELATED,ESTABLISHED -j REJECT --reject-with icmp-admin-prohibited"
         );
     }
 }

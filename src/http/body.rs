@@ -66,41 +66,24 @@ pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, ApiError> {
 }
 
 /// The whole body in one buffer of at most `limit` bytes (allocated once when `declared` gives
-/// its size), each piece handed to `each` as it arrives and counted against `budget` as it
-/// arrives: a sender that declares a large body and sends nothing holds none of it. The bytes
-/// come with their share of the budget, held until the caller drops it.
+/// its size), each piece handed to `each` as it arrives.
 pub async fn read_each(
     body: Body,
     limit: usize,
     declared: Option<usize>,
-    budget: &Budgeted<'_>,
     mut each: impl FnMut(&[u8]),
-) -> Result<(Bytes, Option<OwnedSemaphorePermit>), ApiError> {
+) -> Result<Bytes, ApiError> {
     let mut buffer = Vec::with_capacity(declared.unwrap_or(0).min(limit));
-    let mut held: Option<OwnedSemaphorePermit> = None;
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|err| body_error(&err))?;
         if buffer.len() + chunk.len() > limit {
             return Err(ApiError::TooLarge(limit));
         }
-        if let Budgeted::Within(budget, wait) = budget {
-            let permit = budget.reserve(chunk.len(), *wait).await?;
-            match held.as_mut() {
-                Some(held) => held.merge(permit),
-                None => held = Some(permit),
-            }
-        }
         each(&chunk);
         buffer.extend_from_slice(&chunk);
     }
-    Ok((Bytes::from(buffer), held))
-}
-
-/// Whether a read counts against a [`ReadBudget`], waiting at most the duration for room.
-pub enum Budgeted<'a> {
-    Within(&'a ReadBudget, Duration),
-    Unbudgeted,
+    Ok(Bytes::from(buffer))
 }
 
 fn body_error(err: &axum::Error) -> ApiError {
@@ -193,24 +176,10 @@ mod tests {
     #[tokio::test]
     async fn a_read_hands_over_every_piece_and_stops_at_the_limit() {
         let mut seen = 0;
-        let (bytes, _) =
-            read_each(Body::from("0123456789"), 10, Some(10), &Budgeted::Unbudgeted, |piece| seen += piece.len())
-                .await
-                .unwrap();
+        let bytes = read_each(Body::from("0123456789"), 10, Some(10), |piece| seen += piece.len()).await.unwrap();
         assert_eq!((bytes.len(), seen), (10, 10));
-        let over = read_each(Body::from("0123456789"), 9, None, &Budgeted::Unbudgeted, |_| {}).await;
+        let over = read_each(Body::from("0123456789"), 9, None, |_| {}).await;
         assert!(matches!(over, Err(ApiError::TooLarge(9))));
-    }
-
-    #[tokio::test]
-    async fn a_read_holds_of_the_budget_what_arrived_until_its_bytes_are_dropped() {
-        let budget = ReadBudget::new(100);
-        let within = Budgeted::Within(&budget, Duration::from_millis(10));
-        let (bytes, held) = read_each(Body::from("0123456789"), 100, Some(100), &within, |_| {}).await.unwrap();
-        assert_eq!(bytes.len(), 10);
-        assert_eq!(budget.bytes.available_permits(), 90, "what arrived, not what was declared");
-        drop(held);
-        assert_eq!(budget.bytes.available_permits(), 100);
     }
 
     #[tokio::test]

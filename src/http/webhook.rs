@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::AppState;
-use super::body::{Budgeted, declared_length, read_each};
+use super::body::{declared_length, read_each};
 use super::error::ApiError;
 use crate::github::event::{ACTIONS, Desired, PullRequestEvent, desired};
 use crate::github::feedback::PullRequestKey;
@@ -69,8 +69,9 @@ async fn read_signed(
     let (parts, body) = request.into_parts();
     let declared = declared_length(&parts.headers, MAX_WEBHOOK_BYTES)?;
     let mut signed = Signed::start(secret, &parts.headers)?;
-    let budget = Budgeted::Within(&service.unverified, state.config.http.body_timeout);
-    let (body, _held) = read_each(body, MAX_WEBHOOK_BYTES, declared, &budget, |piece| signed.update(piece)).await?;
+    let wait = state.config.http.body_timeout;
+    let _held = service.unverified.reserve(declared.unwrap_or(MAX_WEBHOOK_BYTES), wait).await?;
+    let body = read_each(body, MAX_WEBHOOK_BYTES, declared, |piece| signed.update(piece)).await?;
     Ok(signed.finish(&parts.headers, body)?)
 }
 

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Entrypoint of previewd-postgres:15 (built by scripts/service-images.sh), after the official
-# image's: as root it takes ownership of $PGDATA for postgres (CHOWN, FOWNER, DAC_OVERRIDE) and
-# switches to postgres (SETUID, SETGID); as postgres it initialises an empty $PGDATA with
+# image's: as root it hands $PGDATA to postgres if it is someone else's (CHOWN, FOWNER,
+# DAC_OVERRIDE) and switches to postgres (SETUID, SETGID); as postgres it initialises an empty $PGDATA with
 # POSTGRES_USER (default postgres), POSTGRES_PASSWORD (required unless
 # POSTGRES_HOST_AUTH_METHOD=trust) and POSTGRES_DB (default $POSTGRES_USER), then execs postgres.
 set -eu
@@ -16,10 +16,11 @@ case "${1:-}" in -*) set -- postgres "$@" ;; esac
 [ "${1:-}" = postgres ] || exec "$@"
 
 if [ "$(id -u)" = 0 ]; then
-    mkdir -p "$PGDATA" /var/run/postgresql
-    find "$PGDATA" /var/run/postgresql ! -user postgres -exec chown postgres:postgres '{}' +
-    chmod 700 "$PGDATA"
-    chmod 2775 /var/run/postgresql
+    # Only what is not postgres's yet is changed: a data directory that is (the image's own, a
+    # fresh named volume) needs no capability but SETUID and SETGID, for setpriv.
+    mkdir -p "$PGDATA"
+    [ "$(stat -c %U "$PGDATA")" = postgres ] || chown -R postgres:postgres "$PGDATA"
+    [ "$(stat -c %a "$PGDATA")" = 700 ] || chmod 700 "$PGDATA"
     exec setpriv --reuid=postgres --regid=postgres --init-groups "$0" "$@"
 fi
 

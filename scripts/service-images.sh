@@ -47,21 +47,24 @@ mirror() {
 }
 
 # --- a root directory, mounted for chroot, cleaned up on exit ---------------
-roots=()
+roots=() ROOT=
 cleanup() {
-    local root
+    local root mnt
     for root in "${roots[@]}"; do
-        umount "$root/proc" 2>/dev/null || true
-        rm -rf "$root"
+        # Whatever is still mounted inside (an interrupted chroot or debootstrap), deepest first;
+        # and rm stays on the root's own filesystem in any case.
+        awk -v r="$root/" 'index($2, r) == 1 { print $2 }' /proc/self/mounts | sort -r |
+            while read -r mnt; do umount -l "$mnt" 2>/dev/null || true; done
+        rm -rf --one-file-system "$root"
     done
 }
 trap cleanup EXIT
+trap 'exit 1' INT TERM HUP
 
+# Sets ROOT to a new empty directory (not in a subshell, so cleanup knows it).
 new_root() {
-    local root
-    root=$(mktemp -d "$WORK/previewd-root.XXXXXX")
-    roots+=("$root")
-    echo "$root"
+    ROOT=$(mktemp -d "$WORK/previewd-root.XXXXXX")
+    roots+=("$ROOT")
 }
 
 # Runs a shell script inside the root, with the host's DNS, /proc and no service starts.
@@ -100,7 +103,8 @@ import_root() {
 build_base() {
     local root url
     url=$(mirror)
-    root=$(new_root)
+    new_root
+    root=$ROOT
     log "debootstrap $RELEASE from $url"
     debootstrap --variant=minbase "$RELEASE" "$root" "$url" >>"$WORK/previewd-service-images.log" 2>&1 ||
         { tail -n 30 "$WORK/previewd-service-images.log" >&2; die "debootstrap failed"; }
@@ -110,19 +114,19 @@ build_base() {
     import_root "$root" "$BASE_IMAGE" "$base_hash" "ENV PATH=$DEFAULT_PATH" 'CMD ["/bin/bash"]'
 }
 
-# A root made from the base image, for one service's packages.
+# Sets ROOT to a root made from the base image, for one service's packages.
 root_from_base() {
-    local root id
-    root=$(new_root)
+    local id
+    new_root
     id=$(docker create "$BASE_IMAGE")
-    docker export "$id" | tar --numeric-owner -C "$root" -x
+    docker export "$id" | tar --numeric-owner -C "$ROOT" -x
     docker rm "$id" >/dev/null
-    echo "$root"
 }
 
 build_postgres() {
     local root
-    root=$(root_from_base)
+    root_from_base
+    root=$ROOT
     cp "$entrypoint" "$root/usr/local/bin/docker-entrypoint.sh"
     chmod 755 "$root/usr/local/bin/docker-entrypoint.sh"
     # No cluster at install time: the entrypoint makes one in $PGDATA on first start.
@@ -141,7 +145,8 @@ $CLEAN"
 
 build_redis() {
     local root
-    root=$(root_from_base)
+    root_from_base
+    root=$ROOT
     in_root "$root" "apt-get update -qq
 apt-get install -y -qq --no-install-recommends redis-server
 install -d -o redis -g redis -m 750 /data

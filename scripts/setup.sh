@@ -3,6 +3,7 @@
 #   - installs nginx, busybox-static, curl, ca-certificates if missing
 #   - makes sure a Docker engine answers (starts dockerd if needed)
 #   - builds the demo image previewd-demo:latest from local files only
+#   - builds previewd-postgres:15 and previewd-redis:7 from Debian packages (scripts/service-images.sh)
 #   - cargo build --release (skip with PREVIEWD_SKIP_BUILD=1)
 set -euo pipefail
 
@@ -50,6 +51,7 @@ command -v chromedriver >/dev/null || missing+=(chromium-driver) # tests/dashboa
 have_pkg fonts-dejavu-core || missing+=(fonts-dejavu-core)     # tests/dashboard.rs: a font for screenshots
 command -v jq >/dev/null || missing+=(jq)                      # scripts/drills.sh, scripts/bench.sh
 command -v ip >/dev/null || missing+=(iproute2)                # scripts/drills.sh: its engine's bridge
+command -v debootstrap >/dev/null || missing+=(debootstrap)  # scripts/service-images.sh
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 
 # --- Docker engine ---------------------------------------------------------
@@ -102,6 +104,9 @@ if [ "$current" != "$hash" ]; then
 else
     log "$DEMO_IMAGE is up to date"
 fi
+
+# --- service images (PostgreSQL, Redis) from Debian packages ---------------
+bash scripts/service-images.sh
 
 # --- previewd --------------------------------------------------------------
 if [ "${PREVIEWD_SKIP_BUILD:-}" = 1 ]; then

@@ -1,0 +1,400 @@
+//! Launch and replace: admission and the launch queue, the preview's network, the container
+//! created, started and answering, the route switched (for a new preview, while it starts), and
+//! the replaced container retired once its requests are done.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::{
+    Lifecycle, LifecycleError, PreviewInfo, Progress, ProgressEvent, describe_owner, same_pull_request, short,
+    split_origin,
+};
+use crate::admission::AdmitError;
+use crate::config::ImageSpec;
+use crate::docker::{ContainerPlan, CreatedContainer, DockerError, ManagedContainer};
+use crate::metrics;
+use crate::nginx::{Drain, NginxError, RouteTicket};
+use crate::preview::{PreviewState, Slug};
+use crate::request::LaunchRequest;
+
+/// How many lines of a failed container's log go into the error.
+const LOG_LINES_ON_FAILURE: usize = 20;
+const FIRST_HEALTH_POLL: Duration = Duration::from_millis(10);
+const HEALTH_POLL: Duration = Duration::from_millis(50);
+/// How long a replace waits for requests in flight under the old route before removing the old
+/// container (a WebSocket may stay open far longer; it is cut then).
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+/// How many ports a launch tries when the one chosen is taken before Docker binds it.
+const PORT_ATTEMPTS: u32 = 3;
+
+/// The network a launch puts its container on.
+struct PreviewNetwork {
+    name: String,
+    /// Taken for this launch: removed again if the launch fails.
+    new: bool,
+}
+
+impl Lifecycle {
+    /// Starts a preview, or replaces the one of the same name with no downtime: the new
+    /// container answers before the route switches, and only then is the old one removed.
+    pub async fn launch(&self, request: LaunchRequest) -> Result<PreviewInfo, LifecycleError> {
+        self.launch_reporting(request, None).await
+    }
+
+    /// `launch`, sending an event as each step begins (the API streams them to clients).
+    #[tracing::instrument(skip_all, fields(slug = %request.name, image = %request.image))]
+    pub async fn launch_reporting(
+        &self,
+        request: LaunchRequest,
+        events: Option<mpsc::UnboundedSender<ProgressEvent>>,
+    ) -> Result<PreviewInfo, LifecycleError> {
+        let _guard = self.locks.lock(&request.name).await;
+        let mut progress = Progress::new(events, Arc::clone(&self.metrics));
+        let (previous, place) = self.admit(&request).await?;
+        let _turn = self.take_turn(&mut progress).await;
+        let result = self.launch_locked(request, &previous, &mut progress).await;
+        place.release().await;
+        progress.finish();
+        let outcome = if result.is_ok() { &metrics::SUCCESS } else { &metrics::FAILURE };
+        let counter = if previous.is_empty() { &self.metrics.launches } else { &self.metrics.redeploys };
+        counter.get_or_create(outcome).inc();
+        if result.is_ok() {
+            self.metrics.launch_seconds.observe(progress.started.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    /// The preview's containers so far, and its place under `limits` (see [`Admission`]).
+    async fn admit(
+        &self,
+        request: &LaunchRequest,
+    ) -> Result<(Vec<ManagedContainer>, crate::admission::Place), LifecycleError> {
+        let list = async {
+            let containers = self.runtime.list().await?;
+            let owners = containers.iter().map(|c| (c.slug.clone(), c.owner.clone())).collect();
+            let previous = containers.into_iter().filter(|c| c.slug == request.name).collect::<Vec<_>>();
+            Ok::<_, DockerError>((previous, owners))
+        };
+        match self.admission.admit(&request.name, request.owner.as_ref(), list).await {
+            Ok(admitted) => Ok(admitted),
+            Err(AdmitError::List(err)) => Err(err.into()),
+            Err(AdmitError::Limit(err)) => {
+                tracing::info!(error = %err, "launch refused");
+                Err(err.into())
+            }
+        }
+    }
+
+    /// Waits for one of the `limits.parallel_launches` turns, saying so when all are taken.
+    async fn take_turn(&self, progress: &mut Progress) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if let Some(turn) = self.admission.try_turn() {
+            return Some(turn);
+        }
+        let limit = self.admission.limits().parallel_launches;
+        progress.step("queue", format!("waiting for a turn: {limit} launches are starting (limits.parallel_launches)"));
+        self.admission.wait_turn().await
+    }
+
+    async fn launch_locked(
+        &self,
+        request: LaunchRequest,
+        previous: &[ManagedContainer],
+        progress: &mut Progress,
+    ) -> Result<PreviewInfo, LifecycleError> {
+        let spec = &request.spec;
+        progress.step("image", format!("checking image {}", spec.image));
+        // A pull request's preview belongs to it: a launch by hand would leave it orphaned when
+        // the PR closes, and a PR may not take a name launched by hand either.
+        let foreign = |c: &&ManagedContainer| match (&request.origin, &c.origin) {
+            (Some(origin), _) => !same_pull_request(c.origin.as_ref(), origin),
+            (None, owner) => owner.is_some(),
+        };
+        if let Some(other) = previous.iter().find(foreign) {
+            return Err(LifecycleError::NameTaken {
+                name: request.name.clone(),
+                owner: describe_owner(other.origin.as_ref()),
+            });
+        }
+        if self.runtime.needs_pull(spec).await? {
+            progress.step("pull", format!("pulling image {}", spec.image));
+            self.runtime.pull(&spec.image).await?;
+        }
+        let url = self.url_for(&request.name);
+        let env = container_env(&request, &url);
+        // Announced before the network is taken: a launch that has to wait for a new network
+        // (the warm pool ran dry in a burst) still shares the burst's reload.
+        let ticket = self.router.ticket();
+        let network = self.network_for(spec, previous).await?;
+        let network_name = network.as_ref().map(|n| n.name.as_str());
+        let brought_up =
+            self.create_and_bring_up(&request, env, network_name, previous.is_empty(), ticket, progress).await;
+        let (id, drain) = match (brought_up, network) {
+            (Ok(up), _) => up,
+            (Err(err), Some(PreviewNetwork { name, new: true })) => {
+                self.networks.remove(&name).await;
+                return Err(err);
+            }
+            (Err(err), _) => return Err(err),
+        };
+        if !previous.is_empty() {
+            // Requests the old nginx workers accepted before the switch still go to the old
+            // container: let them finish first.
+            progress.step("retire", "removing the replaced container once its requests are done".to_owned());
+            drain.wait(DRAIN_LIMIT).await;
+        }
+        for old in previous {
+            if let Err(err) = self.runtime.remove(&old.id).await {
+                tracing::warn!(error = %err, container = %short(&old.id), "cannot remove the replaced container; reconcile will");
+            }
+        }
+        tracing::info!(elapsed_ms = progress.started.elapsed().as_millis() as u64, %url, "preview ready");
+        let (repo, pr, sha) = split_origin(request.origin);
+        let owner = request.owner;
+        Ok(PreviewInfo {
+            name: request.name,
+            url,
+            image: request.image,
+            container_id: id,
+            status: PreviewState::Running,
+            routed: true,
+            created: crate::clock::unix_now(),
+            repo,
+            pr,
+            sha,
+            owner,
+        })
+    }
+
+    /// The network of the preview's containers: the one its running containers are on (a
+    /// replacement joins them), else a new one; `None` with `network.isolation: false` or when
+    /// the image's `container_create_params` choose a `NetworkMode` of their own.
+    async fn network_for(
+        &self,
+        spec: &ImageSpec,
+        previous: &[ManagedContainer],
+    ) -> Result<Option<PreviewNetwork>, LifecycleError> {
+        if !self.networks.enabled() || spec.network_mode().is_some() || spec.leaves_preview_network() {
+            return Ok(None);
+        }
+        if let Some(name) = previous.iter().rev().find_map(|c| c.network.clone()) {
+            if self.networks.exists(&name).await? {
+                return Ok(Some(PreviewNetwork { name, new: false }));
+            }
+            tracing::warn!(
+                network = name,
+                "the preview's network was removed behind previewd's back; taking a new one"
+            );
+        }
+        let name = self.networks.lease().await?;
+        Ok(Some(PreviewNetwork { name, new: true }))
+    }
+
+    /// Creates the container and brings it up; again on another port when the one chosen was
+    /// taken before Docker could bind it. Whatever fails is removed.
+    async fn create_and_bring_up(
+        &self,
+        request: &LaunchRequest,
+        env: Vec<String>,
+        network: Option<&str>,
+        fresh: bool,
+        first_ticket: RouteTicket,
+        progress: &mut Progress,
+    ) -> Result<(String, Drain), LifecycleError> {
+        let mut attempt = 1;
+        let mut first_ticket = Some(first_ticket);
+        loop {
+            let ticket = first_ticket.take().unwrap_or_else(|| self.router.ticket());
+            progress.step("create", "creating the container".to_owned());
+            let plan = ContainerPlan {
+                slug: &request.name,
+                image_key: &request.image,
+                spec: &request.spec,
+                env: env.clone(),
+                origin: request.origin.as_ref(),
+                owner: request.owner.as_ref(),
+                network,
+            };
+            let container = self.runtime.create(plan).await?;
+            let result = if fresh {
+                self.bring_up_fresh(&container, &request.spec, &request.name, ticket, progress).await
+            } else {
+                self.bring_up_replacement(&container, &request.spec, &request.name, ticket, progress).await
+            };
+            let err = match result {
+                Ok(drain) => return Ok((container.id, drain)),
+                Err(err) => err,
+            };
+            if let Err(cleanup) = self.runtime.remove(&container.id).await {
+                tracing::error!(error = %cleanup, container = %short(&container.id), "cannot remove the failed container");
+            }
+            match err {
+                LifecycleError::Docker(DockerError::PortInUse { port, .. }) if attempt < PORT_ATTEMPTS => {
+                    tracing::warn!(port, "the port chosen for the container was taken meanwhile; trying another");
+                    attempt += 1;
+                }
+                err => return Err(err),
+            }
+        }
+    }
+
+    /// A new preview, with nothing to keep serving: nginx is routed to the container's port
+    /// while the container starts, so the reload costs no time of its own. The launch still
+    /// answers only once both the app and nginx do; if the app never answers, the route goes.
+    async fn bring_up_fresh(
+        &self,
+        container: &CreatedContainer,
+        spec: &ImageSpec,
+        slug: &Slug,
+        ticket: RouteTicket,
+        progress: &mut Progress,
+    ) -> Result<Drain, LifecycleError> {
+        let route = {
+            let (slug, port) = (slug.clone(), container.host_port);
+            tokio::spawn(async move { ticket.route(&slug, port).await })
+        };
+        let up = self.start_until_answering(container, spec, progress).await;
+        progress.step("route", format!("routing {}", self.config.base_domain.host_for(slug)));
+        let routed = route.await.unwrap_or(Err(NginxError::Stopped));
+        match (up, routed) {
+            (Ok(port), Ok(drain)) => match self.router.check_served(slug, port).await {
+                Ok(()) => Ok(drain),
+                Err(err) => {
+                    self.unroute_failed(slug).await;
+                    Err(err.into())
+                }
+            },
+            (Ok(_), Err(err)) => Err(err.into()),
+            (Err(err), Ok(_)) => {
+                self.unroute_failed(slug).await;
+                Err(err)
+            }
+            (Err(err), Err(_)) => Err(err),
+        }
+    }
+
+    async fn unroute_failed(&self, slug: &Slug) {
+        if let Err(unroute) = self.router.unroute(slug).await {
+            tracing::error!(error = %unroute, "cannot remove the route of the failed launch; reconcile will");
+        }
+    }
+
+    /// A replacement: the old container serves until the new one answers; only then does the
+    /// route switch.
+    async fn bring_up_replacement(
+        &self,
+        container: &CreatedContainer,
+        spec: &ImageSpec,
+        slug: &Slug,
+        ticket: RouteTicket,
+        progress: &mut Progress,
+    ) -> Result<Drain, LifecycleError> {
+        let port = self.start_until_answering(container, spec, progress).await?;
+        progress.step("route", format!("routing {}", self.config.base_domain.host_for(slug)));
+        let previous = self.router.current(slug)?;
+        let drain = ticket.route(slug, port).await?;
+        if let Err(err) = self.router.check_served(slug, port).await {
+            // The old container still runs: give it its route back.
+            if let Err(restore) = self.router.restore(slug, previous).await {
+                tracing::error!(error = %restore, "cannot put the previous route back; reconcile will");
+            }
+            return Err(err.into());
+        }
+        Ok(drain)
+    }
+
+    /// Starts the container and waits until the app answers HTTP; returns its host port.
+    pub(super) async fn start_until_answering(
+        &self,
+        container: &CreatedContainer,
+        spec: &ImageSpec,
+        progress: &mut Progress,
+    ) -> Result<u16, LifecycleError> {
+        progress.step("start", "starting the container".to_owned());
+        self.runtime.start(container).await?;
+        tracing::info!(container = %short(&container.id), port = container.host_port, "container started");
+        progress.step(
+            "health",
+            format!("waiting for the app to answer HTTP on port {} at {}", spec.port, spec.health_path),
+        );
+        self.wait_until_answering(container, spec).await?;
+        self.runtime.keep_running(&container.id).await?;
+        Ok(container.host_port)
+    }
+
+    /// Probes the app on the port previewd gave the container until it answers, asking Docker
+    /// between tries whether it crashed. Tries come quickly at first (10 ms, doubling up to
+    /// `HEALTH_POLL`): most apps answer within milliseconds of their start, and a fixed 50 ms
+    /// pause after a first miss was launch latency.
+    async fn wait_until_answering(&self, container: &CreatedContainer, spec: &ImageSpec) -> Result<(), LifecycleError> {
+        let deadline = Instant::now() + spec.health_timeout;
+        let mut pause = FIRST_HEALTH_POLL;
+        loop {
+            if self.prober.answers(container.host_port, &spec.health_path).await {
+                return Ok(());
+            }
+            let status = self.runtime.status(&container.id).await?;
+            if status.as_ref().is_none_or(|s| !s.running) {
+                let logs = self.runtime.logs_tail(&container.id, LOG_LINES_ON_FAILURE).await;
+                return Err(LifecycleError::Crashed { exit_code: status.and_then(|s| s.exit_code), logs });
+            }
+            if Instant::now() >= deadline {
+                let logs = self.runtime.logs_tail(&container.id, LOG_LINES_ON_FAILURE).await;
+                return Err(LifecycleError::Unhealthy {
+                    port: spec.port,
+                    path: spec.health_path.clone(),
+                    timeout: spec.health_timeout,
+                    logs,
+                });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(HEALTH_POLL);
+        }
+    }
+}
+
+/// The environment of a preview container: the image's fixed `env`, overridden by the request's
+/// fields, plus what previewd sets itself (Stager's `image_name`/`container_name` included).
+fn container_env(request: &LaunchRequest, url: &str) -> Vec<String> {
+    let mut env: BTreeMap<String, String> = request.spec.env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    env.extend(request.env.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    env.insert("image_name".into(), request.image.to_string());
+    env.insert("container_name".into(), request.container_name.clone());
+    env.insert("PREVIEW_NAME".into(), request.name.to_string());
+    env.insert("PREVIEW_URL".into(), url.to_owned());
+    env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn request_fields_override_image_env_but_not_previewd_variables() {
+        let hash = crate::auth::hash_password("x").unwrap();
+        let yaml = format!(
+            "base_domain: p.localhost\nimages:\n  demo: {{image: d, port: 3000, env: {{A: image, B: image}}}}\nusers: [{{name: u, password_hash: \"{hash}\"}}]\n"
+        );
+        let config = Config::from_yaml(&yaml, std::path::Path::new(".")).unwrap();
+        let fields = vec![
+            ("image_name".to_owned(), "demo".to_owned()),
+            ("container_name".to_owned(), "My Branch".to_owned()),
+            ("B".to_owned(), "request".to_owned()),
+        ];
+        let request = LaunchRequest::parse(fields, &config.images).unwrap();
+        let env = container_env(&request, "http://my-branch.p.localhost");
+        for expected in [
+            "A=image",
+            "B=request",
+            "image_name=demo",
+            "container_name=My Branch",
+            "PREVIEW_NAME=my-branch",
+            "PREVIEW_URL=http://my-branch.p.localhost",
+        ] {
+            assert!(env.contains(&expected.to_owned()), "{expected} not in {env:?}");
+        }
+    }
+}

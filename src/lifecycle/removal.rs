@@ -1,0 +1,69 @@
+//! Kill: a preview's containers, then its network, then its route (in that order a crash
+//! half-way leaves a vhost without a container, which the next reconcile deletes).
+
+use std::collections::BTreeSet;
+
+use super::{Lifecycle, LifecycleError, same_pull_request};
+use crate::docker::ManagedContainer;
+use crate::metrics;
+use crate::preview::Slug;
+use crate::request::PullRequestOrigin;
+
+impl Lifecycle {
+    /// Removes the preview of a pull request, unless the name belongs to another preview (another
+    /// pull request's, or one launched by hand). Returns whether something was removed.
+    pub async fn kill_pull_request(&self, slug: &Slug, origin: &PullRequestOrigin) -> Result<bool, LifecycleError> {
+        let _guard = self.locks.lock(slug).await;
+        let containers = self.runtime.list_slug(slug).await?;
+        if containers.iter().any(|c| !same_pull_request(c.origin.as_ref(), origin)) {
+            tracing::warn!(%slug, "not removing a preview that belongs to someone else");
+            return Ok(false);
+        }
+        match self.kill_locked(slug, containers).await {
+            Err(LifecycleError::NotFound(_)) => Ok(false),
+            other => other.map(|()| true),
+        }
+    }
+
+    /// Removes a preview: first its containers, then its route. In that order a crash half-way
+    /// leaves a vhost without a container, which the next reconcile deletes; the other order
+    /// would leave a container that reconcile routes again.
+    #[tracing::instrument(skip_all, fields(slug = %slug))]
+    pub async fn kill(&self, slug: &Slug) -> Result<(), LifecycleError> {
+        let _guard = self.locks.lock(slug).await;
+        let containers = self.runtime.list_slug(slug).await?;
+        self.kill_locked(slug, containers).await
+    }
+
+    async fn kill_locked(&self, slug: &Slug, containers: Vec<ManagedContainer>) -> Result<(), LifecycleError> {
+        let result = self.remove_preview(slug, containers).await;
+        let outcome = match &result {
+            Ok(()) => Some(&metrics::SUCCESS),
+            Err(LifecycleError::NotFound(_)) => None,
+            Err(_) => Some(&metrics::FAILURE),
+        };
+        if let Some(outcome) = outcome {
+            self.metrics.kills.get_or_create(outcome).inc();
+        }
+        result
+    }
+
+    async fn remove_preview(&self, slug: &Slug, containers: Vec<ManagedContainer>) -> Result<(), LifecycleError> {
+        let routed = self.is_routed(slug);
+        if containers.is_empty() && !routed {
+            return Err(LifecycleError::NotFound(slug.clone()));
+        }
+        let networks: BTreeSet<String> = containers.iter().filter_map(|c| c.network.clone()).collect();
+        for container in containers {
+            self.runtime.remove(&container.id).await?;
+        }
+        for network in networks {
+            self.networks.remove(&network).await;
+        }
+        if routed {
+            self.router.unroute(slug).await?;
+        }
+        tracing::info!("preview removed");
+        Ok(())
+    }
+}

@@ -113,15 +113,6 @@ impl Networks {
         Ok(self.inner.runtime.network_exists(name).await?)
     }
 
-    /// Installs the firewall (idempotent): first thing at start, before Docker's restarted
-    /// previews are reconciled.
-    pub async fn install_firewall(&self) -> Result<(), NetworkError> {
-        if self.enabled() {
-            self.inner.firewall.install().await?;
-        }
-        Ok(())
-    }
-
     /// Removes a network no container uses any more; a failure is logged, and the next start's
     /// reconcile removes or reuses the network.
     pub async fn remove(&self, name: &str) {
@@ -130,11 +121,11 @@ impl Networks {
         }
     }
 
-    /// Start-up: the firewall is (re)installed, and networks of this instance that no container
-    /// in `in_use` names are taken into the warm pool (up to `network.warm`) or removed. With
-    /// isolation off, every free network goes, and the firewall once none is left.
+    /// Start-up (after `app` installed the firewall, first of all): networks of this instance that
+    /// no container in `in_use` names are taken into the warm pool (up to `network.warm`) or
+    /// removed. With isolation off, every free network goes, and the instance's own firewall
+    /// rule once none is left.
     pub async fn reconcile(&self, in_use: &HashSet<String>) -> Result<(), NetworkError> {
-        self.install_firewall().await?;
         let networks = self.inner.runtime.list_networks().await?;
         let mut keep = if self.enabled() { self.inner.config.warm } else { 0 };
         let mut left = 0;

@@ -15,8 +15,8 @@
 //!   rule for its own bridges (`pv-<tag>…`) refuses every other connection that is not an answer.
 //!
 //! The chains' contents are written whole with `iptables-restore --noflush`, one transaction, so
-//! re-applying them (first thing at every start, and whenever the warm pool finds the jumps
-//! gone) never opens a gap. They are the same for every instance, so instances sharing a host
+//! re-applying them (first thing at every start, and when the warm pool, each time it makes a
+//! network, finds them gone) never opens a gap. They are the same for every instance, so instances sharing a host
 //! agree on them, and no instance removes them.
 
 use std::process::Stdio;

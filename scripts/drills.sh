@@ -103,6 +103,14 @@ cleanup() {
     done
     awk -v w="$work/" 'index($2, w) == 1 { print $2 }' /proc/mounts | sort -r | while read -r mnt; do umount -l "$mnt"; done
     [ -n "${bridge:-}" ] && ip link del "$bridge" 2>/dev/null
+    # The preview networks' bridges the second engine made (pv-<hash of the instance>…): its
+    # data root is gone, so nothing would remove them, and their routes would shadow a subnet
+    # another network gets later.
+    for dir in "${state_dirs[@]}"; do
+        tag=$(printf %s "${dir##*/}" | sha256sum | cut -c1-6)
+        ip -o link show | awk -F': ' -v p="pv-$tag" 'index($2, p) == 1 { sub(/@.*/, "", $2); print $2 }' |
+            while read -r link; do ip link del "$link" 2>/dev/null; done
+    done
     rm -rf "$work"
     if [ "$rc" = 0 ] && [ "$failures" -gt 0 ]; then rc=1; fi
     exit "$rc"

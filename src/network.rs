@@ -193,7 +193,8 @@ impl Networks {
 
     /// How many subnets of `network.subnets` no network on the engine overlaps.
     pub async fn free_subnets(&self) -> Result<usize, NetworkError> {
-        let used = self.inner.runtime.used_subnets().await?;
+        let mut used = self.inner.runtime.used_subnets().await?;
+        used.extend(subnets::host_routes());
         Ok(subnets::free(self.inner.config.subnets, self.inner.config.subnet_prefix, &used, 0).count())
     }
 
@@ -219,7 +220,8 @@ impl Networks {
     async fn create(&self) -> Result<String, NetworkError> {
         let config = &self.inner.config;
         for _ in 0..CREATE_ATTEMPTS {
-            let used = self.inner.runtime.used_subnets().await?;
+            let mut used = self.inner.runtime.used_subnets().await?;
+            used.extend(subnets::host_routes());
             let start = rand::random::<u32>() as usize;
             let Some(subnet) = subnets::free(config.subnets, config.subnet_prefix, &used, start).next() else {
                 return Err(NetworkError::NoSubnet { range: config.subnets, prefix: config.subnet_prefix });

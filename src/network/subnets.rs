@@ -1,6 +1,10 @@
 //! Which subnet a new preview network gets: one of `network.subnets` cut to
-//! `network.subnet_prefix` that no network on the engine overlaps. Docker's own address pools
-//! hold about thirty networks, fewer than `limits.max_previews`, so previewd picks subnets itself.
+//! `network.subnet_prefix` that neither a network on the engine nor a route of the host overlaps.
+//! Docker's own address pools hold about thirty networks, fewer than `limits.max_previews`, so
+//! previewd picks subnets itself; Docker checks an explicit subnet against its own networks only,
+//! so a bridge another engine left behind (or a VPN's route) would win the preview's traffic.
+
+use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
@@ -13,6 +17,28 @@ pub fn free(range: Ipv4Net, prefix: u8, used: &[Ipv4Net], start: usize) -> impl 
     (0..count)
         .map(move |offset| all[(start % count.max(1) + offset) % count])
         .filter(move |candidate| !used.iter().any(|net| overlaps(net, candidate)))
+}
+
+/// The networks the host routes to directly or through a gateway, from `/proc/net/route`,
+/// without the default route (it overlaps everything).
+pub fn host_routes() -> Vec<Ipv4Net> {
+    std::fs::read_to_string("/proc/net/route").map(|table| parse_routes(&table)).unwrap_or_default()
+}
+
+/// `/proc/net/route`: a header, then per route the interface, destination, gateway, flags, … and
+/// mask, addresses in hex in the kernel's (little-endian) byte order.
+fn parse_routes(table: &str) -> Vec<Ipv4Net> {
+    let address = |hex: &str| u32::from_str_radix(hex, 16).ok().map(|raw| Ipv4Addr::from(raw.swap_bytes()));
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (destination, mask) = (address(fields.get(1)?)?, address(fields.get(7)?)?);
+            let prefix = u8::try_from(u32::from(mask).leading_ones()).ok()?;
+            (prefix > 0).then(|| Ipv4Net::new(destination, prefix).ok()).flatten()
+        })
+        .collect()
 }
 
 fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
@@ -54,6 +80,15 @@ mod tests {
             vec![net("10.210.0.192/26"), net("10.210.0.0/26"), net("10.210.0.64/26"), net("10.210.0.128/26")]
         );
         assert_eq!(free(range, 26, &[], 7).next(), Some(net("10.210.0.192/26")));
+    }
+
+    #[test]
+    fn host_routes_are_read_from_the_kernels_table_without_the_default_route() {
+        let table = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+            eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+            pv-681d1601fbe\t6000D20A\t00000000\t0001\t0\t0\t0\tE0FFFFFF\t0\t0\t0\n\
+            eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        assert_eq!(parse_routes(table), vec![net("10.210.0.96/27"), net("192.0.2.0/24")]);
     }
 
     #[test]

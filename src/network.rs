@@ -38,8 +38,6 @@ pub enum NetworkError {
         "no free /{prefix} subnet is left in network.subnets ({range}): remove unused Docker networks or widen network.subnets"
     )]
     NoSubnet { range: ipnet::Ipv4Net, prefix: u8 },
-    #[error(transparent)]
-    Firewall(#[from] FirewallError),
 }
 
 /// The preview networks of one instance.

@@ -173,7 +173,6 @@ impl ApiError {
             Self::Lifecycle(LifecycleError::Network(err)) => match err {
                 NetworkError::NoSubnet { .. } => err.to_string(),
                 NetworkError::Docker(_) => "Docker could not create the preview's network".to_owned(),
-                NetworkError::Firewall(_) => "cannot set up the firewall of the preview networks".to_owned(),
             },
             other => other.to_string(),
         }

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds the service images previewd's preview environments use, from Debian packages only (this
 # machine pulls no images): previewd-postgres:15 (postgresql-15) and previewd-redis:7
-# (redis-server), both on one debootstrap'd bookworm root kept as previewd-debian-base:bookworm.
+# (redis-server), both on one debootstrap'd bookworm root kept as previewd-debian-base:bookworm;
+# and the demo app of whole environments, previewd-shop:demo (python3 with psycopg2 and redis,
+# the files of scripts/shop/ in /srv/shop).
 # Idempotent and cached: each image carries a label with a hash of its inputs (this script, the
 # package, the Debian release, the files it copies in) and is rebuilt only when that differs.
 # Needs root, debootstrap and a Docker engine. The mirror is the one apt uses here
@@ -16,6 +18,7 @@ RELEASE=bookworm
 BASE_IMAGE=previewd-debian-base:$RELEASE
 POSTGRES_IMAGE=previewd-postgres:15
 REDIS_IMAGE=previewd-redis:7
+SHOP_IMAGE=previewd-shop:demo
 LABEL=previewd.service.hash
 WORK=${TMPDIR:-/var/tmp}
 DEFAULT_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -29,6 +32,8 @@ entrypoint=scripts/service-images/postgres-entrypoint.sh
 base_hash=$(hash_of "$RELEASE")
 postgres_hash=$(hash_of "$RELEASE" postgresql-15 "$(sha256sum <"$entrypoint")")
 redis_hash=$(hash_of "$RELEASE" redis-server)
+shop_files=(scripts/shop/app.py scripts/shop/migrate.py)
+shop_hash=$(hash_of "$RELEASE" python3 python3-psycopg2 python3-redis "$(sha256sum "${shop_files[@]}")")
 
 current_hash() { docker image inspect -f "{{ index .Config.Labels \"$LABEL\" }}" "$1" 2>/dev/null || true; }
 
@@ -157,6 +162,22 @@ $CLEAN"
         'EXPOSE 6379'
 }
 
+# The shop runs as shop, from root-owned files, so it works with --read-only and no capability.
+build_shop() {
+    local root
+    root_from_base
+    root=$ROOT
+    install -d -m 755 "$root/srv/shop"
+    install -m 644 "${shop_files[@]}" "$root/srv/shop/"
+    in_root "$root" "apt-get update -qq
+apt-get install -y -qq --no-install-recommends python3 python3-psycopg2 python3-redis
+useradd --system --user-group --home-dir /srv/shop --no-create-home --shell /usr/sbin/nologin shop
+$CLEAN"
+    import_root "$root" "$SHOP_IMAGE" "$shop_hash" \
+        "ENV PATH=$DEFAULT_PATH" 'ENV LANG=C.UTF-8' 'ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1' \
+        'USER shop' 'WORKDIR /srv/shop' 'CMD ["python3", "app.py"]' 'EXPOSE 5000'
+}
+
 [ "$(id -u)" = 0 ] || die "run as root (debootstrap and chroot)"
 command -v debootstrap >/dev/null || die "debootstrap is missing (apt-get install debootstrap)"
 : >"$WORK/previewd-service-images.log"
@@ -167,7 +188,7 @@ else
     log "building $BASE_IMAGE (log: $WORK/previewd-service-images.log)"
     build_base
 fi
-for service in postgres redis; do
+for service in postgres redis shop; do
     image_var=${service^^}_IMAGE hash_var=${service}_hash
     if [ "$(current_hash "${!image_var}")" = "${!hash_var}" ]; then
         log "${!image_var} is up to date"

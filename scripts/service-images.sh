@@ -3,7 +3,7 @@
 # machine pulls no images): previewd-postgres:15 (postgresql-15) and previewd-redis:7
 # (redis-server), both on one debootstrap'd bookworm root kept as previewd-debian-base:bookworm;
 # and the demo app of whole environments, previewd-shop:demo (python3 with psycopg2 and redis,
-# the files of scripts/shop/ in /srv/shop).
+# the files of scripts/shop/ in /srv/shop). Then scripts/shop-seed.sh makes its seed volume.
 # Idempotent and cached: each image carries a label with a hash of its inputs (this script, the
 # package, the Debian release, the files it copies in) and is rebuilt only when that differs.
 # Needs root, debootstrap and a Docker engine. The mirror is the one apt uses here
@@ -197,3 +197,5 @@ for service in postgres redis shop; do
         "build_$service"
     fi
 done
+
+bash scripts/shop-seed.sh

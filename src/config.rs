@@ -14,13 +14,15 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_norway::{Mapping, Value};
 
-use crate::preview::{BaseDomain, EnvName, Host, ImageKey, InstanceName};
+use crate::preview::{BaseDomain, EnvName, Host, ImageKey, InstanceName, ServiceName};
 
+pub mod environment;
 pub mod github;
 pub mod hardening;
 pub mod http;
 pub mod limits;
 pub mod network;
+pub use environment::{EnvContext, EnvTemplate, JobSpec, JobWhen, ReadyCheck, ServiceSpec, VolumeName};
 pub use github::{GitHubConfig, RepoConfig};
 pub use hardening::Capability;
 pub use http::HttpSettings;
@@ -75,7 +77,8 @@ pub struct ImageSpec {
     pub image: String,
     pub port: u16,
     pub command: Option<Vec<String>>,
-    pub env: BTreeMap<EnvName, String>,
+    /// Values are templates (see [`EnvTemplate`]).
+    pub env: BTreeMap<EnvName, EnvTemplate>,
     pub pull: PullPolicy,
     /// Bytes; `DEFAULT_MEMORY` when config.yml sets none, so no preview is unbounded.
     pub memory: i64,
@@ -93,6 +96,10 @@ pub struct ImageSpec {
     pub container_create_params: serde_json::Map<String, serde_json::Value>,
     pub health_path: String,
     pub health_timeout: Duration,
+    /// Started before the app, on the preview's network, each reachable by its name.
+    pub services: BTreeMap<ServiceName, ServiceSpec>,
+    /// Run in order, after the services are ready and before the app gets traffic.
+    pub jobs: Vec<JobSpec>,
 }
 
 /// `images.<key>.request_env`: `true` (any field, as Stager did), a list of names, or `false`.
@@ -329,7 +336,7 @@ struct RawImage {
     #[serde(default)]
     command: Option<Vec<String>>,
     #[serde(default)]
-    env: BTreeMap<EnvName, String>,
+    env: BTreeMap<EnvName, EnvTemplate>,
     #[serde(default)]
     pull: Option<PullPolicy>,
     #[serde(default)]
@@ -352,6 +359,10 @@ struct RawImage {
     health_path: Option<String>,
     #[serde(default)]
     health_timeout: Option<u64>,
+    #[serde(default)]
+    services: BTreeMap<ServiceName, environment::RawService>,
+    #[serde(default)]
+    jobs: Vec<environment::RawJob>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -437,6 +448,7 @@ impl RawConfig {
             }
             HttpSettings::default()
         });
+        check_environments(&images, &network, &mut problems);
         let api_hosts = validate_api_hosts(self.api_hosts.unwrap_or_default(), &mut problems);
         let trusted_proxies = validate_trusted_proxies(self.trusted_proxies.unwrap_or_default(), &mut problems);
 
@@ -459,6 +471,24 @@ impl RawConfig {
                 trusted_proxies,
             }),
             _ => Err(problems.0),
+        }
+    }
+}
+
+/// Services are reached by name on the preview's own network, so an image with services needs
+/// one: `network.isolation` on, and no `NetworkMode` of its own.
+fn check_environments(images: &BTreeMap<ImageKey, ImageSpec>, network: &NetworkConfig, problems: &mut Problems) {
+    for (key, spec) in images.iter().filter(|(_, spec)| !spec.services.is_empty()) {
+        if !network.isolation {
+            problems.add(
+                &format!("images.{key}.services"),
+                "services run on the preview's own network, which network.isolation: false turns off; set it to true",
+            );
+        } else if spec.network_mode().is_some() || spec.leaves_preview_network() {
+            problems.add(
+                &format!("images.{key}.services"),
+                "the app must be on the preview's own network to reach its services; remove NetworkMode/NetworkingConfig from container_create_params",
+            );
         }
     }
 }
@@ -596,6 +626,8 @@ fn validate_image(path: &str, raw: RawImage, problems: &mut Problems) -> Option<
             Capability::parse(name).map_err(|message| problems.add(&format!("{path}.cap_add"), message)).ok()
         })
         .collect();
+    let services = environment::validate_services(path, raw.services, problems);
+    let jobs = environment::validate_jobs(path, raw.jobs, problems);
     (problems.0.len() == before).then(|| ImageSpec {
         image: raw.image,
         port: raw.port,
@@ -616,6 +648,8 @@ fn validate_image(path: &str, raw: RawImage, problems: &mut Problems) -> Option<
         container_create_params: params,
         health_path,
         health_timeout: Duration::from_secs(health_timeout),
+        services,
+        jobs,
     })
 }
 
@@ -629,10 +663,18 @@ impl ImageSpec {
     /// Each setting that weakens the container's isolation, as `(key under the image, why)`;
     /// with `isolated` (`network.isolation`), also those that leave the preview's own network.
     pub fn unsafe_settings(&self, isolated: bool) -> Vec<(String, String)> {
-        let caps = self.cap_add.iter().filter(|cap| cap.gives_the_host());
+        let caps = self.cap_add.iter().filter(|cap| cap.gives_the_host()).map(|cap| ("cap_add".to_owned(), cap));
+        let service_caps = self.services.iter().flat_map(|(name, service)| {
+            service
+                .cap_add
+                .iter()
+                .filter(|cap| cap.gives_the_host())
+                .map(move |cap| (format!("services.{name}.cap_add"), cap))
+        });
         let params = &self.container_create_params;
         let network = if isolated { hardening::leaves_preview_network(params) } else { Vec::new() };
-        caps.map(|cap| ("cap_add".to_owned(), format!("{cap} lets the container take over the host or its network")))
+        caps.chain(service_caps)
+            .map(|(key, cap)| (key, format!("{cap} lets the container take over the host or its network")))
             .chain(
                 hardening::unsafe_params(params)
                     .into_iter()
@@ -764,6 +806,77 @@ mod tests {
         let settings = config.unsafe_settings();
         assert_eq!(settings.len(), 1);
         assert!(settings[0].0.starts_with("images.demo.cap_add: NET_ADMIN") && settings[0].1, "{settings:?}");
+    }
+
+    /// `minimal()` with the demo image given `services` (and more) written as YAML under it.
+    fn with_services(services: &str) -> Result<Config, String> {
+        let text = minimal().replace("port: 3000", &format!("port: 3000\n{services}"));
+        Config::from_yaml(&text, Path::new(".")).map_err(|problems| format!("{problems:?}"))
+    }
+
+    #[test]
+    fn services_and_jobs_are_read_with_their_defaults() {
+        let config = with_services(
+            "    env: {API_URL: \"http://api-{{ slug }}.{{ base_domain }}\", PORT: 5000}\n    services:\n      db:\n        image: previewd-postgres:15\n        ready: {command: [pg_isready]}\n        data: /var/lib/postgresql/data\n        seed_volume: shop-db-seed\n      cache: {image: previewd-redis:7, ready: {tcp: 6379}}\n    jobs:\n      - {name: migrate, command: [python3, migrate.py]}\n      - {name: fixtures, command: [load], when: first_deploy, timeout: 9}\n",
+        )
+        .unwrap();
+        let demo = &config.images[&ImageKey::parse("demo").unwrap()];
+        let db = &demo.services[&ServiceName::parse("db").unwrap()];
+        assert_eq!(db.ready, Some(ReadyCheck::Command(vec!["pg_isready".to_owned()])));
+        assert_eq!((db.ready_timeout, db.memory), (Duration::from_secs(60), DEFAULT_MEMORY));
+        assert_eq!(db.seed_volume.as_ref().map(AsRef::as_ref), Some("shop-db-seed"));
+        let cache = &demo.services[&ServiceName::parse("cache").unwrap()];
+        assert_eq!((cache.ready.clone(), cache.data.clone()), (Some(ReadyCheck::Tcp(6379)), None));
+        assert_eq!(demo.jobs.len(), 2);
+        assert_eq!((demo.jobs[0].when, demo.jobs[0].timeout), (JobWhen::EveryDeploy, Duration::from_secs(300)));
+        assert_eq!((demo.jobs[1].when, demo.jobs[1].timeout), (JobWhen::FirstDeploy, Duration::from_secs(9)));
+    }
+
+    #[test]
+    fn a_service_name_that_is_not_a_dns_label_is_refused() {
+        let err = with_services("    services:\n      My_DB: {image: x}\n").unwrap_err();
+        assert!(err.contains("is not a DNS label"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_key_of_a_service_or_job_is_refused() {
+        let err = with_services("    services:\n      db: {image: x, volume: /data}\n").unwrap_err();
+        assert!(err.contains("unknown field `volume`"), "{err}");
+        let err = with_services("    jobs:\n      - {name: migrate, command: [x], every: true}\n").unwrap_err();
+        assert!(err.contains("unknown field `every`"), "{err}");
+    }
+
+    #[test]
+    fn bad_service_and_job_settings_are_each_named() {
+        let err = with_services(
+            "    services:\n      db: {image: x, seed_volume: seed, ready: {tcp: 1, command: [y]}, data: relative}\n    jobs:\n      - {name: m, command: []}\n      - {name: m, command: [x], timeout: 0}\n",
+        )
+        .unwrap_err();
+        for expected in [
+            "images.demo.services.db.ready: must be either",
+            "images.demo.services.db.data: must be an absolute path",
+            "images.demo.jobs[0].command: must not be empty",
+            "images.demo.jobs[1].name: \\\"m\\\" names two jobs",
+            "images.demo.jobs[1].timeout: must be at least 1",
+        ] {
+            assert!(err.contains(expected), "{expected} not in {err}");
+        }
+        let err = with_services("    services:\n      db: {image: x, seed_volume: seed}\n").unwrap_err();
+        assert!(err.contains("seed_volume: needs `data`"), "{err}");
+    }
+
+    #[test]
+    fn services_need_the_previews_own_network() {
+        let text = minimal().replace("port: 3000", "port: 3000\n    services: {db: {image: x}}")
+            + "network: {isolation: false}\n";
+        let err = format!("{:?}", Config::from_yaml(&text, Path::new(".")).unwrap_err());
+        assert!(err.contains("images.demo.services: services run on the preview's own network"), "{err}");
+    }
+
+    #[test]
+    fn an_env_template_that_does_not_render_is_named_with_its_key() {
+        let err = with_services("    env: {API: \"{{ nope }}\"}\n").unwrap_err();
+        assert!(err.contains("nope"), "{err}");
     }
 
     #[test]

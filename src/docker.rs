@@ -19,29 +19,15 @@ use futures_util::{Stream, StreamExt, TryStreamExt};
 use serde_json::Value;
 
 use crate::config::{ImageSpec, PullPolicy};
-use crate::preview::{ImageKey, InstanceName, PreviewState, Slug};
+use crate::preview::{ImageKey, InstanceName, PreviewState, Role, Slug};
 use crate::request::{Owner, PullRequestOrigin};
 
+mod environment;
+mod labels;
 mod networks;
+pub use environment::{JobPlan, ManagedVolume, RunOutcome, ServicePlan};
+use labels::*;
 pub use networks::{CreateNetworkError, ManagedNetwork, NetworkSpec};
-
-pub const LABEL_MANAGED: &str = "previewd.managed";
-pub const LABEL_INSTANCE: &str = "previewd.instance";
-pub const LABEL_SLUG: &str = "previewd.slug";
-pub const LABEL_IMAGE: &str = "previewd.image";
-/// The container port that is routed, so the host port can be found again after a restart.
-pub const LABEL_PORT: &str = "previewd.port";
-/// The pull request a preview runs, when it came from a webhook.
-pub const LABEL_REPO: &str = "previewd.repo";
-pub const LABEL_PR: &str = "previewd.pr";
-pub const LABEL_SHA: &str = "previewd.sha";
-/// Who launched a preview by hand (`Owner`'s label form).
-pub const LABEL_OWNER: &str = "previewd.owner";
-/// The preview's own network (see `crate::network`); absent on Docker's default bridge.
-pub const LABEL_NETWORK: &str = "previewd.network";
-/// Creation time in nanoseconds: Docker's own `Created` has one-second resolution, too coarse
-/// to tell which of two containers of a quick replace is the newer.
-pub const LABEL_CREATED: &str = "previewd.created";
 
 /// What the container's log files may grow to (json-file rotation), so previews cannot fill the disk.
 const LOG_MAX_SIZE: &str = "10m";
@@ -115,6 +101,9 @@ pub struct ManagedContainer {
     pub owner: Option<Owner>,
     /// The preview's own network, when it has one.
     pub network: Option<String>,
+    pub role: Role,
+    /// Of a service: the digest of the definition it was made from.
+    pub digest: Option<String>,
 }
 
 impl ManagedContainer {
@@ -131,6 +120,7 @@ pub struct ContainerStatus {
 }
 
 /// Everything needed to create one preview container.
+#[derive(Clone)]
 pub struct ContainerPlan<'a> {
     pub slug: &'a Slug,
     pub image_key: &'a ImageKey,
@@ -197,9 +187,14 @@ impl Runtime {
     /// Whether the image must be pulled before a launch, as its `pull` policy says; an error when
     /// it is missing and may not be pulled.
     pub async fn needs_pull(&self, spec: &ImageSpec) -> Result<bool, DockerError> {
-        let present = self.has_image(&spec.image).await?;
-        match (spec.pull, present) {
-            (PullPolicy::Never, false) => Err(DockerError::ImageMissing { image: spec.image.clone() }),
+        self.image_needs_pull(&spec.image, spec.pull).await
+    }
+
+    /// `needs_pull` for any image and policy (a service's).
+    pub async fn image_needs_pull(&self, image: &str, pull: PullPolicy) -> Result<bool, DockerError> {
+        let present = self.has_image(image).await?;
+        match (pull, present) {
+            (PullPolicy::Never, false) => Err(DockerError::ImageMissing { image: image.to_owned() }),
             (PullPolicy::Always, _) | (PullPolicy::Missing, false) => Ok(true),
             _ => Ok(false),
         }
@@ -250,16 +245,25 @@ impl Runtime {
     }
 
     fn create_body(&self, plan: &ContainerPlan<'_>, host_port: u16) -> Result<ContainerCreateBody, DockerError> {
+        self.app_image_body(plan, &Role::App, plan.spec.command.clone(), Some(host_port))
+    }
+
+    /// A container of the preview's app image (the app, or one of its jobs with `cmd`): its
+    /// labels, previewd's limits and hardening, merged into the image's `container_create_params`.
+    /// Only the app is published, on `host_port`.
+    fn app_image_body(
+        &self,
+        plan: &ContainerPlan<'_>,
+        role: &Role,
+        cmd: Option<Vec<String>>,
+        host_port: Option<u16>,
+    ) -> Result<ContainerCreateBody, DockerError> {
         let spec = plan.spec;
-        let port_key = format!("{}/tcp", spec.port);
-        let mut labels = HashMap::from([
-            (LABEL_MANAGED.to_owned(), "true".to_owned()),
-            (LABEL_INSTANCE.to_owned(), self.instance.to_string()),
-            (LABEL_SLUG.to_owned(), plan.slug.to_string()),
-            (LABEL_IMAGE.to_owned(), plan.image_key.to_string()),
-            (LABEL_PORT.to_owned(), spec.port.to_string()),
-            (LABEL_CREATED.to_owned(), unix_nanos().to_string()),
-        ]);
+        let mut labels = self.preview_labels(plan.slug, plan.image_key, role, plan.network);
+        labels.insert(LABEL_CREATED.to_owned(), unix_nanos().to_string());
+        if host_port.is_some() {
+            labels.insert(LABEL_PORT.to_owned(), spec.port.to_string());
+        }
         if let Some(origin) = plan.origin {
             labels.insert(LABEL_REPO.to_owned(), origin.repo.clone());
             labels.insert(LABEL_PR.to_owned(), origin.number.to_string());
@@ -268,39 +272,25 @@ impl Runtime {
         if let Some(owner) = plan.owner {
             labels.insert(LABEL_OWNER.to_owned(), owner.to_string());
         }
-        if let Some(network) = plan.network {
-            labels.insert(LABEL_NETWORK.to_owned(), network.to_owned());
-        }
         let mut security_opt = user_security_opts(&spec.container_create_params);
         security_opt.push("no-new-privileges".to_owned());
+        let limits = Limits { memory: spec.memory, cpus: spec.cpus, pids: spec.pids, cap_add: capabilities(spec) };
         let ours = ContainerCreateBody {
             image: Some(spec.image.clone()),
-            cmd: spec.command.clone(),
+            cmd,
             env: Some(plan.env.clone()),
             labels: Some(labels),
-            exposed_ports: Some(vec![port_key.clone()]),
+            exposed_ports: host_port.map(|_| vec![format!("{}/tcp", spec.port)]),
             host_config: Some(HostConfig {
-                port_bindings: Some(loopback_binding(&spec.port.to_string(), host_port)),
+                port_bindings: host_port.map(|port| loopback_binding(&spec.port.to_string(), port)),
                 network_mode: plan.network.map(str::to_owned),
                 security_opt: Some(security_opt),
                 // No restarts until the app has answered once (see `keep_running`): a crash
                 // during start-up then stays visible, with its exit code.
                 restart_policy: Some(restart_policy(RestartPolicyNameEnum::NO)),
-                log_config: Some(HostConfigLogConfig {
-                    typ: Some("json-file".to_owned()),
-                    config: Some(HashMap::from([
-                        ("max-size".to_owned(), LOG_MAX_SIZE.to_owned()),
-                        ("max-file".to_owned(), LOG_MAX_FILES.to_owned()),
-                    ])),
-                }),
-                memory: Some(spec.memory),
-                nano_cpus: spec.cpus.map(|cpus| (cpus * 1e9).round() as i64),
-                pids_limit: Some(spec.pids),
-                cap_drop: Some(vec!["ALL".to_owned()]),
-                cap_add: Some(capabilities(spec)),
                 readonly_rootfs: spec.read_only.then_some(true),
                 tmpfs: spec.read_only.then(|| HashMap::from([("/tmp".to_owned(), READ_ONLY_TMPFS.to_owned())])),
-                ..Default::default()
+                ..limits.host_config()
             }),
             ..Default::default()
         };
@@ -308,6 +298,24 @@ impl Runtime {
         let mut merged = Value::Object(spec.container_create_params.clone());
         merge(&mut merged, ours);
         serde_json::from_value(merged).map_err(|err| invalid_params(err.to_string()))
+    }
+
+    /// The labels of every container and volume of a preview.
+    fn preview_labels(
+        &self,
+        slug: &Slug,
+        image_key: &ImageKey,
+        role: &Role,
+        network: Option<&str>,
+    ) -> HashMap<String, String> {
+        let mut labels = instance_labels(self.instance.as_ref());
+        put_role(&mut labels, role);
+        labels.insert(LABEL_SLUG.to_owned(), slug.to_string());
+        labels.insert(LABEL_IMAGE.to_owned(), image_key.to_string());
+        if let Some(network) = network {
+            labels.insert(LABEL_NETWORK.to_owned(), network.to_owned());
+        }
+        labels
     }
 
     /// A new container like `id` (same image, command, environment, labels and limits) on
@@ -372,6 +380,29 @@ impl Runtime {
             ..Default::default()
         };
         self.docker.update_container(id, update).await.map(drop)
+    }
+
+    /// The `KEY=VALUE` environment a container was created with.
+    pub async fn container_env(&self, id: &str) -> Result<Vec<String>, DockerError> {
+        let inspect = self
+            .docker
+            .inspect_container(id, None)
+            .await
+            .map_err(|err| DockerError::from_bollard("inspect the container", err))?;
+        Ok(inspect.config.and_then(|config| config.env).unwrap_or_default())
+    }
+
+    /// Stops a running container (`grace` for its app to exit on SIGTERM) and starts it again,
+    /// with the same port.
+    pub async fn restart(&self, id: &str, grace: std::time::Duration) -> Result<(), DockerError> {
+        let options = bollard::query_parameters::RestartContainerOptions {
+            t: Some(i32::try_from(grace.as_secs()).unwrap_or(i32::MAX)),
+            ..Default::default()
+        };
+        self.docker
+            .restart_container(id, Some(options))
+            .await
+            .map_err(|err| DockerError::from_bollard("restart the container", err))
     }
 
     /// Whether one container runs, and its exit code; `None` when it no longer exists.
@@ -447,13 +478,23 @@ impl Runtime {
         vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_INSTANCE}={}", self.instance)]
     }
 
-    /// Every container of this instance, running or not, oldest first (by creation time).
+    /// Every app container of this instance, running or not, oldest first (by creation time).
     pub async fn list(&self) -> Result<Vec<ManagedContainer>, DockerError> {
+        Ok(self.list_filtered(None).await?.into_iter().filter(|c| c.role == Role::App).collect())
+    }
+
+    /// The app containers of one preview, oldest first.
+    pub async fn list_slug(&self, slug: &Slug) -> Result<Vec<ManagedContainer>, DockerError> {
+        Ok(self.list_filtered(Some(slug)).await?.into_iter().filter(|c| c.role == Role::App).collect())
+    }
+
+    /// Every container of this instance, whatever its role, oldest first.
+    pub async fn list_all(&self) -> Result<Vec<ManagedContainer>, DockerError> {
         self.list_filtered(None).await
     }
 
-    /// The containers of one preview, oldest first.
-    pub async fn list_slug(&self, slug: &Slug) -> Result<Vec<ManagedContainer>, DockerError> {
+    /// Every container of one preview, whatever its role, oldest first.
+    pub async fn list_slug_all(&self, slug: &Slug) -> Result<Vec<ManagedContainer>, DockerError> {
         self.list_filtered(Some(slug)).await
     }
 
@@ -483,7 +524,12 @@ fn managed_container(summary: ContainerSummary) -> Option<ManagedContainer> {
     let labels = summary.labels.unwrap_or_default();
     let slug = Slug::parse(labels.get(LABEL_SLUG)?).ok()?;
     let image = ImageKey::parse(labels.get(LABEL_IMAGE)?).ok()?;
-    let container_port: u16 = labels.get(LABEL_PORT)?.parse().ok()?;
+    let role = labels::role(&labels)?;
+    // Only the app is published; a service or job has no routed port.
+    let container_port: Option<u16> = match role {
+        Role::App => Some(labels.get(LABEL_PORT)?.parse().ok()?),
+        _ => None,
+    };
     let created = summary.created.unwrap_or_default();
     let created_ns = labels
         .get(LABEL_CREATED)
@@ -495,7 +541,7 @@ fn managed_container(summary: ContainerSummary) -> Option<ManagedContainer> {
         .ports
         .unwrap_or_default()
         .into_iter()
-        .filter(|port| port.private_port == container_port)
+        .filter(|port| Some(port.private_port) == container_port)
         .find(|port| port.ip.as_deref() == Some("127.0.0.1"))
         .and_then(|port| port.public_port)
         .filter(|_| running);
@@ -508,6 +554,7 @@ fn managed_container(summary: ContainerSummary) -> Option<ManagedContainer> {
         };
     let owner = labels.get(LABEL_OWNER).and_then(|text| Owner::parse_label(text));
     let network = labels.get(LABEL_NETWORK).cloned();
+    let digest = labels.get(LABEL_DIGEST).cloned();
     Some(ManagedContainer {
         id: summary.id?,
         slug,
@@ -519,6 +566,8 @@ fn managed_container(summary: ContainerSummary) -> Option<ManagedContainer> {
         origin,
         owner,
         network,
+        role,
+        digest,
     })
 }
 
@@ -615,6 +664,35 @@ struct PortReservation {
 impl Drop for PortReservation {
     fn drop(&mut self) {
         self.picker.reserved.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.port);
+    }
+}
+
+/// What every container of a preview is held to: its memory, CPUs and processes, every
+/// capability dropped but `cap_add`, and a log that cannot fill the disk.
+struct Limits {
+    memory: i64,
+    cpus: Option<f64>,
+    pids: i64,
+    cap_add: Vec<String>,
+}
+
+impl Limits {
+    fn host_config(self) -> HostConfig {
+        HostConfig {
+            log_config: Some(HostConfigLogConfig {
+                typ: Some("json-file".to_owned()),
+                config: Some(HashMap::from([
+                    ("max-size".to_owned(), LOG_MAX_SIZE.to_owned()),
+                    ("max-file".to_owned(), LOG_MAX_FILES.to_owned()),
+                ])),
+            }),
+            memory: Some(self.memory),
+            nano_cpus: self.cpus.map(|cpus| (cpus * 1e9).round() as i64),
+            pids_limit: Some(self.pids),
+            cap_drop: Some(vec!["ALL".to_owned()]),
+            cap_add: Some(self.cap_add),
+            ..Default::default()
+        }
     }
 }
 

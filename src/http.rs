@@ -35,7 +35,7 @@ use crate::github::previews::PullRequestPreviews;
 use crate::github::token_auth::TokenAuth;
 use crate::lifecycle::{Lifecycle, LifecycleError, PreviewInfo};
 use crate::metrics::Metrics;
-use crate::preview::{ImageKey, Slug};
+use crate::preview::{ImageKey, ServiceName, Slug};
 use crate::request::{KillRequest, LaunchRequest, Owner, preview_name};
 use body::Fields;
 use error::ApiError;
@@ -76,6 +76,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/previews", get(list_previews))
         .route("/api/previews/{name}", get(get_preview))
         .route("/api/previews/{name}/logs", get(preview_logs))
+        .route("/api/previews/{name}/reset", post(reset_preview))
         .merge(protected_metrics)
         .route_layer(middleware::from_fn_with_state(state.clone(), require_auth))
         .route_layer(middleware::from_fn(refuse_cross_site));
@@ -320,11 +321,26 @@ async fn get_preview(
     Ok(Json(state.visible_preview(&principal, &name).await?))
 }
 
+/// `POST /api/previews/{name}/reset`: the preview's data put back as at its first launch
+/// (see `Lifecycle::reset`); answers with the preview once its app answers again.
+async fn reset_preview(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<Json<PreviewInfo>, ApiError> {
+    let preview = state.visible_preview(&principal, &name).await?;
+    let lifecycle = state.lifecycle.clone();
+    let info = run_tracked(&state, async move { lifecycle.reset(&preview.name).await }).await?;
+    Ok(Json(info))
+}
+
 #[derive(serde::Deserialize)]
 struct LogsQuery {
     tail: Option<usize>,
     #[serde(default)]
     follow: bool,
+    /// A service's log instead of the app's.
+    service: Option<String>,
 }
 
 /// Lines of log a request may ask for.
@@ -339,6 +355,12 @@ async fn preview_logs(
     axum::extract::Query(query): axum::extract::Query<LogsQuery>,
 ) -> Result<Response, ApiError> {
     let preview = state.visible_preview(&principal, &name).await?;
+    let service = query
+        .service
+        .as_deref()
+        .map(ServiceName::parse)
+        .transpose()
+        .map_err(|err| ApiError::Body(format!("service: {err}")))?;
     let tail = query.tail.unwrap_or(100).min(MAX_LOG_TAIL);
     let slot = if query.follow { Some(state.log_streams.take(&principal)?) } else { None };
     // A followed log would otherwise hold graceful shutdown until the container stops.
@@ -349,11 +371,13 @@ async fn preview_logs(
             () = tokio::time::sleep(max_follow) => {},
         }
     };
-    let stream = state.lifecycle.logs(&preview.name, tail, query.follow).await?.take_until(ends).map(move |chunk| {
-        // The slot lives as long as the stream that the answer's body owns.
-        let _slot = &slot;
-        chunk
-    });
+    let stream = state.lifecycle.logs(&preview.name, service.as_ref(), tail, query.follow).await?.take_until(ends).map(
+        move |chunk| {
+            // The slot lives as long as the stream that the answer's body owns.
+            let _slot = &slot;
+            chunk
+        },
+    );
     // The output is the preview's code's: never let a browser run it on this origin.
     let headers = [
         (header::CONTENT_TYPE, "text/plain; charset=utf-8"),

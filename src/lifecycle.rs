@@ -10,9 +10,11 @@
 //! each operation has a file of its own: [`launch`] (launch and replace), [`removal`] (kill) and
 //! [`reconcile`] (start-up reconcile and the refresh after Docker's events).
 
+mod environment;
 mod launch;
 mod reconcile;
 mod removal;
+mod reset;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -25,7 +27,7 @@ use crate::locks::KeyedLocks;
 use crate::metrics::{ByStep, Metrics};
 use crate::network::{NetworkError, Networks};
 use crate::nginx::{NginxError, Router};
-use crate::preview::{ImageKey, PreviewState, Slug};
+use crate::preview::{ImageKey, PreviewState, Role, ServiceName, Slug};
 use crate::probe::Prober;
 use crate::request::{Owner, PullRequestOrigin};
 use serde::Serialize;
@@ -51,6 +53,28 @@ pub enum LifecycleError {
     Limit(#[from] LimitError),
     #[error(transparent)]
     Network(#[from] NetworkError),
+    #[error("service {service} stopped during start-up (exit code {}). Last log lines:\n{logs}", exit_code.map_or("unknown".to_owned(), |c| c.to_string()))]
+    ServiceFailed { service: ServiceName, exit_code: Option<i64>, logs: String },
+    #[error(
+        "service {service} was not ready within {timeout:?} (its `ready` check never passed). Last log lines:\n{logs}"
+    )]
+    ServiceNotReady { service: ServiceName, timeout: Duration, logs: String },
+    #[error("job {job} failed with exit code {exit_code}. Last log lines:\n{logs}")]
+    JobFailed { job: ServiceName, exit_code: i64, logs: String },
+    #[error("job {job} did not end within {timeout:?} (its `timeout`); it was stopped. Last log lines:\n{logs}")]
+    JobTimedOut { job: ServiceName, timeout: Duration, logs: String },
+    #[error(
+        "the seed volume {volume} of service {service} does not exist; create it (docker volume create {volume}, then fill it) or remove seed_volume"
+    )]
+    SeedMissing { service: ServiceName, volume: String },
+    #[error("env {key}: the template does not render: {message}")]
+    EnvTemplate { key: String, message: String },
+    #[error("image {0} has services, which need the preview's own network; set network.isolation: true")]
+    NoNetworkForServices(ImageKey),
+    #[error("preview {name} has no service named {service}; GET /api/previews/{name} lists its services")]
+    NoSuchService { name: Slug, service: ServiceName },
+    #[error("the image {0} of this preview is no longer in config.yml; launch it again with an image that is")]
+    ImageGone(ImageKey),
 }
 
 impl LifecycleError {
@@ -64,6 +88,19 @@ impl LifecycleError {
             ),
             Self::Unhealthy { path, timeout, .. } => {
                 format!("the app did not answer HTTP at {path} within {timeout:?}; previewd's log has its last lines")
+            }
+            Self::ServiceFailed { service, exit_code, .. } => format!(
+                "service {service} stopped during start-up (exit code {}); previewd's log has its last lines",
+                exit_code.map_or("unknown".to_owned(), |c| c.to_string())
+            ),
+            Self::ServiceNotReady { service, timeout, .. } => {
+                format!("service {service} was not ready within {timeout:?}; previewd's log has its last lines")
+            }
+            Self::JobFailed { job, exit_code, .. } => {
+                format!("job {job} failed with exit code {exit_code}; previewd's log has its last lines")
+            }
+            Self::JobTimedOut { job, timeout, .. } => {
+                format!("job {job} did not end within {timeout:?}; previewd's log has its last lines")
             }
             other => other.to_string(),
         }
@@ -93,6 +130,15 @@ pub struct PreviewInfo {
     /// Who launched it by hand: `user:<name>` or `github:<login>`.
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "owner_label")]
     pub owner: Option<Owner>,
+    /// The preview's services (`images.<key>.services`), by name.
+    pub services: Vec<ServiceInfo>,
+}
+
+/// A service of a preview, as the API reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceInfo {
+    pub name: ServiceName,
+    pub status: PreviewState,
 }
 
 fn owner_label<S: serde::Serializer>(owner: &Option<Owner>, serializer: S) -> Result<S::Ok, S::Error> {
@@ -196,27 +242,49 @@ impl Lifecycle {
         }
     }
 
-    /// The log of a preview's newest container; see [`Runtime::log_stream`].
+    /// The log of a preview's newest app container, or of one of its services; see
+    /// [`Runtime::log_stream`].
     pub async fn logs(
         &self,
         slug: &Slug,
+        service: Option<&ServiceName>,
         tail: usize,
         follow: bool,
     ) -> Result<impl futures_util::Stream<Item = Result<axum::body::Bytes, DockerError>> + use<>, LifecycleError> {
         let preview = self.get(slug).await?;
-        Ok(self.runtime.log_stream(&preview.container_id, tail, follow))
+        let id = match service {
+            None => preview.container_id,
+            Some(name) => {
+                let members = self.runtime.list_slug_all(slug).await?;
+                let role = Role::Service(name.clone());
+                let newest = members.into_iter().rev().find(|c| c.role == role);
+                newest.ok_or_else(|| LifecycleError::NoSuchService { name: slug.clone(), service: name.clone() })?.id
+            }
+        };
+        Ok(self.runtime.log_stream(&id, tail, follow))
     }
 
     /// Every preview of this instance, from the container labels.
     pub async fn list(&self) -> Result<Vec<PreviewInfo>, LifecycleError> {
-        let containers = self.runtime.list().await?;
-        Ok(newest_per_slug(containers).into_values().map(|c| self.info(c)).collect())
+        let mut members = self.runtime.list_all().await?;
+        let parts = members.extract_if(.., |c| c.role != Role::App).collect::<Vec<_>>();
+        let mut services = services_per_slug(parts);
+        let newest = newest_per_slug(members);
+        Ok(newest
+            .into_values()
+            .map(|c| {
+                let services = services.remove(&c.slug).unwrap_or_default();
+                self.info(c, services)
+            })
+            .collect())
     }
 
     pub async fn get(&self, slug: &Slug) -> Result<PreviewInfo, LifecycleError> {
-        let containers = self.runtime.list_slug(slug).await?;
-        let newest = containers.into_iter().last().ok_or_else(|| LifecycleError::NotFound(slug.clone()))?;
-        Ok(self.info(newest))
+        let mut members = self.runtime.list_slug_all(slug).await?;
+        let parts = members.extract_if(.., |c| c.role != Role::App).collect::<Vec<_>>();
+        let newest = members.into_iter().last().ok_or_else(|| LifecycleError::NotFound(slug.clone()))?;
+        let services = services_per_slug(parts).remove(slug).unwrap_or_default();
+        Ok(self.info(newest, services))
     }
 
     fn health_path(&self, image: &ImageKey) -> String {
@@ -231,7 +299,7 @@ impl Lifecycle {
         self.router.sites().read(slug).ok().flatten().is_some()
     }
 
-    fn info(&self, container: ManagedContainer) -> PreviewInfo {
+    fn info(&self, container: ManagedContainer, services: Vec<ServiceInfo>) -> PreviewInfo {
         let (repo, pr, sha) = split_origin(container.origin);
         PreviewInfo {
             url: self.url_for(&container.slug),
@@ -245,8 +313,25 @@ impl Lifecycle {
             pr,
             sha,
             owner: container.owner,
+            services,
         }
     }
+}
+
+/// The newest container of each service of each preview, by name.
+fn services_per_slug(parts: Vec<ManagedContainer>) -> BTreeMap<Slug, Vec<ServiceInfo>> {
+    let mut newest: BTreeMap<(Slug, ServiceName), ManagedContainer> = BTreeMap::new();
+    for part in parts {
+        if let Role::Service(name) = &part.role {
+            // Oldest first, so the last one wins.
+            newest.insert((part.slug.clone(), name.clone()), part);
+        }
+    }
+    let mut services: BTreeMap<Slug, Vec<ServiceInfo>> = BTreeMap::new();
+    for ((slug, name), container) in newest {
+        services.entry(slug).or_default().push(ServiceInfo { name, status: container.state });
+    }
+    services
 }
 
 fn same_pull_request(container: Option<&PullRequestOrigin>, origin: &PullRequestOrigin) -> bool {

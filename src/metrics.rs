@@ -37,6 +37,18 @@ pub struct ByReason {
     pub reason: &'static str,
 }
 
+/// A service or job of preview environments, by its name in config.yml.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByPart {
+    pub name: String,
+}
+
+impl ByPart {
+    pub fn new(name: &crate::preview::ServiceName) -> Self {
+        Self { name: name.to_string() }
+    }
+}
+
 pub const SUCCESS: ByResult = ByResult { result: "success" };
 pub const FAILURE: ByResult = ByResult { result: "failure" };
 
@@ -46,6 +58,7 @@ pub struct Metrics {
     pub launches: Family<ByResult, Counter>,
     pub redeploys: Family<ByResult, Counter>,
     pub kills: Family<ByResult, Counter>,
+    pub resets: Family<ByResult, Counter>,
     pub launch_seconds: Histogram,
     pub launch_step_seconds: Family<ByStep, Histogram>,
     pub nginx_reloads: Family<ByResult, Counter>,
@@ -56,6 +69,8 @@ pub struct Metrics {
     pub refused_requests: Family<ByReason, Counter>,
     pub warm_networks: Gauge,
     pub cold_networks: Counter,
+    pub service_failures: Family<ByPart, Counter>,
+    pub job_failures: Family<ByPart, Counter>,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -71,6 +86,7 @@ impl Metrics {
             launches: Family::default(),
             redeploys: Family::default(),
             kills: Family::default(),
+            resets: Family::default(),
             launch_seconds: seconds_histogram(),
             launch_step_seconds: Family::new_with_constructor(seconds_histogram),
             nginx_reloads: Family::default(),
@@ -81,6 +97,8 @@ impl Metrics {
             refused_requests: Family::default(),
             warm_networks: Gauge::default(),
             cold_networks: Counter::default(),
+            service_failures: Family::default(),
+            job_failures: Family::default(),
             registry: Registry::default(),
         };
         registry.register("previews", "Previews whose container runs", metrics.previews.clone());
@@ -91,6 +109,7 @@ impl Metrics {
             metrics.redeploys.clone(),
         );
         registry.register("kills", "Removed previews, by result", metrics.kills.clone());
+        registry.register("resets", "Previews whose data was reset, by result", metrics.resets.clone());
         registry.register(
             "launch_seconds",
             "Time from launch request to preview served",
@@ -128,6 +147,16 @@ impl Metrics {
             "cold_networks",
             "Launches that waited for a network to be created because none was ready (raise network.warm if it grows)",
             metrics.cold_networks.clone(),
+        );
+        registry.register(
+            "service_failures",
+            "Services of preview environments that stopped or were not ready in time while a launch waited, by service name",
+            metrics.service_failures.clone(),
+        );
+        registry.register(
+            "job_failures",
+            "Jobs of preview environments that exited non-zero or ran out of time, by job name",
+            metrics.job_failures.clone(),
         );
         Self { registry, ..metrics }
     }

@@ -52,6 +52,20 @@ impl Slug {
     }
 }
 
+/// The name of a service or a job of a preview environment (`images.<key>.services.<name>`,
+/// `jobs[].name`): a DNS label, since a service is reached by its name on the preview's network.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct ServiceName(String);
+
+impl ServiceName {
+    pub const MAX_LEN: usize = 32;
+
+    pub fn parse(input: &str) -> Result<Self, NameError> {
+        parse_label("service or job name", input, Self::MAX_LEN).map(Self)
+    }
+}
+
 /// The name of one previewd daemon: it namespaces containers, labels and vhost files, so that
 /// several daemons (or test runs) can share a Docker engine and an nginx.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
@@ -139,7 +153,7 @@ macro_rules! str_newtype {
         }
     )*};
 }
-str_newtype!(Slug, InstanceName, BaseDomain, Host, EnvName, ImageKey);
+str_newtype!(Slug, InstanceName, BaseDomain, Host, EnvName, ImageKey, ServiceName);
 
 /// Deserializes through `parse`, inside the string visitor, so that YAML errors point at the
 /// offending value's line and column.
@@ -166,8 +180,23 @@ deserialize_with_parse!(
     InstanceName => "an instance name",
     BaseDomain => "a domain name",
     EnvName => "an environment variable name",
-    ImageKey => "an image key"
+    ImageKey => "an image key",
+    ServiceName => "a service or job name"
 );
+
+/// What one container of a preview is for. Docker records it in the container's labels (see
+/// `crate::docker::labels`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// The app nginx routes to.
+    App,
+    /// A service of the preview's environment (a database, a cache).
+    Service(ServiceName),
+    /// A job's run (a migration); removed once it ends.
+    Job(ServiceName),
+    /// The copy of a service's seed volume into its data volume; removed once it ends.
+    SeedCopy(ServiceName),
+}
 
 /// Where a preview's container is in its life, in previewd's terms (the engine's own states are
 /// mapped onto these in its module). Shown as the lowercase word in the API and the dashboard.

@@ -97,6 +97,16 @@ struct Row {
     sha_short: Option<String>,
     commit_url: Option<String>,
     logs_url: String,
+    services: Vec<ServiceRow>,
+}
+
+/// A service of a preview: its state badge, and a link to its log.
+#[derive(Debug, Serialize)]
+struct ServiceRow {
+    name: String,
+    status: String,
+    status_class: &'static str,
+    logs_url: String,
 }
 
 impl Page {
@@ -154,6 +164,16 @@ impl Row {
             sha_short: info.sha.as_ref().map(|sha| sha.chars().take(7).collect()),
             commit_url,
             logs_url: format!("/api/previews/{}/logs?tail=200", info.name),
+            services: info
+                .services
+                .iter()
+                .map(|service| ServiceRow {
+                    name: service.name.to_string(),
+                    status: service.status.to_string(),
+                    status_class: status_class(service.status),
+                    logs_url: format!("/api/previews/{}/logs?tail=200&service={}", info.name, service.name),
+                })
+                .collect(),
         }
     }
 }
@@ -239,6 +259,7 @@ mod tests {
             pr: None,
             sha: None,
             owner: None,
+            services: Vec::new(),
         }
     }
 

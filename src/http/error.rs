@@ -124,11 +124,15 @@ impl ApiError {
 
 fn lifecycle_status(err: &LifecycleError) -> StatusCode {
     match err {
-        LifecycleError::NotFound(_) => StatusCode::NOT_FOUND,
+        LifecycleError::NotFound(_) | LifecycleError::NoSuchService { .. } => StatusCode::NOT_FOUND,
         LifecycleError::NameTaken { .. } => StatusCode::CONFLICT,
         LifecycleError::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
         LifecycleError::Crashed { .. } => StatusCode::BAD_GATEWAY,
         LifecycleError::Unhealthy { .. } => StatusCode::GATEWAY_TIMEOUT,
+        LifecycleError::ServiceFailed { .. } | LifecycleError::JobFailed { .. } => StatusCode::BAD_GATEWAY,
+        LifecycleError::ServiceNotReady { .. } | LifecycleError::JobTimedOut { .. } => StatusCode::GATEWAY_TIMEOUT,
+        LifecycleError::SeedMissing { .. } | LifecycleError::EnvTemplate { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        LifecycleError::NoNetworkForServices(_) | LifecycleError::ImageGone(_) => StatusCode::CONFLICT,
         LifecycleError::Docker(
             DockerError::Unreachable(_) | DockerError::PortInUse { .. } | DockerError::NoFreePort(_),
         ) => StatusCode::SERVICE_UNAVAILABLE,

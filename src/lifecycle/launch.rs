@@ -2,18 +2,18 @@
 //! created, started and answering, the route switched (for a new preview, while it starts), and
 //! the replaced container retired once its requests are done.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::environment::{EnvironmentOf, render_env};
 use super::{
-    Lifecycle, LifecycleError, PreviewInfo, Progress, ProgressEvent, describe_owner, same_pull_request, short,
-    split_origin,
+    Lifecycle, LifecycleError, PreviewInfo, Progress, ProgressEvent, ServiceInfo, describe_owner, same_pull_request,
+    short, split_origin,
 };
 use crate::admission::AdmitError;
-use crate::config::ImageSpec;
+use crate::config::{EnvContext, ImageSpec};
 use crate::docker::{ContainerPlan, CreatedContainer, DockerError, ManagedContainer};
 use crate::metrics;
 use crate::nginx::{Drain, NginxError, RouteTicket};
@@ -123,21 +123,41 @@ impl Lifecycle {
             self.runtime.pull(&spec.image).await?;
         }
         let url = self.url_for(&request.name);
-        let env = container_env(&request, &url);
+        let base_domain = self.config.base_domain.to_string();
+        let context = env_context(&request, &base_domain);
+        let env = container_env(&request, &url, &context)?;
+        let fresh = previous.is_empty();
+        let has_environment = !spec.services.is_empty() || !spec.jobs.is_empty();
         // Announced before the network is taken: a launch that has to wait for a new network
-        // (the warm pool ran dry in a burst) still shares the burst's reload.
-        let ticket = self.router.ticket();
+        // (the warm pool ran dry in a burst) still shares the burst's reload. A launch with
+        // services or jobs announces it once they are done, not to hold up others' reloads.
+        let early_ticket = (!has_environment).then(|| self.router.ticket());
         let network = self.network_for(spec, previous).await?;
         let network_name = network.as_ref().map(|n| n.name.as_str());
-        let brought_up =
-            self.create_and_bring_up(&request, env, network_name, previous.is_empty(), ticket, progress).await;
-        let (id, drain) = match (brought_up, network) {
-            (Ok(up), _) => up,
-            (Err(err), Some(PreviewNetwork { name, new: true })) => {
-                self.networks.remove(&name).await;
+        let brought_up = async {
+            if has_environment {
+                self.prepare_environment(&request, &env, &context, network_name, fresh, progress).await?;
+            }
+            let ticket = early_ticket.unwrap_or_else(|| self.router.ticket());
+            self.create_and_bring_up(&request, env.clone(), network_name, fresh, ticket, progress).await
+        }
+        .await;
+        let (id, drain) = match brought_up {
+            Ok(up) => up,
+            Err(err) => {
+                // A first launch leaves nothing behind; a redeploy keeps the services and their
+                // data, and the old app serving.
+                if fresh
+                    && has_environment
+                    && let Err(cleanup) = self.remove_environment(&request.name).await
+                {
+                    tracing::error!(error = %cleanup, "cannot remove the failed launch's services; reconcile will");
+                }
+                if let Some(PreviewNetwork { name, new: true }) = network {
+                    self.networks.remove(&name).await;
+                }
                 return Err(err);
             }
-            (Err(err), _) => return Err(err),
         };
         if !previous.is_empty() {
             // Requests the old nginx workers accepted before the switch still go to the old
@@ -165,7 +185,42 @@ impl Lifecycle {
             pr,
             sha,
             owner,
+            // Each was ready before the app started.
+            services: spec
+                .services
+                .keys()
+                .map(|name| ServiceInfo { name: name.clone(), status: PreviewState::Running })
+                .collect(),
         })
+    }
+
+    /// Brings up the preview's services and runs its jobs, before its new app container.
+    async fn prepare_environment(
+        &self,
+        request: &LaunchRequest,
+        env: &[String],
+        context: &EnvContext<'_>,
+        network: Option<&str>,
+        fresh: bool,
+        progress: &mut Progress,
+    ) -> Result<(), LifecycleError> {
+        let spec = &request.spec;
+        if !spec.services.is_empty() {
+            let network = network.ok_or_else(|| LifecycleError::NoNetworkForServices(request.image.clone()))?;
+            let existing = if fresh { Vec::new() } else { self.runtime.list_slug_all(&request.name).await? };
+            let of = EnvironmentOf { slug: &request.name, image_key: &request.image, spec, network, context };
+            self.bring_up_services(&of, &existing, progress).await?;
+        }
+        let app = ContainerPlan {
+            slug: &request.name,
+            image_key: &request.image,
+            spec,
+            env: env.to_vec(),
+            origin: request.origin.as_ref(),
+            owner: request.owner.as_ref(),
+            network,
+        };
+        self.run_jobs(&app, fresh, progress).await
     }
 
     /// The network of the preview's containers: the one its running containers are on (a
@@ -319,7 +374,7 @@ impl Lifecycle {
             "health",
             format!("waiting for the app to answer HTTP on port {} at {}", spec.port, spec.health_path),
         );
-        self.wait_until_answering(container, spec).await?;
+        self.wait_until_answering(&container.id, container.host_port, spec).await?;
         self.runtime.keep_running(&container.id).await?;
         Ok(container.host_port)
     }
@@ -328,20 +383,25 @@ impl Lifecycle {
     /// between tries whether it crashed. Tries come quickly at first (10 ms, doubling up to
     /// `HEALTH_POLL`): most apps answer within milliseconds of their start, and a fixed 50 ms
     /// pause after a first miss was launch latency.
-    async fn wait_until_answering(&self, container: &CreatedContainer, spec: &ImageSpec) -> Result<(), LifecycleError> {
+    pub(super) async fn wait_until_answering(
+        &self,
+        id: &str,
+        host_port: u16,
+        spec: &ImageSpec,
+    ) -> Result<(), LifecycleError> {
         let deadline = Instant::now() + spec.health_timeout;
         let mut pause = FIRST_HEALTH_POLL;
         loop {
-            if self.prober.answers(container.host_port, &spec.health_path).await {
+            if self.prober.answers(host_port, &spec.health_path).await {
                 return Ok(());
             }
-            let status = self.runtime.status(&container.id).await?;
+            let status = self.runtime.status(id).await?;
             if status.as_ref().is_none_or(|s| !s.running) {
-                let logs = self.runtime.logs_tail(&container.id, LOG_LINES_ON_FAILURE).await;
+                let logs = self.runtime.logs_tail(id, LOG_LINES_ON_FAILURE).await;
                 return Err(LifecycleError::Crashed { exit_code: status.and_then(|s| s.exit_code), logs });
             }
             if Instant::now() >= deadline {
-                let logs = self.runtime.logs_tail(&container.id, LOG_LINES_ON_FAILURE).await;
+                let logs = self.runtime.logs_tail(id, LOG_LINES_ON_FAILURE).await;
                 return Err(LifecycleError::Unhealthy {
                     port: spec.port,
                     path: spec.health_path.clone(),
@@ -355,16 +415,27 @@ impl Lifecycle {
     }
 }
 
-/// The environment of a preview container: the image's fixed `env`, overridden by the request's
-/// fields, plus what previewd sets itself (Stager's `image_name`/`container_name` included).
-fn container_env(request: &LaunchRequest, url: &str) -> Vec<String> {
-    let mut env: BTreeMap<String, String> = request.spec.env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+/// What the `env` templates of a launch see.
+fn env_context<'a>(request: &'a LaunchRequest, base_domain: &'a str) -> EnvContext<'a> {
+    EnvContext {
+        slug: request.name.as_ref(),
+        base_domain,
+        branch: &request.container_name,
+        pr_number: request.origin.as_ref().map_or_else(String::new, |origin| origin.number.to_string()),
+    }
+}
+
+/// The environment of a preview container: the image's `env` (rendered), overridden by the
+/// request's fields, plus what previewd sets itself (Stager's `image_name`/`container_name`
+/// included).
+fn container_env(request: &LaunchRequest, url: &str, context: &EnvContext<'_>) -> Result<Vec<String>, LifecycleError> {
+    let mut env = render_env(&request.spec.env, context)?;
     env.extend(request.env.iter().map(|(k, v)| (k.to_string(), v.clone())));
     env.insert("image_name".into(), request.image.to_string());
     env.insert("container_name".into(), request.container_name.clone());
     env.insert("PREVIEW_NAME".into(), request.name.to_string());
     env.insert("PREVIEW_URL".into(), url.to_owned());
-    env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+    Ok(env.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
 }
 
 #[cfg(test)]
@@ -385,7 +456,8 @@ mod tests {
             ("B".to_owned(), "request".to_owned()),
         ];
         let request = LaunchRequest::parse(fields, &config.images).unwrap();
-        let env = container_env(&request, "http://my-branch.p.localhost");
+        let context = env_context(&request, "p.localhost");
+        let env = container_env(&request, "http://my-branch.p.localhost", &context).unwrap();
         for expected in [
             "A=image",
             "B=request",

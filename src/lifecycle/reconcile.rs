@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 
+use super::environment::{EnvironmentOf, app_context};
 use super::{Lifecycle, LifecycleError, Progress, ReconcileReport, short};
 use crate::config::ImageSpec;
 use crate::docker::{CreatedContainer, ManagedContainer};
-use crate::preview::Slug;
+use crate::preview::{Role, Slug};
 
 /// How many previews a reconcile settles at once.
 const RECONCILE_PARALLELISM: usize = 16;
@@ -49,7 +50,7 @@ impl Lifecycle {
             }
             Some(_) | None => {}
         }
-        Ok(())
+        self.settle_environment(slug).await
     }
 
     /// `refresh` for every preview that has a container.
@@ -92,7 +93,16 @@ impl Lifecycle {
             report.failed.push(format!("{slug}: {err}"));
         }
         report.routed = routes.len();
-        let in_use = self.runtime.list().await?.into_iter().filter_map(|c| c.network).collect();
+        let mut with_parts: BTreeSet<Slug> =
+            self.runtime.list_all().await?.into_iter().filter(|c| c.role != Role::App).map(|c| c.slug).collect();
+        with_parts.extend(self.runtime.list_volumes().await?.into_iter().map(|volume| volume.slug));
+        for slug in &with_parts {
+            if let Err(err) = self.settle_environment(slug).await {
+                tracing::error!(%slug, error = %err, "cannot settle the preview's services");
+                report.failed.push(format!("{slug}: {err}"));
+            }
+        }
+        let in_use = self.runtime.list_all().await?.into_iter().filter_map(|c| c.network).collect();
         self.networks.reconcile(&in_use).await?;
         tracing::info!(
             routed = report.routed,
@@ -102,6 +112,52 @@ impl Lifecycle {
             "reconciled"
         );
         Ok(report)
+    }
+
+    /// Makes a preview's environment match its app: a preview whose app is gone loses its
+    /// services, data volumes and network; job and seed-copy containers are leftovers of a
+    /// launch cut short (no launch of the preview runs now) and go; a live app gets back the
+    /// services it is missing (on their kept data) or that stopped.
+    async fn settle_environment(&self, slug: &Slug) -> Result<(), LifecycleError> {
+        let members = self.runtime.list_slug_all(slug).await?;
+        let (apps, parts): (Vec<_>, Vec<_>) = members.into_iter().partition(|c| c.role == Role::App);
+        if apps.is_empty() {
+            let networks: BTreeSet<String> = parts.iter().filter_map(|c| c.network.clone()).collect();
+            let has_volumes = self.runtime.list_volumes().await?.iter().any(|volume| &volume.slug == slug);
+            if parts.is_empty() && !has_volumes {
+                return Ok(());
+            }
+            tracing::info!(%slug, "removing the services and data of a preview whose app is gone");
+            self.remove_environment(slug).await?;
+            for network in &networks {
+                self.networks.remove(network).await;
+            }
+            return Ok(());
+        }
+        for leftover in parts.iter().filter(|c| matches!(c.role, Role::Job(_) | Role::SeedCopy(_))) {
+            tracing::info!(%slug, container = %short(&leftover.id), "removing a job container of a launch cut short");
+            self.runtime.remove(&leftover.id).await?;
+        }
+        let Some(app) = apps.iter().rev().find(|c| c.is_running()) else { return Ok(()) };
+        let Some(spec) = self.config.images.get(&app.image) else { return Ok(()) };
+        let Some(network) = app.network.as_deref() else { return Ok(()) };
+        let services: Vec<ManagedContainer> =
+            parts.into_iter().filter(|c| matches!(c.role, Role::Service(_))).collect();
+        let missing = spec.services.iter().any(|(name, _)| {
+            !services
+                .iter()
+                .any(|c| c.role == Role::Service(name.clone()) && (c.is_running() || c.state.is_transient()))
+        });
+        if spec.services.is_empty() || !missing {
+            return Ok(());
+        }
+        tracing::warn!(%slug, "the preview's app runs without all its services; starting them again on their data");
+        let env = self.runtime.container_env(&app.id).await?;
+        let base_domain = self.config.base_domain.to_string();
+        let context = app_context(app, &env, &base_domain);
+        let of = EnvironmentOf { slug, image_key: &app.image, spec, network, context: &context };
+        let mut progress = Progress::new(None, Arc::clone(&self.metrics));
+        self.bring_up_services(&of, &services, &mut progress).await
     }
 
     /// Keeps the live container of one preview (brought back on a new port if Docker could not

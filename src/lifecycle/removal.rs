@@ -1,4 +1,4 @@
-//! Kill: a preview's containers, then its network, then its route (in that order a crash
+//! Kill: a preview's containers (app, services, jobs) and data volumes, then its network, then its route (in that order a crash
 //! half-way leaves a vhost without a container, which the next reconcile deletes).
 
 use std::collections::BTreeSet;
@@ -48,15 +48,20 @@ impl Lifecycle {
         result
     }
 
-    async fn remove_preview(&self, slug: &Slug, containers: Vec<ManagedContainer>) -> Result<(), LifecycleError> {
+    /// Removes the app containers, then the rest of the environment (services, jobs and their
+    /// data volumes), then the network.
+    async fn remove_preview(&self, slug: &Slug, apps: Vec<ManagedContainer>) -> Result<(), LifecycleError> {
         let routed = self.is_routed(slug);
-        if containers.is_empty() && !routed {
+        let parts = self.runtime.list_slug_all(slug).await?;
+        let has_volumes = self.runtime.list_volumes().await?.iter().any(|volume| &volume.slug == slug);
+        if parts.is_empty() && !has_volumes && !routed {
             return Err(LifecycleError::NotFound(slug.clone()));
         }
-        let networks: BTreeSet<String> = containers.iter().filter_map(|c| c.network.clone()).collect();
-        for container in containers {
+        let networks: BTreeSet<String> = parts.iter().filter_map(|c| c.network.clone()).collect();
+        for container in apps {
             self.runtime.remove(&container.id).await?;
         }
+        self.remove_environment(slug).await?;
         for network in networks {
             self.networks.remove(&network).await;
         }

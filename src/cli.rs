@@ -66,16 +66,26 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
-    /// List the previews: name, image, PR, commit, status, age, URL.
+    /// List the previews: name, image, PR, commit, status, services, age, URL.
     List {
         #[arg(long)]
         json: bool,
         #[command(flatten)]
         server: ServerArg,
     },
-    /// Print a preview's log.
+    /// Put a preview's data back as at its first launch: its services' data volumes made again
+    /// from their seeds (or empty), every job run, the app restarted.
+    Reset {
+        name: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Print a preview's log (its app's, or a service's with --service).
     Logs {
         name: String,
+        /// A service of the preview (`images.<key>.services`), e.g. db.
+        #[arg(long)]
+        service: Option<String>,
         /// Keep printing what the container writes.
         #[arg(short, long)]
         follow: bool,
@@ -136,12 +146,14 @@ pub fn run(cli: Cli) -> ExitCode {
             }
             Ok(())
         }),
-        Command::Logs { name, follow, tail, server } => {
-            client_command(
-                server,
-                |client| async move { client.logs(&name, tail, follow, &mut std::io::stdout()).await },
-            )
-        }
+        Command::Reset { name, server } => client_command(server, |client| async move {
+            let preview = client.reset(&name).await?;
+            println!("reset {name}: {}", preview["url"].as_str().unwrap_or_default());
+            Ok(())
+        }),
+        Command::Logs { name, service, follow, tail, server } => client_command(server, |client| async move {
+            client.logs(&name, service.as_deref(), tail, follow, &mut std::io::stdout()).await
+        }),
         Command::Login { user, github, server } => login(server.server, user, github),
     }
 }

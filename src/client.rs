@@ -188,9 +188,27 @@ impl Client {
         response.json().await.map_err(|err| ClientError::Refused(format!("previewd's answer is not a list: {err}")))
     }
 
-    /// Copies a preview's log to `out` (following it when asked) until it ends.
-    pub async fn logs(&self, name: &str, tail: usize, follow: bool, out: &mut impl Write) -> Result<(), ClientError> {
-        let path = format!("/api/previews/{}/logs?tail={tail}&follow={follow}", urlencode(name));
+    /// Puts a preview's data back as at its first launch; the preview once it answers again.
+    pub async fn reset(&self, name: &str) -> Result<Value, ClientError> {
+        let path = format!("/api/previews/{}/reset", urlencode(name));
+        let response = self.send(self.request(reqwest::Method::POST, &path)).await?;
+        response.json().await.map_err(|err| ClientError::Refused(format!("previewd's answer is not a preview: {err}")))
+    }
+
+    /// Copies a preview's log (or one of its services') to `out`, following it when asked,
+    /// until it ends.
+    pub async fn logs(
+        &self,
+        name: &str,
+        service: Option<&str>,
+        tail: usize,
+        follow: bool,
+        out: &mut impl Write,
+    ) -> Result<(), ClientError> {
+        let mut path = format!("/api/previews/{}/logs?tail={tail}&follow={follow}", urlencode(name));
+        if let Some(service) = service {
+            path.push_str(&format!("&service={}", urlencode(service)));
+        }
         let response = self.send(self.request(reqwest::Method::GET, &path)).await?;
         let mut body = response.bytes_stream();
         while let Some(chunk) = body.next().await {
@@ -224,10 +242,11 @@ fn urlencode(text: &str) -> String {
     serde_urlencoded::to_string([("", text)]).map(|s| s.trim_start_matches('=').to_owned()).unwrap_or_default()
 }
 
-/// The `previewd list` table: name, image, PR, commit, status, age, URL.
+/// The `previewd list` table: name, image, PR, commit, status, services, age, URL.
 pub fn table(previews: &[Value]) -> String {
     let now = crate::clock::unix_now();
-    let mut rows = vec![["NAME", "IMAGE", "PR", "COMMIT", "STATUS", "AGE", "URL"].map(str::to_owned).to_vec()];
+    let header = ["NAME", "IMAGE", "PR", "COMMIT", "STATUS", "SERVICES", "AGE", "URL"];
+    let mut rows = vec![header.map(str::to_owned).to_vec()];
     for preview in previews {
         let text = |key: &str| preview[key].as_str().unwrap_or("-").to_owned();
         let pr = match (preview["repo"].as_str(), preview["pr"].as_u64()) {
@@ -241,15 +260,26 @@ pub fn table(previews: &[Value]) -> String {
             text("status")
         };
         let age = crate::clock::age(now - preview["created"].as_i64().unwrap_or(now));
-        rows.push(vec![text("name"), text("image"), pr, commit, status, age, text("url")]);
+        rows.push(vec![text("name"), text("image"), pr, commit, status, services(preview), age, text("url")]);
     }
-    let widths: Vec<usize> = (0..7).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> =
+        (0..header.len()).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
     rows.iter()
         .map(|row| {
             let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
             cells.join("  ").trim_end().to_owned() + "\n"
         })
         .collect()
+}
+
+/// `db:running,cache:exited`, or `-` for a preview without services.
+fn services(preview: &Value) -> String {
+    let list = preview["services"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if list.is_empty() {
+        return "-".to_owned();
+    }
+    let entry = |s: &Value| format!("{}:{}", s["name"].as_str().unwrap_or("?"), s["status"].as_str().unwrap_or("?"));
+    list.iter().map(entry).collect::<Vec<_>>().join(",")
 }
 
 #[cfg(test)]
@@ -261,7 +291,8 @@ mod tests {
     fn the_table_has_a_row_per_preview_with_pr_commit_and_age() {
         let now = crate::clock::unix_now();
         let previews = [
-            json!({"name": "a", "image": "demo", "status": "running", "routed": true, "created": now - 125, "url": "http://a"}),
+            json!({"name": "a", "image": "demo", "status": "running", "routed": true, "created": now - 125, "url": "http://a",
+                   "services": [{"name": "db", "status": "running"}, {"name": "cache", "status": "exited"}]}),
             json!({"name": "hello-world-pr-2", "image": "demo", "status": "running", "routed": false, "created": now - 7200,
                    "url": "http://h", "repo": "Codertocat/Hello-World", "pr": 2, "sha": "ec26c3e57ca3a959"}),
         ];
@@ -269,6 +300,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("NAME"), "{text}");
         assert!(lines[1].contains("2m") && lines[1].contains("http://a"), "{text}");
+        assert!(lines[0].contains("SERVICES") && lines[1].contains("db:running,cache:exited"), "{text}");
         assert!(
             lines[2].contains("Codertocat/Hello-World#2")
                 && lines[2].contains("ec26c3e")

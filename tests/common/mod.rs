@@ -22,7 +22,7 @@ pub const DEMO_IMAGE: &str = "previewd-demo:latest";
 pub const BASE_DOMAIN: &str = "preview.localhost";
 
 /// A hash of PASSWORD, made once per test binary.
-fn password_hash() -> &'static str {
+pub fn password_hash() -> &'static str {
     static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     HASH.get_or_init(|| previewd::auth::hash_password(PASSWORD).expect("hash"))
 }
@@ -286,8 +286,28 @@ impl Drop for TestApp {
             args.extend(ids.iter().map(|line| line.split(' ').next().unwrap_or_default().to_owned()));
             Command::new("docker").args(&args).output().ok();
         }
+        remove_volumes(&self.instance);
         remove_networks(&self.instance);
         stop_nginx(&self.dir.path().join("state/nginx/nginx.pid"));
+    }
+}
+
+/// The names of an instance's Docker volumes (services' data), sorted.
+pub fn volumes(instance: &str) -> Vec<String> {
+    let output = Command::new("docker")
+        .args(["volume", "ls", "--filter", &format!("label=previewd.instance={instance}"), "--format", "{{.Name}}"])
+        .output()
+        .expect("docker volume ls");
+    let mut names: Vec<String> = String::from_utf8_lossy(&output.stdout).lines().map(str::to_owned).collect();
+    names.sort();
+    names
+}
+
+/// Removes an instance's volumes (its containers must be gone first).
+pub fn remove_volumes(instance: &str) {
+    let names = volumes(instance);
+    if !names.is_empty() {
+        Command::new("docker").arg("volume").arg("rm").arg("-f").args(&names).output().ok();
     }
 }
 

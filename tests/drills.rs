@@ -1,7 +1,9 @@
 //! Fault drills that are quick enough for the test suite: `kill -9` of the real previewd at 20
 //! different moments of launches, redeploys and kills (after each restart the state must
 //! converge within 10 s: every container up, routed and served; every vhost backed by a
-//! container; `nginx -t` passing), and `kill -9` of the managed nginx.
+//! container; `nginx -t` passing), the same for previews with services (PostgreSQL, Redis and a
+//! migration job: every app with all its services running, no service, volume or job container
+//! without an app), and `kill -9` of the managed nginx.
 
 mod common;
 
@@ -165,6 +167,161 @@ async fn kill_9_at_twenty_moments_always_converges_after_a_restart() {
     }
     eprintln!("{ROUNDS} kill -9 rounds; slowest convergence after a restart: {worst:?}");
     assert!(!drill.state().0.is_empty(), "the drill left previews to check");
+}
+
+/// One container of a drill's instance: id, slug, role, state.
+struct Member {
+    id: String,
+    slug: String,
+    role: String,
+    state: String,
+}
+
+fn members(instance: &str) -> Vec<Member> {
+    let output = std::process::Command::new("docker")
+        .args(["ps", "-a", "--filter", &format!("label=previewd.instance={instance}"), "--format"])
+        .arg(r#"{{.ID}} {{.Label "previewd.slug"}} {{.Label "previewd.role"}}/{{.Label "previewd.part"}} {{.State}}"#)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.split(' ');
+            let (id, slug, role, state) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+            Some(Member { id: id.to_owned(), slug: slug.to_owned(), role: role.to_owned(), state: state.to_owned() })
+        })
+        .collect()
+}
+
+impl Drill {
+    /// Why the previews with services are not converged yet, if they are not: each app running,
+    /// routed and served with its db and cache running; nothing else of the instance.
+    async fn environments_unconverged(&self) -> Option<String> {
+        let members = members(&self.instance);
+        let mut apps: Vec<String> = Vec::new();
+        for member in &members {
+            match (member.role.as_str(), member.state.as_str()) {
+                ("app/", "running") => apps.push(member.slug.clone()),
+                ("service/db" | "service/cache", "running") => {}
+                (role, state) => return Some(format!("{} of {} is {role} {state}", member.id, member.slug)),
+            }
+        }
+        apps.sort();
+        let mut unique = apps.clone();
+        unique.dedup();
+        if unique != apps {
+            return Some(format!("several app containers for one preview: {apps:?}"));
+        }
+        for slug in &apps {
+            for service in ["service/db", "service/cache"] {
+                let count = members.iter().filter(|m| &m.slug == slug && m.role == service).count();
+                if count != 1 {
+                    return Some(format!("{slug} has {count} {service} containers"));
+                }
+            }
+        }
+        if let Some(orphan) = members.iter().find(|m| !apps.contains(&m.slug)) {
+            return Some(format!("{} of {} runs without the preview's app", orphan.role, orphan.slug));
+        }
+        let prefix = format!("previewd.{}.", self.instance);
+        for volume in common::volumes(&self.instance) {
+            let slug = volume.strip_prefix(&prefix).and_then(|rest| rest.strip_suffix(".db")).unwrap_or(&volume);
+            if !apps.iter().any(|app| app == slug) {
+                return Some(format!("volume {volume} without its preview"));
+            }
+        }
+        let (_, vhosts) = self.state();
+        if vhosts != apps {
+            return Some(format!("apps {apps:?} but vhosts {vhosts:?}"));
+        }
+        for slug in &apps {
+            match self.via_nginx(slug).await {
+                Some(200) => {}
+                other => return Some(format!("{slug} answers {other:?} through nginx")),
+            }
+        }
+        None
+    }
+}
+
+const ENVIRONMENT_ROUNDS: u64 = 12;
+/// Convergence may have to start a service again and wait until it is ready.
+const ENVIRONMENT_CONVERGE: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_launches_redeploys_and_kills_of_previews_with_services_always_converges() {
+    common::shop::require_images();
+    let setup = common::BinaryConfig::with_images(&common::shop::images_yaml());
+    let _cleanup = setup.cleanup();
+    let config = setup.path.clone();
+    let drill = Drill {
+        instance: setup.instance.clone(),
+        nginx_port: setup.nginx_port,
+        api: setup.api.clone(),
+        client: common::client(),
+        dir: setup.dir,
+    };
+    let mut daemon = Daemon::start(&config, &drill.dir.path().join("daemon.log"));
+    daemon.wait_until_healthy(&drill.client, &drill.api).await;
+    // The preview the rounds redeploy, launched whole first.
+    let first = drill
+        .client
+        .post(format!("{}/launch", drill.api))
+        .basic_auth(USER, Some(PASSWORD))
+        .form(&[("image_name", "shop"), ("container_name", "env-keep")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status().as_u16(), 200, "{}", first.text().await.unwrap());
+    let mut worst = Duration::ZERO;
+    for round in 0..ENVIRONMENT_ROUNDS {
+        // A launch of the shop takes 2-4 s: moments from before Docker is asked to after.
+        let delay = Duration::from_millis((round * 443) % 5000);
+        let (path, name) = match round % 3 {
+            0 => ("/launch", format!("env-{round}")),
+            1 => ("/launch", "env-keep".to_owned()),
+            _ => ("/kill", format!("env-{}", round - 2)),
+        };
+        let request = drill
+            .client
+            .post(format!("{}{path}", drill.api))
+            .basic_auth(USER, Some(PASSWORD))
+            .form(&[("image_name", "shop"), ("container_name", name.as_str())]);
+        let in_flight = tokio::spawn(request.send());
+        tokio::time::sleep(delay).await;
+        daemon.child.kill().unwrap();
+        daemon.child.wait().unwrap();
+        in_flight.abort();
+
+        let restarted = Instant::now();
+        daemon = Daemon::start(&config, &drill.dir.path().join(format!("daemon-env-{round}.log")));
+        daemon.wait_until_healthy(&drill.client, &drill.api).await;
+        loop {
+            match drill.environments_unconverged().await {
+                None => break,
+                Some(why) => assert!(
+                    restarted.elapsed() < ENVIRONMENT_CONVERGE,
+                    "round {round} ({path} {name}, killed after {delay:?}): {why}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        worst = worst.max(restarted.elapsed());
+    }
+    // The restarts had work to do: services of a first launch cut short, or job containers.
+    let cleaned = (0..ENVIRONMENT_ROUNDS)
+        .filter(|round| {
+            let log =
+                std::fs::read_to_string(drill.dir.path().join(format!("daemon-env-{round}.log"))).unwrap_or_default();
+            log.contains("removing the services and data of a preview whose app is gone")
+                || log.contains("removing a job container of a launch cut short")
+        })
+        .count();
+    eprintln!(
+        "{ENVIRONMENT_ROUNDS} kill -9 rounds with services, {cleaned} of them left parts a restart removed; slowest convergence after a restart: {worst:?}"
+    );
+    assert!(cleaned > 0, "no round was cut short with services or jobs under way");
+    assert!(members(&drill.instance).iter().any(|m| m.slug == "env-keep"), "the redeployed preview is still there");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

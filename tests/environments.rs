@@ -7,100 +7,18 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{BASE_DOMAIN, PASSWORD, TestApp, USER, error_of, free_port, unique_instance, volumes};
+use common::{
+    Options, PASSWORD, TestApp, USER, config_yaml, error_of, free_port, shop, unique_instance, volumes, with_images,
+};
 use serde_json::Value;
 
-const SHOP_IMAGES: &[&str] = &["previewd-shop:demo", "previewd-postgres:15", "previewd-redis:7"];
-
-/// The shop and variants of it that fail in one place each.
-fn shop_yaml(instance: &str, dir: &std::path::Path, nginx_port: u16) -> String {
-    let template = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("templates/vhost.conf.tera");
-    let db = r#"
-      db:
-        image: previewd-postgres:15
-        pull: never
-        env: {POSTGRES_USER: app, POSTGRES_PASSWORD: app, POSTGRES_DB: app}
-        ready: {command: [pg_isready, -h, 127.0.0.1, -U, app, -d, app]}
-        ready_timeout: 60
-        data: /var/lib/postgresql/data
-        seed_volume: shop-db-seed
-        cap_add: [SETUID, SETGID]
-        memory: 512m"#;
-    let cache = r#"
-      cache:
-        image: previewd-redis:7
-        pull: never
-        ready: {tcp: 6379}"#;
-    let app = |name: &str, services: &str, extra_env: &str| {
-        format!(
-            r#"
-  {name}:
-    image: previewd-shop:demo
-    port: 5000
-    health_path: /healthz
-    health_timeout: 30
-    pull: never
-    read_only: true
-    env:
-      DATABASE_URL: "postgres://app:app@db:5432/app"
-      REDIS_URL: "redis://cache:6379/0"
-      API_URL: "http://api-{{{{ slug }}}}.{{{{ base_domain }}}}"{extra_env}
-    services:{services}
-    jobs:
-      - name: migrate
-        command: [python3, migrate.py]
-        timeout: 60"#
-        )
-    };
-    let broken_cache = r#"
-      cache:
-        image: previewd-redis:7
-        pull: never
-        command: [sh, -c, "echo cache config is broken >&2; exit 4"]
-        ready: {tcp: 6379}"#;
-    let deaf_cache = r#"
-      cache:
-        image: previewd-redis:7
-        pull: never
-        ready: {tcp: 6390}
-        ready_timeout: 2"#;
-    let images = [
-        app("shop", &format!("{db}{cache}"), ""),
-        app("shop-brokencache", &format!("{db}{broken_cache}"), ""),
-        app("shop-deafcache", &format!("{db}{deaf_cache}"), ""),
-    ]
-    .concat();
-    format!(
-        r#"instance: {instance}
-listen: 127.0.0.1:0
-base_domain: {BASE_DOMAIN}
-public_url: "http://{{host}}:{nginx_port}"
-state_dir: {state}
-nginx:
-  managed: true
-  listen: 127.0.0.1:{nginx_port}
-  template: {template}
-images:{images}
-users:
-  - name: {USER}
-    password_hash: "{hash}"
-"#,
-        state = dir.join("state").display(),
-        template = template.display(),
-        hash = common::password_hash(),
-    )
-}
-
 async fn start_shop() -> TestApp {
-    for image in SHOP_IMAGES {
-        let found = Command::new("docker").args(["image", "inspect", image]).output().expect("docker").status.success();
-        assert!(found, "{image} is missing: run scripts/setup.sh first");
-    }
+    shop::require_images();
     let dir = tempfile::tempdir().unwrap();
     let instance = unique_instance();
     let nginx_port = free_port();
-    let yaml = shop_yaml(&instance, dir.path(), nginx_port);
-    TestApp::start_from(dir, instance, nginx_port, yaml).await
+    let yaml = config_yaml(&instance, dir.path(), nginx_port, &Options::default());
+    TestApp::start_from(dir, instance, nginx_port, with_images(&yaml, &shop::images_yaml())).await
 }
 
 async fn launch(app: &TestApp, image: &str, name: &str, extra: &[(&str, &str)]) -> reqwest::Response {

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod github;
+pub mod shop;
 pub mod system_nginx;
 
 use std::net::SocketAddr;
@@ -129,6 +130,11 @@ users:
         template = template.display(),
         hash = password_hash(),
     )
+}
+
+/// A config text with more `images` entries (YAML lines that go under `images:`).
+pub fn with_images(yaml: &str, entries: &str) -> String {
+    yaml.replacen("\nimages:", &format!("\nimages:{entries}"), 1)
 }
 
 /// A running previewd plus what a test needs to talk to it.
@@ -470,6 +476,7 @@ impl Drop for Cleanup {
             let id = line.split(' ').next().unwrap_or_default().to_owned();
             Command::new("docker").args(["rm", "-f", &id]).output().ok();
         }
+        remove_volumes(&self.instance);
         remove_networks(&self.instance);
         stop_nginx(&self.pid_file);
     }
@@ -486,6 +493,11 @@ pub struct BinaryConfig {
 
 impl BinaryConfig {
     pub fn new() -> Self {
+        Self::with_images("")
+    }
+
+    /// With more `images` entries (see [`with_images`]).
+    pub fn with_images(entries: &str) -> Self {
         require_demo_image();
         let dir = tempfile::tempdir().unwrap();
         let instance = unique_instance();
@@ -493,6 +505,7 @@ impl BinaryConfig {
         let api_port = free_port();
         let yaml = config_yaml(&instance, dir.path(), nginx_port, &Options::default())
             .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{api_port}"));
+        let yaml = with_images(&yaml, entries);
         let path = dir.path().join("config.yml");
         std::fs::write(&path, yaml).unwrap();
         Self { dir, path, instance, nginx_port, api: format!("http://127.0.0.1:{api_port}") }

@@ -316,6 +316,9 @@ fn check_config(path: &Path) -> ExitCode {
             for (line, _) in config.unsafe_settings() {
                 eprintln!("{}: warning: {line}", path.display());
             }
+            for line in seed_volume_warnings(&config) {
+                eprintln!("{}: warning: {line}", path.display());
+            }
             println!(
                 "{}: OK (instance {}, {} image(s), {} user(s), previews at *.{})",
                 path.display(),
@@ -330,6 +333,22 @@ fn check_config(path: &Path) -> ExitCode {
             eprint!("{message}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// A warning per `seed_volume` Docker does not have (a launch of its image would fail), or one
+/// saying they could not be checked; nothing when config.yml names none.
+fn seed_volume_warnings(config: &Config) -> Vec<String> {
+    let any_seed = config.images.values().flat_map(|spec| spec.services.values()).any(|s| s.seed_volume.is_some());
+    if !any_seed {
+        return Vec::new();
+    }
+    let checked = tokio::runtime::Runtime::new().map_err(|err| err.to_string()).and_then(|runtime| {
+        runtime.block_on(crate::doctor::engine::missing_seed_volumes(config)).map_err(|err| err.to_string())
+    });
+    match checked {
+        Ok(missing) => missing.iter().map(|(path, volume)| crate::doctor::engine::missing_seed(path, volume)).collect(),
+        Err(err) => vec![format!("cannot check that the seed volumes exist: {err}")],
     }
 }
 

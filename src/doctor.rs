@@ -3,7 +3,7 @@
 //! checks themselves live beside: `engine` (Docker and the images), `web` (nginx and the ports),
 //! `names` (DNS), `github` (the token, its permissions and the webhooks).
 
-mod engine;
+pub mod engine;
 mod github;
 mod names;
 mod web;

@@ -100,6 +100,31 @@ fn check_config_warns_about_create_params_that_hand_a_preview_the_host() {
 }
 
 #[test]
+fn check_config_warns_about_a_seed_volume_docker_does_not_have() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = std::fs::read_to_string("config.yml").unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = shipped
+        .replace("templates/vhost.conf.tera", &root.join("templates/vhost.conf.tera").display().to_string())
+        .replacen(
+            "    port: 3000\n",
+            "    port: 3000\n    services:\n      db: {image: previewd-postgres:15, data: /data, seed_volume: previewd-cli-no-such-seed}\n",
+            1,
+        );
+    let path = dir.path().join("config.yml");
+    std::fs::write(&path, text).unwrap();
+    let output = Command::new(BIN).args(["check-config", "--config"]).arg(&path).output().unwrap();
+    assert!(output.status.success(), "a warning at check time, an error at launch: {output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(
+            "warning: images.demo.services.db.seed_volume: the volume previewd-cli-no-such-seed does not exist"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn hash_password_prints_an_argon2id_hash_of_stdin() {
     let mut child =
         Command::new(BIN).arg("hash-password").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();

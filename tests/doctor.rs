@@ -19,6 +19,9 @@ struct Broken {
     no_include: bool,
     small_hash_bucket: bool,
     missing_image: bool,
+    /// An image with services: a present PostgreSQL whose seed volume does not exist, and a
+    /// Redis image that may not be pulled and is missing.
+    broken_services: bool,
     docker_host: Option<&'static str>,
     read_only_token: bool,
     /// `iptables` on the PATH fails as it does for a user who is not root.
@@ -53,10 +56,14 @@ impl Setup {
         github.set_hooks(REPO, &[&format!("https://{}/webhooks/github", common::BASE_DOMAIN)]);
         std::fs::write(dir.path().join("webhook.secret"), "a webhook secret long enough\n").unwrap();
         std::fs::write(dir.path().join("github.token"), TOKEN).unwrap();
-        let missing = if broken.missing_image {
-            "  missing:\n    image: previewd-missing-image:none\n    port: 3000\n    pull: never\n"
-        } else {
-            ""
+        let missing = match (broken.missing_image, broken.broken_services) {
+            (true, _) => "  missing:\n    image: previewd-missing-image:none\n    port: 3000\n    pull: never\n",
+            (_, true) => concat!(
+                "  shop:\n    image: previewd-shop:demo\n    port: 5000\n    pull: never\n    services:\n",
+                "      db: {image: previewd-postgres:15, pull: never, data: /var/lib/postgresql/data, seed_volume: previewd-doctor-no-such-seed}\n",
+                "      cache: {image: previewd-missing-image:none, pull: never}\n",
+            ),
+            _ => "",
         };
         let yaml = format!(
             r#"instance: {instance}
@@ -242,6 +249,21 @@ async fn doctor_fails_the_image_line_of_a_missing_image_that_may_not_be_pulled()
     assert!(message.contains("previewd-missing-image:none is not in Docker's image store"), "{report}");
     assert!(message.contains("set images.missing.pull: missing"), "{report}");
     assert_eq!(report.check("image demo").0, "ok", "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_fails_the_lines_of_a_missing_seed_volume_and_a_missing_service_image() {
+    common::shop::require_images();
+    let setup = Setup::new(Broken { broken_services: true, ..Broken::default() }).await;
+    let report = setup.doctor().await;
+    assert!(!report.success, "{report}");
+    assert_eq!(report.check("image shop/db").0, "ok", "{report}");
+    let (level, message) = report.check("seed shop/db");
+    assert_eq!(level, "FAIL", "{report}");
+    assert!(message.contains("the volume previewd-doctor-no-such-seed does not exist"), "{report}");
+    let (level, message) = report.check("image shop/cache");
+    assert_eq!(level, "FAIL", "{report}");
+    assert!(message.contains("set images.shop.services.cache.pull: missing"), "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,6 @@
 //! The Docker checks: the engine answers (version, API version, storage driver), there is room
-//! under its data root, and every image of `images` is there or may be pulled.
+//! under its data root, every image of `images` and of their services is there or may be
+//! pulled, and every `seed_volume` exists.
 
 use super::Check;
 use crate::config::{Config, PullPolicy};
@@ -30,27 +31,65 @@ pub async fn checks(config: &Config) -> Vec<Check> {
     checks.push(disk(&engine.data_root));
     checks.extend(network(config, &runtime).await);
     for (key, spec) in &config.images {
-        checks.push(match (runtime.has_image(&spec.image).await, spec.pull) {
-            (Ok(true), _) => Check::ok(format!("image {key}"), format!("{} is present", spec.image)),
-            (Ok(false), PullPolicy::Never) => Check::fail(
-                format!("image {key}"),
-                format!(
-                    "{} is not in Docker's image store and `pull: never` forbids pulling it: build or load it \
-                     (docker build -t {} …, or docker load), or set images.{key}.pull: missing",
-                    spec.image, spec.image
-                ),
-            ),
-            (Ok(false), _) => Check::warn(
-                format!("image {key}"),
-                format!(
-                    "{} is not present; the first launch pulls it (check that the registry is reachable)",
-                    spec.image
-                ),
-            ),
-            (Err(err), _) => Check::fail(format!("image {key}"), format!("cannot inspect {}: {err}", spec.image)),
-        });
+        checks.push(image(&runtime, &format!("image {key}"), &spec.image, spec.pull, &format!("images.{key}")).await);
+        for (name, service) in &spec.services {
+            let label = format!("image {key}/{name}");
+            let path = format!("images.{key}.services.{name}");
+            checks.push(image(&runtime, &label, &service.image, service.pull, &path).await);
+            if let Some(seed) = &service.seed_volume {
+                checks.push(match runtime.volume_exists(seed.as_ref()).await {
+                    Ok(true) => Check::ok(format!("seed {key}/{name}"), format!("volume {seed} is present")),
+                    Ok(false) => Check::fail(format!("seed {key}/{name}"), missing_seed(&path, seed.as_ref())),
+                    Err(err) => {
+                        Check::fail(format!("seed {key}/{name}"), format!("cannot inspect volume {seed}: {err}"))
+                    }
+                });
+            }
+        }
     }
     checks
+}
+
+/// Whether an image of `images` (or of a service, at `path`) is there or may be pulled.
+async fn image(runtime: &Runtime, label: &str, image: &str, pull: PullPolicy, path: &str) -> Check {
+    match (runtime.has_image(image).await, pull) {
+        (Ok(true), _) => Check::ok(label, format!("{image} is present")),
+        (Ok(false), PullPolicy::Never) => Check::fail(
+            label,
+            format!(
+                "{image} is not in Docker's image store and `pull: never` forbids pulling it: build or load it \
+                 (docker build -t {image} …, or docker load), or set {path}.pull: missing"
+            ),
+        ),
+        (Ok(false), _) => Check::warn(
+            label,
+            format!("{image} is not present; the first launch pulls it (check that the registry is reachable)"),
+        ),
+        (Err(err), _) => Check::fail(label, format!("cannot inspect {image}: {err}")),
+    }
+}
+
+/// What to say of a `seed_volume` Docker does not have (check-config warns, doctor fails).
+pub fn missing_seed(path: &str, volume: &str) -> String {
+    format!(
+        "{path}.seed_volume: the volume {volume} does not exist, so launches of this image fail; create and fill it \
+         (docker volume create {volume}, then load the data into it), or remove seed_volume"
+    )
+}
+
+/// The `seed_volume`s of config.yml Docker does not have, as `(services.<name> path, volume)`.
+pub async fn missing_seed_volumes(config: &Config) -> Result<Vec<(String, String)>, crate::docker::DockerError> {
+    let runtime = Runtime::connect(config.instance.clone()).await?;
+    let mut missing = Vec::new();
+    for (key, spec) in &config.images {
+        for (name, service) in &spec.services {
+            let Some(seed) = &service.seed_volume else { continue };
+            if !runtime.volume_exists(seed.as_ref()).await? {
+                missing.push((format!("images.{key}.services.{name}"), seed.to_string()));
+            }
+        }
+    }
+    Ok(missing)
 }
 
 fn unreachable(why: &str) -> Check {

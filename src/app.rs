@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
-use crate::docker::Runtime;
+use crate::docker::DockerRuntime;
 use crate::github::client::GitHubApi;
 use crate::github::feedback::Feedback;
 use crate::github::memory::Memory;
@@ -27,6 +27,7 @@ use crate::network::{Firewall, bridge_prefix};
 use crate::nginx::sites::SitesDir;
 use crate::nginx::vhost::VhostTemplate;
 use crate::nginx::{Nginx, Router, RouterSettings};
+use crate::runtime::Runtime;
 use crate::watch::{follow_container_changes, keep_nginx_running};
 
 pub struct Application {
@@ -49,7 +50,7 @@ impl Application {
             TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
         let template =
             VhostTemplate::load(&config.nginx.template, &config.trusted_proxies).map_err(anyhow::Error::msg)?;
-        let runtime = Runtime::connect(config.instance.clone()).await?;
+        let runtime: Arc<dyn Runtime> = Arc::new(DockerRuntime::connect(config.instance.clone()).await?);
         runtime.ping().await?;
         // First of all: Docker has restarted the previews at boot already, and iptables rules do
         // not survive a reboot.

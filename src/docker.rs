@@ -1,10 +1,12 @@
-//! The Docker runtime: creates, starts, inspects, lists and removes preview containers through
-//! the Docker Engine API. Container labels are the record of what runs; nothing else is kept.
+//! The Docker engine as previewd's [`Runtime`]: creates, starts, inspects, lists and removes
+//! preview containers through the Docker Engine API. Container labels are the record of what
+//! runs; nothing else is kept. No bollard type leaves this module and its children.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, TcpListener};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use async_trait::async_trait;
 use bollard::Docker;
 use bollard::errors::Error as BollardError;
 use bollard::models::{
@@ -15,42 +17,28 @@ use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, EventsOptions, ListContainersOptions, LogsOptions,
     RemoveContainerOptions,
 };
-use futures_util::{Stream, StreamExt, TryStreamExt};
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::{StreamExt, TryStreamExt};
 use serde_json::Value;
 
 use crate::config::{ImageSpec, PullPolicy};
 use crate::preview::{ImageKey, InstanceName, PreviewState, Role, Slug};
 use crate::request::{Owner, PullRequestOrigin};
+use crate::runtime::{
+    ContainerPlan, ContainerStatus, Containers, CreatedContainer, DockerError, Engine, EngineInfo, ManagedContainer,
+};
 
 mod environment;
 mod labels;
 mod networks;
-pub use environment::{JobPlan, ManagedVolume, RunOutcome, ServicePlan};
 use labels::*;
-pub use networks::{CreateNetworkError, ManagedNetwork, NetworkSpec};
 
 /// What the container's log files may grow to (json-file rotation), so previews cannot fill the disk.
 const LOG_MAX_SIZE: &str = "10m";
 const LOG_MAX_FILES: &str = "3";
 /// `/tmp` of a read-only preview: writable, but no device files or set-uid programs.
 const READ_ONLY_TMPFS: &str = "rw,nosuid,nodev,size=256m";
-
-#[derive(Debug, thiserror::Error)]
-pub enum DockerError {
-    #[error("cannot reach the Docker engine ({0}); is dockerd running?")]
-    Unreachable(String),
-    #[error("image {image} is not on this host and its pull policy is `never`: build or load it first")]
-    ImageMissing { image: String },
-    #[error("cannot pull image {image}: {message}")]
-    PullFailed { image: String, message: String },
-    #[error("Docker could not {action}: {message}")]
-    Api { action: &'static str, message: String },
-    /// The loopback port chosen for the container was taken before Docker bound it.
-    #[error("Docker could not publish the container on 127.0.0.1:{port}: {message}")]
-    PortInUse { port: u16, message: String },
-    #[error("cannot find a free port on 127.0.0.1 for the container: {0}")]
-    NoFreePort(String),
-}
 
 impl DockerError {
     fn from_bollard(action: &'static str, err: BollardError) -> Self {
@@ -74,81 +62,15 @@ fn is_not_found(err: &BollardError) -> bool {
     matches!(err, BollardError::DockerResponseServerError { status_code: 404, .. })
 }
 
-/// The engine's version and storage, as `docker version` and `docker info` tell them.
-#[derive(Debug, Clone)]
-pub struct EngineInfo {
-    pub version: String,
-    pub api_version: String,
-    pub storage_driver: String,
-    /// Where the engine keeps images and containers, on the engine's host.
-    pub data_root: String,
-}
-
-/// A container of this instance, as its labels and Docker's state describe it.
-#[derive(Debug, Clone)]
-pub struct ManagedContainer {
-    pub id: String,
-    pub slug: Slug,
-    pub image: ImageKey,
-    pub state: PreviewState,
-    /// The 127.0.0.1 port Docker published for the routed container port, while running.
-    pub host_port: Option<u16>,
-    /// Unix seconds.
-    pub created: i64,
-    /// Unix nanoseconds, for ordering.
-    pub created_ns: u128,
-    pub origin: Option<PullRequestOrigin>,
-    pub owner: Option<Owner>,
-    /// The preview's own network, when it has one.
-    pub network: Option<String>,
-    pub role: Role,
-    /// Of a service: the digest of the definition it was made from.
-    pub digest: Option<String>,
-}
-
-impl ManagedContainer {
-    pub fn is_running(&self) -> bool {
-        self.state == PreviewState::Running
-    }
-}
-
-/// How a started container is doing.
-#[derive(Debug, Clone)]
-pub struct ContainerStatus {
-    pub running: bool,
-    pub exit_code: Option<i64>,
-}
-
-/// Everything needed to create one preview container.
+/// The Docker engine on this host, as previewd's [`crate::runtime::Runtime`].
 #[derive(Clone)]
-pub struct ContainerPlan<'a> {
-    pub slug: &'a Slug,
-    pub image_key: &'a ImageKey,
-    pub spec: &'a ImageSpec,
-    /// `KEY=VALUE` entries.
-    pub env: Vec<String>,
-    pub origin: Option<&'a PullRequestOrigin>,
-    pub owner: Option<&'a Owner>,
-    /// The preview's own network; `None`: Docker's default bridge.
-    pub network: Option<&'a str>,
-}
-
-/// A container just created, and the loopback port it will be published on once started.
-pub struct CreatedContainer {
-    pub id: String,
-    pub host_port: u16,
-    /// Keeps other launches off the port until the container has bound it.
-    _reserved: PortReservation,
-}
-
-#[derive(Clone)]
-pub struct Runtime {
+pub struct DockerRuntime {
     docker: Docker,
     instance: InstanceName,
     ports: PortPicker,
 }
 
-impl Runtime {
+impl DockerRuntime {
     /// Connects to the local engine and agrees on an API version it speaks.
     pub async fn connect(instance: InstanceName) -> Result<Self, DockerError> {
         let docker = Docker::connect_with_local_defaults()
@@ -157,64 +79,6 @@ impl Runtime {
             .await
             .map_err(|err| DockerError::Unreachable(err.to_string()))?;
         Ok(Self { docker, instance, ports: PortPicker::default() })
-    }
-
-    /// What `previewd doctor` reports of the engine.
-    pub async fn engine(&self) -> Result<EngineInfo, DockerError> {
-        let version = self.docker.version().await.map_err(|err| DockerError::from_bollard("tell its version", err))?;
-        let info = self.docker.info().await.map_err(|err| DockerError::from_bollard("describe itself", err))?;
-        Ok(EngineInfo {
-            version: version.version.unwrap_or_default(),
-            api_version: version.api_version.unwrap_or_default(),
-            storage_driver: info.driver.unwrap_or_default(),
-            data_root: info.docker_root_dir.unwrap_or_default(),
-        })
-    }
-
-    /// Whether an image is in the engine's store.
-    pub async fn has_image(&self, image: &str) -> Result<bool, DockerError> {
-        match self.docker.inspect_image(image).await {
-            Ok(_) => Ok(true),
-            Err(err) if is_not_found(&err) => Ok(false),
-            Err(err) => Err(DockerError::from_bollard("inspect the image", err)),
-        }
-    }
-
-    pub async fn ping(&self) -> Result<(), DockerError> {
-        self.docker.ping().await.map(drop).map_err(|err| DockerError::from_bollard("answer a ping", err))
-    }
-
-    /// Whether the image must be pulled before a launch, as its `pull` policy says; an error when
-    /// it is missing and may not be pulled.
-    pub async fn needs_pull(&self, spec: &ImageSpec) -> Result<bool, DockerError> {
-        self.image_needs_pull(&spec.image, spec.pull).await
-    }
-
-    /// `needs_pull` for any image and policy (a service's).
-    pub async fn image_needs_pull(&self, image: &str, pull: PullPolicy) -> Result<bool, DockerError> {
-        let present = self.has_image(image).await?;
-        match (pull, present) {
-            (PullPolicy::Never, false) => Err(DockerError::ImageMissing { image: image.to_owned() }),
-            (PullPolicy::Always, _) | (PullPolicy::Missing, false) => Ok(true),
-            _ => Ok(false),
-        }
-    }
-
-    pub async fn pull(&self, image: &str) -> Result<(), DockerError> {
-        let options = CreateImageOptions { from_image: Some(image.to_owned()), ..Default::default() };
-        self.docker
-            .create_image(Some(options), None, None)
-            .try_for_each(|_| async { Ok(()) })
-            .await
-            .map_err(|err| DockerError::PullFailed { image: image.to_owned(), message: err.to_string() })
-    }
-
-    /// Creates a container to be published on a free loopback port, chosen here rather than by
-    /// Docker at start so that nginx can be routed to it while the container starts.
-    pub async fn create(&self, plan: ContainerPlan<'_>) -> Result<CreatedContainer, DockerError> {
-        let reserved = self.ports.reserve()?;
-        let body = self.create_body(&plan, reserved.port)?;
-        self.create_named(plan.slug.as_ref(), body, reserved).await
     }
 
     /// Creates the container under a name that tells the instance and the preview, unique by a
@@ -232,16 +96,7 @@ impl Runtime {
             .create_container(Some(options), body)
             .await
             .map_err(|err| DockerError::from_bollard("create the container", err))?;
-        Ok(CreatedContainer { id: created.id, host_port: reserved.port, _reserved: reserved })
-    }
-
-    pub async fn start(&self, container: &CreatedContainer) -> Result<(), DockerError> {
-        self.docker.start_container(&container.id, None).await.map_err(|err| match err {
-            BollardError::DockerResponseServerError { message, .. } if is_port_conflict(&message) => {
-                DockerError::PortInUse { port: container.host_port, message }
-            }
-            other => DockerError::from_bollard("start the container", other),
-        })
+        Ok(CreatedContainer::new(created.id, reserved.port, reserved))
     }
 
     fn create_body(&self, plan: &ContainerPlan<'_>, host_port: u16) -> Result<ContainerCreateBody, DockerError> {
@@ -318,11 +173,110 @@ impl Runtime {
         labels
     }
 
+    async fn set_unless_stopped(&self, id: &str) -> Result<(), BollardError> {
+        let update = ContainerUpdateBody {
+            restart_policy: Some(restart_policy(RestartPolicyNameEnum::UNLESS_STOPPED)),
+            ..Default::default()
+        };
+        self.docker.update_container(id, update).await.map(drop)
+    }
+
+    fn instance_labels(&self) -> Vec<String> {
+        vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_INSTANCE}={}", self.instance)]
+    }
+
+    async fn list_filtered(&self, slug: Option<&Slug>) -> Result<Vec<ManagedContainer>, DockerError> {
+        let mut labels = self.instance_labels();
+        if let Some(slug) = slug {
+            labels.push(format!("{LABEL_SLUG}={slug}"));
+        }
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(HashMap::from([("label".to_owned(), labels)])),
+            ..Default::default()
+        };
+        let summaries = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|err| DockerError::from_bollard("list containers", err))?;
+        let mut containers: Vec<_> = summaries.into_iter().filter_map(managed_container).collect();
+        containers.sort_by_key(|c| c.created_ns);
+        Ok(containers)
+    }
+}
+
+#[async_trait]
+impl Engine for DockerRuntime {
+    /// What `previewd doctor` reports of the engine.
+    async fn engine(&self) -> Result<EngineInfo, DockerError> {
+        let version = self.docker.version().await.map_err(|err| DockerError::from_bollard("tell its version", err))?;
+        let info = self.docker.info().await.map_err(|err| DockerError::from_bollard("describe itself", err))?;
+        Ok(EngineInfo {
+            version: version.version.unwrap_or_default(),
+            api_version: version.api_version.unwrap_or_default(),
+            storage_driver: info.driver.unwrap_or_default(),
+            data_root: info.docker_root_dir.unwrap_or_default(),
+        })
+    }
+
+    /// Whether an image is in the engine's store.
+    async fn has_image(&self, image: &str) -> Result<bool, DockerError> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => Ok(true),
+            Err(err) if is_not_found(&err) => Ok(false),
+            Err(err) => Err(DockerError::from_bollard("inspect the image", err)),
+        }
+    }
+
+    async fn ping(&self) -> Result<(), DockerError> {
+        self.docker.ping().await.map(drop).map_err(|err| DockerError::from_bollard("answer a ping", err))
+    }
+
+    /// `needs_pull` for any image and policy (a service's).
+    async fn image_needs_pull(&self, image: &str, pull: PullPolicy) -> Result<bool, DockerError> {
+        let present = self.has_image(image).await?;
+        match (pull, present) {
+            (PullPolicy::Never, false) => Err(DockerError::ImageMissing { image: image.to_owned() }),
+            (PullPolicy::Always, _) | (PullPolicy::Missing, false) => Ok(true),
+            _ => Ok(false),
+        }
+    }
+
+    async fn pull(&self, image: &str) -> Result<(), DockerError> {
+        let options = CreateImageOptions { from_image: Some(image.to_owned()), ..Default::default() };
+        self.docker
+            .create_image(Some(options), None, None)
+            .try_for_each(|_| async { Ok(()) })
+            .await
+            .map_err(|err| DockerError::PullFailed { image: image.to_owned(), message: err.to_string() })
+    }
+}
+
+#[async_trait]
+impl Containers for DockerRuntime {
+    /// Creates a container to be published on a free loopback port, chosen here rather than by
+    /// Docker at start so that nginx can be routed to it while the container starts.
+    async fn create(&self, plan: ContainerPlan<'_>) -> Result<CreatedContainer, DockerError> {
+        let reserved = self.ports.reserve()?;
+        let body = self.create_body(&plan, reserved.port)?;
+        self.create_named(plan.slug.as_ref(), body, reserved).await
+    }
+
+    async fn start(&self, container: &CreatedContainer) -> Result<(), DockerError> {
+        self.docker.start_container(&container.id, None).await.map_err(|err| match err {
+            BollardError::DockerResponseServerError { message, .. } if is_port_conflict(&message) => {
+                DockerError::PortInUse { port: container.host_port, message }
+            }
+            other => DockerError::from_bollard("start the container", other),
+        })
+    }
+
     /// A new container like `id` (same image, command, environment, labels and limits) on
     /// another free port, for a preview that was up and that Docker could not start again
     /// (another program took its port while the engine was down). `None` when `id` never came
     /// up (its restart policy was never set) or is gone: there is nothing to bring back.
-    pub async fn recreate(&self, id: &str) -> Result<Option<CreatedContainer>, DockerError> {
+    async fn recreate(&self, id: &str) -> Result<Option<CreatedContainer>, DockerError> {
         let inspect = match self.docker.inspect_container(id, None).await {
             Ok(inspect) => inspect,
             Err(err) if is_not_found(&err) => return Ok(None),
@@ -352,7 +306,7 @@ impl Runtime {
     /// The check is a read (~1 ms); the update writes the container's config even when nothing
     /// changes (~15 ms, one at a time), which at 500 previews made every start-up reconcile
     /// take 8 s.
-    pub async fn ensure_kept_running(&self, id: &str) -> Result<bool, DockerError> {
+    async fn ensure_kept_running(&self, id: &str) -> Result<bool, DockerError> {
         let inspect = match self.docker.inspect_container(id, None).await {
             Ok(inspect) => inspect,
             Err(err) if is_not_found(&err) => return Ok(false),
@@ -370,20 +324,12 @@ impl Runtime {
 
     /// From now on Docker restarts the container after a crash or an engine restart
     /// (`unless-stopped`). Set once the app has answered; repeating it is harmless.
-    pub async fn keep_running(&self, id: &str) -> Result<(), DockerError> {
+    async fn keep_running(&self, id: &str) -> Result<(), DockerError> {
         self.set_unless_stopped(id).await.map_err(|err| DockerError::from_bollard("set the restart policy", err))
     }
 
-    async fn set_unless_stopped(&self, id: &str) -> Result<(), BollardError> {
-        let update = ContainerUpdateBody {
-            restart_policy: Some(restart_policy(RestartPolicyNameEnum::UNLESS_STOPPED)),
-            ..Default::default()
-        };
-        self.docker.update_container(id, update).await.map(drop)
-    }
-
     /// The `KEY=VALUE` environment a container was created with.
-    pub async fn container_env(&self, id: &str) -> Result<Vec<String>, DockerError> {
+    async fn container_env(&self, id: &str) -> Result<Vec<String>, DockerError> {
         let inspect = self
             .docker
             .inspect_container(id, None)
@@ -394,7 +340,7 @@ impl Runtime {
 
     /// Stops a running container (`grace` for its app to exit on SIGTERM) and starts it again,
     /// with the same port.
-    pub async fn restart(&self, id: &str, grace: std::time::Duration) -> Result<(), DockerError> {
+    async fn restart(&self, id: &str, grace: std::time::Duration) -> Result<(), DockerError> {
         let options = bollard::query_parameters::RestartContainerOptions {
             t: Some(i32::try_from(grace.as_secs()).unwrap_or(i32::MAX)),
             ..Default::default()
@@ -406,7 +352,7 @@ impl Runtime {
     }
 
     /// Whether one container runs, and its exit code; `None` when it no longer exists.
-    pub async fn status(&self, id: &str) -> Result<Option<ContainerStatus>, DockerError> {
+    async fn status(&self, id: &str) -> Result<Option<ContainerStatus>, DockerError> {
         let inspect = match self.docker.inspect_container(id, None).await {
             Ok(inspect) => inspect,
             Err(err) if is_not_found(&err) => return Ok(None),
@@ -417,7 +363,7 @@ impl Runtime {
     }
 
     /// The last `lines` lines the container wrote to stdout and stderr.
-    pub async fn logs_tail(&self, id: &str, lines: usize) -> String {
+    async fn logs_tail(&self, id: &str, lines: usize) -> String {
         let options = LogsOptions { stdout: true, stderr: true, tail: lines.to_string(), ..Default::default() };
         let chunks: Vec<_> = self.docker.logs(id, Some(options)).collect().await;
         chunks
@@ -429,20 +375,18 @@ impl Runtime {
 
     /// The container's stdout and stderr as they come: the last `tail` lines, then (with
     /// `follow`) everything it writes until it stops or the reader goes away.
-    pub fn log_stream(
-        &self,
-        id: &str,
-        tail: usize,
-        follow: bool,
-    ) -> impl Stream<Item = Result<axum::body::Bytes, DockerError>> + use<> {
+    fn log_stream(&self, id: &str, tail: usize, follow: bool) -> BoxStream<'static, Result<Bytes, DockerError>> {
         let options = LogsOptions { stdout: true, stderr: true, follow, tail: tail.to_string(), ..Default::default() };
-        self.docker.logs(id, Some(options)).map(|chunk| {
-            chunk.map(|c| c.into_bytes()).map_err(|err| DockerError::from_bollard("read the container's log", err))
-        })
+        self.docker
+            .logs(id, Some(options))
+            .map(|chunk| {
+                chunk.map(|c| c.into_bytes()).map_err(|err| DockerError::from_bollard("read the container's log", err))
+            })
+            .boxed()
     }
 
     /// Removes a container and its anonymous volumes; a container that is already gone is fine.
-    pub async fn remove(&self, id: &str) -> Result<(), DockerError> {
+    async fn remove(&self, id: &str) -> Result<(), DockerError> {
         let options = RemoveContainerOptions { force: true, v: true, ..Default::default() };
         match self.docker.remove_container(id, Some(options)).await {
             // Gone, or going: a removal a killed previewd had asked for is still under way.
@@ -456,66 +400,45 @@ impl Runtime {
     /// The previews whose container Docker starts or removes from now on, as Docker reports them
     /// (it also restarts containers by itself, after a crash or an engine restart, and anyone may
     /// remove one by hand).
-    pub fn container_changes(&self) -> impl Stream<Item = Result<Slug, DockerError>> + use<> {
+    fn container_changes(&self) -> BoxStream<'static, Result<Slug, DockerError>> {
         let filters = HashMap::from([
             ("type".to_owned(), vec!["container".to_owned()]),
             ("event".to_owned(), vec!["start".to_owned(), "destroy".to_owned()]),
             ("label".to_owned(), self.instance_labels()),
         ]);
         let options = EventsOptions { filters: Some(filters), ..Default::default() };
-        self.docker.events(Some(options)).filter_map(|event| async move {
-            match event {
-                Ok(message) => {
-                    let attributes = message.actor.and_then(|actor| actor.attributes).unwrap_or_default();
-                    attributes.get(LABEL_SLUG).and_then(|slug| Slug::parse(slug).ok()).map(Ok)
+        self.docker
+            .events(Some(options))
+            .filter_map(|event| async move {
+                match event {
+                    Ok(message) => {
+                        let attributes = message.actor.and_then(|actor| actor.attributes).unwrap_or_default();
+                        attributes.get(LABEL_SLUG).and_then(|slug| Slug::parse(slug).ok()).map(Ok)
+                    }
+                    Err(err) => Some(Err(DockerError::from_bollard("stream events", err))),
                 }
-                Err(err) => Some(Err(DockerError::from_bollard("stream events", err))),
-            }
-        })
-    }
-
-    fn instance_labels(&self) -> Vec<String> {
-        vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_INSTANCE}={}", self.instance)]
+            })
+            .boxed()
     }
 
     /// Every app container of this instance, running or not, oldest first (by creation time).
-    pub async fn list(&self) -> Result<Vec<ManagedContainer>, DockerError> {
+    async fn list(&self) -> Result<Vec<ManagedContainer>, DockerError> {
         Ok(self.list_filtered(None).await?.into_iter().filter(|c| c.role == Role::App).collect())
     }
 
     /// The app containers of one preview, oldest first.
-    pub async fn list_slug(&self, slug: &Slug) -> Result<Vec<ManagedContainer>, DockerError> {
+    async fn list_slug(&self, slug: &Slug) -> Result<Vec<ManagedContainer>, DockerError> {
         Ok(self.list_filtered(Some(slug)).await?.into_iter().filter(|c| c.role == Role::App).collect())
     }
 
     /// Every container of this instance, whatever its role, oldest first.
-    pub async fn list_all(&self) -> Result<Vec<ManagedContainer>, DockerError> {
+    async fn list_all(&self) -> Result<Vec<ManagedContainer>, DockerError> {
         self.list_filtered(None).await
     }
 
     /// Every container of one preview, whatever its role, oldest first.
-    pub async fn list_slug_all(&self, slug: &Slug) -> Result<Vec<ManagedContainer>, DockerError> {
+    async fn list_slug_all(&self, slug: &Slug) -> Result<Vec<ManagedContainer>, DockerError> {
         self.list_filtered(Some(slug)).await
-    }
-
-    async fn list_filtered(&self, slug: Option<&Slug>) -> Result<Vec<ManagedContainer>, DockerError> {
-        let mut labels = self.instance_labels();
-        if let Some(slug) = slug {
-            labels.push(format!("{LABEL_SLUG}={slug}"));
-        }
-        let options = ListContainersOptions {
-            all: true,
-            filters: Some(HashMap::from([("label".to_owned(), labels)])),
-            ..Default::default()
-        };
-        let summaries = self
-            .docker
-            .list_containers(Some(options))
-            .await
-            .map_err(|err| DockerError::from_bollard("list containers", err))?;
-        let mut containers: Vec<_> = summaries.into_iter().filter_map(managed_container).collect();
-        containers.sort_by_key(|c| c.created_ns);
-        Ok(containers)
     }
 }
 

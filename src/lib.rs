@@ -44,6 +44,7 @@ pub mod nginx;
 pub mod preview;
 pub mod probe;
 pub mod request;
+pub mod runtime;
 pub mod throttle;
 pub mod watch;
 

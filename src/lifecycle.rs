@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use crate::admission::{Admission, LimitError};
 use crate::config::Config;
-use crate::docker::{DockerError, ManagedContainer, Runtime};
 use crate::locks::KeyedLocks;
 use crate::metrics::{ByStep, Metrics};
 use crate::network::{NetworkError, Networks};
@@ -30,6 +29,7 @@ use crate::nginx::{NginxError, Router};
 use crate::preview::{ImageKey, PreviewState, Role, ServiceName, Slug};
 use crate::probe::Prober;
 use crate::request::{Owner, PullRequestOrigin};
+use crate::runtime::{DockerError, ManagedContainer, Runtime};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -161,7 +161,7 @@ pub struct ReconcileReport {
 #[derive(Clone)]
 pub struct Lifecycle {
     config: Arc<Config>,
-    runtime: Runtime,
+    runtime: Arc<dyn Runtime>,
     router: Router,
     prober: Prober,
     locks: Arc<KeyedLocks<Slug>>,
@@ -211,9 +211,9 @@ impl Progress {
 }
 
 impl Lifecycle {
-    pub fn new(config: Arc<Config>, runtime: Runtime, router: Router, metrics: Arc<Metrics>) -> Self {
+    pub fn new(config: Arc<Config>, runtime: Arc<dyn Runtime>, router: Router, metrics: Arc<Metrics>) -> Self {
         let admission = Admission::new(config.limits);
-        let networks = Networks::new(runtime.clone(), config.instance.clone(), config.network, &metrics);
+        let networks = Networks::new(Arc::clone(&runtime), config.instance.clone(), config.network, &metrics);
         Self { config, runtime, router, prober: Prober::new(), locks: Arc::default(), metrics, admission, networks }
     }
 
@@ -225,8 +225,8 @@ impl Lifecycle {
         &self.metrics
     }
 
-    pub fn runtime(&self) -> &Runtime {
-        &self.runtime
+    pub fn runtime(&self) -> &dyn Runtime {
+        self.runtime.as_ref()
     }
 
     pub fn router(&self) -> &Router {

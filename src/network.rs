@@ -19,9 +19,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::NetworkConfig;
-use crate::docker::{CreateNetworkError, DockerError, NetworkSpec, Runtime};
 use crate::metrics::Metrics;
 use crate::preview::InstanceName;
+use crate::runtime::{CreateNetworkError, DockerError, NetworkSpec, Runtime};
 pub use firewall::{Firewall, FirewallError};
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 
@@ -47,7 +47,7 @@ pub struct Networks {
 }
 
 struct Inner {
-    runtime: Runtime,
+    runtime: std::sync::Arc<dyn Runtime>,
     instance: InstanceName,
     config: NetworkConfig,
     /// `pv-` and six hex digits of the instance name's hash: every bridge of the instance
@@ -63,7 +63,12 @@ struct Inner {
 }
 
 impl Networks {
-    pub fn new(runtime: Runtime, instance: InstanceName, config: NetworkConfig, metrics: &Metrics) -> Self {
+    pub fn new(
+        runtime: std::sync::Arc<dyn Runtime>,
+        instance: InstanceName,
+        config: NetworkConfig,
+        metrics: &Metrics,
+    ) -> Self {
         let bridge_prefix = bridge_prefix(&instance);
         let firewall = Firewall::new(&bridge_prefix, config.egress);
         let inner = Inner {

@@ -757,12 +757,14 @@ async fn a_preview_whose_port_was_taken_while_it_was_down_comes_back_on_another_
 /// start-up reconcile used to fail on it, and previewd did not start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_being_removed_or_gone_is_not_an_error() {
+    use previewd::runtime::Containers;
     common::require_demo_image();
     let instance = common::unique_instance();
     let no_nginx = tempfile::tempdir().unwrap();
     let _cleanup = common::Cleanup { instance: instance.clone(), pid_file: no_nginx.path().join("nginx.pid") };
-    let runtime =
-        previewd::docker::Runtime::connect(previewd::preview::InstanceName::parse(&instance).unwrap()).await.unwrap();
+    let runtime = previewd::docker::DockerRuntime::connect(previewd::preview::InstanceName::parse(&instance).unwrap())
+        .await
+        .unwrap();
     let run = || {
         let output = std::process::Command::new("docker")
             .args([

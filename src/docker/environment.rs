@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use bollard::models::{
     ContainerCreateBody, EndpointSettings, ExecConfig, HostConfig, Mount, MountType, NetworkingConfig,
     RestartPolicyNameEnum, VolumeCreateRequest,
@@ -17,9 +18,10 @@ use bollard::query_parameters::{
 use futures_util::StreamExt;
 
 use super::labels::{LABEL_DIGEST, LABEL_PART, LABEL_ROLE, LABEL_SLUG};
-use super::{ContainerPlan, DockerError, Limits, Runtime, is_not_found, restart_policy, unix_nanos};
-use crate::config::{JobSpec, ServiceSpec, VolumeName};
+use super::{DockerRuntime, Limits, is_not_found, restart_policy, unix_nanos};
+use crate::config::VolumeName;
 use crate::preview::{ImageKey, Role, ServiceName, Slug};
+use crate::runtime::{Containers, DockerError, JobPlan, ManagedVolume, Parts, RunOutcome, ServicePlan};
 
 /// Where the copy of a seed volume sees it, and the volume it fills.
 const SEED_MOUNT: &str = "/previewd-seed";
@@ -27,46 +29,42 @@ const DATA_MOUNT: &str = "/previewd-data";
 /// What `cp -a` needs to keep the seed's owners, modes and times on files it does not own.
 const COPY_CAPS: &[&str] = &["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID"];
 
-/// One service container to create.
-pub struct ServicePlan<'a> {
-    pub slug: &'a Slug,
-    pub image_key: &'a ImageKey,
-    pub name: &'a ServiceName,
-    pub spec: &'a ServiceSpec,
-    /// `KEY=VALUE` entries.
-    pub env: Vec<String>,
-    pub network: &'a str,
-    /// The data volume mounted on `spec.data`.
-    pub volume: Option<&'a str>,
+impl DockerRuntime {
+    async fn create_part(
+        &self,
+        slug: &Slug,
+        part: &ServiceName,
+        kind: &str,
+        body: ContainerCreateBody,
+    ) -> Result<String, DockerError> {
+        let name = format!("previewd.{}.{slug}.{kind}-{part}.{:08x}", self.instance, rand::random::<u32>());
+        let options = CreateContainerOptions { name: Some(name), ..Default::default() };
+        let created = self
+            .docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|err| DockerError::from_bollard("create the container", err))?;
+        Ok(created.id)
+    }
+
+    async fn run_copy(&self, id: &str) -> Result<(), DockerError> {
+        self.start_part(id).await?;
+        match self.wait_for_end(id, Duration::from_secs(3600)).await? {
+            RunOutcome::Exited(0) => Ok(()),
+            outcome => Err(DockerError::Api {
+                action: "copy the seed volume",
+                message: format!("cp -a ended with {outcome:?}: {}", self.logs_tail(id, 5).await.trim()),
+            }),
+        }
+    }
 }
 
-/// One job container to create: the app's image and environment with the job's command.
-pub struct JobPlan<'a> {
-    pub app: ContainerPlan<'a>,
-    pub job: &'a JobSpec,
-}
-
-/// How a container that was run to its end ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunOutcome {
-    Exited(i64),
-    /// Still running when its time was up (it is left running; the caller removes it).
-    TimedOut,
-}
-
-/// A data volume of this instance.
-#[derive(Debug, Clone)]
-pub struct ManagedVolume {
-    pub name: String,
-    pub slug: Slug,
-    pub service: ServiceName,
-}
-
-impl Runtime {
+#[async_trait]
+impl Parts for DockerRuntime {
     /// Creates a service container, never published on the host. Like an app, it is restarted
     /// by Docker only once it was ready (`keep_running`): a crash during start-up stays visible,
     /// with its exit code, and fails the launch at once.
-    pub async fn create_service(&self, plan: &ServicePlan<'_>) -> Result<String, DockerError> {
+    async fn create_service(&self, plan: &ServicePlan<'_>) -> Result<String, DockerError> {
         let role = Role::Service(plan.name.clone());
         let mut labels = self.preview_labels(plan.slug, plan.image_key, &role, Some(plan.network));
         labels.insert(LABEL_DIGEST.to_owned(), plan.spec.digest());
@@ -104,36 +102,19 @@ impl Runtime {
 
     /// Creates a job container: the app's image, environment, limits and hardening, on the
     /// preview's network, running the job's command once.
-    pub async fn create_job(&self, plan: &JobPlan<'_>) -> Result<String, DockerError> {
+    async fn create_job(&self, plan: &JobPlan<'_>) -> Result<String, DockerError> {
         let role = Role::Job(plan.job.name.clone());
         let body = self.app_image_body(&plan.app, &role, Some(plan.job.command.clone()), None)?;
         self.create_part(plan.app.slug, &plan.job.name, "job", body).await
     }
 
-    async fn create_part(
-        &self,
-        slug: &Slug,
-        part: &ServiceName,
-        kind: &str,
-        body: ContainerCreateBody,
-    ) -> Result<String, DockerError> {
-        let name = format!("previewd.{}.{slug}.{kind}-{part}.{:08x}", self.instance, rand::random::<u32>());
-        let options = CreateContainerOptions { name: Some(name), ..Default::default() };
-        let created = self
-            .docker
-            .create_container(Some(options), body)
-            .await
-            .map_err(|err| DockerError::from_bollard("create the container", err))?;
-        Ok(created.id)
-    }
-
     /// Starts a container that publishes no port (a service or a job).
-    pub async fn start_part(&self, id: &str) -> Result<(), DockerError> {
+    async fn start_part(&self, id: &str) -> Result<(), DockerError> {
         self.docker.start_container(id, None).await.map_err(|err| DockerError::from_bollard("start the container", err))
     }
 
     /// Waits until the container stops, at most `timeout`; its exit code.
-    pub async fn wait_for_end(&self, id: &str, timeout: Duration) -> Result<RunOutcome, DockerError> {
+    async fn wait_for_end(&self, id: &str, timeout: Duration) -> Result<RunOutcome, DockerError> {
         let options = WaitContainerOptions { condition: "not-running".to_owned() };
         let mut waiting = self.docker.wait_container(id, Some(options));
         // The wait answers with an error for a non-zero exit: the code is read back below.
@@ -148,7 +129,7 @@ impl Runtime {
     }
 
     /// Runs `argv` inside a running container; its exit code (`None` if it could not run).
-    pub async fn exec_status(&self, id: &str, argv: &[String]) -> Result<Option<i64>, DockerError> {
+    async fn exec_status(&self, id: &str, argv: &[String]) -> Result<Option<i64>, DockerError> {
         let config = ExecConfig {
             cmd: Some(argv.to_vec()),
             attach_stdout: Some(true),
@@ -175,7 +156,7 @@ impl Runtime {
     }
 
     /// The container's address on `network`, while it runs.
-    pub async fn address_on(&self, id: &str, network: &str) -> Result<Option<IpAddr>, DockerError> {
+    async fn address_on(&self, id: &str, network: &str) -> Result<Option<IpAddr>, DockerError> {
         let inspect = match self.docker.inspect_container(id, None::<InspectContainerOptions>).await {
             Ok(inspect) => inspect,
             Err(err) if is_not_found(&err) => return Ok(None),
@@ -192,11 +173,11 @@ impl Runtime {
 
     /// The name of a service's data volume: one per preview and service, so a redeploy finds
     /// it again.
-    pub fn volume_name(&self, slug: &Slug, service: &ServiceName) -> String {
+    fn volume_name(&self, slug: &Slug, service: &ServiceName) -> String {
         format!("previewd.{}.{slug}.{service}", self.instance)
     }
 
-    pub async fn volume_exists(&self, name: &str) -> Result<bool, DockerError> {
+    async fn volume_exists(&self, name: &str) -> Result<bool, DockerError> {
         match self.docker.inspect_volume(name).await {
             Ok(_) => Ok(true),
             Err(err) if is_not_found(&err) => Ok(false),
@@ -205,7 +186,7 @@ impl Runtime {
     }
 
     /// Creates an empty data volume of a service.
-    pub async fn create_volume(
+    async fn create_volume(
         &self,
         slug: &Slug,
         image_key: &ImageKey,
@@ -220,7 +201,7 @@ impl Runtime {
     }
 
     /// Removes a volume; one already gone is fine. Its containers must be gone first.
-    pub async fn remove_volume(&self, name: &str) -> Result<(), DockerError> {
+    async fn remove_volume(&self, name: &str) -> Result<(), DockerError> {
         match self.docker.remove_volume(name, Some(RemoveVolumeOptions { force: false })).await {
             Err(err) if !is_not_found(&err) => Err(DockerError::from_bollard("remove the volume", err)),
             _ => Ok(()),
@@ -228,7 +209,7 @@ impl Runtime {
     }
 
     /// Every data volume of this instance.
-    pub async fn list_volumes(&self) -> Result<Vec<ManagedVolume>, DockerError> {
+    async fn list_volumes(&self) -> Result<Vec<ManagedVolume>, DockerError> {
         let filters = HashMap::from([("label".to_owned(), self.instance_labels())]);
         let listed = self
             .docker
@@ -241,7 +222,7 @@ impl Runtime {
     /// Copies the seed volume into the data volume with `cp -a` in `image` (the service's own,
     /// so nothing else needs to be on the host), keeping owners, modes and times; a container
     /// without a network, removed after. The error holds `cp`'s own words.
-    pub async fn copy_volume(
+    async fn copy_volume(
         &self,
         slug: &Slug,
         image_key: &ImageKey,
@@ -280,17 +261,6 @@ impl Runtime {
         let result = self.run_copy(&id).await;
         self.remove(&id).await?;
         result
-    }
-
-    async fn run_copy(&self, id: &str) -> Result<(), DockerError> {
-        self.start_part(id).await?;
-        match self.wait_for_end(id, Duration::from_secs(3600)).await? {
-            RunOutcome::Exited(0) => Ok(()),
-            outcome => Err(DockerError::Api {
-                action: "copy the seed volume",
-                message: format!("cp -a ended with {outcome:?}: {}", self.logs_tail(id, 5).await.trim()),
-            }),
-        }
     }
 }
 

@@ -8,38 +8,18 @@ use bollard::models::{Ipam, IpamConfig, NetworkCreateRequest};
 use bollard::query_parameters::ListNetworksOptions;
 use ipnet::Ipv4Net;
 
-use super::{DockerError, LABEL_INSTANCE, LABEL_MANAGED, Runtime, is_not_found};
+use async_trait::async_trait;
+
+use super::{DockerRuntime, LABEL_INSTANCE, LABEL_MANAGED, is_not_found};
+use crate::runtime::{CreateNetworkError, DockerError, ManagedNetwork, NetworkSpec, Networking};
 
 /// Docker's option naming the Linux bridge of a network: previewd names them so that its
 /// firewall rules can match all of an instance's bridges with one interface wildcard.
 const BRIDGE_NAME_OPTION: &str = "com.docker.network.bridge.name";
 
-/// A network to create.
-pub struct NetworkSpec<'a> {
-    pub name: &'a str,
-    pub bridge: &'a str,
-    pub subnet: Ipv4Net,
-}
-
-/// A network of this instance, as Docker lists it.
-#[derive(Debug, Clone)]
-pub struct ManagedNetwork {
-    pub name: String,
-    pub bridge: Option<String>,
-}
-
-/// Why a network could not be created.
-#[derive(Debug, thiserror::Error)]
-pub enum CreateNetworkError {
-    /// Another network (of another daemon, or made by hand) took the subnet meanwhile.
-    #[error("the subnet is taken: {0}")]
-    SubnetTaken(String),
-    #[error(transparent)]
-    Docker(#[from] DockerError),
-}
-
-impl Runtime {
-    pub async fn create_network(&self, spec: &NetworkSpec<'_>) -> Result<(), CreateNetworkError> {
+#[async_trait]
+impl Networking for DockerRuntime {
+    async fn create_network(&self, spec: &NetworkSpec<'_>) -> Result<(), CreateNetworkError> {
         let gateway = spec.subnet.hosts().next().map(|ip| ip.to_string());
         let request = NetworkCreateRequest {
             name: spec.name.to_owned(),
@@ -65,7 +45,7 @@ impl Runtime {
     }
 
     /// Whether a network of that name exists (someone may have pruned it).
-    pub async fn network_exists(&self, name: &str) -> Result<bool, DockerError> {
+    async fn network_exists(&self, name: &str) -> Result<bool, DockerError> {
         match self.docker.inspect_network(name, None).await {
             Ok(_) => Ok(true),
             Err(err) if is_not_found(&err) => Ok(false),
@@ -74,7 +54,7 @@ impl Runtime {
     }
 
     /// Removes a network; one that is already gone is fine.
-    pub async fn remove_network(&self, name: &str) -> Result<(), DockerError> {
+    async fn remove_network(&self, name: &str) -> Result<(), DockerError> {
         match self.docker.remove_network(name).await {
             Err(err) if !is_not_found(&err) => Err(DockerError::from_bollard("remove a network", err)),
             _ => Ok(()),
@@ -82,7 +62,7 @@ impl Runtime {
     }
 
     /// This instance's networks.
-    pub async fn list_networks(&self) -> Result<Vec<ManagedNetwork>, DockerError> {
+    async fn list_networks(&self) -> Result<Vec<ManagedNetwork>, DockerError> {
         let filters = HashMap::from([("label".to_owned(), self.instance_labels())]);
         let networks = self
             .docker
@@ -99,7 +79,7 @@ impl Runtime {
     }
 
     /// The IPv4 subnets of every network on the engine, previewd's or not.
-    pub async fn used_subnets(&self) -> Result<Vec<Ipv4Net>, DockerError> {
+    async fn used_subnets(&self) -> Result<Vec<Ipv4Net>, DockerError> {
         let networks = self
             .docker
             .list_networks(None::<ListNetworksOptions>)

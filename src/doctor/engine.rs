@@ -4,8 +4,9 @@
 
 use super::Check;
 use crate::config::{Config, PullPolicy};
-use crate::docker::Runtime;
+use crate::docker::DockerRuntime;
 use crate::network::Networks;
+use crate::runtime::{Engine, Parts};
 
 /// Free space under Docker's data root below which launches start failing for lack of room.
 const FAIL_BELOW: u64 = 1 << 30;
@@ -13,7 +14,7 @@ const FAIL_BELOW: u64 = 1 << 30;
 const WARN_BELOW: u64 = 5 << 30;
 
 pub async fn checks(config: &Config) -> Vec<Check> {
-    let runtime = match Runtime::connect(config.instance.clone()).await {
+    let runtime = match DockerRuntime::connect(config.instance.clone()).await {
         Ok(runtime) => runtime,
         Err(err) => return vec![unreachable(&err.to_string())],
     };
@@ -51,7 +52,7 @@ pub async fn checks(config: &Config) -> Vec<Check> {
 }
 
 /// Whether an image of `images` (or of a service, at `path`) is there or may be pulled.
-async fn image(runtime: &Runtime, label: &str, image: &str, pull: PullPolicy, path: &str) -> Check {
+async fn image(runtime: &DockerRuntime, label: &str, image: &str, pull: PullPolicy, path: &str) -> Check {
     match (runtime.has_image(image).await, pull) {
         (Ok(true), _) => Check::ok(label, format!("{image} is present")),
         (Ok(false), PullPolicy::Never) => Check::fail(
@@ -78,8 +79,8 @@ pub fn missing_seed(path: &str, volume: &str) -> String {
 }
 
 /// The `seed_volume`s of config.yml Docker does not have, as `(services.<name> path, volume)`.
-pub async fn missing_seed_volumes(config: &Config) -> Result<Vec<(String, String)>, crate::docker::DockerError> {
-    let runtime = Runtime::connect(config.instance.clone()).await?;
+pub async fn missing_seed_volumes(config: &Config) -> Result<Vec<(String, String)>, crate::runtime::DockerError> {
+    let runtime = DockerRuntime::connect(config.instance.clone()).await?;
     let mut missing = Vec::new();
     for (key, spec) in &config.images {
         for (name, service) in &spec.services {
@@ -105,7 +106,7 @@ fn unreachable(why: &str) -> Check {
 
 /// The preview networks: isolation on, the firewall in place (or installable), and subnets left
 /// for every preview `limits.max_previews` allows.
-async fn network(config: &Config, runtime: &Runtime) -> Vec<Check> {
+async fn network(config: &Config, runtime: &DockerRuntime) -> Vec<Check> {
     if !config.network.isolation {
         return vec![Check::warn(
             "network",
@@ -114,7 +115,8 @@ async fn network(config: &Config, runtime: &Runtime) -> Vec<Check> {
         )];
     }
     let metrics = crate::metrics::Metrics::new();
-    let networks = Networks::new(runtime.clone(), config.instance.clone(), config.network, &metrics);
+    let networks =
+        Networks::new(std::sync::Arc::new(runtime.clone()), config.instance.clone(), config.network, &metrics);
     let firewall = if networks.firewall().installed().await {
         Check::ok("firewall", "the preview networks' rules are in place (PREVIEWD-INPUT, PREVIEWD-FORWARD)")
     } else {

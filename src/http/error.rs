@@ -8,7 +8,6 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::auth::AuthError;
-use crate::docker::DockerError;
 use crate::github::event::EventError;
 use crate::github::token_auth::TokenAuthError;
 use crate::github::webhook::WebhookError;
@@ -17,6 +16,7 @@ use crate::network::NetworkError;
 use crate::nginx::NginxError;
 use crate::preview::Slug;
 use crate::request::RequestError;
+use crate::runtime::DockerError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

@@ -10,9 +10,9 @@ use futures_util::future::join_all;
 
 use super::{Lifecycle, LifecycleError, Progress, short};
 use crate::config::{EnvContext, EnvTemplate, ImageSpec, JobWhen, ReadyCheck, ServiceSpec};
-use crate::docker::{ContainerPlan, JobPlan, ManagedContainer, RunOutcome, ServicePlan};
 use crate::metrics::ByPart;
 use crate::preview::{EnvName, ImageKey, Role, ServiceName, Slug};
+use crate::runtime::{ContainerPlan, JobPlan, ManagedContainer, RunOutcome, ServicePlan};
 
 /// How many lines of a failed service's or job's log go into the error.
 const LOG_LINES_ON_FAILURE: usize = 20;

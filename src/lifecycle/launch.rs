@@ -14,11 +14,11 @@ use super::{
 };
 use crate::admission::AdmitError;
 use crate::config::{EnvContext, ImageSpec};
-use crate::docker::{ContainerPlan, CreatedContainer, DockerError, ManagedContainer};
 use crate::metrics;
 use crate::nginx::{Drain, NginxError, RouteTicket};
 use crate::preview::{PreviewState, Slug};
 use crate::request::LaunchRequest;
+use crate::runtime::{ContainerPlan, CreatedContainer, DockerError, ManagedContainer};
 
 /// How many lines of a failed container's log go into the error.
 const LOG_LINES_ON_FAILURE: usize = 20;

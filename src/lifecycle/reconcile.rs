@@ -9,8 +9,8 @@ use futures_util::StreamExt;
 use super::environment::{EnvironmentOf, app_context};
 use super::{Lifecycle, LifecycleError, Progress, ReconcileReport, short};
 use crate::config::ImageSpec;
-use crate::docker::{CreatedContainer, ManagedContainer};
 use crate::preview::{Role, Slug};
+use crate::runtime::{CreatedContainer, ManagedContainer};
 
 /// How many previews a reconcile settles at once.
 const RECONCILE_PARALLELISM: usize = 16;

@@ -4,10 +4,10 @@
 use std::collections::BTreeSet;
 
 use super::{Lifecycle, LifecycleError, same_pull_request};
-use crate::docker::ManagedContainer;
 use crate::metrics;
 use crate::preview::Slug;
 use crate::request::PullRequestOrigin;
+use crate::runtime::ManagedContainer;
 
 impl Lifecycle {
     /// Removes the preview of a pull request, unless the name belongs to another preview (another

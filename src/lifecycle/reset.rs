@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use super::environment::{EnvironmentOf, app_context};
 use super::{Lifecycle, LifecycleError, PreviewInfo, Progress};
-use crate::docker::{ContainerPlan, ManagedContainer};
 use crate::preview::Slug;
+use crate::runtime::{ContainerPlan, ManagedContainer};
 
 /// How long the app has to exit on SIGTERM before it is killed for the restart.
 const RESTART_GRACE: Duration = Duration::from_secs(5);

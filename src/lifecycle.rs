@@ -360,3 +360,21 @@ fn newest_per_slug(containers: Vec<ManagedContainer>) -> BTreeMap<Slug, ManagedC
 fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_of_a_failed_service_or_job_names_it_without_its_log() {
+        let job = ServiceName::parse("migrate").unwrap();
+        let failed = LifecycleError::JobFailed { job, exit_code: 3, logs: "password=hunter2".to_owned() };
+        assert!(failed.to_string().contains("password=hunter2"), "the API caller sees the log lines");
+        let summary = failed.summary();
+        assert!(summary.contains("job migrate failed with exit code 3") && !summary.contains("hunter2"), "{summary}");
+        let service = ServiceName::parse("db").unwrap();
+        let timeout = Duration::from_secs(60);
+        let slow = LifecycleError::ServiceNotReady { service, timeout, logs: "secret".to_owned() };
+        assert!(slow.summary().contains("service db was not ready within 60s") && !slow.summary().contains("secret"));
+    }
+}

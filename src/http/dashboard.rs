@@ -314,6 +314,28 @@ mod tests {
     }
 
     #[test]
+    fn each_service_has_a_badge_with_its_state_linking_to_its_log() {
+        let mut shop = info("shop-x");
+        shop.services = vec![
+            crate::lifecycle::ServiceInfo {
+                name: crate::preview::ServiceName::parse("db").unwrap(),
+                status: PreviewState::Running,
+            },
+            crate::lifecycle::ServiceInfo {
+                name: crate::preview::ServiceName::parse("cache").unwrap(),
+                status: PreviewState::Exited,
+            },
+        ];
+        let html = render(&page(vec![Row::new(&shop, 1_000_060, "https://github.com")])).unwrap();
+        assert!(
+            html.contains(r#"<a class="badge ok" href="/api/previews/shop-x/logs?tail=200&amp;service=db""#),
+            "{html}"
+        );
+        assert!(html.contains(">db: running</a>") && html.contains(">cache: exited</a>"), "{html}");
+        assert!(html.contains(r#"<a class="badge bad" href="/api/previews/shop-x/logs?tail=200&amp;service=cache""#));
+    }
+
+    #[test]
     fn empty_state_shows_how_to_launch() {
         let html = render(&page(Vec::new())).unwrap();
         assert!(html.contains("No previews are running"), "{html}");

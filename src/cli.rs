@@ -204,7 +204,7 @@ async fn launch(
             if !json {
                 let seconds = event["elapsed_ms"].as_u64().unwrap_or(0) as f64 / 1000.0;
                 eprintln!(
-                    "{:>6.1}s  {:<7} {}",
+                    "{:>6.1}s  {:<8} {}",
                     seconds,
                     event["step"].as_str().unwrap_or(""),
                     event["message"].as_str().unwrap_or("")
@@ -216,7 +216,7 @@ async fn launch(
     if json {
         println!("{}", serde_json::to_string_pretty(&preview).unwrap_or_default());
     } else {
-        eprintln!("{:>6.1}s  {:<7} {url}", started.elapsed().as_secs_f64(), "ready");
+        eprintln!("{:>6.1}s  {:<8} {url}", started.elapsed().as_secs_f64(), "ready");
         println!("{url}");
     }
     if open && std::process::Command::new("xdg-open").arg(&url).status().is_err() {

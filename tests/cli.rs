@@ -15,7 +15,7 @@ fn check_config_accepts_the_shipped_config() {
     assert!(output.status.success(), "{output:?}");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
-        stdout.contains("OK (instance default, 1 image(s), 1 user(s), previews at *.preview.localhost)"),
+        stdout.contains("OK (instance default, 2 image(s), 1 user(s), previews at *.preview.localhost)"),
         "{stdout}"
     );
 }

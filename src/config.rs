@@ -593,19 +593,7 @@ fn validate_image(path: &str, raw: RawImage, problems: &mut Problems) -> Option<
     if raw.command.as_ref().is_some_and(|argv| argv.is_empty()) {
         problems.add(&format!("{path}.command"), "must not be empty; remove it to use the image's own command");
     }
-    let memory = raw.memory.and_then(|size| match parse_byte_size(&size) {
-        Ok(bytes) => Some(bytes),
-        Err(message) => {
-            problems.add(&format!("{path}.memory"), message);
-            None
-        }
-    });
-    if raw.cpus.is_some_and(|cpus| !(cpus > 0.0 && cpus.is_finite())) {
-        problems.add(&format!("{path}.cpus"), "must be a positive number of CPUs, e.g. 0.5");
-    }
-    if raw.pids.is_some_and(|pids| pids < 1) {
-        problems.add(&format!("{path}.pids"), "must be at least 1");
-    }
+    let limits = validate_limits(path, raw.memory, raw.cpus, raw.pids, raw.cap_add, problems);
     let health_path = raw.health_path.unwrap_or_else(|| "/".to_owned());
     if !health_path.starts_with('/') || health_path.contains(|c: char| c.is_whitespace() || c.is_control()) {
         problems.add(&format!("{path}.health_path"), "must be a URL path starting with '/', e.g. /healthz");
@@ -618,14 +606,6 @@ fn validate_image(path: &str, raw: RawImage, problems: &mut Problems) -> Option<
     if let Err(message) = crate::docker::check_create_params(&params) {
         problems.add(&format!("{path}.container_create_params"), message);
     }
-    let cap_add: Vec<Capability> = raw
-        .cap_add
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|name| {
-            Capability::parse(name).map_err(|message| problems.add(&format!("{path}.cap_add"), message)).ok()
-        })
-        .collect();
     let services = environment::validate_services(path, raw.services, problems);
     let jobs = environment::validate_jobs(path, raw.jobs, problems);
     (problems.0.len() == before).then(|| ImageSpec {
@@ -634,10 +614,10 @@ fn validate_image(path: &str, raw: RawImage, problems: &mut Problems) -> Option<
         command: raw.command,
         env: raw.env,
         pull: raw.pull.unwrap_or(PullPolicy::Missing),
-        memory: memory.unwrap_or(DEFAULT_MEMORY),
-        cpus: raw.cpus,
-        pids: raw.pids.unwrap_or(DEFAULT_PIDS),
-        cap_add,
+        memory: limits.memory,
+        cpus: limits.cpus,
+        pids: limits.pids,
+        cap_add: limits.cap_add,
         read_only: raw.read_only.unwrap_or(false),
         allow_unsafe: raw.allow_unsafe.unwrap_or(false),
         request_env: match raw.request_env {
@@ -651,6 +631,41 @@ fn validate_image(path: &str, raw: RawImage, problems: &mut Problems) -> Option<
         services,
         jobs,
     })
+}
+
+/// `memory`, `cpus`, `pids` and `cap_add` of an image or a service, with their defaults.
+struct ContainerLimits {
+    memory: i64,
+    cpus: Option<f64>,
+    pids: i64,
+    cap_add: Vec<Capability>,
+}
+
+fn validate_limits(
+    path: &str,
+    memory: Option<ByteSize>,
+    cpus: Option<f64>,
+    pids: Option<i64>,
+    cap_add: Option<Vec<String>>,
+    problems: &mut Problems,
+) -> ContainerLimits {
+    let memory = memory.and_then(|size| {
+        parse_byte_size(&size).map_err(|message| problems.add(&format!("{path}.memory"), message)).ok()
+    });
+    if cpus.is_some_and(|cpus| !(cpus > 0.0 && cpus.is_finite())) {
+        problems.add(&format!("{path}.cpus"), "must be a positive number of CPUs, e.g. 0.5");
+    }
+    if pids.is_some_and(|pids| pids < 1) {
+        problems.add(&format!("{path}.pids"), "must be at least 1");
+    }
+    let cap_add = cap_add
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|name| {
+            Capability::parse(name).map_err(|message| problems.add(&format!("{path}.cap_add"), message)).ok()
+        })
+        .collect();
+    ContainerLimits { memory: memory.unwrap_or(DEFAULT_MEMORY), cpus, pids: pids.unwrap_or(DEFAULT_PIDS), cap_add }
 }
 
 impl ImageSpec {

@@ -90,13 +90,19 @@ impl DockerRuntime {
         reserved: PortReservation,
     ) -> Result<CreatedContainer, DockerError> {
         let name = format!("previewd.{}.{slug}.{:08x}", self.instance, rand::random::<u32>());
+        let id = self.create_container_named(name, body).await?;
+        Ok(CreatedContainer::new(id, reserved.port, reserved))
+    }
+
+    /// Creates a container under `name`; its id.
+    async fn create_container_named(&self, name: String, body: ContainerCreateBody) -> Result<String, DockerError> {
         let options = CreateContainerOptions { name: Some(name), ..Default::default() };
         let created = self
             .docker
             .create_container(Some(options), body)
             .await
             .map_err(|err| DockerError::from_bollard("create the container", err))?;
-        Ok(CreatedContainer::new(created.id, reserved.port, reserved))
+        Ok(created.id)
     }
 
     fn create_body(&self, plan: &ContainerPlan<'_>, host_port: u16) -> Result<ContainerCreateBody, DockerError> {

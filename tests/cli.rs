@@ -73,20 +73,22 @@ fn check_config_reports_a_broken_template() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("nginx.template"), "{output:?}");
 }
 
-#[test]
-fn check_config_warns_about_create_params_that_hand_a_preview_the_host() {
+/// The shipped config in a temp dir, with `lines` added to the demo image.
+fn shipped_config_with(lines: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let shipped = std::fs::read_to_string("config.yml").unwrap();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let text = shipped
         .replace("templates/vhost.conf.tera", &root.join("templates/vhost.conf.tera").display().to_string())
-        .replacen(
-            "    port: 3000\n",
-            "    port: 3000\n    container_create_params: {HostConfig: {NetworkMode: host}}\n",
-            1,
-        );
+        .replacen("    port: 3000\n", &format!("    port: 3000\n{lines}"), 1);
     let path = dir.path().join("config.yml");
     std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+#[test]
+fn check_config_warns_about_create_params_that_hand_a_preview_the_host() {
+    let (_dir, path) = shipped_config_with("    container_create_params: {HostConfig: {NetworkMode: host}}\n");
     let output = Command::new(BIN).args(["check-config", "--config"]).arg(&path).output().unwrap();
     assert!(output.status.success(), "a warning is not an error: {output:?}");
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -101,18 +103,9 @@ fn check_config_warns_about_create_params_that_hand_a_preview_the_host() {
 
 #[test]
 fn check_config_warns_about_a_seed_volume_docker_does_not_have() {
-    let dir = tempfile::tempdir().unwrap();
-    let shipped = std::fs::read_to_string("config.yml").unwrap();
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let text = shipped
-        .replace("templates/vhost.conf.tera", &root.join("templates/vhost.conf.tera").display().to_string())
-        .replacen(
-            "    port: 3000\n",
-            "    port: 3000\n    services:\n      db: {image: previewd-postgres:15, data: /data, seed_volume: previewd-cli-no-such-seed}\n",
-            1,
-        );
-    let path = dir.path().join("config.yml");
-    std::fs::write(&path, text).unwrap();
+    let (_dir, path) = shipped_config_with(
+        "    services:\n      db: {image: previewd-postgres:15, data: /data, seed_volume: previewd-cli-no-such-seed}\n",
+    );
     let output = Command::new(BIN).args(["check-config", "--config"]).arg(&path).output().unwrap();
     assert!(output.status.success(), "a warning at check time, an error at launch: {output:?}");
     let stderr = String::from_utf8_lossy(&output.stderr);

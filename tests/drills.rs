@@ -15,6 +15,14 @@ use common::{Daemon, PASSWORD, USER};
 const ROUNDS: u64 = 20;
 const CONVERGE: Duration = Duration::from_secs(10);
 
+/// A request cut short: previewd is killed `after` it was sent.
+struct Cut<'a> {
+    path: &'a str,
+    image: &'a str,
+    name: &'a str,
+    after: Duration,
+}
+
 struct Drill {
     dir: tempfile::TempDir,
     instance: String,
@@ -99,6 +107,25 @@ impl Drill {
         client.get(format!("http://{host}:{}/", self.nginx_port)).send().await.ok().map(|r| r.status().as_u16())
     }
 
+    /// Sends the request, kills previewd with SIGKILL `after` its start, and starts it again
+    /// (logging to `log` in the drill's dir) until it is healthy; when the restart began.
+    async fn kill_9_during(&self, daemon: &mut Daemon, config: &Path, cut: Cut<'_>, log: &str) -> Instant {
+        let request = self
+            .client
+            .post(format!("{}{}", self.api, cut.path))
+            .basic_auth(USER, Some(PASSWORD))
+            .form(&[("image_name", cut.image), ("container_name", cut.name)]);
+        let in_flight = tokio::spawn(request.send());
+        tokio::time::sleep(cut.after).await;
+        daemon.child.kill().unwrap();
+        daemon.child.wait().unwrap();
+        in_flight.abort();
+        let restarted = Instant::now();
+        *daemon = Daemon::start(config, &self.dir.path().join(log));
+        daemon.wait_until_healthy(&self.client, &self.api).await;
+        restarted
+    }
+
     fn nginx_test(&self) -> std::process::Output {
         let prefix = self.dir.path().join("state/nginx");
         std::process::Command::new("nginx")
@@ -137,20 +164,8 @@ async fn kill_9_at_twenty_moments_always_converges_after_a_restart() {
             1 => ("/launch", "drill-keep".to_owned()),
             _ => ("/kill", format!("drill-{}", round - 2)),
         };
-        let request = drill
-            .client
-            .post(format!("{}{path}", drill.api))
-            .basic_auth(USER, Some(PASSWORD))
-            .form(&[("image_name", "demo"), ("container_name", name.as_str())]);
-        let in_flight = tokio::spawn(request.send());
-        tokio::time::sleep(delay).await;
-        daemon.child.kill().unwrap();
-        daemon.child.wait().unwrap();
-        in_flight.abort();
-
-        let restarted = Instant::now();
-        daemon = Daemon::start(&config, &drill.dir.path().join(format!("daemon-{round}.log")));
-        daemon.wait_until_healthy(&drill.client, &drill.api).await;
+        let cut = Cut { path, image: "demo", name: &name, after: delay };
+        let restarted = drill.kill_9_during(&mut daemon, &config, cut, &format!("daemon-{round}.log")).await;
         loop {
             match drill.unconverged().await {
                 None => break,
@@ -282,20 +297,8 @@ async fn kill_9_during_launches_redeploys_and_kills_of_previews_with_services_al
             1 => ("/launch", "env-keep".to_owned()),
             _ => ("/kill", format!("env-{}", round - 2)),
         };
-        let request = drill
-            .client
-            .post(format!("{}{path}", drill.api))
-            .basic_auth(USER, Some(PASSWORD))
-            .form(&[("image_name", "shop"), ("container_name", name.as_str())]);
-        let in_flight = tokio::spawn(request.send());
-        tokio::time::sleep(delay).await;
-        daemon.child.kill().unwrap();
-        daemon.child.wait().unwrap();
-        in_flight.abort();
-
-        let restarted = Instant::now();
-        daemon = Daemon::start(&config, &drill.dir.path().join(format!("daemon-env-{round}.log")));
-        daemon.wait_until_healthy(&drill.client, &drill.api).await;
+        let cut = Cut { path, image: "shop", name: &name, after: delay };
+        let restarted = drill.kill_9_during(&mut daemon, &config, cut, &format!("daemon-env-{round}.log")).await;
         loop {
             match drill.environments_unconverged().await {
                 None => break,

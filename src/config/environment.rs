@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::hardening::Capability;
-use super::{ByteSize, DEFAULT_MEMORY, DEFAULT_PIDS, Problems, PullPolicy, parse_byte_size};
+use super::{ByteSize, Problems, PullPolicy, validate_limits};
 use crate::preview::{EnvName, ServiceName};
 
 const DEFAULT_READY_TIMEOUT_SECS: u64 = 60;
@@ -267,23 +267,7 @@ fn validate_service(path: &str, raw: RawService, problems: &mut Problems) -> Opt
     if seed_volume.is_some() && raw.data.is_none() {
         problems.add(&format!("{path}.seed_volume"), "needs `data`: the path the seeded volume is mounted on");
     }
-    let memory = raw.memory.and_then(|size| {
-        parse_byte_size(&size).map_err(|message| problems.add(&format!("{path}.memory"), message)).ok()
-    });
-    if raw.cpus.is_some_and(|cpus| !(cpus > 0.0 && cpus.is_finite())) {
-        problems.add(&format!("{path}.cpus"), "must be a positive number of CPUs, e.g. 0.5");
-    }
-    if raw.pids.is_some_and(|pids| pids < 1) {
-        problems.add(&format!("{path}.pids"), "must be at least 1");
-    }
-    let cap_add: Vec<Capability> = raw
-        .cap_add
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|name| {
-            Capability::parse(name).map_err(|message| problems.add(&format!("{path}.cap_add"), message)).ok()
-        })
-        .collect();
+    let limits = validate_limits(path, raw.memory, raw.cpus, raw.pids, raw.cap_add, problems);
     (problems.0.len() == before).then(|| ServiceSpec {
         image: raw.image,
         pull: raw.pull.unwrap_or(PullPolicy::Missing),
@@ -293,10 +277,10 @@ fn validate_service(path: &str, raw: RawService, problems: &mut Problems) -> Opt
         ready_timeout: Duration::from_secs(ready_timeout),
         data: raw.data,
         seed_volume,
-        memory: memory.unwrap_or(DEFAULT_MEMORY),
-        cpus: raw.cpus,
-        pids: raw.pids.unwrap_or(DEFAULT_PIDS),
-        cap_add,
+        memory: limits.memory,
+        cpus: limits.cpus,
+        pids: limits.pids,
+        cap_add: limits.cap_add,
     })
 }
 

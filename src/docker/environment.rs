@@ -13,7 +13,7 @@ use bollard::models::{
     RestartPolicyNameEnum, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, InspectContainerOptions, ListVolumesOptions, RemoveVolumeOptions, WaitContainerOptions,
+    InspectContainerOptions, ListVolumesOptions, RemoveVolumeOptions, WaitContainerOptions,
 };
 use futures_util::StreamExt;
 
@@ -38,13 +38,7 @@ impl DockerRuntime {
         body: ContainerCreateBody,
     ) -> Result<String, DockerError> {
         let name = format!("previewd.{}.{slug}.{kind}-{part}.{:08x}", self.instance, rand::random::<u32>());
-        let options = CreateContainerOptions { name: Some(name), ..Default::default() };
-        let created = self
-            .docker
-            .create_container(Some(options), body)
-            .await
-            .map_err(|err| DockerError::from_bollard("create the container", err))?;
-        Ok(created.id)
+        self.create_container_named(name, body).await
     }
 
     async fn run_copy(&self, id: &str) -> Result<(), DockerError> {

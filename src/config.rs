@@ -584,14 +584,9 @@ fn validate_images(raw: BTreeMap<ImageKey, RawImage>, problems: &mut Problems) -
 
 fn validate_image(path: &str, raw: RawImage, problems: &mut Problems) -> Option<ImageSpec> {
     let before = problems.0.len();
-    if raw.image.trim().is_empty() || raw.image.contains(char::is_whitespace) {
-        problems.add(&format!("{path}.image"), "must be a Docker image reference such as previewd-demo:latest");
-    }
+    check_image_and_command(path, &raw.image, raw.command.as_deref(), problems);
     if raw.port == 0 {
         problems.add(&format!("{path}.port"), "must be the container port the app listens on (1-65535)");
-    }
-    if raw.command.as_ref().is_some_and(|argv| argv.is_empty()) {
-        problems.add(&format!("{path}.command"), "must not be empty; remove it to use the image's own command");
     }
     let limits = validate_limits(path, raw.memory, raw.cpus, raw.pids, raw.cap_add, problems);
     let health_path = raw.health_path.unwrap_or_else(|| "/".to_owned());
@@ -631,6 +626,16 @@ fn validate_image(path: &str, raw: RawImage, problems: &mut Problems) -> Option<
         services,
         jobs,
     })
+}
+
+/// `image` and `command` of an image or a service.
+fn check_image_and_command(path: &str, image: &str, command: Option<&[String]>, problems: &mut Problems) {
+    if image.trim().is_empty() || image.contains(char::is_whitespace) {
+        problems.add(&format!("{path}.image"), "must be a Docker image reference such as previewd-demo:latest");
+    }
+    if command.is_some_and(<[String]>::is_empty) {
+        problems.add(&format!("{path}.command"), "must not be empty; remove it to use the image's own command");
+    }
 }
 
 /// `memory`, `cpus`, `pids` and `cap_add` of an image or a service, with their defaults.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::hardening::Capability;
-use super::{ByteSize, Problems, PullPolicy, validate_limits};
+use super::{ByteSize, Problems, PullPolicy, check_image_and_command, validate_limits};
 use crate::preview::{EnvName, ServiceName};
 
 const DEFAULT_READY_TIMEOUT_SECS: u64 = 60;
@@ -226,12 +226,7 @@ pub(super) fn validate_services(
 
 fn validate_service(path: &str, raw: RawService, problems: &mut Problems) -> Option<ServiceSpec> {
     let before = problems.0.len();
-    if raw.image.trim().is_empty() || raw.image.contains(char::is_whitespace) {
-        problems.add(&format!("{path}.image"), "must be a Docker image reference such as previewd-postgres:15");
-    }
-    if raw.command.as_ref().is_some_and(Vec::is_empty) {
-        problems.add(&format!("{path}.command"), "must not be empty; remove it to use the image's own command");
-    }
+    check_image_and_command(path, &raw.image, raw.command.as_deref(), problems);
     let ready = match raw.ready.map(|ready| (ready.command, ready.tcp)) {
         Some((Some(argv), None)) if argv.is_empty() => {
             problems.add(&format!("{path}.ready.command"), "must not be empty, e.g. [pg_isready, -U, app]");

@@ -348,3 +348,23 @@ async fn a_service_whose_definition_changed_is_recreated_with_its_data_kept() {
 async fn metrics(app: &TestApp) -> String {
     app.client.get(app.url("/metrics")).basic_auth(USER, Some(PASSWORD)).send().await.unwrap().text().await.unwrap()
 }
+
+#[tokio::test]
+async fn a_restart_starts_a_service_stopped_by_hand_again_on_its_data() {
+    let mut app = start_shop().await;
+    launch_ok(&app, "shop", "stopped").await;
+    add_product(&app, "stopped", "kept while the db was stopped").await;
+    let db = Command::new("docker")
+        .args(["ps", "-q", "--filter", &format!("label=previewd.instance={}", app.instance)])
+        .args(["--filter", "label=previewd.part=db"])
+        .output()
+        .unwrap();
+    let db = String::from_utf8_lossy(&db.stdout).trim().to_owned();
+    assert!(Command::new("docker").args(["stop", &db]).output().unwrap().status.success());
+    app.stop().await;
+    let report = app.boot().await;
+    assert!(report.failed.is_empty(), "{report:?}");
+    let services = containers_with_role(&app, "service");
+    assert!(services.iter().all(|(_, state)| state == "running"), "{services:?}");
+    assert_eq!(state(&app, "stopped").await["products"], 10_001);
+}

@@ -12,6 +12,15 @@ use crate::config::ImageSpec;
 use crate::preview::{Role, Slug};
 use crate::runtime::{CreatedContainer, ManagedContainer};
 
+/// Which services of a live app `settle_environment` starts again.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Repair {
+    /// Those without a container.
+    Missing,
+    /// Those without a running container.
+    MissingOrStopped,
+}
+
 /// How many previews a reconcile settles at once.
 const RECONCILE_PARALLELISM: usize = 16;
 
@@ -50,7 +59,9 @@ impl Lifecycle {
             }
             Some(_) | None => {}
         }
-        self.settle_environment(slug).await
+        // After an event, only a service that is gone is started again: one that stopped
+        // (a failed start, or `docker stop`) would be retried at every event it causes.
+        self.settle_environment(slug, Repair::Missing).await
     }
 
     /// `refresh` for every preview that has a container.
@@ -97,7 +108,7 @@ impl Lifecycle {
             self.runtime.list_all().await?.into_iter().filter(|c| c.role != Role::App).map(|c| c.slug).collect();
         with_parts.extend(self.runtime.list_volumes().await?.into_iter().map(|volume| volume.slug));
         for slug in &with_parts {
-            if let Err(err) = self.settle_environment(slug).await {
+            if let Err(err) = self.settle_environment(slug, Repair::MissingOrStopped).await {
                 tracing::error!(%slug, error = %err, "cannot settle the preview's services");
                 report.failed.push(format!("{slug}: {err}"));
             }
@@ -117,8 +128,9 @@ impl Lifecycle {
     /// Makes a preview's environment match its app: a preview whose app is gone loses its
     /// services, data volumes and network; job and seed-copy containers are leftovers of a
     /// launch cut short (no launch of the preview runs now) and go; a live app gets back the
-    /// services it is missing (on their kept data) or that stopped.
-    async fn settle_environment(&self, slug: &Slug) -> Result<(), LifecycleError> {
+    /// services it is missing (on their kept data), and with `MissingOrStopped` those that
+    /// stopped too.
+    async fn settle_environment(&self, slug: &Slug, repair: Repair) -> Result<(), LifecycleError> {
         let members = self.runtime.list_slug_all(slug).await?;
         let (apps, parts): (Vec<_>, Vec<_>) = members.into_iter().partition(|c| c.role == Role::App);
         if apps.is_empty() {
@@ -144,9 +156,9 @@ impl Lifecycle {
         let services: Vec<ManagedContainer> =
             parts.into_iter().filter(|c| matches!(c.role, Role::Service(_))).collect();
         let missing = spec.services.iter().any(|(name, _)| {
-            !services
-                .iter()
-                .any(|c| c.role == Role::Service(name.clone()) && (c.is_running() || c.state.is_transient()))
+            let role = Role::Service(name.clone());
+            let counts = |c: &ManagedContainer| repair == Repair::Missing || c.is_running() || c.state.is_transient();
+            !services.iter().any(|c| c.role == role && counts(c))
         });
         if spec.services.is_empty() || !missing {
             return Ok(());

@@ -10,7 +10,8 @@ scripts/bench-load.py.
 Usage: scripts/bench.py [RUNS]   (default 10, or $BENCH_RUNS)
 
 What it measures, by section; BENCH_ONLY=NAME[,NAME...] runs only those (intake needs the
-webhooks' previews and runs that section too), and BENCHMARKS.md then has only their rows:
+webhooks' previews and runs that section too), and BENCHMARKS.md keeps the figures of the
+sections that did not run, with the command that produced them:
 
   launch        1. launch latency: POST /launch until the first 200 through nginx, vs the floor
   burst         2. burst: 50 launches at once, wall time and nginx reloads, vs the floor doing 50
@@ -29,7 +30,13 @@ webhooks' previews and runs that section too), and BENCHMARKS.md then has only t
                    runs that commit (at most one waiting per pull request). Achieved rate,
                    p50/p99, and when the queued work is done. Then bad signatures (401) at wrk's
                    full speed.
-  scale         6. scale: 500 running previews (launched 8 at a time; fewer if the host runs
+  environments  6. whole environments: the shop (previewd-shop:demo, a PostgreSQL seeded from the
+                   volume shop-db-seed, a Redis, the migration job): its launch until /api/state
+                   through nginx shows the 10,000 seeded products and the migration, vs the same
+                   by hand with the docker CLI in the same run (alternating which goes first);
+                   a redeploy of it vs that launch; its kill vs the same by hand; the memory of
+                   its containers after 10 s idle; and that its kill leaves nothing behind
+  scale         7. scale: 500 running previews (launched 8 at a time; fewer if the host runs
                    short of memory): launch latency, a redeploy's route step (nginx -t and reload
                    with 500 vhosts) and nginx -t, vs the same with 0 previews; the floor's launch
                    latency at 0 and at 500 (its nginx holding the same vhosts) and Docker's
@@ -37,7 +44,7 @@ webhooks' previews and runs that section too), and BENCHMARKS.md then has only t
                    to tell Docker's share; GET /api/previews vs Docker's own list; a restart
                    (SIGTERM, start, until /healthz says ok: the start-up reconcile) vs the same
                    by hand: stop an nginx that has the same vhosts, that list, start it again
-  (footprint)   7. previewd's RSS idle, after the burst and its peak, with 500 previews and
+  (footprint)   8. previewd's RSS idle, after the burst and its peak, with 500 previews and
                    after the restart: of the sections that ran
 
 Sizes can be overridden for a quick try, e.g. `BENCH_SCALE=30 BENCH_INTAKE_SECONDS=5
@@ -45,9 +52,10 @@ scripts/bench.py 2`: BENCH_RUNS, BENCH_BURST (50), BENCH_REDEPLOYS (20), BENCH_L
 GETs/s in each of the two load modes during the redeploys), BENCH_SCALE (500),
 BENCH_SCALE_PARALLEL (8), BENCH_SCALE_BUDGET (1800 s to launch them), BENCH_MEM_RESERVE_MB (2048:
 stop launching below this much available memory), BENCH_INTAKE_RATE (500), BENCH_INTAKE_SECONDS
-(20), BENCH_FLOOD_SECONDS (10), BENCH_TIMEOUT (120 s for any one wait), BENCH_FIXTURE (the
-pull_request.opened payload; default tests/fixtures/github-webhooks/), BENCH_LOGS (a directory to
-keep previewd's, the fake GitHub's and wrk's logs in), BENCH_ONLY (above).
+(20), BENCH_FLOOD_SECONDS (10), BENCH_ENV_IDLE (10 s an environment sits idle before its memory
+is read), BENCH_TIMEOUT (120 s for any one wait), BENCH_FIXTURE (the pull_request.opened payload;
+default tests/fixtures/github-webhooks/), BENCH_LOGS (a directory to keep previewd's, the fake
+GitHub's and wrk's logs in), BENCH_ONLY (above).
 
 Everything it starts is removed on exit, interrupted or not: containers, networks and volumes by
 their labels (previewd's instance label, and bench.floor=<instance> on what it makes by hand),
@@ -77,11 +85,13 @@ import threading
 import time
 import urllib.parse
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("launch", "burst", "redeploy", "webhooks", "intake", "scale")
+SECTIONS = ("launch", "burst", "redeploy", "webhooks", "intake", "environments", "scale")
+MAIN_SECTIONS = tuple(s for s in SECTIONS if s != "environments")
+ENV_HEADING = "## Whole environments"
 
 IMAGE = "previewd-demo:latest"
 USER, PASSWORD = "bench", "bench"
@@ -90,6 +100,19 @@ FIRST_PR = 1001
 GITHUB_TOKEN = "bench-token"
 BASE_DOMAIN = "preview.localhost"
 FLOOR_DOMAIN = "floor.localhost"
+
+# The shop environment, as tests/environments.rs defines it.
+SHOP_IMAGE, POSTGRES_IMAGE, REDIS_IMAGE = "previewd-shop:demo", "previewd-postgres:15", "previewd-redis:7"
+SEED_VOLUME = "shop-db-seed"
+SHOP_PRODUCTS = 10_000  # rows in the seed (scripts/shop-seed.sh)
+SHOP_ENV = {"DATABASE_URL": "postgres://app:app@db:5432/app", "REDIS_URL": "redis://cache:6379/0"}
+POSTGRES_ENV = {"POSTGRES_USER": "app", "POSTGRES_PASSWORD": "app", "POSTGRES_DB": "app"}
+PG_READY = ["pg_isready", "-h", "127.0.0.1", "-U", "app", "-d", "app"]
+# What previewd gives every container (src/docker.rs): its hardening and log rotation.
+HARDENING = ["--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--log-opt", "max-size=10m",
+             "--log-opt", "max-file=3"]
+READ_ONLY = ["--read-only", "--tmpfs", "/tmp:rw,nosuid,nodev,size=256m"]
+COPY_CAPS = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID"]  # cp -a of the seed (src/docker/environment.rs)
 
 
 class BenchError(Exception):
@@ -117,6 +140,7 @@ class Settings:
     intake_rate: int
     intake_seconds: int
     flood_seconds: int
+    env_idle: float
     timeout: float
     fixture: Path
     logs: str
@@ -154,6 +178,7 @@ class Settings:
             intake_rate=number("BENCH_INTAKE_RATE", 500),
             intake_seconds=number("BENCH_INTAKE_SECONDS", 20),
             flood_seconds=number("BENCH_FLOOD_SECONDS", 10),
+            env_idle=number("BENCH_ENV_IDLE", 10),
             timeout=number("BENCH_TIMEOUT", 120),
             fixture=Path(env.get("BENCH_FIXTURE") or ROOT / "tests/fixtures/github-webhooks/pull_request.opened.json"),
             logs=env.get("BENCH_LOGS", ""),
@@ -298,6 +323,16 @@ def mem_available_mb():
     return 0
 
 
+def mib(text):
+    """A size as docker prints it ("12.5MiB", "980kB") in MiB."""
+    m = re.fullmatch(r"([\d.]+)\s*([kKMGT]?i?B)", text.strip())
+    if not m:
+        return 0.0
+    factors = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4,
+               "kB": 1e3, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+    return float(m.group(1)) * factors.get(m.group(2), 1) / 1024**2
+
+
 # --------------------------------------------------------------------------------------------
 # The floor's nginx, configured like previewd's managed one
 
@@ -403,6 +438,15 @@ class FakeGitHub:
 # The bench: previewd and everything around it
 
 
+@dataclass
+class HandEnv:
+    """An environment made by hand: what to remove again."""
+    name: str
+    network: str
+    volume: str
+    containers: dict = field(default_factory=dict)  # part -> container id
+
+
 class Bench:
     def __init__(self, settings):
         self.s = settings
@@ -446,6 +490,7 @@ class Bench:
 
     def config_yaml(self):
         password_hash = run([str(self.previewd_bin), "hash-password"], stdin=PASSWORD).strip()
+        shop = shop_image_yaml() if "environments" in self.s.only else ""
         return f"""instance: {self.instance}
 listen: 127.0.0.1:{self.api_port}
 base_domain: {BASE_DOMAIN}
@@ -455,7 +500,7 @@ nginx:
   listen: 127.0.0.1:{self.nginx_port}
   template: {ROOT}/templates/vhost.conf.tera
 images:
-  demo: {{image: {IMAGE}, port: 3000, command: [/bin/busybox, httpd, -f, -p, "3000", -h, /www], pull: never}}
+  demo: {{image: {IMAGE}, port: 3000, command: [/bin/busybox, httpd, -f, -p, "3000", -h, /www], pull: never}}{shop}
 users: [{{name: {USER}, password_hash: "{password_hash}"}}]
 # The bench launches hundreds of previews as one user, and its bursts all at once, as the floor
 # does: the limits that protect a shared host would measure the queue instead.
@@ -1000,7 +1045,268 @@ def launch_count(b):
 
 
 # --------------------------------------------------------------------------------------------
-# Section 6: scale
+# Section 6: whole environments
+
+
+def shop_image_yaml():
+    """images.shop: the shop environment of tests/environments.rs (shop_yaml)."""
+    return """
+  shop:
+    image: previewd-shop:demo
+    port: 5000
+    health_path: /healthz
+    health_timeout: 30
+    pull: never
+    read_only: true
+    env:
+      DATABASE_URL: "postgres://app:app@db:5432/app"
+      REDIS_URL: "redis://cache:6379/0"
+      API_URL: "http://api-{{ slug }}.{{ base_domain }}"
+    services:
+      db:
+        image: previewd-postgres:15
+        pull: never
+        env: {POSTGRES_USER: app, POSTGRES_PASSWORD: app, POSTGRES_DB: app}
+        ready: {command: [pg_isready, -h, 127.0.0.1, -U, app, -d, app]}
+        ready_timeout: 60
+        data: /var/lib/postgresql/data
+        seed_volume: shop-db-seed
+        cap_add: [SETUID, SETGID]
+        memory: 512m
+      cache:
+        image: previewd-redis:7
+        pull: never
+        ready: {tcp: 6379}
+    jobs:
+      - name: migrate
+        command: [python3, migrate.py]
+        timeout: 60"""
+
+
+def shop_served(port, host):
+    """Whether the shop's /api/state answers 200 with every seeded product and the migration."""
+    try:
+        status, body = request(port, "GET", "/api/state", host=host, timeout=5)
+        state = json.loads(body) if status == 200 else {}
+    except (OSError, http.client.HTTPException, ValueError):
+        return False
+    return state.get("products") == SHOP_PRODUCTS and state.get("migrated") is True
+
+
+def launch_with_steps(b, name):
+    """POST /launch of the shop, streamed as NDJSON: {step: seconds} (a step that comes again,
+    like a second job, adds up). The last step ends when the answer has arrived."""
+    began = time.monotonic()
+    status, body = b.api("POST", "/launch", {"image_name": "shop", "container_name": name},
+                         accept="application/x-ndjson", timeout=max(b.s.timeout, 300))
+    total_ms = (time.monotonic() - began) * 1000
+    events = [json.loads(line) for line in body.splitlines() if line.strip()]
+    if status != 200 or not events or events[-1].get("step") != "ready":
+        raise BenchError(f"the launch of {name} failed ({status}): {body[-500:]!r}")
+    timed = [e for e in events if "elapsed_ms" in e]
+    ends = [e["elapsed_ms"] for e in timed[1:]] + [total_ms]
+    steps = {}
+    for event, end in zip(timed, ends):
+        steps[event["step"]] = steps.get(event["step"], 0.0) + (end - event["elapsed_ms"]) / 1000
+    return steps
+
+
+def previewd_env_launch(b, name):
+    """previewd's launch of the shop until /api/state through nginx shows the seed and the migration."""
+    t = time.monotonic()
+    steps = launch_with_steps(b, name)
+    host = f"{name}.{BASE_DOMAIN}:{b.nginx_port}"
+    wait_until(lambda: shop_served(b.nginx_port, host), b.s.timeout, f"{name}'s /api/state")
+    return time.monotonic() - t, steps
+
+
+def previewd_parts(b, name):
+    """The running containers of a preview: {app|db|cache: id}."""
+    out = docker("ps", "--no-trunc", "--filter", f"label=previewd.instance={b.instance}",
+                 "--filter", f"label=previewd.slug={name}",
+                 "--format", '{{.ID}} {{.Label "previewd.role"}} {{.Label "previewd.part"}}')
+    parts = {}
+    for line in out.splitlines():
+        cid, role, *part = line.split()
+        parts[part[0] if role == "service" and part else role] = cid
+    return parts
+
+
+def hand_env_launch(b, name):
+    """The shop by hand with the docker CLI, step by step as a script would do it, with previewd's
+    hardening: (seconds, {step: seconds}, HandEnv)."""
+    label = ["--label", f"bench.floor={b.instance}"]
+    env = HandEnv(name, network=f"bench-{b.instance}-{name}", volume=f"bench-{b.instance}-{name}-db")
+    steps = {}
+    began = time.monotonic()
+
+    def step(what, action):
+        t = time.monotonic()
+        action()
+        steps[what] = steps.get(what, 0.0) + time.monotonic() - t
+
+    def env_args(values):
+        return [arg for key, value in values.items() for arg in ("-e", f"{key}={value}")]
+
+    app_env = env_args({**SHOP_ENV, "API_URL": f"http://api-{name}.{BASE_DOMAIN}", "PREVIEW_NAME": name})
+    step("network", lambda: docker("network", "create", *label, env.network))
+
+    def seed():
+        docker("volume", "create", *label, env.volume)
+        docker("run", "--rm", *label, "--network", "none", "--cap-drop", "ALL",
+               *[arg for cap in COPY_CAPS for arg in ("--cap-add", cap)], "--security-opt", "no-new-privileges",
+               "--memory", "1g", "--pids-limit", "64", "-u", "0:0", "--entrypoint", "cp",
+               "-v", f"{SEED_VOLUME}:/seed:ro", "-v", f"{env.volume}:/data", POSTGRES_IMAGE, "-a", "/seed/.", "/data/")
+    step("volume + seed copy", seed)
+
+    def services():
+        env.containers["db"] = docker(
+            "run", "-d", *label, "--network", env.network, "--network-alias", "db", *HARDENING,
+            "--cap-add", "SETUID", "--cap-add", "SETGID", "--memory", "512m", "--pids-limit", "512",
+            *env_args(POSTGRES_ENV), "-v", f"{env.volume}:/var/lib/postgresql/data", POSTGRES_IMAGE).strip()
+        env.containers["cache"] = docker(
+            "run", "-d", *label, "--network", env.network, "--network-alias", "cache", *HARDENING,
+            "--memory", "1g", "--pids-limit", "512", REDIS_IMAGE).strip()
+    step("db + cache run", services)
+    step("ready", lambda: wait_services_by_hand(b, env))
+    step("migrate", lambda: docker(
+        "run", "--rm", *label, "--network", env.network, *HARDENING, *READ_ONLY, "--memory", "1g",
+        "--pids-limit", "512", *app_env, SHOP_IMAGE, "python3", "migrate.py"))
+    port = free_port()
+
+    def app():
+        env.containers["app"] = docker(
+            "run", "-d", *label, "--network", env.network, "-p", f"127.0.0.1:{port}:5000", *HARDENING, *READ_ONLY,
+            "--memory", "1g", "--pids-limit", "512", *app_env, SHOP_IMAGE).strip()
+    step("app run", app)
+
+    def route():
+        b.floor.route(name, port)
+        b.floor.reload()
+        host = f"{name}.{FLOOR_DOMAIN}:{b.floor_port}"
+        wait_until(lambda: shop_served(b.floor_port, host), b.s.timeout, f"{name}'s /api/state (by hand)")
+    step("vhost + reload + served", route)
+    return time.monotonic() - began, steps, env
+
+
+def wait_services_by_hand(b, env):
+    """pg_isready by docker exec, then Redis's port by TCP, each polled every 50 ms."""
+    def pg_ready():
+        return subprocess.run(["docker", "exec", env.containers["db"], *PG_READY],
+                              capture_output=True).returncode == 0
+    wait_until(pg_ready, b.s.timeout, "PostgreSQL ready (by hand)", pause=0.05)
+    address = docker("inspect", "-f", f'{{{{(index .NetworkSettings.Networks "{env.network}").IPAddress}}}}',
+                     env.containers["cache"]).strip()
+
+    def redis_ready():
+        try:
+            socket.create_connection((address, 6379), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+    wait_until(redis_ready, b.s.timeout, "Redis ready (by hand)", pause=0.05)
+
+
+def remove_hand_env(b, env):
+    """docker rm -f, the network and the volume, the vhost and a reload: seconds."""
+    t = time.monotonic()
+    docker("rm", "-f", *env.containers.values())
+    docker("network", "rm", env.network)
+    docker("volume", "rm", env.volume)
+    b.floor.unroute(env.name)
+    b.floor.reload()
+    return time.monotonic() - t
+
+
+def leftovers(b, name, network):
+    """What is left of a killed preview: containers and volumes with its labels, its network, its vhost."""
+    filters = ["--filter", f"label=previewd.instance={b.instance}", "--filter", f"label=previewd.slug={name}"]
+    left = {
+        "containers": len(docker("ps", "-aq", *filters).split()),
+        "volumes": len(docker("volume", "ls", "-q", *filters).split()),
+        "networks": int(bool(network) and docker("network", "inspect", network, check=False).strip() not in ("", "[]")),
+        "vhosts": int((b.work / "state/nginx/sites" / f"previewd.{b.instance}.{name}.conf").exists()),
+    }
+    return {what: n for what, n in left.items() if n}
+
+
+def memory_mib(ids):
+    """docker stats' memory usage of each container, in MiB, by id."""
+    out = docker("stats", "--no-stream", "--no-trunc", "--format", "{{.ID}} {{.MemUsage}}", *ids)
+    usage = {}
+    for line in out.splitlines():
+        cid, _, rest = line.partition(" ")
+        usage[cid] = mib(rest.split("/")[0])
+    return usage
+
+
+def env_memory(parts):
+    """{app, db, cache, total} in MiB of an environment's containers ({part: id})."""
+    usage = memory_mib(list(parts.values()))
+    by_part = {part: next((v for cid, v in usage.items() if cid.startswith(pid) or pid.startswith(cid)), 0.0)
+               for part, pid in parts.items()}
+    by_part["total"] = sum(by_part.values())
+    return by_part
+
+
+def env_run(b, i, results):
+    """One run: previewd's launch and the launch by hand (alternating which goes first), previewd's
+    redeploy, both idle, their memory, both removed, and what previewd's kill left."""
+    name, hand = f"env-{i}", f"hand-{i}"
+    order = ("previewd", "hand") if i % 2 else ("hand", "previewd")
+    hand_env = None
+    for who in order:
+        if who == "previewd":
+            seconds, steps = previewd_env_launch(b, name)
+            results["p_launch"].append(seconds)
+            results["p_steps"].append(steps)
+        else:
+            seconds, steps, hand_env = hand_env_launch(b, hand)
+            results["h_launch"].append(seconds)
+            results["h_steps"].append(steps)
+    parts = previewd_parts(b, name)
+    services = {parts.get("db"), parts.get("cache")}
+    t = time.monotonic()
+    steps = launch_with_steps(b, name)
+    wait_until(lambda: shop_served(b.nginx_port, f"{name}.{BASE_DOMAIN}:{b.nginx_port}"), b.s.timeout,
+               f"{name}'s /api/state after the redeploy")
+    results["p_redeploy"].append(time.monotonic() - t)
+    results["r_steps"].append(steps)
+    parts = previewd_parts(b, name)
+    results["services_kept"] += services == {parts.get("db"), parts.get("cache")}
+    results["migrated_again"] += "job" in steps
+    time.sleep(b.s.env_idle)
+    results["p_memory"].append(env_memory(parts))
+    results["h_memory"].append(env_memory(hand_env.containers))
+    network = docker("inspect", "-f", '{{index .Config.Labels "previewd.network"}}', parts["app"]).strip()
+    t = time.monotonic()
+    b.kill_preview(name)
+    results["p_kill"].append(time.monotonic() - t)
+    left = leftovers(b, name, network)
+    if left:
+        log(f"{name}: left after its kill: {left}")
+    results["left"].append(left)
+    results["h_kill"].append(remove_hand_env(b, hand_env))
+    log(f"environments run {i}: previewd {results['p_launch'][-1]:.2f} s, by hand {results['h_launch'][-1]:.2f} s, "
+        f"redeploy {results['p_redeploy'][-1]:.2f} s, idle memory {results['p_memory'][-1]['total']:.0f} MiB")
+
+
+def bench_environments(b):
+    log(f"6. whole environments: the shop, {b.s.runs} runs (previewd and by hand)")
+    for image in (SHOP_IMAGE, POSTGRES_IMAGE, REDIS_IMAGE):
+        docker("image", "inspect", image)
+    docker("volume", "inspect", SEED_VOLUME)
+    b.clear()
+    results = {key: [] for key in ("p_launch", "h_launch", "p_steps", "h_steps", "p_redeploy", "r_steps",
+                                   "p_memory", "h_memory", "p_kill", "h_kill", "left")}
+    results.update(services_kept=0, migrated_again=0)
+    for i in range(1, b.s.runs + 1):
+        env_run(b, i, results)
+    b.r["env"] = results
+
+
+# --------------------------------------------------------------------------------------------
+# Section 7: scale
 
 
 def scale_fill(b):
@@ -1144,7 +1450,7 @@ def scale_point(b, tag):
 
 
 def bench_scale(b):
-    log(f"6. scale: {b.s.scale} running previews ({b.s.scale_parallel} launches at a time)")
+    log(f"7. scale: {b.s.scale} running previews ({b.s.scale_parallel} launches at a time)")
     b.clear()
     b.r["point0"] = scale_point(b, "0")
     mem0 = mem_available_mb()
@@ -1361,9 +1667,66 @@ A Docker engine restart is not benchmarked (it would disturb everything else on 
 """
 
 
+def steps_text(step_dicts):
+    """Median seconds of each step over the runs, in the order they came."""
+    names = []
+    for steps in step_dicts:
+        names += [name for name in steps if name not in names]
+    return ", ".join(f"{name} {median([s.get(name, 0.0) for s in step_dicts]):.2f} s" for name in names)
+
+
+def memory_text(memories):
+    total = median([m["total"] for m in memories])
+    parts = ", ".join(f"{part} {median([m.get(part, 0.0) for m in memories]):.1f}" for part in ("app", "db", "cache"))
+    return f"{total:.1f} MiB ({parts})"
+
+
+def render_environments(b):
+    e, runs = b.r["env"], b.s.runs
+    left = [x for x in e["left"] if x]
+    left_text = "nothing, in every run" if not left else "; ".join(str(x) for x in left)
+    p, h, rd = median(e["p_launch"]), median(e["h_launch"]), median(e["p_redeploy"])
+    return f"""{ENV_HEADING}
+
+{measured_by(b)}
+The shop environment of `tests/environments.rs`: `previewd-shop:demo` (port 5000, `/healthz`,
+read-only root) with the services `db` (`previewd-postgres:15`, its data volume seeded from
+`shop-db-seed`, 10,000 products; ready when `pg_isready` passes; `cap_add: [SETUID, SETGID]`) and
+`cache` (`previewd-redis:7`, ready when port 6379 accepts), and the job `migrate` (`python3
+migrate.py`). A launch is timed from the request until `/api/state` through nginx answers 200 with
+the 10,000 products and `migrated: true`. By hand is the same with the docker CLI, one step after
+the other as a script would: `docker network create`; `docker volume create` and the seed copied
+into it (`docker run --rm` of the PostgreSQL image, `cp -a`, caps CHOWN FOWNER DAC_OVERRIDE FSETID,
+`--network none`); `docker run -d` of PostgreSQL and Redis on that network as `db` and `cache`,
+hardened as previewd does it (`--cap-drop ALL` plus their `cap_add`, `no-new-privileges`, the same
+memory, pids and log limits); `pg_isready` by `docker exec` and Redis's port by TCP, each polled
+every 50 ms; the migration (`docker run --rm` of the shop image); the app (`docker run -d -p
+127.0.0.1:PORT:5000`); one vhost and `nginx -s reload` on the floor's nginx; poll until served.
+Each of the {runs} runs does both, alternating which goes first, then redeploys previewd's, lets
+both sit idle {b.s.env_idle:g} s, reads their memory and removes both. previewd keeps preview
+networks ready (`network.warm`), so its launch does not create one; by hand does.
+
+| figure | previewd | by hand | ratio | target |
+| --- | --- | --- | --- | --- |
+| launch of the shop environment, median of {runs} (min–max), request to the first 200 of `/api/state` through nginx with the seed and the migration | {spread(e['p_launch'])} | {spread(e['h_launch'])} | {ratio(p, h)}× | ≤ 1.00× |
+| where a launch's time goes, medians | {steps_text(e['p_steps'])} (previewd's NDJSON progress; the last step until the answer) | {steps_text(e['h_steps'])} | | |
+| redeploy of it (same name: services kept in {e['services_kept']} of {runs}, the migration run in {e['migrated_again']} of {runs}, the app replaced), request until the answer and `/api/state` served by the new app, median of {runs} (min–max); its steps: {steps_text(e['r_steps'])} | {spread(e['p_redeploy'])} | previewd's fresh launch: {p:.2f} s | {ratio(rd, p)}× | ≤ 0.50× |
+| kill (previewd: `POST /kill` until answered; by hand: `docker rm -f` of the three, `docker network rm`, `docker volume rm`, vhost removed, `nginx -s reload`), median of {runs} (min–max) | {spread(e['p_kill'])} | {spread(e['h_kill'])} | {ratio(median(e['p_kill']), median(e['h_kill']))}× | |
+| memory of an idle environment after {b.s.env_idle:g} s, `docker stats` (usage less page cache), app + db + cache, median of {runs} in MiB | {memory_text(e['p_memory'])} | {memory_text(e['h_memory'])} | | |
+| left of a preview after its kill (containers and volumes with its labels, its network, its vhost) | {left_text} | | | nothing |
+"""
+
+
 def write_report(b):
+    """Writes BENCHMARKS.md: the parts of the sections that ran; the others kept as they were."""
     path = ROOT / "BENCHMARKS.md"
-    path.write_text(render_main(b))
+    old = path.read_text() if path.exists() else ""
+    old_main, _, old_env = old.partition(ENV_HEADING)
+    old_env = ENV_HEADING + old_env if old_env else ""
+    ran = set(b.s.only)
+    main = render_main(b) if ran & set(MAIN_SECTIONS) else (old_main.rstrip("\n") + "\n" if old_main else "# Benchmarks\n")
+    env = render_environments(b) if "environments" in ran else old_env
+    path.write_text(main + ("\n" + env.rstrip("\n") + "\n" if env else ""))
     log("wrote BENCHMARKS.md")
     print(path.read_text())
 
@@ -1388,6 +1751,7 @@ SECTION_FUNCTIONS = {
     "redeploy": bench_redeploy,
     "webhooks": bench_webhooks,
     "intake": bench_intake,
+    "environments": bench_environments,
     "scale": bench_scale,
 }
 

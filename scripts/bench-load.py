@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Paced HTTP GET load through nginx for scripts/bench.sh, counting what a visitor would see.
+"""Paced HTTP GET load through nginx for scripts/bench.py, counting what a visitor would see.
 
 Usage: bench-load.py HOST PORT RATE SECONDS MODE STOPFILE
   MODE keepalive: a few persistent connections, as a browser keeps them. When a server closes an

@@ -10,8 +10,9 @@ scripts/bench-load.py.
 Usage: scripts/bench.py [RUNS]   (default 10, or $BENCH_RUNS)
 
 What it measures, by section; BENCH_ONLY=NAME[,NAME...] runs only those (intake needs the
-webhooks' previews and runs that section too), and BENCHMARKS.md keeps the figures of the
-sections that did not run, with the command that produced them:
+webhooks' previews and runs that section too). BENCHMARKS.md keeps the last full run's table
+whole: a run of some of its sections is written below it, under "A run of some sections", with
+its command, and the whole-environments section is replaced only by a run of it:
 
   launch        1. launch latency: POST /launch until the first 200 through nginx, vs the floor
   burst         2. burst: 50 launches at once, wall time and nginx reloads, vs the floor doing 50
@@ -92,6 +93,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("launch", "burst", "redeploy", "webhooks", "intake", "environments", "scale")
 MAIN_SECTIONS = tuple(s for s in SECTIONS if s != "environments")
 ENV_HEADING = "## Whole environments"
+# Where a run of only some of the main sections (BENCH_ONLY) goes, below the last full run's table.
+PARTIAL_HEADING = "## A run of some sections"
 
 IMAGE = "previewd-demo:latest"
 USER, PASSWORD = "bench", "bench"
@@ -1734,7 +1737,15 @@ def write_report(b):
     old_main, _, old_env = old.partition(ENV_HEADING)
     old_env = ENV_HEADING + old_env if old_env else ""
     ran = set(b.s.only)
-    main = render_main(b) if ran & set(MAIN_SECTIONS) else (old_main.rstrip("\n") + "\n" if old_main else "# Benchmarks\n")
+    kept_main = old_main.partition(PARTIAL_HEADING)[0].rstrip("\n") + "\n" if old_main else "# Benchmarks\n"
+    if set(MAIN_SECTIONS) <= ran:
+        main = render_main(b)
+    elif ran & set(MAIN_SECTIONS):
+        # A run of some sections: the last full run's table stays whole, this one goes below it.
+        partial = render_main(b).removeprefix("# Benchmarks\n")
+        main = f"{kept_main}\n{PARTIAL_HEADING}\n{partial}"
+    else:
+        main = old_main.rstrip("\n") + "\n" if old_main else "# Benchmarks\n"
     env = render_environments(b) if "environments" in ran else old_env
     path.write_text(main + ("\n" + env.rstrip("\n") + "\n" if env else ""))
     log("wrote BENCHMARKS.md")

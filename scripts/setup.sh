@@ -49,7 +49,7 @@ command -v shellcheck >/dev/null || missing+=(shellcheck)    # tests/install.rs:
 command -v chromium >/dev/null || missing+=(chromium)          # tests/dashboard.rs: headless browser
 command -v chromedriver >/dev/null || missing+=(chromium-driver) # tests/dashboard.rs: WebDriver for it
 have_pkg fonts-dejavu-core || missing+=(fonts-dejavu-core)     # tests/dashboard.rs: a font for screenshots
-command -v jq >/dev/null || missing+=(jq)                      # scripts/drills.sh, scripts/bench.sh
+command -v jq >/dev/null || missing+=(jq)                      # scripts/drills.sh
 command -v ip >/dev/null || missing+=(iproute2)                # scripts/drills.sh: its engine's bridge
 command -v debootstrap >/dev/null || missing+=(debootstrap)  # scripts/service-images.sh
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"

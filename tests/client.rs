@@ -3,40 +3,9 @@
 
 mod common;
 
-use std::process::Output;
-
-use common::{PASSWORD, TestApp, USER};
+use common::{PASSWORD, TestApp, USER, run_client as previewd};
 
 const BIN: &str = env!("CARGO_BIN_EXE_previewd");
-
-/// Runs the client binary against the app, with a home of its own.
-async fn previewd(
-    app: &TestApp,
-    home: &std::path::Path,
-    args: &[&str],
-    credentials: bool,
-    stdin: Option<&str>,
-) -> Output {
-    let mut command = tokio::process::Command::new(BIN);
-    command.args(args).env("HOME", home).env_remove("XDG_CONFIG_HOME").env_remove("PREVIEWD_GITHUB_TOKEN");
-    command.env("PREVIEWD_SERVER", format!("http://{}", app.api));
-    if credentials {
-        command.env("PREVIEWD_USER", USER).env("PREVIEWD_PASSWORD", PASSWORD);
-    } else {
-        command.env_remove("PREVIEWD_USER").env_remove("PREVIEWD_PASSWORD");
-    }
-    command
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = command.spawn().expect("run previewd");
-    if let Some(input) = stdin {
-        use tokio::io::AsyncWriteExt;
-        child.stdin.take().unwrap().write_all(input.as_bytes()).await.unwrap();
-    }
-    drop(child.stdin.take());
-    child.wait_with_output().await.unwrap()
-}
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()

@@ -8,7 +8,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    Options, PASSWORD, TestApp, USER, config_yaml, error_of, free_port, shop, unique_instance, volumes, with_images,
+    Options, PASSWORD, TestApp, USER, config_yaml, error_of, free_port, run_client, shop, unique_instance, volumes,
+    with_images,
 };
 use serde_json::Value;
 
@@ -367,4 +368,36 @@ async fn a_restart_starts_a_service_stopped_by_hand_again_on_its_data() {
     let services = containers_with_role(&app, "service");
     assert!(services.iter().all(|(_, state)| state == "running"), "{services:?}");
     assert_eq!(state(&app, "stopped").await["products"], 10_001);
+}
+
+#[tokio::test]
+async fn the_client_launches_an_environment_lists_its_services_reads_a_services_log_and_resets_it() {
+    let app = start_shop().await;
+    let home = tempfile::tempdir().unwrap();
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    let out = run_client(&app, home.path(), &["launch", "shop", "by-cli"], true, None).await;
+    assert!(out.status.success(), "{out:?}");
+    let progress = text(&out.stderr);
+    let steps: Vec<&str> = progress.lines().filter_map(|line| line.split_whitespace().nth(1)).collect();
+    assert_eq!(steps, ["image", "services", "job", "create", "start", "health", "route", "ready"], "{progress}");
+
+    let out = run_client(&app, home.path(), &["list"], true, None).await;
+    let table = text(&out.stdout);
+    assert!(table.lines().next().unwrap().contains("SERVICES"), "{table}");
+    assert!(table.contains("cache:running,db:running"), "{table}");
+
+    let out =
+        run_client(&app, home.path(), &["logs", "by-cli", "--service", "cache", "--tail", "50"], true, None).await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(text(&out.stdout).contains("Ready to accept connections"), "{}", text(&out.stdout));
+
+    add_product(&app, "by-cli", "gone after the reset").await;
+    let out = run_client(&app, home.path(), &["reset", "by-cli"], true, None).await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(text(&out.stdout).starts_with("reset by-cli: http://by-cli."), "{}", text(&out.stdout));
+    assert_eq!(state(&app, "by-cli").await["products"], 10_000);
+
+    let out = run_client(&app, home.path(), &["reset", "no-such-preview"], true, None).await;
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("no preview named \"no-such-preview\""), "{}", text(&out.stderr));
 }

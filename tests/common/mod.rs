@@ -132,6 +132,36 @@ users:
     )
 }
 
+/// Runs the client binary (`previewd ARGS`) against the app, with a home of its own; with
+/// `credentials`, as the test user.
+pub async fn run_client(
+    app: &TestApp,
+    home: &std::path::Path,
+    args: &[&str],
+    credentials: bool,
+    stdin: Option<&str>,
+) -> std::process::Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_previewd"));
+    command.args(args).env("HOME", home).env_remove("XDG_CONFIG_HOME").env_remove("PREVIEWD_GITHUB_TOKEN");
+    command.env("PREVIEWD_SERVER", format!("http://{}", app.api));
+    if credentials {
+        command.env("PREVIEWD_USER", USER).env("PREVIEWD_PASSWORD", PASSWORD);
+    } else {
+        command.env_remove("PREVIEWD_USER").env_remove("PREVIEWD_PASSWORD");
+    }
+    command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().expect("run previewd");
+    if let Some(input) = stdin {
+        use tokio::io::AsyncWriteExt;
+        child.stdin.take().unwrap().write_all(input.as_bytes()).await.unwrap();
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().await.unwrap()
+}
+
 /// A config text with more `images` entries (YAML lines that go under `images:`).
 pub fn with_images(yaml: &str, entries: &str) -> String {
     yaml.replacen("\nimages:", &format!("\nimages:{entries}"), 1)

@@ -8,13 +8,18 @@ command -v cargo >/dev/null || export PATH="$HOME/.cargo/bin:$PATH"
 
 bash scripts/setup.sh
 
-# Networks that test instances (named t + 8 hex digits) of an earlier run left: a warm network
-# that was being created while its test ended. Containers first, then their networks.
-sweep_test_networks() {
+# What test instances (named t + 8 hex digits) of an earlier run left: a warm network that was
+# being created while its test ended, a preview a webhook run launched as its test ended.
+# Containers first, then their volumes and networks.
+sweep_test_leftovers() {
+    docker ps -a --filter label=previewd.managed=true --format '{{.ID}} {{.Label "previewd.instance"}}' |
+        grep -E ' t[0-9a-f]{8}$' | cut -d' ' -f1 | xargs -r docker rm -f >/dev/null 2>&1 || true
+    docker volume ls --filter label=previewd.managed=true --format '{{.Name}}' |
+        grep -E '^previewd\.t[0-9a-f]{8}\.' | xargs -r docker volume rm >/dev/null 2>&1 || true
     docker network ls --filter label=previewd.managed=true --format '{{.Name}}' |
         grep -E '^previewd\.t[0-9a-f]{8}\.pv-' | xargs -r docker network rm >/dev/null 2>&1 || true
 }
-sweep_test_networks
+sweep_test_leftovers
 
 cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 echo "test: cargo fmt --check" >&2
@@ -41,5 +46,5 @@ fi
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
 echo "drills: $drills"
-sweep_test_networks
+sweep_test_leftovers
 exit "$status"

@@ -9,12 +9,14 @@
 //! - [`throttle`]: per-address budgets for failed logins and token lookups.
 //! - [`github`]: pull-request previews: webhooks, desired state, feedback on the PR.
 //! - [`request`]: launch and kill requests parsed from the API's fields.
-//! - [`lifecycle`]: launch, replace, kill, list and reconcile previews.
+//! - [`lifecycle`]: launch, replace, reset, kill, list and reconcile previews, with their
+//!   services and jobs.
 //! - [`admission`]: the preview limits, and the queue of launches.
 //! - [`locks`]: one async lock per key (per preview, per credential).
 //! - [`cache`]: a bounded map whose entries expire.
 //! - [`metrics`]: Prometheus metrics, served at `/metrics`.
-//! - [`docker`]: the container runtime on the Docker API; labels are the record of what runs.
+//! - [`runtime`]: the seam between the lifecycle and the container engine, in previewd's terms.
+//! - [`docker`]: the Docker engine as that runtime; its labels are the record of what runs.
 //! - [`network`]: each preview's own network, the warm pool of them, and the host firewall.
 //! - [`probe`]: whether an app answers HTTP yet.
 //! - [`nginx`]: vhost files, `nginx -t`, coalesced reloads, the managed nginx.

@@ -1,5 +1,5 @@
-//! The preview lifecycle: launch (or replace), kill, list and reconcile, built on the Docker
-//! runtime and the nginx router.
+//! The preview lifecycle: launch (or replace), reset, kill, list and reconcile, built on the
+//! container runtime (`crate::runtime`) and the nginx router.
 //!
 //! Operations on one preview are serialized by a per-slug lock; different previews proceed in
 //! parallel. Every step can be interrupted and repeated: a replacement container is started and
@@ -7,8 +7,9 @@
 //! `reconcile` rebuilds the routes from the container labels alone.
 //!
 //! This file holds the shared parts (errors, what the API reports, progress) and the queries;
-//! each operation has a file of its own: [`launch`] (launch and replace), [`removal`] (kill) and
-//! [`reconcile`] (start-up reconcile and the refresh after Docker's events).
+//! each operation has a file of its own: [`launch`] (launch and replace), [`reset`], [`removal`]
+//! (kill) and [`reconcile`] (start-up reconcile and the refresh after Docker's events), and
+//! [`environment`] holds what they share about a preview's services and jobs.
 
 mod environment;
 mod launch;

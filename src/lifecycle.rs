@@ -34,6 +34,9 @@ use crate::runtime::{DockerError, ManagedContainer, Runtime};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+/// How many lines of a failed container's log (an app's, a service's, a job's) go into the error.
+const LOG_LINES_ON_FAILURE: usize = 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
     #[error(transparent)]

@@ -8,14 +8,12 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 
-use super::{Lifecycle, LifecycleError, Progress, short};
+use super::{LOG_LINES_ON_FAILURE, Lifecycle, LifecycleError, Progress, short};
 use crate::config::{EnvContext, EnvTemplate, ImageSpec, JobWhen, ReadyCheck, ServiceSpec};
 use crate::metrics::ByPart;
 use crate::preview::{EnvName, ImageKey, Role, ServiceName, Slug};
 use crate::runtime::{ContainerPlan, JobPlan, ManagedContainer, RunOutcome, ServicePlan};
 
-/// How many lines of a failed service's or job's log go into the error.
-const LOG_LINES_ON_FAILURE: usize = 20;
 const FIRST_READY_POLL: Duration = Duration::from_millis(20);
 const READY_POLL: Duration = Duration::from_millis(200);
 const TCP_CHECK_TIMEOUT: Duration = Duration::from_millis(500);
@@ -238,17 +236,41 @@ impl Lifecycle {
         }
     }
 
-    /// Removes every container of the preview but its app (services, jobs, seed copies), then
-    /// its data volumes (a volume goes only once no container uses it).
-    pub(super) async fn remove_environment(&self, slug: &Slug) -> Result<(), LifecycleError> {
-        let parts = self.runtime.list_slug_all(slug).await?;
-        for part in parts.iter().filter(|c| c.role != Role::App) {
+    /// Removes the preview's `members` that are not its app (services, jobs, seed copies), then
+    /// its data volumes (a volume goes only once no container uses it); whether there was
+    /// anything to remove.
+    pub(super) async fn remove_environment(
+        &self,
+        slug: &Slug,
+        members: &[ManagedContainer],
+    ) -> Result<bool, LifecycleError> {
+        let mut removed = false;
+        for part in members.iter().filter(|c| c.role != Role::App) {
             self.runtime.remove(&part.id).await?;
+            removed = true;
         }
         for volume in self.runtime.list_volumes().await?.into_iter().filter(|v| &v.slug == slug) {
             self.runtime.remove_volume(&volume.name).await?;
+            removed = true;
         }
-        Ok(())
+        Ok(removed)
+    }
+
+    /// `bring_up_services` for a running app, its `env` templates seeing what they saw at its
+    /// launch (`env`: the app container's environment).
+    pub(super) async fn bring_up_services_of(
+        &self,
+        app: &ManagedContainer,
+        spec: &ImageSpec,
+        env: &[String],
+        existing: &[ManagedContainer],
+        progress: &mut Progress,
+    ) -> Result<(), LifecycleError> {
+        let network = app.network.as_deref().ok_or_else(|| LifecycleError::NoNetworkForServices(app.image.clone()))?;
+        let base_domain = self.config.base_domain.to_string();
+        let context = app_context(app, env, &base_domain);
+        let of = EnvironmentOf { slug: &app.slug, image_key: &app.image, spec, network, context: &context };
+        self.bring_up_services(&of, existing, progress).await
     }
 }
 
@@ -259,7 +281,7 @@ struct StaleServices<'s> {
 
 /// What `env` templates saw when the app was launched, read back from its container's
 /// environment (`container_name` is the branch of a pull request's preview).
-pub(super) fn app_context<'a>(app: &'a ManagedContainer, env: &'a [String], base_domain: &'a str) -> EnvContext<'a> {
+fn app_context<'a>(app: &'a ManagedContainer, env: &'a [String], base_domain: &'a str) -> EnvContext<'a> {
     EnvContext {
         slug: app.slug.as_ref(),
         base_domain,

@@ -9,8 +9,8 @@ use tokio::sync::mpsc;
 
 use super::environment::{EnvironmentOf, render_env};
 use super::{
-    Lifecycle, LifecycleError, PreviewInfo, Progress, ProgressEvent, ServiceInfo, describe_owner, same_pull_request,
-    short, split_origin,
+    LOG_LINES_ON_FAILURE, Lifecycle, LifecycleError, PreviewInfo, Progress, ProgressEvent, ServiceInfo, describe_owner,
+    same_pull_request, short, split_origin,
 };
 use crate::admission::AdmitError;
 use crate::config::{EnvContext, ImageSpec};
@@ -20,8 +20,6 @@ use crate::preview::{PreviewState, Slug};
 use crate::request::LaunchRequest;
 use crate::runtime::{ContainerPlan, CreatedContainer, DockerError, ManagedContainer};
 
-/// How many lines of a failed container's log go into the error.
-const LOG_LINES_ON_FAILURE: usize = 20;
 const FIRST_HEALTH_POLL: Duration = Duration::from_millis(10);
 const HEALTH_POLL: Duration = Duration::from_millis(50);
 /// How long a replace waits for requests in flight under the old route before removing the old
@@ -147,9 +145,13 @@ impl Lifecycle {
             Err(err) => {
                 // A first launch leaves nothing behind; a redeploy keeps the services and their
                 // data, and the old app serving.
+                let cleanup = async {
+                    let members = self.runtime.list_slug_all(&request.name).await?;
+                    self.remove_environment(&request.name, &members).await
+                };
                 if fresh
                     && has_environment
-                    && let Err(cleanup) = self.remove_environment(&request.name).await
+                    && let Err(cleanup) = cleanup.await
                 {
                     tracing::error!(error = %cleanup, "cannot remove the failed launch's services; reconcile will");
                 }

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 
-use super::environment::{EnvironmentOf, app_context};
 use super::{Lifecycle, LifecycleError, Progress, ReconcileReport, short};
 use crate::config::ImageSpec;
 use crate::preview::{Role, Slug};
@@ -59,9 +58,10 @@ impl Lifecycle {
             }
             Some(_) | None => {}
         }
+        let members = self.runtime.list_slug_all(slug).await?;
         // After an event, only a service that is gone is started again: one that stopped
         // (a failed start, or `docker stop`) would be retried at every event it causes.
-        self.settle_environment(slug, Repair::Missing).await
+        self.settle_environment(slug, members, Repair::Missing).await
     }
 
     /// `refresh` for every preview that has a container.
@@ -104,11 +104,27 @@ impl Lifecycle {
             report.failed.push(format!("{slug}: {err}"));
         }
         report.routed = routes.len();
-        let mut with_parts: BTreeSet<Slug> =
-            self.runtime.list_all().await?.into_iter().filter(|c| c.role != Role::App).map(|c| c.slug).collect();
+        let mut members: BTreeMap<Slug, Vec<ManagedContainer>> = BTreeMap::new();
+        for container in self.runtime.list_all().await? {
+            members.entry(container.slug.clone()).or_default().push(container);
+        }
+        let mut with_parts: BTreeSet<Slug> = members
+            .iter()
+            .filter(|(_, group)| group.iter().any(|c| c.role != Role::App))
+            .map(|(s, _)| s.clone())
+            .collect();
         with_parts.extend(self.runtime.list_volumes().await?.into_iter().map(|volume| volume.slug));
-        for slug in &with_parts {
-            if let Err(err) = self.settle_environment(slug, Repair::MissingOrStopped).await {
+        let mut settling = futures_util::stream::iter(with_parts)
+            .map(|slug| {
+                let group = members.remove(&slug).unwrap_or_default();
+                async move {
+                    let result = self.settle_environment(&slug, group, Repair::MissingOrStopped).await;
+                    (slug, result)
+                }
+            })
+            .buffer_unordered(RECONCILE_PARALLELISM);
+        while let Some((slug, result)) = settling.next().await {
+            if let Err(err) = result {
                 tracing::error!(%slug, error = %err, "cannot settle the preview's services");
                 report.failed.push(format!("{slug}: {err}"));
             }
@@ -130,17 +146,19 @@ impl Lifecycle {
     /// launch cut short (no launch of the preview runs now) and go; a live app gets back the
     /// services it is missing (on their kept data), and with `MissingOrStopped` those that
     /// stopped too.
-    async fn settle_environment(&self, slug: &Slug, repair: Repair) -> Result<(), LifecycleError> {
-        let members = self.runtime.list_slug_all(slug).await?;
+    async fn settle_environment(
+        &self,
+        slug: &Slug,
+        members: Vec<ManagedContainer>,
+        repair: Repair,
+    ) -> Result<(), LifecycleError> {
         let (apps, parts): (Vec<_>, Vec<_>) = members.into_iter().partition(|c| c.role == Role::App);
         if apps.is_empty() {
             let networks: BTreeSet<String> = parts.iter().filter_map(|c| c.network.clone()).collect();
-            let has_volumes = self.runtime.list_volumes().await?.iter().any(|volume| &volume.slug == slug);
-            if parts.is_empty() && !has_volumes {
+            if !self.remove_environment(slug, &parts).await? {
                 return Ok(());
             }
-            tracing::info!(%slug, "removing the services and data of a preview whose app is gone");
-            self.remove_environment(slug).await?;
+            tracing::info!(%slug, "removed the services and data of a preview whose app is gone");
             for network in &networks {
                 self.networks.remove(network).await;
             }
@@ -152,7 +170,9 @@ impl Lifecycle {
         }
         let Some(app) = apps.iter().rev().find(|c| c.is_running()) else { return Ok(()) };
         let Some(spec) = self.config.images.get(&app.image) else { return Ok(()) };
-        let Some(network) = app.network.as_deref() else { return Ok(()) };
+        if app.network.is_none() {
+            return Ok(());
+        }
         let services: Vec<ManagedContainer> =
             parts.into_iter().filter(|c| matches!(c.role, Role::Service(_))).collect();
         let missing = spec.services.iter().any(|(name, _)| {
@@ -165,11 +185,8 @@ impl Lifecycle {
         }
         tracing::warn!(%slug, "the preview's app runs without all its services; starting them again on their data");
         let env = self.runtime.container_env(&app.id).await?;
-        let base_domain = self.config.base_domain.to_string();
-        let context = app_context(app, &env, &base_domain);
-        let of = EnvironmentOf { slug, image_key: &app.image, spec, network, context: &context };
         let mut progress = Progress::new(None, Arc::clone(&self.metrics));
-        self.bring_up_services(&of, &services, &mut progress).await
+        self.bring_up_services_of(app, spec, &env, &services, &mut progress).await
     }
 
     /// Keeps the live container of one preview (brought back on a new port if Docker could not

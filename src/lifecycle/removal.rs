@@ -52,16 +52,15 @@ impl Lifecycle {
     /// data volumes), then the network.
     async fn remove_preview(&self, slug: &Slug, apps: Vec<ManagedContainer>) -> Result<(), LifecycleError> {
         let routed = self.is_routed(slug);
-        let parts = self.runtime.list_slug_all(slug).await?;
-        let has_volumes = self.runtime.list_volumes().await?.iter().any(|volume| &volume.slug == slug);
-        if parts.is_empty() && !has_volumes && !routed {
-            return Err(LifecycleError::NotFound(slug.clone()));
-        }
-        let networks: BTreeSet<String> = parts.iter().filter_map(|c| c.network.clone()).collect();
+        let members = self.runtime.list_slug_all(slug).await?;
+        let networks: BTreeSet<String> = members.iter().filter_map(|c| c.network.clone()).collect();
         for container in apps {
             self.runtime.remove(&container.id).await?;
         }
-        self.remove_environment(slug).await?;
+        let had_environment = self.remove_environment(slug, &members).await?;
+        if members.is_empty() && !had_environment && !routed {
+            return Err(LifecycleError::NotFound(slug.clone()));
+        }
         for network in networks {
             self.networks.remove(&network).await;
         }

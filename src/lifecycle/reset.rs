@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::environment::{EnvironmentOf, app_context};
 use super::{Lifecycle, LifecycleError, PreviewInfo, Progress};
 use crate::preview::Slug;
 use crate::runtime::{ContainerPlan, ManagedContainer};
@@ -31,15 +30,11 @@ impl Lifecycle {
     async fn reset_locked(&self, app: &ManagedContainer) -> Result<(), LifecycleError> {
         let spec = self.config.images.get(&app.image).ok_or_else(|| LifecycleError::ImageGone(app.image.clone()))?;
         let mut progress = Progress::new(None, Arc::clone(&self.metrics));
-        self.remove_environment(&app.slug).await?;
+        let members = self.runtime.list_slug_all(&app.slug).await?;
+        self.remove_environment(&app.slug, &members).await?;
         let env = self.runtime.container_env(&app.id).await?;
-        let base_domain = self.config.base_domain.to_string();
-        let context = app_context(app, &env, &base_domain);
         if !spec.services.is_empty() {
-            let network =
-                app.network.as_deref().ok_or_else(|| LifecycleError::NoNetworkForServices(app.image.clone()))?;
-            let of = EnvironmentOf { slug: &app.slug, image_key: &app.image, spec, network, context: &context };
-            self.bring_up_services(&of, &[], &mut progress).await?;
+            self.bring_up_services_of(app, spec, &env, &[], &mut progress).await?;
         }
         let plan = ContainerPlan {
             slug: &app.slug,

@@ -15,6 +15,19 @@ use common::{Daemon, PASSWORD, USER};
 const ROUNDS: u64 = 20;
 const CONVERGE: Duration = Duration::from_secs(10);
 
+/// Polls `unconverged` until it finds nothing wrong, failing `round` with its last reason once
+/// `limit` has passed since `restarted`.
+async fn converge<F, Fut>(restarted: Instant, limit: Duration, round: &str, unconverged: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<String>>,
+{
+    while let Some(why) = unconverged().await {
+        assert!(restarted.elapsed() < limit, "{round}: {why}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A request cut short: previewd is killed `after` it was sent.
 struct Cut<'a> {
     path: &'a str,
@@ -166,16 +179,8 @@ async fn kill_9_at_twenty_moments_always_converges_after_a_restart() {
         };
         let cut = Cut { path, image: "demo", name: &name, after: delay };
         let restarted = drill.kill_9_during(&mut daemon, &config, cut, &format!("daemon-{round}.log")).await;
-        loop {
-            match drill.unconverged().await {
-                None => break,
-                Some(why) => assert!(
-                    restarted.elapsed() < CONVERGE,
-                    "round {round} ({path} {name}, killed after {delay:?}): {why}"
-                ),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let round_name = format!("round {round} ({path} {name}, killed after {delay:?})");
+        converge(restarted, CONVERGE, &round_name, || drill.unconverged()).await;
         worst = worst.max(restarted.elapsed());
         let test = drill.nginx_test();
         assert!(test.status.success(), "round {round}: nginx -t fails: {}", String::from_utf8_lossy(&test.stderr));
@@ -299,16 +304,8 @@ async fn kill_9_during_launches_redeploys_and_kills_of_previews_with_services_al
         };
         let cut = Cut { path, image: "shop", name: &name, after: delay };
         let restarted = drill.kill_9_during(&mut daemon, &config, cut, &format!("daemon-env-{round}.log")).await;
-        loop {
-            match drill.environments_unconverged().await {
-                None => break,
-                Some(why) => assert!(
-                    restarted.elapsed() < ENVIRONMENT_CONVERGE,
-                    "round {round} ({path} {name}, killed after {delay:?}): {why}"
-                ),
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let round_name = format!("round {round} ({path} {name}, killed after {delay:?})");
+        converge(restarted, ENVIRONMENT_CONVERGE, &round_name, || drill.environments_unconverged()).await;
         worst = worst.max(restarted.elapsed());
     }
     // The restarts had work to do: services of a first launch cut short, or job containers.
@@ -316,7 +313,7 @@ async fn kill_9_during_launches_redeploys_and_kills_of_previews_with_services_al
         .filter(|round| {
             let log =
                 std::fs::read_to_string(drill.dir.path().join(format!("daemon-env-{round}.log"))).unwrap_or_default();
-            log.contains("removing the services and data of a preview whose app is gone")
+            log.contains("removed the services and data of a preview whose app is gone")
                 || log.contains("removing a job container of a launch cut short")
         })
         .count();

@@ -96,6 +96,16 @@ async fn a_launch_with_services_serves_the_seeded_rows_and_the_migrations_effect
     assert_eq!(volumes(&app.instance), [format!("previewd.{}.feature-x.db", app.instance)]);
 }
 
+/// The id of the instance's running container of service `name`.
+fn running_service(app: &TestApp, name: &str) -> String {
+    let output = Command::new("docker")
+        .args(["ps", "-q", "--filter", &format!("label=previewd.instance={}", app.instance)])
+        .args(["--filter", &format!("label=previewd.part={name}")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
 /// Requests through nginx, one after another, until `stop`: (answers, failures).
 fn keep_requesting(
     app: &TestApp,
@@ -291,12 +301,7 @@ async fn a_service_removed_behind_previewds_back_is_started_again_on_its_data() 
     let app = start_shop().await;
     launch_ok(&app, "shop", "healing").await;
     add_product(&app, "healing", "kept in the volume").await;
-    let db = Command::new("docker")
-        .args(["ps", "-q", "--filter", &format!("label=previewd.instance={}", app.instance)])
-        .args(["--filter", "label=previewd.part=db"])
-        .output()
-        .unwrap();
-    let db = String::from_utf8_lossy(&db.stdout).trim().to_owned();
+    let db = running_service(&app, "db");
     assert!(Command::new("docker").args(["rm", "-f", &db]).output().unwrap().status.success());
     // Docker's destroy event makes previewd start it again: wait for the app to answer with it.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -355,12 +360,7 @@ async fn a_restart_starts_a_service_stopped_by_hand_again_on_its_data() {
     let mut app = start_shop().await;
     launch_ok(&app, "shop", "stopped").await;
     add_product(&app, "stopped", "kept while the db was stopped").await;
-    let db = Command::new("docker")
-        .args(["ps", "-q", "--filter", &format!("label=previewd.instance={}", app.instance)])
-        .args(["--filter", "label=previewd.part=db"])
-        .output()
-        .unwrap();
-    let db = String::from_utf8_lossy(&db.stdout).trim().to_owned();
+    let db = running_service(&app, "db");
     assert!(Command::new("docker").args(["stop", &db]).output().unwrap().status.success());
     app.stop().await;
     let report = app.boot().await;

@@ -2,13 +2,25 @@
 //! build and deliver `pull_request` webhooks like GitHub does.
 //!
 //! [`FakeGitHub::start`] serves the endpoints previewd uses (user, collaborator permission, issue
-//! comments, deployments and their statuses, open pulls, one pull request) on `127.0.0.1:<free port>` inside the
-//! test's tokio runtime. It keeps state in memory, records every request, and can be told to fail
-//! ([`FakeGitHub::fail_next`], [`FakeGitHub::set_down`], [`FakeGitHub::set_delay`]). Answers follow
-//! GitHub's REST docs — status codes, field names, error JSON, `Link` paging — not what any one
-//! client library happens to accept. Where the fake has to simplify, a comment says how.
+//! comments, deployments and their statuses, open pulls, one pull request, repository tarballs) on
+//! `127.0.0.1:<free port>` inside the test's tokio runtime. It keeps state in memory, records every
+//! request, and can be told to fail ([`FakeGitHub::fail_next`], [`FakeGitHub::set_down`],
+//! [`FakeGitHub::set_delay`]). Answers follow GitHub's REST docs — status codes, field names, error
+//! JSON, `Link` paging — not what any one client library happens to accept. Where the fake has to
+//! simplify, a comment says how.
+//!
+//! Tarballs come from a second server, as on github.com: "Download a repository archive (tar)",
+//! `GET /repos/{owner}/{repo}/tarball/{ref}`, answers `302 Found` with a `Location` on another
+//! host, `codeload.github.com`, which serves the gzipped `git archive`. The fake's codeload listens
+//! on its own free port and is addressed as `localhost` (the API as `127.0.0.1`), so a client that
+//! follows the redirect changes host name and port, like it changes host against GitHub, and a
+//! client that carries its token across is caught: codeload records what it gets
+//! ([`FakeGitHub::codeload_calls`]) and, like the real one, ignores credentials. Tests describe
+//! commits with [`FakeGitHub::set_commit`] and friends.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::convert::Infallible;
+use std::io::Write;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -19,6 +31,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use bytes::Bytes;
+use flate2::Compression;
+use flate2::write::GzEncoder;
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -29,6 +44,10 @@ const STATUS_STATES: [&str; 7] = ["error", "failure", "inactive", "in_progress",
 const DESCRIPTION_MAX: usize = 140;
 const COMMENT_MAX: usize = 65536;
 const BODY_LIMIT: usize = 1 << 20;
+/// `git archive`'s default `tar.umask`: entries are group-writable, never world-writable.
+const TAR_UMASK: u32 = 0o002;
+/// Codeload streams archives (chunked, no `Content-Length`); the fake sends pieces of this size.
+const CODELOAD_CHUNK: usize = 16 * 1024;
 
 /// One request as the fake received it.
 #[derive(Clone, Debug)]
@@ -72,16 +91,20 @@ pub struct DeploymentStatus {
     pub auto_inactive: Option<bool>,
 }
 
-/// The running fake; the server stops when this is dropped.
+/// The running fake; both servers stop when this is dropped.
 pub struct FakeGitHub {
     /// Base URL without a trailing slash, e.g. `http://127.0.0.1:40123`.
     pub url: String,
+    /// The fake codeload's base URL, e.g. `http://localhost:40125`: where tarball redirects point.
+    pub codeload_url: String,
     shared: Arc<Shared>,
     server: tokio::task::JoinHandle<()>,
+    codeload: tokio::task::JoinHandle<()>,
 }
 
 struct Shared {
     base: String,
+    codeload: String,
     inner: Mutex<Inner>,
 }
 
@@ -98,6 +121,10 @@ struct Inner {
     rate_limited: usize,
     down: bool,
     delay: Duration,
+    /// Requests to codeload, kept apart from the API's `calls`.
+    codeload_calls: Vec<Call>,
+    /// How long codeload waits before it answers.
+    tarball_delay: Duration,
 }
 
 struct Repo {
@@ -111,6 +138,29 @@ struct Repo {
     pull_states: HashMap<u64, Value>,
     /// Payload URLs of the repository's webhooks.
     hooks: Vec<String>,
+    /// The commits `set_commit` described, by lowercased SHA.
+    commits: HashMap<String, Commit>,
+    /// Branch names (case-sensitive, as in git) and the SHA each points at.
+    refs: HashMap<String, String>,
+    /// Archives codeload served, by lowercased SHA.
+    downloads: HashMap<String, usize>,
+}
+
+/// A commit's tree, as `git archive` writes it.
+#[derive(Clone)]
+struct Commit {
+    sha: String,
+    /// Seconds since the epoch: git archive stamps every entry with the commit's time.
+    time: u64,
+    /// By path from the repository root. Byte order of full paths is git's tree order ('/'
+    /// sorts after '.' and '-', like git compares a directory as `name/`).
+    entries: BTreeMap<String, TreeEntry>,
+}
+
+#[derive(Clone)]
+enum TreeEntry {
+    File { content: Vec<u8>, executable: bool },
+    Symlink { target: String },
 }
 
 /// Who made a resource and when: shown by GitHub, rarely asserted on by tests.
@@ -166,14 +216,14 @@ impl FakeGitHub {
     pub async fn start() -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind fake GitHub");
         let url = format!("http://{}", listener.local_addr().expect("fake GitHub address"));
-        let shared = Arc::new(Shared { base: url.clone(), inner: Mutex::default() });
-        let app = router(shared.clone());
-        let server = tokio::spawn(async move {
-            if let Err(err) = axum::serve(listener, app).await {
-                eprintln!("fake GitHub stopped: {err}");
-            }
-        });
-        Self { url, shared, server }
+        let codeload_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind fake codeload");
+        let codeload_port = codeload_listener.local_addr().expect("fake codeload address").port();
+        // Loopback too, under another name: `localhost` is 127.0.0.1 in /etc/hosts.
+        let codeload_url = format!("http://localhost:{codeload_port}");
+        let shared = Arc::new(Shared { base: url.clone(), codeload: codeload_url.clone(), inner: Mutex::default() });
+        let server = tokio::spawn(serve(listener, router(shared.clone()), "fake GitHub"));
+        let codeload = tokio::spawn(serve(codeload_listener, codeload_router(shared.clone()), "fake codeload"));
+        Self { url, codeload_url, shared, server, codeload }
     }
 
     pub fn add_token(&self, token: &str, login: &str) {
@@ -215,6 +265,59 @@ impl FakeGitHub {
 
     pub fn calls(&self) -> Vec<Call> {
         self.shared.lock().calls.clone()
+    }
+
+    /// The commit `sha` of `repo` holds these files (paths from the repository root, `/`
+    /// between directories; mode 0664 as git archive writes them) and nothing else: what its
+    /// tarball contains from now on. Replaces an earlier tree of the same SHA.
+    pub fn set_commit(&self, repo: &str, sha: &str, files: &[(&str, &[u8])]) {
+        let mut entries = BTreeMap::new();
+        for (path, content) in files {
+            let entry = TreeEntry::File { content: content.to_vec(), executable: false };
+            assert!(entries.insert(tree_path(path), entry).is_none(), "{path} given twice");
+        }
+        let time = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let commit = Commit { sha: sha.to_owned(), time, entries };
+        check_tree(&commit);
+        self.shared.lock().repo_entry(repo).commits.insert(sha.to_lowercase(), commit);
+    }
+
+    /// Marks a file of a commit `set_commit` described as executable (git's mode 100755: 0775 in
+    /// the archive).
+    pub fn set_executable(&self, repo: &str, sha: &str, path: &str) {
+        self.with_commit(repo, sha, |commit| match commit.entries.get_mut(path) {
+            Some(TreeEntry::File { executable, .. }) => *executable = true,
+            _ => panic!("{repo}@{sha} has no file {path}"),
+        });
+    }
+
+    /// Adds a symbolic link to a commit `set_commit` described. Git stores the target verbatim,
+    /// so it may be absolute or climb out of the repository with `..`.
+    pub fn set_symlink(&self, repo: &str, sha: &str, path: &str, target: &str) {
+        self.with_commit(repo, sha, |commit| {
+            commit.entries.insert(tree_path(path), TreeEntry::Symlink { target: target.to_owned() });
+            check_tree(commit);
+        });
+    }
+
+    /// The branch `name` of `repo` points at `sha`: tarball requests may name either.
+    pub fn set_ref(&self, repo: &str, name: &str, sha: &str) {
+        self.shared.lock().repo_entry(repo).refs.insert(name.to_owned(), sha.to_lowercase());
+    }
+
+    /// Every request codeload got, in order (the API's are in [`Self::calls`]).
+    pub fn codeload_calls(&self) -> Vec<Call> {
+        self.shared.lock().codeload_calls.clone()
+    }
+
+    /// How many archives of commit `sha` codeload served (whatever ref the request named).
+    pub fn tarball_downloads(&self, repo: &str, sha: &str) -> usize {
+        self.with_repo(repo, |r| r.downloads.get(&sha.to_lowercase()).copied().unwrap_or_default())
+    }
+
+    /// Codeload waits this long before it answers (the API's `set_delay` does not apply there).
+    pub fn set_tarball_delay(&self, delay: Duration) {
+        self.shared.lock().tarball_delay = delay;
     }
 
     pub fn comments(&self, repo: &str, issue: u64) -> Vec<Comment> {
@@ -278,11 +381,24 @@ impl FakeGitHub {
     fn with_repo<T: Default>(&self, repo: &str, read: impl FnOnce(&Repo) -> T) -> T {
         self.shared.lock().repos.get(&repo.to_lowercase()).map(read).unwrap_or_default()
     }
+
+    fn with_commit(&self, repo: &str, sha: &str, change: impl FnOnce(&mut Commit)) {
+        let mut inner = self.shared.lock();
+        let commit = inner.repos.get_mut(&repo.to_lowercase()).and_then(|r| r.commits.get_mut(&sha.to_lowercase()));
+        change(commit.unwrap_or_else(|| panic!("set_commit({repo}, {sha}) first")));
+    }
 }
 
 impl Drop for FakeGitHub {
     fn drop(&mut self) {
         self.server.abort();
+        self.codeload.abort();
+    }
+}
+
+async fn serve(listener: tokio::net::TcpListener, app: Router, name: &str) {
+    if let Err(err) = axum::serve(listener, app).await {
+        eprintln!("{name} stopped: {err}");
     }
 }
 
@@ -308,11 +424,23 @@ impl Inner {
             pulls: Vec::new(),
             pull_states: HashMap::new(),
             hooks: Vec::new(),
+            commits: HashMap::new(),
+            refs: HashMap::new(),
+            downloads: HashMap::new(),
         })
     }
 
     fn known_repo(&mut self, owner: &str, name: &str) -> Result<&mut Repo, GhError> {
         self.repos.get_mut(&repo_key(owner, name)).ok_or_else(not_found)
+    }
+}
+
+impl Repo {
+    /// A SHA `set_commit` described, or a branch `set_ref` set. GitHub also takes tags,
+    /// abbreviated SHAs and `refs/...` names; the fake does not.
+    fn commit_at(&self, git_ref: &str) -> Option<&Commit> {
+        let sha = self.refs.get(git_ref).map_or_else(|| git_ref.to_lowercase(), Clone::clone);
+        self.commits.get(&sha)
     }
 }
 
@@ -342,6 +470,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route(&format!("{repo}/deployments/{{id}}/statuses"), get(list_statuses).post(create_status))
         .route(&format!("{repo}/pulls"), get(list_pulls))
         .route(&format!("{repo}/pulls/{{number}}"), get(get_pull))
+        .route(&format!("{repo}/tarball/{{ref}}"), get(get_tarball))
         .fallback(not_found_handler)
         // GitHub answers 404, not 405, to a method a route does not support.
         .method_not_allowed_fallback(not_found_handler)
@@ -747,6 +876,223 @@ async fn get_pull(State(shared): Fake, Path((owner, name, number)): Path<(String
     let mut pull = repo.pull_states.get(&number).cloned().ok_or_else(not_found)?;
     replace_strings(&mut pull, "https://api.github.com", &shared.base);
     Ok(reply(StatusCode::OK, &pull))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tarballs: the API's redirect, and codeload
+
+/// `GET /repos/{owner}/{repo}/tarball/{ref}`, "Download a repository archive (tar)": `302 Found`
+/// to codeload, no body, the ref as the request named it (codeload resolves it). GitHub adds a
+/// short-lived `?token=` to the `Location` of private repositories only, and the fake's are all
+/// public. 404 with GitHub's error JSON for a repository or ref it does not know.
+async fn get_tarball(State(shared): Fake, Path((owner, name, git_ref)): Path<(String, String, String)>) -> Answer {
+    let mut inner = shared.lock();
+    let repo = inner.known_repo(&owner, &name)?;
+    repo.commit_at(&git_ref).ok_or_else(not_found)?;
+    let location = format!("{}/{}/legacy.tar.gz/{}", shared.codeload, repo.full_name, path_segment(&git_ref));
+    let location = HeaderValue::from_str(&location).map_err(|_| not_found())?;
+    Ok((StatusCode::FOUND, [(header::LOCATION, location)]).into_response())
+}
+
+fn codeload_router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/{owner}/{repo}/legacy.tar.gz/{ref}", get(download_tarball))
+        .fallback(codeload_not_found)
+        .method_not_allowed_fallback(codeload_not_found)
+        .layer(middleware::from_fn_with_state(shared.clone(), codeload_gate))
+        .with_state(shared)
+}
+
+/// Records the request (credentials included: codeload ignores them, tests assert none came),
+/// then waits the configured delay. Codeload authenticates nothing for public repositories.
+async fn codeload_gate(State(shared): Fake, request: Request, next: Next) -> Response {
+    let delay = {
+        let mut inner = shared.lock();
+        let uri = request.uri();
+        inner.codeload_calls.push(Call {
+            method: request.method().to_string(),
+            path: uri.path_and_query().map_or_else(|| uri.path().to_owned(), |p| p.to_string()),
+            body: Value::Null,
+            authorization: request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        });
+        inner.tarball_delay
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    next.run(request).await
+}
+
+/// Codeload answers unknown archives with a plain-text 404, not the API's JSON.
+async fn codeload_not_found() -> Response {
+    let mut response = (StatusCode::NOT_FOUND, "404: Not Found").into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+/// `GET /{owner}/{repo}/legacy.tar.gz/{ref}`: the gzipped `git archive` of the commit, under
+/// `{owner}-{repo}-{sha7}/`, streamed in chunks like codeload does (so no `Content-Length`).
+/// The ref is resolved now, not when the API redirected: a branch that moved in between gives the
+/// new commit, as on GitHub.
+async fn download_tarball(
+    State(shared): Fake,
+    Path((owner, name, git_ref)): Path<(String, String, String)>,
+) -> Response {
+    let found = {
+        let mut inner = shared.lock();
+        inner.repos.get_mut(&repo_key(&owner, &name)).and_then(|repo| {
+            let commit = repo.commit_at(&git_ref)?.clone();
+            *repo.downloads.entry(commit.sha.to_lowercase()).or_default() += 1;
+            Some((repo.full_name.replace('/', "-"), commit))
+        })
+    };
+    let Some((owner_repo, commit)) = found else {
+        return codeload_not_found().await;
+    };
+    let short: String = commit.sha.chars().take(7).collect();
+    let prefix = format!("{owner_repo}-{short}");
+    let archive = Bytes::from(tarball(&prefix, &commit));
+    let chunks: Vec<Result<Bytes, Infallible>> = (0..archive.len())
+        .step_by(CODELOAD_CHUNK)
+        .map(|at| Ok(archive.slice(at..archive.len().min(at + CODELOAD_CHUNK))))
+        .collect();
+    let mut response = Response::new(Body::from_stream(futures_util::stream::iter(chunks)));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-gzip"));
+    if let Ok(value) = HeaderValue::from_str(&format!("attachment; filename={prefix}.tar.gz")) {
+        headers.insert(header::CONTENT_DISPOSITION, value);
+    }
+    response
+}
+
+/// A ref as one URL path segment: branch names may hold characters a path cannot.
+fn path_segment(raw: &str) -> String {
+    raw.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A path as git trees hold them: relative, `/`-separated, no empty, `.`, `..` or `.git` part.
+fn tree_path(path: &str) -> String {
+    let valid = !path.is_empty() && path.split('/').all(|part| !["", ".", "..", ".git"].contains(&part));
+    assert!(valid, "{path:?} cannot be a path in a git tree");
+    path.to_owned()
+}
+
+/// A path is either a file (or link) or a directory, never both.
+fn check_tree(commit: &Commit) {
+    for path in commit.entries.keys() {
+        for (at, _) in path.match_indices('/') {
+            assert!(!commit.entries.contains_key(&path[..at]), "{} is a file and a directory", &path[..at]);
+        }
+    }
+}
+
+/// What `git archive --format=tar.gz --prefix={prefix}/ {sha}` writes with git's defaults: a pax
+/// global header holding the commit id (`git get-tar-commit-id` reads it; readers that do not
+/// know pax show it as a file named `pax_global_header`), the prefix directory, then every
+/// directory and file in tree order. Owner root, mtime the commit's, modes from `tar.umask` 002:
+/// 0775 directories and executables, 0664 other files, 0777 symlinks (0666 pax headers). Paths
+/// and link targets that ustar's fields cannot hold get pax `path` / `linkpath` records, as git
+/// writes them (checked against git 2.47's output).
+fn tarball(prefix: &str, commit: &Commit) -> Vec<u8> {
+    let mut builder = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::default()));
+    let mtime = commit.time;
+    let comment = pax_record("comment", commit.sha.as_bytes());
+    append_entry(&mut builder, tar::EntryType::XGlobalHeader, "pax_global_header", 0o666, mtime, &comment, None);
+    append_entry(&mut builder, tar::EntryType::Directory, &format!("{prefix}/"), 0o777, mtime, &[], None);
+    let mut directories = HashSet::new();
+    for (path, entry) in &commit.entries {
+        // A directory's entry comes before what it holds; each once.
+        for (at, _) in path.match_indices('/') {
+            let directory = format!("{prefix}/{}/", &path[..at]);
+            if directories.insert(directory.clone()) {
+                append_entry(&mut builder, tar::EntryType::Directory, &directory, 0o777, mtime, &[], None);
+            }
+        }
+        let full = format!("{prefix}/{path}");
+        match entry {
+            TreeEntry::File { content, executable } => {
+                let mode = if *executable { 0o777 } else { 0o666 };
+                append_entry(&mut builder, tar::EntryType::Regular, &full, mode, mtime, content, None);
+            }
+            TreeEntry::Symlink { target } => {
+                append_entry(&mut builder, tar::EntryType::Symlink, &full, 0o777, mtime, &[], Some(target));
+            }
+        }
+    }
+    let encoder = builder.into_inner().expect("a tar into memory");
+    encoder.finish().expect("gzip into memory")
+}
+
+fn append_entry(
+    builder: &mut tar::Builder<GzEncoder<Vec<u8>>>,
+    kind: tar::EntryType,
+    path: &str,
+    mode: u32,
+    mtime: u64,
+    data: &[u8],
+    link: Option<&str>,
+) {
+    let header_with = |kind: tar::EntryType, mode: u32, size: usize| {
+        let mut header = tar::Header::new_ustar();
+        header.set_entry_type(kind);
+        header.set_mode(mode);
+        header.set_size(size as u64);
+        header.set_mtime(mtime);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_username("root").expect("fits");
+        header.set_groupname("root").expect("fits");
+        header
+    };
+    // git applies the umask to directories and files only: links keep 0777, pax headers 0666.
+    let mode =
+        if matches!(kind, tar::EntryType::Directory | tar::EntryType::Regular) { mode & !TAR_UMASK } else { mode };
+    let mut header = header_with(kind, mode, data.len());
+    let mut pax = Vec::new();
+    // git names the stand-in after the blob id; any 40 hex digits do for readers.
+    let stand_in = &hex::encode(Sha256::digest(path.as_bytes()))[..40];
+    if header.set_path(path).is_err() {
+        pax.extend(pax_record("path", path.as_bytes()));
+        header = header_with(kind, mode, data.len());
+        header.set_path(format!("{stand_in}.data")).expect("fits");
+    }
+    if let Some(link) = link
+        && header.set_link_name_literal(link).is_err()
+    {
+        pax.extend(pax_record("linkpath", link.as_bytes()));
+        header.set_link_name_literal(format!("see {stand_in}.paxheader")).expect("fits");
+    }
+    if !pax.is_empty() {
+        let mut extension = header_with(tar::EntryType::XHeader, 0o666, pax.len());
+        extension.set_path(format!("{stand_in}.paxheader")).expect("fits");
+        extension.set_cksum();
+        builder.append(&extension, pax.as_slice()).expect("a tar into memory");
+    }
+    header.set_cksum();
+    builder.append(&header, data).expect("a tar into memory");
+}
+
+/// One pax record, `"<length> <key>=<value>\n"`, the length counting its own digits.
+fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
+    let rest = key.len() + value.len() + 3;
+    let mut length = rest + 1;
+    while length != rest + length.to_string().len() {
+        length = rest + length.to_string().len();
+    }
+    let mut record = Vec::with_capacity(length);
+    write!(record, "{length} {key}=").expect("write to a Vec");
+    record.extend_from_slice(value);
+    record.push(b'\n');
+    record
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod github;
+pub mod github_app;
 pub mod shop;
 pub mod system_nginx;
 

@@ -48,9 +48,14 @@ pub enum Command {
         image: String,
         /// The preview's name (slugged to a DNS label).
         name: String,
-        /// An environment variable for the container; repeatable.
+        /// An environment variable for the container; repeatable. Not with --build.
         #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
         env: Vec<String>,
+        /// Build the image first from DIR, as `docker build DIR` would: DIR's Dockerfile, DIR
+        /// sent as the build context minus what its .dockerignore excludes. The build's steps
+        /// show with the launch's. A build takes no -e.
+        #[arg(long, value_name = "DIR")]
+        build: Option<PathBuf>,
         /// Open the preview in a browser once it is ready.
         #[arg(long)]
         open: bool,
@@ -129,8 +134,12 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::CheckConfig { config } => check_config(&config),
         Command::Doctor { config } => doctor(&config),
         Command::HashPassword => hash_password(),
-        Command::Launch { image, name, env, open, json, server } => {
-            client_command(server, |client| launch(client, image, name, env, open, json))
+        Command::Launch { build: Some(_), env, .. } if !env.is_empty() => {
+            eprintln!("previewd: -e cannot be used with --build: a build launch takes no environment");
+            ExitCode::from(2)
+        }
+        Command::Launch { image, name, env, build, open, json, server } => {
+            client_command(server, |client| launch(client, image, name, env, build, open, json))
         }
         Command::Kill { name, server } => client_command(server, |client| async move {
             client.kill(&name).await?;
@@ -170,7 +179,10 @@ where
         Err(err) => {
             eprintln!("previewd: {err}");
             ExitCode::from(match err {
-                ClientError::NoCredentials | ClientError::Usage(_) | ClientError::File { .. } => 2,
+                ClientError::NoCredentials
+                | ClientError::Usage(_)
+                | ClientError::File { .. }
+                | ClientError::Context(_) => 2,
                 _ => 1,
             })
         }
@@ -185,11 +197,13 @@ fn block_on<T>(future: impl Future<Output = Result<T, ClientError>>) -> Result<T
         .block_on(future)
 }
 
+/// `previewd launch`, with `--build DIR` a build of DIR first.
 async fn launch(
     client: Client,
     image: String,
     name: String,
     env: Vec<String>,
+    build: Option<PathBuf>,
     open: bool,
     json: bool,
 ) -> Result<(), ClientError> {
@@ -199,19 +213,21 @@ async fn launch(
         .collect::<Option<Vec<_>>>()
         .ok_or_else(|| ClientError::Usage("-e takes KEY=VALUE".to_owned()))?;
     let started = std::time::Instant::now();
-    let preview = client
-        .launch(&image, &name, &env, |event| {
-            if !json {
-                let seconds = event["elapsed_ms"].as_u64().unwrap_or(0) as f64 / 1000.0;
-                eprintln!(
-                    "{:>6.1}s  {:<8} {}",
-                    seconds,
-                    event["step"].as_str().unwrap_or(""),
-                    event["message"].as_str().unwrap_or("")
-                );
-            }
-        })
-        .await?;
+    let on_step = |event: &serde_json::Value| {
+        if !json {
+            let seconds = event["elapsed_ms"].as_u64().unwrap_or(0) as f64 / 1000.0;
+            eprintln!(
+                "{:>6.1}s  {:<8} {}",
+                seconds,
+                event["step"].as_str().unwrap_or(""),
+                event["message"].as_str().unwrap_or("")
+            );
+        }
+    };
+    let preview = match build {
+        Some(dir) => client.build_launch(&image, &name, &dir, on_step).await?,
+        None => client.launch(&image, &name, &env, on_step).await?,
+    };
     let url = preview["url"].as_str().unwrap_or_default().to_owned();
     if json {
         println!("{}", serde_json::to_string_pretty(&preview).unwrap_or_default());

@@ -2,16 +2,32 @@
 //! API. The server comes from `--server`, `$PREVIEWD_SERVER` or the client file; credentials
 //! from `$PREVIEWD_USER`/`$PREVIEWD_PASSWORD`, `$PREVIEWD_GITHUB_TOKEN`, or the client file
 //! (`~/.config/previewd/client.yml`, written by `previewd login` with mode 0600).
+//! `previewd launch --build DIR` streams DIR as a build context ([`context`]) to
+//! `POST /api/builds`.
 
-use std::io::Write;
-use std::path::PathBuf;
+pub mod context;
+
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tokio::sync::mpsc;
+
+use context::{Context, ContextError};
 
 const DEFAULT_SERVER: &str = "http://127.0.0.1:7800";
+
+/// How much of a build context goes into the request at a time, and how many such chunks may
+/// wait for the connection: what the upload holds in memory at most.
+const CONTEXT_CHUNK: usize = 64 * 1024;
+const CONTEXT_CHUNKS_WAITING: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -27,6 +43,8 @@ pub enum ClientError {
     File { path: PathBuf, message: String },
     #[error("{0}")]
     Usage(String),
+    #[error(transparent)]
+    Context(ContextError),
 }
 
 /// What `previewd login` saves.
@@ -140,7 +158,7 @@ impl Client {
         image: &str,
         name: &str,
         env: &[(String, String)],
-        mut on_step: impl FnMut(&Value),
+        on_step: impl FnMut(&Value),
     ) -> Result<Value, ClientError> {
         let mut fields =
             vec![("image_name".to_owned(), image.to_owned()), ("container_name".to_owned(), name.to_owned())];
@@ -152,6 +170,51 @@ impl Client {
             .header("content-type", "application/x-www-form-urlencoded")
             .body(form);
         let response = self.send(request).await?;
+        self.read_steps(response, on_step).await
+    }
+
+    /// Builds the image from `dir` (sent as the build context, streamed as it is read: see
+    /// [`context`]) and launches it, reporting each step to `on_step` as [`Client::launch`]
+    /// does, the Dockerfile's among them; returns the preview.
+    pub async fn build_launch(
+        &self,
+        image: &str,
+        name: &str,
+        dir: &Path,
+        on_step: impl FnMut(&Value),
+    ) -> Result<Value, ClientError> {
+        let context = Context::open(dir).map_err(|err| match err {
+            ContextError::Missing { .. } | ContextError::NotADirectory { .. } => ClientError::Usage(err.to_string()),
+            err => ClientError::Context(err),
+        })?;
+        let (body, upload) = context_stream(move |out| context.write_tar(out).map(drop));
+        let _stop = StopUpload(upload.clone());
+        let path = format!("/api/builds?image={}&name={}", urlencode(image), urlencode(name));
+        let request = self
+            .request(reqwest::Method::POST, &path)
+            .header("accept", "application/x-ndjson")
+            .header("content-type", "application/x-tar")
+            .body(reqwest::Body::wrap_stream(body));
+        let result = match self.send(request).await {
+            Ok(response) => self.read_steps(response, on_step).await,
+            Err(err) => Err(err),
+        };
+        result.map_err(|err| {
+            // A context that could not be read is why the request failed, whatever came back.
+            match upload.failure.lock().unwrap_or_else(PoisonError::into_inner).take() {
+                Some(failure) if !matches!(failure, ContextError::Write { .. }) => ClientError::Context(failure),
+                _ => err,
+            }
+        })
+    }
+
+    /// Reads a launch's NDJSON answer: each step's line to `on_step` until the last, `ready`
+    /// (the preview) or `failed` (its error).
+    async fn read_steps(
+        &self,
+        response: reqwest::Response,
+        mut on_step: impl FnMut(&Value),
+    ) -> Result<Value, ClientError> {
         let mut body = response.bytes_stream();
         let mut pending = Vec::new();
         while let Some(chunk) = body.next().await {
@@ -238,6 +301,90 @@ impl Client {
     }
 }
 
+/// A request body that `write` fills on a blocking thread as the body is read (at most
+/// [`CONTEXT_CHUNKS_WAITING`] chunks ahead), with what the two share. If `write` fails the
+/// body ends with an error, never early: the daemon must not take a cut tar for a whole one.
+fn context_stream<F>(
+    write: F,
+) -> (impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static, Arc<Upload>)
+where
+    F: FnOnce(BufWriter<ChannelWriter>) -> Result<(), ContextError> + Send + 'static,
+{
+    let upload = Arc::new(Upload::default());
+    let (sender, mut chunks) = mpsc::channel::<Bytes>(CONTEXT_CHUNKS_WAITING);
+    let writing = upload.clone();
+    tokio::task::spawn_blocking(move || {
+        // Held until the outcome is recorded: the body ends only after that.
+        let _open = sender.clone();
+        let out = BufWriter::with_capacity(CONTEXT_CHUNK, ChannelWriter { sender, upload: writing.clone() });
+        match write(out) {
+            Ok(()) => writing.complete.store(true, Ordering::Release),
+            Err(err) => *writing.failure.lock().unwrap_or_else(PoisonError::into_inner) = Some(err),
+        }
+    });
+    let streaming = upload.clone();
+    let mut ended = false;
+    let body = futures_util::stream::poll_fn(move |cx| {
+        if ended {
+            return Poll::Ready(None);
+        }
+        match chunks.poll_recv(cx) {
+            Poll::Ready(Some(chunk)) => Poll::Ready(Some(Ok(chunk))),
+            Poll::Ready(None) => {
+                ended = true;
+                if streaming.complete.load(Ordering::Acquire) {
+                    Poll::Ready(None)
+                } else {
+                    Poll::Ready(Some(Err(std::io::Error::other("the build context could not be read"))))
+                }
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    });
+    (body, upload)
+}
+
+/// What the thread writing a build context shares with the request body reading it.
+#[derive(Default)]
+struct Upload {
+    /// The request is over (answered, failed or dropped): stop writing.
+    stopped: AtomicBool,
+    /// The whole tar is in the channel.
+    complete: AtomicBool,
+    /// Why the tar could not be written, recorded before the channel closes.
+    failure: Mutex<Option<ContextError>>,
+}
+
+/// Stops the upload when `build_launch` returns or is dropped.
+struct StopUpload(Arc<Upload>);
+
+impl Drop for StopUpload {
+    fn drop(&mut self) {
+        self.0.stopped.store(true, Ordering::Release);
+    }
+}
+
+/// The write end of a request body: blocks while the connection has enough waiting.
+struct ChannelWriter {
+    sender: mpsc::Sender<Bytes>,
+    upload: Arc<Upload>,
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let gone = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the request is over");
+        if self.upload.stopped.load(Ordering::Acquire) {
+            return Err(gone());
+        }
+        self.sender.blocking_send(Bytes::copy_from_slice(buf)).map_err(|_| gone())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn urlencode(text: &str) -> String {
     serde_urlencoded::to_string([("", text)]).map(|s| s.trim_start_matches('=').to_owned()).unwrap_or_default()
 }
@@ -286,6 +433,114 @@ fn services(preview: &Value) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A stand-in for `POST /api/builds`: refuses the image `unknown` before reading the body,
+    /// else answers a `build` step per tar entry, then `ready` with what it got.
+    async fn build_server() -> String {
+        use axum::extract::Query;
+        use axum::http::{HeaderMap, StatusCode};
+        use axum::response::IntoResponse;
+        use std::collections::HashMap;
+
+        async fn builds(
+            Query(query): Query<HashMap<String, String>>,
+            headers: HeaderMap,
+            body: axum::body::Bytes,
+        ) -> axum::response::Response {
+            if query["image"] == "unknown" {
+                return (StatusCode::NOT_FOUND, axum::Json(json!({"error": "no image `unknown` in config.yml"})))
+                    .into_response();
+            }
+            let mut archive = tar::Archive::new(&body[..]);
+            let entries: Vec<String> = archive
+                .entries()
+                .unwrap()
+                .map(|entry| entry.unwrap().path().unwrap().to_string_lossy().into_owned())
+                .collect();
+            let mut lines: Vec<Value> =
+                entries.iter().map(|e| json!({"step": "build", "message": e, "elapsed_ms": 5})).collect();
+            lines.push(json!({"step": "ready", "url": "http://x", "preview": {
+                "name": query["name"], "image": query["image"], "entries": entries,
+                "content_type": headers["content-type"].to_str().unwrap(), "accept": headers["accept"].to_str().unwrap(),
+            }}));
+            let text: String = lines.iter().map(|line| format!("{line}\n")).collect();
+            ([("content-type", "application/x-ndjson")], text).into_response()
+        }
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let app = axum::Router::new().route("/api/builds", axum::routing::post(builds));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{address}")
+    }
+
+    fn context_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("Dockerfile"), "FROM scratch\nCOPY . /\n").unwrap();
+        std::fs::write(dir.path().join(".dockerignore"), "secret\n").unwrap();
+        std::fs::write(dir.path().join("secret"), "hunter2").unwrap();
+        std::fs::write(dir.path().join("index.html"), "hi").unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn a_build_launch_streams_the_context_and_reads_the_steps() {
+        let client = Client::for_login(build_server().await, Some("u".into()), "p".into());
+        let dir = context_dir();
+        let mut steps = Vec::new();
+        let preview =
+            client.build_launch("demo app", "my-preview", dir.path(), |event| steps.push(event.clone())).await.unwrap();
+        assert_eq!(preview["name"], "my-preview");
+        assert_eq!(preview["image"], "demo app");
+        assert_eq!(preview["entries"], json!([".dockerignore", "Dockerfile", "index.html"]));
+        assert_eq!(preview["content_type"], "application/x-tar");
+        assert_eq!(preview["accept"], "application/x-ndjson");
+        let messages: Vec<&str> = steps.iter().map(|s| s["message"].as_str().unwrap()).collect();
+        assert_eq!(messages, [".dockerignore", "Dockerfile", "index.html"]);
+    }
+
+    #[tokio::test]
+    async fn a_context_failing_midway_ends_the_body_with_an_error_not_early() {
+        let (body, upload) = context_stream(|mut out| {
+            out.write_all(b"half a tar").and_then(|()| out.flush()).unwrap();
+            Err(ContextError::Read { path: "ctx/big.bin".into(), source: std::io::Error::other("EIO") })
+        });
+        let items: Vec<std::io::Result<Bytes>> = body.collect().await;
+        assert_eq!(items.len(), 2, "{items:?}");
+        assert_eq!(items[0].as_ref().unwrap(), &Bytes::from_static(b"half a tar"));
+        assert!(items[1].is_err());
+        let failure = upload.failure.lock().unwrap().take();
+        assert!(matches!(failure, Some(ContextError::Read { .. })), "{failure:?}");
+
+        let (body, _) =
+            context_stream(|mut out| out.write_all(b"whole").map_err(|source| ContextError::Write { source }));
+        let items: Vec<std::io::Result<Bytes>> = body.collect().await;
+        assert_eq!(items.len(), 1, "{items:?}");
+        assert!(items[0].is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_build_launch_shows_the_daemon_s_refusal() {
+        let client = Client::for_login(build_server().await, Some("u".into()), "p".into());
+        let dir = context_dir();
+        match client.build_launch("unknown", "p", dir.path(), |_| {}).await {
+            Err(ClientError::Refused(message)) => assert_eq!(message, "no image `unknown` in config.yml"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_build_launch_of_no_directory_is_a_usage_error_before_any_request() {
+        // Nothing listens there: a request would be Unreachable.
+        let client = Client::for_login("http://127.0.0.1:9".into(), Some("u".into()), "p".into());
+        let dir = context_dir();
+        for path in [dir.path().join("missing"), dir.path().join("index.html")] {
+            match client.build_launch("demo", "p", &path, |_| {}).await {
+                Err(ClientError::Usage(message)) => assert!(message.contains(&*path.to_string_lossy()), "{message}"),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn the_table_has_a_row_per_preview_with_pr_commit_and_age() {

@@ -71,7 +71,8 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
-    /// List the previews: name, image, PR, commit, status, services, age, URL.
+    /// List the previews: name, image, PR, commit, status, services, age, URL; then the builds
+    /// in flight and queued, with the Dockerfile step each runs.
     List {
         #[arg(long)]
         json: bool,
@@ -85,12 +86,16 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
-    /// Print a preview's log (its app's, or a service's with --service).
+    /// Print a preview's log (its app's, a service's with --service, its last build's with
+    /// --build).
     Logs {
         name: String,
         /// A service of the preview (`images.<key>.services`), e.g. db.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "build")]
         service: Option<String>,
+        /// The log of the preview's build in flight, or of its last build.
+        #[arg(long)]
+        build: bool,
         /// Keep printing what the container writes.
         #[arg(short, long)]
         follow: bool,
@@ -148,10 +153,15 @@ pub fn run(cli: Cli) -> ExitCode {
         }),
         Command::List { json, server } => client_command(server, |client| async move {
             let previews = client.list().await?;
+            let builds = client.builds().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&previews).unwrap_or_default());
             } else {
                 print!("{}", client::table(&previews));
+                let building = client::builds_table(&builds);
+                if !building.is_empty() {
+                    print!("\nBUILDS\n{building}");
+                }
             }
             Ok(())
         }),
@@ -160,7 +170,11 @@ pub fn run(cli: Cli) -> ExitCode {
             println!("reset {name}: {}", preview["url"].as_str().unwrap_or_default());
             Ok(())
         }),
-        Command::Logs { name, service, follow, tail, server } => client_command(server, |client| async move {
+        Command::Logs { name, build: true, server, .. } => client_command(server, |client| async move {
+            print!("{}", client.build_log(&name).await?);
+            Ok(())
+        }),
+        Command::Logs { name, service, follow, tail, server, .. } => client_command(server, |client| async move {
             client.logs(&name, service.as_deref(), tail, follow, &mut std::io::stdout()).await
         }),
         Command::Login { user, github, server } => login(server.server, user, github),

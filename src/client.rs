@@ -251,6 +251,22 @@ impl Client {
         response.json().await.map_err(|err| ClientError::Refused(format!("previewd's answer is not a list: {err}")))
     }
 
+    /// Builds in flight and queued (`GET /api/builds`).
+    pub async fn builds(&self) -> Result<Vec<Value>, ClientError> {
+        let response = self.send(self.request(reqwest::Method::GET, "/api/builds")).await?;
+        response.json().await.map_err(|err| ClientError::Refused(format!("previewd's answer is not a list: {err}")))
+    }
+
+    /// The log of a preview's build in flight, or of its last build.
+    pub async fn build_log(&self, name: &str) -> Result<String, ClientError> {
+        let path = format!("/api/previews/{}/build-log", urlencode(name));
+        let response = self.send(self.request(reqwest::Method::GET, &path)).await?;
+        response
+            .text()
+            .await
+            .map_err(|err| ClientError::Unreachable { server: self.server.clone(), message: err.to_string() })
+    }
+
     /// Puts a preview's data back as at its first launch; the preview once it answers again.
     pub async fn reset(&self, name: &str) -> Result<Value, ClientError> {
         let path = format!("/api/previews/{}/reset", urlencode(name));
@@ -415,6 +431,21 @@ pub fn table(previews: &[Value]) -> String {
         .map(|row| {
             let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
             cells.join("  ").trim_end().to_owned() + "\n"
+        })
+        .collect()
+}
+
+/// The builds part of `previewd list`: one line per build in flight or queued, empty without.
+pub fn builds_table(builds: &[Value]) -> String {
+    let now = crate::clock::unix_now();
+    builds
+        .iter()
+        .map(|build| {
+            let text = |key: &str| build[key].as_str().unwrap_or("-").to_owned();
+            let revision: String = text("revision").chars().take(12).collect();
+            let age = crate::clock::age(now - build["started"].as_i64().unwrap_or(now));
+            let step = build["step"].as_str().map(|step| format!("  {step}")).unwrap_or_default();
+            format!("{}  {}  {revision}  {age}{step}\n", text("name"), text("state"))
         })
         .collect()
 }

@@ -16,12 +16,15 @@ use serde_norway::{Mapping, Value};
 
 use crate::preview::{BaseDomain, EnvName, Host, ImageKey, InstanceName, ServiceName};
 
+pub mod builds;
 pub mod environment;
 pub mod github;
 pub mod hardening;
 pub mod http;
 pub mod limits;
 pub mod network;
+pub mod repo_file;
+pub use builds::{BuildSpec, BuildsConfig};
 pub use environment::{EnvContext, EnvTemplate, JobSpec, JobWhen, ReadyCheck, ServiceSpec, VolumeName};
 pub use github::{GitHubConfig, RepoConfig};
 pub use hardening::Capability;
@@ -54,6 +57,11 @@ pub struct Config {
     pub metrics_auth: bool,
     /// Proxies in front of nginx whose `X-Forwarded-For` nginx believes (its real-IP module).
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// How builds of previews from source share the host.
+    pub builds: BuildsConfig,
+    /// Where people reach previewd's API and dashboard (no trailing slash); links on pull
+    /// requests (a failed build's log) point there. Without it, those links are left out.
+    pub dashboard_url: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -313,6 +321,8 @@ struct RawConfig {
     api_hosts: Option<Vec<String>>,
     metrics_auth: Option<bool>,
     trusted_proxies: Option<Vec<String>>,
+    builds: Option<builds::RawBuilds>,
+    dashboard_url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -330,7 +340,7 @@ struct RawNginx {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawImage {
+pub(crate) struct RawImage {
     image: String,
     port: u16,
     #[serde(default)]
@@ -367,7 +377,7 @@ struct RawImage {
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-enum ByteSize {
+pub(crate) enum ByteSize {
     Bytes(i64),
     Text(String),
 }
@@ -381,7 +391,7 @@ struct RawUser {
 
 /// Collects the problems of the cross-field rules, each prefixed with its key path.
 #[derive(Default)]
-struct Problems(Vec<Problem>);
+pub(crate) struct Problems(Vec<Problem>);
 
 impl Problems {
     fn add(&mut self, path: &str, message: impl fmt::Display) {
@@ -451,6 +461,16 @@ impl RawConfig {
         check_environments(&images, &network, &mut problems);
         let api_hosts = validate_api_hosts(self.api_hosts.unwrap_or_default(), &mut problems);
         let trusted_proxies = validate_trusted_proxies(self.trusted_proxies.unwrap_or_default(), &mut problems);
+        let builds = builds::validate_builds(self.builds.unwrap_or_default(), &mut problems);
+        let dashboard_url = self.dashboard_url.map(|url| url.trim_end_matches('/').to_owned());
+        if let Some(url) = &dashboard_url
+            && (!(url.starts_with("http://") || url.starts_with("https://")) || url.contains(char::is_whitespace))
+        {
+            problems.add(
+                "dashboard_url",
+                format!("{url:?} must be an http:// or https:// URL, e.g. https://previewd.example.com"),
+            );
+        }
 
         match (base_domain, public_url, problems.0.is_empty()) {
             (Some(base_domain), Some(public_url), true) => Ok(Config {
@@ -469,6 +489,8 @@ impl RawConfig {
                 api_hosts,
                 metrics_auth: self.metrics_auth.unwrap_or(false),
                 trusted_proxies,
+                builds,
+                dashboard_url,
             }),
             _ => Err(problems.0),
         }
@@ -582,7 +604,7 @@ fn validate_images(raw: BTreeMap<ImageKey, RawImage>, problems: &mut Problems) -
         .collect()
 }
 
-fn validate_image(path: &str, raw: RawImage, problems: &mut Problems) -> Option<ImageSpec> {
+pub(crate) fn validate_image(path: &str, raw: RawImage, problems: &mut Problems) -> Option<ImageSpec> {
     let before = problems.0.len();
     check_image_and_command(path, &raw.image, raw.command.as_deref(), problems);
     if raw.port == 0 {
@@ -734,7 +756,7 @@ impl Config {
 
 /// Parses Docker's size notation: a whole number with an optional unit b, k, m or g (powers of
 /// 1024), e.g. `256m`. A few lines, so no crate for it.
-fn parse_byte_size(size: &ByteSize) -> Result<i64, String> {
+pub(crate) fn parse_byte_size(size: &ByteSize) -> Result<i64, String> {
     let text = match size {
         ByteSize::Bytes(bytes) if *bytes > 0 => return Ok(*bytes),
         ByteSize::Bytes(_) => return Err("must be a positive size, e.g. 256m".to_owned()),

@@ -29,6 +29,7 @@ use crate::runtime::{
     ContainerPlan, ContainerStatus, Containers, CreatedContainer, DockerError, Engine, EngineInfo, ManagedContainer,
 };
 
+mod builds;
 mod environment;
 mod labels;
 mod networks;

@@ -10,5 +10,6 @@ pub mod feedback;
 pub mod memory;
 pub mod previews;
 pub mod sync;
+pub mod tarball;
 pub mod token_auth;
 pub mod webhook;

@@ -6,6 +6,7 @@
 //! cancel a launch half-way, and shutdown waits for them to finish.
 
 pub mod body;
+pub mod builds;
 pub mod dashboard;
 pub mod error;
 pub mod request_id;
@@ -29,6 +30,7 @@ use tower_http::timeout::RequestBodyDeadlineLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::auth::{AuthError, Authenticator, Principal, bearer_token};
+use crate::build::BuildInput;
 use crate::config::Config;
 use crate::github::memory::Memory;
 use crate::github::previews::PullRequestPreviews;
@@ -77,22 +79,33 @@ pub fn router(state: AppState) -> Router {
         .route("/api/previews/{name}", get(get_preview))
         .route("/api/previews/{name}/logs", get(preview_logs))
         .route("/api/previews/{name}/reset", post(reset_preview))
+        .route("/api/previews/{name}/build-log", get(builds::build_log))
+        .route("/api/builds", get(builds::list_builds))
         .merge(protected_metrics)
         .route_layer(middleware::from_fn_with_state(state.clone(), require_auth))
         .route_layer(middleware::from_fn(refuse_cross_site));
-    Router::new()
+    // An upload may take longer than `http.body_timeout` in all: it reads each piece under that
+    // deadline instead (see `builds::upload`).
+    let uploads = Router::new()
+        .route("/api/builds", post(builds::post_build))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_auth))
+        .route_layer(middleware::from_fn(refuse_cross_site));
+    let bounded = Router::new()
         .route("/healthz", get(healthz))
         .merge(public_metrics)
         // The webhook checks GitHub's signature itself (and Basic auth when configured).
         .route("/webhooks/github", post(webhook::github_webhook))
         .route("/event_receiver", post(webhook::github_webhook))
         .merge(protected)
+        .layer(RequestBodyDeadlineLayer::new(state.config.http.body_timeout));
+    Router::new()
+        .merge(bounded)
+        .merge(uploads)
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), refuse_other_hosts))
         .layer(middleware::from_fn_with_state(state.clone(), count_refusals))
         .layer(middleware::from_fn(request_id::assign))
-        .layer(RequestBodyDeadlineLayer::new(state.config.http.body_timeout))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -278,7 +291,7 @@ async fn launch(
         Principal::GitHub(login) => Owner::GitHub(login.clone()),
     });
     if accepts(&headers, NDJSON) {
-        return Ok(launch_streaming(&state, request));
+        return Ok(launch_streaming(&state, request, None));
     }
     let lifecycle = state.lifecycle.clone();
     let info = run_tracked(&state, async move { lifecycle.launch(request).await }).await?;
@@ -404,6 +417,7 @@ async fn healthz(State(state): State<AppState>) -> Response {
         "nginx": check(nginx_error),
         "nginx_reloads": state.lifecycle.router().reloads(),
         "nginx_failed_reloads": state.lifecycle.router().failed_reloads(),
+        "builds": builds::health(&state).await,
     });
     let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
@@ -433,14 +447,14 @@ fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
 
 /// A launch answered as it goes: one JSON object per line as each step begins, then a last line
 /// `{"step": "ready", "url", "preview"}` or `{"step": "failed", "error", "status"}`.
-fn launch_streaming(state: &AppState, request: LaunchRequest) -> Response {
+fn launch_streaming(state: &AppState, request: LaunchRequest, build: Option<BuildInput>) -> Response {
     let (lines, body) = mpsc::unbounded_channel::<String>();
     let lifecycle = state.lifecycle.clone();
     let request_id = request_id::current();
     state.tasks.spawn(async move {
         let (events, mut progress) = mpsc::unbounded_channel();
         // A task of its own, so that even a panic ends the stream with a `failed` line.
-        let launch = tokio::spawn(async move { lifecycle.launch_reporting(request, Some(events)).await });
+        let launch = tokio::spawn(async move { lifecycle.launch_built(request, build, Some(events)).await });
         tokio::pin!(launch);
         let result = loop {
             tokio::select! {
@@ -490,6 +504,10 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
         metrics
             .previews
             .set(previews.iter().filter(|p| p.status == crate::preview::PreviewState::Running).count() as i64);
+    }
+    if let Some(disk) = state.lifecycle.builds().disk().await {
+        metrics.build_images_bytes.set(disk.images_bytes.unwrap_or(0) as i64);
+        metrics.docker_free_bytes.set(disk.free_bytes.unwrap_or(0) as i64);
     }
     let router = state.lifecycle.router();
     Metrics::sync_counter(&metrics.nginx_reloads.get_or_create(&crate::metrics::SUCCESS), router.reloads());

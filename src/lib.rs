@@ -11,6 +11,7 @@
 //! - [`request`]: launch and kill requests parsed from the API's fields.
 //! - [`lifecycle`]: launch, replace, reset, kill, list and reconcile previews, with their
 //!   services and jobs.
+//! - [`build`]: builds of previews from source: queue, latest wins, logs, kept images, disk.
 //! - [`admission`]: the preview limits, and the queue of launches.
 //! - [`locks`]: one async lock per key (per preview, per credential).
 //! - [`cache`]: a bounded map whose entries expire.
@@ -29,6 +30,7 @@
 pub mod admission;
 pub mod app;
 pub mod auth;
+pub mod build;
 pub mod cache;
 pub mod cli;
 pub mod client;

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::admission::{Admission, LimitError};
+use crate::build::{BuildFailure, Builds};
 use crate::config::Config;
 use crate::locks::KeyedLocks;
 use crate::metrics::{ByStep, Metrics};
@@ -79,6 +80,8 @@ pub enum LifecycleError {
     NoSuchService { name: Slug, service: ServiceName },
     #[error("the image {0} of this preview is no longer in config.yml; launch it again with an image that is")]
     ImageGone(ImageKey),
+    #[error(transparent)]
+    Build(#[from] BuildFailure),
 }
 
 impl LifecycleError {
@@ -105,6 +108,10 @@ impl LifecycleError {
             }
             Self::JobTimedOut { job, timeout, .. } => {
                 format!("job {job} did not end within {timeout:?}; previewd's log has its last lines")
+            }
+            // A step's output may hold what a public pull request must not show.
+            Self::Build(BuildFailure::Step { step, .. }) => {
+                format!("the build failed at {step}; the build log has its output")
             }
             other => other.to_string(),
         }
@@ -172,6 +179,7 @@ pub struct Lifecycle {
     metrics: Arc<Metrics>,
     admission: Admission,
     networks: Networks,
+    builds: Builds,
 }
 
 /// A launch step as it begins: `image`, `pull`, `create`, `start`, `health`, `route`, and
@@ -218,7 +226,28 @@ impl Lifecycle {
     pub fn new(config: Arc<Config>, runtime: Arc<dyn Runtime>, router: Router, metrics: Arc<Metrics>) -> Self {
         let admission = Admission::new(config.limits);
         let networks = Networks::new(Arc::clone(&runtime), config.instance.clone(), config.network, &metrics);
-        Self { config, runtime, router, prober: Prober::new(), locks: Arc::default(), metrics, admission, networks }
+        let builds = Builds::new(
+            config.builds.clone(),
+            config.instance.clone(),
+            &config.state_dir,
+            Arc::clone(&runtime),
+            Arc::clone(&metrics),
+        );
+        Self {
+            config,
+            runtime,
+            router,
+            prober: Prober::new(),
+            locks: Arc::default(),
+            metrics,
+            admission,
+            networks,
+            builds,
+        }
+    }
+
+    pub fn builds(&self) -> &Builds {
+        &self.builds
     }
 
     pub fn networks(&self) -> &Networks {

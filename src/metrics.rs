@@ -71,6 +71,10 @@ pub struct Metrics {
     pub cold_networks: Counter,
     pub service_failures: Family<ByPart, Counter>,
     pub job_failures: Family<ByPart, Counter>,
+    pub builds: Family<ByResult, Counter>,
+    pub build_seconds: Histogram,
+    pub build_images_bytes: Gauge,
+    pub docker_free_bytes: Gauge,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -99,6 +103,11 @@ impl Metrics {
             cold_networks: Counter::default(),
             service_failures: Family::default(),
             job_failures: Family::default(),
+            builds: Family::default(),
+            // 0.5 s to ~34 min.
+            build_seconds: Histogram::new(exponential_buckets(0.5, 2.0, 13)),
+            build_images_bytes: Gauge::default(),
+            docker_free_bytes: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("previews", "Previews whose container runs", metrics.previews.clone());
@@ -157,6 +166,22 @@ impl Metrics {
             "job_failures",
             "Jobs of preview environments that exited non-zero or ran out of time, by job name",
             metrics.job_failures.clone(),
+        );
+        registry.register(
+            "builds",
+            "Builds of previews from source, by result: success, failure, or superseded (a newer push stopped it)",
+            metrics.builds.clone(),
+        );
+        registry.register("build_seconds", "Time of successful builds", metrics.build_seconds.clone());
+        registry.register(
+            "build_images_bytes",
+            "Disk taken by the images previewd built that no other image shares (read at most every 30 s)",
+            metrics.build_images_bytes.clone(),
+        );
+        registry.register(
+            "docker_free_bytes",
+            "Free disk where Docker keeps images (builds stop below builds.min_free_disk)",
+            metrics.docker_free_bytes.clone(),
         );
         Self { registry, ..metrics }
     }

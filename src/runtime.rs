@@ -7,7 +7,8 @@
 //! The trait is split by concern, each implemented in the engine module's file of that concern:
 //! [`Engine`] (the engine itself and images), [`Containers`] (app containers: create, start,
 //! inspect, list, remove, logs, events), [`Parts`] (services, jobs and data volumes of preview
-//! environments) and [`Networking`] (preview networks). [`Runtime`] is all four.
+//! environments), [`Networking`] (preview networks) and [`Images`] (images built from source).
+//! [`Runtime`] is all five.
 
 use std::any::Any;
 use std::net::IpAddr;
@@ -23,9 +24,9 @@ use crate::preview::{ImageKey, PreviewState, Role, ServiceName, Slug};
 use crate::request::{Owner, PullRequestOrigin};
 
 /// A container engine previewd can run previews on.
-pub trait Runtime: Engine + Containers + Parts + Networking {}
+pub trait Runtime: Engine + Containers + Parts + Networking + Images {}
 
-impl<T: Engine + Containers + Parts + Networking> Runtime for T {}
+impl<T: Engine + Containers + Parts + Networking + Images> Runtime for T {}
 
 /// The engine itself, and its images.
 #[async_trait]
@@ -183,6 +184,94 @@ pub trait Networking: Send + Sync {
 
     /// The IPv4 subnets of every network on the engine, previewd's or not.
     async fn used_subnets(&self) -> Result<Vec<Ipv4Net>, DockerError>;
+}
+
+/// Images built from a preview's source, and the disk they take.
+#[async_trait]
+pub trait Images: Send + Sync {
+    /// Builds the context (a tar file) into `plan.tag`; each line of the build's output goes to
+    /// `on_output` as it comes. Dropping the future stops the build.
+    async fn build_image(
+        &self,
+        plan: &BuildPlan<'_>,
+        context: tokio::fs::File,
+        on_output: &mut (dyn FnMut(BuildOutput) + Send),
+    ) -> Result<(), BuildError>;
+
+    /// The labels a built image of `slug` carries, for its Dockerfile to set.
+    fn image_labels(&self, slug: &Slug, sha: Option<&str>) -> ImageLabels;
+
+    /// Every image this instance built, newest first.
+    async fn built_images(&self) -> Result<Vec<BuiltImage>, DockerError>;
+
+    /// Removes an image by tag or id; one already gone, or still used by a container, is left.
+    async fn remove_image(&self, reference: &str) -> Result<(), DockerError>;
+
+    /// Removes the untagged layers builds of this instance left (a failed or stopped build's
+    /// last step, an image whose tag moved); how many images went.
+    async fn prune_build_leftovers(&self, leftovers: &[String]) -> Result<usize, DockerError>;
+
+    /// Bytes of this instance's built images that are not shared with other images, and the
+    /// free bytes on the engine's disk (`None` when it cannot be read from here).
+    async fn disk(&self) -> Result<DiskUsage, DockerError>;
+}
+
+/// One build to run.
+pub struct BuildPlan<'a> {
+    pub slug: &'a Slug,
+    /// The reference to tag the result with.
+    pub tag: &'a str,
+    /// Path of the Dockerfile inside the context.
+    pub dockerfile: &'a str,
+    pub args: &'a std::collections::BTreeMap<String, String>,
+    pub cpu_shares: i64,
+    pub memory: i64,
+}
+
+/// The labels of a built image, set by a `LABEL` line previewd adds to the Dockerfile.
+#[derive(Debug, Clone)]
+pub struct ImageLabels {
+    pub pairs: Vec<(String, String)>,
+    /// The label that records the build's reuse key (see `crate::build`).
+    pub reuse_key_label: String,
+}
+
+/// A line of a build's output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuildOutput {
+    /// `Step 2/5 : RUN make`: a Dockerfile step begins.
+    Step(String),
+    /// Any other line.
+    Line(String),
+    /// An image a step produced (kept to remove the leftovers of a build that does not finish).
+    Layer(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{step} failed: {message}")]
+    StepFailed { step: String, message: String },
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+}
+
+/// An image previewd built.
+#[derive(Debug, Clone)]
+pub struct BuiltImage {
+    pub id: String,
+    pub tags: Vec<String>,
+    pub slug: Option<Slug>,
+    /// Unix seconds.
+    pub created: i64,
+    pub reuse_key: Option<String>,
+    pub sha: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DiskUsage {
+    /// `None` when the engine cannot say (it is not on a local socket).
+    pub images_bytes: Option<u64>,
+    pub free_bytes: Option<u64>,
 }
 
 /// What went wrong talking to the engine. Both engines previewd drives are Docker's (one

@@ -13,7 +13,6 @@ use common::github_app::{GitHubApp, HEAD, REPO, SECRET, WAIT};
 use common::{PASSWORD, USER};
 use serde_json::{Value, json};
 
-
 fn opened() -> PrEvent {
     PrEvent::new("opened")
 }

@@ -114,23 +114,33 @@ pub struct EnvContext<'a> {
 /// An `env` value: a Tera template, checked to render at load. A value without `{{` or `{%` is
 /// used as it is (no escaping of braces needed in ordinary values).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EnvTemplate(String);
+pub struct EnvTemplate {
+    text: String,
+    /// A value from a pull request's `.previewd.yml`: untrusted, so never run through Tera.
+    literal: bool,
+}
 
 impl EnvTemplate {
     pub fn parse(text: &str) -> Result<Self, String> {
-        let template = Self(text.to_owned());
+        let template = Self { text: text.to_owned(), literal: false };
         let sample =
             EnvContext { slug: "name", base_domain: "preview.localhost", branch: "main", pr_number: "1".to_owned() };
         template.render(&sample)?;
         Ok(template)
     }
 
+    /// A value used as it is written.
+    pub fn literal(text: &str) -> Self {
+        Self { text: text.to_owned(), literal: true }
+    }
+
     pub fn render(&self, context: &EnvContext<'_>) -> Result<String, String> {
-        if !self.0.contains("{{") && !self.0.contains("{%") && !self.0.contains("{#") {
-            return Ok(self.0.clone());
+        let text = &self.text;
+        if self.literal || (!text.contains("{{") && !text.contains("{%") && !text.contains("{#")) {
+            return Ok(text.clone());
         }
         let context = tera::Context::from_serialize(context).map_err(|err| err.to_string())?;
-        tera::Tera::one_off(&self.0, &context, false).map_err(|err| crate::error_chain(&err))
+        tera::Tera::one_off(text, &context, false).map_err(|err| crate::error_chain(&err))
     }
 }
 
@@ -142,9 +152,9 @@ impl<'de> Deserialize<'de> for EnvTemplate {
 }
 
 /// YAML turns `PORT: 5000` into a number; an environment value is text either way.
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(untagged)]
-enum RawEnvValue {
+pub(crate) enum RawEnvValue {
     Text(String),
     Integer(i64),
     Float(f64),
@@ -152,7 +162,7 @@ enum RawEnvValue {
 }
 
 impl RawEnvValue {
-    fn into_string(self) -> String {
+    pub(crate) fn into_string(self) -> String {
         match self {
             Self::Text(text) => text,
             Self::Integer(n) => n.to_string(),
@@ -202,7 +212,7 @@ struct RawReady {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawJob {
+pub(crate) struct RawJob {
     name: ServiceName,
     command: Vec<String>,
     #[serde(default)]
@@ -279,7 +289,7 @@ fn validate_service(path: &str, raw: RawService, problems: &mut Problems) -> Opt
     })
 }
 
-pub(super) fn validate_jobs(path: &str, raw: Vec<RawJob>, problems: &mut Problems) -> Vec<JobSpec> {
+pub(crate) fn validate_jobs(path: &str, raw: Vec<RawJob>, problems: &mut Problems) -> Vec<JobSpec> {
     let mut seen = std::collections::BTreeSet::new();
     let mut jobs = Vec::new();
     for (index, job) in raw.into_iter().enumerate() {

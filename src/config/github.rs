@@ -36,6 +36,8 @@ pub struct RepoConfig {
     pub allow_forks: bool,
     pub skip_drafts: bool,
     pub image_tag: Option<NameTemplate>,
+    /// Present: previews are built from the pull request's head commit, not run from `image`.
+    pub build: Option<super::BuildSpec>,
     /// The preview names `name` can give this repo's pull requests, kept from manual launches;
     /// `None` when the template is the branch alone (it could produce any name).
     pub reserved: Option<regex::Regex>,
@@ -162,6 +164,8 @@ pub(super) struct RawRepo {
     skip_drafts: bool,
     #[serde(default)]
     image_tag: Option<String>,
+    #[serde(default)]
+    build: Option<super::builds::RawBuild>,
 }
 
 fn yes() -> bool {
@@ -305,6 +309,14 @@ fn validate_repo(
     if raw.label.as_deref().is_some_and(str::is_empty) {
         problems.add(&format!("{path}.label"), "must not be empty; remove it to preview every pull request");
     }
+    if raw.build.is_some() && image_tag.is_some() {
+        problems.add(&format!("{path}.image_tag"), "cannot go with `build`: a built preview runs the image it built");
+    }
+    let build = raw.build.and_then(|raw| {
+        super::builds::validate_build(&format!("{path}.build"), raw, None, &mut |key, message| {
+            problems.add(&key, message)
+        })
+    });
     let (owner, repo) = full_name.split_once('/').unwrap_or_default();
     let reserved = name.as_ref().and_then(|name| reserved_names(name, owner, repo));
     (problems.0.len() == before).then(|| RepoConfig {
@@ -316,6 +328,7 @@ fn validate_repo(
         allow_forks: raw.allow_forks,
         skip_drafts: raw.skip_drafts,
         image_tag,
+        build,
     })
 }
 

@@ -141,6 +141,9 @@ struct HookConfig {
 pub struct GitHubApi {
     octocrab: Octocrab,
     metrics: Option<Arc<Metrics>>,
+    /// Commit tarballs (see `super::tarball`): read raw, since GitHub redirects them to another
+    /// host, which must not get the token.
+    pub(super) downloads: super::tarball::Downloads,
 }
 
 impl GitHubApi {
@@ -155,7 +158,8 @@ impl GitHubApi {
             .set_read_timeout(Some(Duration::from_secs(20)))
             .build()
             .map_err(|err| ApiCallError::Setup(err.to_string()))?;
-        Ok(Self { octocrab, metrics: None })
+        let downloads = super::tarball::Downloads::new(api_url, token)?;
+        Ok(Self { octocrab, metrics: None, downloads })
     }
 
     /// Counts this client's calls in the metrics.
@@ -168,7 +172,7 @@ impl GitHubApi {
         result.map_err(ApiCallError::from)
     }
 
-    fn count(&self, success: bool) {
+    pub(super) fn count(&self, success: bool) {
         if let Some(metrics) = &self.metrics {
             let outcome = if success { &crate::metrics::SUCCESS } else { &crate::metrics::FAILURE };
             metrics.github_calls.get_or_create(outcome).inc();
@@ -243,11 +247,15 @@ impl GitHubApi {
         deployment: u64,
         state: &str,
         environment_url: Option<&str>,
+        log_url: Option<&str>,
         description: &str,
     ) -> Result<(), ApiCallError> {
         let mut body = json!({ "state": state, "description": truncate(description), "auto_inactive": true });
         if let Some(url) = environment_url {
             body["environment_url"] = json!(url);
+        }
+        if let Some(url) = log_url {
+            body["log_url"] = json!(url);
         }
         let route = format!("/repos/{repo}/deployments/{deployment}/statuses");
         let _: serde_json::Value = self.observe(self.octocrab.post(route, Some(&body)).await)?;

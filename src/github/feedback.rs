@@ -23,10 +23,22 @@ const IDLE: Duration = Duration::from_secs(60);
 /// What happened to a pull request's preview.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
-    Deploying { sha: String },
-    Live { sha: String, url: String },
-    Failed { sha: String, reason: String },
-    Removed { reason: String },
+    Deploying {
+        sha: String,
+    },
+    Live {
+        sha: String,
+        url: String,
+    },
+    /// `log_url`: where the build log of a failed build can be read.
+    Failed {
+        sha: String,
+        reason: String,
+        log_url: Option<String>,
+    },
+    Removed {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -163,11 +175,15 @@ async fn post_statuses(
     posted: &mut Posted,
 ) -> Result<(), ApiCallError> {
     let (api, repo, shutdown) = (&inner.api, key.repo.as_str(), &inner.shutdown);
-    let status = |id: u64, state: &'static str, url: Option<String>, description: String| async move {
-        with_retries("create a deployment status", shutdown, || {
-            api.create_status(repo, id, state, url.as_deref(), &description)
-        })
-        .await
+    let status_with_log =
+        |id: u64, state: &'static str, url: Option<String>, log: Option<String>, description: String| async move {
+            with_retries("create a deployment status", shutdown, || {
+                api.create_status(repo, id, state, url.as_deref(), log.as_deref(), &description)
+            })
+            .await
+        };
+    let status = |id: u64, state: &'static str, url: Option<String>, description: String| {
+        status_with_log(id, state, url, None, description)
     };
     match step {
         Step::Deploying { sha } => {
@@ -191,11 +207,11 @@ async fn post_statuses(
             }
             Ok(())
         }
-        Step::Failed { sha, reason } => match posted.deployment_of(sha) {
+        Step::Failed { sha, reason, log_url } => match posted.deployment_of(sha) {
             Some(id) => {
                 // The previous commit, if any, still serves: only this deployment ends.
                 posted.deployments.retain(|(_, known)| *known != id);
-                status(id, "failure", None, reason.clone()).await
+                status_with_log(id, "failure", None, log_url.clone(), reason.clone()).await
             }
             None => Ok(()),
         },
@@ -250,9 +266,10 @@ fn comment_text(slug: &Slug, step: &Step) -> String {
         Step::Live { sha, url } => {
             format!("**Preview `{slug}`** is live at {url}\n\nCommit `{}` · status: ready", short(sha))
         }
-        Step::Failed { sha, reason } => {
+        Step::Failed { sha, reason, log_url } => {
+            let log = log_url.as_ref().map(|url| format!("\n\n[Build log]({url})")).unwrap_or_default();
             format!(
-                "**Preview `{slug}`** failed for commit `{}`.\n\n```\n{}\n```",
+                "**Preview `{slug}`** failed for commit `{}`.\n\n```\n{}\n```{log}",
                 short(sha),
                 reason.replace("```", "'''")
             )
@@ -270,7 +287,8 @@ mod tests {
         let slug = Slug::parse("hello-world-pr-2").unwrap();
         let live = comment_text(&slug, &Step::Live { sha: "ec26c3e57ca3a959".into(), url: "http://x".into() });
         assert!(live.contains("http://x") && live.contains("`ec26c3e`") && live.contains("ready"), "{live}");
-        let failed = comment_text(&slug, &Step::Failed { sha: "abc".into(), reason: "boom ``` x".into() });
+        let failed =
+            comment_text(&slug, &Step::Failed { sha: "abc".into(), reason: "boom ``` x".into(), log_url: None });
         assert_eq!(failed.matches("```").count(), 2, "the reason cannot close the code block: {failed}");
         assert!(comment_text(&slug, &Step::Removed { reason: "closed".into() }).contains("removed"));
     }

@@ -23,8 +23,10 @@ use super::client::{ApiCallError, GitHubApi};
 use super::event::{Desired, PullRequest, Target, desired, with_tag};
 use super::feedback::{Feedback, PullRequestKey, Step};
 use super::memory::Memory;
-use crate::config::Config;
-use crate::lifecycle::Lifecycle;
+use crate::build::context::Layout;
+use crate::build::{BuildFailure, BuildInput, SourceArchive};
+use crate::config::{BuildSpec, Config};
+use crate::lifecycle::{Lifecycle, LifecycleError, PreviewInfo};
 use crate::locks::KeyedLocks;
 use crate::preview::{EnvName, Slug};
 use crate::request::{LaunchRequest, PullRequestOrigin};
@@ -144,6 +146,11 @@ impl PullRequestPreviews {
         if latest.len() >= MAX_REMEMBERED {
             latest.retain(|_, known| matches!(known.desired, Desired::Present(_)));
         }
+        // A build in flight for an older commit stops now, not when this state's work gets its turn.
+        match &desired {
+            Desired::Present(target) => self.lifecycle.builds().supersede(&slug, &target.sha),
+            Desired::Absent(_) => self.lifecycle.builds().cancel(&slug),
+        }
         latest.insert(key.clone(), Latest { updated_at: updated_at.to_owned(), slug, desired, source });
         true
     }
@@ -258,14 +265,68 @@ impl PullRequestPreviews {
             return;
         };
         self.feedback.send(key.clone(), slug.clone(), Step::Deploying { sha: target.sha.clone() });
-        let step = match self.lifecycle.launch(request).await {
+        let build = self.config.github.as_ref().and_then(|github| github.repo(&target.repo)?.build.clone());
+        let result = match build {
+            Some(build) => self.build_and_launch(request, build, &target).await,
+            None => self.lifecycle.launch(request).await,
+        };
+        let step = match result {
             Ok(info) => Step::Live { sha: target.sha, url: info.url },
+            Err(LifecycleError::Build(BuildFailure::Superseded)) => {
+                // The newer commit's work reports on the pull request; this deployment ends with it.
+                tracing::info!(%slug, sha = %target.sha, "a newer push replaced this build");
+                return;
+            }
             Err(err) => {
                 tracing::error!(%slug, error = %err, "pull request preview failed");
-                Step::Failed { sha: target.sha, reason: err.summary() }
+                let log_url = matches!(err, LifecycleError::Build(_))
+                    .then(|| {
+                        self.config.dashboard_url.as_ref().map(|url| format!("{url}/api/previews/{slug}/build-log"))
+                    })
+                    .flatten();
+                Step::Failed { sha: target.sha, reason: err.summary(), log_url }
             }
         };
         self.feedback.send(key, slug, step);
+    }
+
+    /// Downloads the head commit's source from GitHub, then builds and launches it. A newer push
+    /// (see [`Self::record`]) stops it at any point.
+    async fn build_and_launch(
+        &self,
+        request: LaunchRequest,
+        build: BuildSpec,
+        target: &Target,
+    ) -> Result<PreviewInfo, LifecycleError> {
+        let builds = self.lifecycle.builds();
+        let slug = request.name.clone();
+        let claim = builds.claim(&slug, &target.sha);
+        let file = tempfile::NamedTempFile::new()
+            .map_err(|err| BuildFailure::Io(format!("cannot make a file for the source: {err}")))?
+            .into_temp_path();
+        let max = builds.config().max_context;
+        let downloaded = tokio::select! {
+            downloaded = self.api.download_tarball(&target.repo, &target.sha, &file, max) => downloaded,
+            () = claim.cancel.cancelled() => {
+                builds.finish(&slug, &claim, "stopped: a newer push replaced it");
+                return Err(BuildFailure::Superseded.into());
+            }
+        };
+        if let Err(err) = downloaded {
+            let failure = BuildFailure::Download(err.to_string());
+            builds.finish(&slug, &claim, &format!("failed: {failure}"));
+            return Err(failure.into());
+        }
+        let input = BuildInput {
+            source: SourceArchive { file, layout: Layout::GitHubTarball },
+            build,
+            revision: target.sha.clone(),
+            repository: target.repo.clone(),
+            sha: Some(target.sha.clone()),
+            repo_file: true,
+            claim,
+        };
+        self.lifecycle.launch_built(request, Some(input), None).await
     }
 
     async fn make_absent(&self, slug: Slug, reason: &str, key: PullRequestKey) {

@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::auth::AuthError;
+use crate::build::BuildFailure;
 use crate::github::event::EventError;
 use crate::github::token_auth::TokenAuthError;
 use crate::github::webhook::WebhookError;
@@ -36,6 +37,8 @@ pub enum ApiError {
     BodiesBusy,
     #[error("unsupported Content-Type {0:?}: send application/x-www-form-urlencoded or application/json")]
     UnsupportedMediaType(String),
+    #[error("unsupported Content-Type {0:?}: send the build context as a tar, Content-Type: application/x-tar")]
+    NotATar(String),
     #[error("no route for this path; see the API in the README")]
     NoRoute,
     #[error("method not allowed on this path; see the API in the README")]
@@ -74,7 +77,7 @@ impl ApiError {
             Self::Auth(_) | Self::Token(TokenAuthError::Rejected) => "unauthenticated",
             Self::Token(TokenAuthError::Throttled(_)) => "throttled",
             Self::Token(_) => "not_authorized",
-            Self::Request(_) | Self::Body(_) | Self::UnsupportedMediaType(_) => "invalid_request",
+            Self::Request(_) | Self::Body(_) | Self::UnsupportedMediaType(_) | Self::NotATar(_) => "invalid_request",
             Self::TooLarge(_) => "too_large",
             Self::BodyTimeout => "timeout",
             Self::BodiesBusy => "throttled",
@@ -100,7 +103,7 @@ impl ApiError {
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::BodiesBusy => StatusCode::TOO_MANY_REQUESTS,
-            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::UnsupportedMediaType(_) | Self::NotATar(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NoRoute => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -146,6 +149,21 @@ fn lifecycle_status(err: &LifecycleError) -> StatusCode {
         LifecycleError::Nginx(_) => StatusCode::INTERNAL_SERVER_ERROR,
         LifecycleError::Network(NetworkError::Docker(DockerError::Api { .. })) => StatusCode::BAD_GATEWAY,
         LifecycleError::Network(_) => StatusCode::SERVICE_UNAVAILABLE,
+        LifecycleError::Build(failure) => build_status(failure),
+    }
+}
+
+fn build_status(failure: &BuildFailure) -> StatusCode {
+    match failure {
+        BuildFailure::RepoFile(_) | BuildFailure::Context(_) | BuildFailure::Step { .. } => {
+            StatusCode::UNPROCESSABLE_ENTITY
+        }
+        BuildFailure::TimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
+        BuildFailure::Superseded => StatusCode::CONFLICT,
+        BuildFailure::DiskLow { .. } => StatusCode::INSUFFICIENT_STORAGE,
+        BuildFailure::Docker(DockerError::Unreachable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+        BuildFailure::Docker(_) | BuildFailure::Download(_) => StatusCode::BAD_GATEWAY,
+        BuildFailure::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -178,6 +196,7 @@ impl ApiError {
                 NetworkError::NoSubnet { .. } => err.to_string(),
                 NetworkError::Docker(_) => "Docker could not create the preview's network".to_owned(),
             },
+            Self::Lifecycle(LifecycleError::Build(BuildFailure::Io(_))) => "cannot prepare the build".to_owned(),
             other => other.to_string(),
         }
     }

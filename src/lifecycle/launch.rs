@@ -13,7 +13,8 @@ use super::{
     same_pull_request, short, split_origin,
 };
 use crate::admission::AdmitError;
-use crate::config::{EnvContext, ImageSpec};
+use crate::build::BuildInput;
+use crate::config::{EnvContext, ImageSpec, PullPolicy};
 use crate::metrics;
 use crate::nginx::{Drain, NginxError, RouteTicket};
 use crate::preview::{PreviewState, Slug};
@@ -43,16 +44,38 @@ impl Lifecycle {
     }
 
     /// `launch`, sending an event as each step begins (the API streams them to clients).
-    #[tracing::instrument(skip_all, fields(slug = %request.name, image = %request.image))]
     pub async fn launch_reporting(
         &self,
         request: LaunchRequest,
         events: Option<mpsc::UnboundedSender<ProgressEvent>>,
     ) -> Result<PreviewInfo, LifecycleError> {
-        let _guard = self.locks.lock(&request.name).await;
+        self.launch_built(request, None, events).await
+    }
+
+    /// `launch_reporting` of an image built first from `build` (see [`crate::build`]): the build
+    /// runs before the preview's lock is taken, so the preview keeps serving (and can be killed)
+    /// while it builds; a failed build leaves it as it was.
+    #[tracing::instrument(skip_all, fields(slug = %request.name, image = %request.image))]
+    pub async fn launch_built(
+        &self,
+        mut request: LaunchRequest,
+        build: Option<BuildInput>,
+        events: Option<mpsc::UnboundedSender<ProgressEvent>>,
+    ) -> Result<PreviewInfo, LifecycleError> {
         let mut progress = Progress::new(events, Arc::clone(&self.metrics));
+        let built = build.is_some();
+        if let Some(input) = build {
+            progress.step("build", "preparing the build context".to_owned());
+            let mut on_step = |step: &'static str, message: String| progress.step(step, message);
+            let image = self.builds.run(&request.name, input, &mut request.spec, &mut on_step).await;
+            let image = image.inspect_err(|_| progress.finish())?;
+            request.spec.image = image;
+            request.spec.pull = PullPolicy::Never;
+        }
+        let _guard = self.locks.lock(&request.name).await;
         let (previous, place) = self.admit(&request).await?;
         let _turn = self.take_turn(&mut progress).await;
+        let (request_name, image) = (request.name.clone(), request.spec.image.clone());
         let result = self.launch_locked(request, &previous, &mut progress).await;
         place.release().await;
         progress.finish();
@@ -61,6 +84,9 @@ impl Lifecycle {
         counter.get_or_create(outcome).inc();
         if result.is_ok() {
             self.metrics.launch_seconds.observe(progress.started.elapsed().as_secs_f64());
+            if built {
+                self.builds.keep(&request_name, &[image]).await;
+            }
         }
         result
     }

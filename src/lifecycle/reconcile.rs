@@ -129,8 +129,11 @@ impl Lifecycle {
                 report.failed.push(format!("{slug}: {err}"));
             }
         }
-        let in_use = self.runtime.list_all().await?.into_iter().filter_map(|c| c.network).collect();
+        let all = self.runtime.list_all().await?;
+        let in_use = all.iter().filter_map(|c| c.network.clone()).collect();
         self.networks.reconcile(&in_use).await?;
+        let previews: BTreeSet<Slug> = all.into_iter().map(|c| c.slug).collect();
+        self.remove_orphan_builds(&previews).await;
         tracing::info!(
             routed = report.routed,
             removed_containers = report.removed_containers,
@@ -139,6 +142,25 @@ impl Lifecycle {
             "reconciled"
         );
         Ok(report)
+    }
+
+    /// Removes the images built for previews that no longer exist (previewd stopped between a
+    /// kill and the removal of its images, or a first launch failed after its build).
+    async fn remove_orphan_builds(&self, previews: &BTreeSet<Slug>) {
+        let images = match self.runtime.built_images().await {
+            Ok(images) => images,
+            Err(err) => return tracing::warn!(error = %err, "cannot list built images"),
+        };
+        let building: BTreeSet<Slug> = self.builds.statuses().into_iter().map(|b| b.name).collect();
+        let orphans = images.iter().filter(|image| {
+            image.slug.as_ref().is_some_and(|slug| !previews.contains(slug) && !building.contains(slug))
+        });
+        for image in orphans {
+            match self.runtime.remove_image(&image.id).await {
+                Ok(()) => tracing::info!(image = %image.id, "removed an image built for a preview that is gone"),
+                Err(err) => tracing::warn!(image = %image.id, error = %err, "cannot remove a built image"),
+            }
+        }
     }
 
     /// Makes a preview's environment match its app: a preview whose app is gone loses its

@@ -1,5 +1,6 @@
-//! Kill: a preview's containers (app, services, jobs) and data volumes, then its network, then its route (in that order a crash
-//! half-way leaves a vhost without a container, which the next reconcile deletes).
+//! Kill: a preview's build in flight stopped, its containers (app, services, jobs) and data
+//! volumes, then its network, then its route (in that order a crash half-way leaves a vhost
+//! without a container, which the next reconcile deletes), then the images built for it.
 
 use std::collections::BTreeSet;
 
@@ -36,7 +37,11 @@ impl Lifecycle {
     }
 
     async fn kill_locked(&self, slug: &Slug, containers: Vec<ManagedContainer>) -> Result<(), LifecycleError> {
+        self.builds.cancel(slug);
         let result = self.remove_preview(slug, containers).await;
+        if matches!(result, Ok(()) | Err(LifecycleError::NotFound(_))) {
+            self.builds.forget(slug).await;
+        }
         let outcome = match &result {
             Ok(()) => Some(&metrics::SUCCESS),
             Err(LifecycleError::NotFound(_)) => None,

@@ -30,11 +30,12 @@ impl GitHubApp {
     }
 
     pub async fn start_with(github: FakeGitHub, repos: &str, extra: &str) -> Self {
-        Self::start_configured(github, repos, extra, "").await
+        Self::start_configured(github, repos, extra, "", "").await
     }
 
-    /// `extra` goes into the `github` section, `top` at the top level of config.yml.
-    pub async fn start_configured(github: FakeGitHub, repos: &str, extra: &str, top: &str) -> Self {
+    /// `extra` goes into the `github` section, `top` at the top level of config.yml, `images`
+    /// under `images` (see `with_images`).
+    pub async fn start_configured(github: FakeGitHub, repos: &str, extra: &str, top: &str, images: &str) -> Self {
         github.add_token(SERVICE_TOKEN, "previewd-bot");
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("webhook.secret"), format!("{SECRET}\n")).unwrap();
@@ -43,7 +44,7 @@ impl GitHubApp {
         let nginx_port = super::free_port();
         let yaml = format!(
             "{}{top}github:\n  api_url: {}\n  webhook_secret_file: webhook.secret\n  token_file: github.token\n{extra}  repos:\n{repos}",
-            super::config_yaml(&instance, dir.path(), nginx_port, &Options::default()),
+            super::with_images(&super::config_yaml(&instance, dir.path(), nginx_port, &Options::default()), images),
             github.url,
         );
         let app = TestApp::start_from(dir, instance, nginx_port, yaml).await;

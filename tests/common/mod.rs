@@ -325,7 +325,30 @@ impl Drop for TestApp {
         }
         remove_volumes(&self.instance);
         remove_networks(&self.instance);
+        remove_built_images(&self.instance);
         stop_nginx(&self.dir.path().join("state/nginx/nginx.pid"));
+    }
+}
+
+/// The images previewd built for an instance (`docker images`: `repository:tag` lines).
+pub fn built_images(instance: &str) -> Vec<String> {
+    let output = Command::new("docker")
+        .args(["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", "label=previewd.built=true"])
+        .args(["--filter", &format!("label=previewd.instance={instance}")])
+        .output()
+        .expect("docker images");
+    String::from_utf8_lossy(&output.stdout).lines().map(str::to_owned).collect()
+}
+
+pub fn remove_built_images(instance: &str) {
+    let output = Command::new("docker")
+        .args(["images", "-q", "--filter", "label=previewd.built=true"])
+        .args(["--filter", &format!("label=previewd.instance={instance}")])
+        .output()
+        .expect("docker images");
+    let ids: Vec<String> = String::from_utf8_lossy(&output.stdout).split_whitespace().map(str::to_owned).collect();
+    if !ids.is_empty() {
+        Command::new("docker").args(["rmi", "-f"]).args(&ids).output().ok();
     }
 }
 

@@ -1,0 +1,585 @@
+//! Builds of previews from source: the queue that lets `builds.max_parallel` run at once, latest
+//! wins (a newer build of a preview stops the one in flight and drops a queued one), the build
+//! log kept per preview, the reuse of the last image when `build.paths` did not change, the
+//! images kept per preview (`builds.keep`), and the disk they take.
+//!
+//! Where the source comes from is the caller's (GitHub's tarball, an upload): [`context`] turns
+//! it into Docker's build context; the engine builds through [`crate::runtime::Images`].
+
+pub mod context;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::repo_file::{self, RepoFileError};
+use crate::config::{BuildSpec, BuildsConfig, ImageSpec};
+use crate::metrics::Metrics;
+use crate::preview::{InstanceName, Slug};
+use crate::runtime::{BuildError, BuildOutput, BuildPlan, DiskUsage, DockerError, ImageLabels, Runtime};
+use context::{ContextError, Layout};
+
+/// Lines of a build's log kept (the oldest go first); a build log is for reading, not archiving.
+const MAX_LOG_LINES: usize = 5000;
+/// How long a reading of the disk is reused by `/healthz` and `/metrics`.
+const DISK_READING_TTL: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildFailure {
+    #[error(transparent)]
+    RepoFile(#[from] RepoFileError),
+    #[error(transparent)]
+    Context(#[from] ContextError),
+    #[error("the build failed at {step}: {message}")]
+    Step { step: String, message: String },
+    #[error("the build did not finish within builds.timeout ({0:?}); it was stopped")]
+    TimedOut(Duration),
+    #[error("a newer build of this preview replaced this one")]
+    Superseded,
+    #[error(
+        "Docker's disk has {free} bytes free, and this build needs builds.min_free_disk ({min}) plus its context ({context}); remove old images or lower builds.min_free_disk"
+    )]
+    DiskLow { free: u64, min: u64, context: u64 },
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+    #[error("cannot prepare the build: {0}")]
+    Io(String),
+    #[error("cannot download the commit's source from GitHub: {0}")]
+    Download(String),
+}
+
+impl BuildFailure {
+    /// The failing Dockerfile step, for a pull request's status.
+    pub fn step(&self) -> Option<&str> {
+        match self {
+            Self::Step { step, .. } => Some(step),
+            _ => None,
+        }
+    }
+}
+
+/// The source of a build: an archive on disk.
+pub struct SourceArchive {
+    pub file: tempfile::TempPath,
+    pub layout: Layout,
+}
+
+/// One build to run, as the lifecycle asks for it.
+pub struct BuildInput {
+    pub source: SourceArchive,
+    pub build: BuildSpec,
+    /// What is built: a commit sha, or the digest of an upload.
+    pub revision: String,
+    /// The repository part of the image's name: `acme/shop`, or `upload/<slug>`.
+    pub repository: String,
+    /// The commit, for a pull request's preview.
+    pub sha: Option<String>,
+    /// Whether the source's own `.previewd.yml` applies.
+    pub repo_file: bool,
+    /// From [`Builds::claim`]: stopped when a newer build of the preview comes.
+    pub claim: Claim,
+}
+
+/// A preview's turn to build one revision; cancelled when a newer build of it is claimed.
+#[derive(Clone)]
+pub struct Claim {
+    id: u64,
+    pub cancel: CancellationToken,
+}
+
+/// Where a build is, for `GET /api/builds`, the CLI and the dashboard.
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildStatus {
+    pub name: Slug,
+    pub revision: String,
+    /// `preparing`, `queued` or `building`.
+    pub state: &'static str,
+    /// The Dockerfile step being run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    /// Unix seconds.
+    pub started: i64,
+}
+
+struct InFlight {
+    claim: u64,
+    revision: String,
+    cancel: CancellationToken,
+    status: BuildStatus,
+    log: Vec<String>,
+}
+
+#[derive(Clone)]
+pub struct Builds {
+    config: BuildsConfig,
+    instance: InstanceName,
+    logs_dir: PathBuf,
+    runtime: Arc<dyn Runtime>,
+    metrics: Arc<Metrics>,
+    turns: Arc<Semaphore>,
+    claims: Arc<std::sync::atomic::AtomicU64>,
+    in_flight: Arc<Mutex<HashMap<Slug, InFlight>>>,
+    disk: Arc<Mutex<Option<(Instant, DiskUsage)>>>,
+}
+
+/// Docker's image names allow `[a-z0-9]` separated by `.`, `_`, `__` or `-` runs in each `/` part.
+fn image_part(text: &str) -> String {
+    let mut part: String = text
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '-' })
+        .collect();
+    while part.ends_with(['.', '_', '-']) {
+        part.pop();
+    }
+    let start = part.find(|c: char| c.is_ascii_alphanumeric()).unwrap_or(part.len());
+    let trimmed = &part[start..];
+    if trimmed.is_empty() { "x".to_owned() } else { trimmed.replace("..", ".").replace("--", "-") }
+}
+
+/// `previewd-<instance>/<repository>:<revision, 12 characters>`.
+pub fn image_tag(instance: &InstanceName, repository: &str, revision: &str) -> String {
+    let repository: Vec<String> = repository.split('/').map(image_part).collect();
+    let tag: String = revision.chars().filter(char::is_ascii_alphanumeric).take(12).collect();
+    format!("previewd-{}/{}:{}", image_part(instance.as_ref()), repository.join("/"), tag.to_ascii_lowercase())
+}
+
+/// The images of a preview to remove so that `keep` remain: the newest ones and any in use stay.
+pub fn beyond_keep<'a>(images: &'a [crate::runtime::BuiltImage], keep: usize, in_use: &[String]) -> Vec<&'a str> {
+    let used = |image: &crate::runtime::BuiltImage| image.tags.iter().any(|tag| in_use.contains(tag));
+    let mut kept = 0;
+    let mut removed = Vec::new();
+    for image in images {
+        if used(image) || kept < keep {
+            kept += 1;
+        } else {
+            removed.push(image.id.as_str());
+        }
+    }
+    removed
+}
+
+impl Builds {
+    pub fn new(
+        config: BuildsConfig,
+        instance: InstanceName,
+        state_dir: &Path,
+        runtime: Arc<dyn Runtime>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            turns: Arc::new(Semaphore::new(config.max_parallel)),
+            config,
+            instance,
+            logs_dir: state_dir.join("build-logs"),
+            runtime,
+            metrics,
+            claims: Arc::default(),
+            in_flight: Arc::default(),
+            disk: Arc::default(),
+        }
+    }
+
+    pub fn config(&self) -> &BuildsConfig {
+        &self.config
+    }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<Slug, InFlight>> {
+        self.in_flight.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts a preview's build of `revision`: any build of the preview still in flight (or
+    /// queued) is stopped, since the newest source wins. The token stops this one in turn.
+    pub fn claim(&self, slug: &Slug, revision: &str) -> Claim {
+        let cancel = CancellationToken::new();
+        let id = self.claims.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let status = BuildStatus {
+            name: slug.clone(),
+            revision: revision.to_owned(),
+            state: "preparing",
+            step: None,
+            started: crate::clock::unix_now(),
+        };
+        let entry =
+            InFlight { claim: id, revision: revision.to_owned(), cancel: cancel.clone(), status, log: Vec::new() };
+        if let Some(older) = self.in_flight().insert(slug.clone(), entry) {
+            tracing::info!(%slug, older = %older.revision, newer = revision, "a newer build replaces the one in flight");
+            older.cancel.cancel();
+        }
+        Claim { id, cancel }
+    }
+
+    /// Stops the preview's build in flight unless it is of `revision` (a push made it stale).
+    pub fn supersede(&self, slug: &Slug, revision: &str) {
+        if let Some(entry) = self.in_flight().get(slug).filter(|entry| entry.revision != revision) {
+            tracing::info!(%slug, older = %entry.revision, newer = revision, "a push makes the build in flight stale");
+            entry.cancel.cancel();
+        }
+    }
+
+    /// Stops the preview's build in flight, whatever it builds (the preview is being removed).
+    pub fn cancel(&self, slug: &Slug) {
+        if let Some(entry) = self.in_flight().get(slug) {
+            entry.cancel.cancel();
+        }
+    }
+
+    /// Builds in flight and queued, oldest first.
+    pub fn statuses(&self) -> Vec<BuildStatus> {
+        let mut statuses: Vec<BuildStatus> = self.in_flight().values().map(|entry| entry.status.clone()).collect();
+        statuses.sort_by_key(|status| status.started);
+        statuses
+    }
+
+    fn update(&self, slug: &Slug, claim: &Claim, change: impl FnOnce(&mut InFlight)) {
+        if let Some(entry) = self.in_flight().get_mut(slug).filter(|entry| entry.claim == claim.id) {
+            change(entry);
+        }
+    }
+
+    fn log_path(&self, slug: &Slug) -> PathBuf {
+        self.logs_dir.join(format!("{slug}.log"))
+    }
+
+    /// The log of the preview's build in flight, or else of its last build.
+    pub fn log(&self, slug: &Slug) -> Option<String> {
+        if let Some(entry) = self.in_flight().get(slug).filter(|entry| !entry.log.is_empty()) {
+            return Some(entry.log.join("\n") + "\n");
+        }
+        std::fs::read_to_string(self.log_path(slug)).ok()
+    }
+
+    /// Ends the in-flight entry of a build (also one that failed before it ran, e.g. its
+    /// download), keeping its log, with `outcome` last, as the preview's last build log.
+    pub fn finish(&self, slug: &Slug, claim: &Claim, outcome: &str) {
+        let log = {
+            let mut in_flight = self.in_flight();
+            match in_flight.get(slug) {
+                Some(entry) if entry.claim == claim.id => in_flight.remove(slug).map(|entry| entry.log),
+                _ => None,
+            }
+        };
+        let Some(mut log) = log else { return };
+        log.push(format!("previewd: {outcome}"));
+        let path = self.log_path(slug);
+        let written = std::fs::create_dir_all(&self.logs_dir)
+            .and_then(|()| crate::nginx::sites::write_atomic(&path, (log.join("\n") + "\n").as_bytes()));
+        if let Err(err) = written {
+            tracing::warn!(path = %path.display(), error = %err, "cannot keep the build log");
+        }
+    }
+
+    /// Prepares and runs a build: the repository's file applied to `spec`, the context written,
+    /// a turn waited for, the image built. Returns the image to run. `on_step` hears each step.
+    pub async fn run(
+        &self,
+        slug: &Slug,
+        input: BuildInput,
+        spec: &mut ImageSpec,
+        on_step: &mut (dyn FnMut(&'static str, String) + Send),
+    ) -> Result<String, BuildFailure> {
+        let claim = input.claim.clone();
+        let started = Instant::now();
+        let result = tokio::select! {
+            result = self.run_inner(slug, input, spec, on_step) => result,
+            () = claim.cancel.cancelled() => Err(BuildFailure::Superseded),
+        };
+        let outcome = match &result {
+            Ok(tag) => format!("built {tag} in {:.1} s", started.elapsed().as_secs_f64()),
+            Err(err) => format!("failed: {err}"),
+        };
+        self.finish(slug, &claim, &outcome);
+        let label = match &result {
+            Ok(_) => "success",
+            Err(BuildFailure::Superseded) => "superseded",
+            Err(_) => "failure",
+        };
+        self.metrics.builds.get_or_create(&crate::metrics::ByResult { result: label }).inc();
+        if result.is_ok() {
+            self.metrics.build_seconds.observe(started.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    async fn run_inner(
+        &self,
+        slug: &Slug,
+        input: BuildInput,
+        spec: &mut ImageSpec,
+        on_step: &mut (dyn FnMut(&'static str, String) + Send),
+    ) -> Result<String, BuildFailure> {
+        let claim = input.claim.clone();
+        // What previewd says of the build goes to its log too.
+        let mut on_step = |step: &'static str, message: String| {
+            self.update(slug, &claim, |entry| push_line(&mut entry.log, format!("previewd: {message}")));
+            on_step(step, message);
+        };
+        let on_step: &mut (dyn FnMut(&'static str, String) + Send) = &mut on_step;
+        let mut build = input.build.clone();
+        if input.repo_file {
+            let text = self.read_repo_file(&input.source).await?;
+            if let Some(text) = text {
+                on_step("build", format!("applying the repository's {}", repo_file::REPO_FILE));
+                repo_file::apply(&text, spec, &mut build)?;
+            }
+        }
+        let labels = self.runtime.image_labels(slug, input.sha.as_deref());
+        let context = self.write_context(&input.source, &build, labels).await?;
+        let tag = image_tag(&self.instance, &input.repository, &input.revision);
+        let reuse_key = context.summary.paths_digest.as_ref().map(|digest| reuse_key(&build, digest));
+        if let Some(key) = &reuse_key
+            && let Some(image) = self.reusable(slug, key).await?
+        {
+            on_step("build", format!("no change in build.paths since {image}: reusing it"));
+            return Ok(image);
+        }
+        self.check_disk(context.summary.bytes).await?;
+        let _turn = self.wait_turn(slug, &claim, on_step).await;
+        self.update(slug, &claim, |entry| entry.status.state = "building");
+        on_step(
+            "build",
+            format!(
+                "building {tag} ({} files, {} KiB of context)",
+                context.summary.files,
+                context.summary.bytes / 1024
+            ),
+        );
+        let file = tokio::fs::File::open(&context.file).await.map_err(|err| BuildFailure::Io(err.to_string()))?;
+        let dockerfile = build.dockerfile.to_string();
+        let plan = BuildPlan {
+            slug,
+            tag: &tag,
+            dockerfile: &dockerfile,
+            args: &build.args,
+            cpu_shares: self.config.cpu_shares,
+            memory: self.config.memory,
+        };
+        let mut last_layer = None;
+        let mut on_output = |output: BuildOutput| match output {
+            BuildOutput::Step(step) => {
+                self.update(slug, &claim, |entry| {
+                    entry.status.step = Some(step.clone());
+                    push_line(&mut entry.log, step.clone());
+                });
+                on_step("build", step);
+            }
+            BuildOutput::Layer(id) => last_layer = Some(id),
+            BuildOutput::Line(line) => self.update(slug, &claim, |entry| push_line(&mut entry.log, line)),
+        };
+        let built =
+            tokio::time::timeout(self.config.timeout, self.runtime.build_image(&plan, file, &mut on_output)).await;
+        let result = match built {
+            Ok(Ok(())) => Ok(tag),
+            Ok(Err(BuildError::StepFailed { step, message })) => Err(BuildFailure::Step { step, message }),
+            Ok(Err(BuildError::Docker(err))) => Err(BuildFailure::Docker(err)),
+            Err(_) => Err(BuildFailure::TimedOut(self.config.timeout)),
+        };
+        let leftovers: Vec<String> = if result.is_err() { last_layer.into_iter().collect() } else { Vec::new() };
+        self.prune(leftovers);
+        result
+    }
+
+    async fn read_repo_file(&self, source: &SourceArchive) -> Result<Option<String>, BuildFailure> {
+        let path = source.file.to_path_buf();
+        let layout = source.layout;
+        blocking(move || {
+            let file = std::fs::File::open(&path).map_err(ContextError::Read)?;
+            context::read_repo_file(layout, std::io::BufReader::new(file))
+        })
+        .await
+    }
+
+    /// The build context, its Dockerfile ending with previewd's labels (see [`label_line`]).
+    async fn write_context(
+        &self,
+        source: &SourceArchive,
+        build: &BuildSpec,
+        labels: ImageLabels,
+    ) -> Result<PreparedContext, BuildFailure> {
+        let path = source.file.to_path_buf();
+        let layout = source.layout;
+        let build = build.clone();
+        let max_context = self.config.max_context;
+        blocking(move || {
+            let out = tempfile::NamedTempFile::new().map_err(ContextError::Write)?;
+            let file = std::fs::File::open(&path).map_err(ContextError::Read)?;
+            let writer = std::io::BufWriter::new(out.as_file());
+            let suffix = |digest: Option<&str>| label_line(&labels, digest.map(|d| reuse_key(&build, d)).as_deref());
+            let plan = context::ContextPlan {
+                context: &build.context,
+                dockerfile: &build.dockerfile,
+                paths: build.paths.as_ref(),
+                max_context,
+                dockerfile_suffix: &suffix,
+            };
+            let summary = context::write_context(layout, std::io::BufReader::new(file), &plan, writer)?;
+            Ok(PreparedContext { file: out.into_temp_path(), summary })
+        })
+        .await
+    }
+
+    /// A built image of the preview with the same reuse key, if one is still there.
+    async fn reusable(&self, slug: &Slug, key: &str) -> Result<Option<String>, BuildFailure> {
+        let images = self.runtime.built_images().await?;
+        Ok(images
+            .into_iter()
+            .filter(|image| image.slug.as_ref() == Some(slug) && image.reuse_key.as_deref() == Some(key))
+            .find_map(|image| image.tags.into_iter().next()))
+    }
+
+    async fn check_disk(&self, context: u64) -> Result<(), BuildFailure> {
+        let disk = self.runtime.disk().await?;
+        *self.disk.lock().unwrap_or_else(PoisonError::into_inner) = Some((Instant::now(), disk));
+        match disk.free_bytes {
+            Some(free) if free < self.config.min_free_disk.saturating_add(context) => {
+                Err(BuildFailure::DiskLow { free, min: self.config.min_free_disk, context })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn wait_turn(
+        &self,
+        slug: &Slug,
+        claim: &Claim,
+        on_step: &mut (dyn FnMut(&'static str, String) + Send),
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if let Ok(turn) = Arc::clone(&self.turns).try_acquire_owned() {
+            return Some(turn);
+        }
+        self.update(slug, claim, |entry| entry.status.state = "queued");
+        let ahead = self.statuses().iter().filter(|s| s.state != "preparing").count().saturating_sub(1);
+        on_step(
+            "queue",
+            format!(
+                "waiting for a build turn: {} build(s) ahead (builds.max_parallel is {})",
+                ahead, self.config.max_parallel
+            ),
+        );
+        Arc::clone(&self.turns).acquire_owned().await.ok()
+    }
+
+    /// Removes, in the background, what failed builds left and the dangling images of builds.
+    fn prune(&self, leftovers: Vec<String>) {
+        let runtime = Arc::clone(&self.runtime);
+        tokio::spawn(async move {
+            if let Err(err) = runtime.prune_build_leftovers(&leftovers).await {
+                tracing::warn!(error = %err, "cannot prune what builds left");
+            }
+        });
+    }
+
+    /// After a launch of `slug` that runs `in_use`: its images beyond `builds.keep` are removed.
+    pub async fn keep(&self, slug: &Slug, in_use: &[String]) {
+        let images = match self.runtime.built_images().await {
+            Ok(images) => images,
+            Err(err) => return tracing::warn!(%slug, error = %err, "cannot list built images"),
+        };
+        let of_slug: Vec<_> = images.into_iter().filter(|image| image.slug.as_ref() == Some(slug)).collect();
+        for id in beyond_keep(&of_slug, self.config.keep, in_use) {
+            match self.runtime.remove_image(id).await {
+                Ok(()) => tracing::info!(%slug, image = id, "removed a build beyond builds.keep"),
+                Err(err) => tracing::warn!(%slug, image = id, error = %err, "cannot remove an old build"),
+            }
+        }
+        self.prune(Vec::new());
+    }
+
+    /// The preview is gone: its images and build log go too.
+    pub async fn forget(&self, slug: &Slug) {
+        self.cancel(slug);
+        match self.runtime.built_images().await {
+            Ok(images) => {
+                for image in images.iter().filter(|image| image.slug.as_ref() == Some(slug)) {
+                    if let Err(err) = self.runtime.remove_image(&image.id).await {
+                        tracing::warn!(%slug, image = %image.id, error = %err, "cannot remove a built image");
+                    }
+                }
+            }
+            Err(err) => tracing::warn!(%slug, error = %err, "cannot list built images"),
+        }
+        std::fs::remove_file(self.log_path(slug)).ok();
+        self.prune(Vec::new());
+    }
+
+    /// The disk previewd's images take and the engine's free disk, read at most every 30 s.
+    pub async fn disk(&self) -> Option<DiskUsage> {
+        let cached = *self.disk.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, disk)) = cached
+            && at.elapsed() < DISK_READING_TTL
+        {
+            return Some(disk);
+        }
+        let disk = self.runtime.disk().await.ok()?;
+        *self.disk.lock().unwrap_or_else(PoisonError::into_inner) = Some((Instant::now(), disk));
+        Some(disk)
+    }
+}
+
+/// What identifies a build besides the files outside `build.paths`.
+fn reuse_key(build: &BuildSpec, paths_digest: &str) -> String {
+    format!("{}-{paths_digest}", build.digest())
+}
+
+/// One `LABEL` instruction with every label (and the reuse key, when there is one). Keys and
+/// values are previewd's own (names, hex digests), quoted anyway.
+fn label_line(labels: &ImageLabels, reuse_key: Option<&str>) -> String {
+    let mut pairs: Vec<String> = labels.pairs.iter().map(|(k, v)| format!("{k:?}={v:?}")).collect();
+    if let Some(key) = reuse_key {
+        pairs.push(format!("{:?}={key:?}", labels.reuse_key_label));
+    }
+    format!("LABEL {}\n", pairs.join(" "))
+}
+
+fn push_line(log: &mut Vec<String>, line: String) {
+    if log.len() >= MAX_LOG_LINES {
+        log.remove(0);
+    }
+    log.push(line);
+}
+
+struct PreparedContext {
+    file: tempfile::TempPath,
+    summary: context::ContextSummary,
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ContextError> + Send + 'static,
+) -> Result<T, BuildFailure> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|err| BuildFailure::Io(format!("the preparation stopped: {err}")))?
+        .map_err(BuildFailure::Context)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::BuiltImage;
+
+    #[test]
+    fn image_tags_are_valid_docker_references() {
+        let instance = InstanceName::parse("default").unwrap();
+        let sha = "0123456789abcdef0123456789abcdef01234567";
+        assert_eq!(image_tag(&instance, "Acme/Hello_World", sha), "previewd-default/acme/hello_world:0123456789ab");
+        assert_eq!(image_tag(&instance, "acme/.github", sha), "previewd-default/acme/github:0123456789ab");
+        assert_eq!(image_tag(&instance, "upload/feature-x", "ab"), "previewd-default/upload/feature-x:ab");
+    }
+
+    fn image(id: &str, tag: &str) -> BuiltImage {
+        BuiltImage { id: id.into(), tags: vec![tag.into()], slug: None, created: 0, reuse_key: None, sha: None }
+    }
+
+    #[test]
+    fn keep_removes_the_oldest_images_but_never_one_in_use() {
+        let images = [image("c", "t:3"), image("b", "t:2"), image("a", "t:1")];
+        assert_eq!(beyond_keep(&images, 2, &[]), vec!["a"]);
+        assert_eq!(beyond_keep(&images, 1, &["t:1".to_owned()]), vec!["b"]);
+        assert!(beyond_keep(&images, 3, &[]).is_empty());
+    }
+}

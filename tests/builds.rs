@@ -439,3 +439,41 @@ async fn a_second_build_waits_for_its_turn_and_shows_as_queued() {
     assert_eq!(first.await.unwrap(), 200);
     assert_eq!(second.await.unwrap(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_builds_a_local_directory_with_its_progress_and_honours_dockerignore() {
+    let app = upload_app("").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("site")).unwrap();
+    std::fs::create_dir_all(dir.path().join("node_modules")).unwrap();
+    std::fs::write(dir.path().join("Dockerfile"), dockerfile(&app.instance, "")).unwrap();
+    std::fs::write(dir.path().join("site/index.html"), "from my laptop\n").unwrap();
+    std::fs::write(dir.path().join("site/secret.env"), "TOKEN=1\n").unwrap();
+    std::fs::write(dir.path().join(".dockerignore"), "node_modules\n**/*.env\n").unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let path = dir.path().to_str().unwrap();
+    let output = common::run_client(&app, home.path(), &["launch", "web", "my-work", "--build", path], true, None).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.lines().any(|line| line.contains("build") && line.contains("Step 3/5 : COPY site/ /www/")), "{stderr}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("my-work.preview.localhost"));
+    assert_eq!(app.via_nginx("my-work", "/").await.unwrap(), (200, "from my laptop\n".to_owned()));
+    assert_eq!(app.via_nginx("my-work", "/secret.env").await.unwrap().0, 404, ".dockerignore kept it out");
+
+    let output = common::run_client(&app, home.path(), &["logs", "my-work", "--build"], true, None).await;
+    let log = String::from_utf8_lossy(&output.stdout);
+    assert!(log.contains("Step 1/5 : FROM previewd-demo:latest") && log.contains("previewd: built"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_past_builds_timeout_is_stopped_with_504() {
+    let app = upload_app("builds:\n  timeout: 3s\n").await;
+    let context = tar_of(&[("Dockerfile", dockerfile(&app.instance, "RUN sleep 60\n")), ("site/index.html", "x\n".into())]);
+    let started = Instant::now();
+    let (status, message) =
+        common::error_of(upload(&app, "slow", context, "application/x-tar", "application/json").await).await;
+    assert_eq!(status, 504, "{message}");
+    assert!(message.contains("builds.timeout"), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(30), "stopped at its timeout, not at the step's end");
+    assert!(common::built_images(&app.instance).is_empty());
+}

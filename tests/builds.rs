@@ -436,6 +436,9 @@ async fn a_second_build_waits_for_its_turn_and_shows_as_queued() {
         assert!(Instant::now() < deadline, "the second build never showed as queued: {builds}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let dashboard = app.client.get(app.url("/")).basic_auth(USER, Some(PASSWORD)).send().await.unwrap();
+    let html = dashboard.text().await.unwrap();
+    assert!(html.contains(r#"<tr class="build" data-name="second">"#), "the dashboard shows the queued build");
     assert_eq!(first.await.unwrap(), 200);
     assert_eq!(second.await.unwrap(), 200);
 }
@@ -452,10 +455,14 @@ async fn the_cli_builds_a_local_directory_with_its_progress_and_honours_dockerig
     std::fs::write(dir.path().join(".dockerignore"), "node_modules\n**/*.env\n").unwrap();
     let home = tempfile::tempdir().unwrap();
     let path = dir.path().to_str().unwrap();
-    let output = common::run_client(&app, home.path(), &["launch", "web", "my-work", "--build", path], true, None).await;
+    let output =
+        common::run_client(&app, home.path(), &["launch", "web", "my-work", "--build", path], true, None).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
-    assert!(stderr.lines().any(|line| line.contains("build") && line.contains("Step 3/5 : COPY site/ /www/")), "{stderr}");
+    assert!(
+        stderr.lines().any(|line| line.contains("build") && line.contains("Step 3/5 : COPY site/ /www/")),
+        "{stderr}"
+    );
     assert!(String::from_utf8_lossy(&output.stdout).contains("my-work.preview.localhost"));
     assert_eq!(app.via_nginx("my-work", "/").await.unwrap(), (200, "from my laptop\n".to_owned()));
     assert_eq!(app.via_nginx("my-work", "/secret.env").await.unwrap().0, 404, ".dockerignore kept it out");
@@ -468,7 +475,8 @@ async fn the_cli_builds_a_local_directory_with_its_progress_and_honours_dockerig
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_build_past_builds_timeout_is_stopped_with_504() {
     let app = upload_app("builds:\n  timeout: 3s\n").await;
-    let context = tar_of(&[("Dockerfile", dockerfile(&app.instance, "RUN sleep 60\n")), ("site/index.html", "x\n".into())]);
+    let context =
+        tar_of(&[("Dockerfile", dockerfile(&app.instance, "RUN sleep 60\n")), ("site/index.html", "x\n".into())]);
     let started = Instant::now();
     let (status, message) =
         common::error_of(upload(&app, "slow", context, "application/x-tar", "application/json").await).await;

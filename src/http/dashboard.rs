@@ -33,7 +33,21 @@ pub async fn page(
     let mut previews = state.visible_previews(&principal).await?;
     previews.sort_by(|a, b| a.name.as_ref().cmp(b.name.as_ref()));
     let nonce = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
-    let page = Page::new(&state.config, &principal, &previews, unix_now(), nonce.clone());
+    let builds = state.lifecycle.builds();
+    let mut page = Page::new(&state.config, &principal, &previews, unix_now(), nonce.clone());
+    // A token user sees the builds of previews they may see; a first build has no preview yet.
+    let visible: std::collections::BTreeSet<_> = previews.iter().map(|p| p.name.clone()).collect();
+    let in_flight = builds.statuses().into_iter();
+    let in_flight: Vec<_> = match principal {
+        Principal::User(_) => in_flight.collect(),
+        Principal::GitHub(_) => in_flight.filter(|b| visible.contains(&b.name)).collect(),
+    };
+    page.builds = in_flight.iter().map(|status| BuildRow::new(status, unix_now())).collect();
+    for (row, info) in page.previews.iter_mut().zip(&previews) {
+        if builds.log(&info.name).is_some() {
+            row.build_log_url = Some(format!("/api/previews/{}/build-log", info.name));
+        }
+    }
     let html = render(&page).map_err(ApiError::Internal)?;
     let mut response = Html(html).into_response();
     let headers = response.headers_mut();
@@ -73,6 +87,32 @@ struct Page {
     launch_command: String,
     /// ...which the page replaces with the origin it was loaded from.
     api_origin: String,
+    /// Builds in flight and queued.
+    builds: Vec<BuildRow>,
+}
+
+/// A build in flight or queued: where it is, and its log.
+#[derive(Debug, Serialize)]
+struct BuildRow {
+    name: String,
+    state: &'static str,
+    revision: String,
+    step: Option<String>,
+    age: String,
+    log_url: String,
+}
+
+impl BuildRow {
+    fn new(status: &crate::build::BuildStatus, now: i64) -> Self {
+        Self {
+            name: status.name.to_string(),
+            state: status.state,
+            revision: status.revision.chars().take(12).collect(),
+            step: status.step.clone(),
+            age: age(now - status.started),
+            log_url: format!("/api/previews/{}/build-log", status.name),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -97,6 +137,8 @@ struct Row {
     sha_short: Option<String>,
     commit_url: Option<String>,
     logs_url: String,
+    /// Of a preview built from source: its last build's log.
+    build_log_url: Option<String>,
     services: Vec<ServiceRow>,
 }
 
@@ -130,6 +172,7 @@ impl Page {
             images,
             launch_command,
             api_origin: api_origin(config.listen),
+            builds: Vec::new(),
         }
     }
 }
@@ -164,6 +207,7 @@ impl Row {
             sha_short: info.sha.as_ref().map(|sha| sha.chars().take(7).collect()),
             commit_url,
             logs_url: format!("/api/previews/{}/logs?tail=200", info.name),
+            build_log_url: None,
             services: info
                 .services
                 .iter()
@@ -273,7 +317,28 @@ mod tests {
             images: vec!["demo".to_owned()],
             launch_command: "curl --user testuser -d 'image_name=demo&container_name=my-branch'".to_owned(),
             api_origin: "http://127.0.0.1:7800".to_owned(),
+            builds: Vec::new(),
         }
+    }
+
+    #[test]
+    fn builds_in_flight_show_their_step_and_log_and_built_previews_link_their_build_log() {
+        let mut row = Row::new(&info("shop-pr-1"), 1_000_060, "https://github.com");
+        row.build_log_url = Some("/api/previews/shop-pr-1/build-log".to_owned());
+        let mut page = page(vec![row]);
+        page.builds = vec![BuildRow {
+            name: "shop-pr-2".to_owned(),
+            state: "building",
+            revision: "0123456789ab".to_owned(),
+            step: Some("Step 2/5 : RUN make <all>".to_owned()),
+            age: "5s".to_owned(),
+            log_url: "/api/previews/shop-pr-2/build-log".to_owned(),
+        }];
+        let html = render(&page).unwrap();
+        assert!(html.contains("Step 2/5 : RUN make &lt;all&gt;"), "escaped step");
+        assert!(html.contains(r#"href="/api/previews/shop-pr-2/build-log""#));
+        assert!(html.contains(r#"href="/api/previews/shop-pr-1/build-log""#));
+        assert!(!render(&super::tests::page(Vec::new())).unwrap().contains("builds-title"), "no builds, no section");
     }
 
     #[test]

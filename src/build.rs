@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::repo_file::{self, RepoFileError};
 use crate::config::{BuildSpec, BuildsConfig, ImageSpec};
 use crate::metrics::Metrics;
+use crate::network::Networks;
 use crate::preview::{InstanceName, Slug};
 use crate::runtime::{BuildError, BuildOutput, BuildPlan, DiskUsage, DockerError, ImageLabels, Runtime};
 use context::{ContextError, Layout};
@@ -120,6 +121,8 @@ pub struct Builds {
     instance: InstanceName,
     logs_dir: PathBuf,
     runtime: Arc<dyn Runtime>,
+    /// A build's `RUN` steps run on a preview network of their own, behind its firewall.
+    networks: Networks,
     metrics: Arc<Metrics>,
     turns: Arc<Semaphore>,
     claims: Arc<std::sync::atomic::AtomicU64>,
@@ -170,6 +173,7 @@ impl Builds {
         instance: InstanceName,
         state_dir: &Path,
         runtime: Arc<dyn Runtime>,
+        networks: Networks,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -178,6 +182,7 @@ impl Builds {
             instance,
             logs_dir: state_dir.join("build-logs"),
             runtime,
+            networks,
             metrics,
             claims: Arc::default(),
             in_flight: Arc::default(),
@@ -351,6 +356,12 @@ impl Builds {
         );
         let file = tokio::fs::File::open(&context.file).await.map_err(|err| BuildFailure::Io(err.to_string()))?;
         let dockerfile = build.dockerfile.to_string();
+        let network = self.build_network().await?;
+        if let Some(network) = &network {
+            self.update(slug, &claim, |entry| {
+                push_line(&mut entry.log, format!("previewd: RUN steps run on the network {}", network.name));
+            });
+        }
         let plan = BuildPlan {
             slug,
             tag: &tag,
@@ -358,6 +369,7 @@ impl Builds {
             args: &build.args,
             cpu_shares: self.config.cpu_shares,
             memory: self.config.memory,
+            network: network.as_ref().map(|n| n.name.as_str()),
         };
         let mut last_layer = None;
         let mut on_output = |output: BuildOutput| match output {
@@ -382,6 +394,18 @@ impl Builds {
         let leftovers: Vec<String> = if result.is_err() { last_layer.into_iter().collect() } else { Vec::new() };
         self.prune(leftovers);
         result
+    }
+
+    /// With `network.isolation`, a network of the preview pool for the build's `RUN` steps: a
+    /// pull request's Dockerfile is its author's code, and gets no more of the host than its
+    /// preview does. Removed when the build ends (however it ends).
+    async fn build_network(&self) -> Result<Option<BuildNetwork>, BuildFailure> {
+        if !self.networks.enabled() {
+            return Ok(None);
+        }
+        let name =
+            self.networks.lease().await.map_err(|err| BuildFailure::Io(format!("no network for the build: {err}")))?;
+        Ok(Some(BuildNetwork { name, networks: self.networks.clone() }))
     }
 
     async fn read_repo_file(&self, source: &SourceArchive) -> Result<Option<String>, BuildFailure> {
@@ -465,12 +489,26 @@ impl Builds {
     }
 
     /// Removes, in the background, what failed builds left and the dangling images of builds.
+    /// A stopped build's step container still uses its last image for a moment (Docker removes
+    /// it after the build's answer ends), so leftovers are tried again until they are gone.
     fn prune(&self, leftovers: Vec<String>) {
+        const ATTEMPTS: usize = 10;
         let runtime = Arc::clone(&self.runtime);
         tokio::spawn(async move {
-            if let Err(err) = runtime.prune_build_leftovers(&leftovers).await {
-                tracing::warn!(error = %err, "cannot prune what builds left");
+            for _ in 0..ATTEMPTS {
+                if let Err(err) = runtime.prune_build_leftovers(&leftovers).await {
+                    return tracing::warn!(error = %err, "cannot prune what builds left");
+                }
+                let mut remaining = 0;
+                for id in &leftovers {
+                    remaining += usize::from(runtime.has_image(id).await.unwrap_or(false));
+                }
+                if remaining == 0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
+            tracing::warn!(images = ?leftovers, "a stopped build's last step image is still in use; `docker image prune` removes it later");
         });
     }
 
@@ -541,6 +579,19 @@ fn push_line(log: &mut Vec<String>, line: String) {
         log.remove(0);
     }
     log.push(line);
+}
+
+/// A network leased for one build; removed when dropped.
+struct BuildNetwork {
+    name: String,
+    networks: Networks,
+}
+
+impl Drop for BuildNetwork {
+    fn drop(&mut self) {
+        let (networks, name) = (self.networks.clone(), std::mem::take(&mut self.name));
+        tokio::spawn(async move { networks.remove_once_free(&name).await });
+    }
 }
 
 struct PreparedContext {

@@ -231,6 +231,7 @@ impl Lifecycle {
             config.instance.clone(),
             &config.state_dir,
             Arc::clone(&runtime),
+            networks.clone(),
             Arc::clone(&metrics),
         );
         Self {

@@ -124,6 +124,20 @@ impl Networks {
         }
     }
 
+    /// `remove` for a network whose last container may still be going (a build stopped
+    /// half-way: Docker removes its step container after the build's answer ends): tried a few
+    /// times, a second apart.
+    pub async fn remove_once_free(&self, name: &str) {
+        const ATTEMPTS: usize = 10;
+        for _ in 1..ATTEMPTS {
+            if self.inner.runtime.remove_network(name).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+        self.remove(name).await;
+    }
+
     /// Start-up (after `app` installed the firewall, first of all): networks of this instance that
     /// no container in `in_use` names are taken into the warm pool (up to `network.warm`) or
     /// removed. With isolation off, every free network goes, and the instance's own firewall

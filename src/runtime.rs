@@ -226,6 +226,8 @@ pub struct BuildPlan<'a> {
     pub args: &'a std::collections::BTreeMap<String, String>,
     pub cpu_shares: i64,
     pub memory: i64,
+    /// The network the `RUN` steps join; `None`: the engine's default bridge.
+    pub network: Option<&'a str>,
 }
 
 /// The labels of a built image, set by a `LABEL` line previewd adds to the Dockerfile.

@@ -485,3 +485,44 @@ async fn a_build_past_builds_timeout_is_stopped_with_504() {
     assert!(started.elapsed() < Duration::from_secs(30), "stopped at its timeout, not at the step's end");
     assert!(common::built_images(&app.instance).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_builds_run_steps_cannot_reach_services_on_the_host() {
+    let app = upload_app("").await;
+    let listener = std::net::TcpListener::bind(("0.0.0.0", 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        for mut stream in listener.incoming().flatten() {
+            let _ = stream.write_all(b"HTTP/1.0 200 OK\r\n\r\nhello from the host\n");
+        }
+    });
+    // Control: a container on Docker's default bridge reaches the listener at the bridge's gateway.
+    let fetch = |address: &str| format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {address} {port}");
+    let control = std::process::Command::new("docker")
+        .args(["run", "--rm", "--network", "bridge", "previewd-demo:latest", "sh", "-c", &fetch("172.17.0.1")])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&control.stdout).contains("hello from the host"), "control failed: {control:?}");
+    let probe = format!(
+        "RUN gateway=$(ip route | awk '/default/ {{print $3}}'); for address in 172.17.0.1 $gateway; do if {} | grep -q hello; then echo reached $address; exit 9; fi; done\n",
+        fetch("$address")
+    );
+    let context =
+        tar_of(&[("Dockerfile", dockerfile(&app.instance, &probe)), ("site/index.html", "isolated\n".into())]);
+    let response = upload(&app, "isolated-build", context, "application/x-tar", "application/json").await;
+    let status = response.status();
+    let log = app.client.get(app.url("/api/previews/isolated-build/build-log")).basic_auth(USER, Some(PASSWORD));
+    let log = log.send().await.unwrap().text().await.unwrap();
+    assert_eq!(status, 200, "a RUN step reached the host:\n{log}");
+    let network = log
+        .lines()
+        .find_map(|line| line.strip_prefix("previewd: RUN steps run on the network "))
+        .expect("the build ran on a network of its own")
+        .to_owned();
+    let deadline = Instant::now() + WAIT;
+    while common::networks(&app.instance).contains(&network) {
+        assert!(Instant::now() < deadline, "the build's network {network} is still there");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

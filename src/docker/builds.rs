@@ -134,6 +134,7 @@ impl Images for DockerRuntime {
             cpushares: Some(i32::try_from(plan.cpu_shares).unwrap_or(i32::MAX)),
             // The API takes an int64; bollard's parameter is an i32, so at most 2 GiB - 1.
             memory: Some(i32::try_from(plan.memory).unwrap_or(i32::MAX)),
+            networkmode: plan.network.map(str::to_owned),
             ..Default::default()
         };
         let body = bollard::body_try_stream(ReaderStream::new(context));

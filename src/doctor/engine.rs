@@ -1,5 +1,5 @@
 //! The Docker checks: the engine answers (version, API version, storage driver), there is room
-//! under its data root, every image of `images` and of their services is there or may be
+//! under its data root (for builds from source: `builds.min_free_disk`), every image of `images` and of their services is there or may be
 //! pulled, and every `seed_volume` exists.
 
 use super::Check;
@@ -29,7 +29,8 @@ pub async fn checks(config: &Config) -> Vec<Check> {
             engine.version, engine.api_version, engine.storage_driver
         ),
     )];
-    checks.push(disk(&engine.data_root));
+    let builds = config.github.iter().flat_map(|github| github.repos.values()).any(|repo| repo.build.is_some());
+    checks.push(disk(&engine.data_root, builds.then_some(config.builds.min_free_disk)));
     checks.extend(network(config, &runtime).await);
     for (key, spec) in &config.images {
         checks.push(image(&runtime, &format!("image {key}"), &spec.image, spec.pull, &format!("images.{key}")).await);
@@ -144,7 +145,9 @@ async fn network(config: &Config, runtime: &DockerRuntime) -> Vec<Check> {
     vec![firewall, subnets]
 }
 
-fn disk(data_root: &str) -> Check {
+/// Free space under Docker's data root; with builds from source (`min_builds`), below
+/// `builds.min_free_disk` is a failure: no build would start.
+fn disk(data_root: &str, min_builds: Option<u64>) -> Check {
     let stats = match rustix::fs::statvfs(data_root) {
         Ok(stats) => stats,
         Err(err) => {
@@ -159,11 +162,34 @@ fn disk(data_root: &str) -> Check {
     let free = stats.f_bavail.saturating_mul(stats.f_frsize);
     let gib = free as f64 / f64::from(1u32 << 30);
     let message = format!("{gib:.1} GiB free under Docker's data root {data_root}");
+    if let Some(min) = min_builds.filter(|min| free < *min) {
+        let min_gib = min as f64 / f64::from(1u32 << 30);
+        return Check::fail(
+            "disk",
+            format!(
+                "{message}: below builds.min_free_disk ({min_gib:.1} GiB), so no build starts; free space or lower it"
+            ),
+        );
+    }
     if free < FAIL_BELOW {
         Check::fail("disk", format!("{message}: free space (docker system prune removes unused images and containers)"))
     } else if free < WARN_BELOW {
         Check::warn("disk", format!("{message}: image pulls may fill it (docker system prune frees unused images)"))
     } else {
         Check::ok("disk", message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn with_builds_less_free_disk_than_min_free_disk_fails_naming_the_key() {
+        let check = disk("/", Some(u64::MAX));
+        assert_eq!(check.level, super::super::Level::Fail);
+        assert!(check.message.contains("builds.min_free_disk"), "{}", check.message);
+        let without_builds = disk("/", None);
+        assert!(!without_builds.message.contains("builds.min_free_disk"), "{}", without_builds.message);
     }
 }

@@ -343,8 +343,9 @@ impl Builds {
             on_step("build", format!("no change in build.paths since {image}: reusing it"));
             return Ok(image);
         }
-        self.check_disk(context.summary.bytes).await?;
         let _turn = self.wait_turn(slug, &claim, on_step).await;
+        // Checked once the turn comes: builds ahead of this one may have taken the room.
+        self.check_disk(context.summary.bytes).await?;
         self.update(slug, &claim, |entry| entry.status.state = "building");
         on_step(
             "build",
@@ -457,9 +458,7 @@ impl Builds {
     }
 
     async fn check_disk(&self, context: u64) -> Result<(), BuildFailure> {
-        let disk = self.runtime.disk().await?;
-        *self.disk.lock().unwrap_or_else(PoisonError::into_inner) = Some((Instant::now(), disk));
-        match disk.free_bytes {
+        match self.runtime.free_disk().await {
             Some(free) if free < self.config.min_free_disk.saturating_add(context) => {
                 Err(BuildFailure::DiskLow { free, min: self.config.min_free_disk, context })
             }
@@ -528,9 +527,12 @@ impl Builds {
         self.prune(Vec::new());
     }
 
-    /// The preview is gone: its images and build log go too.
+    /// The preview is gone: its build in flight stops (and leaves no log behind), its images and
+    /// build log go too.
     pub async fn forget(&self, slug: &Slug) {
-        self.cancel(slug);
+        if let Some(entry) = self.in_flight().remove(slug) {
+            entry.cancel.cancel();
+        }
         match self.runtime.built_images().await {
             Ok(images) => {
                 for image in images.iter().filter(|image| image.slug.as_ref() == Some(slug)) {

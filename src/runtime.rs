@@ -214,6 +214,9 @@ pub trait Images: Send + Sync {
     /// Bytes of this instance's built images that are not shared with other images, and the
     /// free bytes on the engine's disk (`None` when it cannot be read from here).
     async fn disk(&self) -> Result<DiskUsage, DockerError>;
+
+    /// The free bytes on the engine's disk alone (cheap, unlike the images' sizes).
+    async fn free_disk(&self) -> Option<u64>;
 }
 
 /// One build to run.

@@ -216,6 +216,10 @@ impl Images for DockerRuntime {
         Ok(removed)
     }
 
+    async fn free_disk(&self) -> Option<u64> {
+        self.free_bytes().await
+    }
+
     async fn disk(&self) -> Result<DiskUsage, DockerError> {
         let (images_bytes, free_bytes) = tokio::join!(self.unique_image_bytes(), self.free_bytes());
         Ok(DiskUsage { images_bytes, free_bytes })

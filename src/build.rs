@@ -7,10 +7,12 @@
 //! it into Docker's build context; the engine builds through [`crate::runtime::Images`].
 
 pub mod context;
+pub mod dockerignore;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
+
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -24,6 +26,7 @@ use crate::network::Networks;
 use crate::preview::{InstanceName, Slug};
 use crate::runtime::{BuildError, BuildOutput, BuildPlan, DiskUsage, DockerError, ImageLabels, Runtime};
 use context::{ContextError, Layout};
+use dockerignore::Ignore;
 
 /// Lines of a build's log kept (the oldest go first); a build log is for reading, not archiving.
 const MAX_LOG_LINES: usize = 5000;
@@ -42,6 +45,14 @@ pub enum BuildFailure {
     TimedOut(Duration),
     #[error("a newer build of this preview replaced this one")]
     Superseded,
+    #[error("the preview was removed while it was being built")]
+    Removed,
+    #[error(
+        "the image lacks the labels previewd adds with a last line of the Dockerfile: the Dockerfile's last instruction probably ends with its escape character (`\\`) and swallowed that line; end the Dockerfile with a complete instruction"
+    )]
+    LabelsLost,
+    #[error("no network for the build's steps: {0}")]
+    NoNetwork(String),
     #[error(
         "Docker's disk has {free} bytes free, and this build needs builds.min_free_disk ({min}) plus its context ({context}); remove old images or lower builds.min_free_disk"
     )]
@@ -52,6 +63,8 @@ pub enum BuildFailure {
     Io(String),
     #[error("cannot download the commit's source from GitHub: {0}")]
     Download(String),
+    #[error("the context's .dockerignore: {0}")]
+    Dockerignore(String),
 }
 
 impl BuildFailure {
@@ -86,11 +99,30 @@ pub struct BuildInput {
     pub claim: Claim,
 }
 
-/// A preview's turn to build one revision; cancelled when a newer build of it is claimed.
+/// A preview's turn to build one revision; cancelled when a newer build of it is claimed, or
+/// the preview is removed.
 #[derive(Clone)]
 pub struct Claim {
     id: u64,
     pub cancel: CancellationToken,
+    /// Set when the preview is removed, before `cancel`: the stopped build says why.
+    removed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Claim {
+    /// Why the build stopped, once `cancel` is cancelled.
+    pub fn stopped(&self) -> BuildFailure {
+        if self.removed.load(std::sync::atomic::Ordering::Relaxed) {
+            BuildFailure::Removed
+        } else {
+            BuildFailure::Superseded
+        }
+    }
+
+    fn remove(&self) {
+        self.removed.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.cancel.cancel();
+    }
 }
 
 /// Where a build is, for `GET /api/builds`, the CLI and the dashboard.
@@ -108,9 +140,8 @@ pub struct BuildStatus {
 }
 
 struct InFlight {
-    claim: u64,
+    claim: Claim,
     revision: String,
-    cancel: CancellationToken,
     status: BuildStatus,
     log: Vec<String>,
 }
@@ -120,12 +151,15 @@ pub struct Builds {
     config: BuildsConfig,
     instance: InstanceName,
     logs_dir: PathBuf,
+    temp_dir: PathBuf,
     runtime: Arc<dyn Runtime>,
     /// A build's `RUN` steps run on a preview network of their own, behind its firewall.
     networks: Networks,
     metrics: Arc<Metrics>,
     turns: Arc<Semaphore>,
     claims: Arc<std::sync::atomic::AtomicU64>,
+    /// The head commit each pull request's preview should build (see `supersede`).
+    wanted: Arc<Mutex<HashMap<Slug, String>>>,
     in_flight: Arc<Mutex<HashMap<Slug, InFlight>>>,
     disk: Arc<Mutex<Option<(Instant, DiskUsage)>>>,
 }
@@ -181,10 +215,12 @@ impl Builds {
             config,
             instance,
             logs_dir: state_dir.join("build-logs"),
+            temp_dir: state_dir.join("build-tmp"),
             runtime,
             networks,
             metrics,
             claims: Arc::default(),
+            wanted: Arc::default(),
             in_flight: Arc::default(),
             disk: Arc::default(),
         }
@@ -201,8 +237,14 @@ impl Builds {
     /// Starts a preview's build of `revision`: any build of the preview still in flight (or
     /// queued) is stopped, since the newest source wins. The token stops this one in turn.
     pub fn claim(&self, slug: &Slug, revision: &str) -> Claim {
-        let cancel = CancellationToken::new();
         let id = self.claims.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let claim = Claim { id, cancel: CancellationToken::new(), removed: Arc::default() };
+        // A push that came before this build claimed its turn (see `supersede`) stops it at once.
+        if self.wanted().get(slug).is_some_and(|wanted| wanted != revision) {
+            tracing::info!(%slug, revision, "a newer push came before this build started; not building it");
+            claim.cancel.cancel();
+            return claim;
+        }
         let status = BuildStatus {
             name: slug.clone(),
             revision: revision.to_owned(),
@@ -210,28 +252,38 @@ impl Builds {
             step: None,
             started: crate::clock::unix_now(),
         };
-        let entry =
-            InFlight { claim: id, revision: revision.to_owned(), cancel: cancel.clone(), status, log: Vec::new() };
+        let entry = InFlight { claim: claim.clone(), revision: revision.to_owned(), status, log: Vec::new() };
         if let Some(older) = self.in_flight().insert(slug.clone(), entry) {
             tracing::info!(%slug, older = %older.revision, newer = revision, "a newer build replaces the one in flight");
-            older.cancel.cancel();
+            older.claim.cancel.cancel();
         }
-        Claim { id, cancel }
+        claim
     }
 
-    /// Stops the preview's build in flight unless it is of `revision` (a push made it stale).
+    fn wanted(&self) -> std::sync::MutexGuard<'_, HashMap<Slug, String>> {
+        self.wanted.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A pull request's head is now `revision`: its build in flight of any other commit stops,
+    /// and so does one of another commit that claims its turn later.
     pub fn supersede(&self, slug: &Slug, revision: &str) {
+        self.wanted().insert(slug.clone(), revision.to_owned());
         if let Some(entry) = self.in_flight().get(slug).filter(|entry| entry.revision != revision) {
             tracing::info!(%slug, older = %entry.revision, newer = revision, "a push makes the build in flight stale");
-            entry.cancel.cancel();
+            entry.claim.cancel.cancel();
         }
     }
 
-    /// Stops the preview's build in flight, whatever it builds (the preview is being removed).
-    pub fn cancel(&self, slug: &Slug) {
-        if let Some(entry) = self.in_flight().get(slug) {
-            entry.cancel.cancel();
+    /// Stops the preview's build in flight, whatever it builds: the preview is being removed.
+    /// Whether there was one.
+    pub fn cancel(&self, slug: &Slug) -> bool {
+        self.wanted().remove(slug);
+        let in_flight = self.in_flight();
+        let entry = in_flight.get(slug);
+        if let Some(entry) = entry {
+            entry.claim.remove();
         }
+        entry.is_some()
     }
 
     /// Builds in flight and queued, oldest first.
@@ -242,7 +294,7 @@ impl Builds {
     }
 
     fn update(&self, slug: &Slug, claim: &Claim, change: impl FnOnce(&mut InFlight)) {
-        if let Some(entry) = self.in_flight().get_mut(slug).filter(|entry| entry.claim == claim.id) {
+        if let Some(entry) = self.in_flight().get_mut(slug).filter(|entry| entry.claim.id == claim.id) {
             change(entry);
         }
     }
@@ -262,15 +314,32 @@ impl Builds {
     /// Ends the in-flight entry of a build (also one that failed before it ran, e.g. its
     /// download), keeping its log, with `outcome` last, as the preview's last build log.
     pub fn finish(&self, slug: &Slug, claim: &Claim, outcome: &str) {
+        self.keep_log(slug, claim, outcome);
+        self.release(slug, claim);
+    }
+
+    /// The build is over (its image goes on to launch): it stops showing as in flight, and a
+    /// kill no longer has a build to stop.
+    pub fn release(&self, slug: &Slug, claim: &Claim) {
+        let mut in_flight = self.in_flight();
+        if in_flight.get(slug).is_some_and(|entry| entry.claim.id == claim.id) {
+            in_flight.remove(slug);
+        }
+    }
+
+    /// Writes the build's log so far, with `outcome` last, as the preview's last build log.
+    fn keep_log(&self, slug: &Slug, claim: &Claim, outcome: &str) {
         let log = {
             let mut in_flight = self.in_flight();
-            match in_flight.get(slug) {
-                Some(entry) if entry.claim == claim.id => in_flight.remove(slug).map(|entry| entry.log),
+            match in_flight.get_mut(slug) {
+                Some(entry) if entry.claim.id == claim.id => {
+                    push_line(&mut entry.log, format!("previewd: {outcome}"));
+                    Some(entry.log.clone())
+                }
                 _ => None,
             }
         };
-        let Some(mut log) = log else { return };
-        log.push(format!("previewd: {outcome}"));
+        let Some(log) = log else { return };
         let path = self.log_path(slug);
         let written = std::fs::create_dir_all(&self.logs_dir)
             .and_then(|()| crate::nginx::sites::write_atomic(&path, (log.join("\n") + "\n").as_bytes()));
@@ -290,18 +359,28 @@ impl Builds {
     ) -> Result<String, BuildFailure> {
         let claim = input.claim.clone();
         let started = Instant::now();
+        // Outlives `run_inner`, which a stop drops half-way: the image of the last step that
+        // finished, removed if the build does not.
+        let last_layer = Mutex::new(None);
         let result = tokio::select! {
-            result = self.run_inner(slug, input, spec, on_step) => result,
-            () = claim.cancel.cancelled() => Err(BuildFailure::Superseded),
+            result = self.run_inner(slug, input, spec, on_step, &last_layer) => result,
+            () = claim.cancel.cancelled() => Err(claim.stopped()),
         };
-        let outcome = match &result {
-            Ok(tag) => format!("built {tag} in {:.1} s", started.elapsed().as_secs_f64()),
-            Err(err) => format!("failed: {err}"),
-        };
-        self.finish(slug, &claim, &outcome);
+        match &result {
+            Ok(tag) => {
+                self.keep_log(slug, &claim, &format!("built {tag} in {:.1} s", started.elapsed().as_secs_f64()));
+                self.update(slug, &claim, |entry| entry.status.state = "launching");
+            }
+            Err(err) => {
+                self.finish(slug, &claim, &format!("failed: {err}"));
+                let leftover = last_layer.lock().unwrap_or_else(PoisonError::into_inner).take();
+                self.prune(leftover.into_iter().collect());
+            }
+        }
         let label = match &result {
             Ok(_) => "success",
             Err(BuildFailure::Superseded) => "superseded",
+            Err(BuildFailure::Removed) => "removed",
             Err(_) => "failure",
         };
         self.metrics.builds.get_or_create(&crate::metrics::ByResult { result: label }).inc();
@@ -317,6 +396,7 @@ impl Builds {
         input: BuildInput,
         spec: &mut ImageSpec,
         on_step: &mut (dyn FnMut(&'static str, String) + Send),
+        last_layer: &Mutex<Option<String>>,
     ) -> Result<String, BuildFailure> {
         let claim = input.claim.clone();
         // What previewd says of the build goes to its log too.
@@ -333,12 +413,14 @@ impl Builds {
                 repo_file::apply(&text, spec, &mut build)?;
             }
         }
+        let ignore = self.read_dockerignore(&input.source, &build).await?;
         let labels = self.runtime.image_labels(slug, input.sha.as_deref());
-        let context = self.write_context(&input.source, &build, labels).await?;
+        let context = self.write_context(&input.source, &build, labels.clone(), ignore, &claim).await?;
         let tag = image_tag(&self.instance, &input.repository, &input.revision);
         let reuse_key = context.summary.paths_digest.as_ref().map(|digest| reuse_key(&build, digest));
+        let repository_prefix = image_tag(&self.instance, &input.repository, "");
         if let Some(key) = &reuse_key
-            && let Some(image) = self.reusable(slug, key).await?
+            && let Some(image) = self.reusable(slug, key, &repository_prefix).await?
         {
             on_step("build", format!("no change in build.paths since {image}: reusing it"));
             return Ok(image);
@@ -372,7 +454,6 @@ impl Builds {
             memory: self.config.memory,
             network: network.as_ref().map(|n| n.name.as_str()),
         };
-        let mut last_layer = None;
         let mut on_output = |output: BuildOutput| match output {
             BuildOutput::Step(step) => {
                 self.update(slug, &claim, |entry| {
@@ -381,20 +462,35 @@ impl Builds {
                 });
                 on_step("build", step);
             }
-            BuildOutput::Layer(id) => last_layer = Some(id),
+            BuildOutput::Layer(id) => *last_layer.lock().unwrap_or_else(PoisonError::into_inner) = Some(id),
             BuildOutput::Line(line) => self.update(slug, &claim, |entry| push_line(&mut entry.log, line)),
         };
         let built =
             tokio::time::timeout(self.config.timeout, self.runtime.build_image(&plan, file, &mut on_output)).await;
-        let result = match built {
-            Ok(Ok(())) => Ok(tag),
-            Ok(Err(BuildError::StepFailed { step, message })) => Err(BuildFailure::Step { step, message }),
-            Ok(Err(BuildError::Docker(err))) => Err(BuildFailure::Docker(err)),
-            Err(_) => Err(BuildFailure::TimedOut(self.config.timeout)),
-        };
-        let leftovers: Vec<String> = if result.is_err() { last_layer.into_iter().collect() } else { Vec::new() };
-        self.prune(leftovers);
-        result
+        match built {
+            Ok(Ok(())) => {}
+            Ok(Err(BuildError::StepFailed { step, message })) => return Err(BuildFailure::Step { step, message }),
+            Ok(Err(BuildError::Docker(err))) => return Err(BuildFailure::Docker(err)),
+            Err(_) => return Err(BuildFailure::TimedOut(self.config.timeout)),
+        }
+        self.check_labels(&tag, &labels, reuse_key.as_deref()).await?;
+        Ok(tag)
+    }
+
+    /// The built image carries exactly previewd's labels (the line added to the Dockerfile was
+    /// not swallowed by a continuation, and no `LABEL` of the Dockerfile's overrode one), else it
+    /// is removed: without them, `keep` and removal would never find it, and a Dockerfile could
+    /// pass its image off as another preview's.
+    async fn check_labels(&self, tag: &str, labels: &ImageLabels, reuse_key: Option<&str>) -> Result<(), BuildFailure> {
+        let found = self.runtime.labels_of(tag).await?;
+        let expected = labels.pairs.iter().map(|(k, v)| (k.as_str(), Some(v.as_str())));
+        let reuse = (labels.reuse_key_label.as_str(), reuse_key);
+        let intact = expected.chain([reuse]).all(|(key, value)| found.get(key).map(String::as_str) == value);
+        if intact {
+            return Ok(());
+        }
+        self.runtime.remove_image(tag).await?;
+        Err(BuildFailure::LabelsLost)
     }
 
     /// With `network.isolation`, a network of the preview pool for the build's `RUN` steps: a
@@ -404,9 +500,24 @@ impl Builds {
         if !self.networks.enabled() {
             return Ok(None);
         }
-        let name =
-            self.networks.lease().await.map_err(|err| BuildFailure::Io(format!("no network for the build: {err}")))?;
+        let name = self.networks.lease().await.map_err(|err| BuildFailure::NoNetwork(err.to_string()))?;
         Ok(Some(BuildNetwork { name, networks: self.networks.clone() }))
+    }
+
+    /// The context's `.dockerignore` (none: nothing left out).
+    async fn read_dockerignore(&self, source: &SourceArchive, build: &BuildSpec) -> Result<Ignore, BuildFailure> {
+        let path = source.file.to_path_buf();
+        let layout = source.layout;
+        let context = build.context.clone();
+        let text = blocking(move || {
+            let file = std::fs::File::open(&path).map_err(ContextError::Read)?;
+            context::read_dockerignore(layout, std::io::BufReader::new(file), &context)
+        })
+        .await?;
+        match text {
+            None => Ok(Ignore::empty()),
+            Some(text) => Ignore::parse(&text).map_err(|err| BuildFailure::Dockerignore(err.to_string())),
+        }
     }
 
     async fn read_repo_file(&self, source: &SourceArchive) -> Result<Option<String>, BuildFailure> {
@@ -425,18 +536,25 @@ impl Builds {
         source: &SourceArchive,
         build: &BuildSpec,
         labels: ImageLabels,
+        ignore: Ignore,
+        claim: &Claim,
     ) -> Result<PreparedContext, BuildFailure> {
         let path = source.file.to_path_buf();
         let layout = source.layout;
         let build = build.clone();
         let max_context = self.config.max_context;
+        let cancel = claim.cancel.clone();
+        let temp_dir = self.temp_dir().map_err(|err| BuildFailure::Io(err.to_string()))?;
         blocking(move || {
-            let out = tempfile::NamedTempFile::new().map_err(ContextError::Write)?;
+            let out = tempfile::NamedTempFile::new_in(&temp_dir).map_err(ContextError::Write)?;
+            let stopped = || cancel.is_cancelled();
             let file = std::fs::File::open(&path).map_err(ContextError::Read)?;
             let writer = std::io::BufWriter::new(out.as_file());
             let suffix = |digest: Option<&str>| label_line(&labels, digest.map(|d| reuse_key(&build, d)).as_deref());
             let plan = context::ContextPlan {
                 context: &build.context,
+                ignore: &ignore,
+                stopped: &stopped,
                 dockerfile: &build.dockerfile,
                 paths: build.paths.as_ref(),
                 max_context,
@@ -448,13 +566,21 @@ impl Builds {
         .await
     }
 
-    /// A built image of the preview with the same reuse key, if one is still there.
-    async fn reusable(&self, slug: &Slug, key: &str) -> Result<Option<String>, BuildFailure> {
+    /// A built image of the preview with the same reuse key, tagged for the same repository
+    /// (`prefix`), if one is still there.
+    async fn reusable(&self, slug: &Slug, key: &str, prefix: &str) -> Result<Option<String>, BuildFailure> {
         let images = self.runtime.built_images().await?;
         Ok(images
             .into_iter()
             .filter(|image| image.slug.as_ref() == Some(slug) && image.reuse_key.as_deref() == Some(key))
-            .find_map(|image| image.tags.into_iter().next()))
+            .find_map(|image| image.tags.into_iter().find(|tag| tag.starts_with(prefix))))
+    }
+
+    /// Where sources and contexts are kept while a build needs them: under `state_dir`, on the
+    /// disk, not in `/tmp` (often memory).
+    pub fn temp_dir(&self) -> std::io::Result<PathBuf> {
+        std::fs::create_dir_all(&self.temp_dir)?;
+        Ok(self.temp_dir.clone())
     }
 
     async fn check_disk(&self, context: u64) -> Result<(), BuildFailure> {
@@ -530,8 +656,9 @@ impl Builds {
     /// The preview is gone: its build in flight stops (and leaves no log behind), its images and
     /// build log go too.
     pub async fn forget(&self, slug: &Slug) {
+        self.wanted().remove(slug);
         if let Some(entry) = self.in_flight().remove(slug) {
-            entry.cancel.cancel();
+            entry.claim.remove();
         }
         match self.runtime.built_images().await {
             Ok(images) => {

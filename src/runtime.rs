@@ -201,6 +201,9 @@ pub trait Images: Send + Sync {
     /// The labels a built image of `slug` carries, for its Dockerfile to set.
     fn image_labels(&self, slug: &Slug, sha: Option<&str>) -> ImageLabels;
 
+    /// The labels of an image.
+    async fn labels_of(&self, reference: &str) -> Result<std::collections::HashMap<String, String>, DockerError>;
+
     /// Every image this instance built, newest first.
     async fn built_images(&self) -> Result<Vec<BuiltImage>, DockerError>;
 

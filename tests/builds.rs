@@ -526,3 +526,74 @@ async fn a_builds_run_steps_cannot_reach_services_on_the_host() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dockerfile_that_swallows_previewds_label_line_is_refused_and_its_image_removed() {
+    let app = upload_app("").await;
+    let dockerfile = dockerfile(&app.instance, "").trim_end().to_owned() + " \\\n";
+    let context = tar_of(&[("Dockerfile", dockerfile), ("site/index.html", "x\n".into())]);
+    let (status, message) =
+        common::error_of(upload(&app, "swallowed", context, "application/x-tar", "application/json").await).await;
+    assert_eq!(status, 422, "{message}");
+    assert!(message.contains("escape character"), "{message}");
+    assert!(common::built_images(&app.instance).is_empty(), "the unlabelled image is gone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_during_a_first_build_stops_it_and_leaves_nothing() {
+    let app = Arc::new(upload_app("").await);
+    let marker = format!("{}-killed", app.instance);
+    let slow = tar_of(&[
+        ("Dockerfile", dockerfile(&app.instance, &format!("RUN echo {marker} && sleep 120\n"))),
+        ("site/index.html", "x\n".into()),
+    ]);
+    let building = {
+        let app = Arc::clone(&app);
+        tokio::spawn(async move {
+            common::error_of(upload(&app, "doomed", slow, "application/x-tar", "application/json").await).await
+        })
+    };
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let response = app.client.get(app.url("/api/builds")).basic_auth(USER, Some(PASSWORD)).send().await.unwrap();
+        let builds: Value = response.json().await.unwrap();
+        if builds[0]["step"].as_str().is_some_and(|step| step.contains("sleep 120")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the build never reached its slow step: {builds}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(app.kill("doomed").await.status(), 200, "a kill stops a first build");
+    let (status, message) = building.await.unwrap();
+    assert_eq!(status, 409, "{message}");
+    assert!(message.contains("removed while it was being built"), "{message}");
+    let deadline = Instant::now() + WAIT;
+    while docker_commands().contains(&marker) {
+        assert!(Instant::now() < deadline, "the killed build's step container is still there");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(common::built_images(&app.instance).is_empty());
+    let log = app.client.get(app.url("/api/previews/doomed/build-log")).basic_auth(USER, Some(PASSWORD));
+    assert_eq!(log.send().await.unwrap().status(), 404, "no log of a removed preview");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commits_dockerignore_keeps_files_out_of_its_build() {
+    let gh = build_app("", "").await;
+    let head = sha(1);
+    let dockerfile = dockerfile(&gh.app.instance, "");
+    commit(
+        &gh,
+        &head,
+        &[
+            ("Dockerfile", dockerfile),
+            (".dockerignore", "site/*.env\n".into()),
+            ("site/index.html", "ignored files stay out\n".into()),
+            ("site/secret.env", "TOKEN=1\n".into()),
+        ],
+    );
+    gh.send_pr(opened(&head)).await;
+    live(&gh, &head).await;
+    assert_eq!(gh.app.via_nginx(SLUG, "/").await.unwrap(), (200, "ignored files stay out\n".to_owned()));
+    assert_eq!(gh.app.via_nginx(SLUG, "/secret.env").await.unwrap().0, 404);
+}

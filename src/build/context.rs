@@ -13,6 +13,7 @@ use std::io::{self, Read, Write};
 
 use sha2::{Digest, Sha256};
 
+use super::dockerignore::{ALWAYS_SENT, Ignore};
 use crate::config::builds::{PathFilter, TreePath};
 use crate::config::repo_file::{MAX_REPO_FILE, REPO_FILE};
 
@@ -26,10 +27,14 @@ pub enum ContextError {
         "the build context is larger than builds.max_context ({limit} bytes); make it smaller (.dockerignore) or raise the limit"
     )]
     TooLarge { limit: u64 },
-    #[error("{REPO_FILE} is larger than {MAX_REPO_FILE} bytes")]
-    RepoFileTooLarge,
-    #[error("{REPO_FILE} is not UTF-8 text")]
-    RepoFileNotText,
+    #[error("{0} is larger than {MAX_REPO_FILE} bytes")]
+    FileTooLarge(String),
+    #[error("{0} is not UTF-8 text")]
+    NotText(String),
+    #[error("the source holds more than {limit} bytes of files in all (4 × builds.max_context)")]
+    TreeTooLarge { limit: u64 },
+    #[error("the build was stopped")]
+    Stopped,
     #[error(
         "the build context {context} has no Dockerfile at {dockerfile}; set build.dockerfile (relative to build.context)"
     )]
@@ -87,6 +92,26 @@ fn is_tree_entry(kind: tar::EntryType) -> bool {
 
 /// The text of `.previewd.yml` at the root of the source, if it has one.
 pub fn read_repo_file<R: Read + Send + 'static>(layout: Layout, source: R) -> Result<Option<String>, ContextError> {
+    read_small_file(layout, source, &[REPO_FILE])
+}
+
+/// The text of the `.dockerignore` at the root of `context` in the source, if it has one.
+pub fn read_dockerignore<R: Read + Send + 'static>(
+    layout: Layout,
+    source: R,
+    context: &TreePath,
+) -> Result<Option<String>, ContextError> {
+    let mut path: Vec<&str> = context.components().iter().map(String::as_str).collect();
+    path.push(".dockerignore");
+    read_small_file(layout, source, &path)
+}
+
+/// A small text file of the source, by path.
+fn read_small_file<R: Read + Send + 'static>(
+    layout: Layout,
+    source: R,
+    wanted: &[&str],
+) -> Result<Option<String>, ContextError> {
     let mut archive = entries(layout, source);
     for entry in archive.entries().map_err(ContextError::Read)? {
         let mut entry = entry.map_err(ContextError::Read)?;
@@ -94,13 +119,13 @@ pub fn read_repo_file<R: Read + Send + 'static>(layout: Layout, source: R) -> Re
             continue;
         }
         let path = tree_path(layout, &entry.path_bytes())?;
-        if path.as_deref().is_some_and(|p| p.len() == 1 && p[0] == REPO_FILE) {
+        if path.as_deref().is_some_and(|p| p.iter().map(String::as_str).eq(wanted.iter().copied())) {
             if entry.size() > MAX_REPO_FILE {
-                return Err(ContextError::RepoFileTooLarge);
+                return Err(ContextError::FileTooLarge(wanted.join("/")));
             }
             let mut bytes = Vec::new();
             entry.read_to_end(&mut bytes).map_err(ContextError::Read)?;
-            return String::from_utf8(bytes).map(Some).map_err(|_| ContextError::RepoFileNotText);
+            return String::from_utf8(bytes).map(Some).map_err(|_| ContextError::NotText(wanted.join("/")));
         }
     }
     Ok(None)
@@ -125,6 +150,10 @@ impl<R: Read> Read for Tee<'_, R> {
 /// What [`write_context`] needs besides the source.
 pub struct ContextPlan<'a> {
     pub context: &'a TreePath,
+    /// The context's `.dockerignore`: what it excludes is left out, as `docker build` does.
+    pub ignore: &'a Ignore,
+    /// Checked at each entry: a stopped build stops writing its context.
+    pub stopped: &'a (dyn Fn() -> bool + Sync),
     pub dockerfile: &'a TreePath,
     pub paths: Option<&'a PathFilter>,
     pub max_context: u64,
@@ -151,17 +180,29 @@ pub fn write_context<R: Read + Send + 'static, W: Write>(
     let mut summary = ContextSummary { bytes: 0, files: 0, paths_digest: None };
     let dockerfile_path = dockerfile.to_string();
     let mut kept_dockerfile: Option<(tar::Header, Vec<u8>)> = None;
+    let tree_limit = max_context.saturating_mul(4);
+    let mut tree_bytes = 0u64;
     for entry in archive.entries().map_err(ContextError::Read)? {
+        if (plan.stopped)() {
+            return Err(ContextError::Stopped);
+        }
         let entry = entry.map_err(ContextError::Read)?;
         let kind = entry.header().entry_type();
         if !is_tree_entry(kind) {
             continue;
         }
+        tree_bytes += entry.size();
+        if tree_bytes > tree_limit {
+            return Err(ContextError::TreeTooLarge { limit: tree_limit });
+        }
         let Some(path) = tree_path(layout, &entry.path_bytes())? else { continue };
         let repo_path = path.join("/");
         let hashed = kind.is_file() && paths.is_some_and(|p| p.matches(&repo_path));
         let borrowed: Vec<&str> = path.iter().map(String::as_str).collect();
-        let inside = context.strip(&borrowed).filter(|rest| !rest.is_empty()).map(|rest| rest.join("/"));
+        let inside =
+            context.strip(&borrowed).filter(|rest| !rest.is_empty()).map(|rest| rest.join("/")).filter(|inner| {
+                *inner == dockerfile_path || ALWAYS_SENT.contains(&inner.as_str()) || !plan.ignore.excluded(inner)
+            });
         if hashed && let Some(hasher) = digest.as_mut() {
             hasher.update(repo_path.as_bytes());
             hasher.update([0]);
@@ -273,8 +314,11 @@ pub(crate) mod tests {
         let mut out = Vec::new();
         let (context, dockerfile) = (tree(context), tree("Dockerfile"));
         let suffix = |digest: Option<&str>| format!("LABEL digest={}\n", digest.unwrap_or("none"));
+        let ignore = Ignore::parse("*.log\n!keep.log\n").unwrap();
         let plan = ContextPlan {
             context: &context,
+            ignore: &ignore,
+            stopped: &|| false,
             dockerfile: &dockerfile,
             paths,
             max_context: 1 << 20,
@@ -299,6 +343,16 @@ pub(crate) mod tests {
             "the Dockerfile comes last, with previewd's lines"
         );
         assert_eq!((summary.files, summary.bytes, summary.paths_digest), (2, 14, None));
+    }
+
+    #[test]
+    fn what_the_contexts_dockerignore_excludes_is_left_out() {
+        let source = github_tarball(&[("Dockerfile", "FROM x"), ("debug.log", "secret"), ("keep.log", "kept")]);
+        let names: Vec<String> = files_of(&write(source, ".", None).unwrap().1).into_iter().map(|(p, _)| p).collect();
+        assert_eq!(names, vec!["keep.log".to_owned(), "Dockerfile".to_owned()]);
+        let source = github_tarball(&[("web/Dockerfile", "FROM x"), ("web/.dockerignore", "tmp\n"), ("web/tmp/a", "")]);
+        let text = read_dockerignore(Layout::GitHubTarball, io::Cursor::new(source), &tree("web")).unwrap();
+        assert_eq!(text.as_deref(), Some("tmp\n"));
     }
 
     #[test]

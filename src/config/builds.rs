@@ -19,7 +19,7 @@ pub struct BuildsConfig {
     pub max_parallel: usize,
     /// Docker's relative CPU weight of a build container (previews have 1024).
     pub cpu_shares: i64,
-    /// Bytes a build's containers may use.
+    /// Bytes a build's containers may use: at most 2 GiB less a byte (see `validate_builds`).
     pub memory: i64,
     /// Images kept per preview (the running one and earlier ones); older ones are removed.
     pub keep: usize,
@@ -35,7 +35,7 @@ impl Default for BuildsConfig {
         Self {
             max_parallel: 1,
             cpu_shares: 256,
-            memory: 2 << 30,
+            memory: i64::from(i32::MAX),
             keep: 2,
             timeout: Duration::from_secs(20 * 60),
             min_free_disk: 5 << 30,
@@ -83,6 +83,14 @@ pub(super) fn validate_builds(raw: RawBuilds, problems: &mut Problems) -> Builds
     let memory = size("memory", raw.memory, defaults.memory);
     let min_free_disk = size("min_free_disk", raw.min_free_disk, defaults.min_free_disk as i64) as u64;
     let max_context = size("max_context", raw.max_context, defaults.max_context as i64) as u64;
+    // Docker's build API takes an int64, but the client library's parameter is an i32: 2g (one
+    // byte over) is taken as its largest value, anything more is refused.
+    let memory = if memory <= 2 << 30 {
+        memory.min(i64::from(i32::MAX))
+    } else {
+        problems.add("builds.memory", "must be at most 2g (a limit of the Docker client library previewd uses)");
+        defaults.memory
+    };
     let timeout = match raw.timeout.map(|t| parse_duration(&t)) {
         None => defaults.timeout,
         Some(Ok(timeout)) if !timeout.is_zero() => timeout,

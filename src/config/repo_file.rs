@@ -4,8 +4,9 @@
 //! The file is written by whoever opens the pull request, so it may only set what is theirs to
 //! decide: `build.context`, `build.dockerfile`, `build.args`, `build.paths`, `port`,
 //! `health_path`, `env` (plain values, never templates; not over a key the operator set, which may
-//! hold a secret) and `jobs`. Any other key fails the deployment with a message naming it; the
-//! operator's config.yml stays the authority on services, limits, secrets and networking.
+//! hold a secret) and `jobs` (their timeouts cut to the longest of the image's own jobs, or 300 s).
+//! Any other key fails the deployment with a message naming it; the operator's config.yml stays
+//! the authority on services, limits, secrets and networking.
 
 use std::collections::BTreeMap;
 
@@ -21,6 +22,8 @@ pub const REPO_FILE: &str = ".previewd.yml";
 
 const TOP_KEYS: [&str; 5] = ["build", "port", "health_path", "env", "jobs"];
 const BUILD_KEYS: [&str; 4] = ["context", "dockerfile", "args", "paths"];
+/// The longest a repository's job may run when config.yml's image has no jobs of its own.
+const DEFAULT_JOB_CAP: std::time::Duration = std::time::Duration::from_secs(300);
 /// Larger than any sensible file; a bigger one is refused unread.
 pub const MAX_REPO_FILE: u64 = 64 << 10;
 
@@ -127,7 +130,13 @@ pub fn apply(text: &str, spec: &mut ImageSpec, build: &mut BuildSpec) -> Result<
     for (name, value) in raw.env {
         spec.env.insert(name, EnvTemplate::literal(&value.into_string()));
     }
-    if let Some(jobs) = jobs {
+    if let Some(mut jobs) = jobs {
+        // A job runs while the launch holds one of `limits.parallel_launches`: the repository
+        // may not make it wait longer than the operator's own jobs may.
+        let cap = spec.jobs.iter().map(|job| job.timeout).max().unwrap_or(DEFAULT_JOB_CAP);
+        for job in &mut jobs {
+            job.timeout = job.timeout.min(cap);
+        }
         spec.jobs = jobs;
     }
     Ok(())
@@ -156,6 +165,13 @@ mod tests {
         let context = crate::config::EnvContext { slug: "s", base_domain: "d", branch: "b", pr_number: "1".into() };
         let greeting = &spec.env[&EnvName::parse("GREETING").unwrap()];
         assert_eq!(greeting.render(&context).unwrap(), "{{ slug }}", "a repository's value is never a template");
+    }
+
+    #[test]
+    fn a_repositorys_jobs_run_no_longer_than_the_operators_allow() {
+        let (mut spec, mut build) = base();
+        apply("jobs: [{name: forever, command: [sleep, '9999'], timeout: 999999}]\n", &mut spec, &mut build).unwrap();
+        assert_eq!(spec.jobs[0].timeout, DEFAULT_JOB_CAP);
     }
 
     #[test]

@@ -79,7 +79,12 @@ impl DockerRuntime {
         )
     }
 
+    /// Free bytes under Docker's data root, read here: only meaningful when the engine runs on
+    /// this host (a local socket).
     async fn free_bytes(&self) -> Option<u64> {
+        if std::env::var("DOCKER_HOST").is_ok_and(|host| !host.starts_with("unix://")) {
+            return None;
+        }
         let info = self.docker.info().await.ok()?;
         let root = info.docker_root_dir?;
         let stat = rustix::fs::statvfs(root.as_str()).ok()?;
@@ -167,6 +172,15 @@ impl Images for DockerRuntime {
             }
         }
         Ok(())
+    }
+
+    async fn labels_of(&self, reference: &str) -> Result<HashMap<String, String>, DockerError> {
+        let image = self
+            .docker
+            .inspect_image(reference)
+            .await
+            .map_err(|err| DockerError::from_bollard("inspect the built image", err))?;
+        Ok(image.config.and_then(|config| config.labels).unwrap_or_default())
     }
 
     async fn built_images(&self) -> Result<Vec<BuiltImage>, DockerError> {

@@ -31,6 +31,9 @@ pub enum ApiCallError {
     /// nothing about the request itself.
     #[error("GitHub's rate limit applies (HTTP {status}){}", retry_after.map(|s| format!("; retry in {s} s")).unwrap_or_default())]
     RateLimited { status: u16, retry_after: Option<u64> },
+    /// A download (a commit's tarball) was larger than allowed.
+    #[error("the download is larger than {0} bytes")]
+    TooLarge(u64),
 }
 
 impl ApiCallError {
@@ -49,7 +52,7 @@ impl ApiCallError {
                     || (*status == 403 && message.to_ascii_lowercase().contains("rate limit"))
             }
             Self::RateLimited { .. } => true,
-            Self::Setup(_) => false,
+            Self::Setup(_) | Self::TooLarge(_) => false,
         }
     }
 }

@@ -23,7 +23,7 @@ use super::client::{ApiCallError, GitHubApi};
 use super::event::{Desired, PullRequest, Target, desired, with_tag};
 use super::feedback::{Feedback, PullRequestKey, Step};
 use super::memory::Memory;
-use crate::build::context::Layout;
+use crate::build::context::{ContextError, Layout};
 use crate::build::{BuildFailure, BuildInput, SourceArchive};
 use crate::config::{BuildSpec, Config};
 use crate::lifecycle::{Lifecycle, LifecycleError, PreviewInfo};
@@ -149,7 +149,9 @@ impl PullRequestPreviews {
         // A build in flight for an older commit stops now, not when this state's work gets its turn.
         match &desired {
             Desired::Present(target) => self.lifecycle.builds().supersede(&slug, &target.sha),
-            Desired::Absent(_) => self.lifecycle.builds().cancel(&slug),
+            Desired::Absent(_) => {
+                self.lifecycle.builds().cancel(&slug);
+            }
         }
         latest.insert(key.clone(), Latest { updated_at: updated_at.to_owned(), slug, desired, source });
         true
@@ -272,9 +274,10 @@ impl PullRequestPreviews {
         };
         let step = match result {
             Ok(info) => Step::Live { sha: target.sha, url: info.url },
-            Err(LifecycleError::Build(BuildFailure::Superseded)) => {
-                // The newer commit's work reports on the pull request; this deployment ends with it.
-                tracing::info!(%slug, sha = %target.sha, "a newer push replaced this build");
+            Err(LifecycleError::Build(BuildFailure::Superseded | BuildFailure::Removed)) => {
+                // The newer commit's work (or the removal) reports on the pull request; this
+                // deployment ends with it.
+                tracing::info!(%slug, sha = %target.sha, "this build was stopped");
                 return;
             }
             Err(err) => {
@@ -301,21 +304,25 @@ impl PullRequestPreviews {
         let builds = self.lifecycle.builds();
         let slug = request.name.clone();
         let claim = builds.claim(&slug, &target.sha);
-        let file = tempfile::NamedTempFile::new()
-            .map_err(|err| BuildFailure::Io(format!("cannot make a file for the source: {err}")))?
-            .into_temp_path();
+        let fail = |failure: BuildFailure| {
+            builds.finish(&slug, &claim, &format!("failed: {failure}"));
+            Err(failure.into())
+        };
+        let file = match builds.temp_dir().and_then(tempfile::NamedTempFile::new_in) {
+            Ok(file) => file.into_temp_path(),
+            Err(err) => return fail(BuildFailure::Io(format!("cannot make a file for the source: {err}"))),
+        };
         let max = builds.config().max_context;
         let downloaded = tokio::select! {
             downloaded = self.api.download_tarball(&target.repo, &target.sha, &file, max) => downloaded,
-            () = claim.cancel.cancelled() => {
-                builds.finish(&slug, &claim, "stopped: a newer push replaced it");
-                return Err(BuildFailure::Superseded.into());
-            }
+            () = claim.cancel.cancelled() => return fail(claim.stopped()),
         };
-        if let Err(err) = downloaded {
-            let failure = BuildFailure::Download(err.to_string());
-            builds.finish(&slug, &claim, &format!("failed: {failure}"));
-            return Err(failure.into());
+        match downloaded {
+            Ok(_) => {}
+            Err(ApiCallError::TooLarge(limit)) => {
+                return fail(BuildFailure::Context(ContextError::TooLarge { limit }));
+            }
+            Err(err) => return fail(BuildFailure::Download(err.to_string())),
         }
         let input = BuildInput {
             source: SourceArchive { file, layout: Layout::GitHubTarball },

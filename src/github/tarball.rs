@@ -116,10 +116,7 @@ async fn save(response: reqwest::Response, dest: &Path, max_bytes: u64) -> Resul
         let chunk = chunk.map_err(|err| ApiCallError::Transport(crate::error_chain(&err)))?;
         written += chunk.len() as u64;
         if written > max_bytes {
-            return Err(ApiCallError::Status {
-                status: 0,
-                message: format!("the tarball is larger than builds.max_context ({max_bytes} bytes)"),
-            });
+            return Err(ApiCallError::TooLarge(max_bytes));
         }
         file.write_all(&chunk).await.map_err(io)?;
     }

@@ -45,8 +45,9 @@ pub async fn post_build(
     });
     let limit = state.config.builds.max_context;
     declared_length(&headers, usize::try_from(limit).unwrap_or(usize::MAX))?;
-    let (file, digest) = upload(body, limit, state.config.http.body_timeout).await?;
     let builds = state.lifecycle.builds();
+    let temp_dir = builds.temp_dir().map_err(|err| ApiError::Internal(format!("cannot keep the upload: {err}")))?;
+    let (file, digest) = upload(body, &temp_dir, limit, state.config.http.body_timeout).await?;
     let build = validate_build("build", RawBuild::default(), None, &mut |_, _| {})
         .ok_or_else(|| ApiError::Internal("the default build does not validate".into()))?;
     let input = BuildInput {
@@ -83,9 +84,14 @@ fn parse_query(query: Option<&str>, state: &AppState) -> Result<LaunchRequest, A
 
 /// Streams the body to a file, at most `limit` bytes, each piece within `idle` of the one
 /// before; the file and the first 12 hex digits of its SHA-256.
-async fn upload(body: Body, limit: u64, idle: Duration) -> Result<(tempfile::TempPath, String), ApiError> {
+async fn upload(
+    body: Body,
+    dir: &std::path::Path,
+    limit: u64,
+    idle: Duration,
+) -> Result<(tempfile::TempPath, String), ApiError> {
     let io = |err: std::io::Error| ApiError::Internal(format!("cannot keep the upload: {err}"));
-    let path = tempfile::NamedTempFile::new().map_err(io)?.into_temp_path();
+    let path = tempfile::NamedTempFile::new_in(dir).map_err(io)?.into_temp_path();
     let mut file = tokio::io::BufWriter::new(tokio::fs::File::create(&path).await.map_err(io)?);
     let mut hasher = Sha256::new();
     let mut received = 0u64;
@@ -111,18 +117,24 @@ async fn upload(body: Body, limit: u64, idle: Duration) -> Result<(tempfile::Tem
     Ok((path, hex::encode(&hasher.finalize()[..6])))
 }
 
-/// `GET /api/builds`: builds in flight and queued, oldest first.
+/// `GET /api/builds`: builds in flight and queued, oldest first. A token user sees the builds of
+/// previews they may see (a first build, with no preview yet, only to operators).
 pub async fn list_builds(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
 ) -> Result<Json<Vec<BuildStatus>>, ApiError> {
-    state.authorize(&principal, None).await?;
-    Ok(Json(state.lifecycle.builds().statuses()))
+    let statuses = state.lifecycle.builds().statuses();
+    if matches!(principal, Principal::User(_)) {
+        return Ok(Json(statuses));
+    }
+    let visible: std::collections::BTreeSet<_> =
+        state.visible_previews(&principal).await?.into_iter().map(|preview| preview.name).collect();
+    Ok(Json(statuses.into_iter().filter(|status| visible.contains(&status.name)).collect()))
 }
 
 /// `GET /api/previews/{name}/build-log`: the log of the preview's build in flight, or else of
 /// its last build (also when that first build failed and no preview runs). A token user reads
-/// only the logs of previews they may see.
+/// only the logs of previews they may see, so not the log of a first build that failed.
 pub async fn build_log(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,

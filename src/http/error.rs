@@ -9,6 +9,7 @@ use serde_json::json;
 
 use crate::auth::AuthError;
 use crate::build::BuildFailure;
+use crate::build::context::ContextError;
 use crate::github::event::EventError;
 use crate::github::token_auth::TokenAuthError;
 use crate::github::webhook::WebhookError;
@@ -155,11 +156,15 @@ fn lifecycle_status(err: &LifecycleError) -> StatusCode {
 
 fn build_status(failure: &BuildFailure) -> StatusCode {
     match failure {
-        BuildFailure::RepoFile(_) | BuildFailure::Context(_) | BuildFailure::Step { .. } => {
-            StatusCode::UNPROCESSABLE_ENTITY
-        }
+        BuildFailure::Context(ContextError::Write(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+        BuildFailure::RepoFile(_)
+        | BuildFailure::Context(_)
+        | BuildFailure::Step { .. }
+        | BuildFailure::LabelsLost
+        | BuildFailure::Dockerignore(_) => StatusCode::UNPROCESSABLE_ENTITY,
         BuildFailure::TimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
-        BuildFailure::Superseded => StatusCode::CONFLICT,
+        BuildFailure::Superseded | BuildFailure::Removed => StatusCode::CONFLICT,
+        BuildFailure::NoNetwork(_) => StatusCode::SERVICE_UNAVAILABLE,
         BuildFailure::DiskLow { .. } => StatusCode::INSUFFICIENT_STORAGE,
         BuildFailure::Docker(DockerError::Unreachable(_)) => StatusCode::SERVICE_UNAVAILABLE,
         BuildFailure::Docker(_) | BuildFailure::Download(_) => StatusCode::BAD_GATEWAY,

@@ -63,7 +63,7 @@ impl Lifecycle {
         events: Option<mpsc::UnboundedSender<ProgressEvent>>,
     ) -> Result<PreviewInfo, LifecycleError> {
         let mut progress = Progress::new(events, Arc::clone(&self.metrics));
-        let built = build.is_some();
+        let claim = build.as_ref().map(|input| input.claim.clone());
         if let Some(input) = build {
             progress.step("build", "preparing the build context".to_owned());
             let mut on_step = |step: &'static str, message: String| progress.step(step, message);
@@ -73,6 +73,15 @@ impl Lifecycle {
             request.spec.pull = PullPolicy::Never;
         }
         let _guard = self.locks.lock(&request.name).await;
+        // The build shows as in flight (and a kill or a newer push can stop it) until the
+        // preview's lock is taken; a stop that came meanwhile is honoured here.
+        if let Some(claim) = &claim {
+            self.builds.release(&request.name, claim);
+            if claim.cancel.is_cancelled() {
+                progress.finish();
+                return Err(claim.stopped().into());
+            }
+        }
         let (previous, place) = self.admit(&request).await?;
         let _turn = self.take_turn(&mut progress).await;
         let (request_name, image) = (request.name.clone(), request.spec.image.clone());
@@ -84,9 +93,12 @@ impl Lifecycle {
         counter.get_or_create(outcome).inc();
         if result.is_ok() {
             self.metrics.launch_seconds.observe(progress.started.elapsed().as_secs_f64());
-            if built {
-                self.builds.keep(&request_name, &[image]).await;
-            }
+        }
+        if claim.is_some() {
+            // Also after a failed launch: a preview whose app keeps failing must not pile up an
+            // image per push. The image a container runs is never removed.
+            let in_use = if result.is_ok() { vec![image] } else { Vec::new() };
+            self.builds.keep(&request_name, &in_use).await;
         }
         result
     }

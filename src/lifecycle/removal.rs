@@ -37,10 +37,14 @@ impl Lifecycle {
     }
 
     async fn kill_locked(&self, slug: &Slug, containers: Vec<ManagedContainer>) -> Result<(), LifecycleError> {
-        self.builds.cancel(slug);
-        let result = self.remove_preview(slug, containers).await;
+        let stopped_build = self.builds.cancel(slug);
+        let mut result = self.remove_preview(slug, containers).await;
         if matches!(result, Ok(()) | Err(LifecycleError::NotFound(_))) {
             self.builds.forget(slug).await;
+        }
+        if stopped_build && matches!(result, Err(LifecycleError::NotFound(_))) {
+            tracing::info!("stopped the first build of a preview that did not run yet");
+            result = Ok(());
         }
         let outcome = match &result {
             Ok(()) => Some(&metrics::SUCCESS),

@@ -345,6 +345,15 @@ impl Containers for DockerRuntime {
         Ok(inspect.config.and_then(|config| config.env).unwrap_or_default())
     }
 
+    async fn container_image(&self, id: &str) -> Result<String, DockerError> {
+        let inspect = self
+            .docker
+            .inspect_container(id, None)
+            .await
+            .map_err(|err| DockerError::from_bollard("inspect the container", err))?;
+        Ok(inspect.config.and_then(|config| config.image).unwrap_or_default())
+    }
+
     /// Stops a running container (`grace` for its app to exit on SIGTERM) and starts it again,
     /// with the same port.
     async fn restart(&self, id: &str, grace: std::time::Duration) -> Result<(), DockerError> {

@@ -78,6 +78,10 @@ pub trait Containers: Send + Sync {
     /// The `KEY=VALUE` environment a container was created with.
     async fn container_env(&self, id: &str) -> Result<Vec<String>, DockerError>;
 
+    /// The image reference a container was created from (for a preview built from source, the
+    /// image it built, not `images.<key>.image`).
+    async fn container_image(&self, id: &str) -> Result<String, DockerError>;
+
     /// Stops a running container (`grace` for it to exit on SIGTERM) and starts it again, with
     /// the same port.
     async fn restart(&self, id: &str, grace: Duration) -> Result<(), DockerError>;

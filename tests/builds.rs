@@ -312,13 +312,16 @@ async fn builds_beyond_keep_are_removed_and_a_closed_pull_request_leaves_no_imag
     assert_eq!(api_get(&gh, &format!("/api/previews/{SLUG}/build-log")).await.status(), 404);
 }
 
-/// A test instance for uploads: no GitHub, the `web` image, and `builds` as given.
+/// The `web` image with a job that passes only in a built image (which has `/instance`).
+const WEB_WITH_JOB: &str = "\n  webjob:\n    image: previewd-demo:latest\n    port: 3000\n    pull: never\n    jobs: [{name: check, command: [test, -e, /instance]}]";
+
+/// A test instance for uploads: no GitHub, the `web` and `webjob` images, and `builds` as given.
 async fn upload_app(builds: &str) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
     let instance = common::unique_instance();
     let nginx_port = common::free_port();
-    let yaml =
-        common::with_images(&common::config_yaml(&instance, dir.path(), nginx_port, &Default::default()), WEB_IMAGE);
+    let config = common::config_yaml(&instance, dir.path(), nginx_port, &Default::default());
+    let yaml = common::with_images(&config, &format!("{WEB_IMAGE}{WEB_WITH_JOB}"));
     TestApp::start_from(dir, instance, nginx_port, format!("{yaml}{builds}")).await
 }
 
@@ -596,4 +599,24 @@ async fn a_commits_dockerignore_keeps_files_out_of_its_build() {
     live(&gh, &head).await;
     assert_eq!(gh.app.via_nginx(SLUG, "/").await.unwrap(), (200, "ignored files stay out\n".to_owned()));
     assert_eq!(gh.app.via_nginx(SLUG, "/secret.env").await.unwrap().0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_of_a_built_preview_runs_its_jobs_in_the_built_image() {
+    let app = upload_app("").await;
+    let context = tar_of(&[("Dockerfile", dockerfile(&app.instance, "")), ("site/index.html", "x\n".into())]);
+    let response = app
+        .client
+        .post(app.url("/api/builds?image=webjob&name=resettable"))
+        .basic_auth(USER, Some(PASSWORD))
+        .header("content-type", "application/x-tar")
+        .header("accept", "application/json")
+        .body(context)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let reset = app.client.post(app.url("/api/previews/resettable/reset")).basic_auth(USER, Some(PASSWORD));
+    let response = reset.send().await.unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
 }

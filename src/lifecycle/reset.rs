@@ -28,7 +28,16 @@ impl Lifecycle {
     }
 
     async fn reset_locked(&self, app: &ManagedContainer) -> Result<(), LifecycleError> {
-        let spec = self.config.images.get(&app.image).ok_or_else(|| LifecycleError::ImageGone(app.image.clone()))?;
+        let configured =
+            self.config.images.get(&app.image).ok_or_else(|| LifecycleError::ImageGone(app.image.clone()))?;
+        // Jobs run in the image the app runs: for a preview built from source, the build.
+        let mut spec = configured.clone();
+        let image = self.runtime.container_image(&app.id).await?;
+        if !image.is_empty() && image != spec.image {
+            spec.image = image;
+            spec.pull = crate::config::PullPolicy::Never;
+        }
+        let spec = &spec;
         let mut progress = Progress::new(None, Arc::clone(&self.metrics));
         let members = self.runtime.list_slug_all(&app.slug).await?;
         self.remove_environment(&app.slug, &members).await?;

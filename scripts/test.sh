@@ -10,7 +10,7 @@ bash scripts/setup.sh
 
 # What test instances (named t + 8 hex digits) of an earlier run left: a warm network that was
 # being created while its test ended, a preview a webhook run launched as its test ended.
-# Containers first, then their volumes and networks.
+# Containers first, then their volumes, networks and built images.
 sweep_test_leftovers() {
     docker ps -a --filter label=previewd.managed=true --format '{{.ID}} {{.Label "previewd.instance"}}' |
         grep -E ' t[0-9a-f]{8}$' | cut -d' ' -f1 | xargs -r docker rm -f >/dev/null 2>&1 || true
@@ -18,6 +18,8 @@ sweep_test_leftovers() {
         grep -E '^previewd\.t[0-9a-f]{8}\.' | xargs -r docker volume rm >/dev/null 2>&1 || true
     docker network ls --filter label=previewd.managed=true --format '{{.Name}}' |
         grep -E '^previewd\.t[0-9a-f]{8}\.pv-' | xargs -r docker network rm >/dev/null 2>&1 || true
+    docker images --filter label=previewd.built=true --format '{{.ID}} {{.Repository}}' |
+        grep -E ' previewd-t[0-9a-f]{8}/' | cut -d' ' -f1 | sort -u | xargs -r docker rmi -f >/dev/null 2>&1 || true
 }
 sweep_test_leftovers
 

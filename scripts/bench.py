@@ -12,7 +12,8 @@ Usage: scripts/bench.py [RUNS]   (default 10, or $BENCH_RUNS)
 What it measures, by section; BENCH_ONLY=NAME[,NAME...] runs only those (intake needs the
 webhooks' previews and runs that section too). BENCHMARKS.md keeps the last full run's table
 whole: a run of some of its sections is written below it, under "A run of some sections", with
-its command, and the whole-environments section is replaced only by a run of it:
+its command; the whole-environments and the builds sections are each replaced only by a run of
+them:
 
   launch        1. launch latency: POST /launch until the first 200 through nginx, vs the floor
   burst         2. burst: 50 launches at once, wall time and nginx reloads, vs the floor doing 50
@@ -37,7 +38,22 @@ its command, and the whole-environments section is replaced only by a run of it:
                    by hand with the docker CLI in the same run (alternating which goes first);
                    a redeploy of it vs that launch; its kill vs the same by hand; the memory of
                    its containers after 10 s idle; and that its kill leaves nothing behind
-  scale         7. scale: 500 running previews (launched 8 at a time; fewer if the host runs
+  builds        7. builds from source: a small app (Dockerfile FROM previewd-demo:latest, a run-
+                   unique RUN echo, RUN sleep 1, COPY site/, CMD) uploaded to POST /api/builds,
+                   cold (no layer cache) until its first 200 through nginx, vs `docker build`
+                   (classic builder) of the same context and the floor's launch; a one-file change
+                   of site/ uploaded again (RUN layers from cache) until the new page is served,
+                   vs `docker build` again and the floor replacing its container (run the new one,
+                   vhost, reload, until served, rm the old); a signed pull_request "synchronize"
+                   delivery of a repository with `build:` until the new commit's page is served
+                   (previewd reads the pull request, downloads the commit's tarball from the fake
+                   GitHub's codeload, builds, replaces), vs the floor downloading its own commit's
+                   tarball the same way, extracting it, `docker build` and replacing; each run
+                   alternates which goes first. Of previewd's builds, its own LABEL step too (by
+                   the engine's clock: the image's Created less its parent's). Then previewd's RSS
+                   while a context of 200 MiB of random bytes is uploaded (sampled every 10 ms),
+                   and while it is built and launched
+  scale         8. scale: 500 running previews (launched 8 at a time; fewer if the host runs
                    short of memory): launch latency, a redeploy's route step (nginx -t and reload
                    with 500 vhosts) and nginx -t, vs the same with 0 previews; the floor's launch
                    latency at 0 and at 500 (its nginx holding the same vhosts) and Docker's
@@ -45,7 +61,7 @@ its command, and the whole-environments section is replaced only by a run of it:
                    to tell Docker's share; GET /api/previews vs Docker's own list; a restart
                    (SIGTERM, start, until /healthz says ok: the start-up reconcile) vs the same
                    by hand: stop an nginx that has the same vhosts, that list, start it again
-  (footprint)   8. previewd's RSS idle, after the burst and its peak, with 500 previews and
+  (footprint)   9. previewd's RSS idle, after the burst and its peak, with 500 previews and
                    after the restart: of the sections that ran
 
 Sizes can be overridden for a quick try, e.g. `BENCH_SCALE=30 BENCH_INTAKE_SECONDS=5
@@ -54,12 +70,14 @@ GETs/s in each of the two load modes during the redeploys), BENCH_SCALE (500),
 BENCH_SCALE_PARALLEL (8), BENCH_SCALE_BUDGET (1800 s to launch them), BENCH_MEM_RESERVE_MB (2048:
 stop launching below this much available memory), BENCH_INTAKE_RATE (500), BENCH_INTAKE_SECONDS
 (20), BENCH_FLOOD_SECONDS (10), BENCH_ENV_IDLE (10 s an environment sits idle before its memory
+is read), BENCH_UPLOAD_MIB (200: the random bytes of the context uploaded while previewd's memory
 is read), BENCH_TIMEOUT (120 s for any one wait), BENCH_FIXTURE (the pull_request.opened payload;
 default tests/fixtures/github-webhooks/), BENCH_LOGS (a directory to keep previewd's, the fake
 GitHub's and wrk's logs in), BENCH_ONLY (above).
 
 Everything it starts is removed on exit, interrupted or not: containers, networks and volumes by
 their labels (previewd's instance label, and bench.floor=<instance> on what it makes by hand),
+the images previewd built (its instance label) and those the floor built (bench-<instance>/...),
 both nginx, previewd, the fake GitHub API, wrk, the load generators, the temp dir.
 """
 
@@ -69,6 +87,7 @@ import datetime
 import hashlib
 import hmac
 import http.client
+import io
 import json
 import os
 import random
@@ -81,6 +100,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -90,9 +110,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("launch", "burst", "redeploy", "webhooks", "intake", "environments", "scale")
-MAIN_SECTIONS = tuple(s for s in SECTIONS if s != "environments")
+SECTIONS = ("launch", "burst", "redeploy", "webhooks", "intake", "environments", "builds", "scale")
 ENV_HEADING = "## Whole environments"
+BUILDS_HEADING = "## Builds from source"
+# Sections with a part of BENCHMARKS.md of their own, replaced only by a run of them, in this order.
+SEPARATE = {"environments": ENV_HEADING, "builds": BUILDS_HEADING}
+MAIN_SECTIONS = tuple(s for s in SECTIONS if s not in SEPARATE)
 # Where a run of only some of the main sections (BENCH_ONLY) goes, below the last full run's table.
 PARTIAL_HEADING = "## A run of some sections"
 
@@ -103,6 +126,10 @@ FIRST_PR = 1001
 GITHUB_TOKEN = "bench-token"
 BASE_DOMAIN = "preview.localhost"
 FLOOR_DOMAIN = "floor.localhost"
+DEMO_COMMAND = ["/bin/busybox", "httpd", "-f", "-p", "3000", "-h", "/www"]
+
+# The builds section: a repository whose pull requests previewd builds from their source.
+BUILD_REPO_NAME, BUILD_PR = "builds-app", 2001
 
 # The shop environment, as tests/environments.rs defines it.
 SHOP_IMAGE, POSTGRES_IMAGE, REDIS_IMAGE = "previewd-shop:demo", "previewd-postgres:15", "previewd-redis:7"
@@ -144,6 +171,7 @@ class Settings:
     intake_seconds: int
     flood_seconds: int
     env_idle: float
+    upload_mib: int
     timeout: float
     fixture: Path
     logs: str
@@ -182,6 +210,7 @@ class Settings:
             intake_seconds=number("BENCH_INTAKE_SECONDS", 20),
             flood_seconds=number("BENCH_FLOOD_SECONDS", 10),
             env_idle=number("BENCH_ENV_IDLE", 10),
+            upload_mib=number("BENCH_UPLOAD_MIB", 200),
             timeout=number("BENCH_TIMEOUT", 120),
             fixture=Path(env.get("BENCH_FIXTURE") or ROOT / "tests/fixtures/github-webhooks/pull_request.opened.json"),
             logs=env.get("BENCH_LOGS", ""),
@@ -209,10 +238,11 @@ def spread(values, fmt="{:.2f}"):
     return f"{fmt.format(median(values))} s ({fmt.format(min(values))}–{fmt.format(max(values))})"
 
 
-def run(args, *, check=True, timeout=None, stdin=None):
+def run(args, *, check=True, timeout=None, stdin=None, env=None):
     """Runs a command; its stdout (text). Raises BenchError with its stderr when it fails."""
     try:
-        done = subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **env} if env else None)
     except subprocess.TimeoutExpired:
         raise BenchError(f"{' '.join(args[:4])} did not end within {timeout} s") from None
     if check and done.returncode != 0:
@@ -416,15 +446,31 @@ class FakeGitHub:
         self.port = int(port_file.read_text())
         self.lock = threading.Lock()
 
-    def summary(self):
-        """What previewd posted so far: calls, comments, deployments, statuses by state."""
+    def command(self, line):
+        """One command on its stdin (see examples/fake_github.rs): its answer, parsed."""
         with self.lock:
-            self.proc.stdin.write(b"summary\n")
+            self.proc.stdin.write(line.encode() + b"\n")
             self.proc.stdin.flush()
-            line = self.proc.stdout.readline()
-        if not line:
+            answer = self.proc.stdout.readline()
+        if not answer:
             raise BenchError("the fake GitHub API exited (see github.log)")
-        return json.loads(line)
+        answer = json.loads(answer)
+        if "error" in answer:
+            raise BenchError(f"the fake GitHub API: {line.split()[0]}: {answer['error']}")
+        return answer
+
+    def summary(self):
+        """What previewd posted so far: calls, comments, deployments, statuses by state, and the
+        tarballs its codeload served."""
+        return self.command("summary")
+
+    def set_pull(self, payload_file):
+        """GitHub holds the pull request of this payload from now on (as after a push)."""
+        self.command(f"pull {payload_file}")
+
+    def set_commit(self, repo, sha, tree):
+        """The files of the directory `tree` are commit `sha` of `repo` from now on."""
+        self.command(f"commit {repo} {sha} {tree}")
 
     def stop(self):
         """Closing stdin ends it (it prints its calls to the log first)."""
@@ -464,6 +510,7 @@ class Bench:
         self.github = None
         self.children = []  # wrk and load generators still running
         self.floor = FloorNginx(self.work, self.floor_port)
+        self.floor_images = []  # what the floor built: removed again at the end
         self.secret = secrets.token_hex(20)
         self.auth = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
         self.r = {}  # results, by figure
@@ -494,6 +541,11 @@ class Bench:
     def config_yaml(self):
         password_hash = run([str(self.previewd_bin), "hash-password"], stdin=PASSWORD).strip()
         shop = shop_image_yaml() if "environments" in self.s.only else ""
+        builds = "builds" in self.s.only
+        # The image builds are for: no command, so the Dockerfile's CMD runs (tests/builds.rs).
+        web = f"\n  web: {{image: {IMAGE}, port: 3000, pull: never}}" if builds else ""
+        build_repo = (f'\n    {REPO_OWNER}/{BUILD_REPO_NAME}: {{image: web, name: "{{{{ repo }}}}-pr-'
+                      f'{{{{ number }}}}", build: {{context: .}}}}' if builds else "")
         return f"""instance: {self.instance}
 listen: 127.0.0.1:{self.api_port}
 base_domain: {BASE_DOMAIN}
@@ -503,7 +555,7 @@ nginx:
   listen: 127.0.0.1:{self.nginx_port}
   template: {ROOT}/templates/vhost.conf.tera
 images:
-  demo: {{image: {IMAGE}, port: 3000, command: [/bin/busybox, httpd, -f, -p, "3000", -h, /www], pull: never}}{shop}
+  demo: {{image: {IMAGE}, port: 3000, command: [/bin/busybox, httpd, -f, -p, "3000", -h, /www], pull: never}}{shop}{web}
 users: [{{name: {USER}, password_hash: "{password_hash}"}}]
 # The bench launches hundreds of previews as one user, and its bursts all at once, as the floor
 # does: the limits that protect a shared host would measure the queue instead.
@@ -515,7 +567,7 @@ github:
   # Off: the fake lists no open pull requests, so a sync would remove the webhook previews.
   sync_interval: 0
   repos:
-    {REPO_OWNER}/{REPO_NAME}: {{image: demo, name: "{{{{ repo }}}}-pr-{{{{ number }}}}"}}
+    {REPO_OWNER}/{REPO_NAME}: {{image: demo, name: "{{{{ repo }}}}-pr-{{{{ number }}}}"}}{build_repo}
 """
 
     def make_deliveries(self):
@@ -638,14 +690,41 @@ github:
     def wait_preview(self, name):
         self.wait_200(f"{name}.{BASE_DOMAIN}", self.nginx_port)
 
-    def floor_launch(self, name):
-        """The floor: docker run, one vhost, nginx -s reload, poll until 200."""
-        cid = docker("run", "-d", "--label", f"bench.floor={self.instance}", "-p", "127.0.0.1::3000", IMAGE,
-                     "/bin/busybox", "httpd", "-f", "-p", "3000", "-h", "/www").strip()
-        port = int(docker("port", cid, "3000/tcp").splitlines()[0].rsplit(":", 1)[1])
+    def floor_run(self, image=IMAGE, command=tuple(DEMO_COMMAND)):
+        """docker run -d with a port published on 127.0.0.1: (container id, port)."""
+        cid = docker("run", "-d", "--label", f"bench.floor={self.instance}", "-p", "127.0.0.1::3000", image,
+                     *command).strip()
+        return cid, int(docker("port", cid, "3000/tcp").splitlines()[0].rsplit(":", 1)[1])
+
+    def floor_launch(self, name, image=IMAGE, command=tuple(DEMO_COMMAND)):
+        """The floor: docker run, one vhost, nginx -s reload, poll until 200. The container's id."""
+        cid, port = self.floor_run(image, command)
         self.floor.route(name, port)
         self.floor.reload()
         self.wait_200(f"{name}.{FLOOR_DOMAIN}", self.floor_port)
+        return cid
+
+    def floor_replace(self, name, image, old, served):
+        """The floor's redeploy: docker run of the new image, the vhost to its port, nginx -s
+        reload, poll until served(port, host), docker rm -f of the old container. The new id."""
+        cid, port = self.floor_run(image, ())
+        self.floor.route(name, port)
+        self.floor.reload()
+        host = f"{name}.{FLOOR_DOMAIN}:{self.floor_port}"
+        wait_until(lambda: served(self.floor_port, host), self.s.timeout, f"{name}'s new container (floor)")
+        docker("rm", "-f", old)
+        return cid
+
+    def floor_build(self, context_dir, tag):
+        """The floor's build: the classic builder, as previewd's (`DOCKER_BUILDKIT=0 docker
+        build`). Its output."""
+        self.floor_images.append(tag)
+        return run(["docker", "build", "-t", tag, str(context_dir)], env={"DOCKER_BUILDKIT": "0"},
+                   timeout=max(self.s.timeout, 300))
+
+    def remove_floor_images(self, tags):
+        docker("rmi", *tags)
+        self.floor_images = [tag for tag in self.floor_images if tag not in tags]
 
     def floor_burst(self, prefix, count):
         """count floor launches at once; failures are ignored, as the wall time is what counts."""
@@ -677,6 +756,7 @@ github:
             lambda: self.github and self.github.stop(),
             lambda: remove_labelled("label", f"previewd.instance={self.instance}"),
             lambda: remove_labelled("label", f"bench.floor={self.instance}"),
+            self.remove_images,
             self.stop_managed_nginx,
             self.floor.stop,
             self.keep_logs,
@@ -687,6 +767,13 @@ github:
                 step()
             except Exception as err:  # noqa: BLE001 - the next steps must run whatever this one did
                 log(f"cleanup: {err}")
+
+    def remove_images(self):
+        """The images previewd built (its instance label) and those the floor built."""
+        ids = docker("images", "-q", "--filter", f"label=previewd.instance={self.instance}", check=False).split()
+        ids += docker("images", "-q", f"bench-{self.instance}/*", check=False).split()
+        if ids or self.floor_images:
+            docker("rmi", "-f", *dict.fromkeys(ids + self.floor_images), check=False)
 
     def stop_children(self):
         for child in self.children:
@@ -748,18 +835,20 @@ def install_missing_tools(sections):
 # Webhook deliveries
 
 
-def delivery_body(fixture, number, sha, at):
-    """GitHub's example pull_request "opened" payload for PR `number` of the bench's repository."""
+def delivery_body(fixture, number, sha, at, repo_name=REPO_NAME, action="opened"):
+    """GitHub's example pull_request "opened" payload for PR `number` of the bench's repository
+    (or of `repo_name`), with another action if asked."""
     payload = json.loads(json.dumps(fixture))
     ref = f"bench/pr-{number}"
+    payload["action"] = action
     payload["number"] = number
     pr = payload["pull_request"]
     pr["number"] = number
     pr["head"].update(sha=sha, ref=ref, label=f"{REPO_OWNER}:{ref}")
     pr["updated_at"] = at
     for repo in (payload["repository"], pr["head"]["repo"], pr["base"]["repo"]):
-        repo["full_name"] = f"{REPO_OWNER}/{REPO_NAME}"
-        repo["name"] = REPO_NAME
+        repo["full_name"] = f"{REPO_OWNER}/{repo_name}"
+        repo["name"] = repo_name
         repo["owner"]["login"] = REPO_OWNER
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -771,7 +860,11 @@ def sign(secret, body):
 
 def deliver(b, number):
     """PR `number`'s signed delivery with a new delivery id, as GitHub sends it: (status, seconds)."""
-    body = (b.work / "hooks" / f"{number}.json").read_bytes()
+    return deliver_body(b, (b.work / "hooks" / f"{number}.json").read_bytes())
+
+
+def deliver_body(b, body):
+    """A signed pull_request delivery of this body with a new delivery id: (status, seconds)."""
     headers = {
         "Content-Type": "application/json",
         "User-Agent": "GitHub-Hookshot/bench",
@@ -1312,7 +1405,385 @@ def bench_environments(b):
 
 
 # --------------------------------------------------------------------------------------------
-# Section 7: scale
+# Section 7: builds from source
+
+
+def app_files(token, page):
+    """The small app of the builds section, as {path: text}: its first step echoes a token of
+    its own, so no other build (previewd's, the floor's, an earlier run's) has its layers; then a
+    step of about a second, the site, and the command."""
+    dockerfile = (f"FROM {IMAGE}\n"
+                  f"RUN echo {token} > /token\n"
+                  "RUN sleep 1 && echo x > /x\n"
+                  "COPY site/ /www/\n"
+                  f"CMD {json.dumps(DEMO_COMMAND)}\n")
+    return {"Dockerfile": dockerfile, "site/index.html": f"{page}\n", "site/about.html": "about this app\n"}
+
+
+def write_tree(directory, files):
+    """Writes the files ({path: text}) under `directory`, made when missing; returns it."""
+    for path, text in files.items():
+        target = directory / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    return directory
+
+
+def tar_of(files):
+    """A plain tar of the files ({path: text}), as `previewd launch --build` uploads a context."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for path, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(path)
+            info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def page_is(text):
+    """A check for wait_until: whether GET / of a host through a port answers 200 with `text`."""
+    def served(port, host):
+        try:
+            status, body = request(port, "GET", "/", host=host, timeout=5)
+        except (OSError, http.client.HTTPException):
+            return False
+        return status == 200 and body.decode(errors="replace").strip() == text
+    return served
+
+
+def upload_build(b, name, body):
+    """POST /api/builds of a context (a tar) for the preview `name` of the image `web`; previewd
+    answers once it is built and launched."""
+    headers = {"Authorization": b.auth, "Content-Type": "application/x-tar", "Accept": "application/json"}
+    status, answer = request(b.api_port, "POST", f"/api/builds?image=web&name={name}", body=body, headers=headers,
+                             timeout=max(b.s.timeout, 300))
+    if status != 200:
+        raise BenchError(f"the build of {name} answered {status}: {answer[:500]!r}")
+
+
+def build_log(b, name):
+    status, body = b.api("GET", f"/api/previews/{name}/build-log")
+    if status != 200:
+        raise BenchError(f"the build log of {name} answered {status}: {body[:300]!r}")
+    return body.decode(errors="replace")
+
+
+def build_seconds(log_text):
+    """How long previewd's build took, as the build log's last line says (`built TAG in 3.2 s`)."""
+    found = re.findall(r"^previewd: built \S+ in ([\d.]+) s$", log_text, re.M)
+    if not found:
+        raise BenchError(f"no finished build in the build log: {log_text[-300:]!r}")
+    return float(found[-1])
+
+
+def engine_time(text):
+    """An engine's RFC 3339 time (nanoseconds, `Z`) as seconds since the epoch."""
+    m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z", text)
+    if not m:
+        raise BenchError(f"not a time: {text!r}")
+    whole = datetime.datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.timezone.utc)
+    return whole.timestamp() + float(f"0.{m.group(2) or 0}")
+
+
+def label_step_seconds(b, name):
+    """How long the last step of previewd's last build of a preview took: the `LABEL` step it adds
+    to every Dockerfile. By the engine's clock: the image's Created less its parent's."""
+    ids = docker("images", "-q", "--no-trunc", "--filter", f"label=previewd.instance={b.instance}",
+                 "--filter", f"label=previewd.slug={name}").split()
+
+    def inspect(image):
+        status, body = docker_api("GET", f"/images/{image}/json")
+        if status != 200:
+            raise BenchError(f"Docker's inspect of the image {image} answered {status}")
+        return json.loads(body)
+
+    images = [inspect(image) for image in dict.fromkeys(ids)]
+    if not images:
+        raise BenchError(f"no image built for {name}")
+    newest = max(images, key=lambda image: engine_time(image["Created"]))
+    if not newest.get("Parent"):
+        return 0.0
+    return engine_time(newest["Created"]) - engine_time(inspect(newest["Parent"])["Created"])
+
+
+def cached_steps(output):
+    """Steps the classic builder took from its cache, by its output."""
+    return output.count("---> Using cache")
+
+
+def builds_run(b, i, r):
+    """One run of the upload figures: a cold build and launch by previewd and by the floor
+    (alternating which goes first), then a one-file change of site/ rebuilt and redeployed by
+    each, in the same order. Both are removed again."""
+    name = f"build-{i}"
+    tokens = {who: f"{b.instance}-{who}-{i}-{secrets.token_hex(4)}" for who in ("previewd", "floor")}
+    order = ("previewd", "floor") if i % 2 else ("floor", "previewd")
+    floor_dir = b.work / "builds" / f"floor-{i}"
+    tags = [f"bench-{b.instance}/app:{i}-cold", f"bench-{b.instance}/app:{i}-warm"]
+    cid = None
+    for who in order:
+        files = app_files(tokens[who], f"{who} {i} cold")
+        if who == "previewd":
+            body = tar_of(files)
+            t = time.monotonic()
+            upload_build(b, name, body)
+            b.wait_preview(name)
+            r["p_cold"].append(time.monotonic() - t)
+            r["p_cold_build"].append(build_seconds(build_log(b, name)))
+            r["p_cold_label"].append(label_step_seconds(b, name))
+        else:
+            write_tree(floor_dir, files)
+            t = time.monotonic()
+            b.floor_build(floor_dir, tags[0])
+            r["f_cold_build"].append(time.monotonic() - t)
+            cid = b.floor_launch(name, tags[0], ())
+            r["f_cold"].append(time.monotonic() - t)
+    for who in order:
+        page = f"{who} {i} warm"
+        if who == "previewd":
+            body = tar_of(app_files(tokens[who], page))
+            t = time.monotonic()
+            upload_build(b, name, body)
+            host = f"{name}.{BASE_DOMAIN}:{b.nginx_port}"
+            wait_until(lambda: page_is(page)(b.nginx_port, host), b.s.timeout, f"{name}'s new page")
+            r["p_warm"].append(time.monotonic() - t)
+            text = build_log(b, name)
+            r["p_warm_build"].append(build_seconds(text))
+            r["p_warm_label"].append(label_step_seconds(b, name))
+            r["p_cached"].append(cached_steps(text))
+        else:
+            write_tree(floor_dir, {"site/index.html": f"{page}\n"})
+            t = time.monotonic()
+            r["f_cached"].append(cached_steps(b.floor_build(floor_dir, tags[1])))
+            r["f_warm_build"].append(time.monotonic() - t)
+            cid = b.floor_replace(name, tags[1], cid, page_is(page))
+            r["f_warm"].append(time.monotonic() - t)
+    b.kill_preview(name)
+    docker("rm", "-f", cid)
+    b.floor.unroute(name)
+    b.floor.reload()
+    b.remove_floor_images(tags)
+    log(f"builds run {i}: cold: previewd {r['p_cold'][-1]:.2f} s, floor {r['f_cold'][-1]:.2f} s; warm: previewd "
+        f"{r['p_warm'][-1]:.2f} s, floor {r['f_warm'][-1]:.2f} s")
+
+
+def download_tarball(b, repo, sha, dest):
+    """A commit's source as previewd gets it from GitHub: the API's tarball answers a redirect to
+    codeload (followed without the token), whose gzip'd tarball is extracted into `dest`, its top
+    directory stripped."""
+    conn = http.client.HTTPConnection("127.0.0.1", b.github.port, timeout=b.s.timeout)
+    try:
+        conn.request("GET", f"/repos/{repo}/tarball/{sha}", headers={
+            "Authorization": f"Bearer {GITHUB_TOKEN}", "Accept": "application/vnd.github+json", "User-Agent": "bench"})
+        response = conn.getresponse()
+        response.read()
+        location = response.getheader("Location")
+    finally:
+        conn.close()
+    if response.status != 302 or not location:
+        raise BenchError(f"the tarball of {repo}@{sha} answered {response.status}, Location {location!r}")
+    url = urllib.parse.urlsplit(location)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=b.s.timeout)
+    try:
+        conn.request("GET", url.path + (f"?{url.query}" if url.query else ""), headers={"User-Agent": "bench"})
+        response = conn.getresponse()
+        data = response.read()
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise BenchError(f"codeload answered {response.status} for {location}: {data[:200]!r}")
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        for member in tar:
+            parts = [part for part in member.name.split("/")[1:] if part]
+            if ".." in parts:
+                raise BenchError(f"the tarball of {repo}@{sha} holds {member.name!r}")
+            if not parts:
+                continue
+            target = dest.joinpath(*parts)
+            if member.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+            elif member.isfile():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(tar.extractfile(member).read())
+                target.chmod(member.mode & 0o777)
+    return dest
+
+
+def bench_push(b, r):
+    """A pull request of a repository with `build:`, opened, then pushed to RUNS times: each push a
+    commit changing site/index.html, GitHub's new state held by the fake and its synchronize
+    delivery sent, timed until the commit's page is served; the floor downloads its own commit of
+    the same change (its own first step: no layers of previewd's) from the fake, builds and
+    replaces its container."""
+    repo, slug = f"{REPO_OWNER}/{BUILD_REPO_NAME}", f"{BUILD_REPO_NAME}-pr-{BUILD_PR}"
+    fixture = json.loads(b.s.fixture.read_text())
+    pushes = b.work / "pushes"
+    tokens = {who: f"{b.instance}-{who}-push-{secrets.token_hex(4)}" for who in ("previewd", "floor")}
+    clock = [datetime.datetime.now(datetime.timezone.utc)]
+
+    def commit(who, n):
+        """Commit n of `who`'s app, its tree given to the fake GitHub: (sha, its page)."""
+        sha = hashlib.sha1(f"{tokens[who]}-{n}".encode()).hexdigest()
+        page = f"{who} commit {n}"
+        b.github.set_commit(repo, sha, write_tree(pushes / f"tree-{who}-{n}", app_files(tokens[who], page)))
+        return sha, page
+
+    def hold(sha, action):
+        """The pull request's head moves to `sha` on GitHub (a later updated_at each time): the
+        body of the delivery that says so."""
+        clock[0] = max(clock[0] + datetime.timedelta(seconds=1), datetime.datetime.now(datetime.timezone.utc))
+        at = clock[0].strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = delivery_body(fixture, BUILD_PR, sha, at, BUILD_REPO_NAME, action)
+        path = pushes / f"{sha}.json"
+        path.write_bytes(body)
+        b.github.set_pull(path)
+        return body
+
+    def send(body):
+        status, _ = deliver_body(b, body)
+        if status != 202:
+            raise BenchError(f"the delivery for {slug} answered {status}")
+
+    def served_previewd(page):
+        host = f"{slug}.{BASE_DOMAIN}:{b.nginx_port}"
+        wait_until(lambda: page_is(page)(b.nginx_port, host), b.s.timeout, f"{slug} serving {page!r}")
+
+    pushes.mkdir()
+    sha, page = commit("previewd", 0)
+    send(hold(sha, "opened"))
+    served_previewd(page)
+    log(f"{slug} serves its first commit")
+    sha, page = commit("floor", 0)
+    tags = [f"bench-{b.instance}/push:0"]
+    b.floor_build(download_tarball(b, repo, sha, pushes / "floor-0"), tags[0])
+    cid = b.floor_launch(slug, tags[0], ())
+    for i in range(1, b.s.runs + 1):
+        p_sha, p_page = commit("previewd", i)
+        body = hold(p_sha, "synchronize")
+        f_sha, f_page = commit("floor", i)
+        for who in (("previewd", "floor") if i % 2 else ("floor", "previewd")):
+            t = time.monotonic()
+            if who == "previewd":
+                send(body)
+                served_previewd(p_page)
+                r["p_push"].append(time.monotonic() - t)
+                r["p_push_build"].append(build_seconds(build_log(b, slug)))
+                r["p_push_label"].append(label_step_seconds(b, slug))
+            else:
+                source = download_tarball(b, repo, f_sha, pushes / f"floor-{i}")
+                r["f_push_download"].append(time.monotonic() - t)
+                t2 = time.monotonic()
+                tags.append(f"bench-{b.instance}/push:{i}")
+                b.floor_build(source, tags[-1])
+                r["f_push_build"].append(time.monotonic() - t2)
+                cid = b.floor_replace(slug, tags[-1], cid, page_is(f_page))
+                r["f_push"].append(time.monotonic() - t)
+        log(f"push {i}: previewd {r['p_push'][-1]:.2f} s, floor {r['f_push'][-1]:.2f} s")
+    # codeload's downloads less the floor's own (its first commit and one a run): previewd's
+    r["push_tarballs"] = b.github.summary().get("tarballs", 0) - (b.s.runs + 1)
+    b.kill_preview(slug)
+    docker("rm", "-f", cid)
+    b.floor.unroute(slug)
+    b.floor.reload()
+    b.remove_floor_images(tags)
+
+
+class RandomBytes:
+    """A file-like of `size` random bytes (what a context's binary data looks like to gzip)."""
+
+    def __init__(self, size):
+        self.left = size
+
+    def read(self, n=-1):
+        n = self.left if n is None or n < 0 else min(n, self.left)
+        self.left -= n
+        return os.urandom(n)
+
+
+def big_context(path, mib):
+    """A tar of a Dockerfile (the demo app, FROM previewd-demo:latest, no step) and `mib` MiB of
+    random bytes in one file: its size in bytes."""
+    dockerfile = f"FROM {IMAGE}\nCMD {json.dumps(DEMO_COMMAND)}\n".encode()
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, size, data in (("Dockerfile", len(dockerfile), io.BytesIO(dockerfile)),
+                                 ("blob.bin", mib << 20, RandomBytes(mib << 20))):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = size, 0o644, int(time.time())
+            tar.addfile(info, data)
+    return path.stat().st_size
+
+
+def bench_upload_memory(b, r):
+    """previewd's RSS, sampled every 10 ms, while a big context is uploaded (sent as fast as the
+    connection takes it, with its Content-Length), then while previewd builds and launches it."""
+    name = "big-context"
+    path = b.work / "big-context.tar"
+    size = big_context(path, b.s.upload_mib)
+    samples, stop = [], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            samples.append((time.monotonic(), b.rss_kb()))
+            time.sleep(0.01)
+
+    time.sleep(1)
+    before, hwm_before = b.rss_kb(), b.hwm_kb()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", b.api_port, timeout=max(b.s.timeout, 600))
+    try:
+        conn.putrequest("POST", f"/api/builds?image=web&name={name}")
+        for key, value in (("Authorization", b.auth), ("Content-Type", "application/x-tar"),
+                           ("Accept", "application/json"), ("Content-Length", str(size))):
+            conn.putheader(key, value)
+        conn.endheaders()
+        try:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 16):
+                    conn.send(chunk)
+        except OSError as err:
+            log(f"the upload stopped: {err}")  # previewd answered early: its answer says why
+        sent = time.monotonic()
+        response = conn.getresponse()
+        answer = response.read()
+    finally:
+        conn.close()
+        stop.set()
+        sampler.join()
+    answered = time.monotonic()
+    path.unlink()
+    if response.status != 200:
+        raise BenchError(f"the upload of {size} bytes answered {response.status}: {answer[:300]!r}")
+    b.wait_preview(name)
+    time.sleep(1)
+    during = [kb for at, kb in samples if at <= sent]
+    after_upload = [kb for at, kb in samples if at > sent]
+    r["mem"] = dict(size=size, before=before, peak_upload=max(during, default=0),
+                    peak_build=max(after_upload, default=0), after=b.rss_kb(), hwm_before=hwm_before,
+                    hwm_after=b.hwm_kb(), upload_s=sent - t, build_s=answered - sent, samples=len(samples))
+    b.kill_preview(name)
+
+
+def bench_builds(b):
+    log(f"7. builds from source: {b.s.runs} runs of a cold build and a rebuild, {b.s.runs} pushes, "
+        f"and a {b.s.upload_mib} MiB upload")
+    docker("image", "inspect", IMAGE)
+    b.clear()
+    r = {key: [] for key in ("p_cold", "f_cold", "p_cold_build", "f_cold_build", "p_cold_label", "p_warm", "f_warm",
+                             "p_warm_build", "f_warm_build", "p_warm_label", "p_cached", "f_cached", "p_push",
+                             "f_push", "p_push_build", "p_push_label", "f_push_download", "f_push_build")}
+    for i in range(1, b.s.runs + 1):
+        builds_run(b, i, r)
+    bench_push(b, r)
+    bench_upload_memory(b, r)
+    r["images_left"] = len(docker("images", "-q", "--filter", f"label=previewd.instance={b.instance}").split())
+    b.r["builds"] = r
+
+
+# --------------------------------------------------------------------------------------------
+# Section 8: scale
 
 
 def scale_fill(b):
@@ -1730,12 +2201,71 @@ networks ready (`network.warm`), so its launch does not create one; by hand does
 """
 
 
+def render_builds(b):
+    r, runs = b.r["builds"], b.s.runs
+    m = r["mem"]
+
+    def cmp(p, f):
+        return f"{ratio(median(r[p]), median(r[f]))}× ({paired(r[p], r[f])})"
+
+    def kb(value):
+        return f"{value / 1024:.1f}"
+
+    def build_row(what, p, f):
+        """The builds of a figure: previewd's (with its LABEL step) and the floor's."""
+        label = median(r[f"{p}_label"])
+        p_build, f_build = median(r[f"{p}_build"]), median(r[f"{f}_build"])
+        return (f"| of which the build{what} | {spread(r[f'{p}_build'])}, of which its `LABEL` step {label:.2f} s "
+                f"| {spread(r[f'{f}_build'])} | {ratio(p_build, f_build)}× ({ratio(p_build - label, f_build)}× "
+                "without the `LABEL` step) | |")
+
+    cached = f"previewd {median(r['p_cached']):.0f}, by hand {median(r['f_cached']):.0f} (medians)"
+    rate = m["size"] / 2**20 / m["upload_s"] if m["upload_s"] > 0 else 0.0
+    return f"""{BUILDS_HEADING}
+
+{measured_by(b)}
+The app: a Dockerfile `FROM previewd-demo:latest` with `RUN echo <token> > /token` (a token of its
+own in every run, for previewd and by hand apart, so no build finds its layers in the cache),
+`RUN sleep 1 && echo x > /x`, `COPY site/ /www/` (two small files) and `CMD` busybox httpd on port
+3000. previewd gets it as a tar on `POST /api/builds?image=web&name=...` (`Accept:
+application/json`: answered once built and launched) and builds it as it builds every preview: the
+engine's classic builder (`POST /build`), its Dockerfile ending with one `LABEL` step of its own,
+`cpu_shares` 256 and the memory limit of `builds`, `RUN` steps on a network of the preview pool.
+By hand is `DOCKER_BUILDKIT=0 docker build -t T dir` of the same files (its own token), then the
+floor's launch (`docker run -d -p 127.0.0.1::3000 T`, one vhost, `nginx -s reload`, until served)
+or, for a rebuild, its replacement (`docker run -d` of the new image, the vhost to its port,
+reload, until the new page is served, `docker rm -f` of the old). Each of the {runs} runs does both,
+alternating which goes first; the push figure's runs alternate too. The push figure's repository
+has `build: {{context: .}}`; its commits are served by the tests' fake GitHub (its codeload on a
+second port, reached through the API's redirect, as on github.com).
+
+| figure | previewd | by hand | ratio | target |
+| --- | --- | --- | --- | --- |
+| cold build + launch, median of {runs} (min–max): from the upload (by hand: `docker build`) until the first 200 through nginx | {spread(r['p_cold'])} | {spread(r['f_cold'])} | {cmp('p_cold', 'f_cold')} | ≤ 1.05× |
+{build_row(": previewd's build log (from the upload received until tagged) vs `docker build`; the `LABEL` step by the engine's clock (the image's Created less its parent's)", "p_cold", "f_cold")}
+| rebuild + redeploy of the same preview after a one-file change of `site/` (steps from the cache: {cached}), from the upload until the new page is served | {spread(r['p_warm'])} | {spread(r['f_warm'])} | {cmp('p_warm', 'f_warm')} | |
+{build_row("", "p_warm", "f_warm")}
+| push: a signed `pull_request` `synchronize` delivery (GitHub holding the new head) until the commit's page is served through nginx; previewd reads the pull request, downloads the tarball (codeload served it {r['push_tarballs']} archives for its {runs + 1} commits), builds on its cache, replaces the preview. By hand: the tarball from the same fake (API redirect, codeload, extracted: {spread(r['f_push_download'], '{:.3f}')}), `docker build`, replace | {spread(r['p_push'])} | {spread(r['f_push'])} | {cmp('p_push', 'f_push')} | |
+{build_row("", "p_push", "f_push")}
+| previewd's RSS during the upload of a {m['size'] / 2**20:.1f} MiB context ({b.s.upload_mib} MiB of random bytes in one file and a Dockerfile, sent with its `Content-Length` in {m['upload_s']:.1f} s, {rate:.0f} MiB/s), sampled every 10 ms ({m['samples']} samples): before / peak during the upload / peak during its build and launch ({m['build_s']:.1f} s) / after; VmHWM (the peak since previewd started) before → after | {kb(m['before'])} / {kb(m['peak_upload'])} / {kb(m['peak_build'])} / {kb(m['after'])} MiB; VmHWM {kb(m['hwm_before'])} → {kb(m['hwm_after'])} MiB | | | flat: streamed to disk |
+| previewd's images left after the previews' kills | {r['images_left']} | | | 0 |
+"""
+
+
+def report_parts(text):
+    """BENCHMARKS.md as (its main part, {heading: part}) for the separate sections: each part runs
+    from its heading to the next separate section's heading, or the end."""
+    marks = sorted((m.start(), heading) for heading in SEPARATE.values()
+                   for m in re.finditer(rf"^{re.escape(heading)}$", text, re.M))
+    ends = [at for at, _ in marks[1:]] + [len(text)]
+    return text[:marks[0][0]] if marks else text, {heading: text[at:end] for (at, heading), end in zip(marks, ends)}
+
+
 def write_report(b):
     """Writes BENCHMARKS.md: the parts of the sections that ran; the others kept as they were."""
     path = ROOT / "BENCHMARKS.md"
     old = path.read_text() if path.exists() else ""
-    old_main, _, old_env = old.partition(ENV_HEADING)
-    old_env = ENV_HEADING + old_env if old_env else ""
+    old_main, old_parts = report_parts(old)
     ran = set(b.s.only)
     kept_main = old_main.partition(PARTIAL_HEADING)[0].rstrip("\n") + "\n" if old_main else "# Benchmarks\n"
     if set(MAIN_SECTIONS) <= ran:
@@ -1746,8 +2276,10 @@ def write_report(b):
         main = f"{kept_main}\n{PARTIAL_HEADING}\n{partial}"
     else:
         main = old_main.rstrip("\n") + "\n" if old_main else "# Benchmarks\n"
-    env = render_environments(b) if "environments" in ran else old_env
-    path.write_text(main + ("\n" + env.rstrip("\n") + "\n" if env else ""))
+    renderers = {"environments": render_environments, "builds": render_builds}
+    parts = [renderers[section](b) if section in ran else old_parts.get(heading, "")
+             for section, heading in SEPARATE.items()]
+    path.write_text(main + "".join("\n" + part.rstrip("\n") + "\n" for part in parts if part))
     log("wrote BENCHMARKS.md")
     print(path.read_text())
 
@@ -1773,6 +2305,7 @@ SECTION_FUNCTIONS = {
     "webhooks": bench_webhooks,
     "intake": bench_intake,
     "environments": bench_environments,
+    "builds": bench_builds,
     "scale": bench_scale,
 }
 

@@ -7,6 +7,7 @@
 //! it into Docker's build context; the engine builds through [`crate::runtime::Images`].
 
 pub mod context;
+pub mod dockerfile;
 pub mod dockerignore;
 
 use std::collections::HashMap;
@@ -24,7 +25,7 @@ use crate::config::{BuildSpec, BuildsConfig, ImageSpec};
 use crate::metrics::Metrics;
 use crate::network::Networks;
 use crate::preview::{InstanceName, Slug};
-use crate::runtime::{BuildError, BuildOutput, BuildPlan, DiskUsage, DockerError, ImageLabels, Runtime};
+use crate::runtime::{BuildError, BuildOutput, BuildPlan, BuiltImage, DiskUsage, DockerError, ImageLabels, Runtime};
 use context::{ContextError, Layout};
 use dockerignore::Ignore;
 
@@ -48,7 +49,7 @@ pub enum BuildFailure {
     #[error("the preview was removed while it was being built")]
     Removed,
     #[error(
-        "the image lacks the labels previewd adds with a last line of the Dockerfile: the Dockerfile's last instruction probably ends with its escape character (`\\`) and swallowed that line; end the Dockerfile with a complete instruction"
+        "the built image does not carry previewd's labels as previewd set them after the final FROM (previewd.built, previewd.instance, previewd.slug): the Dockerfile may not set previewd.* labels itself"
     )]
     LabelsLost,
     #[error("no network for the build's steps: {0}")]
@@ -91,8 +92,6 @@ pub struct BuildInput {
     pub revision: String,
     /// The repository part of the image's name: `acme/shop`, or `upload/<slug>`.
     pub repository: String,
-    /// The commit, for a pull request's preview.
-    pub sha: Option<String>,
     /// Whether the source's own `.previewd.yml` applies.
     pub repo_file: bool,
     /// From [`Builds::claim`]: stopped when a newer build of the preview comes.
@@ -374,7 +373,7 @@ impl Builds {
             Err(err) => {
                 self.finish(slug, &claim, &format!("failed: {err}"));
                 let leftover = last_layer.lock().unwrap_or_else(PoisonError::into_inner).take();
-                self.prune(leftover.into_iter().collect());
+                self.prune(leftover.map(|id| (slug.clone(), id)).into_iter().collect());
             }
         }
         let label = match &result {
@@ -414,13 +413,13 @@ impl Builds {
             }
         }
         let ignore = self.read_dockerignore(&input.source, &build).await?;
-        let labels = self.runtime.image_labels(slug, input.sha.as_deref());
-        let context = self.write_context(&input.source, &build, labels.clone(), ignore, &claim).await?;
+        let labels = self.runtime.image_labels(slug);
+        let context = self.write_context(&input.source, &build, &labels, ignore, &claim).await?;
         let tag = image_tag(&self.instance, &input.repository, &input.revision);
-        let reuse_key = context.summary.paths_digest.as_ref().map(|digest| reuse_key(&build, digest));
+        let reuse_tag = context.summary.paths_digest.as_ref().map(|digest| self.reuse_tag(slug, &build, digest));
         let repository_prefix = image_tag(&self.instance, &input.repository, "");
-        if let Some(key) = &reuse_key
-            && let Some(image) = self.reusable(slug, key, &repository_prefix).await?
+        if let Some(reuse_tag) = &reuse_tag
+            && let Some(image) = self.reusable(slug, reuse_tag, &repository_prefix).await?
         {
             on_step("build", format!("no change in build.paths since {image}: reusing it"));
             return Ok(image);
@@ -473,19 +472,31 @@ impl Builds {
             Ok(Err(BuildError::Docker(err))) => return Err(BuildFailure::Docker(err)),
             Err(_) => return Err(BuildFailure::TimedOut(self.config.timeout)),
         }
-        self.check_labels(&tag, &labels, reuse_key.as_deref()).await?;
+        self.check_labels(&tag, &labels).await?;
+        if let Some(reuse_tag) = &reuse_tag {
+            self.runtime.tag_image(&tag, reuse_tag).await?;
+        }
         Ok(tag)
     }
 
+    /// The second tag of a build with `build.paths`: `previewd-<instance>/reuse/<slug>:<key>`,
+    /// the key being what decides the image besides the files outside the paths. A later push
+    /// with the same key runs the image that has it instead of building.
+    fn reuse_tag(&self, slug: &Slug, build: &BuildSpec, paths_digest: &str) -> String {
+        format!(
+            "{}:{}",
+            image_tag(&self.instance, &format!("reuse/{slug}"), "").trim_end_matches(':'),
+            reuse_key(build, paths_digest)
+        )
+    }
+
     /// The built image carries exactly previewd's labels (the line added to the Dockerfile was
-    /// not swallowed by a continuation, and no `LABEL` of the Dockerfile's overrode one), else it
+    /// read as its own instruction, and no later `LABEL` of the Dockerfile overrode one), else it
     /// is removed: without them, `keep` and removal would never find it, and a Dockerfile could
     /// pass its image off as another preview's.
-    async fn check_labels(&self, tag: &str, labels: &ImageLabels, reuse_key: Option<&str>) -> Result<(), BuildFailure> {
+    async fn check_labels(&self, tag: &str, labels: &ImageLabels) -> Result<(), BuildFailure> {
         let found = self.runtime.labels_of(tag).await?;
-        let expected = labels.pairs.iter().map(|(k, v)| (k.as_str(), Some(v.as_str())));
-        let reuse = (labels.reuse_key_label.as_str(), reuse_key);
-        let intact = expected.chain([reuse]).all(|(key, value)| found.get(key).map(String::as_str) == value);
+        let intact = labels.pairs.iter().all(|(key, value)| found.get(key) == Some(value));
         if intact {
             return Ok(());
         }
@@ -535,10 +546,11 @@ impl Builds {
         &self,
         source: &SourceArchive,
         build: &BuildSpec,
-        labels: ImageLabels,
+        labels: &ImageLabels,
         ignore: Ignore,
         claim: &Claim,
     ) -> Result<PreparedContext, BuildFailure> {
+        let label_line = label_line(labels);
         let path = source.file.to_path_buf();
         let layout = source.layout;
         let build = build.clone();
@@ -550,7 +562,6 @@ impl Builds {
             let stopped = || cancel.is_cancelled();
             let file = std::fs::File::open(&path).map_err(ContextError::Read)?;
             let writer = std::io::BufWriter::new(out.as_file());
-            let suffix = |digest: Option<&str>| label_line(&labels, digest.map(|d| reuse_key(&build, d)).as_deref());
             let plan = context::ContextPlan {
                 context: &build.context,
                 ignore: &ignore,
@@ -558,7 +569,7 @@ impl Builds {
                 dockerfile: &build.dockerfile,
                 paths: build.paths.as_ref(),
                 max_context,
-                dockerfile_suffix: &suffix,
+                label_line: &label_line,
             };
             let summary = context::write_context(layout, std::io::BufReader::new(file), &plan, writer)?;
             Ok(PreparedContext { file: out.into_temp_path(), summary })
@@ -566,13 +577,13 @@ impl Builds {
         .await
     }
 
-    /// A built image of the preview with the same reuse key, tagged for the same repository
+    /// A built image of the preview with the same reuse tag, tagged for the same repository
     /// (`prefix`), if one is still there.
-    async fn reusable(&self, slug: &Slug, key: &str, prefix: &str) -> Result<Option<String>, BuildFailure> {
+    async fn reusable(&self, slug: &Slug, reuse_tag: &str, prefix: &str) -> Result<Option<String>, BuildFailure> {
         let images = self.runtime.built_images().await?;
         Ok(images
             .into_iter()
-            .filter(|image| image.slug.as_ref() == Some(slug) && image.reuse_key.as_deref() == Some(key))
+            .filter(|image| image.slug.as_ref() == Some(slug) && image.tags.iter().any(|tag| tag == reuse_tag))
             .find_map(|image| image.tags.into_iter().find(|tag| tag.starts_with(prefix))))
     }
 
@@ -616,16 +627,22 @@ impl Builds {
     /// Removes, in the background, what failed builds left and the dangling images of builds.
     /// A stopped build's step container still uses its last image for a moment (Docker removes
     /// it after the build's answer ends), so leftovers are tried again until they are gone.
-    fn prune(&self, leftovers: Vec<String>) {
+    ///
+    /// A leftover of a preview that builds again meanwhile is left: the new build may be using
+    /// it from the layer cache. (It carries previewd's labels, so a later prune finds it.)
+    fn prune(&self, leftovers: Vec<(Slug, String)>) {
         const ATTEMPTS: usize = 10;
-        let runtime = Arc::clone(&self.runtime);
+        let (builds, runtime) = (self.clone(), Arc::clone(&self.runtime));
         tokio::spawn(async move {
             for _ in 0..ATTEMPTS {
-                if let Err(err) = runtime.prune_build_leftovers(&leftovers).await {
+                let building: Vec<Slug> = builds.statuses().into_iter().map(|status| status.name).collect();
+                let idle: Vec<String> =
+                    leftovers.iter().filter(|(slug, _)| !building.contains(slug)).map(|(_, id)| id.clone()).collect();
+                if let Err(err) = runtime.prune_build_leftovers(&idle, &building).await {
                     return tracing::warn!(error = %err, "cannot prune what builds left");
                 }
                 let mut remaining = 0;
-                for id in &leftovers {
+                for id in &idle {
                     remaining += usize::from(runtime.has_image(id).await.unwrap_or(false));
                 }
                 if remaining == 0 {
@@ -645,12 +662,25 @@ impl Builds {
         };
         let of_slug: Vec<_> = images.into_iter().filter(|image| image.slug.as_ref() == Some(slug)).collect();
         for id in beyond_keep(&of_slug, self.config.keep, in_use) {
-            match self.runtime.remove_image(id).await {
+            let Some(image) = of_slug.iter().find(|image| image.id == id) else { continue };
+            match self.remove_built(image).await {
                 Ok(()) => tracing::info!(%slug, image = id, "removed a build beyond builds.keep"),
                 Err(err) => tracing::warn!(%slug, image = id, error = %err, "cannot remove an old build"),
             }
         }
         self.prune(Vec::new());
+    }
+
+    /// Removes a built image: each of its tags (the repository's, the reuse tag), and so the
+    /// image with the last one. One a container runs keeps its last tag (Docker refuses).
+    pub async fn remove_built(&self, image: &BuiltImage) -> Result<(), DockerError> {
+        for tag in &image.tags {
+            self.runtime.remove_image(tag).await?;
+        }
+        if image.tags.is_empty() {
+            self.runtime.remove_image(&image.id).await?;
+        }
+        Ok(())
     }
 
     /// The preview is gone: its build in flight stops (and leaves no log behind), its images and
@@ -663,7 +693,7 @@ impl Builds {
         match self.runtime.built_images().await {
             Ok(images) => {
                 for image in images.iter().filter(|image| image.slug.as_ref() == Some(slug)) {
-                    if let Err(err) = self.runtime.remove_image(&image.id).await {
+                    if let Err(err) = self.remove_built(image).await {
                         tracing::warn!(%slug, image = %image.id, error = %err, "cannot remove a built image");
                     }
                 }
@@ -693,13 +723,10 @@ fn reuse_key(build: &BuildSpec, paths_digest: &str) -> String {
     format!("{}-{paths_digest}", build.digest())
 }
 
-/// One `LABEL` instruction with every label (and the reuse key, when there is one). Keys and
-/// values are previewd's own (names, hex digests), quoted anyway.
-fn label_line(labels: &ImageLabels, reuse_key: Option<&str>) -> String {
-    let mut pairs: Vec<String> = labels.pairs.iter().map(|(k, v)| format!("{k:?}={v:?}")).collect();
-    if let Some(key) = reuse_key {
-        pairs.push(format!("{:?}={key:?}", labels.reuse_key_label));
-    }
+/// One `LABEL` instruction with every label. Keys and values are previewd's own (names),
+/// quoted anyway.
+fn label_line(labels: &ImageLabels) -> String {
+    let pairs: Vec<String> = labels.pairs.iter().map(|(k, v)| format!("{k:?}={v:?}")).collect();
     format!("LABEL {}\n", pairs.join(" "))
 }
 
@@ -752,7 +779,7 @@ mod tests {
     }
 
     fn image(id: &str, tag: &str) -> BuiltImage {
-        BuiltImage { id: id.into(), tags: vec![tag.into()], slug: None, created: 0, reuse_key: None, sha: None }
+        BuiltImage { id: id.into(), tags: vec![tag.into()], slug: None, created: 0 }
     }
 
     #[test]

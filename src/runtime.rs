@@ -203,7 +203,10 @@ pub trait Images: Send + Sync {
     ) -> Result<(), BuildError>;
 
     /// The labels a built image of `slug` carries, for its Dockerfile to set.
-    fn image_labels(&self, slug: &Slug, sha: Option<&str>) -> ImageLabels;
+    fn image_labels(&self, slug: &Slug) -> ImageLabels;
+
+    /// Gives an image one more tag (no build step: the engine only records the name).
+    async fn tag_image(&self, image: &str, tag: &str) -> Result<(), DockerError>;
 
     /// The labels of an image.
     async fn labels_of(&self, reference: &str) -> Result<std::collections::HashMap<String, String>, DockerError>;
@@ -215,8 +218,9 @@ pub trait Images: Send + Sync {
     async fn remove_image(&self, reference: &str) -> Result<(), DockerError>;
 
     /// Removes the untagged layers builds of this instance left (a failed or stopped build's
-    /// last step, an image whose tag moved); how many images went.
-    async fn prune_build_leftovers(&self, leftovers: &[String]) -> Result<usize, DockerError>;
+    /// last step, an image whose tag moved), but none of a preview in `building` (a build in
+    /// flight has untagged step images too); how many images went.
+    async fn prune_build_leftovers(&self, leftovers: &[String], building: &[Slug]) -> Result<usize, DockerError>;
 
     /// Bytes of this instance's built images that are not shared with other images, and the
     /// free bytes on the engine's disk (`None` when it cannot be read from here).
@@ -240,12 +244,11 @@ pub struct BuildPlan<'a> {
     pub network: Option<&'a str>,
 }
 
-/// The labels of a built image, set by a `LABEL` line previewd adds to the Dockerfile.
+/// The labels of a built image, set by a `LABEL` line previewd adds to the Dockerfile. The same
+/// for every build of a preview, so that line is served from the layer cache.
 #[derive(Debug, Clone)]
 pub struct ImageLabels {
     pub pairs: Vec<(String, String)>,
-    /// The label that records the build's reuse key (see `crate::build`).
-    pub reuse_key_label: String,
 }
 
 /// A line of a build's output.
@@ -275,8 +278,6 @@ pub struct BuiltImage {
     pub slug: Option<Slug>,
     /// Unix seconds.
     pub created: i64,
-    pub reuse_key: Option<String>,
-    pub sha: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]

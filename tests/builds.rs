@@ -61,8 +61,21 @@ fn site_commit(gh: &GitHubApp, sha: &str, steps: &str, text: &str) {
     commit(gh, sha, &[("Dockerfile", dockerfile), ("site/index.html", format!("{text}\n"))]);
 }
 
+/// Waits until the preview runs `sha`; a failure of that commit fails the test with its build log.
 async fn live(gh: &GitHubApp, sha: &str) {
-    gh.comment_saying(2, &format!("Commit `{}`", short(sha))).await;
+    let (live, failed) = (format!("Commit `{}`", short(sha)), format!("failed for commit `{}`", short(sha)));
+    let comments = gh.comment_saying(2, "").await;
+    let outcome = gh
+        .github
+        .wait_for("the commit live or failed", WAIT, |github| {
+            let comments = github.comments(REPO, 2);
+            comments.iter().find(|c| c.body.contains(&live) || c.body.contains(&failed)).map(|c| c.body.clone())
+        })
+        .await;
+    drop(comments);
+    if outcome.contains(&failed) {
+        panic!("{outcome}\nbuild log:\n{}", build_log(gh).await);
+    }
 }
 
 async fn api_get(gh: &GitHubApp, path: &str) -> reqwest::Response {
@@ -204,7 +217,7 @@ async fn a_failing_step_keeps_the_previous_preview_serving_and_the_status_names_
 
     gh.send_pr(pushed(1, &broken)).await;
     let comments = gh.comment_saying(2, &format!("failed for commit `{}`", short(&broken))).await;
-    let step = "Step 3/6 : RUN sh -c 'echo $((6 * 7))-secret-output; exit 3'";
+    let step = "Step 4/6 : RUN sh -c 'echo $((6 * 7))-secret-output; exit 3'";
     assert!(comments[0].body.contains(step), "{}", comments[0].body);
     assert!(!comments[0].body.contains("42-secret-output"), "build output is never posted: {}", comments[0].body);
     let log_url = format!("http://previewd.example/api/previews/{SLUG}/build-log");
@@ -212,7 +225,7 @@ async fn a_failing_step_keeps_the_previous_preview_serving_and_the_status_names_
     let deployment = gh.github.deployments(REPO).into_iter().find(|d| d.sha == broken).expect("a deployment");
     let failure = gh.github.statuses(REPO, deployment.id).pop().expect("a status");
     assert_eq!(failure.state, "failure");
-    assert!(failure.description.as_deref().unwrap_or_default().contains("Step 3/6"), "{failure:?}");
+    assert!(failure.description.as_deref().unwrap_or_default().contains("Step 4/6"), "{failure:?}");
     assert_eq!(failure.log_url.as_deref(), Some(log_url.as_str()));
     assert_eq!(gh.app.via_nginx(SLUG, "/").await.unwrap(), (200, "the good commit\n".to_owned()));
     assert!(build_log(&gh).await.contains("42-secret-output"), "the build log keeps the output");
@@ -325,6 +338,11 @@ async fn upload_app(builds: &str) -> TestApp {
     TestApp::start_from(dir, instance, nginx_port, format!("{yaml}{builds}")).await
 }
 
+async fn status_and_text(response: reqwest::Response) -> (u16, String) {
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap_or_default())
+}
+
 /// A tar of the given files.
 fn tar_of(files: &[(&str, String)]) -> Vec<u8> {
     let mut builder = tar::Builder::new(Vec::new());
@@ -362,7 +380,7 @@ async fn a_context_uploaded_by_hand_is_built_and_launched_with_its_progress() {
     assert!(
         lines
             .iter()
-            .any(|line| line["step"] == "build" && line["message"].as_str().unwrap().starts_with("Step 3/5 : COPY")),
+            .any(|line| line["step"] == "build" && line["message"].as_str().unwrap().starts_with("Step 4/5 : COPY")),
         "{lines:?}"
     );
     assert_eq!(steps.last(), Some(&"ready"), "{lines:?}");
@@ -413,7 +431,9 @@ async fn a_second_build_waits_for_its_turn_and_shows_as_queued() {
     let quick = tar_of(&[("Dockerfile", dockerfile(&app.instance, "")), ("site/index.html", "b\n".into())]);
     let first = {
         let app = Arc::clone(&app);
-        tokio::spawn(async move { upload(&app, "first", slow, "application/x-tar", "application/json").await.status() })
+        tokio::spawn(async move {
+            status_and_text(upload(&app, "first", slow, "application/x-tar", "application/json").await).await
+        })
     };
     let deadline = Instant::now() + WAIT;
     let building = || async {
@@ -426,9 +446,9 @@ async fn a_second_build_waits_for_its_turn_and_shows_as_queued() {
     }
     let second = {
         let app = Arc::clone(&app);
-        tokio::spawn(
-            async move { upload(&app, "second", quick, "application/x-tar", "application/json").await.status() },
-        )
+        tokio::spawn(async move {
+            status_and_text(upload(&app, "second", quick, "application/x-tar", "application/json").await).await
+        })
     };
     loop {
         let builds = building().await;
@@ -442,8 +462,8 @@ async fn a_second_build_waits_for_its_turn_and_shows_as_queued() {
     let dashboard = app.client.get(app.url("/")).basic_auth(USER, Some(PASSWORD)).send().await.unwrap();
     let html = dashboard.text().await.unwrap();
     assert!(html.contains(r#"<tr class="build" data-name="second">"#), "the dashboard shows the queued build");
-    assert_eq!(first.await.unwrap(), 200);
-    assert_eq!(second.await.unwrap(), 200);
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    assert_eq!((first.0, second.0), (200, 200), "{} / {}", first.1, second.1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -463,7 +483,7 @@ async fn the_cli_builds_a_local_directory_with_its_progress_and_honours_dockerig
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert!(
-        stderr.lines().any(|line| line.contains("build") && line.contains("Step 3/5 : COPY site/ /www/")),
+        stderr.lines().any(|line| line.contains("build") && line.contains("Step 4/5 : COPY site/ /www/")),
         "{stderr}"
     );
     assert!(String::from_utf8_lossy(&output.stdout).contains("my-work.preview.localhost"));
@@ -486,7 +506,11 @@ async fn a_build_past_builds_timeout_is_stopped_with_504() {
     assert_eq!(status, 504, "{message}");
     assert!(message.contains("builds.timeout"), "{message}");
     assert!(started.elapsed() < Duration::from_secs(30), "stopped at its timeout, not at the step's end");
-    assert!(common::built_images(&app.instance).is_empty());
+    let deadline = Instant::now() + WAIT;
+    while !common::built_images(&app.instance).is_empty() {
+        assert!(Instant::now() < deadline, "the stopped build left {:?}", common::built_images(&app.instance));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -531,14 +555,14 @@ async fn a_builds_run_steps_cannot_reach_services_on_the_host() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dockerfile_that_swallows_previewds_label_line_is_refused_and_its_image_removed() {
+async fn a_dockerfile_that_sets_previewds_labels_itself_is_refused_and_its_image_removed() {
     let app = upload_app("").await;
-    let dockerfile = dockerfile(&app.instance, "").trim_end().to_owned() + " \\\n";
+    let dockerfile = dockerfile(&app.instance, "LABEL previewd.slug=someone-elses-preview\n");
     let context = tar_of(&[("Dockerfile", dockerfile), ("site/index.html", "x\n".into())]);
     let (status, message) =
         common::error_of(upload(&app, "swallowed", context, "application/x-tar", "application/json").await).await;
     assert_eq!(status, 422, "{message}");
-    assert!(message.contains("escape character"), "{message}");
+    assert!(message.contains("may not set previewd.* labels"), "{message}");
     assert!(common::built_images(&app.instance).is_empty(), "the unlabelled image is gone");
 }
 
@@ -575,7 +599,11 @@ async fn a_kill_during_a_first_build_stops_it_and_leaves_nothing() {
         assert!(Instant::now() < deadline, "the killed build's step container is still there");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(common::built_images(&app.instance).is_empty());
+    let deadline = Instant::now() + WAIT;
+    while !common::built_images(&app.instance).is_empty() {
+        assert!(Instant::now() < deadline, "the killed build left {:?}", common::built_images(&app.instance));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let log = app.client.get(app.url("/api/previews/doomed/build-log")).basic_auth(USER, Some(PASSWORD));
     assert_eq!(log.send().await.unwrap().status(), 404, "no log of a removed preview");
 }

@@ -157,9 +157,10 @@ pub struct ContextPlan<'a> {
     pub dockerfile: &'a TreePath,
     pub paths: Option<&'a PathFilter>,
     pub max_context: u64,
-    /// Lines added at the end of the Dockerfile, given the paths digest: previewd's labels, as
-    /// one `LABEL` instruction (the engine's own `labels` option costs a build step per label).
-    pub dockerfile_suffix: &'a dyn Fn(Option<&str>) -> String,
+    /// previewd's labels, as one `LABEL` instruction put after the final `FROM` (see
+    /// [`super::dockerfile`]; the engine's own `labels` option costs a build step per label,
+    /// and one at every build).
+    pub label_line: &'a str,
 }
 
 /// A Dockerfile larger than this is not a Dockerfile.
@@ -234,11 +235,11 @@ pub fn write_context<R: Read + Send + 'static, W: Write>(
             None => {}
         }
     }
-    let Some((mut header, mut text)) = kept_dockerfile else {
+    let Some((mut header, text)) = kept_dockerfile else {
         return Err(ContextError::NoDockerfile { context: context.to_string(), dockerfile: dockerfile_path });
     };
     summary.paths_digest = digest.map(|hasher| hex::encode(&hasher.finalize()[..12]));
-    text.extend_from_slice(format!("\n{}", (plan.dockerfile_suffix)(summary.paths_digest.as_deref())).as_bytes());
+    let text = super::dockerfile::with_labels(&String::from_utf8_lossy(&text), plan.label_line).into_bytes();
     header.set_size(text.len() as u64);
     builder.append_data(&mut header, &dockerfile_path, text.as_slice()).map_err(ContextError::Write)?;
     builder.into_inner().and_then(|mut out| out.flush()).map_err(ContextError::Write)?;
@@ -313,7 +314,7 @@ pub(crate) mod tests {
     ) -> Result<(ContextSummary, Vec<u8>), ContextError> {
         let mut out = Vec::new();
         let (context, dockerfile) = (tree(context), tree("Dockerfile"));
-        let suffix = |digest: Option<&str>| format!("LABEL digest={}\n", digest.unwrap_or("none"));
+
         let ignore = Ignore::parse("*.log\n!keep.log\n").unwrap();
         let plan = ContextPlan {
             context: &context,
@@ -322,7 +323,7 @@ pub(crate) mod tests {
             dockerfile: &dockerfile,
             paths,
             max_context: 1 << 20,
-            dockerfile_suffix: &suffix,
+            label_line: "LABEL previewd=\"yes\"\n",
         };
         let summary = write_context(Layout::GitHubTarball, io::Cursor::new(source), &plan, &mut out)?;
         Ok((summary, out))
@@ -338,7 +339,7 @@ pub(crate) mod tests {
             files,
             vec![
                 ("src/app.py".to_owned(), "print(1)".to_owned()),
-                ("Dockerfile".to_owned(), "FROM x\nLABEL digest=none\n".to_owned()),
+                ("Dockerfile".to_owned(), "FROM x\nLABEL previewd=\"yes\"\n".to_owned()),
             ],
             "the Dockerfile comes last, with previewd's lines"
         );

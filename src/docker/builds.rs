@@ -15,7 +15,7 @@ use bollard::query_parameters::{BuildImageOptions, ListImagesOptions, RemoveImag
 use futures_util::StreamExt;
 use tokio_util::io::ReaderStream;
 
-use super::labels::{LABEL_BUILT, LABEL_INSTANCE, LABEL_REUSE, LABEL_SHA, LABEL_SLUG};
+use super::labels::{LABEL_BUILT, LABEL_INSTANCE, LABEL_SLUG};
 use super::{DockerError, DockerRuntime, is_not_found};
 use crate::preview::Slug;
 use crate::runtime::{BuildError, BuildOutput, BuildPlan, BuiltImage, DiskUsage, ImageLabels, Images};
@@ -96,8 +96,6 @@ fn built_image(summary: bollard::models::ImageSummary) -> BuiltImage {
     let label = |key: &str| summary.labels.get(key).cloned();
     BuiltImage {
         slug: label(LABEL_SLUG).and_then(|s| Slug::parse(&s).ok()),
-        reuse_key: label(LABEL_REUSE),
-        sha: label(LABEL_SHA),
         created: summary.created,
         tags: summary.repo_tags.into_iter().filter(|t| t != "<none>:<none>").collect(),
         id: summary.id,
@@ -114,14 +112,20 @@ fn truncate(text: &str) -> String {
 
 #[async_trait]
 impl Images for DockerRuntime {
-    fn image_labels(&self, slug: &Slug, sha: Option<&str>) -> ImageLabels {
-        let mut pairs = vec![
+    fn image_labels(&self, slug: &Slug) -> ImageLabels {
+        let pairs = vec![
             (LABEL_BUILT.to_owned(), "true".to_owned()),
             (LABEL_INSTANCE.to_owned(), self.instance.to_string()),
             (LABEL_SLUG.to_owned(), slug.to_string()),
         ];
-        pairs.extend(sha.map(|sha| (LABEL_SHA.to_owned(), sha.to_owned())));
-        ImageLabels { pairs, reuse_key_label: LABEL_REUSE.to_owned() }
+        ImageLabels { pairs }
+    }
+
+    async fn tag_image(&self, image: &str, tag: &str) -> Result<(), DockerError> {
+        let (repo, tag) = tag.rsplit_once(':').unwrap_or((tag, "latest"));
+        let options =
+            bollard::query_parameters::TagImageOptions { repo: Some(repo.to_owned()), tag: Some(tag.to_owned()) };
+        self.docker.tag_image(image, Some(options)).await.map_err(|err| DockerError::from_bollard("tag an image", err))
     }
 
     async fn build_image(
@@ -206,7 +210,7 @@ impl Images for DockerRuntime {
         }
     }
 
-    async fn prune_build_leftovers(&self, leftovers: &[String]) -> Result<usize, DockerError> {
+    async fn prune_build_leftovers(&self, leftovers: &[String], building: &[Slug]) -> Result<usize, DockerError> {
         let mut filters = self.built_filter();
         filters.insert("dangling".to_owned(), vec!["true".to_owned()]);
         let options = ListImagesOptions { filters: Some(filters), ..Default::default() };
@@ -215,8 +219,13 @@ impl Images for DockerRuntime {
             .list_images(Some(options))
             .await
             .map_err(|err| DockerError::from_bollard("list images", err))?;
+        let idle = |image: &&bollard::models::ImageSummary| {
+            let slug = image.labels.get(LABEL_SLUG).and_then(|slug| Slug::parse(slug).ok());
+            slug.is_none_or(|slug| !building.contains(&slug))
+        };
         let mut removed = 0;
-        for id in dangling.iter().map(|image| image.id.as_str()).chain(leftovers.iter().map(String::as_str)) {
+        let dangling = dangling.iter().filter(idle).map(|image| image.id.as_str());
+        for id in dangling.chain(leftovers.iter().map(String::as_str)) {
             let tagged = match self.docker.inspect_image(id).await {
                 Ok(image) => image.repo_tags.is_some_and(|tags| !tags.is_empty()),
                 Err(err) if is_not_found(&err) => continue,

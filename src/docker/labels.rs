@@ -34,9 +34,6 @@ pub const LABEL_DIGEST: &str = "previewd.digest";
 /// On images previewd built (with the instance, the preview's slug and the commit): never on a
 /// container, so a container run from such an image by hand is not taken for a preview.
 pub const LABEL_BUILT: &str = "previewd.built";
-/// Of a built image: what decides it besides the files outside `build.paths` (see
-/// `crate::build`); a push with the same key reuses the image.
-pub const LABEL_REUSE: &str = "previewd.reuse-key";
 
 /// The labels every object of an instance carries.
 pub fn instance_labels(instance: &str) -> HashMap<String, String> {

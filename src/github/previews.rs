@@ -329,7 +329,6 @@ impl PullRequestPreviews {
             build,
             revision: target.sha.clone(),
             repository: target.repo.clone(),
-            sha: Some(target.sha.clone()),
             repo_file: true,
             claim,
         };

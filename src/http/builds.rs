@@ -56,7 +56,6 @@ pub async fn post_build(
         claim: builds.claim(&request.name, &digest),
         repository: format!("upload/{}", request.name),
         revision: digest,
-        sha: None,
         repo_file: true,
     };
     if accepts(&headers, NDJSON) {

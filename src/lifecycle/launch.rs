@@ -96,11 +96,20 @@ impl Lifecycle {
         }
         if claim.is_some() {
             // Also after a failed launch: a preview whose app keeps failing must not pile up an
-            // image per push. The image a container runs is never removed.
-            let in_use = if result.is_ok() { vec![image] } else { Vec::new() };
+            // image per push. The images its containers run stay.
+            let in_use = self.images_in_use(&request_name, image).await;
             self.builds.keep(&request_name, &in_use).await;
         }
         result
+    }
+
+    /// The images the preview's app containers run, and `launched`.
+    async fn images_in_use(&self, slug: &Slug, launched: String) -> Vec<String> {
+        let mut in_use = vec![launched];
+        for container in self.runtime.list_slug(slug).await.unwrap_or_default() {
+            in_use.extend(self.runtime.container_image(&container.id).await.ok());
+        }
+        in_use
     }
 
     /// The preview's containers so far, and its place under `limits` (see [`Admission`]).

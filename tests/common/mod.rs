@@ -330,14 +330,19 @@ impl Drop for TestApp {
     }
 }
 
-/// The images previewd built for an instance (`docker images`: `repository:tag` lines).
+/// The images previewd built for an instance (`docker images`: `repository:tag` lines), by
+/// their repository tags (a reuse tag, `…/reuse/<name>:<key>`, is left out).
 pub fn built_images(instance: &str) -> Vec<String> {
     let output = Command::new("docker")
         .args(["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", "label=previewd.built=true"])
         .args(["--filter", &format!("label=previewd.instance={instance}")])
         .output()
         .expect("docker images");
-    String::from_utf8_lossy(&output.stdout).lines().map(str::to_owned).collect()
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| !line.contains("/reuse/"))
+        .map(str::to_owned)
+        .collect()
 }
 
 pub fn remove_built_images(instance: &str) {

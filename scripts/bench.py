@@ -49,8 +49,7 @@ them:
                    (previewd reads the pull request, downloads the commit's tarball from the fake
                    GitHub's codeload, builds, replaces), vs the floor downloading its own commit's
                    tarball the same way, extracting it, `docker build` and replacing; each run
-                   alternates which goes first. Of previewd's builds, its own LABEL step too (by
-                   the engine's clock: the image's Created less its parent's). Then previewd's RSS
+                   alternates which goes first. Then previewd's RSS
                    while a context of 200 MiB of random bytes is uploaded (sampled every 10 ms),
                    and while it is built and launched
   scale         8. scale: 500 running previews (launched 8 at a time; fewer if the host runs
@@ -1486,27 +1485,6 @@ def engine_time(text):
     return whole.timestamp() + float(f"0.{m.group(2) or 0}")
 
 
-def label_step_seconds(b, name):
-    """How long the last step of previewd's last build of a preview took: the `LABEL` step it adds
-    to every Dockerfile. By the engine's clock: the image's Created less its parent's."""
-    ids = docker("images", "-q", "--no-trunc", "--filter", f"label=previewd.instance={b.instance}",
-                 "--filter", f"label=previewd.slug={name}").split()
-
-    def inspect(image):
-        status, body = docker_api("GET", f"/images/{image}/json")
-        if status != 200:
-            raise BenchError(f"Docker's inspect of the image {image} answered {status}")
-        return json.loads(body)
-
-    images = [inspect(image) for image in dict.fromkeys(ids)]
-    if not images:
-        raise BenchError(f"no image built for {name}")
-    newest = max(images, key=lambda image: engine_time(image["Created"]))
-    if not newest.get("Parent"):
-        return 0.0
-    return engine_time(newest["Created"]) - engine_time(inspect(newest["Parent"])["Created"])
-
-
 def cached_steps(output):
     """Steps the classic builder took from its cache, by its output."""
     return output.count("---> Using cache")
@@ -1531,7 +1509,6 @@ def builds_run(b, i, r):
             b.wait_preview(name)
             r["p_cold"].append(time.monotonic() - t)
             r["p_cold_build"].append(build_seconds(build_log(b, name)))
-            r["p_cold_label"].append(label_step_seconds(b, name))
         else:
             write_tree(floor_dir, files)
             t = time.monotonic()
@@ -1550,7 +1527,6 @@ def builds_run(b, i, r):
             r["p_warm"].append(time.monotonic() - t)
             text = build_log(b, name)
             r["p_warm_build"].append(build_seconds(text))
-            r["p_warm_label"].append(label_step_seconds(b, name))
             r["p_cached"].append(cached_steps(text))
         else:
             write_tree(floor_dir, {"site/index.html": f"{page}\n"})
@@ -1669,7 +1645,6 @@ def bench_push(b, r):
                 served_previewd(p_page)
                 r["p_push"].append(time.monotonic() - t)
                 r["p_push_build"].append(build_seconds(build_log(b, slug)))
-                r["p_push_label"].append(label_step_seconds(b, slug))
             else:
                 source = download_tarball(b, repo, f_sha, pushes / f"floor-{i}")
                 r["f_push_download"].append(time.monotonic() - t)
@@ -1771,9 +1746,9 @@ def bench_builds(b):
         f"and a {b.s.upload_mib} MiB upload")
     docker("image", "inspect", IMAGE)
     b.clear()
-    r = {key: [] for key in ("p_cold", "f_cold", "p_cold_build", "f_cold_build", "p_cold_label", "p_warm", "f_warm",
-                             "p_warm_build", "f_warm_build", "p_warm_label", "p_cached", "f_cached", "p_push",
-                             "f_push", "p_push_build", "p_push_label", "f_push_download", "f_push_build")}
+    r = {key: [] for key in ("p_cold", "f_cold", "p_cold_build", "f_cold_build", "p_warm", "f_warm",
+                             "p_warm_build", "f_warm_build", "p_cached", "f_cached", "p_push",
+                             "f_push", "p_push_build", "f_push_download", "f_push_build")}
     for i in range(1, b.s.runs + 1):
         builds_run(b, i, r)
     bench_push(b, r)
@@ -2212,12 +2187,10 @@ def render_builds(b):
         return f"{value / 1024:.1f}"
 
     def build_row(what, p, f):
-        """The builds of a figure: previewd's (with its LABEL step) and the floor's."""
-        label = median(r[f"{p}_label"])
+        """The builds of a figure: previewd's and the floor's."""
         p_build, f_build = median(r[f"{p}_build"]), median(r[f"{f}_build"])
-        return (f"| of which the build{what} | {spread(r[f'{p}_build'])}, of which its `LABEL` step {label:.2f} s "
-                f"| {spread(r[f'{f}_build'])} | {ratio(p_build, f_build)}× ({ratio(p_build - label, f_build)}× "
-                "without the `LABEL` step) | |")
+        return (f"| of which the build{what} | {spread(r[f'{p}_build'])} "
+                f"| {spread(r[f'{f}_build'])} | {ratio(p_build, f_build)}× | |")
 
     cached = f"previewd {median(r['p_cached']):.0f}, by hand {median(r['f_cached']):.0f} (medians)"
     rate = m["size"] / 2**20 / m["upload_s"] if m["upload_s"] > 0 else 0.0
@@ -2229,7 +2202,8 @@ own in every run, for previewd and by hand apart, so no build finds its layers i
 `RUN sleep 1 && echo x > /x`, `COPY site/ /www/` (two small files) and `CMD` busybox httpd on port
 3000. previewd gets it as a tar on `POST /api/builds?image=web&name=...` (`Accept:
 application/json`: answered once built and launched) and builds it as it builds every preview: the
-engine's classic builder (`POST /build`), its Dockerfile ending with one `LABEL` step of its own,
+engine's classic builder (`POST /build`), one `LABEL` step of its own right after the `FROM` (the
+same at every build of a preview, so served from the cache on rebuilds),
 `cpu_shares` 256 and the memory limit of `builds`, `RUN` steps on a network of the preview pool.
 By hand is `DOCKER_BUILDKIT=0 docker build -t T dir` of the same files (its own token), then the
 floor's launch (`docker run -d -p 127.0.0.1::3000 T`, one vhost, `nginx -s reload`, until served)
@@ -2242,7 +2216,7 @@ second port, reached through the API's redirect, as on github.com).
 | figure | previewd | by hand | ratio | target |
 | --- | --- | --- | --- | --- |
 | cold build + launch, median of {runs} (min–max): from the upload (by hand: `docker build`) until the first 200 through nginx | {spread(r['p_cold'])} | {spread(r['f_cold'])} | {cmp('p_cold', 'f_cold')} | ≤ 1.05× |
-{build_row(": previewd's build log (from the upload received until tagged) vs `docker build`; the `LABEL` step by the engine's clock (the image's Created less its parent's)", "p_cold", "f_cold")}
+{build_row(": previewd's build log (from the upload received until tagged) vs `docker build`", "p_cold", "f_cold")}
 | rebuild + redeploy of the same preview after a one-file change of `site/` (steps from the cache: {cached}), from the upload until the new page is served | {spread(r['p_warm'])} | {spread(r['f_warm'])} | {cmp('p_warm', 'f_warm')} | |
 {build_row("", "p_warm", "f_warm")}
 | push: a signed `pull_request` `synchronize` delivery (GitHub holding the new head) until the commit's page is served through nginx; previewd reads the pull request, downloads the tarball (codeload served it {r['push_tarballs']} archives for its {runs + 1} commits), builds on its cache, replaces the preview. By hand: the tarball from the same fake (API redirect, codeload, extracted: {spread(r['f_push_download'], '{:.3f}')}), `docker build`, replace | {spread(r['p_push'])} | {spread(r['f_push'])} | {cmp('p_push', 'f_push')} | |

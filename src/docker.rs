@@ -69,6 +69,8 @@ pub struct DockerRuntime {
     docker: Docker,
     instance: InstanceName,
     ports: PortPicker,
+    /// Where the engine keeps its images, asked once (`docker info` is slow): for the free disk.
+    data_root: Arc<std::sync::OnceLock<String>>,
 }
 
 impl DockerRuntime {
@@ -79,7 +81,7 @@ impl DockerRuntime {
             .negotiate_version()
             .await
             .map_err(|err| DockerError::Unreachable(err.to_string()))?;
-        Ok(Self { docker, instance, ports: PortPicker::default() })
+        Ok(Self { docker, instance, ports: PortPicker::default(), data_root: Arc::default() })
     }
 
     /// Creates the container under a name that tells the instance and the preview, unique by a

@@ -85,8 +85,13 @@ impl DockerRuntime {
         if std::env::var("DOCKER_HOST").is_ok_and(|host| !host.starts_with("unix://")) {
             return None;
         }
-        let info = self.docker.info().await.ok()?;
-        let root = info.docker_root_dir?;
+        let root = match self.data_root.get() {
+            Some(root) => root.clone(),
+            None => {
+                let root = self.docker.info().await.ok()?.docker_root_dir?;
+                self.data_root.get_or_init(|| root).clone()
+            }
+        };
         let stat = rustix::fs::statvfs(root.as_str()).ok()?;
         Some(stat.f_bavail.saturating_mul(stat.f_frsize))
     }

@@ -648,3 +648,41 @@ async fn a_reset_of_a_built_preview_runs_its_jobs_in_the_built_image() {
     let response = reset.send().await.unwrap();
     assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_of_a_preview_removed_while_previewd_was_down_go_at_the_next_start() {
+    let mut app = upload_app("").await;
+    let context = tar_of(&[("Dockerfile", dockerfile(&app.instance, "")), ("site/index.html", "x\n".into())]);
+    assert_eq!(upload(&app, "orphan", context, "application/x-tar", "application/json").await.status(), 200);
+    assert_eq!(common::built_images(&app.instance).len(), 1);
+    app.stop().await;
+    for line in app.containers() {
+        let id = line.split(' ').next().unwrap_or_default().to_owned();
+        std::process::Command::new("docker").args(["rm", "-f", &id]).output().unwrap();
+    }
+    app.boot().await;
+    let deadline = Instant::now() + WAIT;
+    while !common::built_images(&app.instance).is_empty() {
+        assert!(Instant::now() < deadline, "the orphan's image is still there");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_and_metrics_show_the_disk_previewds_builds_take() {
+    let app = upload_app("").await;
+    let context = tar_of(&[
+        ("Dockerfile", dockerfile(&app.instance, "RUN head -c 1048576 /dev/zero > /weight\n")),
+        ("site/index.html", "x\n".into()),
+    ]);
+    assert_eq!(upload(&app, "weighed", context, "application/x-tar", "application/json").await.status(), 200);
+    let health: Value = app.client.get(app.url("/healthz")).send().await.unwrap().json().await.unwrap();
+    let images = health["builds"]["images_bytes"].as_u64().expect("images_bytes");
+    assert!(images >= 1 << 20, "the built image's own megabyte: {health}");
+    assert!(health["builds"]["docker_free_bytes"].as_u64().is_some_and(|free| free > 0), "{health}");
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let gauge =
+        |name: &str| metrics.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok());
+    assert!(gauge("previewd_build_images_bytes").is_some_and(|bytes| bytes >= 1_048_576.0), "{metrics}");
+    assert!(gauge("previewd_docker_free_bytes").is_some_and(|bytes| bytes > 0.0), "{metrics}");
+}

@@ -49,7 +49,7 @@ pub enum BuildFailure {
     #[error("the preview was removed while it was being built")]
     Removed,
     #[error(
-        "the built image does not carry previewd's labels as previewd set them after the final FROM (previewd.built, previewd.instance, previewd.slug): the Dockerfile may not set previewd.* labels itself"
+        "the built image does not carry previewd's labels as previewd set them after the final FROM (previewd.built, previewd.instance, previewd.slug): the Dockerfile may not set the previewd.* labels previewd reads (slug, owner, pr, repo, network, ...)"
     )]
     LabelsLost,
     #[error("no network for the build's steps: {0}")]
@@ -129,7 +129,8 @@ impl Claim {
 pub struct BuildStatus {
     pub name: Slug,
     pub revision: String,
-    /// `preparing`, `queued` or `building`.
+    /// `preparing`, `queued`, `building`, or `launching` (built; the launch waits for the
+    /// preview's lock).
     pub state: &'static str,
     /// The Dockerfile step being run.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -159,6 +160,8 @@ pub struct Builds {
     claims: Arc<std::sync::atomic::AtomicU64>,
     /// The head commit each pull request's preview should build (see `supersede`).
     wanted: Arc<Mutex<HashMap<Slug, String>>>,
+    /// Leftovers of stopped builds whose preview was building again when they were pruned.
+    deferred: Arc<Mutex<Vec<(Slug, String)>>>,
     in_flight: Arc<Mutex<HashMap<Slug, InFlight>>>,
     disk: Arc<Mutex<Option<(Instant, DiskUsage)>>>,
 }
@@ -185,9 +188,12 @@ pub fn image_tag(instance: &InstanceName, repository: &str, revision: &str) -> S
     format!("previewd-{}/{}:{}", image_part(instance.as_ref()), repository.join("/"), tag.to_ascii_lowercase())
 }
 
-/// The images of a preview to remove so that `keep` remain: the newest ones and any in use stay.
+/// The images of a preview to remove so that `keep` remain: the newest ones and any in use (by
+/// id or tag) stay.
 pub fn beyond_keep<'a>(images: &'a [crate::runtime::BuiltImage], keep: usize, in_use: &[String]) -> Vec<&'a str> {
-    let used = |image: &crate::runtime::BuiltImage| image.tags.iter().any(|tag| in_use.contains(tag));
+    let used = |image: &crate::runtime::BuiltImage| {
+        in_use.contains(&image.id) || image.tags.iter().any(|tag| in_use.contains(tag))
+    };
     let mut kept = 0;
     let mut removed = Vec::new();
     for image in images {
@@ -220,6 +226,7 @@ impl Builds {
             metrics,
             claims: Arc::default(),
             wanted: Arc::default(),
+            deferred: Arc::default(),
             in_flight: Arc::default(),
             disk: Arc::default(),
         }
@@ -238,8 +245,12 @@ impl Builds {
     pub fn claim(&self, slug: &Slug, revision: &str) -> Claim {
         let id = self.claims.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let claim = Claim { id, cancel: CancellationToken::new(), removed: Arc::default() };
+        // `wanted`, then `in_flight`, held together (as `supersede` does): a push between the
+        // check and the insert would otherwise find nothing to stop.
+        let wanted = self.wanted();
+        let mut in_flight = self.in_flight();
         // A push that came before this build claimed its turn (see `supersede`) stops it at once.
-        if self.wanted().get(slug).is_some_and(|wanted| wanted != revision) {
+        if wanted.get(slug).is_some_and(|wanted| wanted != revision) {
             tracing::info!(%slug, revision, "a newer push came before this build started; not building it");
             claim.cancel.cancel();
             return claim;
@@ -252,7 +263,7 @@ impl Builds {
             started: crate::clock::unix_now(),
         };
         let entry = InFlight { claim: claim.clone(), revision: revision.to_owned(), status, log: Vec::new() };
-        if let Some(older) = self.in_flight().insert(slug.clone(), entry) {
+        if let Some(older) = in_flight.insert(slug.clone(), entry) {
             tracing::info!(%slug, older = %older.revision, newer = revision, "a newer build replaces the one in flight");
             older.claim.cancel.cancel();
         }
@@ -266,8 +277,10 @@ impl Builds {
     /// A pull request's head is now `revision`: its build in flight of any other commit stops,
     /// and so does one of another commit that claims its turn later.
     pub fn supersede(&self, slug: &Slug, revision: &str) {
-        self.wanted().insert(slug.clone(), revision.to_owned());
-        if let Some(entry) = self.in_flight().get(slug).filter(|entry| entry.revision != revision) {
+        let mut wanted = self.wanted();
+        let in_flight = self.in_flight();
+        wanted.insert(slug.clone(), revision.to_owned());
+        if let Some(entry) = in_flight.get(slug).filter(|entry| entry.revision != revision) {
             tracing::info!(%slug, older = %entry.revision, newer = revision, "a push makes the build in flight stale");
             entry.claim.cancel.cancel();
         }
@@ -362,8 +375,14 @@ impl Builds {
         // finished, removed if the build does not.
         let last_layer = Mutex::new(None);
         let result = tokio::select! {
-            result = self.run_inner(slug, input, spec, on_step, &last_layer) => result,
+            // A stop wins over whatever the build was doing when it came.
+            biased;
             () = claim.cancel.cancelled() => Err(claim.stopped()),
+            result = self.run_inner(slug, input, spec, on_step, &last_layer) => result,
+        };
+        let result = match result {
+            Err(BuildFailure::Context(ContextError::Stopped)) => Err(claim.stopped()),
+            other => other,
         };
         match &result {
             Ok(tag) => {
@@ -400,7 +419,10 @@ impl Builds {
         let claim = input.claim.clone();
         // What previewd says of the build goes to its log too.
         let mut on_step = |step: &'static str, message: String| {
-            self.update(slug, &claim, |entry| push_line(&mut entry.log, format!("previewd: {message}")));
+            // Docker's own `Step n/m` lines are in the log already, as Docker wrote them.
+            if !message.starts_with("Step ") {
+                self.update(slug, &claim, |entry| push_line(&mut entry.log, format!("previewd: {message}")));
+            }
             on_step(step, message);
         };
         let on_step: &mut (dyn FnMut(&'static str, String) + Send) = &mut on_step;
@@ -496,7 +518,12 @@ impl Builds {
     /// pass its image off as another preview's.
     async fn check_labels(&self, tag: &str, labels: &ImageLabels) -> Result<(), BuildFailure> {
         let found = self.runtime.labels_of(tag).await?;
-        let intact = labels.pairs.iter().all(|(key, value)| found.get(key) == Some(value));
+        let ours = |key: &String| labels.pairs.iter().any(|(own, _)| own == key);
+        // A label previewd reads off containers, set by the image, would reach the preview's
+        // containers, which inherit image labels where previewd sets none (an owner, a pull
+        // request, a network).
+        let foreign = found.keys().any(|key| labels.reserved.contains(key) && !ours(key));
+        let intact = !foreign && labels.pairs.iter().all(|(key, value)| found.get(key) == Some(value));
         if intact {
             return Ok(());
         }
@@ -613,7 +640,8 @@ impl Builds {
             return Some(turn);
         }
         self.update(slug, claim, |entry| entry.status.state = "queued");
-        let ahead = self.statuses().iter().filter(|s| s.state != "preparing").count().saturating_sub(1);
+        let ahead =
+            self.statuses().iter().filter(|s| matches!(s.state, "queued" | "building")).count().saturating_sub(1);
         on_step(
             "queue",
             format!(
@@ -628,12 +656,18 @@ impl Builds {
     /// A stopped build's step container still uses its last image for a moment (Docker removes
     /// it after the build's answer ends), so leftovers are tried again until they are gone.
     ///
-    /// A leftover of a preview that builds again meanwhile is left: the new build may be using
-    /// it from the layer cache. (It carries previewd's labels, so a later prune finds it.)
-    fn prune(&self, leftovers: Vec<(Slug, String)>) {
+    /// A leftover of a preview that builds again meanwhile is kept for a later prune: the new
+    /// build may be using it from the layer cache.
+    fn prune(&self, mut leftovers: Vec<(Slug, String)>) {
         const ATTEMPTS: usize = 10;
+        leftovers.append(&mut self.deferred.lock().unwrap_or_else(PoisonError::into_inner));
         let (builds, runtime) = (self.clone(), Arc::clone(&self.runtime));
         tokio::spawn(async move {
+            let building: Vec<Slug> = builds.statuses().into_iter().map(|status| status.name).collect();
+            let (busy, leftovers): (Vec<_>, Vec<_>) =
+                leftovers.into_iter().partition(|(slug, _)| building.contains(slug));
+            // Left for the next prune: a build of the same preview may be using them.
+            builds.deferred.lock().unwrap_or_else(PoisonError::into_inner).extend(busy);
             for _ in 0..ATTEMPTS {
                 let building: Vec<Slug> = builds.statuses().into_iter().map(|status| status.name).collect();
                 let idle: Vec<String> =

@@ -353,7 +353,7 @@ impl Containers for DockerRuntime {
             .inspect_container(id, None)
             .await
             .map_err(|err| DockerError::from_bollard("inspect the container", err))?;
-        Ok(inspect.config.and_then(|config| config.image).unwrap_or_default())
+        Ok(inspect.image.unwrap_or_default())
     }
 
     /// Stops a running container (`grace` for its app to exit on SIGTERM) and starts it again,

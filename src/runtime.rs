@@ -78,8 +78,8 @@ pub trait Containers: Send + Sync {
     /// The `KEY=VALUE` environment a container was created with.
     async fn container_env(&self, id: &str) -> Result<Vec<String>, DockerError>;
 
-    /// The image reference a container was created from (for a preview built from source, the
-    /// image it built, not `images.<key>.image`).
+    /// The id of the image a container runs (for a preview built from source, the image it
+    /// built, not `images.<key>.image`), which no tag moved since.
     async fn container_image(&self, id: &str) -> Result<String, DockerError>;
 
     /// Stops a running container (`grace` for it to exit on SIGTERM) and starts it again, with
@@ -249,6 +249,8 @@ pub struct BuildPlan<'a> {
 #[derive(Debug, Clone)]
 pub struct ImageLabels {
     pub pairs: Vec<(String, String)>,
+    /// The labels previewd reads off containers: a Dockerfile may set none of them.
+    pub reserved: Vec<String>,
 }
 
 /// A line of a build's output.

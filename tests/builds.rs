@@ -562,7 +562,7 @@ async fn a_dockerfile_that_sets_previewds_labels_itself_is_refused_and_its_image
     let (status, message) =
         common::error_of(upload(&app, "swallowed", context, "application/x-tar", "application/json").await).await;
     assert_eq!(status, 422, "{message}");
-    assert!(message.contains("may not set previewd.* labels"), "{message}");
+    assert!(message.contains("may not set the previewd.* labels previewd reads"), "{message}");
     assert!(common::built_images(&app.instance).is_empty(), "the unlabelled image is gone");
 }
 
@@ -685,4 +685,15 @@ async fn healthz_and_metrics_show_the_disk_previewds_builds_take() {
         |name: &str| metrics.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok());
     assert!(gauge("previewd_build_images_bytes").is_some_and(|bytes| bytes >= 1_048_576.0), "{metrics}");
     assert!(gauge("previewd_docker_free_bytes").is_some_and(|bytes| bytes > 0.0), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dockerfile_cannot_hand_its_preview_previewds_other_labels() {
+    let app = upload_app("").await;
+    let dockerfile = dockerfile(&app.instance, "LABEL previewd.owner=user:someone-else previewd.pr=7\n");
+    let context = tar_of(&[("Dockerfile", dockerfile), ("site/index.html", "x\n".into())]);
+    let (status, message) =
+        common::error_of(upload(&app, "impostor", context, "application/x-tar", "application/json").await).await;
+    assert_eq!(status, 422, "{message}");
+    assert!(common::built_images(&app.instance).is_empty());
 }

@@ -35,6 +35,8 @@ pub enum ContextError {
     TreeTooLarge { limit: u64 },
     #[error("the build was stopped")]
     Stopped,
+    #[error("the Dockerfile {0} is larger than 1 MiB")]
+    DockerfileTooLarge(String),
     #[error(
         "the build context {context} has no Dockerfile at {dockerfile}; set build.dockerfile (relative to build.context)"
     )]
@@ -220,7 +222,7 @@ pub fn write_context<R: Read + Send + 'static, W: Write>(
                 if kind.is_file() && inner == dockerfile_path {
                     let header = entry.header().clone();
                     if entry.size() > MAX_DOCKERFILE {
-                        return Err(ContextError::TooLarge { limit: MAX_DOCKERFILE });
+                        return Err(ContextError::DockerfileTooLarge(dockerfile_path));
                     }
                     let mut text = Vec::new();
                     Tee { inner: entry, hasher }.read_to_end(&mut text).map_err(ContextError::Read)?;

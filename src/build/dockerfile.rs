@@ -12,6 +12,7 @@
 /// `text` with `label_line` inserted after the final `FROM` instruction (at the end when there
 /// is none: the engine refuses such a Dockerfile anyway).
 pub fn with_labels(text: &str, label_line: &str) -> String {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let lines: Vec<&str> = text.split_inclusive('\n').collect();
     let escape = escape_char(&lines);
     let mut after_last_from = None;
@@ -65,11 +66,11 @@ fn escape_char(lines: &[&str]) -> char {
     '\\'
 }
 
-/// Whether a physical line continues onto the next one. A comment line inside an instruction
-/// does not end it (Docker skips it), so it continues too.
+/// Whether a physical line continues onto the next one. A comment line or a blank line inside an
+/// instruction does not end it (Docker skips them), so they continue too.
 fn continues(line: &str, escape: char) -> bool {
-    let trimmed = line.trim_end();
-    trimmed.ends_with(escape) || trimmed.trim_start().starts_with('#')
+    let trimmed = line.trim();
+    trimmed.is_empty() || trimmed.ends_with(escape) || trimmed.starts_with('#')
 }
 
 #[cfg(test)]
@@ -108,6 +109,12 @@ mod tests {
             with_labels(text, LABEL),
             "RUN a \\\n# FROM inside a comment\n  b\nFROM x\nLABEL previewd.built=\"true\"\n"
         );
+    }
+
+    #[test]
+    fn blank_lines_inside_a_from_and_a_byte_order_mark_are_skipped_as_docker_does() {
+        let text = "\u{feff}FROM \\\n\n  base AS app\nRUN x\n";
+        assert_eq!(with_labels(text, LABEL), "FROM \\\n\n  base AS app\nLABEL previewd.built=\"true\"\nRUN x\n");
     }
 
     #[test]

@@ -123,7 +123,7 @@ impl Images for DockerRuntime {
             (LABEL_INSTANCE.to_owned(), self.instance.to_string()),
             (LABEL_SLUG.to_owned(), slug.to_string()),
         ];
-        ImageLabels { pairs }
+        ImageLabels { pairs, reserved: super::labels::CONTAINER_LABELS.map(str::to_owned).to_vec() }
     }
 
     async fn tag_image(&self, image: &str, tag: &str) -> Result<(), DockerError> {

@@ -35,6 +35,26 @@ pub const LABEL_DIGEST: &str = "previewd.digest";
 /// container, so a container run from such an image by hand is not taken for a preview.
 pub const LABEL_BUILT: &str = "previewd.built";
 
+/// Every label previewd reads off a container: a built image may carry none of them but its own
+/// (containers inherit an image's labels where previewd sets none).
+pub const CONTAINER_LABELS: [&str; 15] = [
+    LABEL_MANAGED,
+    LABEL_INSTANCE,
+    LABEL_SLUG,
+    LABEL_IMAGE,
+    LABEL_PORT,
+    LABEL_REPO,
+    LABEL_PR,
+    LABEL_SHA,
+    LABEL_OWNER,
+    LABEL_NETWORK,
+    LABEL_CREATED,
+    LABEL_ROLE,
+    LABEL_PART,
+    LABEL_DIGEST,
+    LABEL_BUILT,
+];
+
 /// The labels every object of an instance carries.
 pub fn instance_labels(instance: &str) -> HashMap<String, String> {
     HashMap::from([(LABEL_MANAGED.to_owned(), "true".to_owned()), (LABEL_INSTANCE.to_owned(), instance.to_owned())])

@@ -157,6 +157,7 @@ fn lifecycle_status(err: &LifecycleError) -> StatusCode {
 fn build_status(failure: &BuildFailure) -> StatusCode {
     match failure {
         BuildFailure::Context(ContextError::Write(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+        BuildFailure::Context(ContextError::Stopped) => StatusCode::CONFLICT,
         BuildFailure::RepoFile(_)
         | BuildFailure::Context(_)
         | BuildFailure::Step { .. }

@@ -72,10 +72,29 @@ impl Lifecycle {
             request.spec.image = image;
             request.spec.pull = PullPolicy::Never;
         }
+        let (request_name, image) = (request.name.clone(), request.spec.image.clone());
+        let result = self.launch_under_lock(request, claim.as_ref(), &mut progress).await;
+        if claim.is_some() {
+            // Whatever the launch did (failed, refused by `limits`, stopped): a preview that
+            // keeps failing must not pile up an image per push. The images its containers run
+            // stay; when they cannot be listed, nothing is removed.
+            if let Some(in_use) = self.images_in_use(&request_name, image).await {
+                self.builds.keep(&request_name, &in_use).await;
+            }
+        }
+        result
+    }
+
+    async fn launch_under_lock(
+        &self,
+        request: LaunchRequest,
+        claim: Option<&crate::build::Claim>,
+        progress: &mut Progress,
+    ) -> Result<PreviewInfo, LifecycleError> {
         let _guard = self.locks.lock(&request.name).await;
         // The build shows as in flight (and a kill or a newer push can stop it) until the
         // preview's lock is taken; a stop that came meanwhile is honoured here.
-        if let Some(claim) = &claim {
+        if let Some(claim) = claim {
             self.builds.release(&request.name, claim);
             if claim.cancel.is_cancelled() {
                 progress.finish();
@@ -83,9 +102,8 @@ impl Lifecycle {
             }
         }
         let (previous, place) = self.admit(&request).await?;
-        let _turn = self.take_turn(&mut progress).await;
-        let (request_name, image) = (request.name.clone(), request.spec.image.clone());
-        let result = self.launch_locked(request, &previous, &mut progress).await;
+        let _turn = self.take_turn(progress).await;
+        let result = self.launch_locked(request, &previous, progress).await;
         place.release().await;
         progress.finish();
         let outcome = if result.is_ok() { &metrics::SUCCESS } else { &metrics::FAILURE };
@@ -94,22 +112,17 @@ impl Lifecycle {
         if result.is_ok() {
             self.metrics.launch_seconds.observe(progress.started.elapsed().as_secs_f64());
         }
-        if claim.is_some() {
-            // Also after a failed launch: a preview whose app keeps failing must not pile up an
-            // image per push. The images its containers run stay.
-            let in_use = self.images_in_use(&request_name, image).await;
-            self.builds.keep(&request_name, &in_use).await;
-        }
         result
     }
 
-    /// The images the preview's app containers run, and `launched`.
-    async fn images_in_use(&self, slug: &Slug, launched: String) -> Vec<String> {
+    /// The images (by id) the preview's containers run, and `launched` (by tag); `None` when
+    /// they cannot all be read.
+    async fn images_in_use(&self, slug: &Slug, launched: String) -> Option<Vec<String>> {
         let mut in_use = vec![launched];
-        for container in self.runtime.list_slug(slug).await.unwrap_or_default() {
-            in_use.extend(self.runtime.container_image(&container.id).await.ok());
+        for container in self.runtime.list_slug_all(slug).await.ok()? {
+            in_use.push(self.runtime.container_image(&container.id).await.ok()?);
         }
-        in_use
+        Some(in_use)
     }
 
     /// The preview's containers so far, and its place under `limits` (see [`Admission`]).

@@ -315,6 +315,11 @@ impl Builds {
         self.logs_dir.join(format!("{slug}.log"))
     }
 
+    /// Whether the preview has a build log (it was built, or a first build failed).
+    pub fn has_log(&self, slug: &Slug) -> bool {
+        self.log_path(slug).exists()
+    }
+
     /// The log of the preview's build in flight, or else of its last build.
     pub fn log(&self, slug: &Slug) -> Option<String> {
         if let Some(entry) = self.in_flight().get(slug).filter(|entry| !entry.log.is_empty()) {

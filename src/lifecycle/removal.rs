@@ -39,7 +39,10 @@ impl Lifecycle {
     async fn kill_locked(&self, slug: &Slug, containers: Vec<ManagedContainer>) -> Result<(), LifecycleError> {
         let stopped_build = self.builds.cancel(slug);
         let mut result = self.remove_preview(slug, containers).await;
-        if matches!(result, Ok(()) | Err(LifecycleError::NotFound(_))) {
+        // A name with neither a preview, a build nor a build log (a first build that failed) has
+        // no images either (orphans of previews removed by hand go at the next start), so its
+        // 404 costs no image listing.
+        if result.is_ok() || stopped_build || self.builds.has_log(slug) {
             self.builds.forget(slug).await;
         }
         if stopped_build && matches!(result, Err(LifecycleError::NotFound(_))) {

@@ -451,8 +451,16 @@ pub fn stop_nginx(pid_file: &Path) {
     }
 }
 
+/// A client for the API. Its idle connections go before the API's `http.header_timeout` (10 s)
+/// closes them: a request sent on a connection the server is closing fails with an incomplete
+/// message, a race of the test, not of previewd.
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(120)).build().unwrap()
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(120))
+        .pool_idle_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
 }
 
 pub async fn error_of(response: reqwest::Response) -> (u16, String) {

@@ -169,7 +169,7 @@ impl Metrics {
         );
         registry.register(
             "builds",
-            "Builds of previews from source, by result: success, failure, or superseded (a newer push stopped it)",
+            "Builds of previews from source, by result: success, failure, superseded (a newer push stopped it) or removed (a kill stopped it)",
             metrics.builds.clone(),
         );
         registry.register("build_seconds", "Time of successful builds", metrics.build_seconds.clone());

@@ -208,14 +208,41 @@ impl TestApp {
             lifecycle: None,
             options_yaml: yaml,
         };
-        app.boot().await;
+        app.boot_on_a_free_port().await;
         app
+    }
+
+    /// `boot`, again on another nginx port when the one `free_port` gave was taken before nginx
+    /// bound it (another test's container or nginx got it first: a race of the harness).
+    async fn boot_on_a_free_port(&mut self) {
+        for _ in 1..3 {
+            let config = Config::from_yaml(&self.options_yaml, self.dir.path()).expect("test config is valid");
+            match Application::build(config).await {
+                Ok(application) => {
+                    self.run(application);
+                    return;
+                }
+                Err(err) if previewd::error_chain(&*err).contains("Address already in use") => {
+                    let port = free_port();
+                    self.options_yaml =
+                        self.options_yaml.replace(&format!(":{}", self.nginx_port), &format!(":{port}"));
+                    self.nginx_port = port;
+                }
+                Err(err) => panic!("application starts: {err:?}"),
+            }
+        }
+        self.boot().await;
     }
 
     /// Builds and runs the Application from this test's config (again, after a `stop`).
     pub async fn boot(&mut self) -> previewd::lifecycle::ReconcileReport {
         let config = Config::from_yaml(&self.options_yaml, self.dir.path()).expect("test config is valid");
         let application = Application::build(config).await.expect("application starts");
+        self.run(application)
+    }
+
+    /// Serves a built application in the background; its start-up reconcile's report.
+    fn run(&mut self, application: Application) -> previewd::lifecycle::ReconcileReport {
         self.api = application.address();
         self.shutdown = application.shutdown_token();
         self.lifecycle = Some(application.lifecycle().clone());

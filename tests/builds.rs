@@ -6,11 +6,10 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::github::{FakeGitHub, PrEvent};
-use common::github_app::{GitHubApp, REPO, WAIT};
+use common::github_app::{GitHubApp, Load, REPO, WAIT};
 use common::{PASSWORD, TestApp, USER};
 use serde_json::{Value, json};
 
@@ -64,7 +63,6 @@ fn site_commit(gh: &GitHubApp, sha: &str, steps: &str, text: &str) {
 /// Waits until the preview runs `sha`; a failure of that commit fails the test with its build log.
 async fn live(gh: &GitHubApp, sha: &str) {
     let (live, failed) = (format!("Commit `{}`", short(sha)), format!("failed for commit `{}`", short(sha)));
-    let comments = gh.comment_saying(2, "").await;
     let outcome = gh
         .github
         .wait_for("the commit live or failed", WAIT, |github| {
@@ -72,7 +70,6 @@ async fn live(gh: &GitHubApp, sha: &str) {
             comments.iter().find(|c| c.body.contains(&live) || c.body.contains(&failed)).map(|c| c.body.clone())
         })
         .await;
-    drop(comments);
     if outcome.contains(&failed) {
         panic!("{outcome}\nbuild log:\n{}", build_log(gh).await);
     }
@@ -127,29 +124,12 @@ async fn a_push_is_rebuilt_on_cached_layers_and_replaces_the_preview_without_a_f
     live(&gh, &first).await;
     let cold = build_seconds(&build_log(&gh).await);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let load = {
-        let (gh, stop, ok, failed) = (Arc::clone(&gh), Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed));
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                match gh.app.via_nginx(SLUG, "/").await {
-                    Ok((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
-                    other => {
-                        eprintln!("failed request during the redeploy: {other:?}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-    };
+    let load = Load::start(&gh, SLUG);
     gh.send_pr(pushed(1, &second)).await;
     live(&gh, &second).await;
-    stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "no request fails while the new build takes over");
-    assert!(ok.load(Ordering::Relaxed) > 10);
+    let (ok, failed) = load.stop().await;
+    assert_eq!(failed, 0, "no request fails while the new build takes over");
+    assert!(ok > 10);
     assert_eq!(gh.app.via_nginx(SLUG, "/").await.unwrap().1.trim(), "version two");
     let log = build_log(&gh).await;
     assert!(log.contains("Using cache"), "{log}");

@@ -5,11 +5,10 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::github::{FakeGitHub, PrEvent, fixture};
-use common::github_app::{GitHubApp, HEAD, REPO, SECRET, WAIT};
+use common::github_app::{GitHubApp, HEAD, Load, REPO, SECRET, WAIT};
 use common::{PASSWORD, USER};
 use serde_json::{Value, json};
 
@@ -81,31 +80,14 @@ async fn a_push_redeploys_the_new_head_without_a_failed_request_and_close_remove
     assert_eq!(gh.send_pr(opened()).await.0, 202);
     gh.comment_saying(2, "is live at").await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let load = {
-        let (gh, stop, ok, failed) = (Arc::clone(&gh), Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed));
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                match gh.app.via_nginx("hello-world-pr-2", "/").await {
-                    Ok((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
-                    other => {
-                        eprintln!("failed request during the redeploy: {other:?}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-    };
+    let load = Load::start(&gh, "hello-world-pr-2");
     let new_head = "1111111111111111111111111111111111111111";
     let (status, body) = gh.send_pr(PrEvent::new("synchronize").sha(new_head)).await;
     assert_eq!(status, 202, "{body}");
     let comments = gh.comment_saying(2, "Commit `1111111`").await;
-    stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "no request may fail while the new head takes over");
-    assert!(ok.load(Ordering::Relaxed) > 10);
+    let (ok, failed) = load.stop().await;
+    assert_eq!(failed, 0, "no request may fail while the new head takes over");
+    assert!(ok > 10);
     assert_eq!(comments.len(), 1, "the sticky comment is edited, not repeated");
     let (_, env) = gh.app.via_nginx("hello-world-pr-2", "/cgi-bin/env").await.unwrap();
     assert!(env.lines().any(|l| l == format!("PREVIEW_SHA={new_head}")), "{env}");

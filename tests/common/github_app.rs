@@ -2,7 +2,8 @@
 //! it, shared by the pull-request tests (`tests/github.rs`) and the build tests
 //! (`tests/builds.rs`).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -146,5 +147,45 @@ impl GitHubApp {
 
     pub fn statuses(&self, deployment: u64) -> Vec<String> {
         self.github.statuses(REPO, deployment).into_iter().map(|s| s.state).collect()
+    }
+}
+
+/// GETs of a preview through nginx, one after another, until stopped: what a redeploy must
+/// serve without a failed request.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    pub fn start(gh: &Arc<GitHubApp>, name: &str) -> Self {
+        let (stop, ok, failed) = (Arc::new(AtomicBool::new(false)), Arc::default(), Arc::default());
+        let task = {
+            let (gh, name) = (Arc::clone(gh), name.to_owned());
+            let (stop, ok, failed): (Arc<AtomicBool>, Arc<AtomicUsize>, Arc<AtomicUsize>) =
+                (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed));
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match gh.app.via_nginx(&name, "/").await {
+                        Ok((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
+                        other => {
+                            eprintln!("failed request during the redeploy: {other:?}");
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        };
+        Self { stop, ok, failed, task }
+    }
+
+    /// Stops the requests; how many were answered 200, and how many were not.
+    pub async fn stop(self) -> (usize, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("load task");
+        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
     }
 }

@@ -315,9 +315,10 @@ impl Builds {
         self.logs_dir.join(format!("{slug}.log"))
     }
 
-    /// Whether the preview has a build log (it was built, or a first build failed).
+    /// Whether the preview has a build log (a build in flight, it was built, or a first build
+    /// failed): `log` without reading the file.
     pub fn has_log(&self, slug: &Slug) -> bool {
-        self.log_path(slug).exists()
+        self.in_flight().get(slug).is_some_and(|entry| !entry.log.is_empty()) || self.log_path(slug).exists()
     }
 
     /// The log of the preview's build in flight, or else of its last build.

@@ -21,7 +21,7 @@ use crate::auth::Principal;
 use crate::build::context::Layout;
 use crate::build::{BuildInput, BuildStatus, SourceArchive};
 use crate::config::builds::{RawBuild, validate_build};
-use crate::lifecycle::LifecycleError;
+use crate::lifecycle::{LifecycleError, PreviewInfo};
 use crate::request::{LaunchRequest, Owner, preview_name};
 
 /// `POST /api/builds?image=KEY&name=NAME` with the context as an `application/x-tar` body.
@@ -126,9 +126,18 @@ pub async fn list_builds(
     if matches!(principal, Principal::User(_)) {
         return Ok(Json(statuses));
     }
-    let visible: std::collections::BTreeSet<_> =
-        state.visible_previews(&principal).await?.into_iter().map(|preview| preview.name).collect();
-    Ok(Json(statuses.into_iter().filter(|status| visible.contains(&status.name)).collect()))
+    Ok(Json(visible_builds(&principal, statuses, &state.visible_previews(&principal).await?)))
+}
+
+/// The builds `principal` may see, of those in flight: an operator all, a token user those of
+/// the previews they may see (`visible`), so not a first build, which has no preview yet.
+pub fn visible_builds(principal: &Principal, statuses: Vec<BuildStatus>, visible: &[PreviewInfo]) -> Vec<BuildStatus> {
+    match principal {
+        Principal::User(_) => statuses,
+        Principal::GitHub(_) => {
+            statuses.into_iter().filter(|status| visible.iter().any(|preview| preview.name == status.name)).collect()
+        }
+    }
 }
 
 /// `GET /api/previews/{name}/build-log`: the log of the preview's build in flight, or else of

@@ -35,16 +35,10 @@ pub async fn page(
     let nonce = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
     let builds = state.lifecycle.builds();
     let mut page = Page::new(&state.config, &principal, &previews, unix_now(), nonce.clone());
-    // A token user sees the builds of previews they may see; a first build has no preview yet.
-    let visible: std::collections::BTreeSet<_> = previews.iter().map(|p| p.name.clone()).collect();
-    let in_flight = builds.statuses().into_iter();
-    let in_flight: Vec<_> = match principal {
-        Principal::User(_) => in_flight.collect(),
-        Principal::GitHub(_) => in_flight.filter(|b| visible.contains(&b.name)).collect(),
-    };
+    let in_flight = super::builds::visible_builds(&principal, builds.statuses(), &previews);
     page.builds = in_flight.iter().map(|status| BuildRow::new(status, unix_now())).collect();
     for (row, info) in page.previews.iter_mut().zip(&previews) {
-        if builds.log(&info.name).is_some() {
+        if builds.has_log(&info.name) {
             row.build_log_url = Some(format!("/api/previews/{}/build-log", info.name));
         }
     }

@@ -1461,6 +1461,27 @@ def upload_build(b, name, body):
         raise BenchError(f"the build of {name} answered {status}: {answer[:500]!r}")
 
 
+def in_background(work):
+    """Runs work() in a thread; the function returned waits for it and raises what it raised."""
+    outcome = {}
+
+    def run_it():
+        try:
+            outcome["value"] = work()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run_it, daemon=True)
+    thread.start()
+
+    def join():
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome.get("value")
+    return join
+
+
 def build_log(b, name):
     status, body = b.api("GET", f"/api/previews/{name}/build-log")
     if status != 200:
@@ -1490,6 +1511,21 @@ def cached_steps(output):
     return output.count("---> Using cache")
 
 
+def run_phase(i, runs):
+    """The phase (fraction of a wall-clock second) run i of `runs` starts its builds at: the
+    runs' phases spread evenly over the second."""
+    return ((i - 0.5) / runs) % 1.0
+
+
+def at_phase(phase):
+    """Waits until the wall clock's fraction of a second is `phase`. On engines whose storage
+    driver diffs naively (fuse-overlayfs here, vfs) every committed build step ends on a whole
+    second (moby's NaiveDiffDriver.Diff sleeps until the next one), so a build's time depends on
+    the phase it starts at, by up to a second: previewd and the floor start a run's builds at
+    the same phase (see run_phase), not at whatever phase the other's last step left."""
+    time.sleep((phase - time.time() % 1.0) % 1.0)
+
+
 def builds_run(b, i, r):
     """One run of the upload figures: a cold build and launch by previewd and by the floor
     (alternating which goes first), then a one-file change of site/ rebuilt and redeployed by
@@ -1500,10 +1536,12 @@ def builds_run(b, i, r):
     floor_dir = b.work / "builds" / f"floor-{i}"
     tags = [f"bench-{b.instance}/app:{i}-cold", f"bench-{b.instance}/app:{i}-warm"]
     cid = None
+    phase = run_phase(i, b.s.runs)
     for who in order:
         files = app_files(tokens[who], f"{who} {i} cold")
         if who == "previewd":
             body = tar_of(files)
+            at_phase(phase)
             t = time.monotonic()
             upload_build(b, name, body)
             b.wait_preview(name)
@@ -1511,6 +1549,7 @@ def builds_run(b, i, r):
             r["p_cold_build"].append(build_seconds(build_log(b, name)))
         else:
             write_tree(floor_dir, files)
+            at_phase(phase)
             t = time.monotonic()
             b.floor_build(floor_dir, tags[0])
             r["f_cold_build"].append(time.monotonic() - t)
@@ -1520,16 +1559,22 @@ def builds_run(b, i, r):
         page = f"{who} {i} warm"
         if who == "previewd":
             body = tar_of(app_files(tokens[who], page))
-            t = time.monotonic()
-            upload_build(b, name, body)
             host = f"{name}.{BASE_DOMAIN}:{b.nginx_port}"
+            at_phase(phase)
+            t = time.monotonic()
+            # previewd answers once it has retired the replaced container, after the new page is
+            # served: the time is until the page is (the floor's `docker rm -f` of its old
+            # container is not counted either).
+            answered = in_background(lambda: upload_build(b, name, body))
             wait_until(lambda: page_is(page)(b.nginx_port, host), b.s.timeout, f"{name}'s new page")
             r["p_warm"].append(time.monotonic() - t)
+            answered()
             text = build_log(b, name)
             r["p_warm_build"].append(build_seconds(text))
             r["p_cached"].append(cached_steps(text))
         else:
             write_tree(floor_dir, {"site/index.html": f"{page}\n"})
+            at_phase(phase)
             t = time.monotonic()
             r["f_cached"].append(cached_steps(b.floor_build(floor_dir, tags[1])))
             r["f_warm_build"].append(time.monotonic() - t)
@@ -1639,6 +1684,7 @@ def bench_push(b, r):
         body = hold(p_sha, "synchronize")
         f_sha, f_page = commit("floor", i)
         for who in (("previewd", "floor") if i % 2 else ("floor", "previewd")):
+            at_phase(run_phase(i, b.s.runs))
             t = time.monotonic()
             if who == "previewd":
                 send(body)
@@ -2202,14 +2248,20 @@ own in every run, for previewd and by hand apart, so no build finds its layers i
 `RUN sleep 1 && echo x > /x`, `COPY site/ /www/` (two small files) and `CMD` busybox httpd on port
 3000. previewd gets it as a tar on `POST /api/builds?image=web&name=...` (`Accept:
 application/json`: answered once built and launched) and builds it as it builds every preview: the
-engine's classic builder (`POST /build`), one `LABEL` step of its own right after the `FROM` (the
-same at every build of a preview, so served from the cache on rebuilds),
-`cpu_shares` 256 and the memory limit of `builds`, `RUN` steps on a network of the preview pool.
+engine's classic builder (`POST /build`) with no step of its own (its labels go on the result as
+a new image config, `POST /images/load`, without a build step), `cpu_shares` 256 and the memory
+limit of `builds`, `RUN` steps on a network of the preview pool.
 By hand is `DOCKER_BUILDKIT=0 docker build -t T dir` of the same files (its own token), then the
 floor's launch (`docker run -d -p 127.0.0.1::3000 T`, one vhost, `nginx -s reload`, until served)
 or, for a rebuild, its replacement (`docker run -d` of the new image, the vhost to its port,
-reload, until the new page is served, `docker rm -f` of the old). Each of the {runs} runs does both,
-alternating which goes first; the push figure's runs alternate too. The push figure's repository
+reload, until the new page is served, then `docker rm -f` of the old; previewd's rebuild is
+timed until the new page is served too, though previewd answers the upload only once it has
+retired the old container). Each of the {runs} runs does both,
+alternating which goes first; the push figure's runs alternate too. This engine's storage driver
+(fuse-overlayfs) diffs naively, so every committed build step ends on a whole second of the wall
+clock (moby's `NaiveDiffDriver` sleeps until the next one): each run starts previewd's and the
+floor's builds at the same fraction of a second, and the runs spread that phase evenly over the
+second (run i of n at (i − ½)/n), so neither side gains from the phase the other left. The push figure's repository
 has `build: {{context: .}}`; its commits are served by the tests' fake GitHub (its codeload on a
 second port, reached through the API's redirect, as on github.com).
 

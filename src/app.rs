@@ -73,6 +73,7 @@ impl Application {
         });
         let metrics = Arc::new(Metrics::new());
         let lifecycle = Lifecycle::new(Arc::clone(&config), runtime, router, metrics);
+        lifecycle.builds().recover();
         let reconcile = match lifecycle.reconcile().await {
             Ok(report) => report,
             Err(err) => {

@@ -7,7 +7,6 @@
 //! it into Docker's build context; the engine builds through [`crate::runtime::Images`].
 
 pub mod context;
-pub mod dockerfile;
 pub mod dockerignore;
 
 use std::collections::HashMap;
@@ -25,7 +24,7 @@ use crate::config::{BuildSpec, BuildsConfig, ImageSpec};
 use crate::metrics::Metrics;
 use crate::network::Networks;
 use crate::preview::{InstanceName, Slug};
-use crate::runtime::{BuildError, BuildOutput, BuildPlan, BuiltImage, DiskUsage, DockerError, ImageLabels, Runtime};
+use crate::runtime::{BuildError, BuildOutput, BuildPlan, BuiltImage, DiskUsage, DockerError, Runtime};
 use context::{ContextError, Layout};
 use dockerignore::Ignore;
 
@@ -49,9 +48,10 @@ pub enum BuildFailure {
     #[error("the preview was removed while it was being built")]
     Removed,
     #[error(
-        "the built image does not carry previewd's labels as previewd set them after the final FROM (previewd.built, previewd.instance, previewd.slug): the Dockerfile may not set the previewd.* labels previewd reads (slug, owner, pr, repo, network, ...)"
+        "the Dockerfile may not set the previewd.* labels previewd reads (slug, owner, pr, repo, network, ...); it sets {}",
+        .0.join(", ")
     )]
-    LabelsLost,
+    ReservedLabels(Vec<String>),
     #[error("no network for the build's steps: {0}")]
     NoNetwork(String),
     #[error(
@@ -139,6 +139,16 @@ pub struct BuildStatus {
     pub started: i64,
 }
 
+impl From<BuildError> for BuildFailure {
+    fn from(err: BuildError) -> Self {
+        match err {
+            BuildError::StepFailed { step, message } => Self::Step { step, message },
+            BuildError::ReservedLabels(labels) => Self::ReservedLabels(labels),
+            BuildError::Docker(err) => Self::Docker(err),
+        }
+    }
+}
+
 struct InFlight {
     claim: Claim,
     revision: String,
@@ -190,10 +200,8 @@ pub fn image_tag(instance: &InstanceName, repository: &str, revision: &str) -> S
 
 /// The images of a preview to remove so that `keep` remain: the newest ones and any in use (by
 /// id or tag) stay.
-pub fn beyond_keep<'a>(images: &'a [crate::runtime::BuiltImage], keep: usize, in_use: &[String]) -> Vec<&'a str> {
-    let used = |image: &crate::runtime::BuiltImage| {
-        in_use.contains(&image.id) || image.tags.iter().any(|tag| in_use.contains(tag))
-    };
+pub fn beyond_keep<'a>(images: &'a [BuiltImage], keep: usize, in_use: &[String]) -> Vec<&'a str> {
+    let used = |image: &BuiltImage| in_use.contains(&image.id) || image.tags.iter().any(|tag| in_use.contains(tag));
     let mut kept = 0;
     let mut removed = Vec::new();
     for image in images {
@@ -378,14 +386,16 @@ impl Builds {
         let claim = input.claim.clone();
         let started = Instant::now();
         // Outlives `run_inner`, which a stop drops half-way: the image of the last step that
-        // finished, removed if the build does not.
+        // finished, removed if the build does not. Also written down, for a crash (`recover`).
         let last_layer = Mutex::new(None);
+        let leftover_file = self.leftover_path(slug, &claim);
         let result = tokio::select! {
             // A stop wins over whatever the build was doing when it came.
             biased;
             () = claim.cancel.cancelled() => Err(claim.stopped()),
-            result = self.run_inner(slug, input, spec, on_step, &last_layer) => result,
+            result = self.run_inner(slug, input, spec, on_step, &last_layer, &leftover_file) => result,
         };
+        std::fs::remove_file(&leftover_file).ok();
         let result = match result {
             Err(BuildFailure::Context(ContextError::Stopped)) => Err(claim.stopped()),
             other => other,
@@ -421,6 +431,7 @@ impl Builds {
         spec: &mut ImageSpec,
         on_step: &mut (dyn FnMut(&'static str, String) + Send),
         last_layer: &Mutex<Option<String>>,
+        leftover_file: &Path,
     ) -> Result<String, BuildFailure> {
         let claim = input.claim.clone();
         // What previewd says of the build goes to its log too.
@@ -441,8 +452,7 @@ impl Builds {
             }
         }
         let ignore = self.read_dockerignore(&input.source, &build).await?;
-        let labels = self.runtime.image_labels(slug);
-        let context = self.write_context(&input.source, &build, &labels, ignore, &claim).await?;
+        let context = self.write_context(&input.source, &build, ignore, &claim).await?;
         let tag = image_tag(&self.instance, &input.repository, &input.revision);
         let reuse_tag = context.summary.paths_digest.as_ref().map(|digest| self.reuse_tag(slug, &build, digest));
         let repository_prefix = image_tag(&self.instance, &input.repository, "");
@@ -474,7 +484,6 @@ impl Builds {
         }
         let plan = BuildPlan {
             slug,
-            tag: &tag,
             dockerfile: &dockerfile,
             args: &build.args,
             cpu_shares: self.config.cpu_shares,
@@ -489,18 +498,25 @@ impl Builds {
                 });
                 on_step("build", step);
             }
-            BuildOutput::Layer(id) => *last_layer.lock().unwrap_or_else(PoisonError::into_inner) = Some(id),
+            BuildOutput::Layer(id) => {
+                if let Err(err) = crate::nginx::sites::write_atomic(leftover_file, id.as_bytes()) {
+                    tracing::warn!(path = %leftover_file.display(), error = %err, "cannot note a build's step image");
+                }
+                *last_layer.lock().unwrap_or_else(PoisonError::into_inner) = Some(id);
+            }
             BuildOutput::Line(line) => self.update(slug, &claim, |entry| push_line(&mut entry.log, line)),
         };
         let built =
             tokio::time::timeout(self.config.timeout, self.runtime.build_image(&plan, file, &mut on_output)).await;
-        match built {
-            Ok(Ok(())) => {}
-            Ok(Err(BuildError::StepFailed { step, message })) => return Err(BuildFailure::Step { step, message }),
-            Ok(Err(BuildError::Docker(err))) => return Err(BuildFailure::Docker(err)),
+        let built = match built {
+            Ok(result) => result.map_err(BuildFailure::from)?,
             Err(_) => return Err(BuildFailure::TimedOut(self.config.timeout)),
+        };
+        if let Err(err) = self.runtime.label_image(&built, slug, &tag).await {
+            // Removed with its step images: nothing of a refused build stays.
+            self.runtime.remove_image(&built).await?;
+            return Err(err.into());
         }
-        self.check_labels(&tag, &labels).await?;
         if let Some(reuse_tag) = &reuse_tag {
             self.runtime.tag_image(&tag, reuse_tag).await?;
         }
@@ -516,25 +532,6 @@ impl Builds {
             image_tag(&self.instance, &format!("reuse/{slug}"), "").trim_end_matches(':'),
             reuse_key(build, paths_digest)
         )
-    }
-
-    /// The built image carries exactly previewd's labels (the line added to the Dockerfile was
-    /// read as its own instruction, and no later `LABEL` of the Dockerfile overrode one), else it
-    /// is removed: without them, `keep` and removal would never find it, and a Dockerfile could
-    /// pass its image off as another preview's.
-    async fn check_labels(&self, tag: &str, labels: &ImageLabels) -> Result<(), BuildFailure> {
-        let found = self.runtime.labels_of(tag).await?;
-        let ours = |key: &String| labels.pairs.iter().any(|(own, _)| own == key);
-        // A label previewd reads off containers, set by the image, would reach the preview's
-        // containers, which inherit image labels where previewd sets none (an owner, a pull
-        // request, a network).
-        let foreign = found.keys().any(|key| labels.reserved.contains(key) && !ours(key));
-        let intact = !foreign && labels.pairs.iter().all(|(key, value)| found.get(key) == Some(value));
-        if intact {
-            return Ok(());
-        }
-        self.runtime.remove_image(tag).await?;
-        Err(BuildFailure::LabelsLost)
     }
 
     /// With `network.isolation`, a network of the preview pool for the build's `RUN` steps: a
@@ -574,16 +571,14 @@ impl Builds {
         .await
     }
 
-    /// The build context, its Dockerfile ending with previewd's labels (see [`label_line`]).
+    /// The build context: the source's `context` directory, without what `.dockerignore` leaves out.
     async fn write_context(
         &self,
         source: &SourceArchive,
         build: &BuildSpec,
-        labels: &ImageLabels,
         ignore: Ignore,
         claim: &Claim,
     ) -> Result<PreparedContext, BuildFailure> {
-        let label_line = label_line(labels);
         let path = source.file.to_path_buf();
         let layout = source.layout;
         let build = build.clone();
@@ -602,7 +597,6 @@ impl Builds {
                 dockerfile: &build.dockerfile,
                 paths: build.paths.as_ref(),
                 max_context,
-                label_line: &label_line,
             };
             let summary = context::write_context(layout, std::io::BufReader::new(file), &plan, writer)?;
             Ok(PreparedContext { file: out.into_temp_path(), summary })
@@ -618,6 +612,32 @@ impl Builds {
             .into_iter()
             .filter(|image| image.slug.as_ref() == Some(slug) && image.tags.iter().any(|tag| tag == reuse_tag))
             .find_map(|image| image.tags.into_iter().find(|tag| tag.starts_with(prefix))))
+    }
+
+    /// Where a build notes the image of its last finished step while it runs:
+    /// `<temp_dir>/<slug>.<claim>.leftover`.
+    fn leftover_path(&self, slug: &Slug, claim: &Claim) -> PathBuf {
+        self.temp_dir.join(format!("{slug}.{}.{LEFTOVER_EXTENSION}", claim.id))
+    }
+
+    /// At start, before anything builds: what builds cut short by a crash left behind. The step
+    /// images they noted are pruned (with their untagged parents), and the sources and contexts
+    /// they were writing are deleted.
+    pub fn recover(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.temp_dir) else { return };
+        let mut leftovers = Vec::new();
+        for path in entries.flatten().map(|entry| entry.path()) {
+            if let Some(leftover) = read_leftover(&path) {
+                leftovers.push(leftover);
+            }
+            if let Err(err) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %err, "cannot remove what a build left");
+            }
+        }
+        if !leftovers.is_empty() {
+            tracing::info!(images = leftovers.len(), "removing the step images of builds a stop cut short");
+            self.prune(leftovers);
+        }
     }
 
     /// Where sources and contexts are kept while a build needs them: under `state_dir`, on the
@@ -700,27 +720,15 @@ impl Builds {
             Ok(images) => images,
             Err(err) => return tracing::warn!(%slug, error = %err, "cannot list built images"),
         };
-        let of_slug: Vec<_> = images.into_iter().filter(|image| image.slug.as_ref() == Some(slug)).collect();
+        let of_slug: Vec<_> = images.iter().filter(|image| image.slug.as_ref() == Some(slug)).cloned().collect();
         for id in beyond_keep(&of_slug, self.config.keep, in_use) {
             let Some(image) = of_slug.iter().find(|image| image.id == id) else { continue };
-            match self.remove_built(image).await {
+            match self.runtime.remove_built(image, &images).await {
                 Ok(()) => tracing::info!(%slug, image = id, "removed a build beyond builds.keep"),
                 Err(err) => tracing::warn!(%slug, image = id, error = %err, "cannot remove an old build"),
             }
         }
         self.prune(Vec::new());
-    }
-
-    /// Removes a built image: each of its tags (the repository's, the reuse tag), and so the
-    /// image with the last one. One a container runs keeps its last tag (Docker refuses).
-    pub async fn remove_built(&self, image: &BuiltImage) -> Result<(), DockerError> {
-        for tag in &image.tags {
-            self.runtime.remove_image(tag).await?;
-        }
-        if image.tags.is_empty() {
-            self.runtime.remove_image(&image.id).await?;
-        }
-        Ok(())
     }
 
     /// The preview is gone: its build in flight stops (and leaves no log behind), its images and
@@ -733,7 +741,7 @@ impl Builds {
         match self.runtime.built_images().await {
             Ok(images) => {
                 for image in images.iter().filter(|image| image.slug.as_ref() == Some(slug)) {
-                    if let Err(err) = self.remove_built(image).await {
+                    if let Err(err) = self.runtime.remove_built(image, &images).await {
                         tracing::warn!(%slug, image = %image.id, error = %err, "cannot remove a built image");
                     }
                 }
@@ -758,16 +766,23 @@ impl Builds {
     }
 }
 
+const LEFTOVER_EXTENSION: &str = "leftover";
+
+/// The preview and step image a `.leftover` file names (see `Builds::leftover_path`).
+fn read_leftover(path: &Path) -> Option<(Slug, String)> {
+    if path.extension()? != LEFTOVER_EXTENSION {
+        return None;
+    }
+    let name = path.file_name()?.to_str()?;
+    let slug = Slug::parse(name.split('.').next()?).ok()?;
+    let id = std::fs::read_to_string(path).ok()?.trim().to_owned();
+    let image_id = id.len() >= 12 && id.bytes().all(|b| b.is_ascii_hexdigit());
+    image_id.then_some((slug, id))
+}
+
 /// What identifies a build besides the files outside `build.paths`.
 fn reuse_key(build: &BuildSpec, paths_digest: &str) -> String {
     format!("{}-{paths_digest}", build.digest())
-}
-
-/// One `LABEL` instruction with every label. Keys and values are previewd's own (names),
-/// quoted anyway.
-fn label_line(labels: &ImageLabels) -> String {
-    let pairs: Vec<String> = labels.pairs.iter().map(|(k, v)| format!("{k:?}={v:?}")).collect();
-    format!("LABEL {}\n", pairs.join(" "))
 }
 
 fn push_line(log: &mut Vec<String>, line: String) {
@@ -807,7 +822,7 @@ async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::BuiltImage;
+    use BuiltImage;
 
     #[test]
     fn image_tags_are_valid_docker_references() {
@@ -819,7 +834,7 @@ mod tests {
     }
 
     fn image(id: &str, tag: &str) -> BuiltImage {
-        BuiltImage { id: id.into(), tags: vec![tag.into()], slug: None, created: 0 }
+        BuiltImage { id: id.into(), tags: vec![tag.into()], slug: None, created: 0, cache: None, added_bytes: 0 }
     }
 
     #[test]

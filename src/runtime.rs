@@ -193,23 +193,24 @@ pub trait Networking: Send + Sync {
 /// Images built from a preview's source, and the disk they take.
 #[async_trait]
 pub trait Images: Send + Sync {
-    /// Builds the context (a tar file) into `plan.tag`; each line of the build's output goes to
-    /// `on_output` as it comes. Dropping the future stops the build.
+    /// Builds the context (a tar file) and returns the built image's id; each line of the
+    /// build's output goes to `on_output` as it comes. Dropping the future stops the build. The
+    /// image carries no label of previewd's yet (see `label_image`).
     async fn build_image(
         &self,
         plan: &BuildPlan<'_>,
         context: tokio::fs::File,
         on_output: &mut (dyn FnMut(BuildOutput) + Send),
-    ) -> Result<(), BuildError>;
+    ) -> Result<String, BuildError>;
 
-    /// The labels a built image of `slug` carries, for its Dockerfile to set.
-    fn image_labels(&self, slug: &Slug) -> ImageLabels;
+    /// Writes `tag`: the image `built` with previewd's labels for `slug`, without a build step
+    /// (a new image config over the same layers). `built` stays, as the next build's layer
+    /// cache, and goes with the labelled image. Refused with `BuildError::ReservedLabels` when
+    /// the built image sets labels previewd reads off containers.
+    async fn label_image(&self, built: &str, slug: &Slug, tag: &str) -> Result<(), BuildError>;
 
     /// Gives an image one more tag (no build step: the engine only records the name).
     async fn tag_image(&self, image: &str, tag: &str) -> Result<(), DockerError>;
-
-    /// The labels of an image.
-    async fn labels_of(&self, reference: &str) -> Result<std::collections::HashMap<String, String>, DockerError>;
 
     /// Every image this instance built, newest first.
     async fn built_images(&self) -> Result<Vec<BuiltImage>, DockerError>;
@@ -217,13 +218,17 @@ pub trait Images: Send + Sync {
     /// Removes an image by tag or id; one already gone, or still used by a container, is left.
     async fn remove_image(&self, reference: &str) -> Result<(), DockerError>;
 
+    /// Removes a built image: each of its tags, then its build's own image (the layer cache)
+    /// unless another of `others` was labelled from the same one.
+    async fn remove_built(&self, image: &BuiltImage, others: &[BuiltImage]) -> Result<(), DockerError>;
+
     /// Removes the untagged layers builds of this instance left (a failed or stopped build's
     /// last step, an image whose tag moved), but none of a preview in `building` (a build in
     /// flight has untagged step images too); how many images went.
     async fn prune_build_leftovers(&self, leftovers: &[String], building: &[Slug]) -> Result<usize, DockerError>;
 
-    /// Bytes of this instance's built images that are not shared with other images, and the
-    /// free bytes on the engine's disk (`None` when it cannot be read from here).
+    /// The bytes this instance's built images add to their base images, and the free bytes on
+    /// the engine's disk (`None` when it cannot be read from here).
     async fn disk(&self) -> Result<DiskUsage, DockerError>;
 
     /// The free bytes on the engine's disk alone (cheap, unlike the images' sizes).
@@ -233,8 +238,6 @@ pub trait Images: Send + Sync {
 /// One build to run.
 pub struct BuildPlan<'a> {
     pub slug: &'a Slug,
-    /// The reference to tag the result with.
-    pub tag: &'a str,
     /// Path of the Dockerfile inside the context.
     pub dockerfile: &'a str,
     pub args: &'a std::collections::BTreeMap<String, String>,
@@ -242,15 +245,6 @@ pub struct BuildPlan<'a> {
     pub memory: i64,
     /// The network the `RUN` steps join; `None`: the engine's default bridge.
     pub network: Option<&'a str>,
-}
-
-/// The labels of a built image, set by a `LABEL` line previewd adds to the Dockerfile. The same
-/// for every build of a preview, so that line is served from the layer cache.
-#[derive(Debug, Clone)]
-pub struct ImageLabels {
-    pub pairs: Vec<(String, String)>,
-    /// The labels previewd reads off containers: a Dockerfile may set none of them.
-    pub reserved: Vec<String>,
 }
 
 /// A line of a build's output.
@@ -268,6 +262,10 @@ pub enum BuildOutput {
 pub enum BuildError {
     #[error("{step} failed: {message}")]
     StepFailed { step: String, message: String },
+    /// The built image sets labels previewd reads off containers (they would reach the
+    /// preview's containers, which inherit an image's labels).
+    #[error("the image sets labels previewd reserves: {}", .0.join(", "))]
+    ReservedLabels(Vec<String>),
     #[error(transparent)]
     Docker(#[from] DockerError),
 }
@@ -280,11 +278,16 @@ pub struct BuiltImage {
     pub slug: Option<Slug>,
     /// Unix seconds.
     pub created: i64,
+    /// The image the build produced, before previewd labelled it: the layer cache of the next
+    /// build of the preview.
+    pub cache: Option<String>,
+    /// The bytes the build added to its base image.
+    pub added_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DiskUsage {
-    /// `None` when the engine cannot say (it is not on a local socket).
+    /// `None` when the engine cannot say.
     pub images_bytes: Option<u64>,
     pub free_bytes: Option<u64>,
 }

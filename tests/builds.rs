@@ -110,7 +110,7 @@ async fn an_opened_pull_request_is_built_from_its_head_commit_and_served() {
     let tag = format!("previewd-{}/codertocat/hello-world:{}", gh.app.instance, &head[..12]);
     assert_eq!(common::built_images(&gh.app.instance), vec![tag]);
     let log = build_log(&gh).await;
-    assert!(log.contains("Step 1/5 : FROM previewd-demo:latest"), "{log}");
+    assert!(log.contains("Step 1/4 : FROM previewd-demo:latest"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,7 +197,7 @@ async fn a_failing_step_keeps_the_previous_preview_serving_and_the_status_names_
 
     gh.send_pr(pushed(1, &broken)).await;
     let comments = gh.comment_saying(2, &format!("failed for commit `{}`", short(&broken))).await;
-    let step = "Step 4/6 : RUN sh -c 'echo $((6 * 7))-secret-output; exit 3'";
+    let step = "Step 3/5 : RUN sh -c 'echo $((6 * 7))-secret-output; exit 3'";
     assert!(comments[0].body.contains(step), "{}", comments[0].body);
     assert!(!comments[0].body.contains("42-secret-output"), "build output is never posted: {}", comments[0].body);
     let log_url = format!("http://previewd.example/api/previews/{SLUG}/build-log");
@@ -205,7 +205,7 @@ async fn a_failing_step_keeps_the_previous_preview_serving_and_the_status_names_
     let deployment = gh.github.deployments(REPO).into_iter().find(|d| d.sha == broken).expect("a deployment");
     let failure = gh.github.statuses(REPO, deployment.id).pop().expect("a status");
     assert_eq!(failure.state, "failure");
-    assert!(failure.description.as_deref().unwrap_or_default().contains("Step 4/6"), "{failure:?}");
+    assert!(failure.description.as_deref().unwrap_or_default().contains("Step 3/5"), "{failure:?}");
     assert_eq!(failure.log_url.as_deref(), Some(log_url.as_str()));
     assert_eq!(gh.app.via_nginx(SLUG, "/").await.unwrap(), (200, "the good commit\n".to_owned()));
     assert!(build_log(&gh).await.contains("42-secret-output"), "the build log keeps the output");
@@ -360,7 +360,7 @@ async fn a_context_uploaded_by_hand_is_built_and_launched_with_its_progress() {
     assert!(
         lines
             .iter()
-            .any(|line| line["step"] == "build" && line["message"].as_str().unwrap().starts_with("Step 4/5 : COPY")),
+            .any(|line| line["step"] == "build" && line["message"].as_str().unwrap().starts_with("Step 3/4 : COPY")),
         "{lines:?}"
     );
     assert_eq!(steps.last(), Some(&"ready"), "{lines:?}");
@@ -463,7 +463,7 @@ async fn the_cli_builds_a_local_directory_with_its_progress_and_honours_dockerig
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert!(
-        stderr.lines().any(|line| line.contains("build") && line.contains("Step 4/5 : COPY site/ /www/")),
+        stderr.lines().any(|line| line.contains("build") && line.contains("Step 3/4 : COPY site/ /www/")),
         "{stderr}"
     );
     assert!(String::from_utf8_lossy(&output.stdout).contains("my-work.preview.localhost"));
@@ -472,7 +472,7 @@ async fn the_cli_builds_a_local_directory_with_its_progress_and_honours_dockerig
 
     let output = common::run_client(&app, home.path(), &["logs", "my-work", "--build"], true, None).await;
     let log = String::from_utf8_lossy(&output.stdout);
-    assert!(log.contains("Step 1/5 : FROM previewd-demo:latest") && log.contains("previewd: built"), "{log}");
+    assert!(log.contains("Step 1/4 : FROM previewd-demo:latest") && log.contains("previewd: built"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -543,7 +543,101 @@ async fn a_dockerfile_that_sets_previewds_labels_itself_is_refused_and_its_image
         common::error_of(upload(&app, "swallowed", context, "application/x-tar", "application/json").await).await;
     assert_eq!(status, 422, "{message}");
     assert!(message.contains("may not set the previewd.* labels previewd reads"), "{message}");
-    assert!(common::built_images(&app.instance).is_empty(), "the unlabelled image is gone");
+    assert!(message.contains("it sets previewd.slug"), "{message}");
+    assert!(common::built_images(&app.instance).is_empty(), "no labelled image");
+    let log = app.client.get(app.url("/api/previews/swallowed/build-log")).basic_auth(USER, Some(PASSWORD));
+    let log = log.send().await.unwrap().text().await.unwrap();
+    let built = log.lines().find_map(|line| line.strip_prefix("Successfully built ")).expect("the engine built it");
+    assert!(!common::image_exists(built), "the refused image {built} is gone:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_built_image_gets_previewds_labels_without_a_build_step_and_keeps_its_build_as_cache() {
+    let app = upload_app("").await;
+    let context = tar_of(&[("Dockerfile", dockerfile(&app.instance, "")), ("site/index.html", "x\n".into())]);
+    assert_eq!(upload(&app, "labelled", context, "application/x-tar", "application/json").await.status(), 200);
+    let log = app.client.get(app.url("/api/previews/labelled/build-log")).basic_auth(USER, Some(PASSWORD));
+    let log = log.send().await.unwrap().text().await.unwrap();
+    assert!(log.contains("Step 4/4 : CMD"), "the Dockerfile's own 4 steps, none added:\n{log}");
+    assert!(!log.contains("LABEL"), "{log}");
+    let images = common::built_images(&app.instance);
+    assert_eq!(images.len(), 1, "{images:?}");
+    let labels: Value = serde_json::from_str(&common::docker_output(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{json .Config.Labels}}",
+        &images[0],
+    ]))
+    .unwrap();
+    assert_eq!(labels["previewd.built"], "true");
+    assert_eq!(labels["previewd.instance"], app.instance.as_str());
+    assert_eq!(labels["previewd.slug"], "labelled");
+    let built = log.lines().find_map(|line| line.strip_prefix("Successfully built ")).expect("the engine built it");
+    let cache = labels["previewd.cache"].as_str().expect("the build's own image is named");
+    assert!(cache.trim_start_matches("sha256:").starts_with(built.trim()), "{cache} vs {built}");
+    assert!(labels["previewd.added-bytes"].as_str().and_then(|b| b.parse::<u64>().ok()).is_some_and(|b| b > 0));
+
+    assert_eq!(app.kill("labelled").await.status(), 200);
+    let deadline = Instant::now() + WAIT;
+    while common::image_exists(cache) || !common::built_images(&app.instance).is_empty() {
+        assert!(Instant::now() < deadline, "the killed preview's image or its build cache {cache} is still there");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_step_images_of_a_build_cut_by_a_crash_are_removed_at_the_next_start() {
+    let setup = common::BinaryConfig::with_images(WEB_IMAGE);
+    let _cleanup = setup.cleanup();
+    let client = common::client();
+    let log = setup.dir.path().join("previewd.log");
+    let mut daemon = common::Daemon::start(&setup.path, &log);
+    daemon.wait_until_healthy(&client, &setup.api).await;
+    let marker = format!("{}-crashed", setup.instance);
+    let slow = tar_of(&[
+        ("Dockerfile", dockerfile(&setup.instance, &format!("RUN echo {marker} > /marker\nRUN sleep 120\n"))),
+        ("site/index.html", "x\n".into()),
+    ]);
+    let building = {
+        let request = client
+            .post(format!("{}/api/builds?image=web&name=crashed", setup.api))
+            .basic_auth(USER, Some(PASSWORD))
+            .header("content-type", "application/x-tar")
+            .body(slow);
+        tokio::spawn(async move { request.send().await })
+    };
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let response = client.get(format!("{}/api/builds", setup.api)).basic_auth(USER, Some(PASSWORD));
+        let builds: Value = response.send().await.unwrap().json().await.unwrap();
+        if builds[0]["step"].as_str().is_some_and(|step| step.contains("sleep 120")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the build never reached its slow step: {builds}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    building.await.unwrap().ok();
+    // The engine ends the build whose client went away; the step before stays.
+    let deadline = Instant::now() + WAIT;
+    let step_image = loop {
+        if let Some(image) = common::image_of_step(&marker) {
+            break image;
+        }
+        assert!(Instant::now() < deadline, "the marker step's image never showed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut daemon = common::Daemon::start(&setup.path, &setup.dir.path().join("again.log"));
+    daemon.wait_until_healthy(&client, &setup.api).await;
+    let deadline = Instant::now() + WAIT;
+    while common::image_exists(&step_image) {
+        assert!(Instant::now() < deadline, "the crashed build's step image {step_image} is still there");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let temp = std::fs::read_dir(setup.dir.path().join("state/build-tmp")).map_or(0, Iterator::count);
+    assert_eq!(temp, 0, "the crashed build's source and context are gone too");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -159,10 +159,6 @@ pub struct ContextPlan<'a> {
     pub dockerfile: &'a TreePath,
     pub paths: Option<&'a PathFilter>,
     pub max_context: u64,
-    /// previewd's labels, as one `LABEL` instruction put after the final `FROM` (see
-    /// [`super::dockerfile`]; the engine's own `labels` option costs a build step per label,
-    /// and one at every build).
-    pub label_line: &'a str,
 }
 
 /// A Dockerfile larger than this is not a Dockerfile.
@@ -182,7 +178,7 @@ pub fn write_context<R: Read + Send + 'static, W: Write>(
     let mut digest = paths.map(|_| Sha256::new());
     let mut summary = ContextSummary { bytes: 0, files: 0, paths_digest: None };
     let dockerfile_path = dockerfile.to_string();
-    let mut kept_dockerfile: Option<(tar::Header, Vec<u8>)> = None;
+    let mut has_dockerfile = false;
     let tree_limit = max_context.saturating_mul(4);
     let mut tree_bytes = 0u64;
     for entry in archive.entries().map_err(ContextError::Read)? {
@@ -220,16 +216,12 @@ pub fn write_context<R: Read + Send + 'static, W: Write>(
                 }
                 summary.files += usize::from(kind.is_file());
                 if kind.is_file() && inner == dockerfile_path {
-                    let header = entry.header().clone();
                     if entry.size() > MAX_DOCKERFILE {
                         return Err(ContextError::DockerfileTooLarge(dockerfile_path));
                     }
-                    let mut text = Vec::new();
-                    Tee { inner: entry, hasher }.read_to_end(&mut text).map_err(ContextError::Read)?;
-                    kept_dockerfile = Some((header, text));
-                } else {
-                    append(&mut builder, entry, &inner, hasher)?;
+                    has_dockerfile = true;
                 }
+                append(&mut builder, entry, &inner, hasher)?;
             }
             None if hashed => {
                 io::copy(&mut Tee { inner: entry, hasher }, &mut io::sink()).map_err(ContextError::Read)?;
@@ -237,13 +229,10 @@ pub fn write_context<R: Read + Send + 'static, W: Write>(
             None => {}
         }
     }
-    let Some((mut header, text)) = kept_dockerfile else {
+    if !has_dockerfile {
         return Err(ContextError::NoDockerfile { context: context.to_string(), dockerfile: dockerfile_path });
-    };
+    }
     summary.paths_digest = digest.map(|hasher| hex::encode(&hasher.finalize()[..12]));
-    let text = super::dockerfile::with_labels(&String::from_utf8_lossy(&text), plan.label_line).into_bytes();
-    header.set_size(text.len() as u64);
-    builder.append_data(&mut header, &dockerfile_path, text.as_slice()).map_err(ContextError::Write)?;
     builder.into_inner().and_then(|mut out| out.flush()).map_err(ContextError::Write)?;
     Ok(summary)
 }
@@ -325,7 +314,6 @@ pub(crate) mod tests {
             dockerfile: &dockerfile,
             paths,
             max_context: 1 << 20,
-            label_line: "LABEL previewd=\"yes\"\n",
         };
         let summary = write_context(Layout::GitHubTarball, io::Cursor::new(source), &plan, &mut out)?;
         Ok((summary, out))
@@ -339,11 +327,8 @@ pub(crate) mod tests {
         let files = files_of(&out);
         assert_eq!(
             files,
-            vec![
-                ("src/app.py".to_owned(), "print(1)".to_owned()),
-                ("Dockerfile".to_owned(), "FROM x\nLABEL previewd=\"yes\"\n".to_owned()),
-            ],
-            "the Dockerfile comes last, with previewd's lines"
+            vec![("Dockerfile".to_owned(), "FROM x".to_owned()), ("src/app.py".to_owned(), "print(1)".to_owned())],
+            "the Dockerfile as it is in the repository"
         );
         assert_eq!((summary.files, summary.bytes, summary.paths_digest), (2, 14, None));
     }
@@ -352,7 +337,7 @@ pub(crate) mod tests {
     fn what_the_contexts_dockerignore_excludes_is_left_out() {
         let source = github_tarball(&[("Dockerfile", "FROM x"), ("debug.log", "secret"), ("keep.log", "kept")]);
         let names: Vec<String> = files_of(&write(source, ".", None).unwrap().1).into_iter().map(|(p, _)| p).collect();
-        assert_eq!(names, vec!["keep.log".to_owned(), "Dockerfile".to_owned()]);
+        assert_eq!(names, vec!["Dockerfile".to_owned(), "keep.log".to_owned()]);
         let source = github_tarball(&[("web/Dockerfile", "FROM x"), ("web/.dockerignore", "tmp\n"), ("web/tmp/a", "")]);
         let text = read_dockerignore(Layout::GitHubTarball, io::Cursor::new(source), &tree("web")).unwrap();
         assert_eq!(text.as_deref(), Some("tmp\n"));

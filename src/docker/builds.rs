@@ -1,9 +1,17 @@
 //! [`Images`] on Docker: builds through the engine's classic builder (`POST /build`, the context
-//! streamed from its file), the images this instance built (found by their labels), their removal,
-//! and the disk they take.
+//! streamed from its file), previewd's labels put on the result, the images this instance built
+//! (found by their labels), their removal, and the disk they take.
 //!
-//! A build's step images stay in the engine as the layer cache of the next build of the same
-//! preview. When a build fails or is stopped, the image of the last step it finished is a
+//! Labels are not a build step: on engines whose storage driver diffs naively (fuse-overlayfs,
+//! vfs), every committed step ends on the next whole second (moby's `NaiveDiffDriver` sleeps
+//! until then), so a `LABEL` step costs up to a second per build. Instead the built image's
+//! config, with the labels added, is loaded as a new image (`POST /images/load` of a tar with
+//! only a manifest and that config): the engine already has every layer, reads none, and writes
+//! the config alone.
+//!
+//! The built image itself stays, untagged, as the layer cache of the next build of the preview
+//! (its step images are its parents); the labelled image names it (`previewd.cache`) and it goes
+//! with it. When a build fails or is stopped, the image of the last step it finished is a
 //! leftover: the lifecycle hands it to [`Images::prune_build_leftovers`], and Docker removes it
 //! with its untagged parents unless another image still needs them.
 
@@ -15,10 +23,10 @@ use bollard::query_parameters::{BuildImageOptions, ListImagesOptions, RemoveImag
 use futures_util::StreamExt;
 use tokio_util::io::ReaderStream;
 
-use super::labels::{LABEL_BUILT, LABEL_INSTANCE, LABEL_SLUG};
+use super::labels::{LABEL_ADDED_BYTES, LABEL_BUILT, LABEL_CACHE, LABEL_INSTANCE, LABEL_SLUG};
 use super::{DockerError, DockerRuntime, is_not_found};
 use crate::preview::Slug;
-use crate::runtime::{BuildError, BuildOutput, BuildPlan, BuiltImage, DiskUsage, ImageLabels, Images};
+use crate::runtime::{BuildError, BuildOutput, BuildPlan, BuiltImage, DiskUsage, Images};
 
 /// What a failed step's message is cut to (the full output is in the build log).
 const MAX_FAILURE_MESSAGE: usize = 300;
@@ -41,42 +49,6 @@ impl DockerRuntime {
     fn built_filter(&self) -> HashMap<String, Vec<String>> {
         let labels = vec![format!("{LABEL_BUILT}=true"), format!("{LABEL_INSTANCE}={}", self.instance)];
         HashMap::from([("label".to_owned(), labels)])
-    }
-
-    /// `GET /system/df` read as the engine writes it: bollard's model is of a newer API than
-    /// many engines speak, so the answer is read here as JSON. `None` when the engine is not on
-    /// a local socket.
-    async fn unique_image_bytes(&self) -> Option<u64> {
-        let socket = std::env::var("DOCKER_HOST").ok().map_or_else(
-            || Some("/var/run/docker.sock".to_owned()),
-            |host| host.strip_prefix("unix://").map(str::to_owned),
-        )?;
-        let stream = tokio::net::UnixStream::connect(&socket).await.ok()?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.ok()?;
-        tokio::spawn(connection);
-        let request = hyper::Request::get("/system/df")
-            .header("host", "docker")
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .ok()?;
-        let response = sender.send_request(request).await.ok()?;
-        let body = http_body_util::BodyExt::collect(response.into_body()).await.ok()?.to_bytes();
-        let df: serde_json::Value = serde_json::from_slice(&body).ok()?;
-        let ours = |image: &&serde_json::Value| {
-            image["Labels"][LABEL_BUILT] == "true" && image["Labels"][LABEL_INSTANCE] == self.instance.as_ref()
-        };
-        let images = df["Images"].as_array()?;
-        Some(
-            images
-                .iter()
-                .filter(ours)
-                .map(|image| {
-                    let size = image["Size"].as_i64().unwrap_or(0);
-                    let shared = image["SharedSize"].as_i64().unwrap_or(0).max(0);
-                    (size - shared).max(0) as u64
-                })
-                .sum(),
-        )
     }
 
     /// Free bytes under Docker's data root, read here: only meaningful when the engine runs on
@@ -103,8 +75,75 @@ fn built_image(summary: bollard::models::ImageSummary) -> BuiltImage {
         slug: label(LABEL_SLUG).and_then(|s| Slug::parse(&s).ok()),
         created: summary.created,
         tags: summary.repo_tags.into_iter().filter(|t| t != "<none>:<none>").collect(),
+        cache: label(LABEL_CACHE).filter(|id| !id.is_empty()),
+        added_bytes: label(LABEL_ADDED_BYTES).and_then(|bytes| bytes.parse().ok()).unwrap_or(0),
         id: summary.id,
     }
+}
+
+/// The labels previewd reads off containers that `found` (a built image's) sets.
+fn reserved_in(found: &HashMap<String, String>) -> Vec<String> {
+    let mut reserved: Vec<String> =
+        found.keys().filter(|key| super::labels::CONTAINER_LABELS.contains(&key.as_str())).cloned().collect();
+    reserved.sort();
+    reserved
+}
+
+/// The image config of the labelled image: the built image's architecture, OS, creation time,
+/// author, container config (with `labels` added) and layers. Without history: the engine's
+/// history API does not say which entries made a layer, and a wrong one breaks `docker history`.
+fn labelled_config(built: &serde_json::Value, labels: &HashMap<String, String>) -> serde_json::Value {
+    let mut config = built["Config"].clone();
+    if !config.is_object() {
+        config = serde_json::json!({});
+    }
+    let mut merged: serde_json::Map<String, serde_json::Value> =
+        config["Labels"].as_object().cloned().unwrap_or_default();
+    for (key, value) in labels {
+        merged.insert(key.clone(), serde_json::Value::String(value.clone()));
+    }
+    config["Labels"] = serde_json::Value::Object(merged);
+    let mut image = serde_json::json!({
+        "architecture": built["Architecture"],
+        "os": built["Os"],
+        "config": config,
+        "rootfs": {"type": "layers", "diff_ids": built["RootFS"]["Layers"]},
+    });
+    for (key, from) in [("created", "Created"), ("author", "Author"), ("variant", "Variant")] {
+        if built[from].is_string() {
+            image[key] = built[from].clone();
+        }
+    }
+    image
+}
+
+/// A tar `POST /images/load` reads as one image tagged `tag`: its manifest and config. The
+/// layers it names are not in it; the engine reads a layer only when it does not have it.
+fn load_archive(config: &[u8], tag: &str, layers: usize) -> std::io::Result<Vec<u8>> {
+    use sha2::Digest;
+    let config_name = format!("{}.json", hex::encode(sha2::Sha256::digest(config)));
+    let layer_names: Vec<String> = (0..layers).map(|i| format!("{i}/layer.tar")).collect();
+    let manifest = serde_json::json!([{"Config": config_name, "RepoTags": [tag], "Layers": layer_names}]);
+    let manifest = serde_json::to_vec(&manifest).map_err(std::io::Error::other)?;
+    let mut archive = tar::Builder::new(Vec::new());
+    for (name, data) in [("manifest.json", manifest.as_slice()), (config_name.as_str(), config)] {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        archive.append_data(&mut header, name, data)?;
+    }
+    archive.into_inner()
+}
+
+/// The bytes a build added to its base: the layers of its history above the newest entry
+/// that is a tagged image (the `FROM` image; all of them when there is none).
+fn added_bytes(history: &[bollard::models::ImageHistoryResponseItem]) -> u64 {
+    history
+        .iter()
+        .take_while(|entry| entry.tags.iter().all(|tag| tag == "<none>:<none>"))
+        .map(|entry| u64::try_from(entry.size).unwrap_or(0))
+        .sum()
 }
 
 fn truncate(text: &str) -> String {
@@ -117,13 +156,35 @@ fn truncate(text: &str) -> String {
 
 #[async_trait]
 impl Images for DockerRuntime {
-    fn image_labels(&self, slug: &Slug) -> ImageLabels {
-        let pairs = vec![
+    async fn label_image(&self, built: &str, slug: &Slug, tag: &str) -> Result<(), BuildError> {
+        let (image, history) = tokio::join!(self.docker.inspect_image(built), self.docker.image_history(built));
+        let image = image.map_err(|err| DockerError::from_bollard("inspect the built image", err))?;
+        let reserved = reserved_in(image.config.as_ref().and_then(|c| c.labels.as_ref()).unwrap_or(&HashMap::new()));
+        if !reserved.is_empty() {
+            return Err(BuildError::ReservedLabels(reserved));
+        }
+        let history = history.map_err(|err| DockerError::from_bollard("read the image's history", err))?;
+        let labels = HashMap::from([
             (LABEL_BUILT.to_owned(), "true".to_owned()),
             (LABEL_INSTANCE.to_owned(), self.instance.to_string()),
             (LABEL_SLUG.to_owned(), slug.to_string()),
-        ];
-        ImageLabels { pairs, reserved: super::labels::CONTAINER_LABELS.map(str::to_owned).to_vec() }
+            (LABEL_CACHE.to_owned(), image.id.clone().unwrap_or_else(|| built.to_owned())),
+            (LABEL_ADDED_BYTES.to_owned(), added_bytes(&history).to_string()),
+        ]);
+        let layers = image.root_fs.as_ref().and_then(|fs| fs.layers.as_ref()).map_or(0, Vec::len);
+        let failed = |err: &dyn std::fmt::Display| DockerError::Api {
+            action: "label the built image",
+            message: err.to_string(),
+        };
+        let built_json = serde_json::to_value(&image).map_err(|err| failed(&err))?;
+        let config = serde_json::to_vec(&labelled_config(&built_json, &labels)).map_err(|err| failed(&err))?;
+        let archive = load_archive(&config, tag, layers).map_err(|err| failed(&err))?;
+        let options = bollard::query_parameters::ImportImageOptions { quiet: true, ..Default::default() };
+        let mut stream = self.docker.import_image(options, bollard::body_full(archive.into()), None);
+        while let Some(item) = stream.next().await {
+            item.map_err(|err| DockerError::from_bollard("load the labelled image", err))?;
+        }
+        Ok(())
     }
 
     async fn tag_image(&self, image: &str, tag: &str) -> Result<(), DockerError> {
@@ -138,10 +199,9 @@ impl Images for DockerRuntime {
         plan: &BuildPlan<'_>,
         context: tokio::fs::File,
         on_output: &mut (dyn FnMut(BuildOutput) + Send),
-    ) -> Result<(), BuildError> {
+    ) -> Result<String, BuildError> {
         let options = BuildImageOptions {
             dockerfile: plan.dockerfile.to_owned(),
-            t: Some(plan.tag.to_owned()),
             rm: true,
             forcerm: true,
             buildargs: Some(plan.args.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
@@ -157,6 +217,7 @@ impl Images for DockerRuntime {
         let docker = self.docker.clone().with_timeout(std::time::Duration::from_secs(24 * 3600));
         let mut stream = docker.build_image(options, None, Some(body));
         let mut step = String::from("the build");
+        let mut built = None;
         while let Some(item) = stream.next().await {
             let info = match item {
                 Ok(info) => info,
@@ -168,6 +229,9 @@ impl Images for DockerRuntime {
             if let Some(detail) = info.error_detail.and_then(|d| d.message) {
                 return Err(BuildError::StepFailed { step, message: truncate(&detail) });
             }
+            if let Some(id) = info.aux.and_then(|aux| aux.id) {
+                built = Some(id);
+            }
             for line in info.stream.iter().flat_map(|text| text.lines()) {
                 if let Some(begun) = step_of(line) {
                     step = begun.to_owned();
@@ -175,21 +239,15 @@ impl Images for DockerRuntime {
                 } else if let Some(layer) = layer_of(line) {
                     on_output(BuildOutput::Layer(layer.to_owned()));
                     on_output(BuildOutput::Line(line.to_owned()));
+                } else if let Some(id) = line.strip_prefix("Successfully built ") {
+                    built.get_or_insert_with(|| id.trim().to_owned());
+                    on_output(BuildOutput::Line(line.to_owned()));
                 } else {
                     on_output(BuildOutput::Line(line.to_owned()));
                 }
             }
         }
-        Ok(())
-    }
-
-    async fn labels_of(&self, reference: &str) -> Result<HashMap<String, String>, DockerError> {
-        let image = self
-            .docker
-            .inspect_image(reference)
-            .await
-            .map_err(|err| DockerError::from_bollard("inspect the built image", err))?;
-        Ok(image.config.and_then(|config| config.labels).unwrap_or_default())
+        built.ok_or_else(|| BuildError::StepFailed { step, message: "the engine named no built image".to_owned() })
     }
 
     async fn built_images(&self) -> Result<Vec<BuiltImage>, DockerError> {
@@ -215,6 +273,21 @@ impl Images for DockerRuntime {
         }
     }
 
+    async fn remove_built(&self, image: &BuiltImage, others: &[BuiltImage]) -> Result<(), DockerError> {
+        for tag in &image.tags {
+            self.remove_image(tag).await?;
+        }
+        if image.tags.is_empty() {
+            self.remove_image(&image.id).await?;
+        }
+        let shared =
+            |cache: &String| others.iter().any(|other| other.id != image.id && other.cache.as_ref() == Some(cache));
+        match &image.cache {
+            Some(cache) if !shared(cache) => self.remove_image(cache).await,
+            _ => Ok(()),
+        }
+    }
+
     async fn prune_build_leftovers(&self, leftovers: &[String], building: &[Slug]) -> Result<usize, DockerError> {
         let mut filters = self.built_filter();
         filters.insert("dangling".to_owned(), vec!["true".to_owned()]);
@@ -228,17 +301,26 @@ impl Images for DockerRuntime {
             let slug = image.labels.get(LABEL_SLUG).and_then(|slug| Slug::parse(slug).ok());
             slug.is_none_or(|slug| !building.contains(&slug))
         };
+        let kept = self.built_images().await?;
         let mut removed = 0;
-        let dangling = dangling.iter().filter(idle).map(|image| image.id.as_str());
-        for id in dangling.chain(leftovers.iter().map(String::as_str)) {
+        let dangling = dangling.iter().filter(idle).map(|image| (image.id.as_str(), image.labels.get(LABEL_CACHE)));
+        for (id, cache) in dangling.chain(leftovers.iter().map(|id| (id.as_str(), None))) {
             let tagged = match self.docker.inspect_image(id).await {
                 Ok(image) => image.repo_tags.is_some_and(|tags| !tags.is_empty()),
                 Err(err) if is_not_found(&err) => continue,
                 Err(err) => return Err(DockerError::from_bollard("inspect an image", err)),
             };
-            if !tagged {
-                self.remove_image(id).await?;
-                removed += 1;
+            if tagged {
+                continue;
+            }
+            self.remove_image(id).await?;
+            removed += 1;
+            // A labelled image whose tag moved: its build's image goes too, unless another
+            // labelled image still names it.
+            if let Some(cache) =
+                cache.filter(|cache| !kept.iter().any(|other| other.id != id && other.cache.as_ref() == Some(*cache)))
+            {
+                self.remove_image(cache).await?;
             }
         }
         Ok(removed)
@@ -249,8 +331,9 @@ impl Images for DockerRuntime {
     }
 
     async fn disk(&self) -> Result<DiskUsage, DockerError> {
-        let (images_bytes, free_bytes) = tokio::join!(self.unique_image_bytes(), self.free_bytes());
-        Ok(DiskUsage { images_bytes, free_bytes })
+        let (images, free_bytes) = tokio::join!(self.built_images(), self.free_bytes());
+        let images_bytes = images?.iter().map(|image| image.added_bytes).sum();
+        Ok(DiskUsage { images_bytes: Some(images_bytes), free_bytes })
     }
 }
 
@@ -266,5 +349,74 @@ mod tests {
         assert_eq!(layer_of(" ---> 3f2a1b4c5d6e"), Some("3f2a1b4c5d6e"));
         assert_eq!(layer_of(" ---> Running in 3f2a1b4c5d6e"), None);
         assert_eq!(layer_of(" ---> Using cache"), None);
+    }
+
+    #[test]
+    fn the_labelled_config_is_the_built_ones_with_previewds_labels_winning() {
+        let built = serde_json::json!({
+            "Id": "sha256:abc",
+            "Architecture": "amd64",
+            "Os": "linux",
+            "Created": "2026-12-06T07:00:00Z",
+            "Config": {"Cmd": ["httpd"], "ExposedPorts": {"3000/tcp": {}}, "Labels": {"team": "web", "previewd.slug": "x"}},
+            "RootFS": {"Type": "layers", "Layers": ["sha256:1", "sha256:2"]},
+        });
+        let labels = HashMap::from([("previewd.slug".to_owned(), "mine".to_owned())]);
+        let config = labelled_config(&built, &labels);
+        assert_eq!(config["config"]["Labels"], serde_json::json!({"team": "web", "previewd.slug": "mine"}));
+        assert_eq!(config["config"]["Cmd"], serde_json::json!(["httpd"]));
+        assert_eq!(config["config"]["ExposedPorts"], serde_json::json!({"3000/tcp": {}}));
+        assert_eq!(config["rootfs"], serde_json::json!({"type": "layers", "diff_ids": ["sha256:1", "sha256:2"]}));
+        assert_eq!((config["architecture"].as_str(), config["os"].as_str()), (Some("amd64"), Some("linux")));
+        assert_eq!(config["created"], "2026-12-06T07:00:00Z");
+        assert!(config.get("author").is_none() && config.get("history").is_none(), "{config}");
+    }
+
+    #[test]
+    fn the_load_archive_holds_a_manifest_naming_the_config_by_its_digest_and_no_layer() {
+        use std::io::Read;
+        let archive = load_archive(b"{\"os\":\"linux\"}", "previewd-x/upload/a:1", 2).unwrap();
+        let mut tar = tar::Archive::new(archive.as_slice());
+        let mut files = HashMap::new();
+        for entry in tar.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let mut text = String::new();
+            entry.read_to_string(&mut text).unwrap();
+            files.insert(entry.path().unwrap().display().to_string(), text);
+        }
+        let manifest: serde_json::Value = serde_json::from_str(&files["manifest.json"]).unwrap();
+        let config_name = manifest[0]["Config"].as_str().unwrap();
+        assert_eq!(files[config_name], "{\"os\":\"linux\"}");
+        assert_eq!(config_name.len(), 64 + ".json".len(), "{config_name}");
+        assert_eq!(manifest[0]["RepoTags"], serde_json::json!(["previewd-x/upload/a:1"]));
+        assert_eq!(manifest[0]["Layers"].as_array().map(Vec::len), Some(2));
+        assert_eq!(files.len(), 2, "no layer in it: {:?}", files.keys());
+    }
+
+    fn entry(size: i64, tags: &[&str]) -> bollard::models::ImageHistoryResponseItem {
+        bollard::models::ImageHistoryResponseItem {
+            size,
+            tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_build_adds_the_layers_above_its_tagged_base() {
+        let history =
+            [entry(10, &[]), entry(5, &["<none>:<none>"]), entry(100, &["previewd-demo:latest"]), entry(7, &[])];
+        assert_eq!(added_bytes(&history), 15);
+        assert_eq!(added_bytes(&history[2..]), 0, "the base itself adds nothing");
+        assert_eq!(added_bytes(&[entry(3, &[]), entry(4, &[])]), 7, "no tagged base: all of it");
+    }
+
+    #[test]
+    fn reserved_labels_are_found_and_others_allowed() {
+        let found = HashMap::from([
+            ("previewd.owner".to_owned(), "x".to_owned()),
+            ("previewd.pr".to_owned(), "7".to_owned()),
+            ("org.opencontainers.image.title".to_owned(), "shop".to_owned()),
+        ]);
+        assert_eq!(reserved_in(&found), vec!["previewd.owner".to_owned(), "previewd.pr".to_owned()]);
     }
 }

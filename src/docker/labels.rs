@@ -34,6 +34,11 @@ pub const LABEL_DIGEST: &str = "previewd.digest";
 /// On images previewd built (with the instance, the preview's slug and the commit): never on a
 /// container, so a container run from such an image by hand is not taken for a preview.
 pub const LABEL_BUILT: &str = "previewd.built";
+/// On a built image: the id of the image its build produced before previewd labelled it (the
+/// layer cache of the preview's next build, removed with the labelled image).
+pub const LABEL_CACHE: &str = "previewd.cache";
+/// On a built image: the bytes its build added to its base image (see `/healthz`'s builds).
+pub const LABEL_ADDED_BYTES: &str = "previewd.added-bytes";
 
 /// Every label previewd reads off a container: a built image may carry none of them but its own
 /// (containers inherit an image's labels where previewd sets none).

@@ -161,7 +161,7 @@ fn build_status(failure: &BuildFailure) -> StatusCode {
         BuildFailure::RepoFile(_)
         | BuildFailure::Context(_)
         | BuildFailure::Step { .. }
-        | BuildFailure::LabelsLost
+        | BuildFailure::ReservedLabels(_)
         | BuildFailure::Dockerignore(_) => StatusCode::UNPROCESSABLE_ENTITY,
         BuildFailure::TimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
         BuildFailure::Superseded | BuildFailure::Removed => StatusCode::CONFLICT,

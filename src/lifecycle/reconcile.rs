@@ -156,7 +156,7 @@ impl Lifecycle {
             image.slug.as_ref().is_some_and(|slug| !previews.contains(slug) && !building.contains(slug))
         });
         for image in orphans {
-            match self.builds.remove_built(image).await {
+            match self.runtime.remove_built(image, &images).await {
                 Ok(()) => tracing::info!(image = %image.id, "removed an image built for a preview that is gone"),
                 Err(err) => tracing::warn!(image = %image.id, error = %err, "cannot remove a built image"),
             }

@@ -372,6 +372,31 @@ pub fn built_images(instance: &str) -> Vec<String> {
         .collect()
 }
 
+/// Whether the engine has an image (by id or reference).
+pub fn image_exists(reference: &str) -> bool {
+    Command::new("docker")
+        .args(["image", "inspect", reference])
+        .output()
+        .expect("docker image inspect")
+        .status
+        .success()
+}
+
+/// What a docker command prints, trimmed.
+pub fn docker_output(args: &[&str]) -> String {
+    let output = Command::new("docker").args(args).output().expect("docker");
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// The dangling image a build step whose command contains `marker` made, if there is one.
+pub fn image_of_step(marker: &str) -> Option<String> {
+    let ids = docker_output(&["images", "-a", "-q", "--no-trunc", "--filter", "dangling=true"]);
+    let mut args = vec!["image", "inspect", "--format", "{{.Id}} {{json .ContainerConfig.Cmd}}"];
+    args.extend(ids.split_whitespace());
+    let described = docker_output(&args);
+    described.lines().find(|line| line.contains(marker)).and_then(|line| line.split(' ').next()).map(str::to_owned)
+}
+
 pub fn remove_built_images(instance: &str) {
     let output = Command::new("docker")
         .args(["images", "-q", "--filter", "label=previewd.built=true"])

@@ -32,6 +32,8 @@ use crate::watch::{follow_container_changes, keep_nginx_running};
 
 pub struct Application {
     listener: TcpListener,
+    /// Where nginx sends the hosts of sleeping previews (see `crate::wake`).
+    wake_listener: TcpListener,
     state: AppState,
     shutdown: CancellationToken,
     reconcile: ReconcileReport,
@@ -50,6 +52,11 @@ impl Application {
             TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
         let template =
             VhostTemplate::load(&config.nginx.template, &config.trusted_proxies).map_err(anyhow::Error::msg)?;
+        if config.lifecycle.sleep_after.is_some() {
+            template.check_traffic(&config.nginx.template).map_err(anyhow::Error::msg)?;
+        }
+        let traffic = crate::traffic::Traffic::start().await.context("cannot listen for nginx's request log")?;
+        let wake_listener = crate::wake::bind().await.context("cannot listen for requests to sleeping previews")?;
         let runtime: Arc<dyn Runtime> = Arc::new(DockerRuntime::connect(config.instance.clone()).await?);
         runtime.ping().await?;
         // First of all: Docker has restarted the previews at boot already, and iptables rules do
@@ -70,9 +77,11 @@ impl Application {
             listen: config.nginx.listen,
             sites: SitesDir::new(sites_dir.clone(), &config.instance),
             nginx,
+            traffic: Some(traffic.clone()),
         });
         let metrics = Arc::new(Metrics::new());
-        let lifecycle = Lifecycle::new(Arc::clone(&config), runtime, router, metrics);
+        let lifecycle = Lifecycle::new(Arc::clone(&config), runtime, router, metrics, Some(traffic));
+        lifecycle.sleepers().set_wake_port(wake_listener.local_addr()?.port());
         lifecycle.builds().recover();
         let reconcile = match lifecycle.reconcile().await {
             Ok(report) => report,
@@ -99,7 +108,7 @@ impl Application {
             tokens,
             shutdown: shutdown.clone(),
         };
-        Ok(Self { listener, state, shutdown, reconcile, sync })
+        Ok(Self { listener, wake_listener, state, shutdown, reconcile, sync })
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -127,7 +136,7 @@ impl Application {
     /// Serves until the shutdown token is cancelled, then finishes in-flight operations and
     /// stops the managed nginx.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let Self { listener, state, shutdown, sync, .. } = self;
+        let Self { listener, wake_listener, state, shutdown, sync, .. } = self;
         tracing::info!(address = %listener.local_addr()?, "previewd is serving");
         let tasks = state.tasks.clone();
         let lifecycle = state.lifecycle.clone();
@@ -135,6 +144,18 @@ impl Application {
         let warm_networks = tokio::spawn(lifecycle.networks().clone().keep_warm(shutdown.clone()));
         let syncer = sync.map(|(sync, every)| tokio::spawn(sync.run(every, tasks.clone(), shutdown.clone())));
         let nginx_keeper = tokio::spawn(keep_nginx_running(lifecycle.clone(), shutdown.clone()));
+        let wake_routes = crate::wake::routes(
+            lifecycle.clone(),
+            state.config.base_domain.clone(),
+            state.config.lifecycle.wake_timeout,
+        );
+        let waker =
+            tokio::spawn(crate::http::server::serve(wake_listener, wake_routes, state.config.http, shutdown.clone()));
+        let sleeper = tokio::spawn(put_idle_previews_to_sleep(
+            lifecycle.clone(),
+            state.config.lifecycle.sweep_every(),
+            shutdown.clone(),
+        ));
         // Stopped only after the last operation: those change what it writes.
         let memory_done = CancellationToken::new();
         let memory_writer = state
@@ -144,6 +165,8 @@ impl Application {
         let http = state.config.http;
         crate::http::server::serve(listener, router(state), http, shutdown.clone()).await;
         watcher.await.ok();
+        waker.await.ok();
+        sleeper.await.ok();
         warm_networks.await.ok();
         nginx_keeper.await.ok();
         if let Some(syncer) = syncer {
@@ -161,6 +184,21 @@ impl Application {
         lifecycle.router().nginx().stop_managed().await.context("cannot stop the managed nginx")?;
         tracing::info!("stopped; previews keep running");
         Ok(())
+    }
+}
+
+/// Every `lifecycle.sleep_after / 10` (see `LifecyclePolicy::sweep_every`), puts the previews
+/// nobody requested for `sleep_after` to sleep. Nothing without `sleep_after`.
+async fn put_idle_previews_to_sleep(lifecycle: Lifecycle, every: Option<Duration>, shutdown: CancellationToken) {
+    let Some(every) = every else { return };
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        lifecycle.sleep_idle().await;
     }
 }
 

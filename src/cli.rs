@@ -86,6 +86,19 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// Put a preview to sleep: its app and services stopped (data kept) until a request, or
+    /// `previewd wake`, wakes it.
+    Sleep {
+        name: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Wake a sleeping preview (services, then the app); returns once it answers.
+    Wake {
+        name: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
     /// Print a preview's log (its app's, a service's with --service, its last build's with
     /// --build).
     Logs {
@@ -168,6 +181,16 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Reset { name, server } => client_command(server, |client| async move {
             let preview = client.reset(&name).await?;
             println!("reset {name}: {}", preview["url"].as_str().unwrap_or_default());
+            Ok(())
+        }),
+        Command::Sleep { name, server } => client_command(server, |client| async move {
+            client.preview_action(&name, "sleep").await?;
+            println!("{name} is asleep; a request to it, or `previewd wake {name}`, wakes it");
+            Ok(())
+        }),
+        Command::Wake { name, server } => client_command(server, |client| async move {
+            let preview = client.preview_action(&name, "wake").await?;
+            println!("{name} is awake: {}", preview["url"].as_str().unwrap_or_default());
             Ok(())
         }),
         Command::Logs { name, build: true, server, .. } => client_command(server, |client| async move {
@@ -335,8 +358,13 @@ fn serve(path: &Path) -> ExitCode {
 /// The config and its template, or every problem as text for the terminal.
 fn load(path: &Path) -> Result<Config, String> {
     let config = Config::load(path).map_err(|err| err.to_string())?;
-    VhostTemplate::load(&config.nginx.template, &config.trusted_proxies)
+    let template = VhostTemplate::load(&config.nginx.template, &config.trusted_proxies)
         .map_err(|err| format!("{}: nginx.template: {err}\n", path.display()))?;
+    if config.lifecycle.sleep_after.is_some() {
+        template
+            .check_traffic(&config.nginx.template)
+            .map_err(|err| format!("{}: nginx.template: {err}\n", path.display()))?;
+    }
     Ok(config)
 }
 

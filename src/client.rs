@@ -269,7 +269,12 @@ impl Client {
 
     /// Puts a preview's data back as at its first launch; the preview once it answers again.
     pub async fn reset(&self, name: &str) -> Result<Value, ClientError> {
-        let path = format!("/api/previews/{}/reset", urlencode(name));
+        self.preview_action(name, "reset").await
+    }
+
+    /// `POST /api/previews/{name}/{action}` (reset, sleep, wake): the preview as it is after.
+    pub async fn preview_action(&self, name: &str, action: &str) -> Result<Value, ClientError> {
+        let path = format!("/api/previews/{}/{action}", urlencode(name));
         let response = self.send(self.request(reqwest::Method::POST, &path)).await?;
         response.json().await.map_err(|err| ClientError::Refused(format!("previewd's answer is not a preview: {err}")))
     }
@@ -408,7 +413,7 @@ fn urlencode(text: &str) -> String {
 /// The `previewd list` table: name, image, PR, commit, status, services, age, URL.
 pub fn table(previews: &[Value]) -> String {
     let now = crate::clock::unix_now();
-    let header = ["NAME", "IMAGE", "PR", "COMMIT", "STATUS", "SERVICES", "AGE", "URL"];
+    let header = ["NAME", "IMAGE", "PR", "COMMIT", "STATUS", "SERVICES", "AGE", "LAST REQUEST", "URL"];
     let mut rows = vec![header.map(str::to_owned).to_vec()];
     for preview in previews {
         let text = |key: &str| preview[key].as_str().unwrap_or("-").to_owned();
@@ -423,7 +428,10 @@ pub fn table(previews: &[Value]) -> String {
             text("status")
         };
         let age = crate::clock::age(now - preview["created"].as_i64().unwrap_or(now));
-        rows.push(vec![text("name"), text("image"), pr, commit, status, services(preview), age, text("url")]);
+        let used = preview["last_request"]
+            .as_i64()
+            .map_or("-".to_owned(), |at| format!("{} ago", crate::clock::age(now - at)));
+        rows.push(vec![text("name"), text("image"), pr, commit, status, services(preview), age, used, text("url")]);
     }
     let widths: Vec<usize> =
         (0..header.len()).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();

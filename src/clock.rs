@@ -4,7 +4,11 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    unix_seconds(SystemTime::now())
+}
+
+pub fn unix_seconds(at: SystemTime) -> i64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 /// A moment in UTC.

@@ -21,6 +21,7 @@ pub mod environment;
 pub mod github;
 pub mod hardening;
 pub mod http;
+pub mod lifecycle;
 pub mod limits;
 pub mod network;
 pub mod repo_file;
@@ -29,6 +30,7 @@ pub use environment::{EnvContext, EnvTemplate, JobSpec, JobWhen, ReadyCheck, Ser
 pub use github::{GitHubConfig, RepoConfig};
 pub use hardening::Capability;
 pub use http::HttpSettings;
+pub use lifecycle::LifecyclePolicy;
 pub use limits::Limits;
 pub use network::NetworkConfig;
 
@@ -59,6 +61,8 @@ pub struct Config {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// How builds of previews from source share the host.
     pub builds: BuildsConfig,
+    /// When idle previews sleep, and how long a request waits for one to wake.
+    pub lifecycle: LifecyclePolicy,
     /// Where people reach previewd's API and dashboard (no trailing slash); links on pull
     /// requests (a failed build's log) point there. Without it, those links are left out.
     pub dashboard_url: Option<String>,
@@ -322,6 +326,7 @@ struct RawConfig {
     metrics_auth: Option<bool>,
     trusted_proxies: Option<Vec<String>>,
     builds: Option<builds::RawBuilds>,
+    lifecycle: Option<lifecycle::RawLifecycle>,
     dashboard_url: Option<String>,
 }
 
@@ -462,6 +467,7 @@ impl RawConfig {
         let api_hosts = validate_api_hosts(self.api_hosts.unwrap_or_default(), &mut problems);
         let trusted_proxies = validate_trusted_proxies(self.trusted_proxies.unwrap_or_default(), &mut problems);
         let builds = builds::validate_builds(self.builds.unwrap_or_default(), &mut problems);
+        let lifecycle = lifecycle::validate(self.lifecycle.unwrap_or_default(), &mut problems);
         let dashboard_url = self.dashboard_url.map(|url| url.trim_end_matches('/').to_owned());
         if let Some(url) = &dashboard_url
             && (!(url.starts_with("http://") || url.starts_with("https://")) || url.contains(char::is_whitespace))
@@ -490,6 +496,7 @@ impl RawConfig {
                 metrics_auth: self.metrics_auth.unwrap_or(false),
                 trusted_proxies,
                 builds,
+                lifecycle,
                 dashboard_url,
             }),
             _ => Err(problems.0),

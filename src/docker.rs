@@ -358,6 +358,19 @@ impl Containers for DockerRuntime {
 
     /// Stops a running container (`grace` for its app to exit on SIGTERM) and starts it again,
     /// with the same port.
+    async fn stop(&self, id: &str, grace: std::time::Duration) -> Result<(), DockerError> {
+        let options = bollard::query_parameters::StopContainerOptions {
+            t: Some(i32::try_from(grace.as_secs()).unwrap_or(i32::MAX)),
+            ..Default::default()
+        };
+        match self.docker.stop_container(id, Some(options)).await {
+            // 304: stopped already.
+            Ok(()) | Err(BollardError::DockerResponseServerError { status_code: 304, .. }) => Ok(()),
+            Err(err) if is_not_found(&err) => Ok(()),
+            Err(err) => Err(DockerError::from_bollard("stop the container", err)),
+        }
+    }
+
     async fn restart(&self, id: &str, grace: std::time::Duration) -> Result<(), DockerError> {
         let options = bollard::query_parameters::RestartContainerOptions {
             t: Some(i32::try_from(grace.as_secs()).unwrap_or(i32::MAX)),

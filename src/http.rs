@@ -79,6 +79,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/previews/{name}", get(get_preview))
         .route("/api/previews/{name}/logs", get(preview_logs))
         .route("/api/previews/{name}/reset", post(reset_preview))
+        .route("/api/previews/{name}/sleep", post(sleep_preview))
+        .route("/api/previews/{name}/wake", post(wake_preview))
         .route("/api/previews/{name}/build-log", get(builds::build_log))
         .route("/api/builds", get(builds::list_builds))
         .merge(protected_metrics)
@@ -341,9 +343,51 @@ async fn reset_preview(
     Extension(principal): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Json<PreviewInfo>, ApiError> {
-    let preview = state.visible_preview(&principal, &name).await?;
-    let lifecycle = state.lifecycle.clone();
-    let info = run_tracked(&state, async move { lifecycle.reset(&preview.name).await }).await?;
+    act_on_preview(&state, &principal, &name, |lifecycle, slug| async move { lifecycle.reset(&slug).await }).await
+}
+
+/// `POST /api/previews/{name}/sleep`: the preview's app and services stopped (data kept), its
+/// host routed to the wake listener; the preview, asleep.
+async fn sleep_preview(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<Json<PreviewInfo>, ApiError> {
+    act_on_preview(&state, &principal, &name, |lifecycle, slug| async move {
+        lifecycle.sleep(&slug, crate::lifecycle::SleepReason::Manual).await?;
+        lifecycle.get(&slug).await
+    })
+    .await
+}
+
+/// `POST /api/previews/{name}/wake`: a sleeping preview started again (services, then the app);
+/// answers once the app answers through nginx. A preview that is awake is answered as it is.
+async fn wake_preview(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<Json<PreviewInfo>, ApiError> {
+    act_on_preview(&state, &principal, &name, |lifecycle, slug| async move {
+        lifecycle.wake_now(&slug).await?;
+        lifecycle.get(&slug).await
+    })
+    .await
+}
+
+/// An action on a preview the caller may see, run to its end even if the client goes away
+/// (and waited for at shutdown); the preview as the action leaves it.
+async fn act_on_preview<Action, Done>(
+    state: &AppState,
+    principal: &Principal,
+    name: &str,
+    action: Action,
+) -> Result<Json<PreviewInfo>, ApiError>
+where
+    Action: FnOnce(Lifecycle, Slug) -> Done,
+    Done: Future<Output = Result<PreviewInfo, LifecycleError>> + Send + 'static,
+{
+    let preview = state.visible_preview(principal, name).await?;
+    let info = run_tracked(state, action(state.lifecycle.clone(), preview.name)).await?;
     Ok(Json(info))
 }
 
@@ -504,6 +548,9 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
         metrics
             .previews
             .set(previews.iter().filter(|p| p.status == crate::preview::PreviewState::Running).count() as i64);
+        metrics
+            .previews_asleep
+            .set(previews.iter().filter(|p| p.status == crate::preview::PreviewState::Asleep).count() as i64);
     }
     if let Some(disk) = state.lifecycle.builds().disk().await {
         metrics.build_images_bytes.set(disk.images_bytes.unwrap_or(0) as i64);

@@ -22,6 +22,8 @@
 //! - [`probe`]: whether an app answers HTTP yet.
 //! - [`nginx`]: vhost files, `nginx -t`, coalesced reloads, the managed nginx.
 //! - [`watch`]: re-routes previews whose container Docker restarted on a new port.
+//! - [`traffic`]: when each preview last served a request, from nginx's own request log.
+//! - [`wake`]: the listener sleeping previews are routed to: the waking page, held requests.
 //! - [`app`]: start-up (reconcile), serving and graceful shutdown.
 //! - [`cli`]: the command line.
 //! - [`client`]: the client side of `previewd launch|kill|list|logs|login`.
@@ -50,6 +52,8 @@ pub mod probe;
 pub mod request;
 pub mod runtime;
 pub mod throttle;
+pub mod traffic;
+pub mod wake;
 pub mod watch;
 
 /// An error's message followed by each of its causes, for messages people read.

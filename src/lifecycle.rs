@@ -16,6 +16,9 @@ mod launch;
 mod reconcile;
 mod removal;
 mod reset;
+mod sleep;
+
+pub use sleep::{Asleep, SleepReason, Sleepers, WakeState};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,6 +35,7 @@ use crate::preview::{ImageKey, PreviewState, Role, ServiceName, Slug};
 use crate::probe::Prober;
 use crate::request::{Owner, PullRequestOrigin};
 use crate::runtime::{DockerError, ManagedContainer, Runtime};
+use crate::traffic::Traffic;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -82,6 +86,8 @@ pub enum LifecycleError {
     ImageGone(ImageKey),
     #[error(transparent)]
     Build(#[from] BuildFailure),
+    #[error("cannot keep previewd's state: {0}")]
+    State(String),
 }
 
 impl LifecycleError {
@@ -143,6 +149,10 @@ pub struct PreviewInfo {
     pub owner: Option<Owner>,
     /// The preview's services (`images.<key>.services`), by name.
     pub services: Vec<ServiceInfo>,
+    /// Unix seconds of the last request nginx served it (or of its launch or wake), since
+    /// previewd started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_request: Option<i64>,
 }
 
 /// A service of a preview, as the API reports it.
@@ -180,6 +190,9 @@ pub struct Lifecycle {
     admission: Admission,
     networks: Networks,
     builds: Builds,
+    /// Requests through nginx, when previewd follows them (see `crate::traffic`).
+    traffic: Option<Traffic>,
+    sleepers: Arc<Sleepers>,
 }
 
 /// A launch step as it begins: `image`, `pull`, `create`, `start`, `health`, `route`, and
@@ -223,8 +236,15 @@ impl Progress {
 }
 
 impl Lifecycle {
-    pub fn new(config: Arc<Config>, runtime: Arc<dyn Runtime>, router: Router, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        runtime: Arc<dyn Runtime>,
+        router: Router,
+        metrics: Arc<Metrics>,
+        traffic: Option<Traffic>,
+    ) -> Self {
         let admission = Admission::new(config.limits);
+        let config_state_dir = config.state_dir.clone();
         let networks = Networks::new(Arc::clone(&runtime), config.instance.clone(), config.network, &metrics);
         let builds = Builds::new(
             config.builds.clone(),
@@ -244,6 +264,8 @@ impl Lifecycle {
             admission,
             networks,
             builds,
+            traffic,
+            sleepers: Arc::new(Sleepers::load(&config_state_dir)),
         }
     }
 
@@ -338,10 +360,11 @@ impl Lifecycle {
         PreviewInfo {
             url: self.url_for(&container.slug),
             routed: self.is_routed(&container.slug),
+            status: if self.sleepers.is_asleep(&container.slug) { PreviewState::Asleep } else { container.state },
+            last_request: self.last_request(&container.slug).map(crate::clock::unix_seconds),
             name: container.slug,
             image: container.image,
             container_id: container.id,
-            status: container.state,
             created: container.created,
             repo,
             pr,

@@ -75,6 +75,10 @@ pub struct Metrics {
     pub build_seconds: Histogram,
     pub build_images_bytes: Gauge,
     pub docker_free_bytes: Gauge,
+    pub previews_asleep: Gauge,
+    pub sleeps: Family<ByReason, Counter>,
+    pub wakes: Family<ByResult, Counter>,
+    pub wake_seconds: Histogram,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -108,6 +112,11 @@ impl Metrics {
             build_seconds: Histogram::new(exponential_buckets(0.5, 2.0, 13)),
             build_images_bytes: Gauge::default(),
             docker_free_bytes: Gauge::default(),
+            previews_asleep: Gauge::default(),
+            sleeps: Family::default(),
+            wakes: Family::default(),
+            // 0.05 s to ~100 s.
+            wake_seconds: seconds_histogram(),
             registry: Registry::default(),
         };
         registry.register("previews", "Previews whose container runs", metrics.previews.clone());
@@ -175,13 +184,25 @@ impl Metrics {
         registry.register("build_seconds", "Time of successful builds", metrics.build_seconds.clone());
         registry.register(
             "build_images_bytes",
-            "Disk taken by the images previewd built that no other image shares (read at most every 30 s)",
+            "Bytes the images previewd built add to their base images (read at most every 30 s)",
             metrics.build_images_bytes.clone(),
         );
         registry.register(
             "docker_free_bytes",
             "Free disk where Docker keeps images (builds stop below builds.min_free_disk)",
             metrics.docker_free_bytes.clone(),
+        );
+        registry.register(
+            "previews_asleep",
+            "Previews asleep (lifecycle.sleep_after, or put to sleep)",
+            metrics.previews_asleep.clone(),
+        );
+        registry.register("sleeps", "Previews put to sleep, by reason: idle or manual", metrics.sleeps.clone());
+        registry.register("wakes", "Sleeping previews woken, by result", metrics.wakes.clone());
+        registry.register(
+            "wake_seconds",
+            "Time of successful wakes, from the first request until the app is routed",
+            metrics.wake_seconds.clone(),
         );
         Self { registry, ..metrics }
     }

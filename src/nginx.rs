@@ -25,6 +25,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::preview::{BaseDomain, InstanceName, Slug};
+use crate::traffic::Traffic;
 pub use process::{Drain, Nginx, NginxError};
 use sites::SitesDir;
 use vhost::{Vhost, VhostTemplate};
@@ -56,6 +57,7 @@ struct Inner {
     listen: SocketAddr,
     sites: SitesDir,
     nginx: Nginx,
+    traffic: Option<Traffic>,
     reloads: AtomicU64,
     failed_reloads: AtomicU64,
     /// Launches that hold a ticket and have not sent their route yet.
@@ -70,6 +72,8 @@ pub struct RouterSettings {
     pub listen: SocketAddr,
     pub sites: SitesDir,
     pub nginx: Nginx,
+    /// Where vhosts log requests to, when previewd follows traffic.
+    pub traffic: Option<Traffic>,
 }
 
 impl Router {
@@ -82,6 +86,7 @@ impl Router {
             listen: settings.listen,
             sites: settings.sites,
             nginx: settings.nginx,
+            traffic: settings.traffic,
             reloads: AtomicU64::new(0),
             failed_reloads: AtomicU64::new(0),
             expected: AtomicUsize::new(0),
@@ -252,7 +257,10 @@ impl Drop for RouteTicket {
 impl Inner {
     fn render(&self, slug: &Slug, upstream_port: u16) -> Result<String, NginxError> {
         let host = self.base_domain.host_for(slug);
-        let vhost = Vhost::new(&self.instance, slug, &host, self.listen, upstream_port);
+        let mut vhost = Vhost::new(&self.instance, slug, &host, self.listen, upstream_port);
+        if let Some(traffic) = &self.traffic {
+            vhost.traffic = traffic.directive(slug);
+        }
         self.template.render(&vhost).map_err(NginxError::Template)
     }
 

@@ -34,6 +34,15 @@ pub enum NameError {
 #[serde(transparent)]
 pub struct Slug(String);
 
+/// Read back validated (previewd's own state files): a file edited by hand cannot smuggle a
+/// name that is not a slug.
+impl<'de> serde::Deserialize<'de> for Slug {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Self::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 impl Slug {
     /// Turns free text (a branch, a `container_name`) into a slug: `Feature X/Y` → `feature-x-y`.
     pub fn slugify(input: &str) -> Result<Self, NameError> {
@@ -219,6 +228,9 @@ pub enum PreviewState {
     Dead,
     /// The engine reported a state previewd does not know.
     Unknown,
+    /// Put to sleep by previewd (its containers stopped, its data kept); the first request
+    /// wakes it. A preview's state, never a container's.
+    Asleep,
 }
 
 impl PreviewState {
@@ -233,6 +245,7 @@ impl PreviewState {
             Self::Exited => "exited",
             Self::Dead => "dead",
             Self::Unknown => "unknown",
+            Self::Asleep => "asleep",
         }
     }
 

@@ -82,6 +82,10 @@ pub trait Containers: Send + Sync {
     /// built, not `images.<key>.image`), which no tag moved since.
     async fn container_image(&self, id: &str) -> Result<String, DockerError>;
 
+    /// Stops a container (`grace` for it to exit on SIGTERM, then killed); it stays, stopped,
+    /// and the engine does not start it again by itself. One already stopped or gone is left.
+    async fn stop(&self, id: &str, grace: Duration) -> Result<(), DockerError>;
+
     /// Stops a running container (`grace` for it to exit on SIGTERM) and starts it again, with
     /// the same port.
     async fn restart(&self, id: &str, grace: Duration) -> Result<(), DockerError>;

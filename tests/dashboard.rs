@@ -2,7 +2,8 @@
 //! `chromium` and `chromium-driver` (installed by scripts/setup.sh; nothing is downloaded).
 //!
 //! Screenshots land in `target/test-artifacts/` (`dashboard.png`, `dashboard-phone.png`,
-//! `dashboard-dark.png`, `dashboard-error.png`, `dashboard-empty.png`).
+//! `dashboard-dark.png`, `dashboard-error.png`, `dashboard-empty.png`, and `waking-phone.png`: the page a
+//! sleeping preview shows a browser).
 
 mod common;
 
@@ -432,4 +433,44 @@ async fn drive_the_dashboard(app: &TestApp, client: &Client, preview_url: &str) 
     );
     assert!(empty.contains("Images you can launch: chatty crash demo missing silent slowcgi unpullable"), "{empty}");
     screenshot(client, DESKTOP, "dashboard-empty.png").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_puts_a_preview_to_sleep_from_the_dashboard_then_sees_the_waking_page_and_then_the_app() {
+    let app = TestApp::start().await;
+    let response = app.launch(&[("image_name", "demo"), ("container_name", "nap")]).await;
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let (status, _) = app.via_nginx("nap", "/").await.unwrap();
+    assert_eq!(status, 200);
+    let preview_url = format!("http://nap.preview.localhost:{}/", app.nginx_port);
+    let browser = Browser::start(false).await;
+    let outcome = tokio::time::timeout(TEST_BUDGET, async {
+        let client = browser.client();
+        client.goto(&format!("http://{USER}:{PASSWORD}@{}/", app.api)).await.expect("open the dashboard");
+        let sleep = Locator::Css(r#"tr[data-name="nap"] button[data-action="sleep"]"#);
+        client.wait().at_most(WAIT).for_element(sleep).await.expect("the Sleep button").click().await.unwrap();
+        let wake = Locator::Css(r#"tr[data-name="nap"] button[data-action="wake"]"#);
+        client.wait().at_most(WAIT).for_element(wake).await.expect("the row says it sleeps, with a Wake button");
+        let row = client.find(Locator::Css(r#"tr[data-name="nap"]"#)).await.unwrap().text().await.unwrap();
+        assert!(row.contains("asleep"), "{row}");
+
+        // The preview's own URL: the waking page at once, then the app by itself.
+        client.goto(&preview_url).await.expect("open the sleeping preview");
+        let title = client.title().await.unwrap();
+        assert!(title.starts_with("Waking up nap"), "the first answer is the waking page: {title:?}");
+        screenshot(client, PHONE, "waking-phone.png").await;
+        eventually("the app in place of the waking page", || async {
+            let source = client.source().await.ok()?;
+            (!source.contains("Waking up")).then_some(())
+        })
+        .await;
+        assert_eq!(client.current_url().await.unwrap().as_str(), preview_url);
+    })
+    .await;
+    if outcome.is_err() {
+        panic!("the browser part did not finish within {TEST_BUDGET:?}\n{}", browser.driver_log());
+    }
+    browser.close().await;
+    let found = app.get_json("/api/previews/nap").await;
+    assert_eq!(found["status"], "running", "{found}");
 }

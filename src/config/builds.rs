@@ -91,18 +91,7 @@ pub(super) fn validate_builds(raw: RawBuilds, problems: &mut Problems) -> Builds
         problems.add("builds.memory", "must be at most 2g (a limit of the Docker client library previewd uses)");
         defaults.memory
     };
-    let timeout = match raw.timeout.map(|t| parse_duration(&t)) {
-        None => defaults.timeout,
-        Some(Ok(timeout)) if !timeout.is_zero() => timeout,
-        Some(Ok(_)) => {
-            problems.add("builds.timeout", "must be longer than 0, e.g. 20m");
-            defaults.timeout
-        }
-        Some(Err(message)) => {
-            problems.add("builds.timeout", message);
-            defaults.timeout
-        }
-    };
+    let timeout = positive_duration(raw.timeout, "builds.timeout", "20m", defaults.timeout, problems);
     BuildsConfig { max_parallel, cpu_shares, memory, keep, timeout, min_free_disk, max_context }
 }
 
@@ -112,6 +101,29 @@ pub(super) fn validate_builds(raw: RawBuilds, problems: &mut Problems) -> Builds
 pub(super) enum RawDuration {
     Seconds(u64),
     Text(String),
+}
+
+/// A duration that must be longer than 0, or `default` when not set (or not valid: the problem
+/// is added, naming `key`, with `example`).
+pub(super) fn positive_duration(
+    raw: Option<RawDuration>,
+    key: &str,
+    example: &str,
+    default: Duration,
+    problems: &mut Problems,
+) -> Duration {
+    match raw.map(|raw| parse_duration(&raw)) {
+        None => default,
+        Some(Ok(duration)) if !duration.is_zero() => duration,
+        Some(Ok(_)) => {
+            problems.add(key, format!("must be longer than 0, e.g. {example}"));
+            default
+        }
+        Some(Err(message)) => {
+            problems.add(key, message);
+            default
+        }
+    }
 }
 
 pub(super) fn parse_duration(raw: &RawDuration) -> Result<Duration, String> {

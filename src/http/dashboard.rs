@@ -134,6 +134,9 @@ struct Row {
     /// Of a preview built from source: its last build's log.
     build_log_url: Option<String>,
     services: Vec<ServiceRow>,
+    asleep: bool,
+    /// How long ago nginx last served it a request (or it was launched or woken).
+    last_request: Option<String>,
 }
 
 /// A service of a preview: its state badge, and a link to its log.
@@ -202,6 +205,8 @@ impl Row {
             commit_url,
             logs_url: format!("/api/previews/{}/logs?tail=200", info.name),
             build_log_url: None,
+            asleep: info.status == PreviewState::Asleep,
+            last_request: info.last_request.map(|at| format!("{} ago", age(now - at))),
             services: info
                 .services
                 .iter()
@@ -225,7 +230,7 @@ fn status_class(status: PreviewState) -> &'static str {
         | PreviewState::Stopping
         | PreviewState::Removing => "warn",
         PreviewState::Exited | PreviewState::Dead => "bad",
-        PreviewState::Unknown => "idle",
+        PreviewState::Unknown | PreviewState::Asleep => "idle",
     }
 }
 
@@ -298,6 +303,7 @@ mod tests {
             sha: None,
             owner: None,
             services: Vec::new(),
+            last_request: None,
         }
     }
 

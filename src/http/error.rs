@@ -151,6 +151,7 @@ fn lifecycle_status(err: &LifecycleError) -> StatusCode {
         LifecycleError::Network(NetworkError::Docker(DockerError::Api { .. })) => StatusCode::BAD_GATEWAY,
         LifecycleError::Network(_) => StatusCode::SERVICE_UNAVAILABLE,
         LifecycleError::Build(failure) => build_status(failure),
+        LifecycleError::State(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 

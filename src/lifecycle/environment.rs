@@ -143,7 +143,7 @@ impl Lifecycle {
 
     /// Polls the service's ready check (quickly at first) until it passes, failing at once
     /// when the container stops and at `ready_timeout` otherwise.
-    async fn wait_until_ready(
+    pub(super) async fn wait_until_ready(
         &self,
         id: &str,
         network: &str,

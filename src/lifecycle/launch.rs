@@ -232,6 +232,7 @@ impl Lifecycle {
                 tracing::warn!(error = %err, container = %short(&old.id), "cannot remove the replaced container; reconcile will");
             }
         }
+        self.awake_after_launch(&request.name)?;
         tracing::info!(elapsed_ms = progress.started.elapsed().as_millis() as u64, %url, "preview ready");
         let (repo, pr, sha) = split_origin(request.origin);
         let owner = request.owner;
@@ -253,6 +254,7 @@ impl Lifecycle {
                 .keys()
                 .map(|name| ServiceInfo { name: name.clone(), status: PreviewState::Running })
                 .collect(),
+            last_request: Some(crate::clock::unix_now()),
         })
     }
 

@@ -39,6 +39,13 @@ impl Lifecycle {
     #[tracing::instrument(skip_all, fields(slug = %slug))]
     pub async fn refresh(&self, slug: &Slug) -> Result<(), LifecycleError> {
         let _guard = self.locks.lock(slug).await;
+        if self.sleepers.is_asleep(slug) {
+            // Asleep: nothing of it is started again; its host stays with the wake listener.
+            let members = self.runtime.list_slug_all(slug).await?;
+            let port = self.settle_asleep(slug, &members).await?;
+            self.router.route_if_changed(slug, port).await?;
+            return Ok(());
+        }
         let containers = self.runtime.list_slug(slug).await?;
         let none_left = containers.is_empty();
         let networks: BTreeSet<String> = containers.iter().filter_map(|c| c.network.clone()).collect();
@@ -89,7 +96,14 @@ impl Lifecycle {
         // One Docker call or more per preview: at hundreds of previews, in sequence they made a
         // restart take seconds.
         let mut settling = futures_util::stream::iter(groups)
-            .map(|(slug, group)| async move { self.settle_preview(&slug, group).await.map(|settled| (slug, settled)) })
+            .map(|(slug, group)| async move {
+                if self.sleepers.is_asleep(&slug) {
+                    let members = self.runtime.list_slug_all(&slug).await?;
+                    let port = self.settle_asleep(&slug, &members).await?;
+                    return Ok((slug, Settled { port: Some(port), removed: 0 }));
+                }
+                self.settle_preview(&slug, group).await.map(|settled| (slug, settled))
+            })
             .buffer_unordered(RECONCILE_PARALLELISM);
         while let Some(result) = settling.next().await {
             let (slug, settled) = result?;
@@ -114,6 +128,8 @@ impl Lifecycle {
             .map(|(s, _)| s.clone())
             .collect();
         with_parts.extend(self.runtime.list_volumes().await?.into_iter().map(|volume| volume.slug));
+        // A sleeping preview's services stay stopped.
+        with_parts.retain(|slug| !self.sleepers.is_asleep(slug));
         let mut settling = futures_util::stream::iter(with_parts)
             .map(|slug| {
                 let group = members.remove(&slug).unwrap_or_default();
@@ -134,6 +150,7 @@ impl Lifecycle {
         self.networks.reconcile(&in_use).await?;
         let previews: BTreeSet<Slug> = all.into_iter().map(|c| c.slug).collect();
         self.remove_orphan_builds(&previews).await;
+        self.sleepers.forget_gone(&previews)?;
         tracing::info!(
             routed = report.routed,
             removed_containers = report.removed_containers,

@@ -39,6 +39,11 @@ impl Lifecycle {
     async fn kill_locked(&self, slug: &Slug, containers: Vec<ManagedContainer>) -> Result<(), LifecycleError> {
         let stopped_build = self.builds.cancel(slug);
         let mut result = self.remove_preview(slug, containers).await;
+        if result.is_ok()
+            && let Err(err) = self.forget_sleep(slug)
+        {
+            tracing::warn!(error = %err, "cannot forget that the removed preview slept");
+        }
         // A name with neither a preview, a build nor a build log (a first build that failed) has
         // no images either (orphans of previews removed by hand go at the next start), so its
         // 404 costs no image listing.

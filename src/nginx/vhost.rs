@@ -13,8 +13,10 @@ const NAME: &str = "vhost";
 
 /// What a vhost template can use: `{{ instance }}`, `{{ slug }}`, `{{ host }}`, `{{ listen }}`,
 /// `{{ upstream_port }}`, `{{ probe }}`, the location previewd checks each route through
-/// (required: see [`super::reach`]), and `{{ real_ip }}`, the real-IP directives for
-/// `trusted_proxies` (empty without them; required with them).
+/// (required: see [`super::reach`]), `{{ real_ip }}`, the real-IP directives for
+/// `trusted_proxies` (empty without them; required with them), and `{{ traffic }}`, the access
+/// log that tells previewd of each request (see `crate::traffic`; required with
+/// `lifecycle.sleep_after`).
 #[derive(Debug, Serialize)]
 pub struct Vhost<'a> {
     pub instance: &'a InstanceName,
@@ -23,6 +25,8 @@ pub struct Vhost<'a> {
     pub listen: SocketAddr,
     pub upstream_port: u16,
     probe: String,
+    /// Empty when previewd does not follow traffic.
+    pub traffic: String,
 }
 
 impl<'a> Vhost<'a> {
@@ -34,7 +38,7 @@ impl<'a> Vhost<'a> {
         upstream_port: u16,
     ) -> Self {
         let probe = super::reach::probe_location(&upstream(upstream_port));
-        Self { instance, slug, host, listen, upstream_port, probe }
+        Self { instance, slug, host, listen, upstream_port, probe, traffic: String::new() }
     }
 }
 
@@ -90,6 +94,25 @@ impl VhostTemplate {
             ));
         }
         Ok(template)
+    }
+
+    /// With `lifecycle.sleep_after`, previews sleep when nginx reports no request for them: a
+    /// template without `{{ traffic }}` would put every preview to sleep however busy it is.
+    pub fn check_traffic(&self, path: &Path) -> Result<(), String> {
+        let instance = InstanceName::parse("sample").map_err(|err| err.to_string())?;
+        let slug = Slug::parse("sample").map_err(|err| err.to_string())?;
+        let host = crate::preview::BaseDomain::parse("example.com").map_err(|e| e.to_string())?.host_for(&slug);
+        let mut sample = Vhost::new(&instance, &slug, &host, ([127, 0, 0, 1], 80).into(), 1);
+        sample.traffic = "access_log syslog:server=127.0.0.1:9,tag=sample combined;".to_owned();
+        let rendered = self.render(&sample).map_err(|err| format!("template {}: {err}", path.display()))?;
+        if rendered.contains(&sample.traffic) {
+            return Ok(());
+        }
+        Err(format!(
+            "template {} does not use {{{{ traffic }}}}, so previewd would not see requests and lifecycle.sleep_after \
+             would put busy previews to sleep: put it inside the server block",
+            path.display()
+        ))
     }
 
     pub fn render(&self, vhost: &Vhost<'_>) -> Result<String, String> {
@@ -149,6 +172,17 @@ mod tests {
         std::fs::write(&path, "server { listen {{ listen }}; server_name {{ host }}; }").unwrap();
         let err = VhostTemplate::load(&path, &[]).err().expect("a template without the probe must be refused");
         assert!(err.contains("{{ probe }}") && err.contains("old.tera"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_template_logs_requests_for_previewd_and_a_template_without_it_is_refused_for_sleep() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("templates/vhost.conf.tera");
+        assert!(VhostTemplate::load(&path, &[]).unwrap().check_traffic(&path).is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("custom.tera");
+        std::fs::write(&path, "server { listen {{ listen }}; server_name {{ host }}; {{ probe }} }").unwrap();
+        let err = VhostTemplate::load(&path, &[]).unwrap().check_traffic(&path).unwrap_err();
+        assert!(err.contains("{{ traffic }}") && err.contains("sleep_after"), "{err}");
     }
 
     #[test]

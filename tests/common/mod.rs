@@ -320,6 +320,12 @@ impl TestApp {
             .expect("kill request")
     }
 
+    /// An authenticated GET of the API, read as JSON.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        let response = self.client.get(self.url(path)).basic_auth(USER, Some(PASSWORD)).send().await.unwrap();
+        response.json().await.unwrap()
+    }
+
     /// GET through nginx with the preview's Host, on a fresh connection.
     pub async fn via_nginx(&self, name: &str, path: &str) -> Result<(u16, String), reqwest::Error> {
         let host = self.host(name);

@@ -1,0 +1,399 @@
+//! Sleep and wake. A preview nobody used for `lifecycle.sleep_after` (no request through nginx,
+//! see `crate::traffic`) sleeps: its host is routed to previewd's wake listener (`crate::wake`),
+//! then its app and services are stopped, their data volumes kept. The first request wakes it:
+//! services started and ready, then the app (a copy of its container on a new port, as after an
+//! outage; no jobs), and the route back to it. Concurrent requests share one wake.
+//!
+//! Which previews sleep is written to `<state_dir>/asleep.json` (atomically) before their
+//! containers stop, so a restart of previewd or of the engine leaves them asleep: reconcile
+//! routes them to the wake listener and starts none of their containers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{Lifecycle, LifecycleError, Progress, short};
+use crate::metrics::ByReason;
+use crate::preview::{Role, Slug};
+use crate::runtime::ManagedContainer;
+
+/// How long a sleeping container gets to stop before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Why a preview went to sleep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SleepReason {
+    /// No request for `lifecycle.sleep_after`.
+    Idle,
+    /// Asked for (`POST /api/previews/{name}/sleep`, `previewd sleep`).
+    Manual,
+}
+
+impl SleepReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::Manual => "manual",
+        }
+    }
+}
+
+/// A sleeping preview, as `asleep.json` records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Asleep {
+    /// Unix seconds.
+    pub since: i64,
+    pub reason: SleepReason,
+}
+
+/// Where a wake is, for the requests waiting on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WakeState {
+    /// Starting: the step being run.
+    Waking(&'static str),
+    /// Awake: the app's host port.
+    Awake(u16),
+    /// The wake failed: why.
+    Failed(String),
+}
+
+/// The sleeping previews (persisted) and the wakes under way.
+pub struct Sleepers {
+    path: PathBuf,
+    asleep: Mutex<BTreeMap<Slug, Asleep>>,
+    waking: Mutex<HashMap<Slug, watch::Receiver<WakeState>>>,
+    /// The wake listener's port on 127.0.0.1 (0 until it listens).
+    wake_port: AtomicU16,
+}
+
+impl Sleepers {
+    /// Reads `asleep.json` from `state_dir` (none: nobody sleeps).
+    pub fn load(state_dir: &std::path::Path) -> Self {
+        let path = state_dir.join("asleep.json");
+        let asleep = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|err| {
+                tracing::error!(path = %path.display(), error = %err, "cannot read which previews sleep; taking none");
+                BTreeMap::new()
+            }),
+            Err(_) => BTreeMap::new(),
+        };
+        Self { path, asleep: Mutex::new(asleep), waking: Mutex::default(), wake_port: AtomicU16::new(0) }
+    }
+
+    pub fn wake_port(&self) -> u16 {
+        self.wake_port.load(Ordering::Relaxed)
+    }
+
+    pub fn set_wake_port(&self, port: u16) {
+        self.wake_port.store(port, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, slug: &Slug) -> Option<Asleep> {
+        self.asleep().get(slug).copied()
+    }
+
+    pub fn is_asleep(&self, slug: &Slug) -> bool {
+        self.asleep().contains_key(slug)
+    }
+
+    fn asleep(&self) -> std::sync::MutexGuard<'_, BTreeMap<Slug, Asleep>> {
+        self.asleep.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set(&self, slug: &Slug, asleep: Option<Asleep>) -> Result<(), LifecycleError> {
+        let mut all = self.asleep();
+        match asleep {
+            Some(asleep) => all.insert(slug.clone(), asleep),
+            None => all.remove(slug),
+        };
+        let bytes = serde_json::to_vec_pretty(&*all).map_err(|err| LifecycleError::State(err.to_string()))?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).map_err(|err| LifecycleError::State(err.to_string()))?;
+        }
+        crate::nginx::sites::write_atomic(&self.path, &bytes)
+            .map_err(|err| LifecycleError::State(format!("cannot write {}: {err}", self.path.display())))
+    }
+
+    /// Forgets the sleeping previews that have no container left (removed while previewd was
+    /// down, or by hand).
+    pub(super) fn forget_gone(&self, previews: &std::collections::BTreeSet<Slug>) -> Result<(), LifecycleError> {
+        let gone: Vec<Slug> = self.asleep().keys().filter(|slug| !previews.contains(*slug)).cloned().collect();
+        for slug in gone {
+            self.set(&slug, None)?;
+        }
+        Ok(())
+    }
+
+    fn waking(&self) -> std::sync::MutexGuard<'_, HashMap<Slug, watch::Receiver<WakeState>>> {
+        self.waking.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The awake previews to put to sleep at `now`: those whose last request (or launch, or wake)
+/// is `sleep_after` old or older. A preview with no record yet is skipped: its clock starts
+/// when previewd first sees it.
+pub fn idle_previews(now: SystemTime, awake: &[(Slug, Option<SystemTime>)], sleep_after: Duration) -> Vec<Slug> {
+    awake
+        .iter()
+        .filter(|(_, last)| last.is_some_and(|last| now.duration_since(last).is_ok_and(|idle| idle >= sleep_after)))
+        .map(|(slug, _)| slug.clone())
+        .collect()
+}
+
+impl Lifecycle {
+    pub fn sleepers(&self) -> &Sleepers {
+        &self.sleepers
+    }
+
+    /// Puts a running preview to sleep: recorded, routed to the wake listener, its app and
+    /// services stopped (data kept). A sleeping preview stays asleep.
+    pub async fn sleep(&self, slug: &Slug, reason: SleepReason) -> Result<(), LifecycleError> {
+        self.sleep_unless_used(slug, reason, None).await.map(drop)
+    }
+
+    /// `sleep`; with `idle_for`, only if the preview was not used for that long when its turn
+    /// comes (a redeploy may have held its lock meanwhile). Whether it went to sleep.
+    #[tracing::instrument(skip_all, fields(slug = %slug, reason = reason.as_str()))]
+    async fn sleep_unless_used(
+        &self,
+        slug: &Slug,
+        reason: SleepReason,
+        idle_for: Option<Duration>,
+    ) -> Result<bool, LifecycleError> {
+        let _guard = self.locks.lock(slug).await;
+        if self.sleepers.is_asleep(slug) {
+            return Ok(false);
+        }
+        if let Some(idle_for) = idle_for
+            && idle_previews(SystemTime::now(), &[(slug.clone(), self.last_request(slug))], idle_for).is_empty()
+        {
+            return Ok(false);
+        }
+        let members = self.runtime.list_slug_all(slug).await?;
+        if !members.iter().any(|c| c.role == Role::App && c.is_running()) {
+            return Err(LifecycleError::NotFound(slug.clone()));
+        }
+        self.sleepers.set(slug, Some(Asleep { since: crate::clock::unix_now(), reason }))?;
+        self.router.route(slug, self.sleepers.wake_port()).await?;
+        self.stop_members(slug, &members).await?;
+        self.metrics.sleeps.get_or_create(&ByReason { reason: reason.as_str() }).inc();
+        tracing::info!("preview asleep");
+        Ok(true)
+    }
+
+    /// Stops the app first (no request reaches it now), then its services.
+    async fn stop_members(&self, slug: &Slug, members: &[ManagedContainer]) -> Result<(), LifecycleError> {
+        let (apps, parts): (Vec<_>, Vec<_>) = members.iter().partition(|c| c.role == Role::App);
+        for container in apps.into_iter().chain(parts).filter(|c| c.is_running() || c.state.is_transient()) {
+            tracing::debug!(%slug, container = %short(&container.id), "stopping");
+            self.runtime.stop(&container.id, STOP_GRACE).await?;
+        }
+        Ok(())
+    }
+
+    /// Wakes a preview, or joins the wake under way; the receiver says when it is up. The wake
+    /// runs on its own task: a request that gives up does not stop it.
+    pub fn wake_shared(&self, slug: &Slug) -> watch::Receiver<WakeState> {
+        let mut waking = self.sleepers.waking();
+        if let Some(receiver) = waking.get(slug)
+            && matches!(*receiver.borrow(), WakeState::Waking(_))
+        {
+            return receiver.clone();
+        }
+        let (sender, receiver) = watch::channel(WakeState::Waking("queued"));
+        waking.insert(slug.clone(), receiver.clone());
+        let (lifecycle, slug) = (self.clone(), slug.clone());
+        tokio::spawn(async move {
+            let outcome = match lifecycle.wake(&slug, &sender).await {
+                Ok(port) => WakeState::Awake(port),
+                Err(err) => {
+                    tracing::warn!(%slug, error = %err, "the preview did not wake");
+                    WakeState::Failed(err.summary())
+                }
+            };
+            sender.send_replace(outcome);
+            lifecycle.sleepers.waking().remove(&slug);
+        });
+        receiver
+    }
+
+    /// `wake`, for a caller that waits for its end without following its steps.
+    pub async fn wake_now(&self, slug: &Slug) -> Result<u16, LifecycleError> {
+        let (steps, _) = watch::channel(WakeState::Waking("queued"));
+        self.wake(slug, &steps).await
+    }
+
+    /// Wakes a sleeping preview: services started and ready, then a copy of the app on a new
+    /// port, answering, routed; the stopped app removed. Returns the app's port (that of the
+    /// running app when the preview was not asleep).
+    #[tracing::instrument(skip_all, fields(slug = %slug))]
+    pub async fn wake(&self, slug: &Slug, steps: &watch::Sender<WakeState>) -> Result<u16, LifecycleError> {
+        let _guard = self.locks.lock(slug).await;
+        let members = self.runtime.list_slug_all(slug).await?;
+        if !self.sleepers.is_asleep(slug) {
+            let running = members.iter().rev().find(|c| c.role == Role::App && c.is_running());
+            return running.and_then(|c| c.host_port).ok_or_else(|| LifecycleError::NotFound(slug.clone()));
+        }
+        let began = Instant::now();
+        let result = self.wake_members(slug, &members, steps).await;
+        let result_label = if result.is_ok() { crate::metrics::SUCCESS } else { crate::metrics::FAILURE };
+        self.metrics.wakes.get_or_create(&result_label).inc();
+        let port = result?;
+        self.metrics.wake_seconds.observe(began.elapsed().as_secs_f64());
+        tracing::info!(port, elapsed_ms = began.elapsed().as_millis() as u64, "preview awake");
+        Ok(port)
+    }
+
+    async fn wake_members(
+        &self,
+        slug: &Slug,
+        members: &[ManagedContainer],
+        steps: &watch::Sender<WakeState>,
+    ) -> Result<u16, LifecycleError> {
+        let (apps, parts): (Vec<_>, Vec<_>) = members.iter().partition(|c| c.role == Role::App);
+        let app = apps.last().ok_or_else(|| LifecycleError::NotFound(slug.clone()))?;
+        let spec = self.config.images.get(&app.image).ok_or_else(|| LifecycleError::ImageGone(app.image.clone()))?;
+        steps.send_replace(WakeState::Waking("services"));
+        for service in parts.iter().filter(|c| matches!(c.role, Role::Service(_)) && !c.is_running()) {
+            let (Role::Service(name), Some(network)) = (&service.role, &service.network) else { continue };
+            let Some(service_spec) = spec.services.get(name) else { continue };
+            self.runtime.start_part(&service.id).await?;
+            self.wait_until_ready(&service.id, network, name, service_spec).await?;
+        }
+        steps.send_replace(WakeState::Waking("app"));
+        let copy = self.runtime.recreate(&app.id).await?.ok_or_else(|| LifecycleError::NotFound(slug.clone()))?;
+        let mut progress = Progress::new(None, Arc::clone(&self.metrics));
+        let port = match self.start_until_answering(&copy, spec, &mut progress).await {
+            Ok(port) => port,
+            Err(err) => {
+                if let Err(cleanup) = self.runtime.remove(&copy.id).await {
+                    tracing::error!(error = %cleanup, container = %short(&copy.id), "cannot remove the failed copy");
+                }
+                return Err(err);
+            }
+        };
+        steps.send_replace(WakeState::Waking("route"));
+        self.router.route(slug, port).await?;
+        self.sleepers.set(slug, None)?;
+        self.touch(slug);
+        for old in apps {
+            if let Err(err) = self.runtime.remove(&old.id).await {
+                tracing::warn!(error = %err, container = %short(&old.id), "cannot remove the app container that slept");
+            }
+        }
+        Ok(port)
+    }
+
+    /// A launch (or redeploy) is use, and wakes a sleeping preview: its new containers run.
+    pub(super) fn awake_after_launch(&self, slug: &Slug) -> Result<(), LifecycleError> {
+        self.touch(slug);
+        if self.sleepers.is_asleep(slug) {
+            self.sleepers.set(slug, None)?;
+        }
+        Ok(())
+    }
+
+    /// The preview was used now (a launch or a wake counts).
+    pub(super) fn touch(&self, slug: &Slug) {
+        if let Some(traffic) = &self.traffic {
+            traffic.touch(slug);
+        }
+    }
+
+    /// When the preview last served a request through nginx (or was launched or woken).
+    pub fn last_request(&self, slug: &Slug) -> Option<SystemTime> {
+        self.traffic.as_ref().and_then(|traffic| traffic.last_request(slug))
+    }
+
+    /// Puts to sleep the previews idle for `lifecycle.sleep_after`; how many went.
+    pub async fn sleep_idle(&self) -> usize {
+        let Some(sleep_after) = self.config.lifecycle.sleep_after else { return 0 };
+        let previews = match self.list().await {
+            Ok(previews) => previews,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot list previews to find idle ones");
+                return 0;
+            }
+        };
+        let awake: Vec<(Slug, Option<SystemTime>)> = previews
+            .into_iter()
+            .filter(|p| p.status == crate::preview::PreviewState::Running)
+            .map(|p| {
+                if self.last_request(&p.name).is_none() {
+                    // First seen now (previewd started, or the preview was made by hand).
+                    self.touch(&p.name);
+                }
+                let last = self.last_request(&p.name);
+                (p.name, last)
+            })
+            .collect();
+        let mut slept = 0;
+        for slug in idle_previews(SystemTime::now(), &awake, sleep_after) {
+            match self.sleep_unless_used(&slug, SleepReason::Idle, Some(sleep_after)).await {
+                Ok(went) => slept += usize::from(went),
+                Err(err) => tracing::warn!(%slug, error = %err, "cannot put an idle preview to sleep"),
+            }
+        }
+        slept
+    }
+
+    /// Forgets everything about a preview's sleep (it was removed).
+    pub(super) fn forget_sleep(&self, slug: &Slug) -> Result<(), LifecycleError> {
+        if let Some(traffic) = &self.traffic {
+            traffic.forget(slug);
+        }
+        if self.sleepers.is_asleep(slug) {
+            self.sleepers.set(slug, None)?;
+        }
+        Ok(())
+    }
+
+    /// Reconcile's part for a sleeping preview: its containers stay (stopped: one found running,
+    /// after a crash in the middle of a sleep, is stopped again) and its host goes to the wake
+    /// listener. The port to route.
+    pub(super) async fn settle_asleep(&self, slug: &Slug, members: &[ManagedContainer]) -> Result<u16, LifecycleError> {
+        self.stop_members(slug, members).await?;
+        Ok(self.sleepers.wake_port())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slug(name: &str) -> Slug {
+        Slug::parse(name).unwrap()
+    }
+
+    #[test]
+    fn previews_idle_for_sleep_after_are_put_to_sleep_and_no_others() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(10_000);
+        let ago = |seconds: u64| Some(now - Duration::from_secs(seconds));
+        let awake = [
+            (slug("busy"), ago(10)),
+            (slug("idle"), ago(600)),
+            (slug("just-idle"), ago(300)),
+            (slug("unseen"), None),
+            (slug("future"), Some(now + Duration::from_secs(5))),
+        ];
+        assert_eq!(idle_previews(now, &awake, Duration::from_secs(300)), vec![slug("idle"), slug("just-idle")]);
+    }
+
+    #[test]
+    fn the_asleep_record_survives_a_reload_and_forgets_woken_previews() {
+        let dir = tempfile::tempdir().unwrap();
+        let sleepers = Sleepers::load(dir.path());
+        sleepers.set(&slug("a"), Some(Asleep { since: 1, reason: SleepReason::Idle })).unwrap();
+        sleepers.set(&slug("b"), Some(Asleep { since: 2, reason: SleepReason::Manual })).unwrap();
+        sleepers.set(&slug("a"), None).unwrap();
+        let again = Sleepers::load(dir.path());
+        assert!(!again.is_asleep(&slug("a")));
+        assert_eq!(again.get(&slug("b")), Some(Asleep { since: 2, reason: SleepReason::Manual }));
+    }
+}

@@ -1,0 +1,200 @@
+//! Previews that sleep when nobody uses them and wake on the first request, end to end against
+//! the real Docker engine and a real nginx: traffic is what nginx reports (its request log to
+//! previewd), sleeping stops the containers, the first request wakes them.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{PASSWORD, TestApp, USER};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A test instance whose previews sleep after `sleep_after` seconds without a request.
+async fn sleepy_app(sleep_after: &str) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let instance = common::unique_instance();
+    let nginx_port = common::free_port();
+    let yaml = common::config_yaml(&instance, dir.path(), nginx_port, &Default::default());
+    let lifecycle = format!("lifecycle:\n  sleep_after: {sleep_after}\n  wake_timeout: 30s\n");
+    TestApp::start_from(dir, instance, nginx_port, format!("{yaml}{lifecycle}")).await
+}
+
+async fn preview(app: &TestApp, name: &str) -> Value {
+    app.get_json(&format!("/api/previews/{name}")).await
+}
+
+async fn wait_for_status(app: &TestApp, name: &str, status: &str) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let found = preview(app, name).await;
+        if found["status"] == status {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "{name} never became {status}: {found}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn post(app: &TestApp, path: &str) -> reqwest::Response {
+    app.client.post(app.url(path)).basic_auth(USER, Some(PASSWORD)).send().await.unwrap()
+}
+
+/// The states of the instance's containers of one preview, as Docker has them.
+fn states_of(app: &TestApp, name: &str) -> Vec<String> {
+    common::docker_ps(&format!("label=previewd.slug={name}"))
+        .into_iter()
+        .filter(|line| line.contains(&app.instance))
+        .map(|line| line.rsplit(' ').next().unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0.0)
+}
+
+async fn metrics(app: &TestApp) -> String {
+    app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_preview_sleeps_and_a_held_request_wakes_it_and_is_served_by_the_app() {
+    let app = sleepy_app("2").await;
+    assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "nap")]).await.status(), 200);
+    let (status, awake_page) = app.via_nginx("nap", "/").await.unwrap();
+    assert_eq!(status, 200);
+
+    wait_for_status(&app, "nap", "asleep").await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let states = states_of(&app, "nap");
+        if !states.is_empty() && states.iter().all(|s| s == "exited") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "its containers are never stopped: {states:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let began = Instant::now();
+    let (status, page) = app.via_nginx("nap", "/").await.unwrap();
+    assert_eq!((status, page.as_str()), (200, awake_page.as_str()), "the held request is served by the app");
+    let woke_in = began.elapsed();
+    let found = wait_for_status(&app, "nap", "running").await;
+    assert!(found["last_request"].as_i64().is_some(), "{found}");
+    let text = metrics(&app).await;
+    assert_eq!(metric(&text, "previewd_sleeps_total{reason=\"idle\"}"), 1.0, "{text}");
+    assert_eq!(metric(&text, "previewd_wakes_total{result=\"success\"}"), 1.0, "{text}");
+    assert!(woke_in < Duration::from_secs(10), "woke in {woke_in:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_that_serves_requests_through_nginx_stays_awake() {
+    let app = sleepy_app("2").await;
+    assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "busy")]).await.status(), 200);
+    let launched = preview(&app, "busy").await["last_request"].as_i64().expect("a launch counts as use");
+    // Six seconds of requests, one every 300 ms: three times sleep_after.
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        assert_eq!(app.via_nginx("busy", "/").await.unwrap().0, 200);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let found = preview(&app, "busy").await;
+    assert_eq!(found["status"], "running", "{found}");
+    let last = found["last_request"].as_i64().unwrap();
+    assert!(last >= launched + 4, "nginx's request log moved the last request on: {found}");
+    assert_eq!(metric(&metrics(&app).await, "previewd_sleeps_total{reason=\"idle\"}"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_gets_the_waking_page_at_once_and_then_the_app() {
+    let app = sleepy_app("0").await;
+    assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "dozy")]).await.status(), 200);
+    let (_, awake_page) = app.via_nginx("dozy", "/").await.unwrap();
+    let asleep = post(&app, "/api/previews/dozy/sleep").await;
+    assert_eq!(asleep.status(), 200);
+    assert_eq!(asleep.json::<Value>().await.unwrap()["status"], "asleep");
+
+    let host = app.host("dozy");
+    let browser =
+        reqwest::Client::builder().no_proxy().resolve(&host, ([127, 0, 0, 1], app.nginx_port).into()).build().unwrap();
+    let get = || {
+        browser
+            .get(format!("http://{host}:{}/", app.nginx_port))
+            .header("accept", "text/html,application/xhtml+xml,*/*;q=0.8")
+            .send()
+    };
+    let first = get().await.unwrap();
+    assert_eq!(first.status(), 503, "the waking page says the app is not there yet");
+    assert_eq!(first.headers()["retry-after"], "1");
+    let text = first.text().await.unwrap();
+    assert!(text.contains("Waking up dozy") && text.contains("http-equiv=\"refresh\""), "{text}");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let response = get().await.unwrap();
+        if response.status() == 200 {
+            assert_eq!(response.text().await.unwrap(), awake_page);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the browser never got the app");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_requests_share_one_wake_and_all_get_the_app() {
+    let app = Arc::new(sleepy_app("0").await);
+    assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "crowd")]).await.status(), 200);
+    assert_eq!(post(&app, "/api/previews/crowd/sleep").await.status(), 200);
+    let requests: Vec<_> = (0..20)
+        .map(|_| {
+            let app = Arc::clone(&app);
+            tokio::spawn(async move { app.via_nginx("crowd", "/").await.map(|(status, _)| status) })
+        })
+        .collect();
+    for request in requests {
+        assert_eq!(request.await.unwrap().unwrap(), 200);
+    }
+    let text = metrics(&app).await;
+    assert_eq!(metric(&text, "previewd_wakes_total{result=\"success\"}"), 1.0, "{text}");
+    let apps = common::docker_ps("label=previewd.slug=crowd");
+    assert_eq!(apps.iter().filter(|line| line.contains(&app.instance)).count(), 1, "one app container: {apps:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sleeping_preview_stays_asleep_across_a_restart_while_a_crashed_one_is_repaired() {
+    let mut app = sleepy_app("0").await;
+    for name in ["sleeper", "crasher"] {
+        assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", name)]).await.status(), 200);
+    }
+    assert_eq!(post(&app, "/api/previews/sleeper/sleep").await.status(), 200);
+    app.stop().await;
+    let crashed: Vec<String> = common::docker_ps("label=previewd.slug=crasher")
+        .into_iter()
+        .filter(|line| line.contains(&app.instance))
+        .map(|line| line.split(' ').next().unwrap_or_default().to_owned())
+        .collect();
+    // Stopped behind previewd's back while it was down: the engine will not start it again,
+    // so the start-up reconcile must (it is not asleep).
+    assert_eq!(crashed.len(), 1, "{crashed:?}");
+    std::process::Command::new("docker").args(["stop", "-t", "1", &crashed[0]]).output().unwrap();
+    app.boot().await;
+
+    assert_eq!(preview(&app, "crasher").await["status"], "running", "the stopped preview was brought back");
+    assert_eq!(app.via_nginx("crasher", "/").await.unwrap().0, 200);
+    assert_eq!(preview(&app, "sleeper").await["status"], "asleep");
+    assert!(states_of(&app, "sleeper").iter().all(|s| s == "exited"), "nothing of it was started");
+    let (status, _) = app.via_nginx("sleeper", "/").await.unwrap();
+    assert_eq!(status, 200, "routed to the new wake listener, and woken");
+    assert_eq!(preview(&app, "sleeper").await["status"], "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sleep_and_wake_of_an_unknown_preview_say_404() {
+    let app = sleepy_app("0").await;
+    for action in ["sleep", "wake"] {
+        let (status, message) = common::error_of(post(&app, &format!("/api/previews/nobody/{action}")).await).await;
+        assert_eq!(status, 404, "{message}");
+    }
+}

@@ -358,6 +358,21 @@ impl Containers for DockerRuntime {
 
     /// Stops a running container (`grace` for its app to exit on SIGTERM) and starts it again,
     /// with the same port.
+    async fn published_port(&self, id: &str) -> Result<Option<u16>, DockerError> {
+        let inspect = match self.docker.inspect_container(id, None).await {
+            Ok(inspect) => inspect,
+            Err(err) if is_not_found(&err) => return Ok(None),
+            Err(err) => return Err(DockerError::from_bollard("inspect the container", err)),
+        };
+        let labels = inspect.config.and_then(|config| config.labels).unwrap_or_default();
+        let Some(container_port) = labels.get(LABEL_PORT) else { return Ok(None) };
+        let bindings = inspect.host_config.and_then(|host| host.port_bindings).unwrap_or_default();
+        let port = bindings
+            .get(&format!("{container_port}/tcp"))
+            .and_then(|binding| binding.as_ref()?.first()?.host_port.as_deref()?.parse().ok());
+        Ok(port)
+    }
+
     async fn stop(&self, id: &str, grace: std::time::Duration) -> Result<(), DockerError> {
         let options = bollard::query_parameters::StopContainerOptions {
             t: Some(i32::try_from(grace.as_secs()).unwrap_or(i32::MAX)),

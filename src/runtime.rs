@@ -82,6 +82,10 @@ pub trait Containers: Send + Sync {
     /// built, not `images.<key>.image`), which no tag moved since.
     async fn container_image(&self, id: &str) -> Result<String, DockerError>;
 
+    /// The 127.0.0.1 port an app container publishes its routed port on, kept while it is
+    /// stopped; `None` when it has none or is gone.
+    async fn published_port(&self, id: &str) -> Result<Option<u16>, DockerError>;
+
     /// Stops a container (`grace` for it to exit on SIGTERM, then killed); it stays, stopped,
     /// and the engine does not start it again by itself. One already stopped or gone is left.
     async fn stop(&self, id: &str, grace: Duration) -> Result<(), DockerError>;

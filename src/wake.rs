@@ -42,10 +42,11 @@ async fn handle(State(waker): State<Waker>, request: Request) -> Response {
     let Some(slug) = preview_of(&request, &waker.base_domain) else {
         return (StatusCode::OK, "previewd wake listener\n").into_response();
     };
-    if waker.lifecycle.get(&slug).await.is_err() {
+    let asleep = waker.lifecycle.sleepers().is_asleep(&slug);
+    // A sleeping preview exists (it is recorded); for others, asking Docker is worth its time.
+    if !asleep && waker.lifecycle.get(&slug).await.is_err() {
         return page(StatusCode::NOT_FOUND, &format!("No preview named {slug}"), "It may have been removed.", false);
     }
-    let asleep = waker.lifecycle.sleepers().is_asleep(&slug);
     let mut state = waker.lifecycle.wake_shared(&slug);
     // Not asleep: a request nginx sent here just before the route back to the app; held.
     if asleep && accepts_html(&request) {
@@ -134,7 +135,6 @@ fn waking_page(slug: &Slug, step: &str) -> Response {
     let doing = match step {
         "services" => "starting its services",
         "app" => "starting the app",
-        "route" => "almost there",
         _ => "starting",
     };
     page(

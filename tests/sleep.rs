@@ -59,6 +59,19 @@ async fn metrics(app: &TestApp) -> String {
     app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap()
 }
 
+/// The metrics once `series` is above 0.
+async fn wait_for_metric(app: &TestApp, series: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = metrics(app).await;
+        if metric(&text, series) > 0.0 {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "{series} never counted:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_preview_sleeps_and_a_held_request_wakes_it_and_is_served_by_the_app() {
     let app = sleepy_app("2").await;
@@ -83,7 +96,7 @@ async fn an_idle_preview_sleeps_and_a_held_request_wakes_it_and_is_served_by_the
     let woke_in = began.elapsed();
     let found = wait_for_status(&app, "nap", "running").await;
     assert!(found["last_request"].as_i64().is_some(), "{found}");
-    let text = metrics(&app).await;
+    let text = wait_for_metric(&app, "previewd_wakes_total{result=\"success\"}").await;
     assert_eq!(metric(&text, "previewd_sleeps_total{reason=\"idle\"}"), 1.0, "{text}");
     assert_eq!(metric(&text, "previewd_wakes_total{result=\"success\"}"), 1.0, "{text}");
     assert!(woke_in < Duration::from_secs(10), "woke in {woke_in:?}");
@@ -156,7 +169,9 @@ async fn concurrent_first_requests_share_one_wake_and_all_get_the_app() {
     for request in requests {
         assert_eq!(request.await.unwrap().unwrap(), 200);
     }
-    let text = metrics(&app).await;
+    // The held requests are answered before the wake has routed the app and counted itself.
+    wait_for_status(&app, "crowd", "running").await;
+    let text = wait_for_metric(&app, "previewd_wakes_total{result=\"success\"}").await;
     assert_eq!(metric(&text, "previewd_wakes_total{result=\"success\"}"), 1.0, "{text}");
     let apps = common::docker_ps("label=previewd.slug=crowd");
     assert_eq!(apps.iter().filter(|line| line.contains(&app.instance)).count(), 1, "one app container: {apps:?}");
@@ -187,7 +202,7 @@ async fn a_sleeping_preview_stays_asleep_across_a_restart_while_a_crashed_one_is
     assert!(states_of(&app, "sleeper").iter().all(|s| s == "exited"), "nothing of it was started");
     let (status, _) = app.via_nginx("sleeper", "/").await.unwrap();
     assert_eq!(status, 200, "routed to the new wake listener, and woken");
-    assert_eq!(preview(&app, "sleeper").await["status"], "running");
+    wait_for_status(&app, "sleeper", "running").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,4 +212,26 @@ async fn sleep_and_wake_of_an_unknown_preview_say_404() {
         let (status, message) = common::error_of(post(&app, &format!("/api/previews/nobody/{action}")).await).await;
         assert_eq!(status, 404, "{message}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sleeping_preview_whose_port_was_taken_wakes_as_a_copy_on_another_port() {
+    let app = sleepy_app("0").await;
+    assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "moved")]).await.status(), 200);
+    let before = preview(&app, "moved").await["container_id"].as_str().unwrap().to_owned();
+    assert_eq!(post(&app, "/api/previews/moved/sleep").await.status(), 200);
+    let port = common::docker_output(&[
+        "inspect",
+        "--format",
+        "{{(index (index .HostConfig.PortBindings \"3000/tcp\") 0).HostPort}}",
+        &before,
+    ]);
+    // Its container is stopped: another program takes the port meanwhile.
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", port.parse::<u16>().unwrap())).unwrap();
+    let (status, _) = app.via_nginx("moved", "/").await.unwrap();
+    assert_eq!(status, 200, "woken on another port");
+    let after = wait_for_status(&app, "moved", "running").await;
+    assert_ne!(after["container_id"], before.as_str(), "a copy runs: {after}");
+    assert_eq!(states_of(&app, "moved"), vec!["running".to_owned()], "the container that slept went");
+    drop(squatter);
 }

@@ -1,8 +1,9 @@
 //! Sleep and wake. A preview nobody used for `lifecycle.sleep_after` (no request through nginx,
 //! see `crate::traffic`) sleeps: its host is routed to previewd's wake listener (`crate::wake`),
 //! then its app and services are stopped, their data volumes kept. The first request wakes it:
-//! services started and ready, then the app (a copy of its container on a new port, as after an
-//! outage; no jobs), and the route back to it. Concurrent requests share one wake.
+//! services started and ready, then the app container again on its port (a copy on a new port
+//! when that was taken meanwhile; no jobs). Requests held for the wake go to the app as soon as it
+//! answers; the route back to it follows. Concurrent requests share one wake.
 //!
 //! Which previews sleep is written to `<state_dir>/asleep.json` (atomically) before their
 //! containers stop, so a restart of previewd or of the engine leaves them asleep: reconcile
@@ -20,7 +21,7 @@ use tokio::sync::watch;
 use super::{Lifecycle, LifecycleError, Progress, short};
 use crate::metrics::ByReason;
 use crate::preview::{Role, Slug};
-use crate::runtime::ManagedContainer;
+use crate::runtime::{CreatedContainer, ManagedContainer};
 
 /// How long a sleeping container gets to stop before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -229,8 +230,8 @@ impl Lifecycle {
         self.wake(slug, &steps).await
     }
 
-    /// Wakes a sleeping preview: services started and ready, then a copy of the app on a new
-    /// port, answering, routed; the stopped app removed. Returns the app's port (that of the
+    /// Wakes a sleeping preview: services started and ready, then the app (on its port, or a
+    /// copy on a new one), answering, routed. Returns the app's port (that of the
     /// running app when the preview was not asleep).
     #[tracing::instrument(skip_all, fields(slug = %slug))]
     pub async fn wake(&self, slug: &Slug, steps: &watch::Sender<WakeState>) -> Result<u16, LifecycleError> {
@@ -267,27 +268,55 @@ impl Lifecycle {
             self.wait_until_ready(&service.id, network, name, service_spec).await?;
         }
         steps.send_replace(WakeState::Waking("app"));
-        let copy = self.runtime.recreate(&app.id).await?.ok_or_else(|| LifecycleError::NotFound(slug.clone()))?;
-        let mut progress = Progress::new(None, Arc::clone(&self.metrics));
-        let port = match self.start_until_answering(&copy, spec, &mut progress).await {
-            Ok(port) => port,
-            Err(err) => {
-                if let Err(cleanup) = self.runtime.remove(&copy.id).await {
-                    tracing::error!(error = %cleanup, container = %short(&copy.id), "cannot remove the failed copy");
-                }
-                return Err(err);
-            }
-        };
-        steps.send_replace(WakeState::Waking("route"));
+        let (id, port) = self.start_app_again(slug, app, spec).await?;
+        // The requests held for the wake are passed to the app from here: the reload that
+        // routes it again is not theirs to wait for.
+        steps.send_replace(WakeState::Awake(port));
         self.router.route(slug, port).await?;
         self.sleepers.set(slug, None)?;
         self.touch(slug);
-        for old in apps {
+        for old in apps.iter().filter(|old| old.id != id) {
             if let Err(err) = self.runtime.remove(&old.id).await {
                 tracing::warn!(error = %err, container = %short(&old.id), "cannot remove the app container that slept");
             }
         }
         Ok(port)
+    }
+
+    /// Starts the app container that slept, on its port, until it answers; when that port was
+    /// taken meanwhile (or it cannot start), a copy on a new port. Its id and port.
+    async fn start_app_again(
+        &self,
+        slug: &Slug,
+        app: &ManagedContainer,
+        spec: &crate::config::ImageSpec,
+    ) -> Result<(String, u16), LifecycleError> {
+        if let Some(port) = self.runtime.published_port(&app.id).await? {
+            let container = CreatedContainer::new(app.id.clone(), port, ());
+            let began = Instant::now();
+            match self.runtime.start(&container).await {
+                Ok(()) => {
+                    tracing::debug!(elapsed_ms = began.elapsed().as_millis() as u64, "app started");
+                    self.wait_until_answering(&app.id, port, spec).await?;
+                    tracing::debug!(elapsed_ms = began.elapsed().as_millis() as u64, "app answers");
+                    return Ok((app.id.clone(), port));
+                }
+                Err(err) => {
+                    tracing::warn!(%slug, error = %err, "the app cannot start on its port again; starting a copy")
+                }
+            }
+        }
+        let copy = self.runtime.recreate(&app.id).await?.ok_or_else(|| LifecycleError::NotFound(slug.clone()))?;
+        let mut progress = Progress::new(None, Arc::clone(&self.metrics));
+        match self.start_until_answering(&copy, spec, &mut progress).await {
+            Ok(port) => Ok((copy.id.clone(), port)),
+            Err(err) => {
+                if let Err(cleanup) = self.runtime.remove(&copy.id).await {
+                    tracing::error!(error = %cleanup, container = %short(&copy.id), "cannot remove the failed copy");
+                }
+                Err(err)
+            }
+        }
     }
 
     /// A launch (or redeploy) is use, and wakes a sleeping preview: its new containers run.

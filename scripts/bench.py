@@ -12,8 +12,8 @@ Usage: scripts/bench.py [RUNS]   (default 10, or $BENCH_RUNS)
 What it measures, by section; BENCH_ONLY=NAME[,NAME...] runs only those (intake needs the
 webhooks' previews and runs that section too). BENCHMARKS.md keeps the last full run's table
 whole: a run of some of its sections is written below it, under "A run of some sections", with
-its command; the whole-environments and the builds sections are each replaced only by a run of
-them:
+its command; the whole-environments, builds and sleep sections are each replaced only by a run
+of them:
 
   launch        1. launch latency: POST /launch until the first 200 through nginx, vs the floor
   burst         2. burst: 50 launches at once, wall time and nginx reloads, vs the floor doing 50
@@ -52,6 +52,11 @@ them:
                    alternates which goes first. Then previewd's RSS
                    while a context of 200 MiB of random bytes is uploaded (sampled every 10 ms),
                    and while it is built and launched
+  sleep         8. sleep and wake: the demo preview put to sleep (POST /api/previews/NAME/sleep),
+                   then one GET through nginx, held by previewd until the woken app answers it,
+                   vs `docker stop` and `docker start` of a container of the same image until
+                   its port answers; 50 concurrent first requests to one sleeping preview (one
+                   wake, 50 answers); the host's MemAvailable with 20 previews awake, then asleep
   scale         8. scale: 500 running previews (launched 8 at a time; fewer if the host runs
                    short of memory): launch latency, a redeploy's route step (nginx -t and reload
                    with 500 vhosts) and nginx -t, vs the same with 0 previews; the floor's launch
@@ -109,11 +114,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("launch", "burst", "redeploy", "webhooks", "intake", "environments", "builds", "scale")
+SECTIONS = ("launch", "burst", "redeploy", "webhooks", "intake", "environments", "builds", "sleep", "scale")
 ENV_HEADING = "## Whole environments"
 BUILDS_HEADING = "## Builds from source"
+SLEEP_HEADING = "## Sleep and wake"
 # Sections with a part of BENCHMARKS.md of their own, replaced only by a run of them, in this order.
-SEPARATE = {"environments": ENV_HEADING, "builds": BUILDS_HEADING}
+SEPARATE = {"environments": ENV_HEADING, "builds": BUILDS_HEADING, "sleep": SLEEP_HEADING}
 MAIN_SECTIONS = tuple(s for s in SECTIONS if s not in SEPARATE)
 # Where a run of only some of the main sections (BENCH_ONLY) goes, below the last full run's table.
 PARTIAL_HEADING = "## A run of some sections"
@@ -1804,6 +1810,72 @@ def bench_builds(b):
 
 
 # --------------------------------------------------------------------------------------------
+# Section: sleep and wake
+
+SLEEP_CROWD = 50  # concurrent first requests to one sleeping preview
+SLEEP_FLEET = 20  # previews whose memory is read awake and asleep
+
+
+def bench_sleep(b):
+    """Wake latency of a held request vs `docker start` + health by hand, one wake for a crowd of
+    first requests, and the host's memory with a fleet of previews awake and asleep."""
+    log(f"8. sleep and wake: {b.s.runs} wakes each, {SLEEP_CROWD} concurrent first requests, "
+        f"{SLEEP_FLEET} previews awake and asleep")
+    r = {"p_wake": [], "f_wake": []}
+    host = f"nap.{BASE_DOMAIN}:{b.nginx_port}"
+    b.launch("nap")
+    b.wait_preview("nap")
+    port = free_port()
+    cid = docker("run", "-d", "--label", f"bench.floor={b.instance}", "-p", f"127.0.0.1:{port}:3000", IMAGE,
+                 *DEMO_COMMAND).strip()
+    wait_until(lambda: status_of(port, "/", f"127.0.0.1:{port}") == 200, b.s.timeout, "the floor's container")
+    try:
+        for i in range(1, b.s.runs + 1):
+            put_to_sleep(b, "nap")
+            t = time.monotonic()
+            # One request, held by previewd until the app answers it.
+            status = status_of(b.nginx_port, "/", host, timeout=b.s.timeout)
+            r["p_wake"].append(time.monotonic() - t)
+            if status != 200:
+                raise BenchError(f"the held request to the sleeping preview answered {status}")
+            docker("stop", "-t", "1", cid)
+            t = time.monotonic()
+            docker("start", cid)
+            wait_until(lambda: status_of(port, "/", f"127.0.0.1:{port}") == 200, b.s.timeout, "the floor's start",
+                       pause=0.005)
+            r["f_wake"].append(time.monotonic() - t)
+            log(f"wake {i}: previewd {r['p_wake'][-1]:.3f} s, docker start + health {r['f_wake'][-1]:.3f} s")
+    finally:
+        docker("rm", "-f", cid, check=False)
+    put_to_sleep(b, "nap")
+    wakes_before = b.metric('previewd_wakes_total{result="success"}')
+    t = time.monotonic()
+    statuses = parallel(lambda _: status_of(b.nginx_port, "/", host, timeout=b.s.timeout), range(SLEEP_CROWD),
+                        SLEEP_CROWD)
+    r["crowd_s"] = time.monotonic() - t
+    r["crowd_ok"] = sum(status == 200 for status in statuses)
+    r["crowd_wakes"] = b.metric('previewd_wakes_total{result="success"}') - wakes_before
+    b.kill_preview("nap")
+    fleet = [f"fleet-{i}" for i in range(1, SLEEP_FLEET + 1)]
+    parallel(b.launch, fleet, 4)
+    time.sleep(5)
+    r["mem_awake"] = mem_available_mb()
+    for name in fleet:
+        put_to_sleep(b, name)
+    time.sleep(5)
+    r["mem_asleep"] = mem_available_mb()
+    for name in fleet:
+        b.kill_preview(name)
+    b.r["sleep"] = r
+
+
+def put_to_sleep(b, name):
+    status, body = b.api("POST", f"/api/previews/{name}/sleep")
+    if status != 200:
+        raise BenchError(f"the sleep of {name} answered {status}: {body[:300]!r}")
+
+
+# --------------------------------------------------------------------------------------------
 # Section 8: scale
 
 
@@ -2186,6 +2258,29 @@ def paired(previewd, by_hand):
     return f"{median(ratios):.2f}× the median of each run's own ratio; previewd faster in {faster} of {len(ratios)}"
 
 
+def render_sleep(b):
+    r, runs = b.r["sleep"], b.s.runs
+    p, f = median(r["p_wake"]), median(r["f_wake"])
+    freed = r["mem_asleep"] - r["mem_awake"]
+    return f"""{SLEEP_HEADING}
+
+{measured_by(b)}
+The demo app (busybox httpd) as one preview. Each of the {runs} runs puts it to sleep (`POST
+/api/previews/nap/sleep`: routed to previewd's wake listener, its container stopped), then times one
+`GET /` through nginx (no `Accept: text/html`, so previewd holds it) until it is answered 200 by the
+app: previewd starts the app container again, waits until it answers, passes the held request on
+to it, and routes it again. By hand is a container of the same image published on a fixed
+127.0.0.1 port: `docker stop`, then `docker start` timed until its port answers 200 (polled every
+5 ms, directly, without nginx).
+
+| figure | previewd | by hand | ratio | target |
+| --- | --- | --- | --- | --- |
+| wake: the first (held) request to a sleeping preview until answered, median of {runs} (min–max) | {spread(r['p_wake'], '{:.3f}')} | `docker start` + health: {spread(r['f_wake'], '{:.3f}')} | {ratio(p, f)}× ({paired(r['p_wake'], r['f_wake'])}) | ≤ 1.5× |
+| {SLEEP_CROWD} concurrent first requests to one sleeping preview | {r['crowd_ok']} of {SLEEP_CROWD} answered 200 in {r['crowd_s']:.2f} s; wakes: {r['crowd_wakes']:.0f} | | | one wake, {SLEEP_CROWD} answers |
+| the host's available memory (`MemAvailable`) with {SLEEP_FLEET} demo previews awake, then asleep (5 s after each) | {r['mem_awake']} MiB → {r['mem_asleep']} MiB: {freed} MiB freed, {freed / SLEEP_FLEET:.1f} MiB a preview | | | |
+"""
+
+
 def render_environments(b):
     e, runs = b.r["env"], b.s.runs
     left = [x for x in e["left"] if x]
@@ -2302,7 +2397,7 @@ def write_report(b):
         main = f"{kept_main}\n{PARTIAL_HEADING}\n{partial}"
     else:
         main = old_main.rstrip("\n") + "\n" if old_main else "# Benchmarks\n"
-    renderers = {"environments": render_environments, "builds": render_builds}
+    renderers = {"environments": render_environments, "builds": render_builds, "sleep": render_sleep}
     parts = [renderers[section](b) if section in ran else old_parts.get(heading, "")
              for section, heading in SEPARATE.items()]
     path.write_text(main + "".join("\n" + part.rstrip("\n") + "\n" for part in parts if part))
@@ -2332,6 +2427,7 @@ SECTION_FUNCTIONS = {
     "intake": bench_intake,
     "environments": bench_environments,
     "builds": bench_builds,
+    "sleep": bench_sleep,
     "scale": bench_scale,
 }
 

@@ -88,6 +88,8 @@ pub enum LifecycleError {
     Build(#[from] BuildFailure),
     #[error("cannot keep previewd's state: {0}")]
     State(String),
+    #[error("{0}")]
+    NoRoom(String),
 }
 
 impl LifecycleError {

@@ -197,7 +197,7 @@ impl Metrics {
             "Previews asleep (lifecycle.sleep_after, or put to sleep)",
             metrics.previews_asleep.clone(),
         );
-        registry.register("sleeps", "Previews put to sleep, by reason: idle or manual", metrics.sleeps.clone());
+        registry.register("sleeps", "Previews put to sleep, by reason: idle, manual or cap (room made under lifecycle.max_awake or max_awake_memory)", metrics.sleeps.clone());
         registry.register("wakes", "Sleeping previews woken, by result", metrics.wakes.clone());
         registry.register(
             "wake_seconds",

@@ -235,3 +235,67 @@ async fn a_sleeping_preview_whose_port_was_taken_wakes_as_a_copy_on_another_port
     assert_eq!(states_of(&app, "moved"), vec!["running".to_owned()], "the container that slept went");
     drop(squatter);
 }
+
+/// `sleepy_app` with more `lifecycle` keys and a `big` image whose app alone takes 128 MiB.
+async fn capped_app(caps: &str) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let instance = common::unique_instance();
+    let nginx_port = common::free_port();
+    let yaml = common::config_yaml(&instance, dir.path(), nginx_port, &Default::default());
+    let big = "\n  big:\n    image: previewd-demo:latest\n    port: 3000\n    command: [/bin/busybox, httpd, -f, -p, \"3000\", -h, /www]\n    pull: never\n    memory: 128m";
+    let yaml = common::with_images(&yaml, big);
+    TestApp::start_from(dir, instance, nginx_port, format!("{yaml}lifecycle:\n  {caps}\n")).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_awake_a_launch_puts_the_least_recently_used_preview_to_sleep() {
+    let app = capped_app("max_awake: 2").await;
+    for name in ["first", "second"] {
+        assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", name)]).await.status(), 200);
+    }
+    // A request makes `first` the more recently used of the two.
+    assert_eq!(app.via_nginx("first", "/").await.unwrap().0, 200);
+    wait_until_used_after(&app, "first", "second").await;
+    assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "third")]).await.status(), 200);
+    assert_eq!(preview(&app, "second").await["status"], "asleep", "the least recently used sleeps");
+    assert_eq!(preview(&app, "first").await["status"], "running");
+    assert_eq!(preview(&app, "third").await["status"], "running");
+    let text = metrics(&app).await;
+    assert_eq!(metric(&text, "previewd_sleeps_total{reason=\"cap\"}"), 1.0, "{text}");
+
+    // Waking `second` puts the least recently used of the others to sleep in turn.
+    assert_eq!(app.via_nginx("second", "/").await.unwrap().0, 200);
+    wait_for_status(&app, "second", "running").await;
+    assert_eq!(preview(&app, "first").await["status"], "asleep", "first was used before third was launched");
+    assert_eq!(preview(&app, "third").await["status"], "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launch_that_no_sleep_can_make_room_for_under_max_awake_memory_is_refused_with_429() {
+    let app = capped_app("max_awake_memory: 100m").await;
+    assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "small")]).await.status(), 200);
+    // 64 MiB awake: a second demo preview makes the first sleep.
+    assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "other")]).await.status(), 200);
+    assert_eq!(preview(&app, "small").await["status"], "asleep");
+    // 128 MiB alone is over the cap, whoever sleeps.
+    let (status, message) =
+        common::error_of(app.launch(&[("image_name", "big"), ("container_name", "huge")]).await).await;
+    assert_eq!(status, 429, "{message}");
+    assert!(message.contains("lifecycle.max_awake_memory is 100 MiB") && message.contains("128 MiB"), "{message}");
+    assert_eq!(preview(&app, "other").await["status"], "running", "nothing was put to sleep for nothing");
+}
+
+/// Waits until nginx's log has `later` used after `earlier` (both launched: both have a time).
+async fn wait_until_used_after(app: &TestApp, later: &str, earlier: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (a, b) = (preview(app, later).await, preview(app, earlier).await);
+        if a["last_request"].as_i64() > b["last_request"].as_i64() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{later} was never used after {earlier}: {a} {b}");
+        // Last requests are in whole seconds: a new request each time, until one lands later.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        app.via_nginx(later, "/").await.unwrap();
+    }
+}

@@ -1,13 +1,14 @@
 //! The `lifecycle` section: when a preview nobody uses goes to sleep (`sleep_after` without a
-//! request through nginx) and how long a request for a sleeping preview waits for it to wake
-//! (`wake_timeout`).
+//! request through nginx), how long a request for a sleeping preview waits for it to wake
+//! (`wake_timeout`), and how many previews may be awake at once (`max_awake`,
+//! `max_awake_memory`).
 
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::Problems;
 use super::builds::{RawDuration, parse_duration, positive_duration};
+use super::{ByteSize, Problems, parse_byte_size};
 
 /// Validated `lifecycle`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,11 +18,15 @@ pub struct LifecyclePolicy {
     /// How long a request that is not a browser's waits for a sleeping preview to wake before it
     /// is answered 503.
     pub wake_timeout: Duration,
+    /// Previews awake at once; waking or launching one more puts the least recently used to sleep.
+    pub max_awake: Option<usize>,
+    /// The same, counted in the memory limits of awake previews' containers (app and services).
+    pub max_awake_memory: Option<u64>,
 }
 
 impl Default for LifecyclePolicy {
     fn default() -> Self {
-        Self { sleep_after: None, wake_timeout: Duration::from_secs(30) }
+        Self { sleep_after: None, wake_timeout: Duration::from_secs(30), max_awake: None, max_awake_memory: None }
     }
 }
 
@@ -38,6 +43,8 @@ impl LifecyclePolicy {
 pub(super) struct RawLifecycle {
     sleep_after: Option<RawDuration>,
     wake_timeout: Option<RawDuration>,
+    max_awake: Option<usize>,
+    max_awake_memory: Option<ByteSize>,
 }
 
 pub(super) fn validate(raw: RawLifecycle, problems: &mut Problems) -> LifecyclePolicy {
@@ -52,7 +59,23 @@ pub(super) fn validate(raw: RawLifecycle, problems: &mut Problems) -> LifecycleP
     };
     let wake_timeout =
         positive_duration(raw.wake_timeout, "lifecycle.wake_timeout", "30s", defaults.wake_timeout, problems);
-    LifecyclePolicy { sleep_after, wake_timeout }
+    if raw.max_awake == Some(0) {
+        problems.add("lifecycle.max_awake", "must be at least 1 (leave it out for no cap)");
+    }
+    let max_awake = raw.max_awake.filter(|max| *max > 0);
+    let max_awake_memory = match raw.max_awake_memory.map(|size| parse_byte_size(&size)) {
+        None => None,
+        Some(Ok(bytes)) if bytes > 0 => Some(bytes as u64),
+        Some(Ok(_)) => {
+            problems.add("lifecycle.max_awake_memory", "must be more than 0, e.g. 16g (leave it out for no cap)");
+            None
+        }
+        Some(Err(message)) => {
+            problems.add("lifecycle.max_awake_memory", message);
+            None
+        }
+    };
+    LifecyclePolicy { sleep_after, wake_timeout, max_awake, max_awake_memory }
 }
 
 #[cfg(test)]
@@ -80,7 +103,16 @@ mod tests {
         let errors = parse("sleep_after: soon\nwake_timeout: 0").unwrap_err();
         assert!(errors.iter().any(|e| e.starts_with("lifecycle.sleep_after")), "{errors:?}");
         assert!(errors.iter().any(|e| e.starts_with("lifecycle.wake_timeout") && e.contains("30s")), "{errors:?}");
-        assert!(parse("max_awake: 3").is_err(), "a key previewd does not know is refused");
+        assert!(parse("quiet_hours: {}").is_err(), "a key previewd does not know is refused");
+        let errors = parse("max_awake: 0\nmax_awake_memory: lots").unwrap_err();
+        assert!(errors.iter().any(|e| e.starts_with("lifecycle.max_awake:")), "{errors:?}");
+        assert!(errors.iter().any(|e| e.starts_with("lifecycle.max_awake_memory")), "{errors:?}");
+    }
+
+    #[test]
+    fn caps_on_awake_previews_are_a_count_and_bytes() {
+        let policy = parse("max_awake: 20\nmax_awake_memory: 16g").unwrap();
+        assert_eq!((policy.max_awake, policy.max_awake_memory), (Some(20), Some(16 << 30)));
     }
 
     #[test]

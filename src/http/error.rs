@@ -152,6 +152,7 @@ fn lifecycle_status(err: &LifecycleError) -> StatusCode {
         LifecycleError::Network(_) => StatusCode::SERVICE_UNAVAILABLE,
         LifecycleError::Build(failure) => build_status(failure),
         LifecycleError::State(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        LifecycleError::NoRoom(_) => StatusCode::TOO_MANY_REQUESTS,
     }
 }
 

@@ -73,7 +73,10 @@ impl Lifecycle {
             request.spec.pull = PullPolicy::Never;
         }
         let (request_name, image) = (request.name.clone(), request.spec.image.clone());
-        let result = self.launch_under_lock(request, claim.as_ref(), &mut progress).await;
+        let result = match self.make_room(&request.name, Some(super::sleep::preview_memory(&request.spec))).await {
+            Ok(()) => self.launch_under_lock(request, claim.as_ref(), &mut progress).await,
+            Err(err) => Err(err),
+        };
         if claim.is_some() {
             // Whatever the launch did (failed, refused by `limits`, stopped): a preview that
             // keeps failing must not pile up an image per push. The images its containers run

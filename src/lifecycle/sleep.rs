@@ -34,6 +34,8 @@ pub enum SleepReason {
     Idle,
     /// Asked for (`POST /api/previews/{name}/sleep`, `previewd sleep`).
     Manual,
+    /// To make room under `lifecycle.max_awake` or `max_awake_memory` for a launch or a wake.
+    Cap,
 }
 
 impl SleepReason {
@@ -41,6 +43,7 @@ impl SleepReason {
         match self {
             Self::Idle => "idle",
             Self::Manual => "manual",
+            Self::Cap => "cap",
         }
     }
 }
@@ -69,6 +72,8 @@ pub struct Sleepers {
     path: PathBuf,
     asleep: Mutex<BTreeMap<Slug, Asleep>>,
     waking: Mutex<HashMap<Slug, watch::Receiver<WakeState>>>,
+    /// Held while room is made for a launch or a wake (see `make_room`).
+    room: tokio::sync::Mutex<()>,
     /// The wake listener's port on 127.0.0.1 (0 until it listens).
     wake_port: AtomicU16,
 }
@@ -84,7 +89,13 @@ impl Sleepers {
             }),
             Err(_) => BTreeMap::new(),
         };
-        Self { path, asleep: Mutex::new(asleep), waking: Mutex::default(), wake_port: AtomicU16::new(0) }
+        Self {
+            path,
+            asleep: Mutex::new(asleep),
+            waking: Mutex::default(),
+            room: tokio::sync::Mutex::default(),
+            wake_port: AtomicU16::new(0),
+        }
     }
 
     pub fn wake_port(&self) -> u16 {
@@ -131,9 +142,83 @@ impl Sleepers {
         Ok(())
     }
 
+    /// Whether a wake of the preview is under way.
+    pub fn is_waking(&self, slug: &Slug) -> bool {
+        self.waking().get(slug).is_some_and(|state| matches!(*state.borrow(), WakeState::Waking(_)))
+    }
+
     fn waking(&self) -> std::sync::MutexGuard<'_, HashMap<Slug, watch::Receiver<WakeState>>> {
         self.waking.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// When a preview about to be put to sleep is still left awake.
+#[derive(Debug, Clone, Copy)]
+enum Unused {
+    /// Never: it sleeps.
+    Always,
+    /// It was used within this long.
+    For(Duration),
+    /// It was used since this last request was read.
+    Since(Option<SystemTime>),
+}
+
+/// How many times room is planned again when a preview chosen to sleep was used meanwhile.
+const ROOM_ATTEMPTS: usize = 3;
+
+/// An awake preview, as `room_for` weighs it.
+#[derive(Debug, Clone)]
+pub struct AwakePreview {
+    pub slug: Slug,
+    pub last_request: Option<SystemTime>,
+    /// The memory limits of its containers (app and services).
+    pub memory: u64,
+    /// Being built or woken: it is not put to sleep.
+    pub busy: bool,
+}
+
+/// The previews to put to sleep, least recently used first, so that one more preview taking
+/// `memory` fits under `max_awake` and `max_awake_memory`; why not, when even all that may
+/// sleep would not make room.
+pub fn room_for(
+    awake: &[AwakePreview],
+    memory: u64,
+    max_awake: Option<usize>,
+    max_memory: Option<u64>,
+) -> Result<Vec<Slug>, String> {
+    let mut count = awake.len() + 1;
+    let mut used: u64 = awake.iter().map(|p| p.memory).sum::<u64>() + memory;
+    let over =
+        |count: usize, used: u64| max_awake.is_some_and(|max| count > max) || max_memory.is_some_and(|max| used > max);
+    let mut candidates: Vec<&AwakePreview> = awake.iter().filter(|p| !p.busy).collect();
+    // Never used first (their clock has not started), then the least recently used.
+    candidates.sort_by_key(|p| p.last_request);
+    let mut victims = Vec::new();
+    let mut candidates = candidates.into_iter();
+    while over(count, used) {
+        let Some(victim) = candidates.next() else {
+            let mut why = Vec::new();
+            if let Some(max) = max_awake.filter(|max| count > *max) {
+                why.push(format!("{count} previews would be awake and lifecycle.max_awake is {max}"));
+            }
+            if let Some(max) = max_memory.filter(|max| used > *max) {
+                why.push(format!(
+                    "awake previews would take {} MiB and lifecycle.max_awake_memory is {} MiB",
+                    used >> 20,
+                    max >> 20
+                ));
+            }
+            return Err(format!(
+                "no room to wake or launch this preview: {}; every other awake preview is being built or woken. \
+                 Put one to sleep or kill one, or raise the cap",
+                why.join("; ")
+            ));
+        };
+        victims.push(victim.slug.clone());
+        count -= 1;
+        used -= victim.memory;
+    }
+    Ok(victims)
 }
 
 /// The awake previews to put to sleep at `now`: those whose last request (or launch, or wake)
@@ -155,25 +240,29 @@ impl Lifecycle {
     /// Puts a running preview to sleep: recorded, routed to the wake listener, its app and
     /// services stopped (data kept). A sleeping preview stays asleep.
     pub async fn sleep(&self, slug: &Slug, reason: SleepReason) -> Result<(), LifecycleError> {
-        self.sleep_unless_used(slug, reason, None).await.map(drop)
+        self.sleep_unless_used(slug, reason, Unused::Always).await.map(drop)
     }
 
-    /// `sleep`; with `idle_for`, only if the preview was not used for that long when its turn
-    /// comes (a redeploy may have held its lock meanwhile). Whether it went to sleep.
+    /// `sleep`, unless the preview was used in a way `unused` rules out when its turn comes (a
+    /// redeploy may have held its lock meanwhile). Whether it went to sleep.
     #[tracing::instrument(skip_all, fields(slug = %slug, reason = reason.as_str()))]
     async fn sleep_unless_used(
         &self,
         slug: &Slug,
         reason: SleepReason,
-        idle_for: Option<Duration>,
+        unused: Unused,
     ) -> Result<bool, LifecycleError> {
         let _guard = self.locks.lock(slug).await;
         if self.sleepers.is_asleep(slug) {
             return Ok(false);
         }
-        if let Some(idle_for) = idle_for
-            && idle_previews(SystemTime::now(), &[(slug.clone(), self.last_request(slug))], idle_for).is_empty()
-        {
+        let last = self.last_request(slug);
+        let used = match unused {
+            Unused::Always => false,
+            Unused::For(idle) => idle_previews(SystemTime::now(), &[(slug.clone(), last)], idle).is_empty(),
+            Unused::Since(planned) => last != planned,
+        };
+        if used {
             return Ok(false);
         }
         let members = self.runtime.list_slug_all(slug).await?;
@@ -235,6 +324,9 @@ impl Lifecycle {
     /// running app when the preview was not asleep).
     #[tracing::instrument(skip_all, fields(slug = %slug))]
     pub async fn wake(&self, slug: &Slug, steps: &watch::Sender<WakeState>) -> Result<u16, LifecycleError> {
+        if self.sleepers.is_asleep(slug) {
+            self.make_room(slug, None).await?;
+        }
         let _guard = self.locks.lock(slug).await;
         let members = self.runtime.list_slug_all(slug).await?;
         if !self.sleepers.is_asleep(slug) {
@@ -364,12 +456,59 @@ impl Lifecycle {
             .collect();
         let mut slept = 0;
         for slug in idle_previews(SystemTime::now(), &awake, sleep_after) {
-            match self.sleep_unless_used(&slug, SleepReason::Idle, Some(sleep_after)).await {
+            match self.sleep_unless_used(&slug, SleepReason::Idle, Unused::For(sleep_after)).await {
                 Ok(went) => slept += usize::from(went),
                 Err(err) => tracing::warn!(%slug, error = %err, "cannot put an idle preview to sleep"),
             }
         }
         slept
+    }
+
+    /// Room for `slug` to be awake under `lifecycle.max_awake` and `max_awake_memory`: the least
+    /// recently used awake previews that are not busy are put to sleep first. `memory`: what it
+    /// will take awake (`None`: what its image takes). Nothing for a preview already awake (a
+    /// redeploy). One at a time: two launches do not both count the same room.
+    pub(super) async fn make_room(&self, slug: &Slug, memory: Option<u64>) -> Result<(), LifecycleError> {
+        let policy = self.config.lifecycle;
+        if policy.max_awake.is_none() && policy.max_awake_memory.is_none() {
+            return Ok(());
+        }
+        let _room = self.sleepers.room.lock().await;
+        for _ in 0..ROOM_ATTEMPTS {
+            let previews = self.list().await?;
+            let memory_of = |image: &crate::preview::ImageKey| self.config.images.get(image).map_or(0, preview_memory);
+            if previews.iter().any(|p| &p.name == slug && p.status == crate::preview::PreviewState::Running) {
+                return Ok(());
+            }
+            let memory =
+                memory.or_else(|| previews.iter().find(|p| &p.name == slug).map(|p| memory_of(&p.image))).unwrap_or(0);
+            let building: Vec<Slug> = self.builds.statuses().into_iter().map(|build| build.name).collect();
+            let awake: Vec<AwakePreview> = previews
+                .iter()
+                .filter(|p| p.status == crate::preview::PreviewState::Running && &p.name != slug)
+                .map(|p| AwakePreview {
+                    slug: p.name.clone(),
+                    last_request: self.last_request(&p.name),
+                    memory: memory_of(&p.image),
+                    busy: building.contains(&p.name) || self.sleepers.is_waking(&p.name),
+                })
+                .collect();
+            let victims =
+                room_for(&awake, memory, policy.max_awake, policy.max_awake_memory).map_err(LifecycleError::NoRoom)?;
+            let mut all_slept = true;
+            for victim in &victims {
+                let planned = awake.iter().find(|p| &p.slug == victim).and_then(|p| p.last_request);
+                tracing::info!(%slug, asleep = %victim, "putting the least recently used preview to sleep to make room");
+                all_slept &= self.sleep_unless_used(victim, SleepReason::Cap, Unused::Since(planned)).await?;
+            }
+            if all_slept {
+                return Ok(());
+            }
+        }
+        Err(LifecycleError::NoRoom(
+            "no room to wake or launch this preview: the previews chosen to sleep kept being used; try again"
+                .to_owned(),
+        ))
     }
 
     /// Forgets everything about a preview's sleep (it was removed).
@@ -392,9 +531,52 @@ impl Lifecycle {
     }
 }
 
+/// The memory limits of a preview of `spec`: its app and its services.
+pub fn preview_memory(spec: &crate::config::ImageSpec) -> u64 {
+    let services: i64 = spec.services.values().map(|service| service.memory).sum();
+    u64::try_from(spec.memory + services).unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn awake(name: &str, used_ago: Option<u64>, memory: u64, busy: bool) -> AwakePreview {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(10_000);
+        AwakePreview {
+            slug: slug(name),
+            last_request: used_ago.map(|ago| now - Duration::from_secs(ago)),
+            memory,
+            busy,
+        }
+    }
+
+    #[test]
+    fn the_least_recently_used_previews_sleep_to_make_room_and_busy_ones_never() {
+        let previews = [
+            awake("recent", Some(5), 100, false),
+            awake("old", Some(500), 100, false),
+            awake("older", Some(900), 100, true),
+        ];
+        assert_eq!(room_for(&previews, 100, Some(3), None), Ok(vec![slug("old")]), "older is busy");
+        assert_eq!(room_for(&previews, 100, Some(4), None), Ok(vec![]));
+        assert_eq!(room_for(&previews, 100, None, Some(250)), Ok(vec![slug("old"), slug("recent")]));
+        let never_used = [awake("used", Some(5), 100, false), awake("unused", None, 100, false)];
+        assert_eq!(room_for(&never_used, 100, Some(2), None), Ok(vec![slug("unused")]));
+    }
+
+    #[test]
+    fn no_room_is_refused_saying_which_cap_and_why() {
+        let previews = [awake("busy", Some(5), 100, true)];
+        let why = room_for(&previews, 100, Some(1), None).unwrap_err();
+        assert!(
+            why.contains("2 previews would be awake and lifecycle.max_awake is 1")
+                && why.contains("being built or woken"),
+            "{why}"
+        );
+        let why = room_for(&[], 300 << 20, None, Some(200 << 20)).unwrap_err();
+        assert!(why.contains("300 MiB") && why.contains("max_awake_memory is 200 MiB"), "{why}");
+    }
 
     fn slug(name: &str) -> Slug {
         Slug::parse(name).unwrap()

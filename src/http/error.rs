@@ -210,6 +210,16 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// Refused from its headers, before a request body was read.
+    fn refused_before_body(&self) -> bool {
+        matches!(
+            self,
+            Self::TooLarge(_) | Self::UnsupportedMediaType(_) | Self::NotATar(_) | Self::CrossSite | Self::BodiesBusy
+        )
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
@@ -225,6 +235,11 @@ impl IntoResponse for ApiError {
             json!({ "error": self.to_string() })
         };
         let mut response = (status, Json(body)).into_response();
+        if self.refused_before_body() {
+            // The body it was sending is still on the connection, which the server closes: the
+            // client is told so, rather than finding out by a broken pipe on its next request.
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if status.is_client_error() {
             response.extensions_mut().insert(Refusal(self.reason()));
         }
@@ -244,5 +259,22 @@ impl IntoResponse for ApiError {
             );
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_refused_before_its_body_was_read_is_told_the_connection_closes() {
+        for refused in
+            [ApiError::TooLarge(10), ApiError::CrossSite, ApiError::UnsupportedMediaType("text/plain".into())]
+        {
+            let response = refused.into_response();
+            assert_eq!(response.headers()[header::CONNECTION], "close");
+        }
+        let response = ApiError::NoRoute.into_response();
+        assert!(!response.headers().contains_key(header::CONNECTION), "a refusal that read the request keeps it");
     }
 }

@@ -7,8 +7,9 @@
 //! - `INPUT` from a preview bridge jumps to `PREVIEWD-INPUT`: only answers to connections the
 //!   host opened (nginx and the health probe reach previews through Docker's published ports)
 //!   are let in, so a preview reaches no service of the host, on the gateway address or any other.
-//! - `DOCKER-USER` (Docker evaluates it before its own rules; `FORWARD` on an engine that runs
-//!   without iptables) jumps to `PREVIEWD-FORWARD`: traffic within one bridge (one preview's own
+//! - `DOCKER-USER` (Docker evaluates it before its own rules) and `FORWARD` itself (for the
+//!   moments Docker's jump to `DOCKER-USER` is being moved, and on an engine that runs without
+//!   iptables) jump to `PREVIEWD-FORWARD`: traffic within one bridge (one preview's own
 //!   containers) passes; to another container network, to link-local addresses (cloud metadata
 //!   at 169.254.169.254) and to ports Docker publishes on the host's addresses is refused; the
 //!   rest (the internet) passes, unless the instance has `network.egress: false`: then one more
@@ -86,14 +87,15 @@ impl Firewall {
     pub async fn install(&self) -> Result<(), FirewallError> {
         for family in families() {
             restore(family, &restore_input(family)).await?;
-            let hook = forward_hook(family).await;
             ensure(family, &jump("INPUT", INPUT_CHAIN)).await?;
-            ensure(family, &jump(hook, FORWARD_CHAIN)).await?;
-            let no_egress = self.no_egress_rule(family, hook);
-            if self.egress {
-                delete_all(family, &no_egress).await;
-            } else {
-                ensure(family, &no_egress).await?;
+            for hook in forward_hooks(family).await {
+                ensure(family, &jump(hook, FORWARD_CHAIN)).await?;
+                let no_egress = self.no_egress_rule(family, hook);
+                if self.egress {
+                    delete_all(family, &no_egress).await;
+                } else {
+                    ensure(family, &no_egress).await?;
+                }
             }
         }
         Ok(())
@@ -105,8 +107,9 @@ impl Firewall {
     /// Security model says how to remove them by hand).
     pub async fn remove(&self) {
         for family in families() {
-            let hook = forward_hook(family).await;
-            delete_all(family, &self.no_egress_rule(family, hook)).await;
+            for hook in forward_hooks(family).await {
+                delete_all(family, &self.no_egress_rule(family, hook)).await;
+            }
         }
     }
 
@@ -118,13 +121,16 @@ impl Firewall {
     /// Whether the jumps to the chains, and the chains' last rules, are in place.
     pub async fn installed(&self) -> bool {
         let family = Family::V4;
-        let hook = forward_hook(family).await;
         let last =
             |chain: &str, rule: &str| format!("{chain} {rule}").split(' ').map(str::to_owned).collect::<Vec<_>>();
         let input_last = input_rules(family).pop().unwrap_or_default();
         let forward_last = forward_rules(family).pop().unwrap_or_default();
+        for hook in forward_hooks(family).await {
+            if !check(family, &jump(hook, FORWARD_CHAIN)).await {
+                return false;
+            }
+        }
         check(family, &jump("INPUT", INPUT_CHAIN)).await
-            && check(family, &jump(hook, FORWARD_CHAIN)).await
             && check(family, &last(INPUT_CHAIN, &input_last)).await
             && check(family, &last(FORWARD_CHAIN, &forward_last)).await
     }
@@ -191,10 +197,14 @@ fn forward_rules(family: Family) -> Vec<String> {
 }
 
 /// Where forwarded traffic is filtered: Docker's `DOCKER-USER` when `FORWARD` jumps to it (the
-/// chain can outlive an engine switched to `--iptables=false`), `FORWARD` itself otherwise.
-async fn forward_hook(family: Family) -> &'static str {
+/// chain can outlive an engine switched to `--iptables=false`), and `FORWARD` itself always.
+/// Docker puts its jump to `DOCKER-USER` back on top of `FORWARD` whenever it creates a
+/// network, by deleting it and inserting it again: for that moment only the rules in `FORWARD`
+/// stand between a preview and the host's neighbours (a test caught a preview reaching the
+/// metadata address then, while other networks were being made).
+async fn forward_hooks(family: Family) -> Vec<&'static str> {
     let docker_user = run(family.iptables(), &["-w", "-C", "FORWARD", "-j", "DOCKER-USER"]).await.is_ok();
-    if docker_user { "DOCKER-USER" } else { "FORWARD" }
+    if docker_user { vec!["DOCKER-USER", "FORWARD"] } else { vec!["FORWARD"] }
 }
 
 /// Inserts `rule` (hook first) at the top of its hook unless it is there.

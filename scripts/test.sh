@@ -18,8 +18,11 @@ sweep_test_leftovers() {
         grep -E '^previewd\.t[0-9a-f]{8}\.' | xargs -r docker volume rm >/dev/null 2>&1 || true
     docker network ls --filter label=previewd.managed=true --format '{{.Name}}' |
         grep -E '^previewd\.t[0-9a-f]{8}\.pv-' | xargs -r docker network rm >/dev/null 2>&1 || true
+    # With each built image, the build's own image it names (previewd.cache: the layer cache).
     docker images --filter label=previewd.built=true --format '{{.ID}} {{.Repository}}' |
-        grep -E ' previewd-t[0-9a-f]{8}/' | cut -d' ' -f1 | sort -u | xargs -r docker rmi -f >/dev/null 2>&1 || true
+        grep -E ' previewd-t[0-9a-f]{8}/' | cut -d' ' -f1 | sort -u |
+        xargs -r docker image inspect --format '{{.Id}} {{index .Config.Labels "previewd.cache"}}' 2>/dev/null |
+        tr ' ' '\n' | grep -E '^sha256:' | sort -u | xargs -r docker rmi -f >/dev/null 2>&1 || true
 }
 sweep_test_leftovers
 

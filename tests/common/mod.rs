@@ -409,8 +409,13 @@ pub fn remove_built_images(instance: &str) {
         .args(["--filter", &format!("label=previewd.instance={instance}")])
         .output()
         .expect("docker images");
-    let ids: Vec<String> = String::from_utf8_lossy(&output.stdout).split_whitespace().map(str::to_owned).collect();
+    let mut ids: Vec<String> = String::from_utf8_lossy(&output.stdout).split_whitespace().map(str::to_owned).collect();
     if !ids.is_empty() {
+        // With each, the build's own image it names (the layer cache previewd removes with it).
+        let mut args = vec!["image", "inspect", "--format", "{{index .Config.Labels \"previewd.cache\"}}"];
+        args.extend(ids.iter().map(String::as_str));
+        let caches = docker_output(&args);
+        ids.extend(caches.split_whitespace().filter(|id| id.starts_with("sha256:")).map(str::to_owned));
         Command::new("docker").args(["rmi", "-f"]).args(&ids).output().ok();
     }
 }

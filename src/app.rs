@@ -151,11 +151,8 @@ impl Application {
         );
         let waker =
             tokio::spawn(crate::http::server::serve(wake_listener, wake_routes, state.config.http, shutdown.clone()));
-        let sleeper = tokio::spawn(put_idle_previews_to_sleep(
-            lifecycle.clone(),
-            state.config.lifecycle.sweep_every(),
-            shutdown.clone(),
-        ));
+        let sweeper =
+            tokio::spawn(sweep_previews(lifecycle.clone(), state.config.lifecycle.sweep_every(), shutdown.clone()));
         // Stopped only after the last operation: those change what it writes.
         let memory_done = CancellationToken::new();
         let memory_writer = state
@@ -166,7 +163,7 @@ impl Application {
         crate::http::server::serve(listener, router(state), http, shutdown.clone()).await;
         watcher.await.ok();
         waker.await.ok();
-        sleeper.await.ok();
+        sweeper.await.ok();
         warm_networks.await.ok();
         nginx_keeper.await.ok();
         if let Some(syncer) = syncer {
@@ -187,18 +184,22 @@ impl Application {
     }
 }
 
-/// Every `lifecycle.sleep_after / 10` (see `LifecyclePolicy::sweep_every`), puts the previews
-/// nobody requested for `sleep_after` to sleep. Nothing without `sleep_after`.
-async fn put_idle_previews_to_sleep(lifecycle: Lifecycle, every: Option<Duration>, shutdown: CancellationToken) {
+/// Every `LifecyclePolicy::sweep_every`, the lifecycle's sweep: quiet hours, idle previews put
+/// to sleep, unused ones removed (see `Lifecycle::sweep`). Nothing without `sleep_after`,
+/// `remove_after` or `quiet_hours`.
+async fn sweep_previews(lifecycle: Lifecycle, every: Option<Duration>, shutdown: CancellationToken) {
     let Some(every) = every else { return };
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => break,
             _ = ticks.tick() => {}
         }
-        lifecycle.sleep_idle().await;
+        lifecycle.sweep(std::time::SystemTime::now()).await;
+    }
+    if let Err(err) = lifecycle.save_last_requests() {
+        tracing::warn!(error = %err, "cannot save when previews were last used");
     }
 }
 
@@ -225,6 +226,7 @@ fn github_service(
         let sync = Sync { api, previews: previews.clone(), lifecycle: lifecycle.clone(), config: Arc::clone(config) };
         (sync, every)
     });
+    tasks.spawn(previews.clone().announce_removals(lifecycle.subscribe(), shutdown.clone()));
     let unverified = crate::http::body::ReadBudget::new(crate::http::webhook::UNVERIFIED_BUDGET);
     Ok((Some(GitHubService { previews, memory, unverified }), tokens, sync))
 }

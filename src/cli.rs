@@ -99,6 +99,19 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// Pin a preview awake: never put to sleep by idleness, caps or quiet hours, nor removed by
+    /// age, until unpinned.
+    Pin {
+        name: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Unpin a preview: it sleeps and expires as any other again.
+    Unpin {
+        name: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
     /// Print a preview's log (its app's, a service's with --service, its last build's with
     /// --build).
     Logs {
@@ -191,6 +204,16 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Wake { name, server } => client_command(server, |client| async move {
             let preview = client.preview_action(&name, "wake").await?;
             println!("{name} is awake: {}", preview["url"].as_str().unwrap_or_default());
+            Ok(())
+        }),
+        Command::Pin { name, server } => client_command(server, |client| async move {
+            client.preview_action(&name, "pin").await?;
+            println!("{name} is pinned: it is never put to sleep or removed by age until `previewd unpin {name}`");
+            Ok(())
+        }),
+        Command::Unpin { name, server } => client_command(server, |client| async move {
+            client.preview_action(&name, "unpin").await?;
+            println!("{name} is unpinned");
             Ok(())
         }),
         Command::Logs { name, build: true, server, .. } => client_command(server, |client| async move {

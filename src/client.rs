@@ -410,10 +410,11 @@ fn urlencode(text: &str) -> String {
     serde_urlencoded::to_string([("", text)]).map(|s| s.trim_start_matches('=').to_owned()).unwrap_or_default()
 }
 
-/// The `previewd list` table: name, image, PR, commit, status, services, age, URL.
+/// The `previewd list` table: name, image, PR, commit, status, services, age, last request,
+/// expiry (or who pinned it), URL.
 pub fn table(previews: &[Value]) -> String {
     let now = crate::clock::unix_now();
-    let header = ["NAME", "IMAGE", "PR", "COMMIT", "STATUS", "SERVICES", "AGE", "LAST REQUEST", "URL"];
+    let header = ["NAME", "IMAGE", "PR", "COMMIT", "STATUS", "SERVICES", "AGE", "LAST REQUEST", "EXPIRES", "URL"];
     let mut rows = vec![header.map(str::to_owned).to_vec()];
     for preview in previews {
         let text = |key: &str| preview[key].as_str().unwrap_or("-").to_owned();
@@ -431,7 +432,13 @@ pub fn table(previews: &[Value]) -> String {
         let used = preview["last_request"]
             .as_i64()
             .map_or("-".to_owned(), |at| format!("{} ago", crate::clock::age(now - at)));
-        rows.push(vec![text("name"), text("image"), pr, commit, status, services(preview), age, used, text("url")]);
+        let expires = match (preview["pinned"].as_str(), preview["expires"].as_i64()) {
+            (Some(by), _) => format!("pinned ({by})"),
+            (None, Some(at)) => format!("in {}", crate::clock::age((at - now).max(0))),
+            (None, None) => "-".to_owned(),
+        };
+        let row = [text("name"), text("image"), pr, commit, status, services(preview), age, used, expires, text("url")];
+        rows.push(row.to_vec());
     }
     let widths: Vec<usize> =
         (0..header.len()).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
@@ -588,7 +595,10 @@ mod tests {
             json!({"name": "a", "image": "demo", "status": "running", "routed": true, "created": now - 125, "url": "http://a",
                    "services": [{"name": "db", "status": "running"}, {"name": "cache", "status": "exited"}]}),
             json!({"name": "hello-world-pr-2", "image": "demo", "status": "running", "routed": false, "created": now - 7200,
-                   "url": "http://h", "repo": "Codertocat/Hello-World", "pr": 2, "sha": "ec26c3e57ca3a959"}),
+                   "url": "http://h", "repo": "Codertocat/Hello-World", "pr": 2, "sha": "ec26c3e57ca3a959",
+                   "expires": now + 3 * 86_400}),
+            json!({"name": "kept", "image": "demo", "status": "asleep", "routed": true, "created": now, "url": "http://k",
+                   "pinned": "label keep-awake", "expires": null}),
         ];
         let text = table(&previews);
         let lines: Vec<&str> = text.lines().collect();
@@ -599,8 +609,10 @@ mod tests {
             lines[2].contains("Codertocat/Hello-World#2")
                 && lines[2].contains("ec26c3e")
                 && lines[2].contains("(unrouted)")
-                && lines[2].contains("2h"),
+                && lines[2].contains("2h")
+                && lines[2].contains("in 3d"),
             "{text}"
         );
+        assert!(lines[0].contains("EXPIRES") && lines[3].contains("pinned (label keep-awake)"), "{text}");
     }
 }

@@ -11,6 +11,23 @@ pub fn unix_seconds(at: SystemTime) -> i64 {
     at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
+/// Unix seconds as a `SystemTime` (the epoch for a time before it).
+pub fn system_time(unix: i64) -> SystemTime {
+    UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(unix).unwrap_or(0))
+}
+
+/// A duration as config.yml writes it, in its largest whole unit: `7d`, `36h`, `90m`, `45s`.
+pub fn span(duration: std::time::Duration) -> String {
+    let secs = duration.as_secs();
+    match secs {
+        0 => "0s".to_owned(),
+        _ if secs.is_multiple_of(86_400) => format!("{}d", secs / 86_400),
+        _ if secs.is_multiple_of(3600) => format!("{}h", secs / 3600),
+        _ if secs.is_multiple_of(60) => format!("{}m", secs / 60),
+        _ => format!("{secs}s"),
+    }
+}
+
 /// A moment in UTC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Utc {
@@ -56,6 +73,12 @@ pub fn age(seconds: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_span_is_written_in_its_largest_whole_unit() {
+        let span_of = |secs| span(std::time::Duration::from_secs(secs));
+        assert_eq!([span_of(604_800), span_of(129_600), span_of(5400), span_of(45)], ["7d", "36h", "90m", "45s"]);
+    }
 
     #[test]
     fn dates_are_gregorian_and_iso() {

@@ -81,6 +81,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/previews/{name}/reset", post(reset_preview))
         .route("/api/previews/{name}/sleep", post(sleep_preview))
         .route("/api/previews/{name}/wake", post(wake_preview))
+        .route("/api/previews/{name}/pin", post(pin_preview))
+        .route("/api/previews/{name}/unpin", post(unpin_preview))
         .route("/api/previews/{name}/build-log", get(builds::build_log))
         .route("/api/builds", get(builds::list_builds))
         .merge(protected_metrics)
@@ -288,10 +290,7 @@ async fn launch(
     let mut request = LaunchRequest::parse(fields, &state.config.images)?;
     state.authorize(&principal, Some(&request.image)).await?;
     state.may_launch(&principal, &request.name).await?;
-    request.owner = Some(match &principal {
-        Principal::User(name) => Owner::User(name.clone()),
-        Principal::GitHub(login) => Owner::GitHub(login.clone()),
-    });
+    request.owner = Some(owner_of(&principal));
     if accepts(&headers, NDJSON) {
         return Ok(launch_streaming(&state, request, None));
     }
@@ -372,6 +371,42 @@ async fn wake_preview(
         lifecycle.get(&slug).await
     })
     .await
+}
+
+/// `POST /api/previews/{name}/pin`: the preview is never put to sleep by idleness, caps or
+/// quiet hours, nor removed by age, until unpinned.
+async fn pin_preview(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<Json<PreviewInfo>, ApiError> {
+    let by = crate::lifecycle::PinnedBy::Person(owner_of(&principal).to_string());
+    act_on_preview(&state, &principal, &name, |lifecycle, slug| async move {
+        lifecycle.pin(&slug, by).await?;
+        lifecycle.get(&slug).await
+    })
+    .await
+}
+
+/// `POST /api/previews/{name}/unpin`: the preview sleeps and expires as any other again (a pin
+/// by its pull request's label comes back with the label's next event).
+async fn unpin_preview(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<Json<PreviewInfo>, ApiError> {
+    act_on_preview(&state, &principal, &name, |lifecycle, slug| async move {
+        lifecycle.unpin(&slug).await?;
+        lifecycle.get(&slug).await
+    })
+    .await
+}
+
+fn owner_of(principal: &Principal) -> Owner {
+    match principal {
+        Principal::User(name) => Owner::User(name.clone()),
+        Principal::GitHub(login) => Owner::GitHub(login.clone()),
+    }
 }
 
 /// An action on a preview the caller may see, run to its end even if the client goes away

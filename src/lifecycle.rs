@@ -12,12 +12,19 @@
 //! [`environment`] holds what they share about a preview's services and jobs.
 
 mod environment;
+mod expiry;
 mod launch;
+mod pins;
+mod quiet;
 mod reconcile;
 mod removal;
 mod reset;
 mod sleep;
+mod store;
+mod sweep;
 
+pub use expiry::{Expired, LifecycleEvent};
+pub use pins::{Pin, PinnedBy};
 pub use sleep::{Asleep, SleepReason, Sleepers, WakeState};
 
 use std::collections::BTreeMap;
@@ -151,11 +158,19 @@ pub struct PreviewInfo {
     pub owner: Option<Owner>,
     /// The preview's services (`images.<key>.services`), by name.
     pub services: Vec<ServiceInfo>,
-    /// Unix seconds of the last request nginx served it (or of its launch or wake), since
-    /// previewd started.
+    /// Unix seconds of the last request nginx served it (or of its launch or wake).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_request: Option<i64>,
+    /// Who pinned it awake (`user:<name>`, `github:<login>`, `label <name>`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
+    /// Unix seconds when `lifecycle.remove_after` removes it if nobody uses it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires: Option<i64>,
 }
+
+/// Events kept for a follower that lags; past this, it misses some (and says so).
+const EVENTS_BUFFERED: usize = 256;
 
 /// A service of a preview, as the API reports it.
 #[derive(Debug, Clone, Serialize)]
@@ -195,6 +210,11 @@ pub struct Lifecycle {
     /// Requests through nginx, when previewd follows them (see `crate::traffic`).
     traffic: Option<Traffic>,
     sleepers: Arc<Sleepers>,
+    pins: Arc<store::SlugFile<Pin>>,
+    expired: Arc<store::SlugFile<Expired>>,
+    /// When each preview last served a request, as last saved (see `sweep`).
+    last_requests: Arc<store::SlugFile<i64>>,
+    events: tokio::sync::broadcast::Sender<LifecycleEvent>,
 }
 
 /// A launch step as it begins: `image`, `pull`, `create`, `start`, `health`, `route`, and
@@ -256,7 +276,11 @@ impl Lifecycle {
             networks.clone(),
             Arc::clone(&metrics),
         );
-        Self {
+        let last_requests = store::SlugFile::<i64>::load(&config_state_dir, "last-requests.json");
+        if let Some(traffic) = &traffic {
+            traffic.restore(last_requests.all().into_iter().map(|(slug, at)| (slug, crate::clock::system_time(at))));
+        }
+        let lifecycle = Self {
             config,
             runtime,
             router,
@@ -268,7 +292,13 @@ impl Lifecycle {
             builds,
             traffic,
             sleepers: Arc::new(Sleepers::load(&config_state_dir)),
-        }
+            pins: Arc::new(store::SlugFile::load(&config_state_dir, "pinned.json")),
+            expired: Arc::new(store::SlugFile::load(&config_state_dir, "expired.json")),
+            last_requests: Arc::new(last_requests),
+            events: tokio::sync::broadcast::channel(EVENTS_BUFFERED).0,
+        };
+        lifecycle.count_pins();
+        lifecycle
     }
 
     pub fn builds(&self) -> &Builds {
@@ -364,6 +394,8 @@ impl Lifecycle {
             routed: self.is_routed(&container.slug),
             status: if self.sleepers.is_asleep(&container.slug) { PreviewState::Asleep } else { container.state },
             last_request: self.last_request(&container.slug).map(crate::clock::unix_seconds),
+            pinned: self.pinned(&container.slug).map(|pin| pin.by.to_string()),
+            expires: self.expires(&container.slug, container.created),
             name: container.slug,
             image: container.image,
             container_id: container.id,

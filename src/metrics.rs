@@ -28,6 +28,12 @@ pub struct ByDelivery {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByCommand {
+    pub command: &'static str,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ByBasis {
     pub basis: &'static str,
 }
@@ -65,6 +71,7 @@ pub struct Metrics {
     pub webhook_deliveries: Family<ByDelivery, Counter>,
     pub pull_request_runs: Gauge,
     pub delivery_bases: Family<ByBasis, Counter>,
+    pub pr_commands: Family<ByCommand, Counter>,
     pub github_calls: Family<ByResult, Counter>,
     pub refused_requests: Family<ByReason, Counter>,
     pub warm_networks: Gauge,
@@ -78,6 +85,8 @@ pub struct Metrics {
     pub previews_asleep: Gauge,
     pub sleeps: Family<ByReason, Counter>,
     pub wakes: Family<ByResult, Counter>,
+    pub removals_by_age: Counter,
+    pub previews_pinned: Gauge,
     pub wake_seconds: Histogram,
 }
 
@@ -101,6 +110,7 @@ impl Metrics {
             webhook_deliveries: Family::default(),
             pull_request_runs: Gauge::default(),
             delivery_bases: Family::default(),
+            pr_commands: Family::default(),
             github_calls: Family::default(),
             refused_requests: Family::default(),
             warm_networks: Gauge::default(),
@@ -115,6 +125,8 @@ impl Metrics {
             previews_asleep: Gauge::default(),
             sleeps: Family::default(),
             wakes: Family::default(),
+            removals_by_age: Counter::default(),
+            previews_pinned: Gauge::default(),
             // 0.05 s to ~100 s.
             wake_seconds: seconds_histogram(),
             registry: Registry::default(),
@@ -149,6 +161,11 @@ impl Metrics {
             "delivery_bases",
             "What the work of pull_request deliveries acted on: github (the state read from GitHub), payload (unverified, GitHub unreachable) or nothing",
             metrics.delivery_bases.clone(),
+        );
+        registry.register(
+            "pr_commands",
+            "`/preview` commands from pull-request comments, by command and outcome (done, refused)",
+            metrics.pr_commands.clone(),
         );
         registry.register("github_api_calls", "Calls to GitHub's API, by result", metrics.github_calls.clone());
         registry.register(
@@ -197,8 +214,18 @@ impl Metrics {
             "Previews asleep (lifecycle.sleep_after, or put to sleep)",
             metrics.previews_asleep.clone(),
         );
-        registry.register("sleeps", "Previews put to sleep, by reason: idle, manual or cap (room made under lifecycle.max_awake or max_awake_memory)", metrics.sleeps.clone());
+        registry.register("sleeps", "Previews put to sleep, by reason: idle, manual, cap (room made under lifecycle.max_awake or max_awake_memory) or quiet_hours", metrics.sleeps.clone());
         registry.register("wakes", "Sleeping previews woken, by result", metrics.wakes.clone());
+        registry.register(
+            "removals_by_age",
+            "Previews removed for no request and no deploy for lifecycle.remove_after",
+            metrics.removals_by_age.clone(),
+        );
+        registry.register(
+            "previews_pinned",
+            "Previews pinned awake (by hand or by lifecycle.keep_awake_label)",
+            metrics.previews_pinned.clone(),
+        );
         registry.register(
             "wake_seconds",
             "Time of successful wakes, from the first request until the app is routed",
@@ -210,6 +237,11 @@ impl Metrics {
     /// Counts a delivery of `event` that ended as `outcome`.
     pub fn delivery(&self, event: &str, outcome: &'static str) {
         self.webhook_deliveries.get_or_create(&ByDelivery { event: event.to_owned(), outcome }).inc();
+    }
+
+    /// Counts a `/preview` command by its outcome (`done`, `refused`).
+    pub fn pr_command(&self, command: &'static str, outcome: &'static str) {
+        self.pr_commands.get_or_create(&ByCommand { command, outcome }).inc();
     }
 
     /// Counts a delivery's work that acted on `basis`.

@@ -1,7 +1,8 @@
 //! Traffic: when each preview last served a request, as nginx itself reports it. Every vhost
 //! logs its requests to previewd over syslog on a loopback UDP port (the `{{ traffic }}`
 //! directive of the vhost template); previewd's side of a request is one map update, off the
-//! request's path, and nothing is written to disk.
+//! request's path. The lifecycle's sweep saves the map now and then (see `lifecycle::sweep`)
+//! and gives it back at start.
 //!
 //! A preview is named in the log by a syslog tag derived from its name (tags allow only
 //! `[a-zA-Z0-9_]`, 32 characters); the tags of the vhosts previewd rendered are known here.
@@ -72,6 +73,19 @@ impl Traffic {
     /// When the preview last served a request (or was launched or woken), since previewd started.
     pub fn last_request(&self, slug: &Slug) -> Option<SystemTime> {
         self.inner.last.lock().unwrap_or_else(PoisonError::into_inner).get(slug).copied()
+    }
+
+    /// Every preview's last request.
+    pub fn snapshot(&self) -> Vec<(Slug, SystemTime)> {
+        let last = self.inner.last.lock().unwrap_or_else(PoisonError::into_inner);
+        last.iter().map(|(slug, at)| (slug.clone(), *at)).collect()
+    }
+
+    /// Takes back last requests saved before a restart (a newer one known stays).
+    pub fn restore(&self, saved: impl IntoIterator<Item = (Slug, SystemTime)>) {
+        for (slug, at) in saved {
+            self.record(&slug, at);
+        }
     }
 
     /// The preview is gone.

@@ -784,3 +784,53 @@ async fn githubs_rate_limit_answer_is_passed_on_and_not_remembered_as_a_refusal(
     assert_eq!(gh.get_as("mallory-token", "/api/previews").await, 200, "the token was asked about again");
     assert_eq!(user_lookups(&gh), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_unused_for_remove_after_is_removed_with_a_comment_and_a_push_brings_it_back() {
+    let github = FakeGitHub::start().await;
+    github.set_open_pulls(REPO, vec![opened().value["pull_request"].clone()]);
+    let repos = format!("    {REPO}:\n      image: demo\n");
+    let top = "lifecycle:\n  remove_after: 3\n";
+    let gh = GitHubApp::start_configured(github, &repos, "  sync_interval: 1\n", top, "").await;
+    gh.comment_saying(2, "is live at").await;
+
+    let comments = gh.comment_saying(2, "nothing was deployed for 3s").await;
+    assert!(comments[0].body.contains("/preview redeploy"), "{}", comments[0].body);
+    assert!(gh.app.containers().is_empty());
+    assert_eq!(gh.metric("previewd_removals_by_age_total").await, 1);
+    // Three more syncs see the pull request open at the same commit, and leave it removed.
+    let lists = |github: &FakeGitHub| github.calls().iter().filter(|c| c.path.contains("/pulls?")).count();
+    let seen = lists(&gh.github);
+    gh.github.wait_for("two more syncs", WAIT, |github| (lists(github) >= seen + 3).then_some(())).await;
+    assert!(gh.app.containers().is_empty(), "the sync does not bring it back for the same commit");
+
+    let pushed = "2222222222222222222222222222222222222222";
+    let synchronize = PrEvent::new("synchronize").sha(pushed);
+    gh.github.set_open_pulls(REPO, vec![synchronize.value["pull_request"].clone()]);
+    assert_eq!(gh.send_pr(synchronize).await.0, 202);
+    gh.comment_saying(2, "Commit `2222222`").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keep_awake_label_pins_a_pull_requests_preview_while_it_is_on() {
+    let repos = format!("    {REPO}:\n      image: demo\n");
+    let top = "lifecycle:\n  remove_after: 2\n  keep_awake_label: Keep-Awake\n";
+    let gh = GitHubApp::start_configured(FakeGitHub::start().await, &repos, "", top, "").await;
+    assert_eq!(gh.send_pr(opened().labels(&["keep-awake"])).await.0, 202);
+    gh.comment_saying(2, "is live at").await;
+    assert_eq!(gh.send_pr(opened().number(3)).await.0, 202);
+    gh.comment_saying(3, "is live at").await;
+
+    // PR 3's removal shows the sweeps ran past PR 2's remove_after too.
+    gh.comment_saying(3, "nothing was deployed").await;
+    let kept: Value = gh.app.get_json("/api/previews/hello-world-pr-2").await;
+    assert_eq!(
+        (kept["status"].as_str(), kept["pinned"].as_str()),
+        (Some("running"), Some("label Keep-Awake")),
+        "{kept}"
+    );
+
+    let unlabeled = PrEvent::new("unlabeled").labels(&[]).label_event("keep-awake");
+    assert_eq!(gh.send_pr(unlabeled).await.0, 202);
+    gh.comment_saying(2, "nothing was deployed").await;
+}

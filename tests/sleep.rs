@@ -5,7 +5,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{PASSWORD, TestApp, USER};
 use serde_json::Value;
@@ -298,4 +298,96 @@ async fn wait_until_used_after(app: &TestApp, later: &str, earlier: &str) {
         tokio::time::sleep(Duration::from_millis(300)).await;
         app.via_nginx(later, "/").await.unwrap();
     }
+}
+
+/// `sleepy_app` with these `lifecycle` keys instead.
+async fn app_with_lifecycle(keys: &str) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let instance = common::unique_instance();
+    let nginx_port = common::free_port();
+    let yaml = common::config_yaml(&instance, dir.path(), nginx_port, &Default::default());
+    TestApp::start_from(dir, instance, nginx_port, format!("{yaml}lifecycle:\n{keys}")).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_preview_never_sleeps_and_sleeps_again_once_unpinned() {
+    let app = sleepy_app("2").await;
+    assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "kept")]).await.status(), 200);
+    let pinned = post(&app, "/api/previews/kept/pin").await;
+    assert_eq!(pinned.status(), 200);
+    assert_eq!(pinned.json::<Value>().await.unwrap()["pinned"], format!("user:{USER}"));
+    assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "other")]).await.status(), 200);
+    // `other` sleeping shows the sweeps ran past `kept`'s sleep_after too.
+    wait_for_status(&app, "other", "asleep").await;
+    let found = preview(&app, "kept").await;
+    assert_eq!(found["status"], "running", "{found}");
+    assert!(metric(&metrics(&app).await, "previewd_previews_pinned") == 1.0);
+
+    let unpinned = post(&app, "/api/previews/kept/unpin").await;
+    assert_eq!(unpinned.status(), 200);
+    assert!(unpinned.json::<Value>().await.unwrap().get("pinned").is_none());
+    wait_for_status(&app, "kept", "asleep").await;
+    let (status, message) = common::error_of(post(&app, "/api/previews/nobody/pin").await).await;
+    assert_eq!(status, 404, "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_unused_for_remove_after_is_removed_unless_pinned() {
+    let app = app_with_lifecycle("  remove_after: 2\n").await;
+    for name in ["old", "kept"] {
+        assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", name)]).await.status(), 200);
+    }
+    assert_eq!(post(&app, "/api/previews/kept/pin").await.status(), 200);
+    let listed = app.get_json("/api/previews").await;
+    let old = listed.as_array().unwrap().iter().find(|p| p["name"] == "old").unwrap().clone();
+    let expires = old["expires"].as_i64().expect("an expiry is shown");
+    assert!((old["last_request"].as_i64().unwrap() + 2..=old["last_request"].as_i64().unwrap() + 3).contains(&expires));
+
+    wait_for_metric(&app, "previewd_removals_by_age_total").await;
+    assert!(states_of(&app, "old").is_empty(), "its containers went");
+    assert!(!app.vhost_path("old").exists(), "its route went");
+    assert_eq!(app.via_nginx("old", "/").await.unwrap().0, 404);
+    let kept = preview(&app, "kept").await;
+    assert_eq!(kept["status"], "running", "a pinned preview is never removed by age: {kept}");
+    assert!(kept.get("expires").is_none(), "{kept}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_requests_survive_a_restart() {
+    let mut app = sleepy_app("1h").await;
+    assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "clock")]).await.status(), 200);
+    let before = preview(&app, "clock").await["last_request"].as_i64().unwrap();
+    app.stop().await;
+    app.boot().await;
+    assert_eq!(preview(&app, "clock").await["last_request"].as_i64(), Some(before));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_quiet_hours_begin_awake_previews_sleep_and_a_request_still_wakes_one() {
+    let mut app = sleepy_app("1h").await;
+    assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "night")]).await.status(), 200);
+    app.stop().await;
+    // Last used two hours ago; previewd comes back during a quiet period that began since.
+    let two_hours_ago = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() - 7200;
+    let saved = app.dir.path().join("state/last-requests.json");
+    std::fs::write(&saved, format!("{{\"night\": {two_hours_ago}}}")).unwrap();
+    let now = jiff::Timestamp::now().to_zoned_datetime(jiff::tz::TimeZone::UTC);
+    let (from, to) = (now.time(), (now.clone() + jiff::SignedDuration::from_mins(30)).time());
+    let quiet = format!(
+        "  quiet_hours:\n    from: \"{}\"\n    to: \"{}\"\n    timezone: UTC\n",
+        from.strftime("%H:%M"),
+        to.strftime("%H:%M")
+    );
+    app.options_yaml = app.options_yaml.replace("lifecycle:\n", &format!("lifecycle:\n{quiet}"));
+    app.boot().await;
+
+    // Counted once its containers are stopped.
+    let text = wait_for_metric(&app, "previewd_sleeps_total{reason=\"quiet_hours\"}").await;
+    assert_eq!(metric(&text, "previewd_sleeps_total{reason=\"idle\"}"), 0.0, "{text}");
+    assert_eq!(preview(&app, "night").await["status"], "asleep");
+    assert_eq!(app.via_nginx("night", "/").await.unwrap().0, 200, "a request still wakes it");
+    wait_for_status(&app, "night", "running").await;
+    // Used since the period began: a sweep now leaves it to sleep_after.
+    app.lifecycle.as_ref().unwrap().sweep(SystemTime::now()).await;
+    assert_eq!(preview(&app, "night").await["status"], "running");
 }

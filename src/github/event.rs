@@ -92,6 +92,15 @@ pub struct Target {
     pub sha: String,
     /// A Docker tag from `image_tag`, when configured.
     pub image_tag: Option<String>,
+    /// The pull request's labels.
+    pub labels: Vec<String>,
+}
+
+impl Target {
+    /// Whether the pull request carries this label (GitHub's label names ignore case).
+    pub fn has_label(&self, label: &str) -> bool {
+        self.labels.iter().any(|name| name.eq_ignore_ascii_case(label))
+    }
 }
 
 /// The preview name of a pull request and whether its preview should exist.
@@ -121,6 +130,7 @@ pub fn desired(pr: &PullRequest, repo: &RepoConfig) -> Result<(Slug, Desired), E
         branch: pr.head.git_ref.clone(),
         sha: pr.head.sha.clone(),
         image_tag,
+        labels: pr.labels.iter().map(|label| label.name.clone()).collect(),
     };
     Ok((slug, Desired::Present(target)))
 }

@@ -26,22 +26,22 @@ use super::memory::Memory;
 use crate::build::context::{ContextError, Layout};
 use crate::build::{BuildFailure, BuildInput, SourceArchive};
 use crate::config::{BuildSpec, Config};
-use crate::lifecycle::{Lifecycle, LifecycleError, PreviewInfo};
+use crate::lifecycle::{Lifecycle, LifecycleError, LifecycleEvent, PreviewInfo};
 use crate::locks::KeyedLocks;
 use crate::preview::{EnvName, Slug};
 use crate::request::{LaunchRequest, PullRequestOrigin};
 
 #[derive(Clone)]
 pub struct PullRequestPreviews {
-    config: Arc<Config>,
-    lifecycle: Lifecycle,
-    feedback: Feedback,
-    api: GitHubApi,
-    memory: Arc<Memory>,
+    pub(super) config: Arc<Config>,
+    pub(super) lifecycle: Lifecycle,
+    pub(super) feedback: Feedback,
+    pub(super) api: GitHubApi,
+    pub(super) memory: Arc<Memory>,
     /// The newest delivered state of each pull request.
     latest: Arc<Mutex<HashMap<PullRequestKey, Latest>>>,
     /// One pull request's work at a time, so its feedback stays in order.
-    order: Arc<KeyedLocks<PullRequestKey>>,
+    pub(super) order: Arc<KeyedLocks<PullRequestKey>>,
     /// Pull requests with work queued that has not read their newest state yet.
     queued: Arc<Mutex<HashSet<PullRequestKey>>>,
 }
@@ -56,10 +56,10 @@ pub enum Source {
 }
 
 #[derive(Clone)]
-struct Latest {
-    updated_at: String,
-    slug: Slug,
-    desired: Desired,
+pub(super) struct Latest {
+    pub(super) updated_at: String,
+    pub(super) slug: Slug,
+    pub(super) desired: Desired,
     source: Source,
 }
 
@@ -191,7 +191,7 @@ impl PullRequestPreviews {
         let Some(Latest { slug, desired, updated_at, .. }) = current else { return };
         self.memory.set_applied(&key, &updated_at);
         match desired {
-            Desired::Present(target) => self.make_present(slug, target, key).await,
+            Desired::Present(target) => self.make_present(slug, target, key, false).await,
             Desired::Absent(reason) => self.make_absent(slug, reason, key).await,
         }
     }
@@ -235,13 +235,13 @@ impl PullRequestPreviews {
         self.read_pull_once(key).await
     }
 
-    async fn read_pull_once(&self, key: &PullRequestKey) -> Result<PullRequest, ApiCallError> {
+    pub(super) async fn read_pull_once(&self, key: &PullRequestKey) -> Result<PullRequest, ApiCallError> {
         let read = tokio::time::timeout(READ_TIMEOUT, self.api.pull(&key.repo, key.number)).await;
         read.unwrap_or_else(|_| Err(ApiCallError::Transport(format!("no answer within {} s", READ_TIMEOUT.as_secs()))))
     }
 
     /// GitHub's pull request through the same rule as a payload.
-    fn state_of(&self, key: &PullRequestKey, pr: &PullRequest) -> Option<Latest> {
+    pub(super) fn state_of(&self, key: &PullRequestKey, pr: &PullRequest) -> Option<Latest> {
         let Some(repo) = self.config.github.as_ref().and_then(|github| github.repo(&key.repo)) else {
             tracing::error!("the repository is no longer in config.yml");
             return None;
@@ -257,9 +257,16 @@ impl PullRequestPreviews {
         }
     }
 
-    async fn make_present(&self, slug: Slug, target: Target, key: PullRequestKey) {
-        if self.lifecycle.runs_commit(&slug, &target.sha).await {
+    /// Runs the preview at the target commit; `again`: even when it runs it already (`/preview
+    /// redeploy`).
+    pub(super) async fn make_present(&self, slug: Slug, target: Target, key: PullRequestKey, again: bool) {
+        if !again && self.lifecycle.runs_commit(&slug, &target.sha).await {
             tracing::info!(%slug, sha = %target.sha, "preview already runs the head commit");
+            self.follow_keep_awake_label(&slug, &target);
+            return;
+        }
+        if self.lifecycle.stays_removed(&slug, &target.sha) {
+            tracing::info!(%slug, sha = %target.sha, "preview was removed by age or /preview destroy at this commit; a push or /preview redeploy brings it back");
             return;
         }
         let Some(request) = self.launch_request(&slug, &target) else {
@@ -273,7 +280,10 @@ impl PullRequestPreviews {
             None => self.lifecycle.launch(request).await,
         };
         let step = match result {
-            Ok(info) => Step::Live { sha: target.sha, url: info.url },
+            Ok(info) => {
+                self.follow_keep_awake_label(&slug, &target);
+                Step::Live { sha: target.sha, url: info.url }
+            }
             Err(LifecycleError::Build(BuildFailure::Superseded | BuildFailure::Removed)) => {
                 // The newer commit's work (or the removal) reports on the pull request; this
                 // deployment ends with it.
@@ -335,7 +345,43 @@ impl PullRequestPreviews {
         self.lifecycle.launch_built(request, Some(input), None).await
     }
 
+    /// Pins the preview while its pull request carries `lifecycle.keep_awake_label`.
+    fn follow_keep_awake_label(&self, slug: &Slug, target: &Target) {
+        let Some(label) = &self.config.lifecycle.keep_awake_label else { return };
+        if let Err(err) = self.lifecycle.follow_label(slug, label, target.has_label(label)) {
+            tracing::warn!(%slug, error = %err, "cannot pin or unpin the preview for its label");
+        }
+    }
+
+    /// Says on the pull request when its preview is removed by age, and how to bring it back.
+    pub async fn announce_removals(
+        self,
+        mut events: tokio::sync::broadcast::Receiver<LifecycleEvent>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            let event = tokio::select! {
+                () = shutdown.cancelled() => return,
+                event = events.recv() => event,
+            };
+            match event {
+                Ok(LifecycleEvent::RemovedByAge { slug, origin: Some(origin), after }) => {
+                    let key = PullRequestKey { repo: origin.repo, number: origin.number };
+                    self.feedback.send(key, slug, Step::Removed { reason: removed_by_age(after) });
+                }
+                Ok(LifecycleEvent::RemovedByAge { origin: None, .. }) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "missed removals to announce on pull requests");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
     async fn make_absent(&self, slug: Slug, reason: &str, key: PullRequestKey) {
+        if let Err(err) = self.lifecycle.forget_removal(&slug) {
+            tracing::warn!(%slug, error = %err, "cannot forget that the preview was removed by age");
+        }
         let origin = PullRequestOrigin { repo: key.repo.clone(), number: key.number, sha: String::new() };
         match self.lifecycle.kill_pull_request(&slug, &origin).await {
             Ok(true) => self.feedback.send(key, slug, Step::Removed { reason: reason.to_owned() }),
@@ -377,9 +423,23 @@ impl PullRequestPreviews {
     }
 }
 
+/// The reason a pull request's comment gives for a removal by age.
+pub fn removed_by_age(after: Duration) -> String {
+    format!(
+        "nobody requested it and nothing was deployed for {}; push a commit or comment `/preview redeploy` to bring it back",
+        crate::clock::span(after)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_removal_by_age_says_how_long_and_how_to_bring_the_preview_back() {
+        let reason = removed_by_age(Duration::from_secs(7 * 86_400));
+        assert!(reason.contains("for 7d") && reason.contains("/preview redeploy"), "{reason}");
+    }
 
     const APPLIED: &str = "2019-05-15T15:21:18Z";
 

@@ -137,6 +137,11 @@ struct Row {
     asleep: bool,
     /// How long ago nginx last served it a request (or it was launched or woken).
     last_request: Option<String>,
+    /// Who pinned it.
+    pinned: Option<String>,
+    /// In how long `lifecycle.remove_after` removes it, and when.
+    expires: Option<String>,
+    expires_utc: Option<String>,
 }
 
 /// A service of a preview: its state badge, and a link to its log.
@@ -207,6 +212,9 @@ impl Row {
             build_log_url: None,
             asleep: info.status == PreviewState::Asleep,
             last_request: info.last_request.map(|at| format!("{} ago", age(now - at))),
+            pinned: info.pinned.clone(),
+            expires: info.expires.map(|at| age((at - now).max(0))),
+            expires_utc: info.expires.map(utc_timestamp),
             services: info
                 .services
                 .iter()
@@ -304,6 +312,8 @@ mod tests {
             owner: None,
             services: Vec::new(),
             last_request: None,
+            pinned: None,
+            expires: None,
         }
     }
 

@@ -239,14 +239,17 @@ impl Lifecycle {
         tracing::info!(elapsed_ms = progress.started.elapsed().as_millis() as u64, %url, "preview ready");
         let (repo, pr, sha) = split_origin(request.origin);
         let owner = request.owner;
+        let now = crate::clock::unix_now();
         Ok(PreviewInfo {
+            pinned: self.pinned(&request.name).map(|pin| pin.by.to_string()),
+            expires: self.expires(&request.name, now),
             name: request.name,
             url,
             image: request.image,
             container_id: id,
             status: PreviewState::Running,
             routed: true,
-            created: crate::clock::unix_now(),
+            created: now,
             repo,
             pr,
             sha,
@@ -257,7 +260,7 @@ impl Lifecycle {
                 .keys()
                 .map(|name| ServiceInfo { name: name.clone(), status: PreviewState::Running })
                 .collect(),
-            last_request: Some(crate::clock::unix_now()),
+            last_request: Some(now),
         })
     }
 

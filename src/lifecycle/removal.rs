@@ -36,7 +36,11 @@ impl Lifecycle {
         self.kill_locked(slug, containers).await
     }
 
-    async fn kill_locked(&self, slug: &Slug, containers: Vec<ManagedContainer>) -> Result<(), LifecycleError> {
+    pub(super) async fn kill_locked(
+        &self,
+        slug: &Slug,
+        containers: Vec<ManagedContainer>,
+    ) -> Result<(), LifecycleError> {
         let stopped_build = self.builds.cancel(slug);
         let mut result = self.remove_preview(slug, containers).await;
         if result.is_ok()

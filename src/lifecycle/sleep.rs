@@ -9,8 +9,7 @@
 //! containers stop, so a restart of previewd or of the engine leaves them asleep: reconcile
 //! routes them to the wake listener and starts none of their containers.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
@@ -18,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::store::SlugFile;
 use super::{Lifecycle, LifecycleError, Progress, short};
 use crate::metrics::ByReason;
 use crate::preview::{Role, Slug};
@@ -36,6 +36,8 @@ pub enum SleepReason {
     Manual,
     /// To make room under `lifecycle.max_awake` or `max_awake_memory` for a launch or a wake.
     Cap,
+    /// A quiet period of `lifecycle.quiet_hours` began.
+    QuietHours,
 }
 
 impl SleepReason {
@@ -44,6 +46,7 @@ impl SleepReason {
             Self::Idle => "idle",
             Self::Manual => "manual",
             Self::Cap => "cap",
+            Self::QuietHours => "quiet_hours",
         }
     }
 }
@@ -69,8 +72,7 @@ pub enum WakeState {
 
 /// The sleeping previews (persisted) and the wakes under way.
 pub struct Sleepers {
-    path: PathBuf,
-    asleep: Mutex<BTreeMap<Slug, Asleep>>,
+    asleep: SlugFile<Asleep>,
     waking: Mutex<HashMap<Slug, watch::Receiver<WakeState>>>,
     /// Held while room is made for a launch or a wake (see `make_room`).
     room: tokio::sync::Mutex<()>,
@@ -81,17 +83,8 @@ pub struct Sleepers {
 impl Sleepers {
     /// Reads `asleep.json` from `state_dir` (none: nobody sleeps).
     pub fn load(state_dir: &std::path::Path) -> Self {
-        let path = state_dir.join("asleep.json");
-        let asleep = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|err| {
-                tracing::error!(path = %path.display(), error = %err, "cannot read which previews sleep; taking none");
-                BTreeMap::new()
-            }),
-            Err(_) => BTreeMap::new(),
-        };
         Self {
-            path,
-            asleep: Mutex::new(asleep),
+            asleep: SlugFile::load(state_dir, "asleep.json"),
             waking: Mutex::default(),
             room: tokio::sync::Mutex::default(),
             wake_port: AtomicU16::new(0),
@@ -107,39 +100,21 @@ impl Sleepers {
     }
 
     pub fn get(&self, slug: &Slug) -> Option<Asleep> {
-        self.asleep().get(slug).copied()
+        self.asleep.get(slug)
     }
 
     pub fn is_asleep(&self, slug: &Slug) -> bool {
-        self.asleep().contains_key(slug)
-    }
-
-    fn asleep(&self) -> std::sync::MutexGuard<'_, BTreeMap<Slug, Asleep>> {
-        self.asleep.lock().unwrap_or_else(PoisonError::into_inner)
+        self.asleep.contains(slug)
     }
 
     fn set(&self, slug: &Slug, asleep: Option<Asleep>) -> Result<(), LifecycleError> {
-        let mut all = self.asleep();
-        match asleep {
-            Some(asleep) => all.insert(slug.clone(), asleep),
-            None => all.remove(slug),
-        };
-        let bytes = serde_json::to_vec_pretty(&*all).map_err(|err| LifecycleError::State(err.to_string()))?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(|err| LifecycleError::State(err.to_string()))?;
-        }
-        crate::nginx::sites::write_atomic(&self.path, &bytes)
-            .map_err(|err| LifecycleError::State(format!("cannot write {}: {err}", self.path.display())))
+        self.asleep.set(slug, asleep)
     }
 
     /// Forgets the sleeping previews that have no container left (removed while previewd was
     /// down, or by hand).
     pub(super) fn forget_gone(&self, previews: &std::collections::BTreeSet<Slug>) -> Result<(), LifecycleError> {
-        let gone: Vec<Slug> = self.asleep().keys().filter(|slug| !previews.contains(*slug)).cloned().collect();
-        for slug in gone {
-            self.set(&slug, None)?;
-        }
-        Ok(())
+        self.asleep.retain(|slug, _| previews.contains(slug))
     }
 
     /// Whether a wake of the preview is under way.
@@ -154,7 +129,7 @@ impl Sleepers {
 
 /// When a preview about to be put to sleep is still left awake.
 #[derive(Debug, Clone, Copy)]
-enum Unused {
+pub(super) enum Unused {
     /// Never: it sleeps.
     Always,
     /// It was used within this long.
@@ -173,7 +148,7 @@ pub struct AwakePreview {
     pub last_request: Option<SystemTime>,
     /// The memory limits of its containers (app and services).
     pub memory: u64,
-    /// Being built or woken: it is not put to sleep.
+    /// Pinned, being built or being woken: it is not put to sleep.
     pub busy: bool,
 }
 
@@ -209,7 +184,7 @@ pub fn room_for(
                 ));
             }
             return Err(format!(
-                "no room to wake or launch this preview: {}; every other awake preview is being built or woken. \
+                "no room to wake or launch this preview: {}; every other awake preview is pinned, being built or being woken. \
                  Put one to sleep or kill one, or raise the cap",
                 why.join("; ")
             ));
@@ -246,7 +221,7 @@ impl Lifecycle {
     /// `sleep`, unless the preview was used in a way `unused` rules out when its turn comes (a
     /// redeploy may have held its lock meanwhile). Whether it went to sleep.
     #[tracing::instrument(skip_all, fields(slug = %slug, reason = reason.as_str()))]
-    async fn sleep_unless_used(
+    pub(super) async fn sleep_unless_used(
         &self,
         slug: &Slug,
         reason: SleepReason,
@@ -414,6 +389,7 @@ impl Lifecycle {
     /// A launch (or redeploy) is use, and wakes a sleeping preview: its new containers run.
     pub(super) fn awake_after_launch(&self, slug: &Slug) -> Result<(), LifecycleError> {
         self.touch(slug);
+        self.forget_removal(slug)?;
         if self.sleepers.is_asleep(slug) {
             self.sleepers.set(slug, None)?;
         }
@@ -427,7 +403,8 @@ impl Lifecycle {
         }
     }
 
-    /// When the preview last served a request through nginx (or was launched or woken).
+    /// When the preview last served a request through nginx (or was launched or woken), as
+    /// last saved before a restart at least.
     pub fn last_request(&self, slug: &Slug) -> Option<SystemTime> {
         self.traffic.as_ref().and_then(|traffic| traffic.last_request(slug))
     }
@@ -444,7 +421,7 @@ impl Lifecycle {
         };
         let awake: Vec<(Slug, Option<SystemTime>)> = previews
             .into_iter()
-            .filter(|p| p.status == crate::preview::PreviewState::Running)
+            .filter(|p| p.status == crate::preview::PreviewState::Running && !self.is_pinned(&p.name))
             .map(|p| {
                 if self.last_request(&p.name).is_none() {
                     // First seen now (previewd started, or the preview was made by hand).
@@ -469,7 +446,7 @@ impl Lifecycle {
     /// will take awake (`None`: what its image takes). Nothing for a preview already awake (a
     /// redeploy). One at a time: two launches do not both count the same room.
     pub(super) async fn make_room(&self, slug: &Slug, memory: Option<u64>) -> Result<(), LifecycleError> {
-        let policy = self.config.lifecycle;
+        let policy = &self.config.lifecycle;
         if policy.max_awake.is_none() && policy.max_awake_memory.is_none() {
             return Ok(());
         }
@@ -490,7 +467,7 @@ impl Lifecycle {
                     slug: p.name.clone(),
                     last_request: self.last_request(&p.name),
                     memory: memory_of(&p.image),
-                    busy: building.contains(&p.name) || self.sleepers.is_waking(&p.name),
+                    busy: building.contains(&p.name) || self.sleepers.is_waking(&p.name) || self.is_pinned(&p.name),
                 })
                 .collect();
             let victims =
@@ -511,13 +488,16 @@ impl Lifecycle {
         ))
     }
 
-    /// Forgets everything about a preview's sleep (it was removed).
+    /// Forgets everything about a preview's sleep and pin (it was removed).
     pub(super) fn forget_sleep(&self, slug: &Slug) -> Result<(), LifecycleError> {
         if let Some(traffic) = &self.traffic {
             traffic.forget(slug);
         }
         if self.sleepers.is_asleep(slug) {
             self.sleepers.set(slug, None)?;
+        }
+        if self.is_pinned(slug) {
+            self.pins.set(slug, None)?;
         }
         Ok(())
     }
@@ -571,7 +551,7 @@ mod tests {
         let why = room_for(&previews, 100, Some(1), None).unwrap_err();
         assert!(
             why.contains("2 previews would be awake and lifecycle.max_awake is 1")
-                && why.contains("being built or woken"),
+                && why.contains("pinned, being built or being woken"),
             "{why}"
         );
         let why = room_for(&[], 300 << 20, None, Some(200 << 20)).unwrap_err();

@@ -5,6 +5,8 @@
 //! ([`feedback`] over [`client`]), and GitHub tokens as API credentials ([`token_auth`]).
 
 pub mod client;
+pub mod command;
+pub mod commands;
 pub mod event;
 pub mod feedback;
 pub mod memory;

@@ -834,3 +834,100 @@ async fn the_keep_awake_label_pins_a_pull_requests_preview_while_it_is_on() {
     assert_eq!(gh.send_pr(unlabeled).await.0, 202);
     gh.comment_saying(2, "nothing was deployed").await;
 }
+
+/// A PR 2 preview running, and a collaborator `alice` with write access.
+async fn commanded_app() -> GitHubApp {
+    let gh = GitHubApp::default().await;
+    gh.github.set_permission(REPO, "alice", "write");
+    gh.github.set_permission(REPO, "reader", "read");
+    assert_eq!(gh.send_pr(opened()).await.0, 202);
+    gh.comment_saying(2, "is live at").await;
+    gh
+}
+
+async fn preview_of_pr_2(gh: &GitHubApp) -> Value {
+    gh.app.get_json("/api/previews/hello-world-pr-2").await
+}
+
+/// `alice` comments `/preview <command>`; waits for the reaction, which must be +1.
+async fn command(gh: &GitHubApp, command: &str) {
+    let (id, status, answer) = gh.comment(2, "alice", &format!("/preview {command}")).await;
+    assert_eq!((status, answer["command"].as_str()), (202, Some(command)), "{answer}");
+    assert_eq!(gh.reactions_to(id).await, ["+1"], "/preview {command}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preview_commands_from_a_collaborator_sleep_wake_pin_and_report_the_preview() {
+    let gh = commanded_app().await;
+    command(&gh, "sleep").await;
+    assert_eq!(preview_of_pr_2(&gh).await["status"], "asleep");
+    gh.comment_saying(2, "is asleep; a request to").await;
+    command(&gh, "wake").await;
+    assert_eq!(preview_of_pr_2(&gh).await["status"], "running");
+    command(&gh, "pin").await;
+    assert_eq!(preview_of_pr_2(&gh).await["pinned"], "github:alice");
+    gh.comment_saying(2, "pinned by github:alice").await;
+    command(&gh, "unpin").await;
+    assert!(preview_of_pr_2(&gh).await.get("pinned").is_none());
+    command(&gh, "status").await;
+    let comments = gh.comment_saying(2, "status: running").await;
+    let sticky: Vec<_> = comments.iter().filter(|c| c.body.contains("previewd:")).collect();
+    assert_eq!(sticky.len(), 1, "one sticky comment, edited: {comments:?}");
+    assert_eq!(gh.metric("previewd_pr_commands_total{command=\"status\",outcome=\"done\"}").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preview_destroy_removes_it_until_a_redeploy_and_the_sync_leaves_it_removed() {
+    let github = FakeGitHub::start().await;
+    github.set_open_pulls(REPO, vec![opened().value["pull_request"].clone()]);
+    github.set_pull(REPO, opened().value["pull_request"].clone());
+    let gh = GitHubApp::start_with(github, &format!("    {REPO}:\n      image: demo\n"), "  sync_interval: 1\n").await;
+    gh.github.set_permission(REPO, "alice", "admin");
+    gh.comment_saying(2, "is live at").await;
+
+    command(&gh, "destroy").await;
+    gh.comment_saying(2, "@alice destroyed it with `/preview destroy`").await;
+    assert!(gh.app.containers().is_empty());
+    let lists = |github: &FakeGitHub| github.calls().iter().filter(|c| c.path.contains("/pulls?")).count();
+    let seen = lists(&gh.github);
+    gh.github.wait_for("three more syncs", WAIT, |github| (lists(github) >= seen + 3).then_some(())).await;
+    assert!(gh.app.containers().is_empty(), "the sync does not bring a destroyed preview back");
+
+    command(&gh, "redeploy").await;
+    assert_eq!(gh.app.via_nginx("hello-world-pr-2", "/").await.unwrap().0, 200);
+    gh.comment_saying(2, "is live at").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preview_commands_from_a_reader_are_refused_with_a_confused_reaction_and_a_reply() {
+    let gh = commanded_app().await;
+    let (id, status, _) = gh.comment(2, "reader", "/preview destroy").await;
+    assert_eq!(status, 202);
+    assert_eq!(gh.reactions_to(id).await, ["confused"]);
+    let replies = gh.comment_saying(2, "@reader: `/preview` commands need write access").await;
+    assert!(replies.iter().any(|c| c.body.contains("you have `read`")), "{replies:?}");
+    assert_eq!(gh.app.get_json("/api/previews/hello-world-pr-2").await["status"], "running", "nothing was done");
+    // Checked through the API: a payload claiming the reader is an owner changes nothing.
+    let (id, _, _) = gh.comment(2, "stranger", "/preview sleep").await;
+    assert_eq!(gh.reactions_to(id).await, ["confused"]);
+    assert_eq!(gh.app.get_json("/api/previews/hello-world-pr-2").await["status"], "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_command_gets_the_list_of_commands_and_a_replayed_comment_is_not_run_twice() {
+    let gh = commanded_app().await;
+    let (id, _, _) = gh.comment(2, "alice", "/preview deploy").await;
+    assert_eq!(gh.reactions_to(id).await, ["confused"]);
+    gh.comment_saying(2, "`/preview deploy` is not a command previewd knows; use one of `/preview redeploy`").await;
+    let (_, status, answer) = gh.comment(2, "alice", "LGTM").await;
+    assert_eq!((status, answer["status"].as_str()), (200, Some("ignored")), "{answer}");
+
+    let (id, _, _) = gh.comment(2, "alice", "/preview sleep").await;
+    assert_eq!(gh.reactions_to(id).await, ["+1"]);
+    command(&gh, "wake").await;
+    // The sleep comment's delivery captured and sent again under a new delivery id.
+    let replayed = common::github_app::comment_event(2, id, "alice", "/preview sleep");
+    let (status, answer) = gh.send_as("issue_comment", "replayed-delivery", &replayed, Some(SECRET)).await;
+    assert_eq!((status, answer["status"].as_str()), (200, Some("duplicate")), "{answer}");
+    assert_eq!(gh.app.get_json("/api/previews/hello-world-pr-2").await["status"], "running");
+}

@@ -219,6 +219,15 @@ impl GitHubApi {
         Ok(())
     }
 
+    /// Reacts to a comment (`+1`, `confused`, …); GitHub answers 200 when that reaction was
+    /// there already.
+    pub async fn add_reaction(&self, repo: &str, comment_id: u64, content: &str) -> Result<(), ApiCallError> {
+        let route = format!("/repos/{repo}/issues/comments/{comment_id}/reactions");
+        let _: serde_json::Value =
+            self.observe(self.octocrab.post(route, Some(&json!({ "content": content }))).await)?;
+        Ok(())
+    }
+
     /// A transient, non-production deployment of one commit to the preview's environment. No
     /// required status contexts and no auto-merge: GitHub would otherwise refuse (409) until every
     /// check passed, or merge the default branch into the PR.

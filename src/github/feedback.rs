@@ -39,6 +39,10 @@ pub enum Step {
     Removed {
         reason: String,
     },
+    /// The preview's state as a `/preview` command left it: the comment only.
+    Status {
+        text: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -94,6 +98,11 @@ impl Feedback {
             login: Default::default(),
         };
         Self { inner: Arc::new(inner) }
+    }
+
+    /// Cancelled when previewd stops: calls to GitHub are not tried again after that.
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.inner.shutdown
     }
 
     /// Queues a step; steps of one pull request are posted in the order they were sent.
@@ -221,6 +230,7 @@ async fn post_statuses(
             }
             Ok(())
         }
+        Step::Status { .. } => Ok(()),
     }
 }
 
@@ -275,6 +285,7 @@ fn comment_text(slug: &Slug, step: &Step) -> String {
             )
         }
         Step::Removed { reason } => format!("**Preview `{slug}`** was removed: {reason}."),
+        Step::Status { text } => format!("**Preview `{slug}`** {text}"),
     }
 }
 

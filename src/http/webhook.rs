@@ -16,6 +16,8 @@ use serde_json::json;
 use super::AppState;
 use super::body::{declared_length, read_each};
 use super::error::ApiError;
+use crate::github::command::{IssueCommentEvent, command_of};
+use crate::github::commands::CommandRequest;
 use crate::github::event::{ACTIONS, Desired, PullRequestEvent, desired};
 use crate::github::feedback::PullRequestKey;
 use crate::github::previews::Source;
@@ -55,7 +57,8 @@ async fn receive(state: &AppState, request: Request, event: &mut String) -> Resu
     match delivery.event.as_str() {
         "ping" => Ok(("pong", answer(StatusCode::OK, json!({ "status": "pong" })))),
         "pull_request" => pull_request(state, service, delivery),
-        other => Ok(ignored(&format!("the {other} event is not used; send pull_request events"))),
+        "issue_comment" => issue_comment(state, service, delivery),
+        other => Ok(ignored(&format!("the {other} event is not used; send pull_request and issue_comment events"))),
     }
 }
 
@@ -114,6 +117,45 @@ fn pull_request(
     tracing::info!(repo = %key.repo, pr = key.number, action = %event.action, %slug, delivery = %delivery.delivery, "pull request delivery accepted");
     service.previews.schedule(key, &state.tasks);
     Ok(("accepted", answer(StatusCode::ACCEPTED, summary)))
+}
+
+/// A `/preview` command in a new comment on a pull request of a configured repository. Its
+/// delivery id and its comment id are each acted on once: a captured delivery sent again under
+/// a new id is still the same comment.
+fn issue_comment(
+    state: &AppState,
+    service: &super::GitHubService,
+    delivery: VerifiedDelivery,
+) -> Result<(&'static str, Response), ApiError> {
+    let event: IssueCommentEvent = serde_json::from_slice(&delivery.body)
+        .map_err(|err| ApiError::Body(format!("the issue_comment payload is not valid: {err}")))?;
+    if event.action != "created" {
+        return Ok(ignored(&format!("the {} action of a comment gives no command", event.action)));
+    }
+    if event.issue.pull_request.is_none() {
+        return Ok(ignored("a comment on an issue, not on a pull request"));
+    }
+    let full_name = &event.repository.full_name;
+    let Some(repo) = state.config.github.as_ref().and_then(|github| github.repo(full_name)) else {
+        return Ok(ignored(&format!("repository {full_name} is not in config.yml")));
+    };
+    let Some(command) = command_of(&event.comment.body) else {
+        return Ok(ignored("the comment is not a /preview command"));
+    };
+    let comment_key = format!("comment-{}-{}", repo.full_name.to_ascii_lowercase(), event.comment.id);
+    if !service.memory.first_delivery(&delivery.delivery) || !service.memory.first_delivery(&comment_key) {
+        return Ok((
+            "duplicate",
+            answer(StatusCode::OK, json!({ "status": "duplicate", "delivery": delivery.delivery })),
+        ));
+    }
+    let key = PullRequestKey { repo: repo.full_name.clone(), number: event.issue.number };
+    let name = command.as_ref().map_or("unknown", |command| command.as_str());
+    tracing::info!(repo = %key.repo, pr = key.number, command = name, login = %event.comment.user.login, delivery = %delivery.delivery, "pull request command accepted");
+    let request =
+        CommandRequest { key, comment_id: event.comment.id, login: event.comment.user.login.clone(), command };
+    service.previews.schedule_command(request, &state.tasks);
+    Ok(("accepted", answer(StatusCode::ACCEPTED, json!({ "status": "accepted", "command": name }))))
 }
 
 fn ignored(reason: &str) -> (&'static str, Response) {

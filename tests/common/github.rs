@@ -131,6 +131,8 @@ struct Repo {
     full_name: String,
     permissions: HashMap<String, String>,
     comments: Vec<StoredComment>,
+    /// (comment id, content, login) of each reaction.
+    reactions: Vec<(u64, String, String)>,
     deployments: Vec<StoredDeployment>,
     pulls: Vec<Value>,
     /// Each pull request's current state, by number, as `GET .../pulls/{number}` shows it. The
@@ -320,6 +322,26 @@ impl FakeGitHub {
         self.shared.lock().tarball_delay = delay;
     }
 
+    /// A comment someone posted on an issue or pull request; its id.
+    pub fn add_comment(&self, repo: &str, issue: u64, login: &str, body: &str) -> u64 {
+        let mut inner = self.shared.lock();
+        let id = inner.next_id();
+        let comment = StoredComment {
+            item: Comment { id, body: body.to_owned(), user: login.to_owned() },
+            issue,
+            stamp: stamp(login),
+        };
+        inner.repo_entry(repo).comments.push(comment);
+        id
+    }
+
+    /// The contents of the reactions to a comment.
+    pub fn reactions(&self, repo: &str, comment_id: u64) -> Vec<String> {
+        let mut inner = self.shared.lock();
+        let repo = inner.repo_entry(repo);
+        repo.reactions.iter().filter(|(id, _, _)| *id == comment_id).map(|(_, content, _)| content.clone()).collect()
+    }
+
     pub fn comments(&self, repo: &str, issue: u64) -> Vec<Comment> {
         self.with_repo(repo, |r| r.comments.iter().filter(|c| c.issue == issue).map(|c| c.item.clone()).collect())
     }
@@ -420,6 +442,7 @@ impl Inner {
             full_name: full_name.to_owned(),
             permissions: HashMap::new(),
             comments: Vec::new(),
+            reactions: Vec::new(),
             deployments: Vec::new(),
             pulls: Vec::new(),
             pull_states: HashMap::new(),
@@ -466,6 +489,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route(&format!("{repo}/issues/{{issue}}/comments"), get(list_comments).post(create_comment))
         // GitHub accepts POST in place of PATCH for clients that cannot send PATCH.
         .route(&format!("{repo}/issues/comments/{{id}}"), post(update_comment).patch(update_comment))
+        .route(&format!("{repo}/issues/comments/{{id}}/reactions"), post(create_reaction))
         .route(&format!("{repo}/deployments"), post(create_deployment))
         .route(&format!("{repo}/deployments/{{id}}/statuses"), get(list_statuses).post(create_status))
         .route(&format!("{repo}/pulls"), get(list_pulls))
@@ -697,6 +721,39 @@ async fn create_comment(
     };
     let answer = comment_json(&shared.base, repo, &comment);
     repo.comments.push(comment);
+    Ok(reply(StatusCode::CREATED, &answer))
+}
+
+/// `POST .../issues/comments/{id}/reactions`: 201 with the new reaction, 200 with the one the
+/// caller already left; 404 for no such comment, 422 for a content GitHub does not have.
+async fn create_reaction(
+    State(shared): Fake,
+    Extension(caller): Extension<Caller>,
+    Path((owner, name, id)): Path<(String, String, String)>,
+) -> Answer {
+    let id = parse_id(&id)?;
+    let content = required_str(&caller.body, "content")?;
+    if !["+1", "-1", "laugh", "confused", "heart", "hooray", "rocket", "eyes"].contains(&content.as_str()) {
+        return Err(error(StatusCode::UNPROCESSABLE_ENTITY, "Validation Failed"));
+    }
+    let mut inner = shared.lock();
+    let reaction_id = inner.next_id();
+    let repo = inner.known_repo(&owner, &name)?;
+    if !repo.comments.iter().any(|c| c.item.id == id) {
+        return Err(not_found());
+    }
+    let answer = json!({
+        "id": reaction_id,
+        "node_id": format!("REA_fake{reaction_id}"),
+        "user": user_json(&shared.base, &caller.login),
+        "content": content,
+        "created_at": now_iso8601(),
+    });
+    let known = (id, content.clone(), caller.login.clone());
+    if repo.reactions.contains(&known) {
+        return Ok(reply(StatusCode::OK, &answer));
+    }
+    repo.reactions.push(known);
     Ok(reply(StatusCode::CREATED, &answer))
 }
 

@@ -145,9 +145,58 @@ impl GitHubApp {
             .await
     }
 
+    /// `login` comments `body` on pull request `number` (GitHub holds the comment), and GitHub
+    /// delivers it as an `issue_comment` event; the comment's id and the delivery's answer.
+    pub async fn comment(&self, number: u64, login: &str, body: &str) -> (u64, u16, Value) {
+        let id = self.github.add_comment(REPO, number, login, body);
+        let (status, answer) = self.send("issue_comment", &comment_event(number, id, login, body)).await;
+        (id, status, answer)
+    }
+
+    /// Waits until the comment has a reaction; its reactions.
+    pub async fn reactions_to(&self, comment_id: u64) -> Vec<String> {
+        self.github
+            .wait_for("a reaction", WAIT, |github| {
+                let reactions = github.reactions(REPO, comment_id);
+                (!reactions.is_empty()).then_some(reactions)
+            })
+            .await
+    }
+
     pub fn statuses(&self, deployment: u64) -> Vec<String> {
         self.github.statuses(REPO, deployment).into_iter().map(|s| s.state).collect()
     }
+}
+
+/// An `issue_comment` `created` delivery for a comment on pull request `number`, shaped on
+/// GitHub's webhook documentation; repository and sender come from the `pull_request` fixture.
+pub fn comment_event(number: u64, comment_id: u64, login: &str, body: &str) -> Vec<u8> {
+    let pr = super::github::fixture("pull_request.opened");
+    let repo = pr["repository"]["full_name"].as_str().unwrap_or(REPO).to_owned();
+    let event = serde_json::json!({
+        "action": "created",
+        "issue": {
+            "number": number,
+            "title": pr["pull_request"]["title"],
+            "state": "open",
+            "user": pr["pull_request"]["user"],
+            "pull_request": {
+                "url": format!("https://api.github.com/repos/{repo}/pulls/{number}"),
+                "html_url": format!("https://github.com/{repo}/pull/{number}"),
+            },
+        },
+        "comment": {
+            "id": comment_id,
+            "body": body,
+            "user": { "login": login, "type": "User" },
+            "created_at": "2019-05-15T15:21:00Z",
+            "updated_at": "2019-05-15T15:21:00Z",
+            "author_association": "COLLABORATOR",
+        },
+        "repository": pr["repository"],
+        "sender": { "login": login, "type": "User" },
+    });
+    serde_json::to_vec(&event).expect("a JSON value serialises")
 }
 
 /// GETs of a preview through nginx, one after another, until stopped: what a redeploy must

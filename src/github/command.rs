@@ -1,0 +1,137 @@
+//! `/preview …` commands in pull-request comments (`issue_comment` deliveries): the few fields
+//! previewd reads, and which command a comment gives. A comment gives one when its first line
+//! is `/preview <command>`; anything else in it is for people. Who may command is decided by
+//! GitHub's API (write access), never by the payload.
+
+use serde::Deserialize;
+
+use super::event::Repository;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct IssueCommentEvent {
+    pub action: String,
+    pub issue: Issue,
+    pub comment: Comment,
+    pub repository: Repository,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Issue {
+    pub number: u64,
+    /// Present when the issue is a pull request.
+    #[serde(default)]
+    pub pull_request: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Comment {
+    pub id: u64,
+    #[serde(default)]
+    pub body: String,
+    pub user: User,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct User {
+    pub login: String,
+}
+
+/// What a `/preview` comment asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Deploy the head commit again (also after a removal by age or a destroy).
+    Redeploy,
+    /// Remove the preview until the next push or `/preview redeploy`.
+    Destroy,
+    Wake,
+    Sleep,
+    Pin,
+    Unpin,
+    /// Update the sticky comment with the preview's state now.
+    Status,
+}
+
+impl Command {
+    pub const ALL: [Command; 7] = [
+        Command::Redeploy,
+        Command::Destroy,
+        Command::Wake,
+        Command::Sleep,
+        Command::Pin,
+        Command::Unpin,
+        Command::Status,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Redeploy => "redeploy",
+            Self::Destroy => "destroy",
+            Self::Wake => "wake",
+            Self::Sleep => "sleep",
+            Self::Pin => "pin",
+            Self::Unpin => "unpin",
+            Self::Status => "status",
+        }
+    }
+}
+
+/// The command of a comment: `None` when it is not a `/preview` comment, an error (saying which
+/// commands there are) when it names none of them.
+pub fn command_of(body: &str) -> Option<Result<Command, String>> {
+    let first = body.trim_start().lines().next()?.trim();
+    let rest = first.strip_prefix("/preview")?;
+    if !rest.is_empty() && !rest.starts_with(char::is_whitespace) {
+        return None;
+    }
+    let word = rest.split_whitespace().next().unwrap_or_default().to_ascii_lowercase();
+    let known = Command::ALL.iter().find(|command| command.as_str() == word).copied();
+    Some(known.ok_or_else(|| {
+        let names: Vec<String> = Command::ALL.iter().map(|c| format!("`/preview {}`", c.as_str())).collect();
+        let asked = if word.is_empty() { "`/preview` alone".to_owned() } else { format!("`/preview {word}`") };
+        format!("{asked} is not a command previewd knows; use one of {}", names.join(", "))
+    }))
+}
+
+/// Whether a permission GitHub reports (`admin`, `maintain`, `write`, `triage`, `read`,
+/// `none`) lets its holder command previews: write access or more.
+pub fn may_command(permission: &str) -> bool {
+    matches!(permission, "admin" | "maintain" | "write")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_line_gives_the_command_in_any_case() {
+        assert_eq!(command_of("/preview redeploy"), Some(Ok(Command::Redeploy)));
+        assert_eq!(command_of("  /preview   Destroy please\nbecause it is broken"), Some(Ok(Command::Destroy)));
+        assert_eq!(command_of("/preview pin\n"), Some(Ok(Command::Pin)));
+    }
+
+    #[test]
+    fn other_comments_are_not_commands() {
+        assert_eq!(command_of("LGTM"), None);
+        assert_eq!(command_of("please /preview redeploy"), None);
+        assert_eq!(command_of("/previews redeploy"), None);
+        assert_eq!(command_of("first line\n/preview redeploy"), None, "only the first line commands");
+        assert_eq!(command_of(""), None);
+    }
+
+    #[test]
+    fn an_unknown_command_is_answered_with_the_known_ones() {
+        let why = command_of("/preview deploy").unwrap().unwrap_err();
+        assert!(why.contains("`/preview deploy`") && why.contains("`/preview redeploy`"), "{why}");
+        assert!(command_of("/preview").unwrap().unwrap_err().contains("alone"));
+    }
+
+    #[test]
+    fn write_access_or_more_may_command() {
+        for permission in ["admin", "maintain", "write"] {
+            assert!(may_command(permission), "{permission}");
+        }
+        for permission in ["triage", "read", "none", ""] {
+            assert!(!may_command(permission), "{permission}");
+        }
+    }
+}

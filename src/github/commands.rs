@@ -1,0 +1,192 @@
+//! Runs the `/preview` commands [`command`](super::command) reads from pull-request comments:
+//! the commenter's permission is read from GitHub's API, the pull request too (its head commit
+//! and preview name, never the payload's), the command is applied through the lifecycle in the
+//! pull request's turn (after or before its deliveries' work, never in between), the comment gets
+//! a reaction (`+1`, or `confused` with a reply saying why) and the sticky comment says the
+//! preview's state.
+
+use std::time::Duration;
+
+use tokio_util::task::TaskTracker;
+
+use super::client::{ApiCallError, with_retries};
+use super::command::{Command, may_command};
+use super::event::Desired;
+use super::feedback::{PullRequestKey, Step};
+use super::previews::PullRequestPreviews;
+use crate::lifecycle::{LifecycleError, PinnedBy, PreviewInfo, SleepReason};
+use crate::preview::{PreviewState, Slug};
+use crate::request::PullRequestOrigin;
+
+/// A command as a comment gave it.
+#[derive(Debug, Clone)]
+pub struct CommandRequest {
+    pub key: PullRequestKey,
+    pub comment_id: u64,
+    pub login: String,
+    /// The command, or why the comment names none.
+    pub command: Result<Command, String>,
+}
+
+/// Past this, GitHub counts as unreachable for a permission or pull-request read.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl PullRequestPreviews {
+    /// Runs a command in the background.
+    pub fn schedule_command(&self, request: CommandRequest, tasks: &TaskTracker) {
+        let previews = self.clone();
+        tasks.spawn(async move { previews.run_command(request).await });
+    }
+
+    #[tracing::instrument(skip_all, fields(repo = %request.key.repo, pr = request.key.number, login = %request.login))]
+    async fn run_command(&self, request: CommandRequest) {
+        let outcome = self.authorized_outcome(&request).await;
+        let (content, reply) = match &outcome {
+            Ok(()) => ("+1", None),
+            Err(why) => ("confused", Some(format!("@{}: {why}", request.login))),
+        };
+        let name = request.command.map_or("unknown", Command::as_str);
+        tracing::info!(command = name, done = outcome.is_ok(), "pull request command");
+        self.lifecycle.metrics().pr_command(name, if outcome.is_ok() { "done" } else { "refused" });
+        self.answer(&request.key, request.comment_id, content, reply).await;
+    }
+
+    /// The command's outcome: done, or why not (for the reply).
+    async fn authorized_outcome(&self, request: &CommandRequest) -> Result<(), String> {
+        let permission = read(self.api.permission(&request.key.repo, &request.login)).await.map_err(|err| {
+            format!("previewd cannot read your permission on {} from GitHub ({err}); try again", request.key.repo)
+        })?;
+        if !may_command(&permission) {
+            return Err(format!(
+                "`/preview` commands need write access to {}; GitHub says you have `{permission}`",
+                request.key.repo
+            ));
+        }
+        let command = request.command.clone()?;
+        let _order = self.order.lock(&request.key).await;
+        self.apply_command(request, command).await
+    }
+
+    async fn apply_command(&self, request: &CommandRequest, command: Command) -> Result<(), String> {
+        let key = &request.key;
+        let pr = read(self.read_pull_once(key))
+            .await
+            .map_err(|err| format!("previewd cannot read this pull request from GitHub ({err}); try again"))?;
+        let latest = self.state_of(key, &pr).ok_or("this repository's previews cannot be named; see previewd's log")?;
+        let (slug, desired) = (latest.slug, latest.desired);
+        let lifecycle = &self.lifecycle;
+        let gone = |err: LifecycleError| match err {
+            LifecycleError::NotFound(_) => format!(
+                "this pull request has no preview running; `/preview redeploy` deploys its head commit{}",
+                match &desired {
+                    Desired::Absent(reason) => format!(" once it may have one ({reason})"),
+                    Desired::Present(_) => String::new(),
+                }
+            ),
+            other => other.summary(),
+        };
+        match command {
+            Command::Redeploy => {
+                let Desired::Present(target) = desired.clone() else {
+                    return Err(absent_reason(&desired));
+                };
+                lifecycle.forget_removal(&slug).map_err(|err| err.summary())?;
+                self.make_present(slug.clone(), target, key.clone(), true).await;
+                lifecycle
+                    .get(&slug)
+                    .await
+                    .map(drop)
+                    .map_err(|_| "the redeploy failed; the comment above says why".to_owned())
+            }
+            Command::Destroy => {
+                let sha = match &desired {
+                    Desired::Present(target) => target.sha.clone(),
+                    Desired::Absent(_) => String::new(),
+                };
+                let origin = PullRequestOrigin { repo: key.repo.clone(), number: key.number, sha };
+                if !lifecycle.kill_pull_request(&slug, &origin).await.map_err(|err| err.summary())? {
+                    return Err(gone(LifecycleError::NotFound(slug)));
+                }
+                if !origin.sha.is_empty() {
+                    lifecycle.remember_removal(&slug, &origin).map_err(|err| err.summary())?;
+                }
+                let reason = format!(
+                    "@{} destroyed it with `/preview destroy`; push a commit or comment `/preview redeploy` to bring it back",
+                    request.login
+                );
+                self.feedback.send(key.clone(), slug, Step::Removed { reason });
+                Ok(())
+            }
+            Command::Wake => {
+                lifecycle.wake_now(&slug).await.map_err(gone)?;
+                self.report(key, &slug).await
+            }
+            Command::Sleep => {
+                lifecycle.sleep(&slug, SleepReason::Manual).await.map_err(gone)?;
+                self.report(key, &slug).await
+            }
+            Command::Pin => {
+                lifecycle.pin(&slug, PinnedBy::Person(format!("github:{}", request.login))).await.map_err(gone)?;
+                self.report(key, &slug).await
+            }
+            Command::Unpin => {
+                lifecycle.unpin(&slug).await.map_err(gone)?;
+                self.report(key, &slug).await
+            }
+            Command::Status => self.report(key, &slug).await.map_err(|_| gone(LifecycleError::NotFound(slug.clone()))),
+        }
+    }
+
+    /// Puts the preview's state in the sticky comment.
+    async fn report(&self, key: &PullRequestKey, slug: &Slug) -> Result<(), String> {
+        let info = self.lifecycle.get(slug).await.map_err(|err| err.summary())?;
+        self.feedback.send(key.clone(), slug.clone(), Step::Status { text: describe(&info, crate::clock::unix_now()) });
+        Ok(())
+    }
+
+    /// The reaction, and the reply when there is one.
+    async fn answer(&self, key: &PullRequestKey, comment_id: u64, content: &str, reply: Option<String>) {
+        let shutdown = self.feedback.shutdown();
+        let (api, repo) = (&self.api, key.repo.as_str());
+        if let Err(err) =
+            with_retries("react to a comment", shutdown, || api.add_reaction(repo, comment_id, content)).await
+        {
+            tracing::error!(error = %err, "cannot react to the command's comment");
+        }
+        if let Some(reply) = reply
+            && let Err(err) =
+                with_retries("reply to a comment", shutdown, || api.create_comment(repo, key.number, &reply)).await
+        {
+            tracing::error!(error = %err, "cannot reply to the command's comment");
+        }
+    }
+}
+
+async fn read<T>(call: impl Future<Output = Result<T, ApiCallError>>) -> Result<T, ApiCallError> {
+    tokio::time::timeout(READ_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| Err(ApiCallError::Transport(format!("no answer within {} s", READ_TIMEOUT.as_secs()))))
+}
+
+fn absent_reason(desired: &Desired) -> String {
+    match desired {
+        Desired::Absent(reason) => format!("this pull request gets no preview: {reason}"),
+        Desired::Present(_) => String::new(),
+    }
+}
+
+/// The sticky comment's line for a preview's state.
+pub fn describe(info: &PreviewInfo, now: i64) -> String {
+    let commit = info.sha.as_deref().map(|sha| format!(" · commit `{}`", &sha[..sha.len().min(7)])).unwrap_or_default();
+    let state = match info.status {
+        PreviewState::Running => format!("is live at {}", info.url),
+        PreviewState::Asleep => format!("is asleep; a request to {} wakes it", info.url),
+        other => format!("is {other} at {}", info.url),
+    };
+    let keep = match (&info.pinned, info.expires) {
+        (Some(by), _) => format!(" · pinned by {by}"),
+        (None, Some(at)) => format!(" · removed if unused for {}", crate::clock::age((at - now).max(0))),
+        (None, None) => String::new(),
+    };
+    format!("{state}\n\nstatus: {}{commit}{keep}", info.status)
+}

@@ -68,7 +68,8 @@ impl Application {
         let sites_dir = &config.nginx.sites_dir;
         std::fs::create_dir_all(sites_dir)
             .with_context(|| format!("cannot create nginx.sites_dir {}", sites_dir.display()))?;
-        let nginx = Nginx::new(config.nginx.clone(), &config.state_dir);
+        let nginx =
+            Nginx::new(config.nginx.clone(), &config.state_dir).with_status_port(wake_listener.local_addr()?.port());
         nginx.start_managed(sites_dir).await.context("cannot start the managed nginx")?;
         let router = Router::start(RouterSettings {
             template,
@@ -148,6 +149,7 @@ impl Application {
             lifecycle.clone(),
             state.config.base_domain.clone(),
             state.config.lifecycle.wake_timeout,
+            state.config.github.as_ref().map_or_else(|| "https://github.com".to_owned(), |github| github.web_url()),
         );
         let waker =
             tokio::spawn(crate::http::server::serve(wake_listener, wake_routes, state.config.http, shutdown.clone()));

@@ -11,6 +11,7 @@
 //! (kill) and [`reconcile`] (start-up reconcile and the refresh after Docker's events), and
 //! [`environment`] holds what they share about a preview's services and jobs.
 
+mod deploys;
 mod environment;
 mod expiry;
 mod launch;
@@ -23,6 +24,7 @@ mod sleep;
 mod store;
 mod sweep;
 
+pub use deploys::{Deploys, PreviewPage, Removal};
 pub use expiry::{Expired, LifecycleEvent};
 pub use pins::{Pin, PinnedBy};
 pub use sleep::{Asleep, SleepReason, Sleepers, WakeState};
@@ -215,6 +217,7 @@ pub struct Lifecycle {
     /// When each preview last served a request, as last saved (see `sweep`).
     last_requests: Arc<store::SlugFile<i64>>,
     events: tokio::sync::broadcast::Sender<LifecycleEvent>,
+    deploys: Arc<Deploys>,
 }
 
 /// A launch step as it begins: `image`, `pull`, `create`, `start`, `health`, `route`, and
@@ -230,6 +233,8 @@ pub struct ProgressEvent {
 /// Reports launch steps to a listener, and their durations to the metrics.
 struct Progress {
     events: Option<mpsc::UnboundedSender<ProgressEvent>>,
+    /// Where the status page of the preview being deployed reads its step.
+    shown: Option<(Arc<Deploys>, Slug)>,
     metrics: Arc<Metrics>,
     started: Instant,
     current: Option<(&'static str, Instant)>,
@@ -237,12 +242,21 @@ struct Progress {
 
 impl Progress {
     fn new(events: Option<mpsc::UnboundedSender<ProgressEvent>>, metrics: Arc<Metrics>) -> Self {
-        Self { events, metrics, started: Instant::now(), current: None }
+        Self { events, shown: None, metrics, started: Instant::now(), current: None }
+    }
+
+    /// The steps show on the preview's status page too.
+    fn shown_for(mut self, deploys: &Arc<Deploys>, slug: &Slug) -> Self {
+        self.shown = Some((Arc::clone(deploys), slug.clone()));
+        self
     }
 
     fn step(&mut self, step: &'static str, message: String) {
         self.finish();
         self.current = Some((step, Instant::now()));
+        if let Some((deploys, slug)) = &self.shown {
+            deploys.step(slug, step, &message);
+        }
         if let Some(events) = &self.events {
             let elapsed_ms = self.started.elapsed().as_millis() as u64;
             events.send(ProgressEvent { step, message, elapsed_ms }).ok();
@@ -296,6 +310,7 @@ impl Lifecycle {
             expired: Arc::new(store::SlugFile::load(&config_state_dir, "expired.json")),
             last_requests: Arc::new(last_requests),
             events: tokio::sync::broadcast::channel(EVENTS_BUFFERED).0,
+            deploys: Arc::new(Deploys::load(&config_state_dir)),
         };
         lifecycle.count_pins();
         lifecycle

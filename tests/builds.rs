@@ -447,6 +447,30 @@ async fn a_second_build_waits_for_its_turn_and_shows_as_queued() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_being_built_shows_building_and_its_step_at_its_url() {
+    let app = Arc::new(upload_app("").await);
+    let slow = tar_of(&[("Dockerfile", dockerfile(&app.instance, "RUN sleep 3\n")), ("site/index.html", "a\n".into())]);
+    let built = {
+        let app = Arc::clone(&app);
+        tokio::spawn(async move {
+            status_and_text(upload(&app, "brewing", slow, "application/x-tar", "application/json").await).await
+        })
+    };
+    let deadline = Instant::now() + WAIT;
+    let page = loop {
+        let (status, page) = app.via_nginx("brewing", "/").await.unwrap();
+        if status == 503 && page.contains("RUN sleep 3") {
+            break page;
+        }
+        assert!(Instant::now() < deadline, "the build's step never showed at its URL: {status} {page}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(page.starts_with("Building brewing…"), "{page}");
+    assert_eq!(built.await.unwrap().0, 200);
+    assert_eq!(app.via_nginx("brewing", "/").await.unwrap().0, 200, "the app once it runs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_builds_a_local_directory_with_its_progress_and_honours_dockerignore() {
     let app = upload_app("").await;
     let dir = tempfile::tempdir().unwrap();

@@ -682,7 +682,54 @@ async fn a_failed_reload_restores_the_vhost_and_removes_the_new_container() {
     assert!(message.contains("/bin/false") && message.contains("printed nothing"), "{message}");
     assert!(!app.vhost_path("noreload").exists(), "the vhost nginx never loaded is removed again");
     assert!(app.containers().is_empty(), "{:?}", app.containers());
-    assert_eq!(app.via_nginx("noreload", "/").await.unwrap().0, 404);
+    let (status, page) = app.via_nginx("noreload", "/").await.unwrap();
+    assert_eq!(status, 502, "its status page says the deploy failed: {page}");
+    assert!(page.contains("noreload failed to deploy") && page.contains("/bin/false"), "{page}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_being_started_shows_its_step_then_why_it_failed_and_a_kill_forgets_it() {
+    let app = Arc::new(TestApp::start().await);
+    let launching = {
+        let app = Arc::clone(&app);
+        tokio::spawn(async move { app.launch(&[("image_name", "silent"), ("container_name", "hush")]).await.status() })
+    };
+    // `silent` never answers: its launch waits out its health_timeout of 2 s.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let starting = loop {
+        let (status, page) = app.via_nginx("hush", "/").await.unwrap();
+        if status == 503 {
+            break page;
+        }
+        assert!(Instant::now() < deadline && status == 404, "no status page while it starts: {status} {page}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(starting.starts_with("Starting hush…"), "{starting}");
+    assert_eq!(launching.await.unwrap().as_u16(), 504);
+    let (status, page) = app.via_nginx("hush", "/").await.unwrap();
+    assert_eq!(status, 502, "{page}");
+    assert!(page.starts_with("hush failed to deploy") && page.contains("did not answer"), "{page}");
+
+    let browser = reqwest::Client::builder()
+        .no_proxy()
+        .resolve(&app.host("hush"), ([127, 0, 0, 1], app.nginx_port).into())
+        .build()
+        .unwrap();
+    let html = browser
+        .get(format!("http://{}:{}/", app.host("hush"), app.nginx_port))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(html.headers()["content-type"], "text/html; charset=utf-8");
+    assert!(html.text().await.unwrap().contains("<h1>hush failed to deploy</h1>"));
+
+    assert_eq!(app.kill("hush").await.status(), 404, "nothing of it runs");
+    assert_eq!(app.via_nginx("hush", "/").await.unwrap().0, 404, "and its failure is forgotten");
+    assert_eq!(
+        app.via_nginx("nobody-here", "/").await.unwrap(),
+        (404, "No preview is running at this address.\n".to_owned())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

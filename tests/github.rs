@@ -107,7 +107,13 @@ async fn a_push_redeploys_the_new_head_without_a_failed_request_and_close_remove
     gh.comment_saying(2, "was removed").await;
     assert!(gh.app.containers().is_empty());
     assert!(!gh.app.vhost_path("hello-world-pr-2").exists());
-    assert_eq!(gh.app.via_nginx("hello-world-pr-2", "/").await.unwrap().0, 404);
+    let (status, page) = gh.app.via_nginx("hello-world-pr-2", "/").await.unwrap();
+    assert_eq!(status, 410, "its URL says it was removed: {page}");
+    assert!(
+        page.contains("the pull request is closed")
+            && page.contains("https://github.com/Codertocat/Hello-World/pull/2"),
+        "{page}"
+    );
     let last = gh.statuses(deployments[1].id);
     assert_eq!(last.last().map(String::as_str), Some("inactive"), "{last:?}");
 }
@@ -199,7 +205,7 @@ async fn forks_are_refused_unless_allowed_and_drafts_wait_for_review() {
     let (status, _) = gh.send_pr(PrEvent::new("converted_to_draft").number(3).draft(true)).await;
     assert_eq!(status, 202);
     gh.comment_saying(3, "was removed").await;
-    assert_eq!(gh.app.via_nginx("hello-world-pr-3", "/").await.unwrap().0, 404);
+    assert_eq!(gh.app.via_nginx("hello-world-pr-3", "/").await.unwrap().0, 410);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -639,7 +645,7 @@ async fn the_periodic_sync_repairs_missed_deliveries() {
     // PR 6 is closed, and its delivery is lost.
     gh.github.set_open_pulls(REPO, vec![pr(5)]);
     gh.comment_saying(6, "was removed").await;
-    assert_eq!(gh.app.via_nginx("hello-world-pr-6", "/").await.unwrap().0, 404);
+    assert_eq!(gh.app.via_nginx("hello-world-pr-6", "/").await.unwrap().0, 410);
     assert_eq!(gh.app.via_nginx("hello-world-pr-5", "/").await.unwrap().0, 200, "open pull requests keep theirs");
 }
 
@@ -930,4 +936,35 @@ async fn an_unknown_command_gets_the_list_of_commands_and_a_replayed_comment_is_
     let (status, answer) = gh.send_as("issue_comment", "replayed-delivery", &replayed, Some(SECRET)).await;
     assert_eq!((status, answer["status"].as_str()), (200, Some("duplicate")), "{answer}");
     assert_eq!(gh.app.get_json("/api/previews/hello-world-pr-2").await["status"], "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forks_pull_request_runs_only_the_head_commit_a_maintainer_approved() {
+    let gh = GitHubApp::start(&format!("    {REPO}:\n      image: demo\n      allow_forks: approve\n"), "").await;
+    gh.github.set_permission(REPO, "alice", "maintain");
+    gh.github.set_permission(REPO, "reader", "read");
+    let (status, body) = gh.send_pr(opened().fork(true)).await;
+    assert_eq!((status, body["desired"].as_str()), (202, Some("absent")), "{body}");
+    assert!(body["reason"].as_str().unwrap().contains("/preview approve"), "{body}");
+
+    let (id, _, _) = gh.comment(2, "reader", "/preview approve").await;
+    assert_eq!(gh.reactions_to(id).await, ["confused"], "a reader cannot approve");
+    assert!(gh.app.containers().is_empty());
+    let (id, _, _) = gh.late_comment(2, "alice", "/preview approve", Duration::from_secs(600)).await;
+    assert_eq!(gh.reactions_to(id).await, ["confused"], "an approval read ten minutes late");
+    gh.comment_saying(2, "more than 120 s old").await;
+
+    command(&gh, "approve").await;
+    gh.comment_saying(2, "is live at").await;
+    assert_eq!(gh.app.via_nginx("hello-world-pr-2", "/").await.unwrap().0, 200);
+
+    // A push to the fork is not approved: its preview goes, and the new commit does not run.
+    let pushed = "3333333333333333333333333333333333333333";
+    assert_eq!(gh.send_pr(PrEvent::new("synchronize").fork(true).sha(pushed)).await.0, 202);
+    gh.comment_saying(2, "its head commit runs once a maintainer comments `/preview approve`").await;
+    assert!(gh.app.containers().is_empty());
+    command(&gh, "approve").await;
+    gh.comment_saying(2, "Commit `3333333`").await;
+    let (_, env) = gh.app.via_nginx("hello-world-pr-2", "/cgi-bin/env").await.unwrap();
+    assert!(env.lines().any(|l| l == format!("PREVIEW_SHA={pushed}")), "{env}");
 }

@@ -26,6 +26,53 @@ pub struct GitHubConfig {
     pub sync_interval: Option<std::time::Duration>,
 }
 
+/// `allow_forks`: whether pull requests from forks (untrusted code) get previews.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(from = "RawForkPolicy")]
+pub enum ForkPolicy {
+    /// `false`: never.
+    #[default]
+    Refuse,
+    /// `true`: always.
+    Allow,
+    /// `approve`: a commit a maintainer approved with `/preview approve`, and no other.
+    Approve,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawForkPolicy {
+    Bool(bool),
+    Word(ApproveWord),
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum ApproveWord {
+    Approve,
+}
+
+impl From<RawForkPolicy> for ForkPolicy {
+    fn from(raw: RawForkPolicy) -> Self {
+        match raw {
+            RawForkPolicy::Bool(false) => Self::Refuse,
+            RawForkPolicy::Bool(true) => Self::Allow,
+            RawForkPolicy::Word(ApproveWord::Approve) => Self::Approve,
+        }
+    }
+}
+
+impl GitHubConfig {
+    /// Where pull requests are shown: github.com, or a GitHub Enterprise host
+    /// (`https://HOST/api/v3`).
+    pub fn web_url(&self) -> String {
+        match self.api_url.trim_end_matches('/').strip_suffix("/api/v3") {
+            Some(host) if host.starts_with("https://") || host.starts_with("http://") => host.to_owned(),
+            _ => "https://github.com".to_owned(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RepoConfig {
     /// `owner/name` as written in config.yml.
@@ -33,7 +80,7 @@ pub struct RepoConfig {
     pub image: ImageKey,
     pub name: NameTemplate,
     pub label: Option<String>,
-    pub allow_forks: bool,
+    pub allow_forks: ForkPolicy,
     pub skip_drafts: bool,
     pub image_tag: Option<NameTemplate>,
     /// Present: previews are built from the pull request's head commit, not run from `image`.
@@ -159,7 +206,7 @@ pub(super) struct RawRepo {
     #[serde(default)]
     label: Option<String>,
     #[serde(default)]
-    allow_forks: bool,
+    allow_forks: ForkPolicy,
     #[serde(default = "yes")]
     skip_drafts: bool,
     #[serde(default)]

@@ -29,6 +29,9 @@ pub struct Comment {
     #[serde(default)]
     pub body: String,
     pub user: User,
+    /// ISO 8601 in UTC.
+    #[serde(default)]
+    pub created_at: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -49,10 +52,12 @@ pub enum Command {
     Unpin,
     /// Update the sticky comment with the preview's state now.
     Status,
+    /// Run a fork's head commit (`allow_forks: approve`); a new push needs a new approval.
+    Approve,
 }
 
 impl Command {
-    pub const ALL: [Command; 7] = [
+    pub const ALL: [Command; 8] = [
         Command::Redeploy,
         Command::Destroy,
         Command::Wake,
@@ -60,6 +65,7 @@ impl Command {
         Command::Pin,
         Command::Unpin,
         Command::Status,
+        Command::Approve,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -71,6 +77,7 @@ impl Command {
             Self::Pin => "pin",
             Self::Unpin => "unpin",
             Self::Status => "status",
+            Self::Approve => "approve",
         }
     }
 }

@@ -11,9 +11,10 @@ use tokio_util::task::TaskTracker;
 
 use super::client::{ApiCallError, with_retries};
 use super::command::{Command, may_command};
-use super::event::Desired;
+use super::event::{Desired, from_fork};
 use super::feedback::{PullRequestKey, Step};
 use super::previews::PullRequestPreviews;
+use crate::config::github::ForkPolicy;
 use crate::lifecycle::{LifecycleError, PinnedBy, PreviewInfo, SleepReason};
 use crate::preview::{PreviewState, Slug};
 use crate::request::PullRequestOrigin;
@@ -26,10 +27,16 @@ pub struct CommandRequest {
     pub login: String,
     /// The command, or why the comment names none.
     pub command: Result<Command, String>,
+    /// When the comment was written (ISO 8601, from the signed payload).
+    pub created_at: String,
 }
 
 /// Past this, GitHub counts as unreachable for a permission or pull-request read.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// An approval binds to the head commit GitHub shows when previewd reads the pull request, so
+/// an approving comment older than this (previewd was down, or the delivery is late) is refused:
+/// a commit pushed since would be approved unseen.
+const APPROVAL_FRESHNESS: Duration = Duration::from_secs(120);
 
 impl PullRequestPreviews {
     /// Runs a command in the background.
@@ -114,6 +121,7 @@ impl PullRequestPreviews {
                     "@{} destroyed it with `/preview destroy`; push a commit or comment `/preview redeploy` to bring it back",
                     request.login
                 );
+                lifecycle.record_removal(&slug, &origin, &reason);
                 self.feedback.send(key.clone(), slug, Step::Removed { reason });
                 Ok(())
             }
@@ -134,6 +142,43 @@ impl PullRequestPreviews {
                 self.report(key, &slug).await
             }
             Command::Status => self.report(key, &slug).await.map_err(|_| gone(LifecycleError::NotFound(slug.clone()))),
+            Command::Approve => self.approve(request, &pr).await,
+        }
+    }
+
+    /// Approves the head commit of a fork's pull request, then deploys it.
+    async fn approve(&self, request: &CommandRequest, pr: &super::event::PullRequest) -> Result<(), String> {
+        let key = &request.key;
+        let repo = self.config.github.as_ref().and_then(|github| github.repo(&key.repo)).ok_or("not configured")?;
+        if repo.allow_forks != ForkPolicy::Approve {
+            return Err(format!(
+                "`/preview approve` is for pull requests from forks of a repository with `allow_forks: approve`; {} has `allow_forks: {}`",
+                key.repo,
+                repo.allow_forks == ForkPolicy::Allow
+            ));
+        }
+        if !from_fork(pr, repo) {
+            return Err("this pull request is not from a fork: its previews need no approval".to_owned());
+        }
+        if !fresh(&request.created_at, jiff::Timestamp::now()) {
+            return Err(format!(
+                "your comment is more than {} s old, and the pull request may have changed since; review its head commit and comment `/preview approve` again",
+                APPROVAL_FRESHNESS.as_secs()
+            ));
+        }
+        self.memory.approve(key, &pr.head.sha, &request.login);
+        tracing::info!(sha = %pr.head.sha, "fork commit approved");
+        let latest = self.state_of(key, pr).ok_or("this repository's previews cannot be named; see previewd's log")?;
+        match latest.desired {
+            Desired::Present(target) => {
+                self.make_present(latest.slug.clone(), target, key.clone(), false).await;
+                self.lifecycle
+                    .get(&latest.slug)
+                    .await
+                    .map(drop)
+                    .map_err(|_| "the approved commit did not deploy; the comment above says why".to_owned())
+            }
+            absent @ Desired::Absent(_) => Err(absent_reason(&absent)),
         }
     }
 
@@ -160,6 +205,13 @@ impl PullRequestPreviews {
             tracing::error!(error = %err, "cannot reply to the command's comment");
         }
     }
+}
+
+/// Whether a comment written at `created_at` is recent enough to approve with.
+fn fresh(created_at: &str, now: jiff::Timestamp) -> bool {
+    let Ok(written) = created_at.parse::<jiff::Timestamp>() else { return false };
+    let age = now.duration_since(written);
+    age <= jiff::SignedDuration::try_from(APPROVAL_FRESHNESS).unwrap_or_default()
 }
 
 async fn read<T>(call: impl Future<Output = Result<T, ApiCallError>>) -> Result<T, ApiCallError> {
@@ -189,4 +241,18 @@ pub fn describe(info: &PreviewInfo, now: i64) -> String {
         (None, None) => String::new(),
     };
     format!("{state}\n\nstatus: {}{commit}{keep}", info.status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_recent_comment_approves() {
+        let now: jiff::Timestamp = "2026-12-06T12:00:00Z".parse().unwrap();
+        assert!(fresh("2026-12-06T11:59:00Z", now));
+        assert!(!fresh("2026-12-06T11:50:00Z", now), "previewd read it ten minutes late");
+        assert!(!fresh("", now), "no time: not fresh");
+        assert!(!fresh("yesterday", now));
+    }
 }

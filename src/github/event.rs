@@ -7,6 +7,7 @@
 use serde::Deserialize;
 
 use crate::config::RepoConfig;
+use crate::config::github::ForkPolicy;
 use crate::config::github::PrContext;
 use crate::preview::Slug;
 
@@ -103,8 +104,9 @@ impl Target {
     }
 }
 
-/// The preview name of a pull request and whether its preview should exist.
-pub fn desired(pr: &PullRequest, repo: &RepoConfig) -> Result<(Slug, Desired), EventError> {
+/// The preview name of a pull request and whether its preview should exist. `approved`: the
+/// commit of it a maintainer approved with `/preview approve` (for `allow_forks: approve`).
+pub fn desired(pr: &PullRequest, repo: &RepoConfig, approved: Option<&str>) -> Result<(Slug, Desired), EventError> {
     if !is_commit(&pr.head.sha) {
         return Err(EventError::NotACommit(pr.head.sha.clone()));
     }
@@ -112,7 +114,7 @@ pub fn desired(pr: &PullRequest, repo: &RepoConfig) -> Result<(Slug, Desired), E
     let context = PrContext { owner, repo: name, number: pr.number, branch: &pr.head.git_ref, sha: &pr.head.sha };
     let slug =
         repo.name.slug(&context).map_err(|message| EventError::Name { repo: repo.full_name.clone(), message })?;
-    if let Some(reason) = ineligible(pr, repo) {
+    if let Some(reason) = ineligible(pr, repo, approved) {
         return Ok((slug, Desired::Absent(reason)));
     }
     let image_tag = match &repo.image_tag {
@@ -135,13 +137,25 @@ pub fn desired(pr: &PullRequest, repo: &RepoConfig) -> Result<(Slug, Desired), E
     Ok((slug, Desired::Present(target)))
 }
 
-/// Why a pull request gets no preview, if it gets none.
-fn ineligible(pr: &PullRequest, repo: &RepoConfig) -> Option<&'static str> {
-    let from_fork = pr.head.repo.as_ref().is_none_or(|head| !head.full_name.eq_ignore_ascii_case(&repo.full_name));
+/// Why a fork's pull request waits (`allow_forks: approve`).
+pub const AWAITS_APPROVAL: &str =
+    "the pull request comes from a fork: its head commit runs once a maintainer comments `/preview approve`";
+
+/// Whether a pull request comes from a fork (or from a deleted repository).
+pub fn from_fork(pr: &PullRequest, repo: &RepoConfig) -> bool {
+    pr.head.repo.as_ref().is_none_or(|head| !head.full_name.eq_ignore_ascii_case(&repo.full_name))
+}
+
+/// Why a pull request gets no preview, if it gets none. `approved`: the commit a maintainer
+/// approved, for a fork's.
+fn ineligible(pr: &PullRequest, repo: &RepoConfig, approved: Option<&str>) -> Option<&'static str> {
+    let from_fork = from_fork(pr, repo);
     if pr.state != "open" {
         Some("the pull request is closed")
-    } else if from_fork && !repo.allow_forks {
+    } else if from_fork && repo.allow_forks == ForkPolicy::Refuse {
         Some("the pull request comes from a fork, and allow_forks is off")
+    } else if from_fork && repo.allow_forks == ForkPolicy::Approve && approved != Some(pr.head.sha.as_str()) {
+        Some(AWAITS_APPROVAL)
     } else if pr.draft && repo.skip_drafts {
         Some("the pull request is a draft")
     } else if repo.label.as_ref().is_some_and(|gate| !pr.labels.iter().any(|l| l.name.eq_ignore_ascii_case(gate))) {
@@ -202,7 +216,7 @@ mod tests {
     #[test]
     fn the_opened_fixture_wants_a_preview_at_its_head_commit() {
         let event = fixture("pull_request.opened");
-        let (slug, desired) = desired(&event.pull_request, &repo("")).unwrap();
+        let (slug, desired) = desired(&event.pull_request, &repo(""), None).unwrap();
         assert_eq!(slug.as_ref(), "hello-world-pr-2");
         let Desired::Present(target) = desired else { panic!("{desired:?}") };
         assert_eq!(target.sha, "ec26c3e57ca3a959ca5aad62de7213c562f8c821");
@@ -213,7 +227,10 @@ mod tests {
     #[test]
     fn the_closed_fixture_wants_none() {
         let event = fixture("pull_request.closed");
-        assert_eq!(desired(&event.pull_request, &repo("")).unwrap().1, Desired::Absent("the pull request is closed"));
+        assert_eq!(
+            desired(&event.pull_request, &repo(""), None).unwrap().1,
+            Desired::Absent("the pull request is closed")
+        );
     }
 
     #[test]
@@ -221,26 +238,37 @@ mod tests {
         let base = fixture("pull_request.opened").pull_request;
         let mut fork = base.clone();
         fork.head.repo.as_mut().unwrap().full_name = "forker/Hello-World".into();
-        assert!(matches!(desired(&fork, &repo("")).unwrap().1, Desired::Absent(reason) if reason.contains("fork")));
-        assert!(matches!(desired(&fork, &repo("      allow_forks: true\n")).unwrap().1, Desired::Present(_)));
+        assert!(
+            matches!(desired(&fork, &repo(""), None).unwrap().1, Desired::Absent(reason) if reason.contains("fork"))
+        );
+        assert!(matches!(desired(&fork, &repo("      allow_forks: true\n"), None).unwrap().1, Desired::Present(_)));
+        let approving = repo("      allow_forks: approve\n");
+        assert_eq!(desired(&fork, &approving, None).unwrap().1, Desired::Absent(AWAITS_APPROVAL));
+        let older = "0000000000000000000000000000000000000000";
+        assert_eq!(desired(&fork, &approving, Some(older)).unwrap().1, Desired::Absent(AWAITS_APPROVAL), "a new push");
+        let head = fork.head.sha.clone();
+        assert!(matches!(desired(&fork, &approving, Some(&head)).unwrap().1, Desired::Present(_)));
+        assert!(matches!(desired(&base, &approving, None).unwrap().1, Desired::Present(_)), "not a fork");
 
         let mut draft = base.clone();
         draft.draft = true;
-        assert!(matches!(desired(&draft, &repo("")).unwrap().1, Desired::Absent(reason) if reason.contains("draft")));
-        assert!(matches!(desired(&draft, &repo("      skip_drafts: false\n")).unwrap().1, Desired::Present(_)));
+        assert!(
+            matches!(desired(&draft, &repo(""), None).unwrap().1, Desired::Absent(reason) if reason.contains("draft"))
+        );
+        assert!(matches!(desired(&draft, &repo("      skip_drafts: false\n"), None).unwrap().1, Desired::Present(_)));
 
         let gated = repo("      label: Staging\n");
-        assert!(matches!(desired(&base, &gated).unwrap().1, Desired::Absent(reason) if reason.contains("label")));
+        assert!(matches!(desired(&base, &gated, None).unwrap().1, Desired::Absent(reason) if reason.contains("label")));
         let mut labelled = base.clone();
         labelled.labels.push(Label { name: "staging".into() });
-        assert!(matches!(desired(&labelled, &gated).unwrap().1, Desired::Present(_)));
+        assert!(matches!(desired(&labelled, &gated, None).unwrap().1, Desired::Present(_)));
     }
 
     #[test]
     fn image_tag_templates_become_docker_tags() {
         let event = fixture("pull_request.opened");
         let (_, desired) =
-            desired(&event.pull_request, &repo("      image_tag: \"pr-{{ number }}-{{ sha }}\"\n")).unwrap();
+            desired(&event.pull_request, &repo("      image_tag: \"pr-{{ number }}-{{ sha }}\"\n"), None).unwrap();
         let Desired::Present(target) = desired else { panic!() };
         assert_eq!(target.image_tag.as_deref(), Some("pr-2-ec26c3e57ca3a959ca5aad62de7213c562f8c821"));
         let bad = desired_error("      image_tag: \"{{ branch }}/x\"\n");
@@ -248,14 +276,14 @@ mod tests {
     }
 
     fn desired_error(extra: &str) -> EventError {
-        desired(&fixture("pull_request.opened").pull_request, &repo(extra)).unwrap_err()
+        desired(&fixture("pull_request.opened").pull_request, &repo(extra), None).unwrap_err()
     }
 
     #[test]
     fn a_head_sha_that_is_no_commit_is_refused() {
         let mut pr = fixture("pull_request.opened").pull_request;
         pr.head.sha = "not-a-sha".into();
-        assert!(matches!(desired(&pr, &repo("")), Err(EventError::NotACommit(_))));
+        assert!(matches!(desired(&pr, &repo(""), None), Err(EventError::NotACommit(_))));
     }
 
     #[test]

@@ -41,6 +41,20 @@ pub struct Snapshot {
     /// Oldest first.
     pub deliveries: Vec<String>,
     pub pull_requests: Vec<Applied>,
+    /// Fork commits approved with `/preview approve` (absent from files of earlier previewd).
+    #[serde(default)]
+    pub approvals: Vec<Approval>,
+}
+
+/// A fork's commit a maintainer approved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    /// `owner/name`, lowercased.
+    pub repo: String,
+    pub number: u64,
+    pub sha: String,
+    /// The approver's login.
+    pub by: String,
 }
 
 /// The newest state applied to one pull request.
@@ -75,6 +89,8 @@ pub struct Memory {
     path: PathBuf,
     deliveries: DeliveryLog,
     applied: Mutex<HashMap<Key, String>>,
+    /// The approved commit (and approver) of each fork's pull request.
+    approvals: Mutex<HashMap<Key, (String, String)>>,
     /// Changed since the last write.
     dirty: AtomicBool,
     changed: Notify,
@@ -107,6 +123,13 @@ impl Memory {
             path,
             deliveries: DeliveryLog::from_ids(snapshot.deliveries),
             applied: Mutex::default(),
+            approvals: Mutex::new(
+                snapshot
+                    .approvals
+                    .into_iter()
+                    .map(|a| ((a.repo.to_ascii_lowercase(), a.number), (a.sha, a.by)))
+                    .collect(),
+            ),
             dirty: AtomicBool::new(false),
             changed: Notify::new(),
         };
@@ -142,6 +165,24 @@ impl Memory {
         }
     }
 
+    /// The commit of a fork's pull request a maintainer approved, if any.
+    pub fn approved(&self, pr: &PullRequestKey) -> Option<String> {
+        self.approvals.lock().unwrap_or_else(PoisonError::into_inner).get(&key(pr)).map(|(sha, _)| sha.clone())
+    }
+
+    /// Approves a commit of a fork's pull request (an earlier approval of it is replaced).
+    pub fn approve(&self, pr: &PullRequestKey, sha: &str, by: &str) {
+        let mut approvals = self.approvals.lock().unwrap_or_else(PoisonError::into_inner);
+        if approvals.len() >= MAX_PULL_REQUESTS
+            && let Some(any) = approvals.keys().next().cloned()
+        {
+            approvals.remove(&any);
+        }
+        approvals.insert(key(pr), (sha.to_owned(), by.to_owned()));
+        drop(approvals);
+        self.mark_changed();
+    }
+
     fn mark_changed(&self) {
         self.dirty.store(true, Ordering::SeqCst);
         self.changed.notify_one();
@@ -158,7 +199,18 @@ impl Memory {
             })
             .collect();
         pull_requests.sort_by(|a, b| (&a.repo, a.number).cmp(&(&b.repo, b.number)));
-        Snapshot { version: VERSION, deliveries: self.deliveries.ids(), pull_requests }
+        let approvals = self.approvals.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut approvals: Vec<Approval> = approvals
+            .iter()
+            .map(|((repo, number), (sha, by))| Approval {
+                repo: repo.clone(),
+                number: *number,
+                sha: sha.clone(),
+                by: by.clone(),
+            })
+            .collect();
+        approvals.sort_by(|a, b| (&a.repo, a.number).cmp(&(&b.repo, b.number)));
+        Snapshot { version: VERSION, deliveries: self.deliveries.ids(), pull_requests, approvals }
     }
 
     /// Writes the file after each change until `stop`, then once more if anything changed
@@ -226,15 +278,24 @@ mod tests {
         memory.first_delivery("d-1");
         memory.first_delivery("d-2");
         memory.set_applied(&pr("Codertocat/Hello-World", 2), "2019-05-15T15:21:18Z");
+        memory.approve(&pr("Codertocat/Hello-World", 3), "abc", "alice");
         let bytes = encode(&memory.snapshot());
         let text = String::from_utf8(bytes.clone()).unwrap();
         assert_eq!(
             text,
-            r#"{"version":1,"deliveries":["d-1","d-2"],"pull_requests":[{"repo":"codertocat/hello-world","number":2,"updated_at":"2019-05-15T15:21:18Z"}]}"#
+            r#"{"version":1,"deliveries":["d-1","d-2"],"pull_requests":[{"repo":"codertocat/hello-world","number":2,"updated_at":"2019-05-15T15:21:18Z"}],"approvals":[{"repo":"codertocat/hello-world","number":3,"sha":"abc","by":"alice"}]}"#
         );
         let back = Memory::from_snapshot(PathBuf::from("unused"), decode(&bytes).unwrap());
         assert!(!back.first_delivery("d-2"), "a delivery seen before the restart is a duplicate");
         assert_eq!(back.applied(&pr("codertocat/HELLO-world", 2)).as_deref(), Some("2019-05-15T15:21:18Z"));
+        assert_eq!(back.approved(&pr("codertocat/hello-world", 3)).as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn a_file_from_before_approvals_reads_as_none() {
+        let old = br#"{"version":1,"deliveries":["d-1"],"pull_requests":[]}"#;
+        let memory = Memory::from_snapshot(PathBuf::from("unused"), decode(old).unwrap());
+        assert_eq!(memory.approved(&pr("o/r", 1)), None);
     }
 
     #[test]

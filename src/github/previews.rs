@@ -246,7 +246,7 @@ impl PullRequestPreviews {
             tracing::error!("the repository is no longer in config.yml");
             return None;
         };
-        match desired(pr, repo) {
+        match desired(pr, repo, self.memory.approved(key).as_deref()) {
             Ok((slug, desired)) => {
                 Some(Latest { updated_at: pr.updated_at.clone(), slug, desired, source: Source::GitHub })
             }
@@ -366,8 +366,10 @@ impl PullRequestPreviews {
             };
             match event {
                 Ok(LifecycleEvent::RemovedByAge { slug, origin: Some(origin), after }) => {
+                    let reason = removed_by_age(after);
+                    self.lifecycle.record_removal(&slug, &origin, &reason);
                     let key = PullRequestKey { repo: origin.repo, number: origin.number };
-                    self.feedback.send(key, slug, Step::Removed { reason: removed_by_age(after) });
+                    self.feedback.send(key, slug, Step::Removed { reason });
                 }
                 Ok(LifecycleEvent::RemovedByAge { origin: None, .. }) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
@@ -384,7 +386,10 @@ impl PullRequestPreviews {
         }
         let origin = PullRequestOrigin { repo: key.repo.clone(), number: key.number, sha: String::new() };
         match self.lifecycle.kill_pull_request(&slug, &origin).await {
-            Ok(true) => self.feedback.send(key, slug, Step::Removed { reason: reason.to_owned() }),
+            Ok(true) => {
+                self.lifecycle.record_removal(&slug, &origin, reason);
+                self.feedback.send(key, slug, Step::Removed { reason: reason.to_owned() })
+            }
             Ok(false) => tracing::debug!(%slug, reason, "no preview of this pull request to remove"),
             Err(err) => tracing::error!(%slug, error = %err, "cannot remove the pull request's preview"),
         }

@@ -54,7 +54,8 @@ impl Sync {
             let mut open_numbers = BTreeSet::new();
             for pr in &open {
                 open_numbers.insert(pr.number);
-                match desired(pr, repo) {
+                let key = PullRequestKey { repo: repo.full_name.clone(), number: pr.number };
+                match desired(pr, repo, self.previews.memory.approved(&key).as_deref()) {
                     Ok((slug, state)) => self.apply(tasks, repo, pr.number, slug, state, &pr.updated_at),
                     Err(err) => {
                         tracing::warn!(repo = %repo.full_name, pr = pr.number, error = %err, "cannot sync a pull request")

@@ -244,11 +244,7 @@ fn status_class(status: PreviewState) -> &'static str {
 
 /// Where pull requests are shown: github.com, or a GitHub Enterprise host (`https://HOST/api/v3`).
 fn github_web_url(config: &Config) -> String {
-    let api = config.github.as_ref().map(|github| github.api_url.trim_end_matches('/'));
-    match api.and_then(|api| api.strip_suffix("/api/v3")) {
-        Some(host) if host.starts_with("https://") || host.starts_with("http://") => host.to_owned(),
-        _ => "https://github.com".to_owned(),
-    }
+    config.github.as_ref().map_or_else(|| "https://github.com".to_owned(), |github| github.web_url())
 }
 
 /// The API's address as a client would type it (the page replaces it with its own origin).

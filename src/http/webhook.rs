@@ -93,14 +93,14 @@ fn pull_request(
         tracing::info!(repo = %full_name, "ignoring a delivery for a repository that is not in config.yml");
         return Ok(ignored(&format!("repository {full_name} is not in config.yml")));
     };
-    let (slug, desired) = desired(&event.pull_request, repo)?;
+    let key = PullRequestKey { repo: repo.full_name.clone(), number: event.pull_request.number };
+    let (slug, desired) = desired(&event.pull_request, repo, service.memory.approved(&key).as_deref())?;
     if !service.memory.first_delivery(&delivery.delivery) {
         return Ok((
             "duplicate",
             answer(StatusCode::OK, json!({ "status": "duplicate", "delivery": delivery.delivery })),
         ));
     }
-    let key = PullRequestKey { repo: repo.full_name.clone(), number: event.pull_request.number };
     let updated_at = &event.pull_request.updated_at;
     if !service.previews.record(&key, slug.clone(), desired.clone(), updated_at, Source::Delivery) {
         tracing::info!(repo = %key.repo, pr = key.number, delivery = %delivery.delivery, "ignoring a delivery older than one already received");
@@ -152,8 +152,13 @@ fn issue_comment(
     let key = PullRequestKey { repo: repo.full_name.clone(), number: event.issue.number };
     let name = command.as_ref().map_or("unknown", |command| command.as_str());
     tracing::info!(repo = %key.repo, pr = key.number, command = name, login = %event.comment.user.login, delivery = %delivery.delivery, "pull request command accepted");
-    let request =
-        CommandRequest { key, comment_id: event.comment.id, login: event.comment.user.login.clone(), command };
+    let request = CommandRequest {
+        key,
+        comment_id: event.comment.id,
+        login: event.comment.user.login.clone(),
+        command,
+        created_at: event.comment.created_at.clone(),
+    };
     service.previews.schedule_command(request, &state.tasks);
     Ok(("accepted", answer(StatusCode::ACCEPTED, json!({ "status": "accepted", "command": name }))))
 }

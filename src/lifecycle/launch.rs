@@ -58,11 +58,23 @@ impl Lifecycle {
     #[tracing::instrument(skip_all, fields(slug = %request.name, image = %request.image))]
     pub async fn launch_built(
         &self,
+        request: LaunchRequest,
+        build: Option<BuildInput>,
+        events: Option<mpsc::UnboundedSender<ProgressEvent>>,
+    ) -> Result<PreviewInfo, LifecycleError> {
+        let slug = request.name.clone();
+        let result = self.deploy(request, build, events).await;
+        self.deploys.finish(&slug, result.as_ref().map(drop));
+        result
+    }
+
+    async fn deploy(
+        &self,
         mut request: LaunchRequest,
         build: Option<BuildInput>,
         events: Option<mpsc::UnboundedSender<ProgressEvent>>,
     ) -> Result<PreviewInfo, LifecycleError> {
-        let mut progress = Progress::new(events, Arc::clone(&self.metrics));
+        let mut progress = Progress::new(events, Arc::clone(&self.metrics)).shown_for(&self.deploys, &request.name);
         let claim = build.as_ref().map(|input| input.claim.clone());
         if let Some(input) = build {
             progress.step("build", "preparing the build context".to_owned());

@@ -43,6 +43,10 @@ impl Lifecycle {
     ) -> Result<(), LifecycleError> {
         let stopped_build = self.builds.cancel(slug);
         let mut result = self.remove_preview(slug, containers).await;
+        if matches!(result, Ok(()) | Err(LifecycleError::NotFound(_))) {
+            // A failed first deploy leaves no container, only its status page to clear.
+            self.deploys.forget(slug);
+        }
         if result.is_ok()
             && let Err(err) = self.forget_sleep(slug)
         {

@@ -78,6 +78,9 @@ struct Managed {
 pub struct Nginx {
     config: NginxConfig,
     managed: Option<Managed>,
+    /// previewd's status listener (see `crate::wake`): the managed nginx's default server passes
+    /// the hosts it has no vhost for there. `None`: it answers 404 itself.
+    status_port: Option<u16>,
 }
 
 impl Nginx {
@@ -86,7 +89,13 @@ impl Nginx {
             let prefix = state_dir.join("nginx");
             Managed { conf: prefix.join("nginx.conf"), error_log: prefix.join("error.log"), prefix }
         });
-        Self { config, managed }
+        Self { config, managed, status_port: None }
+    }
+
+    /// Hosts without a vhost go to previewd's status listener on this port (managed mode).
+    pub fn with_status_port(mut self, port: u16) -> Self {
+        self.status_port = Some(port);
+        self
     }
 
     pub fn is_managed(&self) -> bool {
@@ -152,7 +161,7 @@ impl Nginx {
         let Some(managed) = &self.managed else { return Ok(()) };
         let tmp = managed.prefix.join("tmp");
         std::fs::create_dir_all(&tmp).map_err(|err| io_error(&tmp, err))?;
-        let conf = main_conf(self.config.listen, sites_dir, managed, &self.config.pid_file);
+        let conf = main_conf(self.config.listen, sites_dir, managed, &self.config.pid_file, self.status_port);
         super::sites::write_atomic(&managed.conf, conf.as_bytes()).map_err(|err| io_error(&managed.conf, err))?;
         self.test().await?;
         if self.master_pid().is_some() {
@@ -255,15 +264,29 @@ fn io_error(path: &Path, err: std::io::Error) -> NginxError {
     NginxError::Io { path: path.to_owned(), message: err.to_string() }
 }
 
-/// The main config of the managed nginx: a default server that explains an unknown host, and
-/// the vhosts of the sites dir.
-fn main_conf(listen: std::net::SocketAddr, sites_dir: &Path, managed: &Managed, pid_file: &Path) -> String {
+/// The main config of the managed nginx: a default server for hosts without a vhost (passed to
+/// previewd's status listener, which explains a preview being built, failed or removed, or an
+/// unknown name; without one, a plain 404), and the vhosts of the sites dir.
+fn main_conf(
+    listen: std::net::SocketAddr,
+    sites_dir: &Path,
+    managed: &Managed,
+    pid_file: &Path,
+    status_port: Option<u16>,
+) -> String {
     let quote = |path: &Path| format!("\"{}\"", path.display().to_string().replace('\\', "\\\\").replace('"', "\\\""));
     let tmp = managed.prefix.join("tmp");
     let temp_paths: String = ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"]
         .iter()
         .map(|kind| format!("    {kind}_temp_path {};\n", quote(&tmp.join(kind))))
         .collect();
+    let answer = match status_port {
+        Some(port) => format!(
+            "location / {{\n            proxy_pass http://127.0.0.1:{port};\n            proxy_set_header Host $host;\n            \
+             proxy_read_timeout 60s;\n        }}"
+        ),
+        None => "return 404 \"No preview is running at this address.\\n\";".to_owned(),
+    };
     format!(
         r#"# Written by previewd at every start; do not edit.
 worker_processes auto;
@@ -281,7 +304,7 @@ http {{
         listen {listen} default_server;
         server_name _;
         default_type text/plain;
-        return 404 "No preview is running at this address.\n";
+        {answer}
     }}
     include {sites};
 }}
@@ -384,10 +407,15 @@ mod tests {
             Path::new("/s/a \"b\""),
             &managed,
             Path::new("/s/nginx/nginx.pid"),
+            None,
         );
         assert!(conf.contains(r#"include "/s/a \"b\"/*.conf";"#), "{conf}");
         assert!(conf.contains("listen 127.0.0.1:8080 default_server;"), "{conf}");
         assert!(conf.contains(r#"pid "/s/nginx/nginx.pid";"#), "{conf}");
+        assert!(conf.contains(r#"return 404 "No preview is running at this address.\n";"#), "{conf}");
+        let with_status =
+            main_conf("127.0.0.1:8080".parse().unwrap(), Path::new("/s"), &managed, Path::new("/p"), Some(4711));
+        assert!(with_status.contains("proxy_pass http://127.0.0.1:4711;") && !with_status.contains("return 404"));
     }
 
     #[test]

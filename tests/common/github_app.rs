@@ -153,6 +153,16 @@ impl GitHubApp {
         (id, status, answer)
     }
 
+    /// `comment`, delivered `late` after it was written.
+    pub async fn late_comment(&self, number: u64, login: &str, body: &str, late: Duration) -> (u64, u16, Value) {
+        let id = self.github.add_comment(REPO, number, login, body);
+        let mut event: Value = serde_json::from_slice(&comment_event(number, id, login, body)).unwrap();
+        let written = jiff::Timestamp::now() - jiff::SignedDuration::try_from(late).unwrap();
+        event["comment"]["created_at"] = Value::String(iso8601(written));
+        let (status, answer) = self.send("issue_comment", &serde_json::to_vec(&event).unwrap()).await;
+        (id, status, answer)
+    }
+
     /// Waits until the comment has a reaction; its reactions.
     pub async fn reactions_to(&self, comment_id: u64) -> Vec<String> {
         self.github
@@ -189,14 +199,19 @@ pub fn comment_event(number: u64, comment_id: u64, login: &str, body: &str) -> V
             "id": comment_id,
             "body": body,
             "user": { "login": login, "type": "User" },
-            "created_at": "2019-05-15T15:21:00Z",
-            "updated_at": "2019-05-15T15:21:00Z",
+            "created_at": iso8601(jiff::Timestamp::now()),
+            "updated_at": iso8601(jiff::Timestamp::now()),
             "author_association": "COLLABORATOR",
         },
         "repository": pr["repository"],
         "sender": { "login": login, "type": "User" },
     });
     serde_json::to_vec(&event).expect("a JSON value serialises")
+}
+
+/// As GitHub writes times: `2026-12-06T10:50:00Z`.
+fn iso8601(at: jiff::Timestamp) -> String {
+    at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 /// GETs of a preview through nginx, one after another, until stopped: what a redeploy must

@@ -52,7 +52,7 @@ impl Application {
             TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
         let template =
             VhostTemplate::load(&config.nginx.template, &config.trusted_proxies).map_err(anyhow::Error::msg)?;
-        if config.lifecycle.sleep_after.is_some() {
+        if config.lifecycle.follows_traffic() {
             template.check_traffic(&config.nginx.template).map_err(anyhow::Error::msg)?;
         }
         let traffic = crate::traffic::Traffic::start().await.context("cannot listen for nginx's request log")?;

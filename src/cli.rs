@@ -383,7 +383,7 @@ fn load(path: &Path) -> Result<Config, String> {
     let config = Config::load(path).map_err(|err| err.to_string())?;
     let template = VhostTemplate::load(&config.nginx.template, &config.trusted_proxies)
         .map_err(|err| format!("{}: nginx.template: {err}\n", path.display()))?;
-    if config.lifecycle.sleep_after.is_some() {
+    if config.lifecycle.follows_traffic() {
         template
             .check_traffic(&config.nginx.template)
             .map_err(|err| format!("{}: nginx.template: {err}\n", path.display()))?;

@@ -84,7 +84,7 @@ pub async fn run(config_path: &Path) -> Vec<Check> {
     let template = match VhostTemplate::load(&config.nginx.template, &config.trusted_proxies) {
         Ok(template) => {
             match template.check_traffic(&config.nginx.template) {
-                Err(err) if config.lifecycle.sleep_after.is_some() => checks.push(Check::fail("template", err)),
+                Err(err) if config.lifecycle.follows_traffic() => checks.push(Check::fail("template", err)),
                 _ => checks.push(Check::ok("template", format!("{} renders", config.nginx.template.display()))),
             }
             Some(template)

@@ -340,7 +340,12 @@ impl Lifecycle {
     pub async fn runs_commit(&self, slug: &Slug, sha: &str) -> bool {
         let _guard = self.locks.lock(slug).await;
         match self.get(slug).await {
-            Ok(info) => info.routed && info.status == PreviewState::Running && info.sha.as_deref() == Some(sha),
+            // A sleeping preview runs its commit too: a sync must not wake (redeploy) it.
+            Ok(info) => {
+                info.routed
+                    && matches!(info.status, PreviewState::Running | PreviewState::Asleep)
+                    && info.sha.as_deref() == Some(sha)
+            }
             Err(_) => false,
         }
     }

@@ -271,6 +271,29 @@ async fn past_max_awake_a_launch_puts_the_least_recently_used_preview_to_sleep()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_launches_at_once_do_not_take_the_same_room_under_max_awake() {
+    let app = capped_app("max_awake: 2").await;
+    for name in ["first", "second"] {
+        assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", name)]).await.status(), 200);
+    }
+    let (third, fourth) = tokio::join!(
+        app.launch(&[("image_name", "demo"), ("container_name", "third")]),
+        app.launch(&[("image_name", "demo"), ("container_name", "fourth")]),
+    );
+    assert_eq!((third.status().as_u16(), fourth.status().as_u16()), (200, 200));
+    let listed = app.get_json("/api/previews").await;
+    let awake: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["status"] == "running")
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(awake.len(), 2, "max_awake holds with launches at once: {awake:?}");
+    assert!(awake.contains(&"third") && awake.contains(&"fourth"), "{awake:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_launch_that_no_sleep_can_make_room_for_under_max_awake_memory_is_refused_with_429() {
     let app = capped_app("max_awake_memory: 100m").await;
     assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "small")]).await.status(), 200);
@@ -390,4 +413,41 @@ async fn when_quiet_hours_begin_awake_previews_sleep_and_a_request_still_wakes_o
     // Used since the period began: a sweep now leaves it to sleep_after.
     app.lifecycle.as_ref().unwrap().sweep(SystemTime::now()).await;
     assert_eq!(preview(&app, "night").await["status"], "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_previewd_has_no_record_of_gets_its_age_counted_from_when_previewd_first_sees_it() {
+    let mut app = app_with_lifecycle("  wake_timeout: 30s\n").await;
+    assert_eq!(app.launch(&[("image_name", "demo"), ("container_name", "veteran")]).await.status(), 200);
+    app.stop().await;
+    let created = preview_created(&app, "veteran");
+    // Older than remove_after by its deploy, and previewd has no record of its requests.
+    while SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() < created + 3 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!app.dir.path().join("state/last-requests.json").exists());
+    app.options_yaml = app.options_yaml.replace("lifecycle:\n", "lifecycle:\n  remove_after: 2\n");
+    app.boot().await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let found = preview(&app, "veteran").await;
+        assert_eq!(found["status"], "running", "removed as soon as previewd saw it: {found}");
+        if found["last_request"].as_i64().is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "its clock never started: {found}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The Unix seconds Docker says the preview's app container was created at.
+fn preview_created(app: &TestApp, name: &str) -> u64 {
+    let id = common::docker_ps(&format!("label=previewd.slug={name}"))
+        .into_iter()
+        .find(|line| line.contains(&app.instance))
+        .and_then(|line| line.split(' ').next().map(str::to_owned))
+        .expect("its container");
+    let created = common::docker_output(&["inspect", "--format", "{{.Created}}", &id]);
+    let created: jiff::Timestamp = created.trim().parse().unwrap();
+    created.as_second() as u64
 }

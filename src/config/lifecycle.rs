@@ -58,6 +58,12 @@ impl Default for LifecyclePolicy {
 }
 
 impl LifecyclePolicy {
+    /// Whether a setting needs to know each preview's requests (`{{ traffic }}` in the vhost
+    /// template): without them a busy preview would sleep or be removed as if unused.
+    pub fn follows_traffic(&self) -> bool {
+        self.sleep_after.is_some() || self.remove_after.is_some() || self.quiet_hours.is_some()
+    }
+
     /// How often previews are checked for idleness, age and quiet hours: often enough that one
     /// sleeps (or goes) within a tenth of `sleep_after` (`remove_after`) of its last request, at
     /// most every 10 s, at least every 100 ms; every 10 s for quiet hours alone.

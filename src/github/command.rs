@@ -99,6 +99,21 @@ pub fn command_of(body: &str) -> Option<Result<Command, String>> {
     }))
 }
 
+/// The word after the command (`/preview approve 1a2b3c4`: `1a2b3c4`), lowercased.
+pub fn argument_of(body: &str) -> Option<String> {
+    let first = body.trim_start().lines().next()?.trim();
+    let mut words = first.strip_prefix("/preview")?.split_whitespace();
+    words.next()?;
+    words.next().map(str::to_ascii_lowercase)
+}
+
+/// Whether `prefix` names commit `sha`: 7 to 40 hex digits it starts with.
+pub fn names_commit(prefix: &str, sha: &str) -> bool {
+    (7..=40).contains(&prefix.len())
+        && prefix.bytes().all(|b| b.is_ascii_hexdigit())
+        && sha.to_ascii_lowercase().starts_with(&prefix.to_ascii_lowercase())
+}
+
 /// Whether a permission GitHub reports (`admin`, `maintain`, `write`, `triage`, `read`,
 /// `none`) lets its holder command previews: write access or more.
 pub fn may_command(permission: &str) -> bool {
@@ -130,6 +145,17 @@ mod tests {
         let why = command_of("/preview deploy").unwrap().unwrap_err();
         assert!(why.contains("`/preview deploy`") && why.contains("`/preview redeploy`"), "{why}");
         assert!(command_of("/preview").unwrap().unwrap_err().contains("alone"));
+    }
+
+    #[test]
+    fn an_approval_may_name_the_commit_it_approves() {
+        assert_eq!(argument_of("/preview approve 1A2b3c4\nthanks"), Some("1a2b3c4".to_owned()));
+        assert_eq!(argument_of("/preview approve"), None);
+        let sha = "1a2b3c4d5e6f1a2b3c4d5e6f1a2b3c4d5e6f1a2b";
+        assert!(names_commit("1a2b3c4", sha) && names_commit(sha, sha));
+        assert!(!names_commit("1a2b3c", sha), "too short");
+        assert!(!names_commit("1a2b3c5", sha), "another commit");
+        assert!(!names_commit("zzzzzzz", sha));
     }
 
     #[test]

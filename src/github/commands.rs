@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio_util::task::TaskTracker;
 
 use super::client::{ApiCallError, with_retries};
-use super::command::{Command, may_command};
+use super::command::{Command, may_command, names_commit};
 use super::event::{Desired, from_fork};
 use super::feedback::{PullRequestKey, Step};
 use super::previews::PullRequestPreviews;
@@ -29,14 +29,19 @@ pub struct CommandRequest {
     pub command: Result<Command, String>,
     /// When the comment was written (ISO 8601, from the signed payload).
     pub created_at: String,
+    /// The word after the command (`/preview approve <commit>`).
+    pub argument: Option<String>,
 }
 
 /// Past this, GitHub counts as unreachable for a permission or pull-request read.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// An approval binds to the head commit GitHub shows when previewd reads the pull request, so
-/// an approving comment older than this (previewd was down, or the delivery is late) is refused:
-/// a commit pushed since would be approved unseen.
+/// An approval without a commit binds to the head commit GitHub shows when previewd reads the
+/// pull request, so an approving comment older than this (previewd was down, or the delivery is
+/// late) is refused: a commit pushed since would be approved unseen.
 const APPROVAL_FRESHNESS: Duration = Duration::from_secs(120);
+/// A command older than this is refused (previewd was down, or a captured delivery is sent
+/// again once its ids were forgotten): it may no longer be what its author wants.
+const COMMAND_FRESHNESS: Duration = Duration::from_secs(600);
 
 impl PullRequestPreviews {
     /// Runs a command in the background.
@@ -70,6 +75,12 @@ impl PullRequestPreviews {
             ));
         }
         let command = request.command.clone()?;
+        if !fresh(&request.created_at, jiff::Timestamp::now(), COMMAND_FRESHNESS) {
+            return Err(format!(
+                "your comment is more than {} minutes old, and previewd acts only on recent ones; comment again",
+                COMMAND_FRESHNESS.as_secs() / 60
+            ));
+        }
         let _order = self.order.lock(&request.key).await;
         self.apply_command(request, command).await
     }
@@ -98,12 +109,9 @@ impl PullRequestPreviews {
                     return Err(absent_reason(&desired));
                 };
                 lifecycle.forget_removal(&slug).map_err(|err| err.summary())?;
-                self.make_present(slug.clone(), target, key.clone(), true).await;
-                lifecycle
-                    .get(&slug)
+                self.make_present(slug.clone(), target, key.clone(), true)
                     .await
-                    .map(drop)
-                    .map_err(|_| "the redeploy failed; the comment above says why".to_owned())
+                    .map_err(|why| format!("the redeploy failed: {why}"))
             }
             Command::Destroy => {
                 let sha = match &desired {
@@ -160,23 +168,33 @@ impl PullRequestPreviews {
         if !from_fork(pr, repo) {
             return Err("this pull request is not from a fork: its previews need no approval".to_owned());
         }
-        if !fresh(&request.created_at, jiff::Timestamp::now()) {
-            return Err(format!(
-                "your comment is more than {} s old, and the pull request may have changed since; review its head commit and comment `/preview approve` again",
-                APPROVAL_FRESHNESS.as_secs()
-            ));
+        match &request.argument {
+            Some(commit) if !names_commit(commit, &pr.head.sha) => {
+                return Err(format!(
+                    "the head commit is `{}`, not `{commit}`: review it and approve it by name (`/preview approve {}`)",
+                    &pr.head.sha[..pr.head.sha.len().min(12)],
+                    &pr.head.sha[..pr.head.sha.len().min(12)]
+                ));
+            }
+            Some(_) => {}
+            None if !fresh(&request.created_at, jiff::Timestamp::now(), APPROVAL_FRESHNESS) => {
+                return Err(format!(
+                    "your comment is more than {} s old, and the pull request may have changed since; review its head commit and approve it by name (`/preview approve <commit>`)",
+                    APPROVAL_FRESHNESS.as_secs()
+                ));
+            }
+            None => {}
         }
         self.memory.approve(key, &pr.head.sha, &request.login);
         tracing::info!(sha = %pr.head.sha, "fork commit approved");
         let latest = self.state_of(key, pr).ok_or("this repository's previews cannot be named; see previewd's log")?;
         match latest.desired {
             Desired::Present(target) => {
-                self.make_present(latest.slug.clone(), target, key.clone(), false).await;
-                self.lifecycle
-                    .get(&latest.slug)
+                // An approval is a wish to see this commit, even one removed by age before.
+                self.lifecycle.forget_removal(&latest.slug).map_err(|err| err.summary())?;
+                self.make_present(latest.slug.clone(), target, key.clone(), false)
                     .await
-                    .map(drop)
-                    .map_err(|_| "the approved commit did not deploy; the comment above says why".to_owned())
+                    .map_err(|why| format!("the approved commit did not deploy: {why}"))
             }
             absent @ Desired::Absent(_) => Err(absent_reason(&absent)),
         }
@@ -207,11 +225,11 @@ impl PullRequestPreviews {
     }
 }
 
-/// Whether a comment written at `created_at` is recent enough to approve with.
-fn fresh(created_at: &str, now: jiff::Timestamp) -> bool {
+/// Whether a comment written at `created_at` is at most `within` old.
+fn fresh(created_at: &str, now: jiff::Timestamp, within: Duration) -> bool {
     let Ok(written) = created_at.parse::<jiff::Timestamp>() else { return false };
     let age = now.duration_since(written);
-    age <= jiff::SignedDuration::try_from(APPROVAL_FRESHNESS).unwrap_or_default()
+    age <= jiff::SignedDuration::try_from(within).unwrap_or_default()
 }
 
 async fn read<T>(call: impl Future<Output = Result<T, ApiCallError>>) -> Result<T, ApiCallError> {
@@ -250,9 +268,10 @@ mod tests {
     #[test]
     fn only_a_recent_comment_approves() {
         let now: jiff::Timestamp = "2026-12-06T12:00:00Z".parse().unwrap();
-        assert!(fresh("2026-12-06T11:59:00Z", now));
-        assert!(!fresh("2026-12-06T11:50:00Z", now), "previewd read it ten minutes late");
-        assert!(!fresh("", now), "no time: not fresh");
-        assert!(!fresh("yesterday", now));
+        assert!(fresh("2026-12-06T11:59:00Z", now, APPROVAL_FRESHNESS));
+        assert!(!fresh("2026-12-06T11:50:00Z", now, APPROVAL_FRESHNESS), "previewd read it ten minutes late");
+        assert!(fresh("2026-12-06T11:50:00Z", now, COMMAND_FRESHNESS));
+        assert!(!fresh("", now, COMMAND_FRESHNESS), "no time: not fresh");
+        assert!(!fresh("yesterday", now, COMMAND_FRESHNESS));
     }
 }

@@ -191,7 +191,10 @@ impl PullRequestPreviews {
         let Some(Latest { slug, desired, updated_at, .. }) = current else { return };
         self.memory.set_applied(&key, &updated_at);
         match desired {
-            Desired::Present(target) => self.make_present(slug, target, key, false).await,
+            Desired::Present(target) => {
+                // Its failure is on the pull request already.
+                self.make_present(slug, target, key, false).await.ok();
+            }
             Desired::Absent(reason) => self.make_absent(slug, reason, key).await,
         }
     }
@@ -258,20 +261,26 @@ impl PullRequestPreviews {
     }
 
     /// Runs the preview at the target commit; `again`: even when it runs it already (`/preview
-    /// redeploy`).
-    pub(super) async fn make_present(&self, slug: Slug, target: Target, key: PullRequestKey, again: bool) {
+    /// redeploy`). Why it does not run it, when the deploy failed.
+    pub(super) async fn make_present(
+        &self,
+        slug: Slug,
+        target: Target,
+        key: PullRequestKey,
+        again: bool,
+    ) -> Result<(), String> {
         if !again && self.lifecycle.runs_commit(&slug, &target.sha).await {
             tracing::info!(%slug, sha = %target.sha, "preview already runs the head commit");
-            self.follow_keep_awake_label(&slug, &target);
-            return;
+            self.follow_keep_awake_label(&slug, &target).await;
+            return Ok(());
         }
         if self.lifecycle.stays_removed(&slug, &target.sha) {
             tracing::info!(%slug, sha = %target.sha, "preview was removed by age or /preview destroy at this commit; a push or /preview redeploy brings it back");
-            return;
+            return Ok(());
         }
         let Some(request) = self.launch_request(&slug, &target) else {
             tracing::error!(repo = %target.repo, "the repository is no longer in config.yml");
-            return;
+            return Err("the repository is no longer in previewd's config.yml".to_owned());
         };
         self.feedback.send(key.clone(), slug.clone(), Step::Deploying { sha: target.sha.clone() });
         let build = self.config.github.as_ref().and_then(|github| github.repo(&target.repo)?.build.clone());
@@ -279,16 +288,16 @@ impl PullRequestPreviews {
             Some(build) => self.build_and_launch(request, build, &target).await,
             None => self.lifecycle.launch(request).await,
         };
-        let step = match result {
+        let (step, outcome) = match result {
             Ok(info) => {
-                self.follow_keep_awake_label(&slug, &target);
-                Step::Live { sha: target.sha, url: info.url }
+                self.follow_keep_awake_label(&slug, &target).await;
+                (Step::Live { sha: target.sha, url: info.url }, Ok(()))
             }
             Err(LifecycleError::Build(BuildFailure::Superseded | BuildFailure::Removed)) => {
                 // The newer commit's work (or the removal) reports on the pull request; this
                 // deployment ends with it.
                 tracing::info!(%slug, sha = %target.sha, "this build was stopped");
-                return;
+                return Err("the deploy was stopped by a newer commit or a removal".to_owned());
             }
             Err(err) => {
                 tracing::error!(%slug, error = %err, "pull request preview failed");
@@ -297,10 +306,12 @@ impl PullRequestPreviews {
                         self.config.dashboard_url.as_ref().map(|url| format!("{url}/api/previews/{slug}/build-log"))
                     })
                     .flatten();
-                Step::Failed { sha: target.sha, reason: err.summary(), log_url }
+                let reason = err.summary();
+                (Step::Failed { sha: target.sha, reason: reason.clone(), log_url }, Err(reason))
             }
         };
         self.feedback.send(key, slug, step);
+        outcome
     }
 
     /// Downloads the head commit's source from GitHub, then builds and launches it. A newer push
@@ -346,9 +357,9 @@ impl PullRequestPreviews {
     }
 
     /// Pins the preview while its pull request carries `lifecycle.keep_awake_label`.
-    fn follow_keep_awake_label(&self, slug: &Slug, target: &Target) {
+    async fn follow_keep_awake_label(&self, slug: &Slug, target: &Target) {
         let Some(label) = &self.config.lifecycle.keep_awake_label else { return };
-        if let Err(err) = self.lifecycle.follow_label(slug, label, target.has_label(label)) {
+        if let Err(err) = self.lifecycle.follow_label(slug, label, target.has_label(label)).await {
             tracing::warn!(%slug, error = %err, "cannot pin or unpin the preview for its label");
         }
     }

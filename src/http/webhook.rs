@@ -16,7 +16,7 @@ use serde_json::json;
 use super::AppState;
 use super::body::{declared_length, read_each};
 use super::error::ApiError;
-use crate::github::command::{IssueCommentEvent, command_of};
+use crate::github::command::{IssueCommentEvent, argument_of, command_of};
 use crate::github::commands::CommandRequest;
 use crate::github::event::{ACTIONS, Desired, PullRequestEvent, desired};
 use crate::github::feedback::PullRequestKey;
@@ -158,6 +158,7 @@ fn issue_comment(
         login: event.comment.user.login.clone(),
         command,
         created_at: event.comment.created_at.clone(),
+        argument: argument_of(&event.comment.body),
     };
     service.previews.schedule_command(request, &state.tasks);
     Ok(("accepted", answer(StatusCode::ACCEPTED, json!({ "status": "accepted", "command": name }))))

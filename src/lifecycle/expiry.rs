@@ -53,6 +53,15 @@ impl Lifecycle {
         let candidates: Vec<(Slug, Option<SystemTime>)> = previews
             .into_iter()
             .filter(|p| !self.is_pinned(&p.name) && !building.contains(&p.name) && !self.sleepers.is_waking(&p.name))
+            .filter(|p| {
+                // First seen now (previewd started without a record of it): its clock starts,
+                // rather than its age being counted from its deploy.
+                let seen = self.last_request(&p.name).is_some();
+                if !seen {
+                    self.touch(&p.name);
+                }
+                seen
+            })
             .map(|p| {
                 let used = last_use(self.last_request(&p.name), p.created);
                 (p.name, Some(used))
@@ -75,7 +84,11 @@ impl Lifecycle {
         let containers = self.runtime.list_slug(slug).await?;
         let Some(app) = containers.last() else { return Ok(false) };
         let used = last_use(self.last_request(slug), app.created);
-        if self.is_pinned(slug) || idle_previews(SystemTime::now(), &[(slug.clone(), Some(used))], after).is_empty() {
+        let busy = self.builds.statuses().iter().any(|build| &build.name == slug) || self.sleepers.is_waking(slug);
+        if busy
+            || self.is_pinned(slug)
+            || idle_previews(SystemTime::now(), &[(slug.clone(), Some(used))], after).is_empty()
+        {
             return Ok(false);
         }
         let origin = app.origin.clone();

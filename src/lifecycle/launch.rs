@@ -64,6 +64,7 @@ impl Lifecycle {
     ) -> Result<PreviewInfo, LifecycleError> {
         let slug = request.name.clone();
         let result = self.deploy(request, build, events).await;
+        self.sleepers.unreserve(&slug);
         self.deploys.finish(&slug, result.as_ref().map(drop));
         result
     }

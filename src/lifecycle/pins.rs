@@ -63,7 +63,12 @@ impl Lifecycle {
 
     /// Pins the preview of a pull request that carries `label`, and unpins it when the label is
     /// gone (a pin by hand stays).
-    pub fn follow_label(&self, slug: &Slug, label: &str, labelled: bool) -> Result<(), LifecycleError> {
+    pub async fn follow_label(&self, slug: &Slug, label: &str, labelled: bool) -> Result<(), LifecycleError> {
+        let _guard = self.locks.lock(slug).await;
+        if labelled && self.get(slug).await.is_err() {
+            // Removed meanwhile: nothing to pin.
+            return Ok(());
+        }
         match (self.pins.get(slug), labelled) {
             (None, true) => {
                 let by = PinnedBy::Label(label.to_owned());
@@ -82,6 +87,14 @@ impl Lifecycle {
 
     pub fn is_pinned(&self, slug: &Slug) -> bool {
         self.pins.contains(slug)
+    }
+
+    /// Forgets the pins of previews that have no container left (removed while previewd was
+    /// down, or by hand).
+    pub(super) fn forget_gone_pins(&self, previews: &std::collections::BTreeSet<Slug>) -> Result<(), LifecycleError> {
+        self.pins.retain(|slug, _| previews.contains(slug))?;
+        self.count_pins();
+        Ok(())
     }
 
     pub(super) fn count_pins(&self) {

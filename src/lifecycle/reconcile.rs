@@ -151,6 +151,7 @@ impl Lifecycle {
         let previews: BTreeSet<Slug> = all.into_iter().map(|c| c.slug).collect();
         self.remove_orphan_builds(&previews).await;
         self.sleepers.forget_gone(&previews)?;
+        self.forget_gone_pins(&previews)?;
         tracing::info!(
             routed = report.routed,
             removed_containers = report.removed_containers,

@@ -76,6 +76,10 @@ pub struct Sleepers {
     waking: Mutex<HashMap<Slug, watch::Receiver<WakeState>>>,
     /// Held while room is made for a launch or a wake (see `make_room`).
     room: tokio::sync::Mutex<()>,
+    /// Launches and wakes that were given room and do not run yet, with the memory they take:
+    /// counted as awake (and busy) by the next plans, so that two launches at once do not both
+    /// take the same room.
+    reserved: Mutex<HashMap<Slug, u64>>,
     /// The wake listener's port on 127.0.0.1 (0 until it listens).
     wake_port: AtomicU16,
 }
@@ -87,6 +91,7 @@ impl Sleepers {
             asleep: SlugFile::load(state_dir, "asleep.json"),
             waking: Mutex::default(),
             room: tokio::sync::Mutex::default(),
+            reserved: Mutex::default(),
             wake_port: AtomicU16::new(0),
         }
     }
@@ -115,6 +120,16 @@ impl Sleepers {
     /// down, or by hand).
     pub(super) fn forget_gone(&self, previews: &std::collections::BTreeSet<Slug>) -> Result<(), LifecycleError> {
         self.asleep.retain(|slug, _| previews.contains(slug))
+    }
+
+    /// The launch or wake of the preview given room ended: it runs (and counts as running) or
+    /// failed.
+    pub(super) fn unreserve(&self, slug: &Slug) {
+        self.reserved.lock().unwrap_or_else(PoisonError::into_inner).remove(slug);
+    }
+
+    fn reservations(&self) -> HashMap<Slug, u64> {
+        self.reserved.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Whether a wake of the preview is under way.
@@ -228,7 +243,7 @@ impl Lifecycle {
         unused: Unused,
     ) -> Result<bool, LifecycleError> {
         let _guard = self.locks.lock(slug).await;
-        if self.sleepers.is_asleep(slug) {
+        if self.sleepers.is_asleep(slug) || (reason != SleepReason::Manual && self.is_pinned(slug)) {
             return Ok(false);
         }
         let last = self.last_request(slug);
@@ -302,6 +317,12 @@ impl Lifecycle {
         if self.sleepers.is_asleep(slug) {
             self.make_room(slug, None).await?;
         }
+        let woken = self.wake_locked(slug, steps).await;
+        self.sleepers.unreserve(slug);
+        woken
+    }
+
+    async fn wake_locked(&self, slug: &Slug, steps: &watch::Sender<WakeState>) -> Result<u16, LifecycleError> {
         let _guard = self.locks.lock(slug).await;
         let members = self.runtime.list_slug_all(slug).await?;
         if !self.sleepers.is_asleep(slug) {
@@ -460,7 +481,10 @@ impl Lifecycle {
             let memory =
                 memory.or_else(|| previews.iter().find(|p| &p.name == slug).map(|p| memory_of(&p.image))).unwrap_or(0);
             let building: Vec<Slug> = self.builds.statuses().into_iter().map(|build| build.name).collect();
-            let awake: Vec<AwakePreview> = previews
+            let running = |name: &Slug| {
+                previews.iter().any(|p| &p.name == name && p.status == crate::preview::PreviewState::Running)
+            };
+            let mut awake: Vec<AwakePreview> = previews
                 .iter()
                 .filter(|p| p.status == crate::preview::PreviewState::Running && &p.name != slug)
                 .map(|p| AwakePreview {
@@ -470,6 +494,14 @@ impl Lifecycle {
                     busy: building.contains(&p.name) || self.sleepers.is_waking(&p.name) || self.is_pinned(&p.name),
                 })
                 .collect();
+            // Given room before and not running yet: awake soon, and not to be put to sleep.
+            awake.extend(
+                self.sleepers
+                    .reservations()
+                    .into_iter()
+                    .filter(|(name, _)| name != slug && !running(name))
+                    .map(|(name, memory)| AwakePreview { slug: name, last_request: None, memory, busy: true }),
+            );
             let victims =
                 room_for(&awake, memory, policy.max_awake, policy.max_awake_memory).map_err(LifecycleError::NoRoom)?;
             let mut all_slept = true;
@@ -479,6 +511,7 @@ impl Lifecycle {
                 all_slept &= self.sleep_unless_used(victim, SleepReason::Cap, Unused::Since(planned)).await?;
             }
             if all_slept {
+                self.sleepers.reserved.lock().unwrap_or_else(PoisonError::into_inner).insert(slug.clone(), memory);
                 return Ok(());
             }
         }

@@ -17,7 +17,10 @@ impl Lifecycle {
         self.sleep_for_quiet_hours(now).await;
         self.sleep_idle().await;
         self.remove_unused(now).await;
-        if let Err(err) = self.save_last_requests() {
+        let lifecycle = self.clone();
+        // Two fsyncs: not on a runtime thread.
+        let saved = tokio::task::spawn_blocking(move || lifecycle.save_last_requests()).await;
+        if let Ok(Err(err)) = saved {
             tracing::warn!(error = %err, "cannot save when previews were last used");
         }
     }

@@ -110,7 +110,8 @@ impl VhostTemplate {
         }
         Err(format!(
             "template {} does not use {{{{ traffic }}}}, so previewd would not see requests and lifecycle.sleep_after \
-             would put busy previews to sleep: put it inside the server block",
+             (and remove_after, quiet_hours) would put busy previews to sleep or remove them: put it inside the \
+             server block",
             path.display()
         ))
     }

@@ -139,11 +139,7 @@ async fn refuse_other_hosts(State(state): State<AppState>, request: Request, nex
 
 /// `Host` without its port is an IP address, or one of `allowed` (case-insensitive).
 fn host_allowed(host: &str, allowed: &[crate::preview::BaseDomain]) -> bool {
-    let name = match host.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-        _ => host,
-    };
-    let bare = name.trim_start_matches('[').trim_end_matches(']');
+    let bare = crate::preview::host_name(host);
     bare.parse::<std::net::IpAddr>().is_ok() || allowed.iter().any(|known| known.as_ref().eq_ignore_ascii_case(bare))
 }
 

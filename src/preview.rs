@@ -113,6 +113,22 @@ impl BaseDomain {
     pub fn host_for(&self, slug: &Slug) -> Host {
         Host(format!("{slug}.{}", self.0))
     }
+
+    /// The preview a host name (from a `Host` header, see [`host_name`]) is of, in any case;
+    /// `None` for any other name.
+    pub fn slug_of(&self, name: &str) -> Option<Slug> {
+        let label = name.to_ascii_lowercase().strip_suffix(&format!(".{}", self.0.to_ascii_lowercase()))?.to_owned();
+        Slug::parse(&label).ok()
+    }
+}
+
+/// The name in a `Host` header: without its `:port`, and an IPv6 address without brackets.
+pub fn host_name(header: &str) -> &str {
+    let name = match header.rsplit_once(':') {
+        Some((name, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => header,
+    };
+    name.trim_start_matches('[').trim_end_matches(']')
 }
 
 /// `<slug>.<base_domain>`: built only from a [`Slug`] and a [`BaseDomain`].
@@ -265,6 +281,19 @@ impl fmt::Display for PreviewState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_header_names_a_preview_in_any_case_with_or_without_a_port() {
+        let domain = BaseDomain::parse("preview.localhost").unwrap();
+        let slug = |header| domain.slug_of(host_name(header)).map(|s| s.to_string());
+        assert_eq!(slug("feature-x.preview.localhost:8080"), Some("feature-x".to_owned()));
+        assert_eq!(slug("Feature-X.Preview.Localhost"), Some("feature-x".to_owned()));
+        assert_eq!(slug("a.b.preview.localhost"), None);
+        assert_eq!(slug("preview.localhost"), None);
+        assert_eq!(host_name("[::1]:7800"), "::1");
+        assert_eq!(host_name("127.0.0.1:41234"), "127.0.0.1");
+        assert_eq!(host_name("example.com"), "example.com");
+    }
 
     #[test]
     fn slugify_turns_free_text_into_a_dns_label() {

@@ -117,7 +117,7 @@ async fn awake(state: &mut watch::Receiver<WakeState>) -> Result<u16, String> {
 /// Whether the request's `Host` is an address (nginx's route probe names the listener so).
 fn names_an_address(request: &Request) -> bool {
     let Some(host) = request.headers().get(header::HOST).and_then(|host| host.to_str().ok()) else { return false };
-    host.parse::<std::net::SocketAddr>().is_ok() || host.parse::<std::net::IpAddr>().is_ok()
+    crate::preview::host_name(host).parse::<std::net::IpAddr>().is_ok()
 }
 
 /// The status page of a preview that does not serve.
@@ -163,9 +163,7 @@ fn not_found(slug: &Slug, html: bool) -> Response {
 /// The preview a request is for, by its `Host` (nginx passes the client's on).
 fn preview_of(request: &Request, base_domain: &BaseDomain) -> Option<Slug> {
     let host = request.headers().get(header::HOST)?.to_str().ok()?;
-    let host = host.rsplit_once(':').filter(|(_, port)| port.parse::<u16>().is_ok()).map_or(host, |(name, _)| name);
-    let label = host.to_ascii_lowercase().strip_suffix(&format!(".{base_domain}"))?.to_owned();
-    Slug::parse(&label).ok()
+    base_domain.slug_of(crate::preview::host_name(host))
 }
 
 fn accepts_html(request: &Request) -> bool {

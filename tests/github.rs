@@ -805,9 +805,7 @@ async fn a_preview_unused_for_remove_after_is_removed_with_a_comment_and_a_push_
     assert!(gh.app.containers().is_empty());
     assert_eq!(gh.metric("previewd_removals_by_age_total").await, 1);
     // Three more syncs see the pull request open at the same commit, and leave it removed.
-    let lists = |github: &FakeGitHub| github.calls().iter().filter(|c| c.path.contains("/pulls?")).count();
-    let seen = lists(&gh.github);
-    gh.github.wait_for("two more syncs", WAIT, |github| (lists(github) >= seen + 3).then_some(())).await;
+    gh.wait_for_syncs(3).await;
     assert!(gh.app.containers().is_empty(), "the sync does not bring it back for the same commit");
 
     let pushed = "2222222222222222222222222222222222222222";
@@ -895,9 +893,7 @@ async fn preview_destroy_removes_it_until_a_redeploy_and_the_sync_leaves_it_remo
     command(&gh, "destroy").await;
     gh.comment_saying(2, "@alice destroyed it with `/preview destroy`").await;
     assert!(gh.app.containers().is_empty());
-    let lists = |github: &FakeGitHub| github.calls().iter().filter(|c| c.path.contains("/pulls?")).count();
-    let seen = lists(&gh.github);
-    gh.github.wait_for("three more syncs", WAIT, |github| (lists(github) >= seen + 3).then_some(())).await;
+    gh.wait_for_syncs(3).await;
     assert!(gh.app.containers().is_empty(), "the sync does not bring a destroyed preview back");
 
     command(&gh, "redeploy").await;
@@ -988,9 +984,7 @@ async fn a_sleeping_pull_request_preview_stays_asleep_across_syncs() {
         .await
         .unwrap();
     assert_eq!(slept.status(), 200);
-    let lists = |github: &FakeGitHub| github.calls().iter().filter(|c| c.path.contains("/pulls?")).count();
-    let seen = lists(&gh.github);
-    gh.github.wait_for("three more syncs", WAIT, |github| (lists(github) >= seen + 3).then_some(())).await;
+    gh.wait_for_syncs(3).await;
     let preview = gh.app.get_json("/api/previews/hello-world-pr-2").await;
     assert_eq!(preview["status"], "asleep", "a sync does not redeploy (wake) a preview at its head commit: {preview}");
     assert_eq!(gh.github.deployments(REPO).len(), 1, "no new deployment");

@@ -183,6 +183,13 @@ impl Memory {
         self.mark_changed();
     }
 
+    /// Forgets a pull request's approval (its preview went: closed, or another commit pushed).
+    pub fn forget_approval(&self, pr: &PullRequestKey) {
+        if self.approvals.lock().unwrap_or_else(PoisonError::into_inner).remove(&key(pr)).is_some() {
+            self.mark_changed();
+        }
+    }
+
     fn mark_changed(&self) {
         self.dirty.store(true, Ordering::SeqCst);
         self.changed.notify_one();
@@ -289,6 +296,14 @@ mod tests {
         assert!(!back.first_delivery("d-2"), "a delivery seen before the restart is a duplicate");
         assert_eq!(back.applied(&pr("codertocat/HELLO-world", 2)).as_deref(), Some("2019-05-15T15:21:18Z"));
         assert_eq!(back.approved(&pr("codertocat/hello-world", 3)).as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn a_forgotten_approval_is_gone() {
+        let memory = Memory::from_snapshot(PathBuf::from("unused"), Snapshot::default());
+        memory.approve(&pr("o/r", 1), "abc", "alice");
+        memory.forget_approval(&pr("O/R", 1));
+        assert_eq!(memory.approved(&pr("o/r", 1)), None);
     }
 
     #[test]

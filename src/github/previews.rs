@@ -392,6 +392,8 @@ impl PullRequestPreviews {
     }
 
     async fn make_absent(&self, slug: Slug, reason: &str, key: PullRequestKey) {
+        // A fork's approval was of a commit that no longer runs (closed, or another pushed).
+        self.memory.forget_approval(&key);
         if let Err(err) = self.lifecycle.forget_removal(&slug) {
             tracing::warn!(%slug, error = %err, "cannot forget that the preview was removed by age");
         }

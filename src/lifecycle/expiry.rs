@@ -42,14 +42,8 @@ impl Lifecycle {
     /// Removes the previews unused for `lifecycle.remove_after`; how many went.
     pub async fn remove_unused(&self, now: SystemTime) -> usize {
         let Some(after) = self.config.lifecycle.remove_after else { return 0 };
-        let previews = match self.list().await {
-            Ok(previews) => previews,
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot list previews to find unused ones");
-                return 0;
-            }
-        };
-        let building: Vec<Slug> = self.builds.statuses().into_iter().map(|build| build.name).collect();
+        let Some(previews) = self.list_for("find unused ones").await else { return 0 };
+        let building = self.building();
         let candidates: Vec<(Slug, Option<SystemTime>)> = previews
             .into_iter()
             .filter(|p| !self.is_pinned(&p.name) && !building.contains(&p.name) && !self.sleepers.is_waking(&p.name))

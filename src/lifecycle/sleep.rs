@@ -433,13 +433,7 @@ impl Lifecycle {
     /// Puts to sleep the previews idle for `lifecycle.sleep_after`; how many went.
     pub async fn sleep_idle(&self) -> usize {
         let Some(sleep_after) = self.config.lifecycle.sleep_after else { return 0 };
-        let previews = match self.list().await {
-            Ok(previews) => previews,
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot list previews to find idle ones");
-                return 0;
-            }
-        };
+        let Some(previews) = self.list_for("find idle ones").await else { return 0 };
         let awake: Vec<(Slug, Option<SystemTime>)> = previews
             .into_iter()
             .filter(|p| p.status == crate::preview::PreviewState::Running && !self.is_pinned(&p.name))
@@ -480,7 +474,7 @@ impl Lifecycle {
             }
             let memory =
                 memory.or_else(|| previews.iter().find(|p| &p.name == slug).map(|p| memory_of(&p.image))).unwrap_or(0);
-            let building: Vec<Slug> = self.builds.statuses().into_iter().map(|build| build.name).collect();
+            let building = self.building();
             let running = |name: &Slug| {
                 previews.iter().any(|p| &p.name == name && p.status == crate::preview::PreviewState::Running)
             };

@@ -30,14 +30,8 @@ impl Lifecycle {
     pub async fn sleep_for_quiet_hours(&self, now: SystemTime) -> usize {
         let Some(quiet) = &self.config.lifecycle.quiet_hours else { return 0 };
         let Some(since) = quiet_since(timestamp(now), quiet) else { return 0 };
-        let previews = match self.list().await {
-            Ok(previews) => previews,
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot list previews for the quiet hours");
-                return 0;
-            }
-        };
-        let building: Vec<Slug> = self.builds.statuses().into_iter().map(|build| build.name).collect();
+        let Some(previews) = self.list_for("find those to put to sleep for the quiet hours").await else { return 0 };
+        let building = self.building();
         let mut slept = 0;
         for preview in previews.iter().filter(|p| p.status == PreviewState::Running) {
             let slug = &preview.name;
@@ -52,6 +46,16 @@ impl Lifecycle {
             }
         }
         slept
+    }
+
+    /// Every preview, for a sweep's step (`what` it lists them for, when that fails).
+    pub(super) async fn list_for(&self, what: &str) -> Option<Vec<crate::lifecycle::PreviewInfo>> {
+        self.list().await.inspect_err(|err| tracing::warn!(error = %err, "cannot list previews to {what}")).ok()
+    }
+
+    /// The previews being built (queued, downloading or building).
+    pub(super) fn building(&self) -> Vec<Slug> {
+        self.builds.statuses().into_iter().map(|build| build.name).collect()
     }
 
     /// Writes the last requests when they changed since the last write.

@@ -163,6 +163,14 @@ impl GitHubApp {
         (id, status, answer)
     }
 
+    /// Waits until previewd has read the open pull requests `count` more times (periodic syncs).
+    pub async fn wait_for_syncs(&self, count: usize) {
+        let lists = |github: &FakeGitHub| github.calls().iter().filter(|c| c.path.contains("/pulls?")).count();
+        let seen = lists(&self.github);
+        let what = format!("{count} more syncs");
+        self.github.wait_for(&what, WAIT, |github| (lists(github) >= seen + count).then_some(())).await;
+    }
+
     /// Waits until the comment has a reaction; its reactions.
     pub async fn reactions_to(&self, comment_id: u64) -> Vec<String> {
         self.github

@@ -73,7 +73,6 @@ async fn handle(State(waker): State<Waker>, request: Request) -> Response {
         return not_found(&slug, html);
     }
     let mut state = waker.lifecycle.wake_shared(&slug);
-    // Not asleep: a request nginx sent here just before the route back to the app; held.
     if asleep && html {
         let current = state.borrow().clone();
         return match current {

@@ -114,6 +114,16 @@ pub fn names_commit(prefix: &str, sha: &str) -> bool {
         && sha.to_ascii_lowercase().starts_with(&prefix.to_ascii_lowercase())
 }
 
+/// Whether `login` is a GitHub login (letters, digits and single hyphens inside, at most 39):
+/// only such a name goes into an API path or a reply.
+pub fn is_login(login: &str) -> bool {
+    (1..=39).contains(&login.len())
+        && login.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !login.starts_with('-')
+        && !login.ends_with('-')
+        && !login.contains("--")
+}
+
 /// Whether a permission GitHub reports (`admin`, `maintain`, `write`, `triage`, `read`,
 /// `none`) lets its holder command previews: write access or more.
 pub fn may_command(permission: &str) -> bool {
@@ -156,6 +166,14 @@ mod tests {
         assert!(!names_commit("1a2b3c", sha), "too short");
         assert!(!names_commit("1a2b3c5", sha), "another commit");
         assert!(!names_commit("zzzzzzz", sha));
+    }
+
+    #[test]
+    fn only_githubs_logins_are_taken() {
+        assert!(is_login("octocat") && is_login("a-b1"));
+        for bad in ["", "-a", "a-", "a--b", "a/b", "../x", "a?b", &"a".repeat(40)] {
+            assert!(!is_login(bad), "{bad}");
+        }
     }
 
     #[test]

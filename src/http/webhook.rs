@@ -16,7 +16,7 @@ use serde_json::json;
 use super::AppState;
 use super::body::{declared_length, read_each};
 use super::error::ApiError;
-use crate::github::command::{IssueCommentEvent, argument_of, command_of};
+use crate::github::command::{IssueCommentEvent, argument_of, command_of, is_login};
 use crate::github::commands::CommandRequest;
 use crate::github::event::{ACTIONS, Desired, PullRequestEvent, desired};
 use crate::github::feedback::PullRequestKey;
@@ -142,6 +142,9 @@ fn issue_comment(
     let Some(command) = command_of(&event.comment.body) else {
         return Ok(ignored("the comment is not a /preview command"));
     };
+    if !is_login(&event.comment.user.login) {
+        return Err(ApiError::Body("issue_comment.comment.user.login is not a GitHub login".to_owned()));
+    }
     let comment_key = format!("comment-{}-{}", repo.full_name.to_ascii_lowercase(), event.comment.id);
     if !service.memory.first_delivery(&delivery.delivery) || !service.memory.first_delivery(&comment_key) {
         return Ok((

@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use tokio_util::task::TaskTracker;
 
-use super::client::{ApiCallError, with_retries};
+use super::client::with_retries;
 use super::command::{Command, may_command, names_commit};
 use super::event::{Desired, from_fork};
 use super::feedback::{PullRequestKey, Step};
-use super::previews::PullRequestPreviews;
+use super::previews::{PullRequestPreviews, within};
 use crate::config::github::ForkPolicy;
 use crate::lifecycle::{LifecycleError, PinnedBy, PreviewInfo, SleepReason};
 use crate::preview::{PreviewState, Slug};
@@ -33,7 +33,8 @@ pub struct CommandRequest {
     pub argument: Option<String>,
 }
 
-/// Past this, GitHub counts as unreachable for a permission or pull-request read.
+/// Past this, GitHub counts as unreachable for a permission read (the pull request's read has
+/// its own, see `previews`).
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// An approval without a commit binds to the head commit GitHub shows when previewd reads the
 /// pull request, so an approving comment older than this (previewd was down, or the delivery is
@@ -65,9 +66,10 @@ impl PullRequestPreviews {
 
     /// The command's outcome: done, or why not (for the reply).
     async fn authorized_outcome(&self, request: &CommandRequest) -> Result<(), String> {
-        let permission = read(self.api.permission(&request.key.repo, &request.login)).await.map_err(|err| {
-            format!("previewd cannot read your permission on {} from GitHub ({err}); try again", request.key.repo)
-        })?;
+        let permission =
+            within(READ_TIMEOUT, self.api.permission(&request.key.repo, &request.login)).await.map_err(|err| {
+                format!("previewd cannot read your permission on {} from GitHub ({err}); try again", request.key.repo)
+            })?;
         if !may_command(&permission) {
             return Err(format!(
                 "`/preview` commands need write access to {}; GitHub says you have `{permission}`",
@@ -87,7 +89,8 @@ impl PullRequestPreviews {
 
     async fn apply_command(&self, request: &CommandRequest, command: Command) -> Result<(), String> {
         let key = &request.key;
-        let pr = read(self.read_pull_once(key))
+        let pr = self
+            .read_pull_once(key)
             .await
             .map_err(|err| format!("previewd cannot read this pull request from GitHub ({err}); try again"))?;
         let latest = self.state_of(key, &pr).ok_or("this repository's previews cannot be named; see previewd's log")?;
@@ -230,12 +233,6 @@ fn fresh(created_at: &str, now: jiff::Timestamp, within: Duration) -> bool {
     let Ok(written) = created_at.parse::<jiff::Timestamp>() else { return false };
     let age = now.duration_since(written);
     age <= jiff::SignedDuration::try_from(within).unwrap_or_default()
-}
-
-async fn read<T>(call: impl Future<Output = Result<T, ApiCallError>>) -> Result<T, ApiCallError> {
-    tokio::time::timeout(READ_TIMEOUT, call)
-        .await
-        .unwrap_or_else(|_| Err(ApiCallError::Transport(format!("no answer within {} s", READ_TIMEOUT.as_secs()))))
 }
 
 fn absent_reason(desired: &Desired) -> String {

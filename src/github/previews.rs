@@ -239,8 +239,7 @@ impl PullRequestPreviews {
     }
 
     pub(super) async fn read_pull_once(&self, key: &PullRequestKey) -> Result<PullRequest, ApiCallError> {
-        let read = tokio::time::timeout(READ_TIMEOUT, self.api.pull(&key.repo, key.number)).await;
-        read.unwrap_or_else(|_| Err(ApiCallError::Transport(format!("no answer within {} s", READ_TIMEOUT.as_secs()))))
+        within(READ_TIMEOUT, self.api.pull(&key.repo, key.number)).await
     }
 
     /// GitHub's pull request through the same rule as a payload.
@@ -439,6 +438,16 @@ impl PullRequestPreviews {
             owner: None,
         })
     }
+}
+
+/// A call to GitHub, or an error when it gives no answer within `limit`.
+pub(super) async fn within<T>(
+    limit: Duration,
+    call: impl Future<Output = Result<T, ApiCallError>>,
+) -> Result<T, ApiCallError> {
+    tokio::time::timeout(limit, call)
+        .await
+        .unwrap_or_else(|_| Err(ApiCallError::Transport(format!("no answer within {} s", limit.as_secs()))))
 }
 
 /// The reason a pull request's comment gives for a removal by age.

@@ -96,10 +96,7 @@ fn pull_request(
     let key = PullRequestKey { repo: repo.full_name.clone(), number: event.pull_request.number };
     let (slug, desired) = desired(&event.pull_request, repo, service.memory.approved(&key).as_deref())?;
     if !service.memory.first_delivery(&delivery.delivery) {
-        return Ok((
-            "duplicate",
-            answer(StatusCode::OK, json!({ "status": "duplicate", "delivery": delivery.delivery })),
-        ));
+        return Ok(duplicate(&delivery.delivery));
     }
     let updated_at = &event.pull_request.updated_at;
     if !service.previews.record(&key, slug.clone(), desired.clone(), updated_at, Source::Delivery) {
@@ -147,10 +144,7 @@ fn issue_comment(
     }
     let comment_key = format!("comment-{}-{}", repo.full_name.to_ascii_lowercase(), event.comment.id);
     if !service.memory.first_delivery(&delivery.delivery) || !service.memory.first_delivery(&comment_key) {
-        return Ok((
-            "duplicate",
-            answer(StatusCode::OK, json!({ "status": "duplicate", "delivery": delivery.delivery })),
-        ));
+        return Ok(duplicate(&delivery.delivery));
     }
     let key = PullRequestKey { repo: repo.full_name.clone(), number: event.issue.number };
     let name = command.as_ref().map_or("unknown", |command| command.as_str());
@@ -165,6 +159,11 @@ fn issue_comment(
     };
     service.previews.schedule_command(request, &state.tasks);
     Ok(("accepted", answer(StatusCode::ACCEPTED, json!({ "status": "accepted", "command": name }))))
+}
+
+/// A delivery (or comment) acted on before: GitHub redelivers under the same id.
+fn duplicate(delivery: &str) -> (&'static str, Response) {
+    ("duplicate", answer(StatusCode::OK, json!({ "status": "duplicate", "delivery": delivery })))
 }
 
 fn ignored(reason: &str) -> (&'static str, Response) {

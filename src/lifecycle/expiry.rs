@@ -5,7 +5,7 @@
 //! commit, a push (a new commit) or `/preview redeploy` does. The removal is announced as a
 //! [`LifecycleEvent`] so that the pull request's comment can say so.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -34,7 +34,7 @@ pub struct Expired {
 
 /// The last use of a preview: its last request, or its deploy when that came later.
 pub fn last_use(last_request: Option<SystemTime>, created_unix: i64) -> SystemTime {
-    let deployed = UNIX_EPOCH + Duration::from_secs(u64::try_from(created_unix).unwrap_or(0));
+    let deployed = crate::clock::system_time(created_unix);
     last_request.map_or(deployed, |last| last.max(deployed))
 }
 
@@ -46,7 +46,7 @@ impl Lifecycle {
         let building = self.building();
         let candidates: Vec<(Slug, Option<SystemTime>)> = previews
             .into_iter()
-            .filter(|p| !self.is_pinned(&p.name) && !building.contains(&p.name) && !self.sleepers.is_waking(&p.name))
+            .filter(|p| !self.kept_awake(&p.name, &building))
             .filter(|p| {
                 // First seen now (previewd started without a record of it): its clock starts,
                 // rather than its age being counted from its deploy.
@@ -78,9 +78,7 @@ impl Lifecycle {
         let containers = self.runtime.list_slug(slug).await?;
         let Some(app) = containers.last() else { return Ok(false) };
         let used = last_use(self.last_request(slug), app.created);
-        let busy = self.builds.statuses().iter().any(|build| &build.name == slug) || self.sleepers.is_waking(slug);
-        if busy
-            || self.is_pinned(slug)
+        if self.kept_awake(slug, &self.building())
             || idle_previews(SystemTime::now(), &[(slug.clone(), Some(used))], after).is_empty()
         {
             return Ok(false);
@@ -140,6 +138,7 @@ impl Lifecycle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     #[test]
     fn a_preview_is_last_used_at_its_last_request_or_its_later_deploy() {

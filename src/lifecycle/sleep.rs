@@ -485,7 +485,7 @@ impl Lifecycle {
                     slug: p.name.clone(),
                     last_request: self.last_request(&p.name),
                     memory: memory_of(&p.image),
-                    busy: building.contains(&p.name) || self.sleepers.is_waking(&p.name) || self.is_pinned(&p.name),
+                    busy: self.kept_awake(&p.name, &building),
                 })
                 .collect();
             // Given room before and not running yet: awake soon, and not to be put to sleep.

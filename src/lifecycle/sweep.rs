@@ -36,8 +36,7 @@ impl Lifecycle {
         for preview in previews.iter().filter(|p| p.status == PreviewState::Running) {
             let slug = &preview.name;
             let last = self.last_request(slug);
-            let busy = self.is_pinned(slug) || building.contains(slug) || self.sleepers.is_waking(slug);
-            if busy || !sleeps_for_quiet(last, since) {
+            if self.kept_awake(slug, &building) || !sleeps_for_quiet(last, since) {
                 continue;
             }
             match self.sleep_unless_used(slug, SleepReason::QuietHours, Unused::Since(last)).await {
@@ -51,6 +50,12 @@ impl Lifecycle {
     /// Every preview, for a sweep's step (`what` it lists them for, when that fails).
     pub(super) async fn list_for(&self, what: &str) -> Option<Vec<crate::lifecycle::PreviewInfo>> {
         self.list().await.inspect_err(|err| tracing::warn!(error = %err, "cannot list previews to {what}")).ok()
+    }
+
+    /// Whether nothing automatic may put the preview to sleep or remove it: pinned, or busy
+    /// (among `building`, or being woken).
+    pub(super) fn kept_awake(&self, slug: &Slug, building: &[Slug]) -> bool {
+        self.is_pinned(slug) || building.contains(slug) || self.sleepers.is_waking(slug)
     }
 
     /// The previews being built (queued, downloading or building).

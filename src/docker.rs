@@ -3,7 +3,7 @@
 //! runs; nothing else is kept. No bollard type leaves this module and its children.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
@@ -31,18 +31,18 @@ use crate::runtime::{
 
 mod builds;
 mod environment;
-mod labels;
+pub(crate) mod labels;
 mod networks;
 use labels::*;
 
 /// What the container's log files may grow to (json-file rotation), so previews cannot fill the disk.
-const LOG_MAX_SIZE: &str = "10m";
-const LOG_MAX_FILES: &str = "3";
+pub(crate) const LOG_MAX_SIZE: &str = "10m";
+pub(crate) const LOG_MAX_FILES: &str = "3";
 /// `/tmp` of a read-only preview: writable, but no device files or set-uid programs.
 const READ_ONLY_TMPFS: &str = "rw,nosuid,nodev,size=256m";
 
 impl DockerError {
-    fn from_bollard(action: &'static str, err: BollardError) -> Self {
+    pub(crate) fn from_bollard(action: &'static str, err: BollardError) -> Self {
         match err {
             BollardError::DockerResponseServerError { message, .. } => Self::Api { action, message },
             BollardError::IOError { .. }
@@ -59,7 +59,7 @@ fn is_removal_in_progress(err: &BollardError) -> bool {
     matches!(err, BollardError::DockerResponseServerError { status_code: 409, message } if message.contains("already in progress"))
 }
 
-fn is_not_found(err: &BollardError) -> bool {
+pub(crate) fn is_not_found(err: &BollardError) -> bool {
     matches!(err, BollardError::DockerResponseServerError { status_code: 404, .. })
 }
 
@@ -74,6 +74,11 @@ pub struct DockerRuntime {
 }
 
 impl DockerRuntime {
+    /// The engine's API client, for the Swarm runtime that drives the same engine.
+    pub(crate) fn client(&self) -> &Docker {
+        &self.docker
+    }
+
     /// Connects to the local engine and agrees on an API version it speaks.
     pub async fn connect(instance: InstanceName) -> Result<Self, DockerError> {
         let docker = Docker::connect_with_local_defaults()
@@ -94,7 +99,7 @@ impl DockerRuntime {
     ) -> Result<CreatedContainer, DockerError> {
         let name = format!("previewd.{}.{slug}.{:08x}", self.instance, rand::random::<u32>());
         let id = self.create_container_named(name, body).await?;
-        Ok(CreatedContainer::new(id, reserved.port, reserved))
+        Ok(CreatedContainer::on_loopback(id, reserved.port, reserved))
     }
 
     /// Creates a container under `name`; its id.
@@ -272,13 +277,14 @@ impl Containers for DockerRuntime {
         self.create_named(plan.slug.as_ref(), body, reserved).await
     }
 
-    async fn start(&self, container: &CreatedContainer) -> Result<(), DockerError> {
+    async fn start(&self, container: &CreatedContainer) -> Result<SocketAddr, DockerError> {
         self.docker.start_container(&container.id, None).await.map_err(|err| match err {
             BollardError::DockerResponseServerError { message, .. } if is_port_conflict(&message) => {
                 DockerError::PortInUse { port: container.host_port, message }
             }
             other => DockerError::from_bollard("start the container", other),
-        })
+        })?;
+        Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, container.host_port)))
     }
 
     /// A new container like `id` (same image, command, environment, labels and limits) on
@@ -356,9 +362,8 @@ impl Containers for DockerRuntime {
         Ok(inspect.image.unwrap_or_default())
     }
 
-    /// Stops a running container (`grace` for its app to exit on SIGTERM) and starts it again,
-    /// with the same port.
-    async fn published_port(&self, id: &str) -> Result<Option<u16>, DockerError> {
+    /// A stopped app container, to start again on the 127.0.0.1 port it publishes.
+    async fn stopped_app(&self, id: &str) -> Result<Option<CreatedContainer>, DockerError> {
         let inspect = match self.docker.inspect_container(id, None).await {
             Ok(inspect) => inspect,
             Err(err) if is_not_found(&err) => return Ok(None),
@@ -370,7 +375,7 @@ impl Containers for DockerRuntime {
         let port = bindings
             .get(&format!("{container_port}/tcp"))
             .and_then(|binding| binding.as_ref()?.first()?.host_port.as_deref()?.parse().ok());
-        Ok(port)
+        Ok(port.map(|port| CreatedContainer::on_loopback(id.to_owned(), port, ())))
     }
 
     async fn stop(&self, id: &str, grace: std::time::Duration) -> Result<(), DockerError> {
@@ -386,6 +391,8 @@ impl Containers for DockerRuntime {
         }
     }
 
+    /// Stops a running container (`grace` for its app to exit on SIGTERM) and starts it again,
+    /// with the same port.
     async fn restart(&self, id: &str, grace: std::time::Duration) -> Result<(), DockerError> {
         let options = bollard::query_parameters::RestartContainerOptions {
             t: Some(i32::try_from(grace.as_secs()).unwrap_or(i32::MAX)),
@@ -506,14 +513,15 @@ fn managed_container(summary: ContainerSummary) -> Option<ManagedContainer> {
         .unwrap_or(u128::try_from(created).unwrap_or_default() * 1_000_000_000);
     let state = preview_state(summary.state);
     let running = state == PreviewState::Running;
-    let host_port = summary
+    let upstream = summary
         .ports
         .unwrap_or_default()
         .into_iter()
         .filter(|port| Some(port.private_port) == container_port)
         .find(|port| port.ip.as_deref() == Some("127.0.0.1"))
         .and_then(|port| port.public_port)
-        .filter(|_| running);
+        .filter(|_| running)
+        .map(|port| SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
     let origin =
         match (labels.get(LABEL_REPO), labels.get(LABEL_PR).and_then(|n| n.parse().ok()), labels.get(LABEL_SHA)) {
             (Some(repo), Some(number), Some(sha)) => {
@@ -529,7 +537,7 @@ fn managed_container(summary: ContainerSummary) -> Option<ManagedContainer> {
         slug,
         image,
         state,
-        host_port,
+        upstream,
         created,
         created_ns,
         origin,
@@ -675,12 +683,12 @@ fn is_kept_running(host_config: &HostConfig) -> bool {
     host_config.restart_policy.as_ref().and_then(|p| p.name) == Some(RestartPolicyNameEnum::UNLESS_STOPPED)
 }
 
-fn unix_nanos() -> u128 {
+pub(crate) fn unix_nanos() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
 }
 
 /// The image's `cap_add` and any `CapAdd` of its create params: both survive `CapDrop: ALL`.
-fn capabilities(spec: &ImageSpec) -> Vec<String> {
+pub(crate) fn capabilities(spec: &ImageSpec) -> Vec<String> {
     let mut caps: Vec<String> = spec.cap_add.iter().map(ToString::to_string).collect();
     let user = spec.container_create_params.get("HostConfig").and_then(|host| host.get("CapAdd"));
     for cap in user.and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {

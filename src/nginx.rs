@@ -121,16 +121,16 @@ impl Router {
         RouteTicket { router: self.clone(), open: true }
     }
 
-    /// Routes `<slug>.<base_domain>` to `127.0.0.1:<host_port>`; returns once nginx serves it,
-    /// with the workers still finishing requests under the old route.
-    pub async fn route(&self, slug: &Slug, host_port: u16) -> Result<Drain, NginxError> {
-        let content = self.inner.render(slug, host_port)?;
+    /// Routes `<slug>.<base_domain>` to `upstream`; returns once nginx serves it, with the
+    /// workers still finishing requests under the old route.
+    pub async fn route(&self, slug: &Slug, upstream: SocketAddr) -> Result<Drain, NginxError> {
+        let content = self.inner.render(slug, upstream)?;
         self.submit(vec![(slug.clone(), Some(content))]).await
     }
 
     /// Routes a preview like `route`, unless its vhost already says exactly that.
-    pub async fn route_if_changed(&self, slug: &Slug, host_port: u16) -> Result<bool, NginxError> {
-        let content = self.inner.render(slug, host_port)?;
+    pub async fn route_if_changed(&self, slug: &Slug, upstream: SocketAddr) -> Result<bool, NginxError> {
+        let content = self.inner.render(slug, upstream)?;
         let current = self.inner.sites.read(slug).map_err(|err| self.inner.io_error(err))?;
         if current.as_deref() == Some(content.as_str()) {
             return Ok(false);
@@ -138,14 +138,14 @@ impl Router {
         self.submit(vec![(slug.clone(), Some(content))]).await.map(|_| true)
     }
 
-    /// Proves that nginx serves the preview's host from its vhost, routed to `upstream_port`:
-    /// a probe through nginx itself (see [`reach`]). When it does not, the error says why.
-    pub async fn check_served(&self, slug: &Slug, upstream_port: u16) -> Result<(), NginxError> {
-        let vhost = self.inner.render(slug, upstream_port)?;
+    /// Proves that nginx serves the preview's host from its vhost, routed to `upstream`: a
+    /// probe through nginx itself (see [`reach`]). When it does not, the error says why.
+    pub async fn check_served(&self, slug: &Slug, upstream: SocketAddr) -> Result<(), NginxError> {
+        let vhost = self.inner.render(slug, upstream)?;
         let host = self.inner.base_domain.host_for(slug).to_string();
         let addr = reach::connect_addr(self.inner.listen);
         let answer = reach::probe(addr, &host, reach::listens_tls(&vhost)).await;
-        if answer.reached(&vhost::upstream(upstream_port)) {
+        if answer.reached(&upstream.to_string()) {
             return Ok(());
         }
         let dump = self.inner.nginx.dump().await.unwrap_or_else(|err| {
@@ -176,7 +176,7 @@ impl Router {
     /// Makes the sites dir hold exactly these routes (re-rendered), deleting every other vhost
     /// and temp file of this instance, with one reload. Each preview is its own change, so one
     /// that nginx rejects fails alone.
-    pub async fn sync(&self, routes: &BTreeMap<Slug, u16>) -> Result<SyncOutcome, NginxError> {
+    pub async fn sync(&self, routes: &BTreeMap<Slug, SocketAddr>) -> Result<SyncOutcome, NginxError> {
         let inner = Arc::clone(&self.inner);
         let existing = tokio::task::spawn_blocking(move || {
             inner.sites.remove_temp_files()?;
@@ -189,8 +189,8 @@ impl Router {
         let mut changes: Vec<Change> =
             existing.into_iter().filter(|slug| !routes.contains_key(slug)).map(|slug| (slug, None)).collect();
         let orphans = changes.len();
-        for (slug, port) in routes {
-            match self.inner.render(slug, *port) {
+        for (slug, upstream) in routes {
+            match self.inner.render(slug, *upstream) {
                 Ok(content) => changes.push((slug.clone(), Some(content))),
                 Err(err) => failures.push((slug.clone(), err)),
             }
@@ -235,9 +235,9 @@ pub struct RouteTicket {
 }
 
 impl RouteTicket {
-    pub async fn route(mut self, slug: &Slug, host_port: u16) -> Result<Drain, NginxError> {
+    pub async fn route(mut self, slug: &Slug, upstream: SocketAddr) -> Result<Drain, NginxError> {
         self.close();
-        self.router.route(slug, host_port).await
+        self.router.route(slug, upstream).await
     }
 
     fn close(&mut self) {
@@ -255,9 +255,9 @@ impl Drop for RouteTicket {
 }
 
 impl Inner {
-    fn render(&self, slug: &Slug, upstream_port: u16) -> Result<String, NginxError> {
+    fn render(&self, slug: &Slug, upstream: SocketAddr) -> Result<String, NginxError> {
         let host = self.base_domain.host_for(slug);
-        let mut vhost = Vhost::new(&self.instance, slug, &host, self.listen, upstream_port);
+        let mut vhost = Vhost::new(&self.instance, slug, &host, self.listen, upstream);
         if let Some(traffic) = &self.traffic {
             vhost.traffic = traffic.directive(slug);
         }

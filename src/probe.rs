@@ -1,6 +1,7 @@
 //! Asks an app whether it answers HTTP. Any response counts, whatever its status; a bare TCP
 //! connect does not, because Docker's port proxy accepts connections before the app listens.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -21,9 +22,9 @@ impl Prober {
         Self { client }
     }
 
-    /// True when `http://127.0.0.1:<port><path>` gives any HTTP response.
-    pub async fn answers(&self, port: u16, path: &str) -> bool {
-        let url = format!("http://127.0.0.1:{port}{path}");
+    /// True when `http://<upstream><path>` gives any HTTP response.
+    pub async fn answers(&self, upstream: SocketAddr, path: &str) -> bool {
+        let url = format!("http://{upstream}{path}");
         self.client.get(url).send().await.is_ok()
     }
 }
@@ -49,7 +50,7 @@ mod tests {
             let _ = tokio::io::AsyncReadExt::read(&mut socket, &mut buf).await;
             socket.write_all(b"HTTP/1.1 500 Oops\r\ncontent-length: 0\r\n\r\n").await.unwrap();
         });
-        assert!(Prober::new().answers(port, "/").await);
+        assert!(Prober::new().answers(([127, 0, 0, 1], port).into(), "/").await);
     }
 
     #[tokio::test]
@@ -60,6 +61,6 @@ mod tests {
             let (socket, _) = listener.accept().await.unwrap();
             drop(socket);
         });
-        assert!(!Prober::new().answers(port, "/").await);
+        assert!(!Prober::new().answers(([127, 0, 0, 1], port).into(), "/").await);
     }
 }

@@ -11,7 +11,7 @@
 //! [`Runtime`] is all five.
 
 use std::any::Any;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -55,11 +55,13 @@ pub trait Engine: Send + Sync {
 /// removal, listing by labels, the engine's events.
 #[async_trait]
 pub trait Containers: Send + Sync {
-    /// Creates an app container to be published on a free loopback port, chosen here rather
-    /// than by the engine at start so that nginx can be routed to it while it starts.
+    /// Creates an app container to be published on a free port, chosen here rather than by
+    /// the engine at start so that nginx can be routed to it while it starts (when the engine
+    /// knows the address before the start: see [`CreatedContainer::upstream`]).
     async fn create(&self, plan: ContainerPlan<'_>) -> Result<CreatedContainer, DockerError>;
 
-    async fn start(&self, container: &CreatedContainer) -> Result<(), DockerError>;
+    /// Starts the container; the address nginx reaches it at.
+    async fn start(&self, container: &CreatedContainer) -> Result<SocketAddr, DockerError>;
 
     /// A new container like `id` (same image, command, environment, labels and limits) on
     /// another free port, for a preview that was up and that the engine could not start again
@@ -82,9 +84,9 @@ pub trait Containers: Send + Sync {
     /// built, not `images.<key>.image`), which no tag moved since.
     async fn container_image(&self, id: &str) -> Result<String, DockerError>;
 
-    /// The 127.0.0.1 port an app container publishes its routed port on, kept while it is
-    /// stopped; `None` when it has none or is gone.
-    async fn published_port(&self, id: &str) -> Result<Option<u16>, DockerError>;
+    /// A stopped app container, to be started again on the port it publishes its routed port
+    /// on (kept while it is stopped); `None` when it has none or is gone.
+    async fn stopped_app(&self, id: &str) -> Result<Option<CreatedContainer>, DockerError>;
 
     /// Stops a container (`grace` for it to exit on SIGTERM, then killed); it stays, stopped,
     /// and the engine does not start it again by itself. One already stopped or gone is left.
@@ -336,8 +338,9 @@ pub struct ManagedContainer {
     pub slug: Slug,
     pub image: ImageKey,
     pub state: PreviewState,
-    /// The 127.0.0.1 port Docker published for the routed container port, while running.
-    pub host_port: Option<u16>,
+    /// Where nginx reaches the routed container port, while running: 127.0.0.1 and the port
+    /// previewd published it on, or on a Swarm the address of the task's node.
+    pub upstream: Option<SocketAddr>,
     /// Unix seconds.
     pub created: i64,
     /// Unix nanoseconds, for ordering.
@@ -378,18 +381,28 @@ pub struct ContainerPlan<'a> {
     pub network: Option<&'a str>,
 }
 
-/// A container just created, and the loopback port it will be published on once started.
+/// A container just created, and the port it will be published on once started.
 pub struct CreatedContainer {
     pub id: String,
     pub host_port: u16,
+    /// Where nginx will reach it, when that is known before the start (on one engine:
+    /// 127.0.0.1); `None` on a Swarm, whose scheduler picks the node at the start.
+    pub upstream: Option<SocketAddr>,
     /// Keeps other launches off the port until the container has bound it (the engine's own
     /// reservation, dropped with this).
     _hold: Box<dyn Any + Send + Sync>,
 }
 
 impl CreatedContainer {
-    pub fn new(id: String, host_port: u16, hold: impl Any + Send + Sync) -> Self {
-        Self { id, host_port, _hold: Box::new(hold) }
+    /// A container published on 127.0.0.1:`host_port`.
+    pub fn on_loopback(id: String, host_port: u16, hold: impl Any + Send + Sync) -> Self {
+        let upstream = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, host_port)));
+        Self { id, host_port, upstream, _hold: Box::new(hold) }
+    }
+
+    /// A container published on `host_port` of whichever node the engine will place it on.
+    pub fn placed_at_start(id: String, host_port: u16, hold: impl Any + Send + Sync) -> Self {
+        Self { id, host_port, upstream: None, _hold: Box::new(hold) }
     }
 }
 

@@ -16,6 +16,7 @@
 //! Requests for hosts that are not previews get 404, except nginx's route probe, which names the
 //! listener itself by address (200).
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -76,7 +77,7 @@ async fn handle(State(waker): State<Waker>, request: Request) -> Response {
     if asleep && html {
         let current = state.borrow().clone();
         return match current {
-            WakeState::Awake(port) => proxy(port, request).await,
+            WakeState::Awake(upstream) => proxy(upstream, request).await,
             WakeState::Waking(step) => waking_page(&slug, step),
             WakeState::Failed(why) => page(StatusCode::BAD_GATEWAY, &format!("{slug} did not wake up"), &why, false),
         };
@@ -94,18 +95,18 @@ async fn handle(State(waker): State<Waker>, request: Request) -> Response {
     }
 }
 
-/// Waits for the wake's end: the app's port, or why it failed.
-async fn awake(state: &mut watch::Receiver<WakeState>) -> Result<u16, String> {
+/// Waits for the wake's end: where the app is, or why it failed.
+async fn awake(state: &mut watch::Receiver<WakeState>) -> Result<SocketAddr, String> {
     loop {
         match &*state.borrow_and_update() {
-            WakeState::Awake(port) => return Ok(*port),
+            WakeState::Awake(upstream) => return Ok(*upstream),
             WakeState::Failed(why) => return Err(why.clone()),
             WakeState::Waking(_) => {}
         }
         if state.changed().await.is_err() {
             // The wake ended without a word (its task went away).
             return match &*state.borrow() {
-                WakeState::Awake(port) => Ok(*port),
+                WakeState::Awake(upstream) => Ok(*upstream),
                 WakeState::Failed(why) => Err(why.clone()),
                 WakeState::Waking(_) => Err("the wake stopped".to_owned()),
             };
@@ -174,19 +175,19 @@ fn accepts_html(request: &Request) -> bool {
         .any(|accept| accept.contains("text/html"))
 }
 
-/// Sends the request on to the app on 127.0.0.1:`port`, as nginx would have, and its answer back.
-async fn proxy(port: u16, request: Request) -> Response {
-    match forward(port, request).await {
+/// Sends the request on to the app at `upstream`, as nginx would have, and its answer back.
+async fn proxy(upstream: SocketAddr, request: Request) -> Response {
+    match forward(upstream, request).await {
         Ok(response) => response,
         Err(why) => {
-            tracing::warn!(port, error = %why, "cannot pass a held request on to the woken preview");
+            tracing::warn!(%upstream, error = %why, "cannot pass a held request on to the woken preview");
             (StatusCode::BAD_GATEWAY, format!("the preview woke up but did not answer: {why}\n")).into_response()
         }
     }
 }
 
-async fn forward(port: u16, request: Request) -> Result<Response, String> {
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|err| err.to_string())?;
+async fn forward(upstream: SocketAddr, request: Request) -> Result<Response, String> {
+    let stream = tokio::net::TcpStream::connect(upstream).await.map_err(|err| err.to_string())?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
         .await
         .map_err(|err| err.to_string())?;

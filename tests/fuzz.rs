@@ -46,7 +46,7 @@ proptest! {
         let domain = BaseDomain::parse("preview.localhost").unwrap();
         let host = domain.host_for(&slug);
         let instance = InstanceName::parse("fuzz").unwrap();
-        let vhost = Vhost::new(&instance, &slug, &host, ([127, 0, 0, 1], 8080).into(), port);
+        let vhost = Vhost::new(&instance, &slug, &host, ([127, 0, 0, 1], 8080).into(), ([127, 0, 0, 1], port).into());
         let conf = template().render(&vhost).unwrap();
         let names: Vec<&str> = conf.lines().filter_map(|l| l.trim().strip_prefix("server_name ")).collect();
         prop_assert_eq!(names.len(), 1);
@@ -94,7 +94,13 @@ fn nginx_accepts_the_vhosts_of_hostile_names() {
         let text = hostile_text().new_tree(&mut runner).unwrap().current();
         let Ok(slug) = Slug::slugify(&text) else { continue };
         let host = domain.host_for(&slug);
-        let vhost = Vhost::new(&instance, &slug, &host, ([127, 0, 0, 1], 8080).into(), 1024 + round % 60000);
+        let vhost = Vhost::new(
+            &instance,
+            &slug,
+            &host,
+            ([127, 0, 0, 1], 8080).into(),
+            ([127, 0, 0, 1], 1024 + round % 60000).into(),
+        );
         std::fs::write(sites.join(format!("{slug}.conf")), template.render(&vhost).unwrap()).unwrap();
         written += 1;
     }

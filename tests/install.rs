@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use previewd::nginx::reach;
-use previewd::nginx::vhost::{self, Vhost, VhostTemplate};
+use previewd::nginx::vhost::{Vhost, VhostTemplate};
 use previewd::preview::{BaseDomain, InstanceName, Slug};
 
 const BIN: &str = env!("CARGO_BIN_EXE_previewd");
@@ -328,7 +328,8 @@ impl TestNginx {
         let (instance, slug) = (InstanceName::parse("default").unwrap(), Slug::parse(preview).unwrap());
         let host = BaseDomain::parse(BASE_DOMAIN).unwrap().host_for(&slug);
         let listen = ([0, 0, 0, 0], if tls { tls_port } else { http_port }).into();
-        let vhost = template.render(&Vhost::new(&instance, &slug, &host, listen, app_port)).unwrap();
+        let vhost =
+            template.render(&Vhost::new(&instance, &slug, &host, listen, ([127, 0, 0, 1], app_port).into())).unwrap();
         std::fs::write(sites.join(format!("previewd.default.{preview}.conf")), vhost).unwrap();
 
         let d = dir.path().display();
@@ -485,7 +486,7 @@ fn nginx_serves_previews_and_answers_unknown_names_with_the_plain_snippet() {
 
     // previewd's route check reaches the app through the vhost, and not for another name.
     let answer = nginx.probe(&format!("{LONG}.{BASE_DOMAIN}"), port);
-    assert!(answer.reached(&vhost::upstream(nginx.app_port)), "{answer:?}");
+    assert!(answer.reached(&format!("127.0.0.1:{}", nginx.app_port)), "{answer:?}");
     let answer = nginx.probe(&format!("nothing-here.{BASE_DOMAIN}"), port);
     assert_eq!(answer, reach::Answer::Http { status: 404, upstream: None });
 
@@ -539,7 +540,7 @@ fn nginx_serves_previews_over_tls_with_the_wildcard_certificate() {
     // previewd's route check speaks TLS with SNI to that port (nginx's 400 to plain HTTP tells it
     // to) and reaches the app through the vhost.
     let answer = nginx.probe(&format!("{LONG}.{BASE_DOMAIN}"), tls);
-    assert!(answer.reached(&vhost::upstream(nginx.app_port)), "{answer:?}");
+    assert!(answer.reached(&format!("127.0.0.1:{}", nginx.app_port)), "{answer:?}");
 
     let (status, location, _) = nginx.get(&format!("http://{LONG}.{BASE_DOMAIN}:{http}/x?y=1"));
     assert_eq!((status, location.as_str()), (301, format!("https://{LONG}.{BASE_DOMAIN}/x?y=1").as_str()));

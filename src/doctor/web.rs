@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 use super::Check;
 use crate::config::Config;
 use crate::nginx::sites::SitesDir;
-use crate::nginx::vhost::{self, Vhost, VhostTemplate};
+use crate::nginx::vhost::{Vhost, VhostTemplate};
 use crate::nginx::{Nginx, NginxError, reach};
 use crate::preview::Slug;
 
@@ -80,7 +80,7 @@ async fn probe_vhost(config: &Config, nginx: &Nginx, template: &VhostTemplate) -
         Ok(listener) => listener,
         Err(err) => return vec![Check::fail("nginx served", format!("cannot listen on loopback: {err}"))],
     };
-    let port = upstream.local_addr().map(|addr| addr.port()).unwrap_or_default();
+    let port = upstream.local_addr().unwrap_or_else(|_| ([127, 0, 0, 1], 0).into());
     let server = tokio::spawn(answer_ok(upstream));
     let slug = probe_slug();
     let host = config.base_domain.host_for(&slug);
@@ -107,7 +107,14 @@ async fn probe_vhost(config: &Config, nginx: &Nginx, template: &VhostTemplate) -
     checks
 }
 
-async fn served(config: &Config, nginx: &Nginx, sites: &SitesDir, slug: &Slug, vhost: &str, port: u16) -> Vec<Check> {
+async fn served(
+    config: &Config,
+    nginx: &Nginx,
+    sites: &SitesDir,
+    slug: &Slug,
+    vhost: &str,
+    port: std::net::SocketAddr,
+) -> Vec<Check> {
     let host = config.base_domain.host_for(slug).to_string();
     let length = host.len();
     match nginx.test().await {
@@ -130,7 +137,7 @@ async fn served(config: &Config, nginx: &Nginx, sites: &SitesDir, slug: &Slug, v
     }
     let listen = config.nginx.listen;
     let answer = reach::probe(reach::connect_addr(listen), &host, reach::listens_tls(vhost)).await;
-    if answer.reached(&vhost::upstream(port)) {
+    if answer.reached(&port.to_string()) {
         checks.push(Check::ok(
             "nginx served",
             format!("a vhost written to {} is served on {listen}", sites.dir().display()),

@@ -2,6 +2,7 @@
 //! created, started and answering, the route switched (for a new preview, while it starts), and
 //! the replaced container retired once its requests are done.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -378,9 +379,10 @@ impl Lifecycle {
         }
     }
 
-    /// A new preview, with nothing to keep serving: nginx is routed to the container's port
-    /// while the container starts, so the reload costs no time of its own. The launch still
-    /// answers only once both the app and nginx do; if the app never answers, the route goes.
+    /// A new preview, with nothing to keep serving: nginx is routed to the container while it
+    /// starts (or, on a Swarm, once its node is known), so the reload costs no time of its own.
+    /// The launch still answers only once both the app and nginx do; if the app never answers,
+    /// the route goes.
     async fn bring_up_fresh(
         &self,
         container: &CreatedContainer,
@@ -389,27 +391,41 @@ impl Lifecycle {
         ticket: RouteTicket,
         progress: &mut Progress,
     ) -> Result<Drain, LifecycleError> {
-        let route = {
-            let (slug, port) = (slug.clone(), container.host_port);
-            tokio::spawn(async move { ticket.route(&slug, port).await })
+        let route_to = |ticket: RouteTicket, upstream: SocketAddr| {
+            let slug = slug.clone();
+            tokio::spawn(async move { ticket.route(&slug, upstream).await })
         };
-        let up = self.start_until_answering(container, spec, progress).await;
+        let mut ticket = Some(ticket);
+        let mut route = container.upstream.and_then(|upstream| Some(route_to(ticket.take()?, upstream)));
+        let started = self.start_container(container, progress).await;
+        if let (Ok(upstream), Some(ticket)) = (&started, ticket.take()) {
+            route = Some(route_to(ticket, *upstream));
+        }
+        let up = match started {
+            Ok(upstream) => self.answer_then_keep(&container.id, upstream, spec, progress).await.map(|()| upstream),
+            Err(err) => Err(err),
+        };
         progress.step("route", format!("routing {}", self.config.base_domain.host_for(slug)));
-        let routed = route.await.unwrap_or(Err(NginxError::Stopped));
+        let routed = match route {
+            Some(route) => Some(route.await.unwrap_or(Err(NginxError::Stopped))),
+            None => None,
+        };
         match (up, routed) {
-            (Ok(port), Ok(drain)) => match self.router.check_served(slug, port).await {
+            (Ok(upstream), Some(Ok(drain))) => match self.router.check_served(slug, upstream).await {
                 Ok(()) => Ok(drain),
                 Err(err) => {
                     self.unroute_failed(slug).await;
                     Err(err.into())
                 }
             },
-            (Ok(_), Err(err)) => Err(err.into()),
-            (Err(err), Ok(_)) => {
+            (Ok(_), Some(Err(err))) => Err(err.into()),
+            // Not reached: a started container always has its route under way.
+            (Ok(_), None) => Err(NginxError::Stopped.into()),
+            (Err(err), Some(Ok(_))) => {
                 self.unroute_failed(slug).await;
                 Err(err)
             }
-            (Err(err), Err(_)) => Err(err),
+            (Err(err), _) => Err(err),
         }
     }
 
@@ -429,11 +445,11 @@ impl Lifecycle {
         ticket: RouteTicket,
         progress: &mut Progress,
     ) -> Result<Drain, LifecycleError> {
-        let port = self.start_until_answering(container, spec, progress).await?;
+        let upstream = self.start_until_answering(container, spec, progress).await?;
         progress.step("route", format!("routing {}", self.config.base_domain.host_for(slug)));
         let previous = self.router.current(slug)?;
-        let drain = ticket.route(slug, port).await?;
-        if let Err(err) = self.router.check_served(slug, port).await {
+        let drain = ticket.route(slug, upstream).await?;
+        if let Err(err) = self.router.check_served(slug, upstream).await {
             // The old container still runs: give it its route back.
             if let Err(restore) = self.router.restore(slug, previous).await {
                 tracing::error!(error = %restore, "cannot put the previous route back; reconcile will");
@@ -443,23 +459,45 @@ impl Lifecycle {
         Ok(drain)
     }
 
-    /// Starts the container and waits until the app answers HTTP; returns its host port.
+    /// Starts the container and waits until the app answers HTTP; returns where nginx
+    /// reaches it.
     pub(super) async fn start_until_answering(
         &self,
         container: &CreatedContainer,
         spec: &ImageSpec,
         progress: &mut Progress,
-    ) -> Result<u16, LifecycleError> {
+    ) -> Result<SocketAddr, LifecycleError> {
+        let upstream = self.start_container(container, progress).await?;
+        self.answer_then_keep(&container.id, upstream, spec, progress).await?;
+        Ok(upstream)
+    }
+
+    async fn start_container(
+        &self,
+        container: &CreatedContainer,
+        progress: &mut Progress,
+    ) -> Result<SocketAddr, LifecycleError> {
         progress.step("start", "starting the container".to_owned());
-        self.runtime.start(container).await?;
-        tracing::info!(container = %short(&container.id), port = container.host_port, "container started");
+        let upstream = self.runtime.start(container).await?;
+        tracing::info!(container = %short(&container.id), %upstream, "container started");
+        Ok(upstream)
+    }
+
+    /// Waits until the app answers, then has the engine keep it running.
+    async fn answer_then_keep(
+        &self,
+        id: &str,
+        upstream: SocketAddr,
+        spec: &ImageSpec,
+        progress: &mut Progress,
+    ) -> Result<(), LifecycleError> {
         progress.step(
             "health",
             format!("waiting for the app to answer HTTP on port {} at {}", spec.port, spec.health_path),
         );
-        self.wait_until_answering(&container.id, container.host_port, spec).await?;
-        self.runtime.keep_running(&container.id).await?;
-        Ok(container.host_port)
+        self.wait_until_answering(id, upstream, spec).await?;
+        self.runtime.keep_running(id).await?;
+        Ok(())
     }
 
     /// Probes the app on the port previewd gave the container until it answers, asking Docker
@@ -469,13 +507,13 @@ impl Lifecycle {
     pub(super) async fn wait_until_answering(
         &self,
         id: &str,
-        host_port: u16,
+        upstream: SocketAddr,
         spec: &ImageSpec,
     ) -> Result<(), LifecycleError> {
         let deadline = Instant::now() + spec.health_timeout;
         let mut pause = FIRST_HEALTH_POLL;
         loop {
-            if self.prober.answers(host_port, &spec.health_path).await {
+            if self.prober.answers(upstream, &spec.health_path).await {
                 return Ok(());
             }
             let status = self.runtime.status(id).await?;

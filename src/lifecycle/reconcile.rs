@@ -2,6 +2,7 @@
 //! Docker's events, one preview at a time (`refresh`). A working preview is never removed.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
@@ -23,9 +24,9 @@ enum Repair {
 /// How many previews a reconcile settles at once.
 const RECONCILE_PARALLELISM: usize = 16;
 
-/// What settling one preview left: the port to route, and how many containers went.
+/// What settling one preview left: where to route it, and how many containers went.
 struct Settled {
-    port: Option<u16>,
+    upstream: Option<SocketAddr>,
     removed: usize,
 }
 
@@ -42,22 +43,22 @@ impl Lifecycle {
         if self.sleepers.is_asleep(slug) {
             // Asleep: nothing of it is started again; its host stays with the wake listener.
             let members = self.runtime.list_slug_all(slug).await?;
-            let port = self.settle_asleep(slug, &members).await?;
-            self.router.route_if_changed(slug, port).await?;
+            let upstream = self.settle_asleep(slug, &members).await?;
+            self.router.route_if_changed(slug, upstream).await?;
             return Ok(());
         }
         let containers = self.runtime.list_slug(slug).await?;
         let none_left = containers.is_empty();
         let networks: BTreeSet<String> = containers.iter().filter_map(|c| c.network.clone()).collect();
         let settled = self.settle_preview(slug, containers).await?;
-        if settled.port.is_none() && settled.removed > 0 && self.runtime.list_slug(slug).await?.is_empty() {
+        if settled.upstream.is_none() && settled.removed > 0 && self.runtime.list_slug(slug).await?.is_empty() {
             for network in &networks {
                 self.networks.remove(network).await;
             }
         }
-        match settled.port {
-            Some(port) if self.router.route_if_changed(slug, port).await? => {
-                tracing::info!(port, "preview re-routed to its container's new port");
+        match settled.upstream {
+            Some(upstream) if self.router.route_if_changed(slug, upstream).await? => {
+                tracing::info!(%upstream, "preview re-routed to its container's new address");
             }
             None if (settled.removed > 0 || none_left) && self.is_routed(slug) => {
                 tracing::info!("preview has no container left; removing its route");
@@ -99,8 +100,8 @@ impl Lifecycle {
             .map(|(slug, group)| async move {
                 if self.sleepers.is_asleep(&slug) {
                     let members = self.runtime.list_slug_all(&slug).await?;
-                    let port = self.settle_asleep(&slug, &members).await?;
-                    return Ok((slug, Settled { port: Some(port), removed: 0 }));
+                    let upstream = self.settle_asleep(&slug, &members).await?;
+                    return Ok((slug, Settled { upstream: Some(upstream), removed: 0 }));
                 }
                 self.settle_preview(&slug, group).await.map(|settled| (slug, settled))
             })
@@ -108,7 +109,7 @@ impl Lifecycle {
         while let Some(result) = settling.next().await {
             let (slug, settled) = result?;
             report.removed_containers += settled.removed;
-            routes.extend(settled.port.map(|port| (slug, port)));
+            routes.extend(settled.upstream.map(|upstream| (slug, upstream)));
         }
         let outcome = self.router.sync(&routes).await?;
         report.removed_vhosts = outcome.orphans;
@@ -233,13 +234,13 @@ impl Lifecycle {
     /// restart it) and removes the others; the port to route, if any.
     async fn settle_preview(&self, slug: &Slug, group: Vec<ManagedContainer>) -> Result<Settled, LifecycleError> {
         let (live, doomed) = self.settle(group).await;
-        let port = match &live {
+        let upstream = match &live {
             // previewd may have died between the first answer and this setting, or while it
             // removed the container, which Docker then finishes: a container gone meanwhile
             // leaves nothing to route.
             Some(live) => {
                 let kept = self.runtime.ensure_kept_running(&live.id).await?;
-                live.host_port.filter(|_| kept)
+                live.upstream.filter(|_| kept)
             }
             None => self.revive(slug, &doomed).await,
         };
@@ -247,13 +248,13 @@ impl Lifecycle {
             tracing::info!(%slug, container = %short(&container.id), state = %container.state, "removing a container that is not the live preview");
             self.runtime.remove(&container.id).await?;
         }
-        Ok(Settled { port, removed: doomed.len() })
+        Ok(Settled { upstream, removed: doomed.len() })
     }
 
     /// Brings back a preview that was up but whose container Docker could not start again
     /// (another program took its port while the engine was down): a copy on a new port. Its
-    /// port once it answers; `None` when there is nothing to bring back or it does not answer.
-    async fn revive(&self, slug: &Slug, stopped: &[ManagedContainer]) -> Option<u16> {
+    /// address once it answers; `None` when there is nothing to bring back or it does not answer.
+    async fn revive(&self, slug: &Slug, stopped: &[ManagedContainer]) -> Option<SocketAddr> {
         // The newest container that had been up: a replacement cut off by the same outage may
         // be newer, but never came up. One whose image left config.yml stays gone.
         for container in stopped.iter().rev() {
@@ -270,7 +271,7 @@ impl Lifecycle {
         None
     }
 
-    async fn start_copy(&self, slug: &Slug, copy: CreatedContainer, spec: &ImageSpec) -> Option<u16> {
+    async fn start_copy(&self, slug: &Slug, copy: CreatedContainer, spec: &ImageSpec) -> Option<SocketAddr> {
         tracing::warn!(%slug, port = copy.host_port, "Docker could not restart this preview; starting a copy on a new port");
         let mut progress = Progress::new(None, Arc::clone(&self.metrics));
         match self.start_until_answering(&copy, spec, &mut progress).await {
@@ -296,8 +297,8 @@ impl Lifecycle {
         }
         let mut answering = None;
         for candidate in running.iter().rev() {
-            let Some(port) = candidate.host_port else { continue };
-            if self.prober.answers(port, &self.health_path(&candidate.image)).await {
+            let Some(upstream) = candidate.upstream else { continue };
+            if self.prober.answers(upstream, &self.health_path(&candidate.image)).await {
                 answering = Some(candidate.id.clone());
                 break;
             }

@@ -56,8 +56,8 @@ impl Lifecycle {
         };
         self.run_jobs(&plan, true, &mut progress).await?;
         self.runtime.restart(&app.id, RESTART_GRACE).await?;
-        let port = app.host_port.ok_or_else(|| LifecycleError::NotFound(app.slug.clone()))?;
-        self.wait_until_answering(&app.id, port, spec).await?;
+        let upstream = app.upstream.ok_or_else(|| LifecycleError::NotFound(app.slug.clone()))?;
+        self.wait_until_answering(&app.id, upstream, spec).await?;
         progress.finish();
         Ok(())
     }

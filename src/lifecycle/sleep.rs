@@ -10,6 +10,7 @@
 //! routes them to the wake listener and starts none of their containers.
 
 use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
@@ -21,7 +22,7 @@ use super::store::SlugFile;
 use super::{Lifecycle, LifecycleError, Progress, short};
 use crate::metrics::ByReason;
 use crate::preview::{Role, Slug};
-use crate::runtime::{CreatedContainer, ManagedContainer};
+use crate::runtime::ManagedContainer;
 
 /// How long a sleeping container gets to stop before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -64,8 +65,8 @@ pub struct Asleep {
 pub enum WakeState {
     /// Starting: the step being run.
     Waking(&'static str),
-    /// Awake: the app's host port.
-    Awake(u16),
+    /// Awake: where nginx reaches the app.
+    Awake(SocketAddr),
     /// The wake failed: why.
     Failed(String),
 }
@@ -96,8 +97,9 @@ impl Sleepers {
         }
     }
 
-    pub fn wake_port(&self) -> u16 {
-        self.wake_port.load(Ordering::Relaxed)
+    /// Where nginx sends the hosts of sleeping previews: the wake listener.
+    pub fn wake_upstream(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.wake_port.load(Ordering::Relaxed)))
     }
 
     pub fn set_wake_port(&self, port: u16) {
@@ -260,7 +262,7 @@ impl Lifecycle {
             return Err(LifecycleError::NotFound(slug.clone()));
         }
         self.sleepers.set(slug, Some(Asleep { since: crate::clock::unix_now(), reason }))?;
-        self.router.route(slug, self.sleepers.wake_port()).await?;
+        self.router.route(slug, self.sleepers.wake_upstream()).await?;
         self.stop_members(slug, &members).await?;
         self.metrics.sleeps.get_or_create(&ByReason { reason: reason.as_str() }).inc();
         tracing::info!("preview asleep");
@@ -304,7 +306,7 @@ impl Lifecycle {
     }
 
     /// `wake`, for a caller that waits for its end without following its steps.
-    pub async fn wake_now(&self, slug: &Slug) -> Result<u16, LifecycleError> {
+    pub async fn wake_now(&self, slug: &Slug) -> Result<SocketAddr, LifecycleError> {
         let (steps, _) = watch::channel(WakeState::Waking("queued"));
         self.wake(slug, &steps).await
     }
@@ -313,7 +315,7 @@ impl Lifecycle {
     /// copy on a new one), answering, routed. Returns the app's port (that of the
     /// running app when the preview was not asleep).
     #[tracing::instrument(skip_all, fields(slug = %slug))]
-    pub async fn wake(&self, slug: &Slug, steps: &watch::Sender<WakeState>) -> Result<u16, LifecycleError> {
+    pub async fn wake(&self, slug: &Slug, steps: &watch::Sender<WakeState>) -> Result<SocketAddr, LifecycleError> {
         if self.sleepers.is_asleep(slug) {
             self.make_room(slug, None).await?;
         }
@@ -322,21 +324,21 @@ impl Lifecycle {
         woken
     }
 
-    async fn wake_locked(&self, slug: &Slug, steps: &watch::Sender<WakeState>) -> Result<u16, LifecycleError> {
+    async fn wake_locked(&self, slug: &Slug, steps: &watch::Sender<WakeState>) -> Result<SocketAddr, LifecycleError> {
         let _guard = self.locks.lock(slug).await;
         let members = self.runtime.list_slug_all(slug).await?;
         if !self.sleepers.is_asleep(slug) {
             let running = members.iter().rev().find(|c| c.role == Role::App && c.is_running());
-            return running.and_then(|c| c.host_port).ok_or_else(|| LifecycleError::NotFound(slug.clone()));
+            return running.and_then(|c| c.upstream).ok_or_else(|| LifecycleError::NotFound(slug.clone()));
         }
         let began = Instant::now();
         let result = self.wake_members(slug, &members, steps).await;
         let result_label = if result.is_ok() { crate::metrics::SUCCESS } else { crate::metrics::FAILURE };
         self.metrics.wakes.get_or_create(&result_label).inc();
-        let port = result?;
+        let upstream = result?;
         self.metrics.wake_seconds.observe(began.elapsed().as_secs_f64());
-        tracing::info!(port, elapsed_ms = began.elapsed().as_millis() as u64, "preview awake");
-        Ok(port)
+        tracing::info!(%upstream, elapsed_ms = began.elapsed().as_millis() as u64, "preview awake");
+        Ok(upstream)
     }
 
     async fn wake_members(
@@ -344,7 +346,7 @@ impl Lifecycle {
         slug: &Slug,
         members: &[ManagedContainer],
         steps: &watch::Sender<WakeState>,
-    ) -> Result<u16, LifecycleError> {
+    ) -> Result<SocketAddr, LifecycleError> {
         let (apps, parts): (Vec<_>, Vec<_>) = members.iter().partition(|c| c.role == Role::App);
         let app = apps.last().ok_or_else(|| LifecycleError::NotFound(slug.clone()))?;
         let spec = self.config.images.get(&app.image).ok_or_else(|| LifecycleError::ImageGone(app.image.clone()))?;
@@ -378,16 +380,15 @@ impl Lifecycle {
         slug: &Slug,
         app: &ManagedContainer,
         spec: &crate::config::ImageSpec,
-    ) -> Result<(String, u16), LifecycleError> {
-        if let Some(port) = self.runtime.published_port(&app.id).await? {
-            let container = CreatedContainer::new(app.id.clone(), port, ());
+    ) -> Result<(String, SocketAddr), LifecycleError> {
+        if let Some(container) = self.runtime.stopped_app(&app.id).await? {
             let began = Instant::now();
             match self.runtime.start(&container).await {
-                Ok(()) => {
+                Ok(upstream) => {
                     tracing::debug!(elapsed_ms = began.elapsed().as_millis() as u64, "app started");
-                    self.wait_until_answering(&app.id, port, spec).await?;
+                    self.wait_until_answering(&app.id, upstream, spec).await?;
                     tracing::debug!(elapsed_ms = began.elapsed().as_millis() as u64, "app answers");
-                    return Ok((app.id.clone(), port));
+                    return Ok((app.id.clone(), upstream));
                 }
                 Err(err) => {
                     tracing::warn!(%slug, error = %err, "the app cannot start on its port again; starting a copy")
@@ -532,9 +533,13 @@ impl Lifecycle {
     /// Reconcile's part for a sleeping preview: its containers stay (stopped: one found running,
     /// after a crash in the middle of a sleep, is stopped again) and its host goes to the wake
     /// listener. The port to route.
-    pub(super) async fn settle_asleep(&self, slug: &Slug, members: &[ManagedContainer]) -> Result<u16, LifecycleError> {
+    pub(super) async fn settle_asleep(
+        &self,
+        slug: &Slug,
+        members: &[ManagedContainer],
+    ) -> Result<SocketAddr, LifecycleError> {
         self.stop_members(slug, members).await?;
-        Ok(self.sleepers.wake_port())
+        Ok(self.sleepers.wake_upstream())
     }
 }
 

@@ -12,7 +12,8 @@ use crate::preview::{Host, InstanceName, Slug};
 const NAME: &str = "vhost";
 
 /// What a vhost template can use: `{{ instance }}`, `{{ slug }}`, `{{ host }}`, `{{ listen }}`,
-/// `{{ upstream_port }}`, `{{ probe }}`, the location previewd checks each route through
+/// `{{ upstream }}` (`address:port` nginx proxies to: `127.0.0.1:<port>` on one engine, the
+/// node of the task on a Swarm), `{{ upstream_port }}` (its port alone), `{{ probe }}`, the location previewd checks each route through
 /// (required: see [`super::reach`]), `{{ real_ip }}`, the real-IP directives for
 /// `trusted_proxies` (empty without them; required with them), and `{{ traffic }}`, the access
 /// log that tells previewd of each request (see `crate::traffic`; required with
@@ -23,6 +24,7 @@ pub struct Vhost<'a> {
     pub slug: &'a Slug,
     pub host: &'a Host,
     pub listen: SocketAddr,
+    pub upstream: String,
     pub upstream_port: u16,
     probe: String,
     /// Empty when previewd does not follow traffic.
@@ -35,16 +37,12 @@ impl<'a> Vhost<'a> {
         slug: &'a Slug,
         host: &'a Host,
         listen: SocketAddr,
-        upstream_port: u16,
+        upstream: SocketAddr,
     ) -> Self {
-        let probe = super::reach::probe_location(&upstream(upstream_port));
-        Self { instance, slug, host, listen, upstream_port, probe, traffic: String::new() }
+        let probe = super::reach::probe_location(&upstream.to_string());
+        let (upstream_port, upstream) = (upstream.port(), upstream.to_string());
+        Self { instance, slug, host, listen, upstream, upstream_port, probe, traffic: String::new() }
     }
-}
-
-/// The address nginx proxies a preview to, as the probe header carries it.
-pub fn upstream(port: u16) -> String {
-    format!("127.0.0.1:{port}")
 }
 
 pub struct VhostTemplate {
@@ -77,7 +75,7 @@ impl VhostTemplate {
         let instance = InstanceName::parse("sample").map_err(|err| err.to_string())?;
         let slug = Slug::parse("sample").map_err(|err| err.to_string())?;
         let host = crate::preview::BaseDomain::parse("example.com").map_err(|e| e.to_string())?.host_for(&slug);
-        let sample = Vhost::new(&instance, &slug, &host, ([127, 0, 0, 1], 80).into(), 1);
+        let sample = Vhost::new(&instance, &slug, &host, ([127, 0, 0, 1], 80).into(), ([127, 0, 0, 1], 1).into());
         let rendered = template.render(&sample).map_err(|err| format!("template {}: {err}", path.display()))?;
         if !rendered.contains(super::reach::PROBE_PATH) {
             return Err(format!(
@@ -102,7 +100,7 @@ impl VhostTemplate {
         let instance = InstanceName::parse("sample").map_err(|err| err.to_string())?;
         let slug = Slug::parse("sample").map_err(|err| err.to_string())?;
         let host = crate::preview::BaseDomain::parse("example.com").map_err(|e| e.to_string())?.host_for(&slug);
-        let mut sample = Vhost::new(&instance, &slug, &host, ([127, 0, 0, 1], 80).into(), 1);
+        let mut sample = Vhost::new(&instance, &slug, &host, ([127, 0, 0, 1], 80).into(), ([127, 0, 0, 1], 1).into());
         sample.traffic = "access_log syslog:server=127.0.0.1:9,tag=sample combined;".to_owned();
         let rendered = self.render(&sample).map_err(|err| format!("template {}: {err}", path.display()))?;
         if rendered.contains(&sample.traffic) {
@@ -112,6 +110,25 @@ impl VhostTemplate {
             "template {} does not use {{{{ traffic }}}}, so previewd would not see requests and lifecycle.sleep_after \
              (and remove_after, quiet_hours) would put busy previews to sleep or remove them: put it inside the \
              server block",
+            path.display()
+        ))
+    }
+
+    /// On a Swarm previews run on other nodes: a template that proxies to
+    /// `127.0.0.1:{{ upstream_port }}` would send every preview's traffic to the manager.
+    pub fn check_upstream_address(&self, path: &Path) -> Result<(), String> {
+        let instance = InstanceName::parse("sample").map_err(|err| err.to_string())?;
+        let slug = Slug::parse("sample").map_err(|err| err.to_string())?;
+        let host = crate::preview::BaseDomain::parse("example.com").map_err(|e| e.to_string())?.host_for(&slug);
+        let remote: SocketAddr = ([192, 0, 2, 1], 4711).into();
+        let sample = Vhost::new(&instance, &slug, &host, ([127, 0, 0, 1], 80).into(), remote);
+        let rendered = self.render(&sample).map_err(|err| format!("template {}: {err}", path.display()))?;
+        if rendered.contains(&format!("proxy_pass http://{remote}")) {
+            return Ok(());
+        }
+        Err(format!(
+            "template {} does not proxy to {{{{ upstream }}}} (`proxy_pass http://{{{{ upstream }}}};`), which \
+             runtime.kind: swarm needs: previews run on other nodes than 127.0.0.1",
             path.display()
         ))
     }
@@ -127,8 +144,9 @@ impl VhostTemplate {
 mod tests {
     use super::*;
 
-    /// `feature-x.preview.localhost` on 127.0.0.1:8080, routed to `upstream_port`.
+    /// `feature-x.preview.localhost` on 127.0.0.1:8080, routed to 127.0.0.1:`upstream_port`.
     fn render_sample(template: &VhostTemplate, upstream_port: u16) -> String {
+        let upstream_port: SocketAddr = ([127, 0, 0, 1], upstream_port).into();
         let instance = InstanceName::parse("default").unwrap();
         let slug = Slug::parse("feature-x").unwrap();
         let host = crate::preview::BaseDomain::parse("preview.localhost").unwrap().host_for(&slug);

@@ -42,11 +42,14 @@ trap 'rm -f "$log"' EXIT
 status=0
 cargo test --all-targets "$@" 2>&1 | tee "$log" || status=$?
 # The fault drills that need a second Docker engine and a read-only mount (scripts/drills.sh,
+# about a minute) and the Swarm drills on three engines of their own (scripts/swarm-drills.sh,
 # about a minute) run against the release binary setup.sh just built; skipped when a filter is given.
 drills="not run (a test filter was given)"
 if [ $# -eq 0 ]; then
     echo "test: scripts/drills.sh" >&2
     if bash scripts/drills.sh; then drills="passed"; else drills="FAILED"; status=1; fi
+    echo "test: scripts/swarm-drills.sh" >&2
+    if bash scripts/swarm-drills.sh; then drills="$drills; swarm drills passed"; else drills="$drills; swarm drills FAILED"; status=1; fi
 fi
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

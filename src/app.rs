@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
-use crate::config::Config;
+use crate::config::{Config, RuntimeConfig};
 use crate::docker::DockerRuntime;
 use crate::github::client::GitHubApi;
 use crate::github::feedback::Feedback;
@@ -28,6 +28,7 @@ use crate::nginx::sites::SitesDir;
 use crate::nginx::vhost::VhostTemplate;
 use crate::nginx::{Nginx, Router, RouterSettings};
 use crate::runtime::Runtime;
+use crate::swarm::SwarmRuntime;
 use crate::watch::{follow_container_changes, keep_nginx_running};
 
 pub struct Application {
@@ -57,11 +58,15 @@ impl Application {
         }
         let traffic = crate::traffic::Traffic::start().await.context("cannot listen for nginx's request log")?;
         let wake_listener = crate::wake::bind().await.context("cannot listen for requests to sleeping previews")?;
-        let runtime: Arc<dyn Runtime> = Arc::new(DockerRuntime::connect(config.instance.clone()).await?);
+        let runtime = connect_runtime(&config).await?;
         runtime.ping().await?;
+        if let RuntimeConfig::Swarm { .. } = config.runtime {
+            template.check_upstream_address(&config.nginx.template).map_err(anyhow::Error::msg)?;
+        }
         // First of all: Docker has restarted the previews at boot already, and iptables rules do
-        // not survive a reboot.
-        if config.network.isolation {
+        // not survive a reboot. On a Swarm the previews' networks are overlays on other hosts,
+        // which this host's rules do not see.
+        if config.network.isolation && !config.runtime.is_swarm() {
             let firewall = Firewall::new(&bridge_prefix(&config.instance), config.network.egress);
             firewall.install().await.context("cannot fence off the preview networks")?;
         }
@@ -271,4 +276,15 @@ pub async fn shutdown_signal() {
         () = terminate => {},
     }
     tracing::info!("shutdown requested");
+}
+
+/// The engine previews run on, as `runtime` says.
+async fn connect_runtime(config: &Config) -> anyhow::Result<Arc<dyn Runtime>> {
+    Ok(match &config.runtime {
+        RuntimeConfig::Docker => Arc::new(DockerRuntime::connect(config.instance.clone()).await?),
+        RuntimeConfig::Swarm { constraints } => {
+            let constraints = constraints.iter().map(ToString::to_string).collect();
+            Arc::new(SwarmRuntime::connect(config.instance.clone(), constraints).await?)
+        }
+    })
 }

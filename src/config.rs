@@ -25,6 +25,7 @@ pub mod lifecycle;
 pub mod limits;
 pub mod network;
 pub mod repo_file;
+pub mod runtime;
 pub use builds::{BuildSpec, BuildsConfig};
 pub use environment::{EnvContext, EnvTemplate, JobSpec, JobWhen, ReadyCheck, ServiceSpec, VolumeName};
 pub use github::{GitHubConfig, RepoConfig};
@@ -33,6 +34,7 @@ pub use http::HttpSettings;
 pub use lifecycle::LifecyclePolicy;
 pub use limits::Limits;
 pub use network::NetworkConfig;
+pub use runtime::RuntimeConfig;
 
 /// Everything previewd needs, validated.
 #[derive(Debug, Clone)]
@@ -66,6 +68,8 @@ pub struct Config {
     /// Where people reach previewd's API and dashboard (no trailing slash); links on pull
     /// requests (a failed build's log) point there. Without it, those links are left out.
     pub dashboard_url: Option<String>,
+    /// The container engine previews run on: the local Docker engine, or a Swarm.
+    pub runtime: RuntimeConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -328,6 +332,7 @@ struct RawConfig {
     builds: Option<builds::RawBuilds>,
     lifecycle: Option<lifecycle::RawLifecycle>,
     dashboard_url: Option<String>,
+    runtime: Option<runtime::RawRuntime>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -468,6 +473,19 @@ impl RawConfig {
         let trusted_proxies = validate_trusted_proxies(self.trusted_proxies.unwrap_or_default(), &mut problems);
         let builds = builds::validate_builds(self.builds.unwrap_or_default(), &mut problems);
         let lifecycle = lifecycle::validate(self.lifecycle.unwrap_or_default(), &mut problems);
+        let runtime = runtime::validate(self.runtime.unwrap_or_default(), &mut problems);
+        if runtime.is_swarm() {
+            runtime::check_swarm_images(&images, &network, &mut problems);
+            for (name, repo) in github.iter().flat_map(|github| &github.repos) {
+                if repo.build.is_some() {
+                    problems.add(
+                        &format!("github.repos.{name}.build"),
+                        "builds from source do not run on runtime.kind: swarm yet (the image would be on the manager \
+                         only); build in CI, push to your registry and set the repo's image_tag",
+                    );
+                }
+            }
+        }
         let dashboard_url = self.dashboard_url.map(|url| url.trim_end_matches('/').to_owned());
         if let Some(url) = &dashboard_url
             && (!(url.starts_with("http://") || url.starts_with("https://")) || url.contains(char::is_whitespace))
@@ -498,6 +516,7 @@ impl RawConfig {
                 builds,
                 lifecycle,
                 dashboard_url,
+                runtime,
             }),
             _ => Err(problems.0),
         }
@@ -920,6 +939,51 @@ mod tests {
             + "network: {isolation: false}\n";
         let err = format!("{:?}", Config::from_yaml(&text, Path::new(".")).unwrap_err());
         assert!(err.contains("images.demo.services: services run on the preview's own network"), "{err}");
+    }
+
+    #[test]
+    fn a_swarm_runtime_takes_its_constraints() {
+        let text = minimal()
+            + "runtime: {kind: swarm, constraints: [\"node.labels.previews == true\"], upstream: node_addr}\n";
+        let config = Config::from_yaml(&text, Path::new(".")).unwrap();
+        let RuntimeConfig::Swarm { constraints } = config.runtime else { panic!("not a swarm: {:?}", config.runtime) };
+        assert_eq!(constraints.iter().map(ToString::to_string).collect::<Vec<_>>(), ["node.labels.previews == true"]);
+        assert_eq!(Config::from_yaml(&minimal(), Path::new(".")).unwrap().runtime, RuntimeConfig::Docker);
+    }
+
+    #[test]
+    fn a_runtime_that_cannot_work_is_refused_with_what_to_write() {
+        for (runtime, expected) in [
+            ("{kind: kubernetes}", "runtime.kind: `kubernetes` is not a runtime; use docker (the default) or swarm"),
+            (
+                "{constraints: [\"node.role == worker\"]}",
+                "runtime.constraints: placement constraints need runtime.kind: swarm",
+            ),
+            ("{kind: swarm, constraints: [\"node.role = worker\"]}", "write `node.<attribute> == <value>` or `!=`"),
+            ("{kind: swarm, upstream: vip}", "runtime.upstream: `vip` is not supported; use node_addr"),
+        ] {
+            let text = minimal() + &format!("runtime: {runtime}\n");
+            let err = format!("{:?}", Config::from_yaml(&text, Path::new(".")).unwrap_err());
+            assert!(err.contains(expected), "{runtime}: {err}");
+        }
+    }
+
+    #[test]
+    fn what_does_not_run_on_a_swarm_yet_is_refused_there() {
+        let services = minimal().replace("port: 3000", "port: 3000\n    services: {db: {image: x}}");
+        let params = minimal().replace("port: 3000", "port: 3000\n    container_create_params: {Tty: true}");
+        for (text, expected) in [
+            (services, "images.demo: services and jobs do not run on runtime.kind: swarm yet"),
+            (params, "images.demo.container_create_params: these are Docker container fields"),
+            (
+                minimal() + "network: {egress: false}\n",
+                "network.egress: false is enforced by previewd's iptables rules",
+            ),
+        ] {
+            let text = text + "runtime: {kind: swarm}\n";
+            let err = format!("{:?}", Config::from_yaml(&text, Path::new(".")).unwrap_err());
+            assert!(err.contains(expected), "{expected}: {err}");
+        }
     }
 
     #[test]

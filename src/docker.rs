@@ -393,7 +393,7 @@ impl Containers for DockerRuntime {
 
     /// Stops a running container (`grace` for its app to exit on SIGTERM) and starts it again,
     /// with the same port.
-    async fn restart(&self, id: &str, grace: std::time::Duration) -> Result<(), DockerError> {
+    async fn restart(&self, id: &str, grace: std::time::Duration) -> Result<SocketAddr, DockerError> {
         let options = bollard::query_parameters::RestartContainerOptions {
             t: Some(i32::try_from(grace.as_secs()).unwrap_or(i32::MAX)),
             ..Default::default()
@@ -401,7 +401,12 @@ impl Containers for DockerRuntime {
         self.docker
             .restart_container(id, Some(options))
             .await
-            .map_err(|err| DockerError::from_bollard("restart the container", err))
+            .map_err(|err| DockerError::from_bollard("restart the container", err))?;
+        let app = self.stopped_app(id).await?;
+        app.and_then(|app| app.upstream).ok_or_else(|| DockerError::Api {
+            action: "restart the container",
+            message: "it publishes no port".to_owned(),
+        })
     }
 
     /// Whether one container runs, and its exit code; `None` when it no longer exists.

@@ -51,6 +51,7 @@ pub mod preview;
 pub mod probe;
 pub mod request;
 pub mod runtime;
+pub mod swarm;
 pub mod throttle;
 pub mod traffic;
 pub mod wake;

@@ -244,7 +244,7 @@ impl Networks {
                 return Err(NetworkError::NoSubnet { range: config.subnets, prefix: config.subnet_prefix });
             };
             let bridge = format!("{}{:05x}", self.inner.bridge_prefix, rand::random::<u32>() & 0x000f_ffff);
-            let name = format!("previewd.{}.{bridge}", self.inner.instance);
+            let name = self.inner.runtime.network_name(&self.inner.instance, &bridge);
             match self.inner.runtime.create_network(&NetworkSpec { name: &name, bridge: &bridge, subnet }).await {
                 Ok(()) => return Ok(name),
                 Err(CreateNetworkError::SubnetTaken(message)) => {

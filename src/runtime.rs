@@ -20,7 +20,7 @@ use futures_util::stream::BoxStream;
 use ipnet::Ipv4Net;
 
 use crate::config::{ImageSpec, JobSpec, PullPolicy, ServiceSpec, VolumeName};
-use crate::preview::{ImageKey, PreviewState, Role, ServiceName, Slug};
+use crate::preview::{ImageKey, InstanceName, PreviewState, Role, ServiceName, Slug};
 use crate::request::{Owner, PullRequestOrigin};
 
 /// A container engine previewd can run previews on.
@@ -93,8 +93,8 @@ pub trait Containers: Send + Sync {
     async fn stop(&self, id: &str, grace: Duration) -> Result<(), DockerError>;
 
     /// Stops a running container (`grace` for it to exit on SIGTERM) and starts it again, with
-    /// the same port.
-    async fn restart(&self, id: &str, grace: Duration) -> Result<(), DockerError>;
+    /// the same port; where nginx reaches it then.
+    async fn restart(&self, id: &str, grace: Duration) -> Result<SocketAddr, DockerError>;
 
     /// Whether one container runs, and its exit code; `None` when it no longer exists.
     async fn status(&self, id: &str) -> Result<Option<ContainerStatus>, DockerError>;
@@ -185,6 +185,11 @@ pub trait Parts: Send + Sync {
 /// The preview networks (which network a preview gets, and when, is `crate::network`'s).
 #[async_trait]
 pub trait Networking: Send + Sync {
+    /// The name of a preview network with this bridge: `previewd.<instance>.<bridge>`.
+    fn network_name(&self, instance: &InstanceName, bridge: &str) -> String {
+        format!("previewd.{instance}.{bridge}")
+    }
+
     async fn create_network(&self, spec: &NetworkSpec<'_>) -> Result<(), CreateNetworkError>;
 
     /// Whether a network of that name exists (someone may have pruned it).

@@ -55,8 +55,7 @@ impl Lifecycle {
             network: app.network.as_deref(),
         };
         self.run_jobs(&plan, true, &mut progress).await?;
-        self.runtime.restart(&app.id, RESTART_GRACE).await?;
-        let upstream = app.upstream.ok_or_else(|| LifecycleError::NotFound(app.slug.clone()))?;
+        let upstream = self.runtime.restart(&app.id, RESTART_GRACE).await?;
         self.wait_until_answering(&app.id, upstream, spec).await?;
         progress.finish();
         Ok(())

@@ -1,0 +1,466 @@
+#!/usr/bin/env bash
+# Swarm drills: previewd with `runtime: {kind: swarm}` against a Swarm of three Docker engines
+# of its own (a manager and two workers), run by scripts/test.sh after scripts/drills.sh against
+# the release binary. Takes about two minutes.
+#
+# Each engine runs in a network namespace of its own (own socket, data root, exec root,
+# containerd, bridge, a pre-created docker_gwbridge on a private range, no iptables changes),
+# the namespaces joined by veths on one bridge (10.x.y.0/24) that the host's nginx reaches.
+# The routing mesh needs IPVS, which this host does not have: previews publish in host mode
+# and nginx proxies to the node that runs them. Images are copied to every node with
+# `docker save | docker load` (there is no registry); the engines run with
+# DOCKER_SERVICE_PREFER_OFFLINE_IMAGE=1 so a node uses the image it has without a pull.
+#
+#   launch     a preview runs as a service on a worker (the constraint keeps it off the
+#              manager), with previewd's labels on the service and its containers, and answers
+#              through previewd's nginx, which proxies to the worker's address
+#   redeploy   a relaunch under load: no request fails, the new service serves, the old is gone
+#   sleep      the preview sleeps (scaled to none) and the next request through nginx wakes it
+#   drain      the worker running a preview is drained: the task moves, the route follows
+#              within 30 s, and the preview answers again
+#   node-down  every process of the worker engine running a preview is killed: Swarm
+#              reschedules the task, the route follows within 30 s
+#   restart    previewd is killed with SIGKILL and its vhosts deleted: a new previewd rebuilds
+#              the routes from the services' labels alone
+#   kill       killing every preview leaves no service and no preview network of the instance
+#
+# Prints PASS/FAIL per check; exits 1 if any check failed, 2 if the drills could not run.
+# Everything is removed on exit, also on Ctrl-C or a timeout.
+# Usage: scripts/swarm-drills.sh        (env: SWARM_DRILLS_TIME_LIMIT seconds, default 300)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+BIN=$PWD/target/release/previewd
+IMAGE=previewd-demo:latest
+LIMIT=${SWARM_DRILLS_TIME_LIMIT:-300}
+FOLLOW=30 # seconds a moved preview may take to answer through nginx again
+
+log() { echo "swarm-drills: $*" >&2; }
+die() { echo "swarm-drills: cannot run: $*" >&2; exit 2; }
+
+[ "$(id -u)" = 0 ] || die "needs root (network namespaces, Docker engines, a bridge)"
+for tool in dockerd docker nginx curl jq python3 ip iptables unshare mount; do
+    command -v "$tool" >/dev/null || die "$tool is not installed (scripts/setup.sh installs what previewd needs)"
+done
+[ -x "$BIN" ] || die "$BIN is missing: cargo build --release"
+docker image inspect "$IMAGE" >/dev/null 2>&1 || die "$IMAGE is not on the main engine: run scripts/setup.sh"
+
+work=$(mktemp -d /tmp/previewd-swarm.XXXXXX)
+tag=$(printf %04x $((RANDOM % 65536)))
+bridge=pvsw$tag
+nodes=(m w1 w2)
+declare -A addr=() # node -> its address on the bridge
+daemon=
+watchdog=
+load_pid=
+forward_rule=
+failures=0
+checks=0
+drill=setup
+
+alive() { [ -n "$1" ] && [ -e "/proc/$1" ] && [ "$(awk '{ print $3 }' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
+
+wait_gone() { # pid seconds
+    local i
+    for ((i = 0; i < $2 * 10; i++)); do alive "$1" || return 0; sleep 0.1; done
+    ! alive "$1"
+}
+
+stop_process() { # pid seconds
+    [ -n "$1" ] || return 0
+    kill -TERM "$1" 2>/dev/null || true
+    wait_gone "$1" "$2" || { kill -KILL "$1" 2>/dev/null || true; wait_gone "$1" 5 || true; }
+    wait "$1" 2>/dev/null || true
+}
+
+ns() { echo "pvsw$tag-$1"; }
+sock() { echo "$work/$1/docker.sock"; }
+D() { local node=$1; shift; docker -H "unix://$(sock "$node")" "$@"; }
+
+kill_node() { # node: every process of the node's namespace (dockerd, containerd, shims, containers)
+    ip netns pids "$(ns "$1")" 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
+}
+
+cleanup() {
+    local rc=$? node pid mnt
+    set +e
+    trap - EXIT INT TERM
+    [ -n "$watchdog" ] && kill "$watchdog" 2>/dev/null
+    [ -n "$load_pid" ] && stop_process "$load_pid" 5
+    [ -n "$daemon" ] && stop_process "$daemon" 15
+    pid=$(cat "$work/state/nginx/nginx.pid" 2>/dev/null)
+    if [ -n "$pid" ] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q '^nginx: master'; then
+        kill -QUIT "$pid"; wait_gone "$pid" 10 || kill -KILL "$pid"
+    fi
+    for node in "${nodes[@]}"; do
+        if [ -S "$(sock "$node")" ]; then
+            D "$node" ps -aq 2>/dev/null | xargs -r docker -H "unix://$(sock "$node")" rm -f >/dev/null 2>&1
+        fi
+        pid=$(cat "$work/$node/docker.pid" 2>/dev/null)
+        [ -n "$pid" ] && stop_process "$pid" 15
+        kill_node "$node"
+        ip netns del "$(ns "$node")" 2>/dev/null
+        ip link del "pvsw$tag$node" 2>/dev/null
+    done
+    [ -n "$forward_rule" ] && iptables -D FORWARD -i "$bridge" -o "$bridge" -j ACCEPT 2>/dev/null
+    ip link del "$bridge" 2>/dev/null
+    awk -v w="$work/" 'index($2, w) == 1 { print $2 }' /proc/mounts | sort -r | while read -r mnt; do umount -l "$mnt"; done
+    rm -rf "$work"
+    if [ "$rc" = 0 ] && [ "$failures" -gt 0 ]; then rc=1; fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT
+trap 'log "stopped (time limit or SIGTERM)"; exit 143' TERM
+(
+    trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
+    sleep "$LIMIT" & sleeper=$!
+    wait "$sleeper"
+    echo "swarm-drills: time limit of ${LIMIT}s reached" >&2
+    kill -TERM $$
+) &
+watchdog=$!
+
+pass() { checks=$((checks + 1)); echo "PASS  $drill: $*"; }
+fail() { checks=$((checks + 1)); failures=$((failures + 1)); echo "FAIL  $drill: $*"; }
+note() { echo "      $drill: $*"; }
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# --- the Swarm -----------------------------------------------------------------------------------
+
+for _ in 1 2 3 4 5 6 7 8 9 10; do
+    net=10.$((200 + RANDOM % 50)).$((RANDOM % 250))
+    ip -4 route | grep -q "^$net\." || break
+    net=
+done
+[ -n "$net" ] || die "no free /24 found for the Swarm's bridge"
+ip link add "$bridge" type bridge || die "cannot create bridge $bridge"
+ip addr add "$net.1/24" dev "$bridge"
+ip link set "$bridge" up
+# Bridged traffic goes through the host's FORWARD chain (br_netfilter), whose policy Docker set
+# to DROP: let the nodes talk to each other (Swarm's control plane and VXLAN).
+iptables -I FORWARD 1 -i "$bridge" -o "$bridge" -j ACCEPT && forward_rule=1
+
+# One engine in its own network, mount and UTS namespaces. The cgroup hierarchies are mounted
+# again in the engine's mount namespace: `ip netns exec` mounts a fresh /sys there.
+start_node() { # node index
+    local node=$1 i=$2 dir=$work/$1
+    mkdir -p "$dir"
+    addr[$node]=$net.1$i
+    ip netns add "$(ns "$node")"
+    ip link add "pvsw$tag$node" type veth peer name eth0 netns "$(ns "$node")"
+    ip link set "pvsw$tag$node" master "$bridge" up
+    ip -n "$(ns "$node")" addr add "${addr[$node]}/24" dev eth0
+    ip -n "$(ns "$node")" link set eth0 up
+    ip -n "$(ns "$node")" link set lo up
+    ip -n "$(ns "$node")" route add default via "$net.1"
+    echo '{}' >"$dir/daemon.json"
+    DOCKER_SERVICE_PREFER_OFFLINE_IMAGE=1 ip netns exec "$(ns "$node")" unshare --uts sh -c '
+        hostname "$1"
+        mount -t tmpfs cgroup /sys/fs/cgroup
+        for c in cpu cpuacct cpuset memory devices freezer blkio pids; do
+            mkdir -p /sys/fs/cgroup/$c && mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c
+        done
+        mkdir -p /sys/fs/cgroup/systemd && mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd
+        exec dockerd --config-file "$2/daemon.json" --host "unix://$2/docker.sock" --pidfile "$2/docker.pid" \
+            --data-root "$2/data" --exec-root "$2/exec" --storage-driver vfs --bip "$3" \
+            --iptables=false --ip-masq=false' sh "pvsw-$node" "$dir" "10.$((250 + i)).$((RANDOM % 250)).1/24" \
+        >"$dir/dockerd.log" 2>&1 &
+    disown # node-down kills it on purpose: no job report
+    for ((j = 0; j < 300; j++)); do
+        D "$node" version >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    D "$node" version >/dev/null 2>&1 || { tail -n 20 "$dir/dockerd.log" >&2; return 1; }
+    # Created before the engine joins, so that Swarm does not pick a range of its own.
+    D "$node" network create --subnet "10.$((250 + i)).$((RANDOM % 250)).0/24" \
+        --opt com.docker.network.bridge.name=docker_gwbridge --opt com.docker.network.bridge.enable_icc=false \
+        --opt com.docker.network.bridge.enable_ip_masquerade=false docker_gwbridge >/dev/null
+}
+
+t=$(now)
+i=0
+for node in "${nodes[@]}"; do
+    start_node "$node" "$i" || die "the engine of node $node did not come up (log above)"
+    i=$((i + 1))
+done
+D m swarm init --listen-addr "${addr[m]}:2377" --advertise-addr "${addr[m]}" \
+    --default-addr-pool "10.$((200 + RANDOM % 50)).0.0/16" --dispatcher-heartbeat 2s >/dev/null ||
+    die "swarm init failed"
+token=$(D m swarm join-token -q worker)
+for node in w1 w2; do
+    D "$node" swarm join --token "$token" --listen-addr "${addr[$node]}:2377" --advertise-addr "${addr[$node]}" \
+        "${addr[m]}:2377" >/dev/null || die "node $node could not join the Swarm"
+    D m node update --label-add previews=true "pvsw-$node" >/dev/null || die "cannot label node $node"
+done
+docker save "$IMAGE" -o "$work/image.tar"
+for node in "${nodes[@]}"; do D "$node" load -q -i "$work/image.tar" >/dev/null || die "cannot load $IMAGE on $node"; done
+log "Swarm of ${#nodes[@]} engines (manager ${addr[m]}, workers ${addr[w1]} ${addr[w2]}) up with $IMAGE in $(since "$t") s"
+
+# --- previewd ------------------------------------------------------------------------------------
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+hash=$(printf %s drill | "$BIN" hash-password)
+instance=swarm-$$
+state=$work/state
+sites=$state/nginx/sites
+api_port=$(free_port)
+nginx_port=$(free_port)
+mkdir -p "$state"
+cat >"$state/config.yml" <<EOF
+instance: $instance
+listen: 127.0.0.1:$api_port
+base_domain: preview.localhost
+public_url: "http://{host}:$nginx_port"
+state_dir: $state
+runtime:
+  kind: swarm
+  constraints: ["node.labels.previews == true"]
+  upstream: node_addr
+nginx:
+  listen: 127.0.0.1:$nginx_port
+  template: $PWD/templates/vhost.conf.tera
+network: {warm: 2}
+images:
+  demo: {image: $IMAGE, port: 3000, command: [/bin/busybox, httpd, -f, -p, "3000", -h, /www], pull: never}
+users: [{name: drill, password_hash: "$hash"}]
+EOF
+
+healthz() { curl -s -m 5 -o "$work/healthz.json" -w '%{http_code}' "http://127.0.0.1:$api_port/healthz" || true; }
+
+start_previewd() {
+    DOCKER_HOST="unix://$(sock m)" RUST_LOG=info "$BIN" serve --config "$state/config.yml" 2>>"$state/previewd.log" &
+    daemon=$!
+    local i
+    for ((i = 0; i < 300; i++)); do
+        [ "$(healthz)" = 200 ] && return 0
+        alive "$daemon" || break
+        sleep 0.1
+    done
+    log "previewd did not become healthy; its log ends with:"
+    tail -n 20 "$state/previewd.log" >&2
+    return 1
+}
+
+api() { # method path: the body goes to $work/api.json, prints the status
+    curl -s -m 60 -o "$work/api.json" -w '%{http_code}' -u drill:drill -X "$1" "http://127.0.0.1:$api_port$2" || true
+}
+
+launch() { # name: prints the HTTP status, the body goes to $work/launch.txt
+    curl -s -m 60 -o "$work/launch.txt" -w '%{http_code}' -u drill:drill \
+        -d "image_name=demo&container_name=$1" "http://127.0.0.1:$api_port/launch" || true
+}
+
+through_nginx() { # name
+    curl -s -m 3 -o "$work/page.html" -w '%{http_code}' --resolve "$1.preview.localhost:$nginx_port:127.0.0.1" \
+        "http://$1.preview.localhost:$nginx_port/" || true
+}
+
+serves() { [ "$(through_nginx "$1")" = 200 ] && grep -q "<h1>Preview: $1</h1>" "$work/page.html"; }
+
+vhost() { echo "$sites/previewd.$instance.$1.conf"; }
+upstream() { sed -n 's/.*proxy_pass http:\/\/\([0-9.]*:[0-9]*\);.*/\1/p' "$(vhost "$1")" 2>/dev/null | head -n 1; }
+
+services() { # [name]: ids of the instance's services (of one preview)
+    local filters=(--filter "label=previewd.instance=$instance")
+    [ $# = 1 ] && filters+=(--filter "label=previewd.slug=$1")
+    D m service ls -q "${filters[@]}"
+}
+
+node_of() { # name: the node whose task of the preview runs
+    local id
+    id=$(services "$1" | tail -n 1)
+    [ -n "$id" ] || return 0
+    D m service ps "$id" --filter desired-state=running --format '{{.Node}} {{.CurrentState}}' |
+        awk '$2 == "Running" { sub(/^pvsw-/, "", $1); print $1; exit }'
+}
+
+# The preview answers through nginx, proxied to the node that runs its task, within $FOLLOW s.
+follows() { # name t0
+    local name=$1 t0=$2 node
+    while awk -v a="$t0" -v b="$(now)" -v l="$FOLLOW" 'BEGIN { exit !(b - a < l) }'; do
+        node=$(node_of "$name")
+        if [ -n "$node" ] && [ "$(upstream "$name")" = "${addr[$node]}:${upstream_port##*:}" ] && serves "$name"; then
+            pass "$name answers through nginx again, routed to its task on $node (${addr[$node]}), $(since "$t0") s later"
+            return 0
+        fi
+        sleep 0.2
+    done
+    fail "$name does not answer through nginx from its new node within $FOLLOW s: node ${node:-none}, vhost upstream $(upstream "$name"), through nginx $(through_nginx "$name")"
+    show_log
+}
+
+show_log() {
+    local lines
+    lines=$(sed 's/\x1b\[[0-9;]*m//g' "$state/previewd.log" | grep -E 'WARN|ERROR' | tail -n 20 || true)
+    [ -n "$lines" ] && { echo "      previewd's warnings and errors:"; printf '        %s\n' "${lines//$'\n'/$'\n'        }"; }
+    return 0
+}
+
+# --- the drills ----------------------------------------------------------------------------------
+
+drill_launch() {
+    drill=launch
+    local code id node labels
+    code=$(launch alpha)
+    if [ "$code" != 200 ] || ! serves alpha; then
+        fail "launch of alpha: HTTP $code ($(cat "$work/launch.txt")), through nginx $(through_nginx alpha)"; show_log; return 1
+    fi
+    id=$(services alpha)
+    node=$(node_of alpha)
+    upstream_port=$(upstream alpha)
+    pass "alpha runs as service ${id:0:12} on $node and answers 200 through previewd's nginx"
+    case $node in
+        w1 | w2) pass "the constraint node.labels.previews == true kept it off the manager" ;;
+        *) fail "alpha runs on ${node:-no node}, not on a worker labelled previews=true" ;;
+    esac
+    if [ "$upstream_port" = "${addr[$node]}:${upstream_port##*:}" ]; then
+        pass "nginx proxies to the worker's address and the published port ($upstream_port)"
+    else
+        fail "the vhost proxies to $upstream_port, not to ${addr[$node]}"
+    fi
+    labels=$(D m service inspect "$id" --format '{{ index .Spec.Labels "previewd.slug" }} {{ index .Spec.TaskTemplate.ContainerSpec.Labels "previewd.instance" }} {{ (index .Spec.EndpointSpec.Ports 0).PublishMode }} {{ .Spec.UpdateConfig.Order }}')
+    if [ "$labels" = "alpha $instance host stop-first" ]; then
+        pass "the service and its containers carry previewd's labels; published in host mode; stop-first updates"
+    else
+        fail "service labels/publish mode/update order: $labels"
+    fi
+}
+
+drill_redeploy() {
+    drill=redeploy
+    local code old new failed total
+    old=$(services alpha)
+    python3 - "$nginx_port" >"$work/load.out" 2>&1 <<'EOF' &
+import http.client, sys, time
+port = int(sys.argv[1])
+ok = failed = 0
+deadline = time.time() + 60
+while time.time() < deadline:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3)
+        conn.request("GET", "/", headers={"Host": "alpha.preview.localhost"})
+        status = conn.getresponse().status
+        conn.close()
+    except OSError:
+        status = 0
+    if status == 200:
+        ok += 1
+    else:
+        failed += 1
+    print(ok, failed, flush=True)
+    time.sleep(0.02)
+EOF
+    load_pid=$!
+    sleep 1
+    code=$(launch alpha)
+    sleep 1
+    stop_process "$load_pid" 5
+    load_pid=
+    read -r total failed < <(tail -n 1 "$work/load.out")
+    new=$(services alpha)
+    if [ "$code" = 200 ] && serves alpha && [ -n "$new" ] && [ "$new" != "$old" ]; then
+        pass "the relaunch replaced service ${old:0:12} with ${new:0:12}, which serves"
+    else
+        fail "relaunch: HTTP $code ($(cat "$work/launch.txt")), services now: $(services alpha | tr '\n' ' ')"
+    fi
+    if [ "${failed:-1}" = 0 ] && [ "${total:-0}" -gt 20 ]; then
+        pass "no failed request during the redeploy ($total answered 200)"
+    else
+        fail "requests during the redeploy: ${total:-0} ok, ${failed:-?} failed"
+    fi
+    upstream_port=$(upstream alpha)
+}
+
+drill_sleep() {
+    drill=sleep
+    local code replicas t0
+    code=$(api POST /api/previews/alpha/sleep)
+    replicas=$(D m service inspect "$(services alpha)" --format '{{ .Spec.Mode.Replicated.Replicas }}')
+    if [ "$code" = 200 ] && [ "$replicas" = 0 ]; then
+        pass "alpha sleeps: its service is scaled to 0 replicas"
+    else
+        fail "sleep: HTTP $code $(cat "$work/api.json"), replicas $replicas"
+    fi
+    t0=$(now)
+    if serves alpha || serves alpha; then
+        pass "a request through nginx woke alpha and got its page ($(since "$t0") s)"
+    else
+        fail "the request to the sleeping alpha got $(through_nginx alpha)"; show_log
+    fi
+    upstream_port=$(upstream alpha)
+}
+
+drill_drain() {
+    drill=drain
+    local from t0
+    from=$(node_of alpha)
+    [ -n "$from" ] || { fail "alpha has no running task"; return; }
+    t0=$(now)
+    D m node update --availability drain "pvsw-$from" >/dev/null
+    follows alpha "$t0"
+    D m node update --availability active "pvsw-$from" >/dev/null
+}
+
+drill_node_down() {
+    drill=node-down
+    local from t0
+    from=$(node_of alpha)
+    [ -n "$from" ] || { fail "alpha has no running task"; return; }
+    t0=$(now)
+    kill_node "$from"
+    note "killed every process of $from's engine (dockerd, containerd, the preview's container)"
+    follows alpha "$t0"
+}
+
+drill_restart() {
+    drill=restart
+    local code
+    code=$(launch beta)
+    [ "$code" = 200 ] || { fail "launch of beta: HTTP $code $(cat "$work/launch.txt")"; return; }
+    kill -KILL "$daemon"; wait "$daemon" 2>/dev/null || true; daemon=
+    rm -f "$sites"/previewd."$instance".*.conf
+    if ! start_previewd; then fail "previewd does not start again"; return; fi
+    if serves alpha && serves beta; then
+        pass "after kill -9 and the loss of every vhost, a new previewd routes alpha and beta again from the services' labels"
+    else
+        fail "after the restart: alpha $(through_nginx alpha), beta $(through_nginx beta)"; show_log
+    fi
+    code=$(api GET /api/previews)
+    if [ "$code" = 200 ] && [ "$(jq -r '[.[] | .name] | sort | join(" ")' "$work/api.json")" = "alpha beta" ]; then
+        pass "GET /api/previews lists alpha and beta"
+    else
+        fail "GET /api/previews: HTTP $code $(cat "$work/api.json")"
+    fi
+}
+
+drill_kill() {
+    drill=kill
+    local name code networks
+    networks=$(for id in $(services); do D m service inspect "$id" --format '{{ index .Spec.Labels "previewd.network" }}'; done | sort -u)
+    for name in alpha beta; do
+        code=$(curl -s -m 60 -o "$work/kill.txt" -w '%{http_code}' -u drill:drill -d "container_name=$name" "http://127.0.0.1:$api_port/kill" || true)
+        [ "$code" = 200 ] || fail "kill of $name: HTTP $code $(cat "$work/kill.txt")"
+    done
+    if [ -z "$(services)" ]; then pass "no service of the instance is left"; else fail "services left: $(services | tr '\n' ' ')"; fi
+    local left=
+    for network in $networks; do D m network inspect "$network" >/dev/null 2>&1 && left="$left $network"; done
+    if [ -n "$networks" ] && [ -z "$left" ]; then
+        pass "the previews' overlay networks are gone ($(echo $networks))"
+    else
+        fail "preview networks: had '$networks', left '$left'"
+    fi
+    if [ -z "$(ls "$sites"/previewd."$instance".*.conf 2>/dev/null)" ]; then pass "no vhost is left"; else fail "vhosts left: $(ls "$sites")"; fi
+}
+
+start_previewd || die "previewd does not start against the Swarm"
+drill_launch && {
+    drill_redeploy
+    drill_sleep
+    drill_drain
+    drill_node_down
+    drill_restart
+    drill_kill
+}
+echo "swarm-drills: $checks checks, $failures failed"

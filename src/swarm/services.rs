@@ -1,0 +1,352 @@
+//! The apps of previews as Swarm services: create, start (scale to one and wait for a node),
+//! stop (scale to zero), restart, status, logs, removal, listing by labels, and the changes
+//! the Swarm makes by itself (a task rescheduled to another node), found by polling: the
+//! manager's event stream tells of services, not of where their tasks run.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::{StreamExt, TryStreamExt};
+
+use bollard::models::Service;
+use bollard::query_parameters::LogsOptions;
+
+use super::spec::{self, TaskView};
+use super::{LABEL_UP, SwarmRuntime, unix_ns};
+use crate::docker::labels::*;
+use crate::docker::{is_not_found, unix_nanos};
+use crate::preview::{ImageKey, Slug};
+use crate::request::{Owner, PullRequestOrigin};
+use crate::runtime::{ContainerPlan, ContainerStatus, Containers, CreatedContainer, DockerError, ManagedContainer};
+
+/// How long a started service may wait for a node before the start fails.
+const PLACEMENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the Swarm is asked where the previews' tasks run (see `container_changes`).
+const CHANGES_POLL: Duration = Duration::from_secs(1);
+/// How long a log read may take: a node that went away does not answer.
+const LOG_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl SwarmRuntime {
+    /// Waits until a task of the service created at or after `since` (Unix ns) has a node and
+    /// is on its way to run there; where nginx will reach it. A task Swarm cannot place (no
+    /// node meets the constraints, or has the image) fails the start with Swarm's reason.
+    async fn placed(&self, id: &str, port: u16, since: i128) -> Result<SocketAddr, DockerError> {
+        let deadline = Instant::now() + PLACEMENT_TIMEOUT;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let tasks = self.tasks_of(&[id.to_owned()]).await?.remove(id).unwrap_or_default();
+            let fresh: Vec<&TaskView> = tasks.iter().filter(|task| task.created_ns >= since && task.wanted).collect();
+            if let Some(node) =
+                fresh.iter().filter(|task| task.is_coming_up() || task.is_running()).find_map(|t| t.node.as_deref())
+            {
+                let addresses = self.node_addresses().await?;
+                if let Some(ip) = addresses.get(node) {
+                    return Ok(SocketAddr::new(*ip, port));
+                }
+            }
+            let waiting = fresh.iter().map(|task| task.message.as_str()).find(|message| !message.is_empty());
+            if Instant::now() >= deadline {
+                let why = waiting.unwrap_or("no node took the task");
+                return Err(DockerError::Api { action: "place the preview on a node", message: why.to_owned() });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(250));
+        }
+    }
+
+    /// The published port of a service (the one port previewd gave it).
+    fn published_port(service: &Service) -> Option<u16> {
+        let ports = service.spec.as_ref()?.endpoint_spec.as_ref()?.ports.as_ref()?;
+        u16::try_from(ports.first()?.published_port?).ok()
+    }
+
+    fn replicas(service: &Service) -> i64 {
+        let mode = service.spec.as_ref().and_then(|spec| spec.mode.as_ref());
+        mode.and_then(|mode| mode.replicated.as_ref()?.replicas).unwrap_or(0)
+    }
+
+    async fn mark_up(&self, id: &str) -> Result<(), DockerError> {
+        self.update(id, |spec| {
+            spec.labels.get_or_insert_default().insert(LABEL_UP.to_owned(), "true".to_owned());
+        })
+        .await
+    }
+
+    /// These services as previewd's containers: one task list and one node list for all.
+    async fn describe(&self, services: Vec<Service>) -> Result<Vec<ManagedContainer>, DockerError> {
+        if services.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = services.iter().filter_map(|service| service.id.clone()).collect();
+        let mut tasks = self.tasks_of(&ids).await?;
+        let nodes = self.node_addresses().await?;
+        let mut containers: Vec<ManagedContainer> = services
+            .into_iter()
+            .filter_map(|service| {
+                let tasks = service.id.as_ref().and_then(|id| tasks.remove(id)).unwrap_or_default();
+                managed_service(service, &tasks, &nodes)
+            })
+            .collect();
+        containers.sort_by_key(|c| c.created_ns);
+        Ok(containers)
+    }
+
+    /// Where each preview's tasks run, as a comparable text per preview.
+    async fn placements(&self) -> Result<HashMap<Slug, String>, DockerError> {
+        let mut placements: HashMap<Slug, String> = HashMap::new();
+        for container in self.describe(self.services(None).await?).await? {
+            let upstream = container.upstream.map_or_else(String::new, |upstream| upstream.to_string());
+            let entry = placements.entry(container.slug).or_default();
+            entry.push_str(&format!("{} {} {upstream};", container.id, container.state));
+        }
+        Ok(placements)
+    }
+}
+
+/// Reads a service back from its labels; one whose labels were tampered with is skipped.
+fn managed_service(
+    service: Service,
+    tasks: &[TaskView],
+    nodes: &HashMap<String, std::net::IpAddr>,
+) -> Option<ManagedContainer> {
+    let port = SwarmRuntime::published_port(&service);
+    let replicas = SwarmRuntime::replicas(&service);
+    let labels = service.spec?.labels.unwrap_or_default();
+    let slug = Slug::parse(labels.get(LABEL_SLUG)?).ok()?;
+    let image = ImageKey::parse(labels.get(LABEL_IMAGE)?).ok()?;
+    let role = role(&labels)?;
+    let created_ns: u128 = labels.get(LABEL_CREATED).and_then(|ns| ns.parse().ok()).unwrap_or_default();
+    let (state, node) = spec::service_state(replicas, labels.contains_key(LABEL_UP), tasks);
+    let upstream = match (node, port) {
+        (Some(node), Some(port)) => nodes.get(node).map(|ip| SocketAddr::new(*ip, port)),
+        _ => None,
+    };
+    let origin =
+        match (labels.get(LABEL_REPO), labels.get(LABEL_PR).and_then(|n| n.parse().ok()), labels.get(LABEL_SHA)) {
+            (Some(repo), Some(number), Some(sha)) => {
+                Some(PullRequestOrigin { repo: repo.clone(), number, sha: sha.clone() })
+            }
+            _ => None,
+        };
+    Some(ManagedContainer {
+        id: service.id?,
+        slug,
+        image,
+        state,
+        upstream,
+        created: i64::try_from(created_ns / 1_000_000_000).unwrap_or_default(),
+        created_ns,
+        origin,
+        owner: labels.get(LABEL_OWNER).and_then(|text| Owner::parse_label(text)),
+        network: labels.get(LABEL_NETWORK).cloned(),
+        role,
+        digest: labels.get(LABEL_DIGEST).cloned(),
+    })
+}
+
+#[async_trait]
+impl Containers for SwarmRuntime {
+    /// Creates the app's service with one replica: Swarm places it at once, and `start`
+    /// waits for the node.
+    async fn create(&self, plan: ContainerPlan<'_>) -> Result<CreatedContainer, DockerError> {
+        let taken = self.taken_ports().await?;
+        let hold = self.reserve_port(&taken)?;
+        let name = spec::service_name(&self.instance, plan.slug.as_ref(), rand::random());
+        let labels = spec::app_labels(&self.instance, &plan, unix_nanos());
+        let service = spec::app_service(name, labels, &plan, hold.port, &self.constraints);
+        let created = self
+            .docker
+            .create_service(service, None)
+            .await
+            .map_err(|err| DockerError::from_bollard("create the service", err))?;
+        let id = created.id.ok_or_else(|| DockerError::Api {
+            action: "create the service",
+            message: "the manager answered without the service's id".to_owned(),
+        })?;
+        let port = hold.port;
+        Ok(CreatedContainer::placed_at_start(id, port, hold))
+    }
+
+    /// Scales the service to one replica (when it was scaled to none) and waits for its node.
+    async fn start(&self, container: &CreatedContainer) -> Result<SocketAddr, DockerError> {
+        let service = self
+            .service(&container.id)
+            .await?
+            .ok_or_else(|| DockerError::Api { action: "start the service", message: "it is gone".to_owned() })?;
+        let mut since = unix_ns(service.updated_at.as_ref());
+        if Self::replicas(&service) == 0 {
+            self.scale(&container.id, 1).await?;
+            let updated = self.service(&container.id).await?;
+            since = updated.as_ref().map_or(since, |service| unix_ns(service.updated_at.as_ref()));
+        }
+        self.placed(&container.id, container.host_port, since).await
+    }
+
+    /// Swarm itself starts a task again elsewhere when its port is taken on one node.
+    async fn recreate(&self, _id: &str) -> Result<Option<CreatedContainer>, DockerError> {
+        Ok(None)
+    }
+
+    async fn ensure_kept_running(&self, id: &str) -> Result<bool, DockerError> {
+        let Some(service) = self.service(id).await? else { return Ok(false) };
+        let up = service.spec.as_ref().and_then(|spec| spec.labels.as_ref()).is_some_and(|l| l.contains_key(LABEL_UP));
+        if !up {
+            self.mark_up(id).await?;
+        }
+        Ok(true)
+    }
+
+    /// Swarm restarts the app's task whatever happens (restart condition `any`); what changes
+    /// is that a task not running is from now on one on its way back.
+    async fn keep_running(&self, id: &str) -> Result<(), DockerError> {
+        self.mark_up(id).await
+    }
+
+    async fn container_env(&self, id: &str) -> Result<Vec<String>, DockerError> {
+        let service = self.service(id).await?;
+        let container = service.and_then(|s| s.spec?.task_template?.container_spec);
+        Ok(container.and_then(|c| c.env).unwrap_or_default())
+    }
+
+    async fn container_image(&self, id: &str) -> Result<String, DockerError> {
+        let service = self.service(id).await?;
+        let container = service.and_then(|s| s.spec?.task_template?.container_spec);
+        Ok(container.and_then(|c| c.image).unwrap_or_default())
+    }
+
+    async fn stopped_app(&self, id: &str) -> Result<Option<CreatedContainer>, DockerError> {
+        let Some(service) = self.service(id).await? else { return Ok(None) };
+        Ok(Self::published_port(&service).map(|port| CreatedContainer::placed_at_start(id.to_owned(), port, ())))
+    }
+
+    /// Scales the service to none and waits until its task has ended (Swarm gives it the
+    /// service's own grace period).
+    async fn stop(&self, id: &str, grace: Duration) -> Result<(), DockerError> {
+        self.scale(id, 0).await?;
+        let deadline = Instant::now() + grace + Duration::from_secs(10);
+        loop {
+            let tasks = self.tasks_of(&[id.to_owned()]).await?.remove(id).unwrap_or_default();
+            if !tasks.iter().any(|task| task.is_running() || task.is_coming_up()) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(DockerError::Api {
+                    action: "stop the service",
+                    message: "its task is still running".to_owned(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A forced update: Swarm stops the task and starts a new one (stop-first), maybe on
+    /// another node.
+    async fn restart(&self, id: &str, _grace: Duration) -> Result<SocketAddr, DockerError> {
+        self.update(id, |spec| {
+            if let Some(task) = spec.task_template.as_mut() {
+                task.force_update = Some(task.force_update.unwrap_or(0) + 1);
+            }
+        })
+        .await?;
+        let service = self
+            .service(id)
+            .await?
+            .ok_or_else(|| DockerError::Api { action: "restart the service", message: "it is gone".to_owned() })?;
+        let port = Self::published_port(&service).unwrap_or_default();
+        self.placed(id, port, unix_ns(service.updated_at.as_ref())).await
+    }
+
+    /// Not running when scaled to none, when no task runs, or when a task failed since the
+    /// service last changed (a crash Swarm is about to retry is still a crash to a launch).
+    async fn status(&self, id: &str) -> Result<Option<ContainerStatus>, DockerError> {
+        let Some(service) = self.service(id).await? else { return Ok(None) };
+        if Self::replicas(&service) == 0 {
+            return Ok(Some(ContainerStatus { running: false, exit_code: None }));
+        }
+        let tasks = self.tasks_of(&[id.to_owned()]).await?.remove(id).unwrap_or_default();
+        if let Some(exit_code) = spec::crashed_since(&tasks, unix_ns(service.updated_at.as_ref())) {
+            return Ok(Some(ContainerStatus { running: false, exit_code }));
+        }
+        let running = tasks.iter().any(|task| task.wanted && (task.is_running() || task.is_coming_up()));
+        Ok(Some(ContainerStatus { running, exit_code: None }))
+    }
+
+    async fn logs_tail(&self, id: &str, lines: usize) -> String {
+        let options = LogsOptions { stdout: true, stderr: true, tail: lines.to_string(), ..Default::default() };
+        let read = self.docker.service_logs(id, Some(options)).collect::<Vec<_>>();
+        let chunks = tokio::time::timeout(LOG_TIMEOUT, read).await.unwrap_or_default();
+        chunks
+            .into_iter()
+            .filter_map(Result::ok)
+            .map(|chunk| String::from_utf8_lossy(&chunk.into_bytes()).into_owned())
+            .collect()
+    }
+
+    fn log_stream(&self, id: &str, tail: usize, follow: bool) -> BoxStream<'static, Result<Bytes, DockerError>> {
+        let options = LogsOptions { stdout: true, stderr: true, follow, tail: tail.to_string(), ..Default::default() };
+        self.docker
+            .service_logs(id, Some(options))
+            .map_ok(|chunk| chunk.into_bytes())
+            .map_err(|err| DockerError::from_bollard("read the service's log", err))
+            .boxed()
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), DockerError> {
+        match self.docker.delete_service(id).await {
+            Err(err) if !is_not_found(&err) => Err(DockerError::from_bollard("remove the service", err)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The previews whose tasks the Swarm started, stopped or moved since the last look, once
+    /// a second: a task rescheduled to another node is re-routed from here.
+    fn container_changes(&self) -> BoxStream<'static, Result<Slug, DockerError>> {
+        struct Poll {
+            runtime: SwarmRuntime,
+            seen: Option<HashMap<Slug, String>>,
+            changed: VecDeque<Slug>,
+        }
+        let start = Poll { runtime: self.clone(), seen: None, changed: VecDeque::new() };
+        futures_util::stream::unfold(start, |mut poll| async move {
+            loop {
+                if let Some(slug) = poll.changed.pop_front() {
+                    return Some((Ok(slug), poll));
+                }
+                if poll.seen.is_some() {
+                    tokio::time::sleep(CHANGES_POLL).await;
+                }
+                let now = match poll.runtime.placements().await {
+                    Ok(now) => now,
+                    Err(err) => return Some((Err(err), poll)),
+                };
+                if let Some(seen) = &poll.seen {
+                    let gone = seen.keys().filter(|slug| !now.contains_key(*slug));
+                    let moved = now.iter().filter(|(slug, text)| seen.get(*slug) != Some(*text)).map(|(slug, _)| slug);
+                    poll.changed.extend(gone.chain(moved).cloned());
+                }
+                poll.seen = Some(now);
+            }
+        })
+        .boxed()
+    }
+
+    async fn list(&self) -> Result<Vec<ManagedContainer>, DockerError> {
+        self.describe(self.services(None).await?).await
+    }
+
+    async fn list_slug(&self, slug: &Slug) -> Result<Vec<ManagedContainer>, DockerError> {
+        self.describe(self.services(Some(slug)).await?).await
+    }
+
+    async fn list_all(&self) -> Result<Vec<ManagedContainer>, DockerError> {
+        self.list().await
+    }
+
+    async fn list_slug_all(&self, slug: &Slug) -> Result<Vec<ManagedContainer>, DockerError> {
+        self.list_slug(slug).await
+    }
+}

@@ -1,0 +1,266 @@
+//! The pure half of the Swarm runtime: the service spec of a preview's app (from the same plan
+//! a container is made from) and what a service's tasks say of its state and node.
+
+use std::collections::HashMap;
+
+use bollard::models::{
+    EndpointPortConfig, EndpointPortConfigProtocolEnum, EndpointPortConfigPublishModeEnum, EndpointSpec,
+    EndpointSpecModeEnum, Limit, NetworkAttachmentConfig, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated,
+    ServiceSpecUpdateConfig, ServiceSpecUpdateConfigOrderEnum, TaskSpec, TaskSpecContainerSpec, TaskSpecLogDriver,
+    TaskSpecPlacement, TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
+};
+
+use crate::docker::labels::*;
+use crate::docker::{LOG_MAX_FILES, LOG_MAX_SIZE, capabilities};
+use crate::preview::{InstanceName, PreviewState, Role};
+use crate::runtime::ContainerPlan;
+
+/// Swarm's limit on a service name.
+const MAX_NAME: usize = 63;
+/// How long Swarm waits before it starts a crashed app again: long enough for a launch to see
+/// the crash (the failed task is the newest for that long).
+const RESTART_DELAY_NS: i64 = 2_000_000_000;
+/// What the app gets to exit on SIGTERM when its service is scaled down or removed.
+const STOP_GRACE_NS: i64 = 10_000_000_000;
+
+/// A name that tells the instance and the preview, unique by a random suffix (a replacement
+/// lives beside the service it replaces), within Swarm's 63 characters.
+pub fn service_name(instance: &InstanceName, slug: &str, suffix: u32) -> String {
+    let mut base = format!("previewd_{instance}_{slug}");
+    base.truncate(MAX_NAME - 9);
+    format!("{}_{suffix:08x}", base.trim_end_matches(['-', '_']))
+}
+
+/// The labels of a preview's app service, on the service and on its containers.
+pub fn app_labels(instance: &InstanceName, plan: &ContainerPlan<'_>, created_ns: u128) -> HashMap<String, String> {
+    let mut labels = instance_labels(instance.as_ref());
+    put_role(&mut labels, &Role::App);
+    labels.insert(LABEL_SLUG.to_owned(), plan.slug.to_string());
+    labels.insert(LABEL_IMAGE.to_owned(), plan.image_key.to_string());
+    labels.insert(LABEL_PORT.to_owned(), plan.spec.port.to_string());
+    labels.insert(LABEL_CREATED.to_owned(), created_ns.to_string());
+    if let Some(network) = plan.network {
+        labels.insert(LABEL_NETWORK.to_owned(), network.to_owned());
+    }
+    if let Some(origin) = plan.origin {
+        labels.insert(LABEL_REPO.to_owned(), origin.repo.clone());
+        labels.insert(LABEL_PR.to_owned(), origin.number.to_string());
+        labels.insert(LABEL_SHA.to_owned(), origin.sha.clone());
+    }
+    if let Some(owner) = plan.owner {
+        labels.insert(LABEL_OWNER.to_owned(), owner.to_string());
+    }
+    labels
+}
+
+/// One replica of the app, published in host mode on `port` of its node (the routing mesh
+/// needs IPVS), held to the image's limits, with every capability dropped but `cap_add`.
+/// DNS round robin rather than a virtual IP: nothing reaches the app by its service name, and a
+/// virtual IP needs IPVS too.
+pub fn app_service(
+    name: String,
+    labels: HashMap<String, String>,
+    plan: &ContainerPlan<'_>,
+    port: u16,
+    constraints: &[String],
+) -> ServiceSpec {
+    let spec = plan.spec;
+    let container = TaskSpecContainerSpec {
+        image: Some(spec.image.clone()),
+        labels: Some(labels.clone()),
+        args: spec.command.clone(),
+        env: Some(plan.env.clone()),
+        read_only: spec.read_only.then_some(true),
+        capability_drop: Some(vec!["ALL".to_owned()]),
+        capability_add: Some(capabilities(spec)),
+        stop_grace_period: Some(STOP_GRACE_NS),
+        ..Default::default()
+    };
+    let task = TaskSpec {
+        container_spec: Some(container),
+        resources: Some(TaskSpecResources {
+            limits: Some(Limit {
+                nano_cpus: spec.cpus.map(|cpus| (cpus * 1e9).round() as i64),
+                memory_bytes: Some(spec.memory),
+                pids: Some(spec.pids),
+            }),
+            ..Default::default()
+        }),
+        restart_policy: Some(TaskSpecRestartPolicy {
+            condition: Some(TaskSpecRestartPolicyConditionEnum::ANY),
+            delay: Some(RESTART_DELAY_NS),
+            ..Default::default()
+        }),
+        placement: Some(TaskSpecPlacement { constraints: Some(constraints.to_vec()), ..Default::default() }),
+        networks: plan
+            .network
+            .map(|network| vec![NetworkAttachmentConfig { target: Some(network.to_owned()), ..Default::default() }]),
+        log_driver: Some(TaskSpecLogDriver {
+            name: Some("json-file".to_owned()),
+            options: Some(HashMap::from([
+                ("max-size".to_owned(), LOG_MAX_SIZE.to_owned()),
+                ("max-file".to_owned(), LOG_MAX_FILES.to_owned()),
+            ])),
+        }),
+        ..Default::default()
+    };
+    ServiceSpec {
+        name: Some(name),
+        labels: Some(labels),
+        task_template: Some(task),
+        mode: Some(ServiceSpecMode {
+            replicated: Some(ServiceSpecModeReplicated { replicas: Some(1) }),
+            ..Default::default()
+        }),
+        update_config: Some(ServiceSpecUpdateConfig {
+            order: Some(ServiceSpecUpdateConfigOrderEnum::STOP_FIRST),
+            ..Default::default()
+        }),
+        endpoint_spec: Some(EndpointSpec {
+            mode: Some(EndpointSpecModeEnum::DNSRR),
+            ports: Some(vec![EndpointPortConfig {
+                protocol: Some(EndpointPortConfigProtocolEnum::TCP),
+                target_port: Some(i64::from(spec.port)),
+                published_port: Some(i64::from(port)),
+                publish_mode: Some(EndpointPortConfigPublishModeEnum::HOST),
+                ..Default::default()
+            }]),
+        }),
+        ..Default::default()
+    }
+}
+
+/// A task of a service, as far as previewd cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskView {
+    pub state: Option<TaskState>,
+    /// Swarm still wants it to run (it is not being shut down or replaced).
+    pub wanted: bool,
+    pub node: Option<String>,
+    /// Unix nanoseconds.
+    pub created_ns: i128,
+    pub exit_code: Option<i64>,
+    pub message: String,
+}
+
+impl TaskView {
+    pub fn is_running(&self) -> bool {
+        self.state == Some(TaskState::RUNNING)
+    }
+
+    /// Failed or refused: it will not run (Swarm may start another in its place).
+    pub fn has_failed(&self) -> bool {
+        matches!(self.state, Some(TaskState::FAILED | TaskState::REJECTED | TaskState::ORPHANED))
+    }
+
+    /// On its way to running: not failed, not finished.
+    pub fn is_coming_up(&self) -> bool {
+        self.wanted && !self.is_running() && !self.has_failed() && !self.is_ended()
+    }
+
+    fn is_ended(&self) -> bool {
+        matches!(self.state, Some(TaskState::COMPLETE | TaskState::SHUTDOWN | TaskState::REMOVE))
+    }
+}
+
+/// What a service's tasks say, in previewd's terms, and the node of the task that runs.
+///
+/// `kept`: the app had answered once (see `keep_running`): Swarm restarts or reschedules it, so a
+/// task that is not running yet is on its way back (`Restarting`, which reconcile leaves
+/// alone). A service that never came up and whose task failed is `Exited`: a launch cut off.
+pub fn service_state(replicas: i64, kept: bool, tasks: &[TaskView]) -> (PreviewState, Option<&str>) {
+    let running = tasks.iter().filter(|task| task.is_running()).max_by_key(|task| task.created_ns);
+    if replicas == 0 {
+        return match running {
+            Some(_) => (PreviewState::Stopping, None),
+            None => (PreviewState::Exited, None),
+        };
+    }
+    if let Some(task) = running.filter(|task| task.wanted) {
+        return (PreviewState::Running, task.node.as_deref());
+    }
+    if kept {
+        return (PreviewState::Restarting, None);
+    }
+    let failed = tasks.iter().any(TaskView::has_failed);
+    let coming = tasks.iter().any(TaskView::is_coming_up);
+    match (failed, coming) {
+        (true, _) => (PreviewState::Exited, None),
+        (false, true) | (false, false) => (PreviewState::Created, None),
+    }
+}
+
+/// Whether the app crashed since `since` (Unix nanoseconds: the service's last update, i.e.
+/// its creation, a scale up or a forced restart), and its exit code.
+pub fn crashed_since(tasks: &[TaskView], since: i128) -> Option<Option<i64>> {
+    tasks
+        .iter()
+        .filter(|task| task.has_failed() && task.created_ns >= since)
+        .max_by_key(|task| task.created_ns)
+        .map(|task| task.exit_code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(state: TaskState, wanted: bool, created_ns: i128) -> TaskView {
+        TaskView {
+            state: Some(state),
+            wanted,
+            node: Some(format!("node-{created_ns}")),
+            created_ns,
+            exit_code: None,
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_service_name_fits_swarms_limit_and_keeps_the_suffix() {
+        let instance = InstanceName::parse("default").unwrap();
+        let name = service_name(&instance, &"a".repeat(63), 0xdead_beef);
+        assert!(name.len() <= MAX_NAME, "{name}");
+        assert!(name.starts_with("previewd_default_aaa") && name.ends_with("_deadbeef"), "{name}");
+        assert_eq!(service_name(&instance, "feature-x", 1), "previewd_default_feature-x_00000001");
+    }
+
+    #[test]
+    fn the_running_task_gives_the_state_and_the_node() {
+        let tasks = [task(TaskState::SHUTDOWN, false, 1), task(TaskState::RUNNING, true, 2)];
+        assert_eq!(service_state(1, true, &tasks), (PreviewState::Running, Some("node-2")));
+    }
+
+    #[test]
+    fn a_task_being_shut_down_is_not_the_one_to_route() {
+        let tasks = [task(TaskState::RUNNING, false, 1), task(TaskState::PREPARING, true, 2)];
+        assert_eq!(service_state(1, true, &tasks).0, PreviewState::Restarting);
+    }
+
+    #[test]
+    fn a_kept_preview_whose_node_went_away_is_on_its_way_back() {
+        let tasks = [task(TaskState::ORPHANED, false, 1), task(TaskState::PENDING, true, 2)];
+        assert_eq!(service_state(1, true, &tasks), (PreviewState::Restarting, None));
+    }
+
+    #[test]
+    fn a_launch_that_never_came_up_and_failed_has_exited() {
+        let tasks = [task(TaskState::FAILED, false, 1), task(TaskState::READY, true, 2)];
+        assert_eq!(service_state(1, false, &tasks).0, PreviewState::Exited);
+        assert_eq!(service_state(1, false, &[task(TaskState::STARTING, true, 1)]).0, PreviewState::Created);
+    }
+
+    #[test]
+    fn a_service_scaled_to_zero_is_stopping_until_its_task_ends() {
+        assert_eq!(service_state(0, true, &[task(TaskState::RUNNING, false, 1)]).0, PreviewState::Stopping);
+        assert_eq!(service_state(0, true, &[task(TaskState::SHUTDOWN, false, 1)]).0, PreviewState::Exited);
+    }
+
+    #[test]
+    fn only_a_failure_after_the_last_update_is_a_crash() {
+        let mut failed = task(TaskState::FAILED, false, 5);
+        failed.exit_code = Some(3);
+        let tasks = [failed, task(TaskState::PENDING, true, 6)];
+        assert_eq!(crashed_since(&tasks, 4), Some(Some(3)));
+        assert_eq!(crashed_since(&tasks, 6), None);
+    }
+}

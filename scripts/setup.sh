@@ -52,6 +52,7 @@ have_pkg fonts-dejavu-core || missing+=(fonts-dejavu-core)     # tests/dashboard
 command -v jq >/dev/null || missing+=(jq)                      # scripts/drills.sh
 command -v ip >/dev/null || missing+=(iproute2)                # scripts/drills.sh: its engine's bridge
 command -v debootstrap >/dev/null || missing+=(debootstrap)  # scripts/service-images.sh
+command -v fuse-overlayfs >/dev/null || missing+=(fuse-overlayfs) # scripts/swarm-drills.sh: its nodes' storage
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 
 # --- Docker engine ---------------------------------------------------------

@@ -4,7 +4,9 @@
 # the release binary. Takes about two minutes.
 #
 # Each engine runs in a network namespace of its own (own socket, data root, exec root,
-# containerd, bridge, a pre-created docker_gwbridge on a private range, no iptables changes),
+# containerd, bridge, a pre-created docker_gwbridge on a private range, no iptables changes;
+# fuse-overlayfs storage: vfs gives a layer of an imported image a root directory of mode 700,
+# which users other than root cannot enter),
 # the namespaces joined by veths on one bridge (10.x.y.0/24) that the host's nginx reaches.
 # The routing mesh needs IPVS, which this host does not have: previews publish in host mode
 # and nginx proxies to the node that runs them. Images are copied to every node with
@@ -22,7 +24,10 @@
 #              reschedules the task, the route follows within 30 s
 #   restart    previewd is killed with SIGKILL and its vhosts deleted: a new previewd rebuilds
 #              the routes from the services' labels alone
-#   kill       killing every preview leaves no service and no preview network of the instance
+#   environment  the shop (app, PostgreSQL from a seed volume, Redis, a migration job) runs as
+#              Swarm services on the manager, where its data lives; a product added before a
+#              sleep is still there after the wake
+#   kill       killing every preview leaves no service, preview network or data volume
 #
 # Prints PASS/FAIL per check; exits 1 if any check failed, 2 if the drills could not run.
 # Everything is removed on exit, also on Ctrl-C or a timeout.
@@ -32,6 +37,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 BIN=$PWD/target/release/previewd
 IMAGE=previewd-demo:latest
+# The shop environment (config.yml's `shop`): its app, PostgreSQL and Redis images and the
+# seed volume are copied to the manager, where previews with services run.
+SHOP_IMAGES=(previewd-shop:demo previewd-postgres:15 previewd-redis:7)
+SEED=shop-db-seed
 LIMIT=${SWARM_DRILLS_TIME_LIMIT:-300}
 FOLLOW=30 # seconds a moved preview may take to answer through nginx again
 
@@ -39,11 +48,14 @@ log() { echo "swarm-drills: $*" >&2; }
 die() { echo "swarm-drills: cannot run: $*" >&2; exit 2; }
 
 [ "$(id -u)" = 0 ] || die "needs root (network namespaces, Docker engines, a bridge)"
-for tool in dockerd docker nginx curl jq python3 ip iptables unshare mount; do
+for tool in dockerd docker nginx curl jq python3 ip iptables unshare mount fuse-overlayfs; do
     command -v "$tool" >/dev/null || die "$tool is not installed (scripts/setup.sh installs what previewd needs)"
 done
 [ -x "$BIN" ] || die "$BIN is missing: cargo build --release"
-docker image inspect "$IMAGE" >/dev/null 2>&1 || die "$IMAGE is not on the main engine: run scripts/setup.sh"
+for image in "$IMAGE" "${SHOP_IMAGES[@]}"; do
+    docker image inspect "$image" >/dev/null 2>&1 || die "$image is not on the main engine: run scripts/setup.sh"
+done
+docker volume inspect "$SEED" >/dev/null 2>&1 || die "the volume $SEED is not on the main engine: run scripts/setup.sh"
 
 work=$(mktemp -d /tmp/previewd-swarm.XXXXXX)
 tag=$(printf %04x $((RANDOM % 65536)))
@@ -164,7 +176,7 @@ start_node() { # node index
         done
         mkdir -p /sys/fs/cgroup/systemd && mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd
         exec dockerd --config-file "$2/daemon.json" --host "unix://$2/docker.sock" --pidfile "$2/docker.pid" \
-            --data-root "$2/data" --exec-root "$2/exec" --storage-driver vfs --bip "$3" \
+            --data-root "$2/data" --exec-root "$2/exec" --storage-driver fuse-overlayfs --bip "$3" \
             --iptables=false --ip-masq=false' sh "pvsw-$node" "$dir" "10.$((250 + i)).$((RANDOM % 250)).1/24" \
         >"$dir/dockerd.log" 2>&1 &
     disown # node-down kills it on purpose: no job report
@@ -186,7 +198,7 @@ for node in "${nodes[@]}"; do
     i=$((i + 1))
 done
 D m swarm init --listen-addr "${addr[m]}:2377" --advertise-addr "${addr[m]}" \
-    --default-addr-pool "10.$((200 + RANDOM % 50)).0.0/16" --dispatcher-heartbeat 2s >/dev/null ||
+    --default-addr-pool "10.$((200 + RANDOM % 50)).0.0/16" >/dev/null ||
     die "swarm init failed"
 token=$(D m swarm join-token -q worker)
 for node in w1 w2; do
@@ -196,6 +208,12 @@ for node in w1 w2; do
 done
 docker save "$IMAGE" -o "$work/image.tar"
 for node in "${nodes[@]}"; do D "$node" load -q -i "$work/image.tar" >/dev/null || die "cannot load $IMAGE on $node"; done
+docker save "${SHOP_IMAGES[@]}" | D m load -q >/dev/null || die "cannot load the shop's images on the manager"
+# The seed volume, owners and modes kept (tar as root, in the busybox of the demo image).
+D m volume create "$SEED" >/dev/null
+docker run --rm --network none -v "$SEED:/seed:ro" "$IMAGE" /bin/busybox tar -C /seed -cf - . |
+    D m run --rm -i --network none -v "$SEED:/seed" "$IMAGE" /bin/busybox tar -C /seed -xf - ||
+    die "cannot copy the volume $SEED to the manager"
 log "Swarm of ${#nodes[@]} engines (manager ${addr[m]}, workers ${addr[w1]} ${addr[w2]}) up with $IMAGE in $(since "$t") s"
 
 # --- previewd ------------------------------------------------------------------------------------
@@ -224,6 +242,30 @@ nginx:
 network: {warm: 2}
 images:
   demo: {image: $IMAGE, port: 3000, command: [/bin/busybox, httpd, -f, -p, "3000", -h, /www], pull: never}
+  shop:
+    image: previewd-shop:demo
+    port: 5000
+    health_path: /healthz
+    pull: never
+    read_only: true
+    env: {DATABASE_URL: "postgres://app:app@db:5432/app", REDIS_URL: "redis://cache:6379/0"}
+    services:
+      db:
+        image: previewd-postgres:15
+        pull: never
+        env: {POSTGRES_USER: app, POSTGRES_PASSWORD: app, POSTGRES_DB: app}
+        ready: {command: [pg_isready, -h, 127.0.0.1, -U, app, -d, app]}
+        ready_timeout: 60
+        data: /var/lib/postgresql/data
+        seed_volume: $SEED
+        cap_add: [SETUID, SETGID]
+        memory: 512m
+      cache:
+        image: previewd-redis:7
+        pull: never
+        ready: {tcp: 6379}
+    jobs:
+      - {name: migrate, command: [python3, migrate.py], when: every_deploy, timeout: 120}
 users: [{name: drill, password_hash: "$hash"}]
 EOF
 
@@ -247,9 +289,14 @@ api() { # method path: the body goes to $work/api.json, prints the status
     curl -s -m 60 -o "$work/api.json" -w '%{http_code}' -u drill:drill -X "$1" "http://127.0.0.1:$api_port$2" || true
 }
 
-launch() { # name: prints the HTTP status, the body goes to $work/launch.txt
-    curl -s -m 60 -o "$work/launch.txt" -w '%{http_code}' -u drill:drill \
-        -d "image_name=demo&container_name=$1" "http://127.0.0.1:$api_port/launch" || true
+launch() { # name [image]: prints the HTTP status, the body goes to $work/launch.txt
+    curl -s -m 120 -o "$work/launch.txt" -w '%{http_code}' -u drill:drill \
+        -d "image_name=${2:-demo}&container_name=$1" "http://127.0.0.1:$api_port/launch" || true
+}
+
+shop_state() { # name: /api/state of the shop through nginx, as "products migrated visits"
+    curl -s -m 10 --resolve "$1.preview.localhost:$nginx_port:127.0.0.1" "http://$1.preview.localhost:$nginx_port/api/state" |
+        jq -r '"\(.products) \(.migrated) \(.visits)"' 2>/dev/null || true
 }
 
 through_nginx() { # name
@@ -288,6 +335,8 @@ follows() { # name t0
         sleep 0.2
     done
     fail "$name does not answer through nginx from its new node within $FOLLOW s: node ${node:-none}, vhost upstream $(upstream "$name"), through nginx $(through_nginx "$name")"
+    note "its tasks: $(D m service ps "$(services "$name" | tail -n 1)" --format '{{.Node}} {{.DesiredState}} {{.CurrentState}} {{.Error}}' | tr '\n' ';')"
+    note "nodes: $(D m node ls --format '{{.Hostname}} {{.Status}} {{.Availability}}' | tr '\n' ';')"
     show_log
 }
 
@@ -398,7 +447,7 @@ drill_drain() {
     from=$(node_of alpha)
     [ -n "$from" ] || { fail "alpha has no running task"; return; }
     t0=$(now)
-    D m node update --availability drain "pvsw-$from" >/dev/null
+    D m node update --availability drain "pvsw-$from" >/dev/null || fail "cannot drain pvsw-$from"
     follows alpha "$t0"
     D m node update --availability active "pvsw-$from" >/dev/null
 }
@@ -435,11 +484,42 @@ drill_restart() {
     fi
 }
 
+drill_environment() {
+    drill=environment
+    local code state t0 node parts
+    t0=$(now)
+    code=$(launch store shop)
+    if [ "$code" != 200 ]; then fail "launch of the shop: HTTP $code $(cat "$work/launch.txt")"; show_log; return; fi
+    state=$(shop_state store)
+    if [ "${state% *}" = "10000 true" ]; then
+        pass "the shop runs with PostgreSQL (seeded: 10000 products), Redis and its migration, in $(since "$t0") s"
+    else
+        fail "the shop's state through nginx: '$state'"; show_log
+    fi
+    parts=$(for id in $(services store); do D m service inspect "$id" --format '{{ index .Spec.Labels "previewd.role" }}:{{ index .Spec.Labels "previewd.part" }}'; done | sort | tr '\n' ' ')
+    node=$(node_of store)
+    if [ "$parts" = "app: service:cache service:db " ] && [ "$node" = m ]; then
+        pass "app, db and cache are Swarm services, placed together on the manager (their data lives there)"
+    else
+        fail "the shop's services: '$parts' on ${node:-no node}"
+    fi
+    curl -s -m 10 -o /dev/null --resolve "store.preview.localhost:$nginx_port:127.0.0.1" \
+        -d 'name=swarm&price=1.50' "http://store.preview.localhost:$nginx_port/products" || true
+    code=$(api POST /api/previews/store/sleep)
+    state=$(shop_state store)
+    if [ "$code" = 200 ] && [ "${state%% *}" = 10001 ]; then
+        pass "after a sleep (every service scaled to none) and a wake, the database still holds the product added before"
+    else
+        fail "sleep: HTTP $code; the shop's state after the wake: '$state'"; show_log
+    fi
+}
+
 drill_kill() {
     drill=kill
-    local name code networks
+    local name code networks volumes
     networks=$(for id in $(services); do D m service inspect "$id" --format '{{ index .Spec.Labels "previewd.network" }}'; done | sort -u)
-    for name in alpha beta; do
+    volumes=$(D m volume ls -q --filter "label=previewd.instance=$instance" | tr '\n' ' ')
+    for name in alpha beta store; do
         code=$(curl -s -m 60 -o "$work/kill.txt" -w '%{http_code}' -u drill:drill -d "container_name=$name" "http://127.0.0.1:$api_port/kill" || true)
         [ "$code" = 200 ] || fail "kill of $name: HTTP $code $(cat "$work/kill.txt")"
     done
@@ -452,6 +532,11 @@ drill_kill() {
         fail "preview networks: had '$networks', left '$left'"
     fi
     if [ -z "$(ls "$sites"/previewd."$instance".*.conf 2>/dev/null)" ]; then pass "no vhost is left"; else fail "vhosts left: $(ls "$sites")"; fi
+    if [ -n "$volumes" ] && [ -z "$(D m volume ls -q --filter "label=previewd.instance=$instance")" ]; then
+        pass "the shop's data volume is gone ($volumes)"
+    else
+        fail "data volumes: had '$volumes', left '$(D m volume ls -q --filter "label=previewd.instance=$instance" | tr '\n' ' ')'"
+    fi
 }
 
 start_previewd || die "previewd does not start against the Swarm"
@@ -461,6 +546,7 @@ drill_launch && {
     drill_drain
     drill_node_down
     drill_restart
+    drill_environment
     drill_kill
 }
 echo "swarm-drills: $checks checks, $failures failed"

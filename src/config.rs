@@ -970,10 +970,8 @@ mod tests {
 
     #[test]
     fn what_does_not_run_on_a_swarm_yet_is_refused_there() {
-        let services = minimal().replace("port: 3000", "port: 3000\n    services: {db: {image: x}}");
         let params = minimal().replace("port: 3000", "port: 3000\n    container_create_params: {Tty: true}");
         for (text, expected) in [
-            (services, "images.demo: services and jobs do not run on runtime.kind: swarm yet"),
             (params, "images.demo.container_create_params: these are Docker container fields"),
             (
                 minimal() + "network: {egress: false}\n",

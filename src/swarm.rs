@@ -9,7 +9,6 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use bollard::Docker;
@@ -17,12 +16,13 @@ use bollard::errors::Error as BollardError;
 use bollard::models::{Ipam, IpamConfig, NetworkCreateRequest, Node, Service, ServiceSpec, Task, TaskState};
 use bollard::query_parameters::{ListNodesOptions, ListServicesOptions, ListTasksOptions, UpdateServiceOptions};
 
-use crate::config::{PullPolicy, VolumeName};
+use crate::config::PullPolicy;
 use crate::docker::labels::*;
 use crate::docker::{DockerRuntime, is_not_found};
-use crate::preview::{ImageKey, InstanceName, ServiceName, Slug};
+use crate::preview::{InstanceName, Slug};
 use crate::runtime::*;
 
+mod environment;
 mod services;
 mod spec;
 
@@ -43,6 +43,8 @@ pub struct SwarmRuntime {
     docker: Docker,
     instance: InstanceName,
     constraints: Arc<Vec<String>>,
+    /// The node id of the manager previewd talks to: environments run there.
+    manager: String,
     /// Ports handed to launches whose service does not exist yet.
     reserved: Arc<Mutex<HashSet<u16>>>,
 }
@@ -53,16 +55,17 @@ impl SwarmRuntime {
         let engine = DockerRuntime::connect(instance.clone()).await?;
         let docker = engine.client().clone();
         let info = docker.info().await.map_err(|err| DockerError::from_bollard("describe itself", err))?;
-        let manager = info.swarm.and_then(|swarm| swarm.control_available).unwrap_or(false);
-        if !manager {
+        let swarm = info.swarm.unwrap_or_default();
+        let manager = swarm.node_id.filter(|_| swarm.control_available == Some(true));
+        let Some(manager) = manager else {
             return Err(DockerError::Api {
                 action: "act as a Swarm manager",
                 message: "runtime.kind is swarm, but this engine is not a Swarm manager: run `docker swarm init` \
                           here (or point DOCKER_HOST at a manager)"
                     .to_owned(),
             });
-        }
-        Ok(Self { engine, docker, instance, constraints: Arc::new(constraints), reserved: Arc::default() })
+        };
+        Ok(Self { engine, docker, instance, constraints: Arc::new(constraints), manager, reserved: Arc::default() })
     }
 
     fn instance_filter(&self, slug: Option<&Slug>) -> HashMap<String, Vec<String>> {
@@ -211,8 +214,9 @@ fn task_view(task: Task) -> TaskView {
         wanted: matches!(task.desired_state, Some(TaskState::RUNNING | TaskState::READY)),
         node: task.node_id,
         created_ns: unix_ns(task.created_at.as_ref()),
-        exit_code: status.container_status.and_then(|container| container.exit_code),
+        exit_code: status.container_status.as_ref().and_then(|container| container.exit_code),
         message: status.err.or(status.message).unwrap_or_default(),
+        container: status.container_status.and_then(|container| container.container_id),
     }
 }
 
@@ -330,75 +334,5 @@ impl Networking for SwarmRuntime {
 
     async fn used_subnets(&self) -> Result<Vec<ipnet::Ipv4Net>, DockerError> {
         self.engine.used_subnets().await
-    }
-}
-
-/// Services and jobs of environments: config.yml refuses them on a Swarm (see
-/// `config::runtime::check_swarm_images`), so none of these is reached.
-fn not_on_swarm(action: &'static str) -> DockerError {
-    DockerError::Api { action, message: "services and jobs do not run on runtime.kind: swarm yet".to_owned() }
-}
-
-#[async_trait]
-impl Parts for SwarmRuntime {
-    async fn create_service(&self, _plan: &ServicePlan<'_>) -> Result<String, DockerError> {
-        Err(not_on_swarm("create a service container"))
-    }
-
-    async fn create_job(&self, _plan: &JobPlan<'_>) -> Result<String, DockerError> {
-        Err(not_on_swarm("create a job container"))
-    }
-
-    async fn start_part(&self, _id: &str) -> Result<(), DockerError> {
-        Err(not_on_swarm("start a service container"))
-    }
-
-    async fn wait_for_end(&self, _id: &str, _timeout: Duration) -> Result<RunOutcome, DockerError> {
-        Err(not_on_swarm("wait for a job"))
-    }
-
-    async fn exec_status(&self, _id: &str, _argv: &[String]) -> Result<Option<i64>, DockerError> {
-        Err(not_on_swarm("run a readiness check"))
-    }
-
-    async fn address_on(&self, _id: &str, _network: &str) -> Result<Option<IpAddr>, DockerError> {
-        Ok(None)
-    }
-
-    fn volume_name(&self, slug: &Slug, service: &ServiceName) -> String {
-        self.engine.volume_name(slug, service)
-    }
-
-    async fn volume_exists(&self, name: &str) -> Result<bool, DockerError> {
-        self.engine.volume_exists(name).await
-    }
-
-    async fn create_volume(
-        &self,
-        _slug: &Slug,
-        _key: &ImageKey,
-        _service: &ServiceName,
-    ) -> Result<String, DockerError> {
-        Err(not_on_swarm("create a data volume"))
-    }
-
-    async fn remove_volume(&self, name: &str) -> Result<(), DockerError> {
-        self.engine.remove_volume(name).await
-    }
-
-    async fn list_volumes(&self) -> Result<Vec<ManagedVolume>, DockerError> {
-        self.engine.list_volumes().await
-    }
-
-    async fn copy_volume(
-        &self,
-        _slug: &Slug,
-        _key: &ImageKey,
-        _service: &ServiceName,
-        _image: &str,
-        _seed: &VolumeName,
-        _volume: &str,
-    ) -> Result<(), DockerError> {
-        Err(not_on_swarm("copy a seed volume"))
     }
 }

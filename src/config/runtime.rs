@@ -124,12 +124,6 @@ pub(super) fn check_swarm_images(
     problems: &mut Problems,
 ) {
     for (key, spec) in images {
-        if !spec.services.is_empty() || !spec.jobs.is_empty() {
-            problems.add(
-                &format!("images.{key}"),
-                "services and jobs do not run on runtime.kind: swarm yet; run this image on runtime.kind: docker",
-            );
-        }
         if !spec.container_create_params.is_empty() {
             problems.add(
                 &format!("images.{key}.container_create_params"),

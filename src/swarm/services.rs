@@ -13,13 +13,13 @@ use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
 
 use bollard::models::Service;
-use bollard::query_parameters::LogsOptions;
+use bollard::query_parameters::{ListContainersOptions, LogsOptions};
 
 use super::spec::{self, TaskView};
 use super::{LABEL_UP, SwarmRuntime, unix_ns};
 use crate::docker::labels::*;
 use crate::docker::{is_not_found, unix_nanos};
-use crate::preview::{ImageKey, Slug};
+use crate::preview::{ImageKey, Role, Slug};
 use crate::request::{Owner, PullRequestOrigin};
 use crate::runtime::{ContainerPlan, ContainerStatus, Containers, CreatedContainer, DockerError, ManagedContainer};
 
@@ -27,6 +27,9 @@ use crate::runtime::{ContainerPlan, ContainerStatus, Containers, CreatedContaine
 const PLACEMENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the Swarm is asked where the previews' tasks run (see `container_changes`).
 const CHANGES_POLL: Duration = Duration::from_secs(1);
+/// How long a removal waits for the Swarm to remove the service's containers (they stop
+/// within their grace period).
+const CONTAINERS_GONE: Duration = Duration::from_secs(30);
 /// How long a log read may take: a node that went away does not answer.
 const LOG_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -34,7 +37,7 @@ impl SwarmRuntime {
     /// Waits until a task of the service created at or after `since` (Unix ns) has a node and
     /// is on its way to run there; where nginx will reach it. A task Swarm cannot place (no
     /// node meets the constraints, or has the image) fails the start with Swarm's reason.
-    async fn placed(&self, id: &str, port: u16, since: i128) -> Result<SocketAddr, DockerError> {
+    pub(super) async fn placed(&self, id: &str, port: u16, since: i128) -> Result<SocketAddr, DockerError> {
         let deadline = Instant::now() + PLACEMENT_TIMEOUT;
         let mut pause = Duration::from_millis(10);
         loop {
@@ -48,13 +51,34 @@ impl SwarmRuntime {
                     return Ok(SocketAddr::new(*ip, port));
                 }
             }
-            let waiting = fresh.iter().map(|task| task.message.as_str()).find(|message| !message.is_empty());
             if Instant::now() >= deadline {
-                let why = waiting.unwrap_or("no node took the task");
-                return Err(DockerError::Api { action: "place the preview on a node", message: why.to_owned() });
+                // Swarm's own words for the newest task: why no node takes it, or why it failed.
+                let newest = tasks.iter().filter(|task| task.created_ns >= since).max_by_key(|task| task.created_ns);
+                let why = newest.map(|task| format!("{:?}: {}", task.state, task.message));
+                let message = why.unwrap_or_else(|| "Swarm made no task for it".to_owned());
+                return Err(DockerError::Api { action: "place the preview on a node", message });
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(250));
+        }
+    }
+
+    /// Waits (at most `CONTAINERS_GONE`) until no container of the removed service is left on
+    /// the manager's engine.
+    async fn wait_for_containers_gone(&self, id: &str) -> Result<(), DockerError> {
+        let filters = HashMap::from([("label".to_owned(), vec![format!("com.docker.swarm.service.id={id}")])]);
+        let deadline = Instant::now() + CONTAINERS_GONE;
+        loop {
+            let options = ListContainersOptions { all: true, filters: Some(filters.clone()), ..Default::default() };
+            let left = self
+                .docker
+                .list_containers(Some(options))
+                .await
+                .map_err(|err| DockerError::from_bollard("list containers", err))?;
+            if left.is_empty() || Instant::now() >= deadline {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -64,7 +88,7 @@ impl SwarmRuntime {
         u16::try_from(ports.first()?.published_port?).ok()
     }
 
-    fn replicas(service: &Service) -> i64 {
+    pub(super) fn replicas(service: &Service) -> i64 {
         let mode = service.spec.as_ref().and_then(|spec| spec.mode.as_ref());
         mode.and_then(|mode| mode.replicated.as_ref()?.replicas).unwrap_or(0)
     }
@@ -95,6 +119,11 @@ impl SwarmRuntime {
         Ok(containers)
     }
 
+    /// Every service of the instance (of one preview), whatever its role.
+    async fn list_all_services(&self, slug: Option<&Slug>) -> Result<Vec<ManagedContainer>, DockerError> {
+        self.describe(self.services(slug).await?).await
+    }
+
     /// Where each preview's tasks run, as a comparable text per preview.
     async fn placements(&self) -> Result<HashMap<Slug, String>, DockerError> {
         let mut placements: HashMap<Slug, String> = HashMap::new();
@@ -105,6 +134,12 @@ impl SwarmRuntime {
         }
         Ok(placements)
     }
+}
+
+/// A job or a seed copy: a plain container of the manager's engine. The engine also lists the
+/// containers of Swarm's tasks, which carry the labels of their service: those are not parts.
+fn is_engine_part(container: &ManagedContainer) -> bool {
+    matches!(container.role, Role::Job(_) | Role::SeedCopy(_))
 }
 
 /// Reads a service back from its labels; one whose labels were tampered with is skipped.
@@ -157,7 +192,9 @@ impl Containers for SwarmRuntime {
         let hold = self.reserve_port(&taken)?;
         let name = spec::service_name(&self.instance, plan.slug.as_ref(), rand::random());
         let labels = spec::app_labels(&self.instance, &plan, unix_nanos());
-        let service = spec::app_service(name, labels, &plan, hold.port, &self.constraints);
+        // An environment's app goes where its services and their data are.
+        let constraints = if plan.spec.services.is_empty() { self.constraints.to_vec() } else { self.on_manager() };
+        let service = spec::app_service(name, labels, &plan, hold.port, &constraints);
         let created = self
             .docker
             .create_service(service, None)
@@ -263,7 +300,7 @@ impl Containers for SwarmRuntime {
     /// Not running when scaled to none, when no task runs, or when a task failed since the
     /// service last changed (a crash Swarm is about to retry is still a crash to a launch).
     async fn status(&self, id: &str) -> Result<Option<ContainerStatus>, DockerError> {
-        let Some(service) = self.service(id).await? else { return Ok(None) };
+        let Some(service) = self.service(id).await? else { return self.engine.status(id).await };
         if Self::replicas(&service) == 0 {
             return Ok(Some(ContainerStatus { running: false, exit_code: None }));
         }
@@ -276,6 +313,9 @@ impl Containers for SwarmRuntime {
     }
 
     async fn logs_tail(&self, id: &str, lines: usize) -> String {
+        if matches!(self.service(id).await, Ok(None)) {
+            return self.engine.logs_tail(id, lines).await;
+        }
         let options = LogsOptions { stdout: true, stderr: true, tail: lines.to_string(), ..Default::default() };
         let read = self.docker.service_logs(id, Some(options)).collect::<Vec<_>>();
         let chunks = tokio::time::timeout(LOG_TIMEOUT, read).await.unwrap_or_default();
@@ -295,10 +335,13 @@ impl Containers for SwarmRuntime {
             .boxed()
     }
 
+    /// Removes the service, and waits until the manager's engine has removed its containers
+    /// (an environment's data volume can go only then); a job's container is removed at once.
     async fn remove(&self, id: &str) -> Result<(), DockerError> {
         match self.docker.delete_service(id).await {
-            Err(err) if !is_not_found(&err) => Err(DockerError::from_bollard("remove the service", err)),
-            _ => Ok(()),
+            Ok(()) => self.wait_for_containers_gone(id).await,
+            Err(err) if is_not_found(&err) => self.engine.remove(id).await,
+            Err(err) => Err(DockerError::from_bollard("remove the service", err)),
         }
     }
 
@@ -335,18 +378,24 @@ impl Containers for SwarmRuntime {
     }
 
     async fn list(&self) -> Result<Vec<ManagedContainer>, DockerError> {
-        self.describe(self.services(None).await?).await
+        Ok(self.list_all_services(None).await?.into_iter().filter(|c| c.role == Role::App).collect())
     }
 
     async fn list_slug(&self, slug: &Slug) -> Result<Vec<ManagedContainer>, DockerError> {
-        self.describe(self.services(Some(slug)).await?).await
+        Ok(self.list_all_services(Some(slug)).await?.into_iter().filter(|c| c.role == Role::App).collect())
     }
 
     async fn list_all(&self) -> Result<Vec<ManagedContainer>, DockerError> {
-        self.list().await
+        let mut all = self.list_all_services(None).await?;
+        all.extend(self.engine.list_all().await?.into_iter().filter(is_engine_part));
+        all.sort_by_key(|c| c.created_ns);
+        Ok(all)
     }
 
     async fn list_slug_all(&self, slug: &Slug) -> Result<Vec<ManagedContainer>, DockerError> {
-        self.list_slug(slug).await
+        let mut all = self.list_all_services(Some(slug)).await?;
+        all.extend(self.engine.list_slug_all(slug).await?.into_iter().filter(is_engine_part));
+        all.sort_by_key(|c| c.created_ns);
+        Ok(all)
     }
 }

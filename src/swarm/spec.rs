@@ -5,15 +5,19 @@ use std::collections::HashMap;
 
 use bollard::models::{
     EndpointPortConfig, EndpointPortConfigProtocolEnum, EndpointPortConfigPublishModeEnum, EndpointSpec,
-    EndpointSpecModeEnum, Limit, NetworkAttachmentConfig, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated,
-    ServiceSpecUpdateConfig, ServiceSpecUpdateConfigOrderEnum, TaskSpec, TaskSpecContainerSpec, TaskSpecLogDriver,
-    TaskSpecPlacement, TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
+    EndpointSpecModeEnum, Limit, Mount, MountTmpfsOptions, MountType, NetworkAttachmentConfig, ServiceSpec,
+    ServiceSpecMode, ServiceSpecModeReplicated, ServiceSpecUpdateConfig, ServiceSpecUpdateConfigOrderEnum, TaskSpec,
+    TaskSpecContainerSpec, TaskSpecLogDriver, TaskSpecPlacement, TaskSpecResources, TaskSpecRestartPolicy,
+    TaskSpecRestartPolicyConditionEnum, TaskState,
 };
 
 use crate::docker::labels::*;
 use crate::docker::{LOG_MAX_FILES, LOG_MAX_SIZE, capabilities};
 use crate::preview::{InstanceName, PreviewState, Role};
-use crate::runtime::ContainerPlan;
+use crate::runtime::{ContainerPlan, ServicePlan};
+
+/// The tmpfs of a read-only app on `/tmp`, as on one engine.
+const READ_ONLY_TMPFS_BYTES: i64 = 256 << 20;
 
 /// Swarm's limit on a service name.
 const MAX_NAME: usize = 63;
@@ -29,6 +33,18 @@ pub fn service_name(instance: &InstanceName, slug: &str, suffix: u32) -> String 
     let mut base = format!("previewd_{instance}_{slug}");
     base.truncate(MAX_NAME - 9);
     format!("{}_{suffix:08x}", base.trim_end_matches(['-', '_']))
+}
+
+/// The labels of a service of a preview environment, on the service and on its containers.
+pub fn part_labels(instance: &InstanceName, plan: &ServicePlan<'_>, created_ns: u128) -> HashMap<String, String> {
+    let mut labels = instance_labels(instance.as_ref());
+    put_role(&mut labels, &Role::Service(plan.name.clone()));
+    labels.insert(LABEL_SLUG.to_owned(), plan.slug.to_string());
+    labels.insert(LABEL_IMAGE.to_owned(), plan.image_key.to_string());
+    labels.insert(LABEL_NETWORK.to_owned(), plan.network.to_owned());
+    labels.insert(LABEL_DIGEST.to_owned(), plan.spec.digest());
+    labels.insert(LABEL_CREATED.to_owned(), created_ns.to_string());
+    labels
 }
 
 /// The labels of a preview's app service, on the service and on its containers.
@@ -55,8 +71,6 @@ pub fn app_labels(instance: &InstanceName, plan: &ContainerPlan<'_>, created_ns:
 
 /// One replica of the app, published in host mode on `port` of its node (the routing mesh
 /// needs IPVS), held to the image's limits, with every capability dropped but `cap_add`.
-/// DNS round robin rather than a virtual IP: nothing reaches the app by its service name, and a
-/// virtual IP needs IPVS too.
 pub fn app_service(
     name: String,
     labels: HashMap<String, String>,
@@ -71,30 +85,101 @@ pub fn app_service(
         args: spec.command.clone(),
         env: Some(plan.env.clone()),
         read_only: spec.read_only.then_some(true),
+        mounts: spec.read_only.then(|| vec![tmp_mount()]),
         capability_drop: Some(vec!["ALL".to_owned()]),
         capability_add: Some(capabilities(spec)),
         stop_grace_period: Some(STOP_GRACE_NS),
         ..Default::default()
     };
-    let task = TaskSpec {
+    let limits = Limit {
+        nano_cpus: spec.cpus.map(|cpus| (cpus * 1e9).round() as i64),
+        memory_bytes: Some(spec.memory),
+        pids: Some(spec.pids),
+    };
+    let network = plan.network.map(|network| attachment(network, None));
+    let task = task_spec(container, limits, constraints, network);
+    let ports = vec![EndpointPortConfig {
+        protocol: Some(EndpointPortConfigProtocolEnum::TCP),
+        target_port: Some(i64::from(spec.port)),
+        published_port: Some(i64::from(port)),
+        publish_mode: Some(EndpointPortConfigPublishModeEnum::HOST),
+        ..Default::default()
+    }];
+    service_spec(name, labels, task, 1, ports)
+}
+
+/// A service of a preview environment: never published, reachable on the preview's network by
+/// its name, its data volume (on the node it is pinned to) mounted on `data`. Created with no
+/// replica: `start_part` scales it to one.
+pub fn part_service(
+    name: String,
+    labels: HashMap<String, String>,
+    plan: &ServicePlan<'_>,
+    constraints: &[String],
+) -> ServiceSpec {
+    let spec = plan.spec;
+    let data = plan.volume.zip(spec.data.as_ref()).map(|(volume, path)| Mount {
+        target: Some(path.clone()),
+        source: Some(volume.to_owned()),
+        typ: Some(MountType::VOLUME),
+        ..Default::default()
+    });
+    let container = TaskSpecContainerSpec {
+        image: Some(spec.image.clone()),
+        labels: Some(labels.clone()),
+        args: spec.command.clone(),
+        env: Some(plan.env.clone()),
+        mounts: data.map(|mount| vec![mount]),
+        capability_drop: Some(vec!["ALL".to_owned()]),
+        capability_add: Some(spec.cap_add.iter().map(ToString::to_string).collect()),
+        stop_grace_period: Some(STOP_GRACE_NS),
+        ..Default::default()
+    };
+    let limits = Limit {
+        nano_cpus: spec.cpus.map(|cpus| (cpus * 1e9).round() as i64),
+        memory_bytes: Some(spec.memory),
+        pids: Some(spec.pids),
+    };
+    let network = attachment(plan.network, Some(plan.name.to_string()));
+    let task = task_spec(container, limits, constraints, Some(network));
+    service_spec(name, labels, task, 0, Vec::new())
+}
+
+fn tmp_mount() -> Mount {
+    Mount {
+        target: Some("/tmp".to_owned()),
+        typ: Some(MountType::TMPFS),
+        tmpfs_options: Some(MountTmpfsOptions { size_bytes: Some(READ_ONLY_TMPFS_BYTES), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+fn attachment(network: &str, alias: Option<String>) -> NetworkAttachmentConfig {
+    NetworkAttachmentConfig {
+        target: Some(network.to_owned()),
+        aliases: alias.map(|alias| vec![alias]),
+        ..Default::default()
+    }
+}
+
+/// Restarted by Swarm whatever the exit, after a pause; placed by `constraints`; a log that
+/// cannot fill the node's disk.
+fn task_spec(
+    container: TaskSpecContainerSpec,
+    limits: Limit,
+    constraints: &[String],
+    network: Option<NetworkAttachmentConfig>,
+) -> TaskSpec {
+    TaskSpec {
         container_spec: Some(container),
-        resources: Some(TaskSpecResources {
-            limits: Some(Limit {
-                nano_cpus: spec.cpus.map(|cpus| (cpus * 1e9).round() as i64),
-                memory_bytes: Some(spec.memory),
-                pids: Some(spec.pids),
-            }),
-            ..Default::default()
-        }),
+        resources: Some(TaskSpecResources { limits: Some(limits), ..Default::default() }),
         restart_policy: Some(TaskSpecRestartPolicy {
             condition: Some(TaskSpecRestartPolicyConditionEnum::ANY),
             delay: Some(RESTART_DELAY_NS),
             ..Default::default()
         }),
         placement: Some(TaskSpecPlacement { constraints: Some(constraints.to_vec()), ..Default::default() }),
-        networks: plan
-            .network
-            .map(|network| vec![NetworkAttachmentConfig { target: Some(network.to_owned()), ..Default::default() }]),
+        networks: network.map(|network| vec![network]),
         log_driver: Some(TaskSpecLogDriver {
             name: Some("json-file".to_owned()),
             options: Some(HashMap::from([
@@ -103,29 +188,31 @@ pub fn app_service(
             ])),
         }),
         ..Default::default()
-    };
+    }
+}
+
+/// DNS round robin rather than a virtual IP: nothing reaches an app by its service name, a
+/// service is reached through its alias on the preview's network, and a virtual IP needs IPVS.
+fn service_spec(
+    name: String,
+    labels: HashMap<String, String>,
+    task: TaskSpec,
+    replicas: i64,
+    ports: Vec<EndpointPortConfig>,
+) -> ServiceSpec {
     ServiceSpec {
         name: Some(name),
         labels: Some(labels),
         task_template: Some(task),
         mode: Some(ServiceSpecMode {
-            replicated: Some(ServiceSpecModeReplicated { replicas: Some(1) }),
+            replicated: Some(ServiceSpecModeReplicated { replicas: Some(replicas) }),
             ..Default::default()
         }),
         update_config: Some(ServiceSpecUpdateConfig {
             order: Some(ServiceSpecUpdateConfigOrderEnum::STOP_FIRST),
             ..Default::default()
         }),
-        endpoint_spec: Some(EndpointSpec {
-            mode: Some(EndpointSpecModeEnum::DNSRR),
-            ports: Some(vec![EndpointPortConfig {
-                protocol: Some(EndpointPortConfigProtocolEnum::TCP),
-                target_port: Some(i64::from(spec.port)),
-                published_port: Some(i64::from(port)),
-                publish_mode: Some(EndpointPortConfigPublishModeEnum::HOST),
-                ..Default::default()
-            }]),
-        }),
+        endpoint_spec: Some(EndpointSpec { mode: Some(EndpointSpecModeEnum::DNSRR), ports: Some(ports) }),
         ..Default::default()
     }
 }
@@ -141,6 +228,8 @@ pub struct TaskView {
     pub created_ns: i128,
     pub exit_code: Option<i64>,
     pub message: String,
+    /// The task's container, once it has one.
+    pub container: Option<String>,
 }
 
 impl TaskView {
@@ -212,6 +301,7 @@ mod tests {
             created_ns,
             exit_code: None,
             message: String::new(),
+            container: None,
         }
     }
 

@@ -27,6 +27,7 @@
 #   environment  the shop (app, PostgreSQL from a seed volume, Redis, a migration job) runs as
 #              Swarm services on the manager, where its data lives; a product added before a
 #              sleep is still there after the wake
+#   build      an uploaded build context is built on the manager and its preview runs there
 #   kill       killing every preview leaves no service, preview network or data volume
 #
 # Prints PASS/FAIL per check; exits 1 if any check failed, 2 if the drills could not run.
@@ -514,12 +515,33 @@ drill_environment() {
     fi
 }
 
+drill_build() {
+    drill=build
+    local code ctx=$work/context
+    mkdir -p "$ctx"
+    printf 'FROM %s\nCOPY index.html /www/index.html\n' "$IMAGE" >"$ctx/Dockerfile"
+    echo '<h1>Built on the Swarm</h1>' >"$ctx/index.html"
+    code=$(tar -C "$ctx" -cf - . | curl -s -m 120 -o "$work/build.txt" -w '%{http_code}' -u drill:drill \
+        -H 'Content-Type: application/x-tar' --data-binary @- \
+        "http://127.0.0.1:$api_port/api/builds?image=demo&name=built" || true)
+    if [ "$code" = 200 ] && [ "$(through_nginx built)" = 200 ] && grep -q 'Built on the Swarm' "$work/page.html"; then
+        pass "an uploaded context was built and its preview serves the built page through nginx"
+    else
+        fail "build: HTTP $code $(cat "$work/build.txt"), through nginx $(through_nginx built)"; show_log; return
+    fi
+    if [ "$(node_of built)" = m ]; then
+        pass "the built image's preview runs on the manager, the one node that has the image"
+    else
+        fail "the built preview runs on $(node_of built), which does not have the image"
+    fi
+}
+
 drill_kill() {
     drill=kill
     local name code networks volumes
     networks=$(for id in $(services); do D m service inspect "$id" --format '{{ index .Spec.Labels "previewd.network" }}'; done | sort -u)
     volumes=$(D m volume ls -q --filter "label=previewd.instance=$instance" | tr '\n' ' ')
-    for name in alpha beta store; do
+    for name in alpha beta store built; do
         code=$(curl -s -m 60 -o "$work/kill.txt" -w '%{http_code}' -u drill:drill -d "container_name=$name" "http://127.0.0.1:$api_port/kill" || true)
         [ "$code" = 200 ] || fail "kill of $name: HTTP $code $(cat "$work/kill.txt")"
     done
@@ -536,6 +558,10 @@ drill_kill() {
         pass "the shop's data volume is gone ($volumes)"
     else
         fail "data volumes: had '$volumes', left '$(D m volume ls -q --filter "label=previewd.instance=$instance" | tr '\n' ' ')'"
+    fi    if [ -z "$(D m images -q --filter label=previewd.built=true)" ]; then
+        pass "the built image is gone from the manager"
+    else
+        fail "built images left on the manager: $(D m images --filter label=previewd.built=true --format '{{.Repository}}:{{.Tag}}' | tr '\n' ' ')"
     fi
 }
 
@@ -547,6 +573,7 @@ drill_launch && {
     drill_node_down
     drill_restart
     drill_environment
+    drill_build
     drill_kill
 }
 echo "swarm-drills: $checks checks, $failures failed"

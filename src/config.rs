@@ -476,15 +476,6 @@ impl RawConfig {
         let runtime = runtime::validate(self.runtime.unwrap_or_default(), &mut problems);
         if runtime.is_swarm() {
             runtime::check_swarm_images(&images, &network, &mut problems);
-            for (name, repo) in github.iter().flat_map(|github| &github.repos) {
-                if repo.build.is_some() {
-                    problems.add(
-                        &format!("github.repos.{name}.build"),
-                        "builds from source do not run on runtime.kind: swarm yet (the image would be on the manager \
-                         only); build in CI, push to your registry and set the repo's image_tag",
-                    );
-                }
-            }
         }
         let dashboard_url = self.dashboard_url.map(|url| url.trim_end_matches('/').to_owned());
         if let Some(url) = &dashboard_url

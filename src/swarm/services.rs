@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
 
-use bollard::models::Service;
+use bollard::models::{Service, TaskState};
 use bollard::query_parameters::{ListContainersOptions, LogsOptions};
 
 use super::spec::{self, TaskView};
@@ -51,6 +51,12 @@ impl SwarmRuntime {
                     return Ok(SocketAddr::new(*ip, port));
                 }
             }
+            // Refused by its node (the image is not there, a mount cannot be made): Swarm
+            // would try node after node; the launch says why at once.
+            if let Some(task) = tasks.iter().find(|t| t.created_ns >= since && t.state == Some(TaskState::REJECTED)) {
+                let message = format!("a node refused the task: {}", task.message);
+                return Err(DockerError::Api { action: "place the preview on a node", message });
+            }
             if Instant::now() >= deadline {
                 // Swarm's own words for the newest task: why no node takes it, or why it failed.
                 let newest = tasks.iter().filter(|task| task.created_ns >= since).max_by_key(|task| task.created_ns);
@@ -60,6 +66,15 @@ impl SwarmRuntime {
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(250));
+        }
+    }
+
+    /// Whether previewd built `image` on the manager's engine.
+    async fn built_here(&self, image: &str) -> Result<bool, DockerError> {
+        match self.docker.inspect_image(image).await {
+            Ok(inspect) => Ok(inspect.config.and_then(|c| c.labels).is_some_and(|l| l.contains_key(LABEL_BUILT))),
+            Err(err) if is_not_found(&err) => Ok(false),
+            Err(err) => Err(DockerError::from_bollard("inspect the image", err)),
         }
     }
 
@@ -192,8 +207,11 @@ impl Containers for SwarmRuntime {
         let hold = self.reserve_port(&taken)?;
         let name = spec::service_name(&self.instance, plan.slug.as_ref(), rand::random());
         let labels = spec::app_labels(&self.instance, &plan, unix_nanos());
-        // An environment's app goes where its services and their data are.
-        let constraints = if plan.spec.services.is_empty() { self.constraints.to_vec() } else { self.on_manager() };
+        // An environment's app goes where its services and their data are; an image built from
+        // source is on the manager only (there is no registry to take it to the other nodes).
+        let built = self.built_here(&plan.spec.image).await?;
+        let constraints =
+            if plan.spec.services.is_empty() && !built { self.constraints.to_vec() } else { self.on_manager() };
         let service = spec::app_service(name, labels, &plan, hold.port, &constraints);
         let created = self
             .docker

@@ -169,6 +169,7 @@ start_node() { # node index
     ip -n "$(ns "$node")" link set lo up
     ip -n "$(ns "$node")" route add default via "$net.1"
     echo '{}' >"$dir/daemon.json"
+    # shellcheck disable=SC2016 # expanded by the inner shell, from its arguments
     DOCKER_SERVICE_PREFER_OFFLINE_IMAGE=1 ip netns exec "$(ns "$node")" unshare --uts sh -c '
         hostname "$1"
         mount -t tmpfs cgroup /sys/fs/cgroup
@@ -424,7 +425,7 @@ EOF
 }
 
 drill_sleep() {
-    drill=sleep
+    drill="sleep"
     local code replicas t0
     code=$(api POST /api/previews/alpha/sleep)
     replicas=$(D m service inspect "$(services alpha)" --format '{{ .Spec.Mode.Replicated.Replicas }}')
@@ -454,7 +455,7 @@ drill_drain() {
 }
 
 drill_node_down() {
-    drill=node-down
+    drill="node-down"
     local from t0
     from=$(node_of alpha)
     [ -n "$from" ] || { fail "alpha has no running task"; return; }
@@ -537,7 +538,7 @@ drill_build() {
 }
 
 drill_kill() {
-    drill=kill
+    drill="kill"
     local name code networks volumes
     networks=$(for id in $(services); do D m service inspect "$id" --format '{{ index .Spec.Labels "previewd.network" }}'; done | sort -u)
     volumes=$(D m volume ls -q --filter "label=previewd.instance=$instance" | tr '\n' ' ')
@@ -549,7 +550,7 @@ drill_kill() {
     local left=
     for network in $networks; do D m network inspect "$network" >/dev/null 2>&1 && left="$left $network"; done
     if [ -n "$networks" ] && [ -z "$left" ]; then
-        pass "the previews' overlay networks are gone ($(echo $networks))"
+        pass "the previews' overlay networks are gone ($(tr "\n" " " <<<"$networks"))"
     else
         fail "preview networks: had '$networks', left '$left'"
     fi
@@ -558,7 +559,8 @@ drill_kill() {
         pass "the shop's data volume is gone ($volumes)"
     else
         fail "data volumes: had '$volumes', left '$(D m volume ls -q --filter "label=previewd.instance=$instance" | tr '\n' ' ')'"
-    fi    if [ -z "$(D m images -q --filter label=previewd.built=true)" ]; then
+    fi
+    if [ -z "$(D m images -q --filter label=previewd.built=true)" ]; then
         pass "the built image is gone from the manager"
     else
         fail "built images left on the manager: $(D m images --filter label=previewd.built=true --format '{{.Repository}}:{{.Tag}}' | tr '\n' ' ')"

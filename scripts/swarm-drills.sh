@@ -32,7 +32,13 @@
 #
 # Prints PASS/FAIL per check; exits 1 if any check failed, 2 if the drills could not run.
 # Everything is removed on exit, also on Ctrl-C or a timeout.
-# Usage: scripts/swarm-drills.sh        (env: SWARM_DRILLS_TIME_LIMIT seconds, default 300)
+#
+# `scripts/swarm-drills.sh bench [N]` runs no drill: it times N launches on the Swarm (request
+# to served through nginx) against the same by hand, alternately: `docker service create` in
+# host mode on a labelled worker, wait until its task runs, one vhost for the node's address
+# in an nginx of its own, `nginx -s reload`, poll until 200. Prints both medians and the ratio.
+# With SWARM_ISOLATION=false previews get no network of their own (network.isolation: false).
+# Usage: scripts/swarm-drills.sh [bench [N]]   (env: SWARM_DRILLS_TIME_LIMIT seconds, default 300)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -42,7 +48,10 @@ IMAGE=previewd-demo:latest
 # seed volume are copied to the manager, where previews with services run.
 SHOP_IMAGES=(previewd-shop:demo previewd-postgres:15 previewd-redis:7)
 SEED=shop-db-seed
-LIMIT=${SWARM_DRILLS_TIME_LIMIT:-300}
+MODE=${1:-drills}
+RUNS=${2:-10}
+[ "$MODE" = drills ] || [ "$MODE" = bench ] || { echo "usage: $0 [bench [N]]" >&2; exit 2; }
+LIMIT=${SWARM_DRILLS_TIME_LIMIT:-$([ "$MODE" = bench ] && echo $((120 + RUNS * 15)) || echo 300)}
 FOLLOW=30 # seconds a moved preview may take to answer through nginx again
 
 log() { echo "swarm-drills: $*" >&2; }
@@ -95,16 +104,18 @@ kill_node() { # node: every process of the node's namespace (dockerd, containerd
 }
 
 cleanup() {
-    local rc=$? node pid mnt
+    local rc=$? node pid mnt file
     set +e
     trap - EXIT INT TERM
     [ -n "$watchdog" ] && kill "$watchdog" 2>/dev/null
     [ -n "$load_pid" ] && stop_process "$load_pid" 5
     [ -n "$daemon" ] && stop_process "$daemon" 15
-    pid=$(cat "$work/state/nginx/nginx.pid" 2>/dev/null)
-    if [ -n "$pid" ] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q '^nginx: master'; then
-        kill -QUIT "$pid"; wait_gone "$pid" 10 || kill -KILL "$pid"
-    fi
+    for file in "$work/state/nginx/nginx.pid" "$work/floor/nginx.pid"; do
+        pid=$(cat "$file" 2>/dev/null) || continue
+        if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q '^nginx: master'; then
+            kill -QUIT "$pid"; wait_gone "$pid" 10 || kill -KILL "$pid"
+        fi
+    done
     for node in "${nodes[@]}"; do
         if [ -S "$(sock "$node")" ]; then
             D "$node" ps -aq 2>/dev/null | xargs -r docker -H "unix://$(sock "$node")" rm -f >/dev/null 2>&1
@@ -118,6 +129,8 @@ cleanup() {
     [ -n "$forward_rule" ] && iptables -D FORWARD -i "$bridge" -o "$bridge" -j ACCEPT 2>/dev/null
     ip link del "$bridge" 2>/dev/null
     awk -v w="$work/" 'index($2, w) == 1 { print $2 }' /proc/mounts | sort -r | while read -r mnt; do umount -l "$mnt"; done
+    # Kept for a look after a failure (the work dir goes).
+    cp "$state/previewd.log" /tmp/previewd-swarm-drills.log 2>/dev/null
     rm -rf "$work"
     if [ "$rc" = 0 ] && [ "$failures" -gt 0 ]; then rc=1; fi
     exit "$rc"
@@ -138,7 +151,7 @@ pass() { checks=$((checks + 1)); echo "PASS  $drill: $*"; }
 fail() { checks=$((checks + 1)); failures=$((failures + 1)); echo "FAIL  $drill: $*"; }
 note() { echo "      $drill: $*"; }
 now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+since() { awk -v a="$1" -v b="$(now)" -v p="${2:-1}" 'BEGIN { printf "%.*f", p, b - a }'; }
 
 # --- the Swarm -----------------------------------------------------------------------------------
 
@@ -241,7 +254,7 @@ runtime:
 nginx:
   listen: 127.0.0.1:$nginx_port
   template: $PWD/templates/vhost.conf.tera
-network: {warm: 2}
+network: {warm: 2, isolation: ${SWARM_ISOLATION:-true}}
 images:
   demo: {image: $IMAGE, port: 3000, command: [/bin/busybox, httpd, -f, -p, "3000", -h, /www], pull: never}
   shop:
@@ -270,11 +283,14 @@ images:
       - {name: migrate, command: [python3, migrate.py], when: every_deploy, timeout: 120}
 users: [{name: drill, password_hash: "$hash"}]
 EOF
+# SWARM_ISOLATION=false (for `bench`): previews on the nodes' default bridge, no network of
+# their own; the shop, whose services need one, goes.
+[ "${SWARM_ISOLATION:-true}" = true ] || sed -i '/^  shop:/,/^users:/{/^users:/!d}' "$state/config.yml"
 
 healthz() { curl -s -m 5 -o "$work/healthz.json" -w '%{http_code}' "http://127.0.0.1:$api_port/healthz" || true; }
 
 start_previewd() {
-    DOCKER_HOST="unix://$(sock m)" RUST_LOG=info "$BIN" serve --config "$state/config.yml" 2>>"$state/previewd.log" &
+    DOCKER_HOST="unix://$(sock m)" RUST_LOG=${RUST_LOG:-info} "$BIN" serve --config "$state/config.yml" 2>>"$state/previewd.log" &
     daemon=$!
     local i
     for ((i = 0; i < 300; i++)); do
@@ -366,6 +382,13 @@ drill_launch() {
         w1 | w2) pass "the constraint node.labels.previews == true kept it off the manager" ;;
         *) fail "alpha runs on ${node:-no node}, not on a worker labelled previews=true" ;;
     esac
+    local network
+    network=$(D m network inspect -f '{{.Name}} {{.Driver}}' "$(D m service inspect "$id" --format '{{ range .Spec.TaskTemplate.Networks }}{{ .Target }}{{ end }}')")
+    if [ "$network" = "$(D m service inspect "$id" --format '{{ index .Spec.Labels "previewd.network" }}') overlay" ]; then
+        pass "alpha is on an overlay network of its own (${network% *})"
+    else
+        fail "alpha's network: '$network'"
+    fi
     if [ "$upstream_port" = "${addr[$node]}:${upstream_port##*:}" ]; then
         pass "nginx proxies to the worker's address and the published port ($upstream_port)"
     else
@@ -469,7 +492,7 @@ drill_restart() {
     drill=restart
     local code
     code=$(launch beta)
-    [ "$code" = 200 ] || { fail "launch of beta: HTTP $code $(cat "$work/launch.txt")"; return; }
+    [ "$code" = 200 ] || { fail "launch of beta: HTTP $code $(cat "$work/launch.txt")"; show_log; return; }
     kill -KILL "$daemon"; wait "$daemon" 2>/dev/null || true; daemon=
     rm -f "$sites"/previewd."$instance".*.conf
     if ! start_previewd; then fail "previewd does not start again"; return; fi
@@ -567,7 +590,78 @@ drill_kill() {
     fi
 }
 
+# --- bench -------------------------------------------------------------------------------------
+
+median() { sort -n | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+# The floor's nginx: one server block per preview, as a person would write it.
+start_floor() {
+    floor=$work/floor
+    floor_port=$(free_port)
+    mkdir -p "$floor/sites" "$floor/tmp"
+    cat >"$floor/nginx.conf" <<EOF
+pid $floor/nginx.pid;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $floor/tmp/b; proxy_temp_path $floor/tmp/p; fastcgi_temp_path $floor/tmp/f;
+  uwsgi_temp_path $floor/tmp/u; scgi_temp_path $floor/tmp/s;
+  server { listen 127.0.0.1:$floor_port default_server; return 404; }
+  include $floor/sites/*.conf;
+}
+EOF
+    floor_nginx
+}
+floor_nginx() { nginx -p "$floor" -c "$floor/nginx.conf" -e "$floor/error.log" "$@"; }
+
+# By hand: the service, its task running, the vhost to the node's address, a reload, until 200.
+hand_launch() { # name port
+    local name=$1 port=$2 node
+    D m service create -d -q --no-resolve-image --name "$name" --constraint node.labels.previews==true \
+        --publish "mode=host,published=$port,target=3000" --update-order stop-first \
+        "$IMAGE" /bin/busybox httpd -f -p 3000 -h /www >/dev/null
+    until node=$(D m service ps "$name" --filter desired-state=running --format '{{.Node}} {{.CurrentState}}' |
+        awk '$2 == "Running" { sub(/^pvsw-/, "", $1); print $1; exit }') && [ -n "$node" ]; do
+        sleep 0.01
+    done
+    echo "server { listen 127.0.0.1:$floor_port; server_name $name.floor.localhost; location / { proxy_pass http://${addr[$node]}:$port; } }" \
+        >"$floor/sites/$name.conf"
+    floor_nginx -s reload
+    until [ "$(curl -s -m 2 -o /dev/null -w '%{http_code}' -H "Host: $name.floor.localhost" "http://127.0.0.1:$floor_port/")" = 200 ]; do
+        sleep 0.01
+    done
+}
+
+bench() {
+    drill=bench
+    local i t0 code ours=() hands=()
+    start_floor
+    for ((i = 1; i <= RUNS; i++)); do
+        t0=$(now)
+        code=$(launch "bench-$i")
+        if [ "$code" != 200 ] || ! serves "bench-$i"; then
+            fail "launch of bench-$i: HTTP $code $(cat "$work/launch.txt")"; show_log; return
+        fi
+        ours+=("$(since "$t0" 3)")
+        curl -s -m 60 -o /dev/null -u drill:drill -d "container_name=bench-$i" "http://127.0.0.1:$api_port/kill"
+        t0=$(now)
+        hand_launch "hand-$i" $((31000 + i))
+        hands+=("$(since "$t0" 3)")
+        D m service rm "hand-$i" >/dev/null
+        rm -f "$floor/sites/hand-$i.conf"
+        echo "      run $i: previewd ${ours[-1]} s, by hand ${hands[-1]} s"
+    done
+    local a b
+    a=$(printf '%s\n' "${ours[@]}" | median)
+    b=$(printf '%s\n' "${hands[@]}" | median)
+    echo "launch on the Swarm, median of $RUNS (request to first 200 through nginx): previewd $a s, by hand $b s, $(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.2f", a / b }')x"
+}
+
 start_previewd || die "previewd does not start against the Swarm"
+if [ "$MODE" = bench ]; then
+    bench
+    exit
+fi
 drill_launch && {
     drill_redeploy
     drill_sleep

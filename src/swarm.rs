@@ -210,6 +210,7 @@ fn unix_ns(date: Option<&String>) -> i128 {
 fn task_view(task: Task) -> TaskView {
     let status = task.status.unwrap_or_default();
     TaskView {
+        id: task.id.unwrap_or_default(),
         state: status.state,
         wanted: matches!(task.desired_state, Some(TaskState::RUNNING | TaskState::READY)),
         node: task.node_id,

@@ -58,11 +58,12 @@ impl Parts for SwarmRuntime {
     /// A service: scaled to one replica, once its task has a node. A job: its container started.
     async fn start_part(&self, id: &str) -> Result<(), DockerError> {
         let Some(service) = self.service(id).await? else { return self.engine.start_part(id).await };
+        let mut earlier = std::collections::HashSet::new();
         if Self::replicas(&service) == 0 {
+            earlier = self.task_ids(id).await?;
             self.scale(id, 1).await?;
         }
-        let since = self.service(id).await?.map_or(0, |service| super::unix_ns(service.updated_at.as_ref()));
-        self.placed(id, 0, since).await.map(drop)
+        self.placed(id, 0, &earlier).await.map(drop)
     }
 
     async fn wait_for_end(&self, id: &str, timeout: Duration) -> Result<RunOutcome, DockerError> {

@@ -3,7 +3,7 @@
 //! the Swarm makes by itself (a task rescheduled to another node), found by polling: the
 //! manager's event stream tells of services, not of where their tasks run.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ use bollard::models::{Service, TaskState};
 use bollard::query_parameters::{ListContainersOptions, LogsOptions};
 
 use super::spec::{self, TaskView};
-use super::{LABEL_UP, SwarmRuntime, unix_ns};
+use super::{LABEL_UP, SwarmRuntime};
 use crate::docker::labels::*;
 use crate::docker::{is_not_found, unix_nanos};
 use crate::preview::{ImageKey, Role, Slug};
@@ -25,6 +25,9 @@ use crate::runtime::{ContainerPlan, ContainerStatus, Containers, CreatedContaine
 
 /// How long a started service may wait for a node before the start fails.
 const PLACEMENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest pause between two looks at a starting task (each is two cheap calls to the
+/// manager; a task starts within a second).
+const PLACEMENT_POLL: Duration = Duration::from_millis(40);
 /// How often the Swarm is asked where the previews' tasks run (see `container_changes`).
 const CHANGES_POLL: Duration = Duration::from_secs(1);
 /// How long a removal waits for the Swarm to remove the service's containers (they stop
@@ -34,38 +37,48 @@ const CONTAINERS_GONE: Duration = Duration::from_secs(30);
 const LOG_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl SwarmRuntime {
-    /// Waits until a task of the service created at or after `since` (Unix ns) has a node and
-    /// is on its way to run there; where nginx will reach it. A task Swarm cannot place (no
-    /// node meets the constraints, or has the image) fails the start with Swarm's reason.
-    pub(super) async fn placed(&self, id: &str, port: u16, since: i128) -> Result<SocketAddr, DockerError> {
+    /// The ids of the service's tasks now: those `placed` is not to wait for.
+    pub(super) async fn task_ids(&self, id: &str) -> Result<HashSet<String>, DockerError> {
+        let tasks = self.tasks_of(&[id.to_owned()]).await?.remove(id).unwrap_or_default();
+        Ok(tasks.into_iter().map(|task| task.id).collect())
+    }
+
+    /// Waits until a task of the service that is not one of `earlier` runs (its container has
+    /// started), or has failed (the health wait then reports the crash); where nginx will reach
+    /// it. Not sooner: a connection to the node's published port before the container's network
+    /// is up is taken by Docker's proxy and answered only after a SYN retransmission, a second
+    /// later. A task a node refuses (the image is not there) fails the start at once, with
+    /// Swarm's reason.
+    pub(super) async fn placed(
+        &self,
+        id: &str,
+        port: u16,
+        earlier: &HashSet<String>,
+    ) -> Result<SocketAddr, DockerError> {
         let deadline = Instant::now() + PLACEMENT_TIMEOUT;
         let mut pause = Duration::from_millis(10);
         loop {
             let tasks = self.tasks_of(&[id.to_owned()]).await?.remove(id).unwrap_or_default();
-            let fresh: Vec<&TaskView> = tasks.iter().filter(|task| task.created_ns >= since && task.wanted).collect();
-            if let Some(node) =
-                fresh.iter().filter(|task| task.is_coming_up() || task.is_running()).find_map(|t| t.node.as_deref())
+            let fresh: Vec<&TaskView> = tasks.iter().filter(|task| !earlier.contains(&task.id)).collect();
+            let started = fresh.iter().filter(|task| task.is_running() || task.has_failed());
+            if let Some(node) = started.filter_map(|task| task.node.as_deref()).next()
+                && let Some(ip) = self.node_addresses().await?.get(node)
             {
-                let addresses = self.node_addresses().await?;
-                if let Some(ip) = addresses.get(node) {
-                    return Ok(SocketAddr::new(*ip, port));
-                }
+                return Ok(SocketAddr::new(*ip, port));
             }
-            // Refused by its node (the image is not there, a mount cannot be made): Swarm
-            // would try node after node; the launch says why at once.
-            if let Some(task) = tasks.iter().find(|t| t.created_ns >= since && t.state == Some(TaskState::REJECTED)) {
+            if let Some(task) = fresh.iter().find(|task| task.state == Some(TaskState::REJECTED)) {
                 let message = format!("a node refused the task: {}", task.message);
                 return Err(DockerError::Api { action: "place the preview on a node", message });
             }
             if Instant::now() >= deadline {
-                // Swarm's own words for the newest task: why no node takes it, or why it failed.
-                let newest = tasks.iter().filter(|task| task.created_ns >= since).max_by_key(|task| task.created_ns);
+                // Swarm's own words for the newest task: why no node takes it.
+                let newest = fresh.iter().max_by_key(|task| task.created_ns);
                 let why = newest.map(|task| format!("{:?}: {}", task.state, task.message));
                 let message = why.unwrap_or_else(|| "Swarm made no task for it".to_owned());
                 return Err(DockerError::Api { action: "place the preview on a node", message });
             }
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(250));
+            pause = (pause * 2).min(PLACEMENT_POLL);
         }
     }
 
@@ -212,7 +225,7 @@ impl Containers for SwarmRuntime {
         let built = self.built_here(&plan.spec.image).await?;
         let constraints =
             if plan.spec.services.is_empty() && !built { self.constraints.to_vec() } else { self.on_manager() };
-        let service = spec::app_service(name, labels, &plan, hold.port, &constraints);
+        let service = spec::app_service(name, labels, &plan, plan.network, hold.port, &constraints);
         let created = self
             .docker
             .create_service(service, None)
@@ -232,13 +245,12 @@ impl Containers for SwarmRuntime {
             .service(&container.id)
             .await?
             .ok_or_else(|| DockerError::Api { action: "start the service", message: "it is gone".to_owned() })?;
-        let mut since = unix_ns(service.updated_at.as_ref());
+        let mut earlier = HashSet::new();
         if Self::replicas(&service) == 0 {
+            earlier = self.task_ids(&container.id).await?;
             self.scale(&container.id, 1).await?;
-            let updated = self.service(&container.id).await?;
-            since = updated.as_ref().map_or(since, |service| unix_ns(service.updated_at.as_ref()));
         }
-        self.placed(&container.id, container.host_port, since).await
+        self.placed(&container.id, container.host_port, &earlier).await
     }
 
     /// Swarm itself starts a task again elsewhere when its port is taken on one node.
@@ -301,6 +313,7 @@ impl Containers for SwarmRuntime {
     /// A forced update: Swarm stops the task and starts a new one (stop-first), maybe on
     /// another node.
     async fn restart(&self, id: &str, _grace: Duration) -> Result<SocketAddr, DockerError> {
+        let earlier = self.task_ids(id).await?;
         self.update(id, |spec| {
             if let Some(task) = spec.task_template.as_mut() {
                 task.force_update = Some(task.force_update.unwrap_or(0) + 1);
@@ -312,7 +325,7 @@ impl Containers for SwarmRuntime {
             .await?
             .ok_or_else(|| DockerError::Api { action: "restart the service", message: "it is gone".to_owned() })?;
         let port = Self::published_port(&service).unwrap_or_default();
-        self.placed(id, port, unix_ns(service.updated_at.as_ref())).await
+        self.placed(id, port, &earlier).await
     }
 
     /// Not running when scaled to none, when no task runs, or when a task failed since the
@@ -323,7 +336,7 @@ impl Containers for SwarmRuntime {
             return Ok(Some(ContainerStatus { running: false, exit_code: None }));
         }
         let tasks = self.tasks_of(&[id.to_owned()]).await?.remove(id).unwrap_or_default();
-        if let Some(exit_code) = spec::crashed_since(&tasks, unix_ns(service.updated_at.as_ref())) {
+        if let Some(exit_code) = spec::crashed(&tasks) {
             return Ok(Some(ContainerStatus { running: false, exit_code }));
         }
         let running = tasks.iter().any(|task| task.wanted && (task.is_running() || task.is_coming_up()));

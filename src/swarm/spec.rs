@@ -75,6 +75,7 @@ pub fn app_service(
     name: String,
     labels: HashMap<String, String>,
     plan: &ContainerPlan<'_>,
+    network: Option<&str>,
     port: u16,
     constraints: &[String],
 ) -> ServiceSpec {
@@ -96,8 +97,7 @@ pub fn app_service(
         memory_bytes: Some(spec.memory),
         pids: Some(spec.pids),
     };
-    let network = plan.network.map(|network| attachment(network, None));
-    let task = task_spec(container, limits, constraints, network);
+    let task = task_spec(container, limits, constraints, network.map(|network| attachment(network, None)));
     let ports = vec![EndpointPortConfig {
         protocol: Some(EndpointPortConfigProtocolEnum::TCP),
         target_port: Some(i64::from(spec.port)),
@@ -220,6 +220,7 @@ fn service_spec(
 /// A task of a service, as far as previewd cares.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskView {
+    pub id: String,
     pub state: Option<TaskState>,
     /// Swarm still wants it to run (it is not being shut down or replaced).
     pub wanted: bool,
@@ -279,12 +280,18 @@ pub fn service_state(replicas: i64, kept: bool, tasks: &[TaskView]) -> (PreviewS
     }
 }
 
-/// Whether the app crashed since `since` (Unix nanoseconds: the service's last update, i.e.
-/// its creation, a scale up or a forced restart), and its exit code.
-pub fn crashed_since(tasks: &[TaskView], since: i128) -> Option<Option<i64>> {
+/// Whether the app crashed, and its exit code: no task runs, and one failed after the last
+/// task that ran and was stopped (a sleep). Swarm's own times cannot say "since the last
+/// update": it updates a new service once more as it allocates its port, around when it makes
+/// the first task.
+pub fn crashed(tasks: &[TaskView]) -> Option<Option<i64>> {
+    if tasks.iter().any(|task| task.wanted && task.is_running()) {
+        return None;
+    }
+    let stopped = tasks.iter().filter(|task| task.is_ended()).map(|task| task.created_ns).max().unwrap_or(i128::MIN);
     tasks
         .iter()
-        .filter(|task| task.has_failed() && task.created_ns >= since)
+        .filter(|task| task.has_failed() && task.created_ns > stopped)
         .max_by_key(|task| task.created_ns)
         .map(|task| task.exit_code)
 }
@@ -295,6 +302,7 @@ mod tests {
 
     fn task(state: TaskState, wanted: bool, created_ns: i128) -> TaskView {
         TaskView {
+            id: format!("task-{created_ns}"),
             state: Some(state),
             wanted,
             node: Some(format!("node-{created_ns}")),
@@ -346,11 +354,24 @@ mod tests {
     }
 
     #[test]
-    fn only_a_failure_after_the_last_update_is_a_crash() {
+    fn a_failed_task_with_none_running_is_a_crash() {
         let mut failed = task(TaskState::FAILED, false, 5);
         failed.exit_code = Some(3);
-        let tasks = [failed, task(TaskState::PENDING, true, 6)];
-        assert_eq!(crashed_since(&tasks, 4), Some(Some(3)));
-        assert_eq!(crashed_since(&tasks, 6), None);
+        let tasks = [failed.clone(), task(TaskState::PENDING, true, 6)];
+        assert_eq!(crashed(&tasks), Some(Some(3)));
+        assert_eq!(crashed(&[failed, task(TaskState::RUNNING, true, 6)]), None);
+    }
+
+    #[test]
+    fn a_failure_before_the_last_sleep_is_not_a_crash_of_the_wake() {
+        let tasks = [
+            task(TaskState::FAILED, false, 1),
+            task(TaskState::SHUTDOWN, false, 2),
+            task(TaskState::STARTING, true, 3),
+        ];
+        assert_eq!(crashed(&tasks), None);
+        let mut woken = tasks.to_vec();
+        woken[2] = task(TaskState::FAILED, false, 3);
+        assert_eq!(crashed(&woken), Some(None));
     }
 }

@@ -25,6 +25,8 @@
 # engines' containers do not compete for ports.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=scripts/drill-lib.sh
+source scripts/drill-lib.sh
 
 BIN=$PWD/target/release/previewd
 IMAGE=previewd-demo:latest
@@ -59,20 +61,6 @@ drill=setup
 
 # --- cleanup, time limit ----------------------------------------------------------------------
 
-alive() { [ -n "$1" ] && [ -e "/proc/$1" ] && [ "$(awk '{ print $3 }' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
-
-wait_gone() { # pid seconds: true once the process has exited
-    local i
-    for ((i = 0; i < $2 * 10; i++)); do alive "$1" || return 0; sleep 0.1; done
-    ! alive "$1"
-}
-
-stop_process() { # pid seconds: SIGTERM, then SIGKILL after `seconds`; reaps our children
-    [ -n "$1" ] || return 0
-    kill -TERM "$1" 2>/dev/null || true
-    wait_gone "$1" "$2" || { log "pid $1 ignored SIGTERM for $2 s; killing it"; kill -KILL "$1" 2>/dev/null || true; wait_gone "$1" 5 || true; }
-    wait "$1" 2>/dev/null || true
-}
 
 cleanup() {
     local rc=$? dir pid mnt
@@ -127,14 +115,6 @@ trap 'log "stopped (time limit or SIGTERM)"; exit 143' TERM
 ) &
 watchdog=$!
 
-# --- reporting ----------------------------------------------------------------------------------
-
-pass() { checks=$((checks + 1)); echo "PASS  $drill: $*"; }
-fail() { checks=$((checks + 1)); failures=$((failures + 1)); echo "FAIL  $drill: $*"; }
-note() { echo "      $drill: $*"; }
-now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
-
 # --- the second Docker engine -------------------------------------------------------------------
 
 E() { docker -H "unix://$sock" "$@"; }
@@ -183,7 +163,6 @@ log "second dockerd (pid $engine, bridge $bridge $net.0/24, vfs) up with $IMAGE 
 
 # --- previewd -----------------------------------------------------------------------------------
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 hash=$(printf %s drill | "$BIN" hash-password)
 
 # Sets instance, state, sites, api_port, nginx_port and writes $state/config.yml.

@@ -41,6 +41,8 @@
 # Usage: scripts/swarm-drills.sh [bench [N]]   (env: SWARM_DRILLS_TIME_LIMIT seconds, default 300)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=scripts/drill-lib.sh
+source scripts/drill-lib.sh
 
 BIN=$PWD/target/release/previewd
 IMAGE=previewd-demo:latest
@@ -80,20 +82,6 @@ failures=0
 checks=0
 drill=setup
 
-alive() { [ -n "$1" ] && [ -e "/proc/$1" ] && [ "$(awk '{ print $3 }' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
-
-wait_gone() { # pid seconds
-    local i
-    for ((i = 0; i < $2 * 10; i++)); do alive "$1" || return 0; sleep 0.1; done
-    ! alive "$1"
-}
-
-stop_process() { # pid seconds
-    [ -n "$1" ] || return 0
-    kill -TERM "$1" 2>/dev/null || true
-    wait_gone "$1" "$2" || { kill -KILL "$1" 2>/dev/null || true; wait_gone "$1" 5 || true; }
-    wait "$1" 2>/dev/null || true
-}
 
 ns() { echo "pvsw$tag-$1"; }
 sock() { echo "$work/$1/docker.sock"; }
@@ -147,11 +135,6 @@ trap 'log "stopped (time limit or SIGTERM)"; exit 143' TERM
 ) &
 watchdog=$!
 
-pass() { checks=$((checks + 1)); echo "PASS  $drill: $*"; }
-fail() { checks=$((checks + 1)); failures=$((failures + 1)); echo "FAIL  $drill: $*"; }
-note() { echo "      $drill: $*"; }
-now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" -v p="${2:-1}" 'BEGIN { printf "%.*f", p, b - a }'; }
 
 # --- the Swarm -----------------------------------------------------------------------------------
 
@@ -233,7 +216,6 @@ log "Swarm of ${#nodes[@]} engines (manager ${addr[m]}, workers ${addr[w1]} ${ad
 
 # --- previewd ------------------------------------------------------------------------------------
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 hash=$(printf %s drill | "$BIN" hash-password)
 instance=swarm-$$
 state=$work/state

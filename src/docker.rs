@@ -24,7 +24,6 @@ use serde_json::Value;
 
 use crate::config::{ImageSpec, PullPolicy};
 use crate::preview::{ImageKey, InstanceName, PreviewState, Role, Slug};
-use crate::request::{Owner, PullRequestOrigin};
 use crate::runtime::{
     ContainerPlan, ContainerStatus, Containers, CreatedContainer, DockerError, Engine, EngineInfo, ManagedContainer,
 };
@@ -133,14 +132,7 @@ impl DockerRuntime {
         if host_port.is_some() {
             labels.insert(LABEL_PORT.to_owned(), spec.port.to_string());
         }
-        if let Some(origin) = plan.origin {
-            labels.insert(LABEL_REPO.to_owned(), origin.repo.clone());
-            labels.insert(LABEL_PR.to_owned(), origin.number.to_string());
-            labels.insert(LABEL_SHA.to_owned(), origin.sha.clone());
-        }
-        if let Some(owner) = plan.owner {
-            labels.insert(LABEL_OWNER.to_owned(), owner.to_string());
-        }
+        put_origin(&mut labels, plan.origin, plan.owner);
         let mut security_opt = user_security_opts(&spec.container_create_params);
         security_opt.push("no-new-privileges".to_owned());
         let limits = Limits { memory: spec.memory, cpus: spec.cpus, pids: spec.pids, cap_add: capabilities(spec) };
@@ -527,14 +519,7 @@ fn managed_container(summary: ContainerSummary) -> Option<ManagedContainer> {
         .and_then(|port| port.public_port)
         .filter(|_| running)
         .map(|port| SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
-    let origin =
-        match (labels.get(LABEL_REPO), labels.get(LABEL_PR).and_then(|n| n.parse().ok()), labels.get(LABEL_SHA)) {
-            (Some(repo), Some(number), Some(sha)) => {
-                Some(PullRequestOrigin { repo: repo.clone(), number, sha: sha.clone() })
-            }
-            _ => None,
-        };
-    let owner = labels.get(LABEL_OWNER).and_then(|text| Owner::parse_label(text));
+    let (origin, owner) = labels::origin(&labels);
     let network = labels.get(LABEL_NETWORK).cloned();
     let digest = labels.get(LABEL_DIGEST).cloned();
     Some(ManagedContainer {

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use crate::preview::{Role, ServiceName};
+use crate::request::{Owner, PullRequestOrigin};
 
 pub const LABEL_MANAGED: &str = "previewd.managed";
 pub const LABEL_INSTANCE: &str = "previewd.instance";
@@ -59,6 +60,31 @@ pub const CONTAINER_LABELS: [&str; 15] = [
     LABEL_DIGEST,
     LABEL_BUILT,
 ];
+
+/// Adds the labels of who a preview is for: its pull request, or who launched it by hand.
+pub fn put_origin(labels: &mut HashMap<String, String>, origin: Option<&PullRequestOrigin>, owner: Option<&Owner>) {
+    if let Some(origin) = origin {
+        labels.insert(LABEL_REPO.to_owned(), origin.repo.clone());
+        labels.insert(LABEL_PR.to_owned(), origin.number.to_string());
+        labels.insert(LABEL_SHA.to_owned(), origin.sha.clone());
+    }
+    if let Some(owner) = owner {
+        labels.insert(LABEL_OWNER.to_owned(), owner.to_string());
+    }
+}
+
+/// The pull request and the owner the labels say (`put_origin`), each `None` when absent or
+/// tampered with.
+pub fn origin(labels: &HashMap<String, String>) -> (Option<PullRequestOrigin>, Option<Owner>) {
+    let number = labels.get(LABEL_PR).and_then(|number| number.parse().ok());
+    let origin = match (labels.get(LABEL_REPO), number, labels.get(LABEL_SHA)) {
+        (Some(repo), Some(number), Some(sha)) => {
+            Some(PullRequestOrigin { repo: repo.clone(), number, sha: sha.clone() })
+        }
+        _ => None,
+    };
+    (origin, labels.get(LABEL_OWNER).and_then(|text| Owner::parse_label(text)))
+}
 
 /// The labels every object of an instance carries.
 pub fn instance_labels(instance: &str) -> HashMap<String, String> {

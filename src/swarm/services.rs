@@ -20,7 +20,6 @@ use super::{LABEL_UP, SwarmRuntime};
 use crate::docker::labels::*;
 use crate::docker::{is_not_found, unix_nanos};
 use crate::preview::{ImageKey, Role, Slug};
-use crate::request::{Owner, PullRequestOrigin};
 use crate::runtime::{ContainerPlan, ContainerStatus, Containers, CreatedContainer, DockerError, ManagedContainer};
 
 /// How long a started service may wait for a node before the start fails.
@@ -188,13 +187,7 @@ fn managed_service(
         (Some(node), Some(port)) => nodes.get(node).map(|ip| SocketAddr::new(*ip, port)),
         _ => None,
     };
-    let origin =
-        match (labels.get(LABEL_REPO), labels.get(LABEL_PR).and_then(|n| n.parse().ok()), labels.get(LABEL_SHA)) {
-            (Some(repo), Some(number), Some(sha)) => {
-                Some(PullRequestOrigin { repo: repo.clone(), number, sha: sha.clone() })
-            }
-            _ => None,
-        };
+    let (origin, owner) = origin(&labels);
     Some(ManagedContainer {
         id: service.id?,
         slug,
@@ -204,7 +197,7 @@ fn managed_service(
         created: i64::try_from(created_ns / 1_000_000_000).unwrap_or_default(),
         created_ns,
         origin,
-        owner: labels.get(LABEL_OWNER).and_then(|text| Owner::parse_label(text)),
+        owner,
         network: labels.get(LABEL_NETWORK).cloned(),
         role,
         digest: labels.get(LABEL_DIGEST).cloned(),

@@ -58,14 +58,7 @@ pub fn app_labels(instance: &InstanceName, plan: &ContainerPlan<'_>, created_ns:
     if let Some(network) = plan.network {
         labels.insert(LABEL_NETWORK.to_owned(), network.to_owned());
     }
-    if let Some(origin) = plan.origin {
-        labels.insert(LABEL_REPO.to_owned(), origin.repo.clone());
-        labels.insert(LABEL_PR.to_owned(), origin.number.to_string());
-        labels.insert(LABEL_SHA.to_owned(), origin.sha.clone());
-    }
-    if let Some(owner) = plan.owner {
-        labels.insert(LABEL_OWNER.to_owned(), owner.to_string());
-    }
+    put_origin(&mut labels, plan.origin, plan.owner);
     labels
 }
 
@@ -92,11 +85,7 @@ pub fn app_service(
         stop_grace_period: Some(STOP_GRACE_NS),
         ..Default::default()
     };
-    let limits = Limit {
-        nano_cpus: spec.cpus.map(|cpus| (cpus * 1e9).round() as i64),
-        memory_bytes: Some(spec.memory),
-        pids: Some(spec.pids),
-    };
+    let limits = limits(spec.memory, spec.cpus, spec.pids);
     let task = task_spec(container, limits, constraints, network.map(|network| attachment(network, None)));
     let ports = vec![EndpointPortConfig {
         protocol: Some(EndpointPortConfigProtocolEnum::TCP),
@@ -135,14 +124,14 @@ pub fn part_service(
         stop_grace_period: Some(STOP_GRACE_NS),
         ..Default::default()
     };
-    let limits = Limit {
-        nano_cpus: spec.cpus.map(|cpus| (cpus * 1e9).round() as i64),
-        memory_bytes: Some(spec.memory),
-        pids: Some(spec.pids),
-    };
+    let limits = limits(spec.memory, spec.cpus, spec.pids);
     let network = attachment(plan.network, Some(plan.name.to_string()));
     let task = task_spec(container, limits, constraints, Some(network));
     service_spec(name, labels, task, 0, Vec::new())
+}
+
+fn limits(memory: i64, cpus: Option<f64>, pids: i64) -> Limit {
+    Limit { nano_cpus: cpus.map(|cpus| (cpus * 1e9).round() as i64), memory_bytes: Some(memory), pids: Some(pids) }
 }
 
 fn tmp_mount() -> Mount {

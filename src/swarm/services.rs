@@ -272,10 +272,19 @@ impl Containers for SwarmRuntime {
         Ok(container.and_then(|c| c.env).unwrap_or_default())
     }
 
+    /// The id, on the manager, of the image the service names (a built preview's is there);
+    /// the name itself when the manager does not have it. Unlike a container, a service keeps
+    /// the name, not the id: a tag moved since (two pull requests at one commit share a built
+    /// image's tag) gives the image it names now.
     async fn container_image(&self, id: &str) -> Result<String, DockerError> {
         let service = self.service(id).await?;
         let container = service.and_then(|s| s.spec?.task_template?.container_spec);
-        Ok(container.and_then(|c| c.image).unwrap_or_default())
+        let Some(image) = container.and_then(|c| c.image) else { return Ok(String::new()) };
+        match self.docker.inspect_image(&image).await {
+            Ok(inspect) => Ok(inspect.id.unwrap_or(image)),
+            Err(err) if is_not_found(&err) => Ok(image),
+            Err(err) => Err(DockerError::from_bollard("inspect the image", err)),
+        }
     }
 
     async fn stopped_app(&self, id: &str) -> Result<Option<CreatedContainer>, DockerError> {

@@ -1,4 +1,4 @@
-//! The apps of previews as Swarm services: create, start (scale to one and wait for a node),
+//! The apps of previews as Swarm services: create, start (scale to one, wait until it runs),
 //! stop (scale to zero), restart, status, logs, removal, listing by labels, and the changes
 //! the Swarm makes by itself (a task rescheduled to another node), found by polling: the
 //! manager's event stream tells of services, not of where their tasks run.
@@ -59,15 +59,15 @@ impl SwarmRuntime {
         loop {
             let tasks = self.tasks_of(&[id.to_owned()]).await?.remove(id).unwrap_or_default();
             let fresh: Vec<&TaskView> = tasks.iter().filter(|task| !earlier.contains(&task.id)).collect();
+            if let Some(task) = fresh.iter().find(|task| task.state == Some(TaskState::REJECTED)) {
+                let message = format!("a node refused the task: {}", task.message);
+                return Err(DockerError::Api { action: "place the preview on a node", message });
+            }
             let started = fresh.iter().filter(|task| task.is_running() || task.has_failed());
             if let Some(node) = started.filter_map(|task| task.node.as_deref()).next()
                 && let Some(ip) = self.node_addresses().await?.get(node)
             {
                 return Ok(SocketAddr::new(*ip, port));
-            }
-            if let Some(task) = fresh.iter().find(|task| task.state == Some(TaskState::REJECTED)) {
-                let message = format!("a node refused the task: {}", task.message);
-                return Err(DockerError::Api { action: "place the preview on a node", message });
             }
             if Instant::now() >= deadline {
                 // Swarm's own words for the newest task: why no node takes it.

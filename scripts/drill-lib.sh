@@ -26,4 +26,21 @@ note() { echo "      $drill: $*"; }
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" -v p="${2:-1}" 'BEGIN { printf "%.*f", p, b - a }'; } # t0 [decimals]
 
+# Runs the caller's `cleanup` on exit, ends on Ctrl-C or SIGTERM, and sends the script SIGTERM
+# once `limit` seconds have passed; the watcher's pid goes to `watchdog`.
+arm_watchdog() { # limit name
+    trap cleanup EXIT
+    trap 'log "interrupted"; exit 130' INT
+    trap 'log "stopped (time limit or SIGTERM)"; exit 143' TERM
+    (
+        trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
+        sleep "$1" & sleeper=$!
+        wait "$sleeper"
+        echo "$2: time limit of ${1}s reached" >&2
+        kill -TERM $$
+    ) &
+    # shellcheck disable=SC2034 # the caller's cleanup stops it
+    watchdog=$!
+}
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

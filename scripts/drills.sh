@@ -103,17 +103,7 @@ cleanup() {
     if [ "$rc" = 0 ] && [ "$failures" -gt 0 ]; then rc=1; fi
     exit "$rc"
 }
-trap cleanup EXIT
-trap 'log "interrupted"; exit 130' INT
-trap 'log "stopped (time limit or SIGTERM)"; exit 143' TERM
-(
-    trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
-    sleep "$LIMIT" & sleeper=$!
-    wait "$sleeper"
-    echo "drills: time limit of ${LIMIT}s reached" >&2
-    kill -TERM $$
-) &
-watchdog=$!
+arm_watchdog "$LIMIT" drills
 
 # --- the second Docker engine -------------------------------------------------------------------
 

@@ -118,22 +118,12 @@ cleanup() {
     ip link del "$bridge" 2>/dev/null
     awk -v w="$work/" 'index($2, w) == 1 { print $2 }' /proc/mounts | sort -r | while read -r mnt; do umount -l "$mnt"; done
     # Kept for a look after a failure (the work dir goes).
-    cp "$state/previewd.log" /tmp/previewd-swarm-drills.log 2>/dev/null
+    [ -n "${state:-}" ] && cp "$state/previewd.log" /tmp/previewd-swarm-drills.log 2>/dev/null
     rm -rf "$work"
     if [ "$rc" = 0 ] && [ "$failures" -gt 0 ]; then rc=1; fi
     exit "$rc"
 }
-trap cleanup EXIT
-trap 'log "interrupted"; exit 130' INT
-trap 'log "stopped (time limit or SIGTERM)"; exit 143' TERM
-(
-    trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
-    sleep "$LIMIT" & sleeper=$!
-    wait "$sleeper"
-    echo "swarm-drills: time limit of ${LIMIT}s reached" >&2
-    kill -TERM $$
-) &
-watchdog=$!
+arm_watchdog "$LIMIT" swarm-drills
 
 
 # --- the Swarm -----------------------------------------------------------------------------------

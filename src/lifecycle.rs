@@ -281,7 +281,13 @@ impl Lifecycle {
     ) -> Self {
         let admission = Admission::new(config.limits);
         let config_state_dir = config.state_dir.clone();
-        let networks = Networks::new(Arc::clone(&runtime), config.instance.clone(), config.network, &metrics);
+        let networks = Networks::new(
+            Arc::clone(&runtime),
+            config.instance.clone(),
+            config.network,
+            !config.runtime.is_swarm(),
+            &metrics,
+        );
         let builds = Builds::new(
             config.builds.clone(),
             config.instance.clone(),

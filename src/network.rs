@@ -54,6 +54,8 @@ struct Inner {
     /// starts with it (Linux allows 15 characters in all).
     bridge_prefix: String,
     firewall: Firewall,
+    /// Whether the networks are this host's, behind `firewall` (not a Swarm's overlays).
+    fenced: bool,
     warm: Mutex<Vec<String>>,
     /// Woken when the pool is below `network.warm`.
     wanted: Notify,
@@ -63,10 +65,13 @@ struct Inner {
 }
 
 impl Networks {
+    /// `fenced`: the networks are this host's bridges, behind previewd's firewall (on a Swarm
+    /// they are overlays on the nodes, which this host's rules do not see).
     pub fn new(
         runtime: std::sync::Arc<dyn Runtime>,
         instance: InstanceName,
         config: NetworkConfig,
+        fenced: bool,
         metrics: &Metrics,
     ) -> Self {
         let bridge_prefix = bridge_prefix(&instance);
@@ -77,6 +82,7 @@ impl Networks {
             config,
             bridge_prefix,
             firewall,
+            fenced,
             warm: Mutex::default(),
             wanted: Notify::new(),
             warm_gauge: metrics.warm_networks.clone(),
@@ -152,6 +158,9 @@ impl Networks {
             } else if keep > 0 && network.bridge.as_deref().is_some_and(|b| b.starts_with(&self.inner.bridge_prefix)) {
                 keep -= 1;
                 left += 1;
+                let this = self.clone();
+                let name = network.name.clone();
+                tokio::spawn(async move { this.prepare(&name).await });
                 self.put_warm(network.name);
             } else if let Err(err) = self.inner.runtime.remove_network(&network.name).await {
                 // Say, a container attached by hand: the next start tries again.
@@ -159,7 +168,7 @@ impl Networks {
                 left += 1;
             }
         }
-        if !self.enabled() && left == 0 {
+        if !self.enabled() && left == 0 && self.inner.fenced {
             self.inner.firewall.remove().await;
         }
         Ok(())
@@ -174,6 +183,7 @@ impl Networks {
             while self.warm_count() < self.inner.config.warm {
                 match self.create().await {
                     Ok(name) => {
+                        self.prepare(&name).await;
                         self.put_warm(name);
                         self.repair_firewall().await;
                     }
@@ -196,10 +206,18 @@ impl Networks {
         }
     }
 
+    /// Gets a network ready before it goes into the pool; a network that could not be is still
+    /// usable, only slower to launch on.
+    async fn prepare(&self, name: &str) {
+        if let Err(err) = self.inner.runtime.prepare_network(name).await {
+            tracing::warn!(network = name, error = %err, "cannot get a warm network ready on the nodes");
+        }
+    }
+
     /// Puts the firewall back if its jumps are gone (a firewall reload by another tool, an
     /// `iptables -F`), checked each time the pool makes a network.
     async fn repair_firewall(&self) {
-        if self.inner.firewall.installed().await {
+        if !self.inner.fenced || self.inner.firewall.installed().await {
             return;
         }
         tracing::warn!("the preview networks' firewall rules were gone; installing them again");

@@ -117,7 +117,7 @@ async fn network(config: &Config, runtime: &DockerRuntime) -> Vec<Check> {
     }
     let metrics = crate::metrics::Metrics::new();
     let networks =
-        Networks::new(std::sync::Arc::new(runtime.clone()), config.instance.clone(), config.network, &metrics);
+        Networks::new(std::sync::Arc::new(runtime.clone()), config.instance.clone(), config.network, true, &metrics);
     let firewall = if networks.firewall().installed().await {
         Check::ok("firewall", "the preview networks' rules are in place (PREVIEWD-INPUT, PREVIEWD-FORWARD)")
     } else {

@@ -28,7 +28,8 @@
 #              Swarm services on the manager, where its data lives; a product added before a
 #              sleep is still there after the wake
 #   build      an uploaded build context is built on the manager and its preview runs there
-#   kill       killing every preview leaves no service, preview network or data volume
+#   kill       killing every preview leaves no service, preview network or data volume, and
+#              no holder but those of the warm networks (runtime.holder; launch checks them)
 #
 # Prints PASS/FAIL per check; exits 1 if any check failed, 2 if the drills could not run.
 # Everything is removed on exit, also on Ctrl-C or a timeout.
@@ -36,7 +37,8 @@
 # `scripts/swarm-drills.sh bench [N]` runs no drill: it times N launches on the Swarm (request
 # to served through nginx) against the same by hand, alternately: `docker service create` in
 # host mode on a labelled worker, wait until its task runs, one vhost for the node's address
-# in an nginx of its own, `nginx -s reload`, poll until 200. Prints both medians and the ratio.
+# in an nginx of its own, `nginx -s reload`, poll until 200. Each of previewd's launches starts
+# once its warm pool is full again, as between real launches. Prints both medians and the ratio.
 # With SWARM_ISOLATION=false previews get no network of their own (network.isolation: false).
 # Usage: scripts/swarm-drills.sh [bench [N]]   (env: SWARM_DRILLS_TIME_LIMIT seconds, default 300)
 set -euo pipefail
@@ -223,6 +225,7 @@ runtime:
   kind: swarm
   constraints: ["node.labels.previews == true"]
   upstream: node_addr
+  holder: {image: $IMAGE, command: [/bin/busybox, sleep, "2147483647"]}
 nginx:
   listen: 127.0.0.1:$nginx_port
   template: $PWD/templates/vhost.conf.tera
@@ -300,7 +303,7 @@ vhost() { echo "$sites/previewd.$instance.$1.conf"; }
 upstream() { sed -n 's/.*proxy_pass http:\/\/\([0-9.]*:[0-9]*\);.*/\1/p' "$(vhost "$1")" 2>/dev/null | head -n 1; }
 
 services() { # [name]: ids of the instance's services (of one preview)
-    local filters=(--filter "label=previewd.instance=$instance")
+    local filters=(--filter "label=previewd.instance=$instance" --filter label=previewd.managed=true)
     [ $# = 1 ] && filters+=(--filter "label=previewd.slug=$1")
     D m service ls -q "${filters[@]}"
 }
@@ -371,6 +374,35 @@ drill_launch() {
         pass "the service and its containers carry previewd's labels; published in host mode; stop-first updates"
     else
         fail "service labels/publish mode/update order: $labels"
+    fi
+    drill_holders "${network% *}"
+}
+
+holders() { # the instance's holder services, as "network replicas" lines
+    D m service ls --filter "label=previewd.instance=$instance" --filter label=previewd.holds --format '{{.ID}} {{.Replicas}}' |
+        while read -r id replicas; do
+            echo "$(D m service inspect "$id" --format '{{ index .Spec.Labels "previewd.holds" }}') $replicas"
+        done
+}
+
+# The warm pool's networks are held on both workers (runtime.holder), and the one a launch
+# took is held no more once its preview runs.
+drill_holders() { # network alpha took
+    local taken=$1 i lines=
+    for ((i = 0; i < 300; i++)); do
+        lines=$(holders)
+        [ "$(grep -c ' 2/2$' <<<"$lines")" = 2 ] && ! grep -q "^$taken " <<<"$lines" && break
+        sleep 0.1
+    done
+    if [ "$(grep -c ' 2/2$' <<<"$lines")" = 2 ]; then
+        pass "both warm networks are held on both workers ($(cut -d' ' -f1 <<<"$lines" | tr '\n' ' '))"
+    else
+        fail "holders of the warm networks: '$(tr '\n' ';' <<<"$lines")'"
+    fi
+    if [ -n "$lines" ] && ! grep -q "^$taken " <<<"$lines"; then
+        pass "the network alpha took is held by alpha alone"
+    else
+        fail "the network alpha took ($taken) still has a holder"
     fi
 }
 
@@ -542,6 +574,16 @@ drill_kill() {
         [ "$code" = 200 ] || fail "kill of $name: HTTP $code $(cat "$work/kill.txt")"
     done
     if [ -z "$(services)" ]; then pass "no service of the instance is left"; else fail "services left: $(services | tr '\n' ' ')"; fi
+    local held stray=
+    held=$(holders | cut -d' ' -f1)
+    for network in $held; do
+        if ! D m network inspect "$network" >/dev/null 2>&1 || grep -qx "$network" <<<"$networks"; then stray="$stray $network"; fi
+    done
+    if [ -n "$held" ] && [ -z "$stray" ]; then
+        pass "the only holders left are those of the warm networks ($(tr '\n' ' ' <<<"$held"))"
+    else
+        fail "holders: '$(tr '\n' ' ' <<<"$held")', of removed or taken networks: '$stray'"
+    fi
     local left=
     for network in $networks; do D m network inspect "$network" >/dev/null 2>&1 && left="$left $network"; done
     if [ -n "$networks" ] && [ -z "$left" ]; then
@@ -609,6 +651,7 @@ bench() {
     local i t0 code ours=() hands=()
     start_floor
     for ((i = 1; i <= RUNS; i++)); do
+        until curl -s "http://127.0.0.1:$api_port/metrics" | grep -qE '^previewd_warm_networks ('"$([ "${SWARM_ISOLATION:-true}" = true ] && echo 2 || echo 0)"')$'; do sleep 0.1; done
         t0=$(now)
         code=$(launch "bench-$i")
         if [ "$code" != 200 ] || ! serves "bench-$i"; then

@@ -282,9 +282,9 @@ pub async fn shutdown_signal() {
 async fn connect_runtime(config: &Config) -> anyhow::Result<Arc<dyn Runtime>> {
     Ok(match &config.runtime {
         RuntimeConfig::Docker => Arc::new(DockerRuntime::connect(config.instance.clone()).await?),
-        RuntimeConfig::Swarm { constraints } => {
+        RuntimeConfig::Swarm { constraints, holder } => {
             let constraints = constraints.iter().map(ToString::to_string).collect();
-            Arc::new(SwarmRuntime::connect(config.instance.clone(), constraints).await?)
+            Arc::new(SwarmRuntime::connect(config.instance.clone(), constraints, holder.clone()).await?)
         }
     })
 }

@@ -668,7 +668,7 @@ pub(crate) fn validate_image(path: &str, raw: RawImage, problems: &mut Problems)
 }
 
 /// `image` and `command` of an image or a service.
-fn check_image_and_command(path: &str, image: &str, command: Option<&[String]>, problems: &mut Problems) {
+pub(super) fn check_image_and_command(path: &str, image: &str, command: Option<&[String]>, problems: &mut Problems) {
     if image.trim().is_empty() || image.contains(char::is_whitespace) {
         problems.add(&format!("{path}.image"), "must be a Docker image reference such as previewd-demo:latest");
     }
@@ -937,9 +937,27 @@ mod tests {
         let text = minimal()
             + "runtime: {kind: swarm, constraints: [\"node.labels.previews == true\"], upstream: node_addr}\n";
         let config = Config::from_yaml(&text, Path::new(".")).unwrap();
-        let RuntimeConfig::Swarm { constraints } = config.runtime else { panic!("not a swarm: {:?}", config.runtime) };
+        let RuntimeConfig::Swarm { constraints, .. } = config.runtime else {
+            panic!("not a swarm: {:?}", config.runtime)
+        };
         assert_eq!(constraints.iter().map(ToString::to_string).collect::<Vec<_>>(), ["node.labels.previews == true"]);
         assert_eq!(Config::from_yaml(&minimal(), Path::new(".")).unwrap().runtime, RuntimeConfig::Docker);
+    }
+
+    #[test]
+    fn a_swarm_runtime_takes_a_holder_with_or_without_its_command() {
+        for (holder, command) in [
+            ("{image: busybox:1.36, command: [sleep, \"2147483647\"]}", Some(vec!["sleep", "2147483647"])),
+            ("{image: busybox:1.36}", None),
+        ] {
+            let text = minimal() + &format!("runtime: {{kind: swarm, holder: {holder}}}\n");
+            let config = Config::from_yaml(&text, Path::new(".")).unwrap();
+            let RuntimeConfig::Swarm { holder: Some(holder), .. } = config.runtime else {
+                panic!("no holder: {:?}", config.runtime)
+            };
+            assert_eq!(holder.image, "busybox:1.36");
+            assert_eq!(holder.command, command.map(|argv| argv.into_iter().map(str::to_owned).collect()));
+        }
     }
 
     #[test]
@@ -952,6 +970,10 @@ mod tests {
             ),
             ("{kind: swarm, constraints: [\"node.role = worker\"]}", "write `node.<attribute> == <value>` or `!=`"),
             ("{kind: swarm, upstream: vip}", "runtime.upstream: `vip` is not supported; use node_addr"),
+            ("{holder: {image: busybox}}", "runtime.holder: holders keep Swarm overlay networks set up; they need"),
+            ("{kind: swarm, holder: {image: \"\"}}", "runtime.holder.image: must be a Docker image reference"),
+            ("{kind: swarm, holder: {image: busybox, command: []}}", "runtime.holder.command: must not be empty"),
+            ("{kind: swarm, holder: {command: [sleep]}}", "missing field `image`"),
         ] {
             let text = minimal() + &format!("runtime: {runtime}\n");
             let err = format!("{:?}", Config::from_yaml(&text, Path::new(".")).unwrap_err());

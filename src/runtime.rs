@@ -63,6 +63,13 @@ pub trait Containers: Send + Sync {
     /// Starts the container; the address nginx reaches it at.
     async fn start(&self, container: &CreatedContainer) -> Result<SocketAddr, DockerError>;
 
+    /// Where a container being started will be reached, as soon as the engine has decided,
+    /// before it runs: nginx is routed there meanwhile. At once on one engine; on a Swarm once
+    /// the scheduler has given the task a node. `None` when that is not known before it runs.
+    async fn placement(&self, container: &CreatedContainer) -> Result<Option<SocketAddr>, DockerError> {
+        Ok(container.upstream)
+    }
+
     /// A new container like `id` (same image, command, environment, labels and limits) on
     /// another free port, for a preview that was up and that the engine could not start again
     /// (another program took its port while the engine was down). `None` when `id` never came
@@ -191,6 +198,12 @@ pub trait Networking: Send + Sync {
     }
 
     async fn create_network(&self, spec: &NetworkSpec<'_>) -> Result<(), CreateNetworkError>;
+
+    /// Gets a new network ready for a launch ahead of time, off any launch's path (on a Swarm:
+    /// set up on the nodes). Nothing to do on one engine.
+    async fn prepare_network(&self, _name: &str) -> Result<(), DockerError> {
+        Ok(())
+    }
 
     /// Whether a network of that name exists (someone may have pruned it).
     async fn network_exists(&self, name: &str) -> Result<bool, DockerError>;

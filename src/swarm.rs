@@ -17,12 +17,14 @@ use bollard::models::{Ipam, IpamConfig, NetworkCreateRequest, Node, Service, Ser
 use bollard::query_parameters::{ListNodesOptions, ListServicesOptions, ListTasksOptions, UpdateServiceOptions};
 
 use crate::config::PullPolicy;
+use crate::config::runtime::Holder;
 use crate::docker::labels::*;
 use crate::docker::{DockerRuntime, is_not_found};
 use crate::preview::{InstanceName, Slug};
 use crate::runtime::*;
 
 mod environment;
+mod holders;
 mod services;
 mod spec;
 
@@ -47,11 +49,18 @@ pub struct SwarmRuntime {
     manager: String,
     /// Ports handed to launches whose service does not exist yet.
     reserved: Arc<Mutex<HashSet<u16>>>,
+    /// What keeps warm networks set up on the nodes (see [`holders`]).
+    holder: Option<Arc<Holder>>,
 }
 
 impl SwarmRuntime {
-    /// Connects to the engine, which must be a Swarm manager.
-    pub async fn connect(instance: InstanceName, constraints: Vec<String>) -> Result<Self, DockerError> {
+    /// Connects to the engine, which must be a Swarm manager, and removes the holders no warm
+    /// network needs any more.
+    pub async fn connect(
+        instance: InstanceName,
+        constraints: Vec<String>,
+        holder: Option<Holder>,
+    ) -> Result<Self, DockerError> {
         let engine = DockerRuntime::connect(instance.clone()).await?;
         let docker = engine.client().clone();
         let info = docker.info().await.map_err(|err| DockerError::from_bollard("describe itself", err))?;
@@ -65,7 +74,17 @@ impl SwarmRuntime {
                     .to_owned(),
             });
         };
-        Ok(Self { engine, docker, instance, constraints: Arc::new(constraints), manager, reserved: Arc::default() })
+        let runtime = Self {
+            engine,
+            docker,
+            instance,
+            constraints: Arc::new(constraints),
+            manager,
+            reserved: Arc::default(),
+            holder: holder.map(Arc::new),
+        };
+        runtime.reconcile_holders().await?;
+        Ok(runtime)
     }
 
     fn instance_filter(&self, slug: Option<&Slug>) -> HashMap<String, Vec<String>> {
@@ -325,12 +344,29 @@ impl Networking for SwarmRuntime {
         self.engine.network_exists(name).await
     }
 
-    async fn remove_network(&self, name: &str) -> Result<(), DockerError> {
-        self.engine.remove_network(name).await
+    /// Holds the network on the nodes, so that a launch on it does not wait for Swarm to set
+    /// it up there.
+    async fn prepare_network(&self, name: &str) -> Result<(), DockerError> {
+        self.hold(name).await
     }
 
+    /// Its holder goes first: Swarm removes no network a task is attached to.
+    async fn remove_network(&self, name: &str) -> Result<(), DockerError> {
+        if self.release(name).await? {
+            self.remove_released(name).await
+        } else {
+            self.engine.remove_network(name).await
+        }
+    }
+
+    /// An overlay has no bridge of its own: its name ends with the one previewd gave it, which
+    /// tells the start-up reconcile that it is a network of the warm pool.
     async fn list_networks(&self) -> Result<Vec<ManagedNetwork>, DockerError> {
-        self.engine.list_networks().await
+        let mut networks = self.engine.list_networks().await?;
+        for network in &mut networks {
+            network.bridge = network.name.rsplit_once('_').map(|(_, bridge)| bridge.to_owned());
+        }
+        Ok(networks)
     }
 
     async fn used_subnets(&self) -> Result<Vec<ipnet::Ipv4Net>, DockerError> {

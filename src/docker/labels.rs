@@ -32,6 +32,10 @@ pub const LABEL_PART: &str = "previewd.part";
 /// The digest of a service's definition (`ServiceSpec::digest`) the container was made from.
 pub const LABEL_DIGEST: &str = "previewd.digest";
 
+/// On a Swarm service that keeps a warm network set up on the nodes (`crate::swarm`): the
+/// network's name. Such a service has no `previewd.managed`: it is no preview's.
+pub const LABEL_HOLDS: &str = "previewd.holds";
+
 /// On images previewd built (with the instance, the preview's slug and the commit): never on a
 /// container, so a container run from such an image by hand is not taken for a preview.
 pub const LABEL_BUILT: &str = "previewd.built";

@@ -380,9 +380,9 @@ impl Lifecycle {
     }
 
     /// A new preview, with nothing to keep serving: nginx is routed to the container while it
-    /// starts (or, on a Swarm, once its node is known), so the reload costs no time of its own.
-    /// The launch still answers only once both the app and nginx do; if the app never answers,
-    /// the route goes.
+    /// starts (on a Swarm, from when the scheduler has picked its node), so the reload costs no
+    /// time of its own. The launch still answers only once both the app and nginx do; if the app
+    /// never answers, the route goes.
     async fn bring_up_fresh(
         &self,
         container: &CreatedContainer,
@@ -391,16 +391,34 @@ impl Lifecycle {
         ticket: RouteTicket,
         progress: &mut Progress,
     ) -> Result<Drain, LifecycleError> {
-        let route_to = |ticket: RouteTicket, upstream: SocketAddr| {
-            let slug = slug.clone();
-            tokio::spawn(async move { ticket.route(&slug, upstream).await })
-        };
         let mut ticket = Some(ticket);
-        let mut route = container.upstream.and_then(|upstream| Some(route_to(ticket.take()?, upstream)));
-        let started = self.start_container(container, progress).await;
-        if let (Ok(upstream), Some(ticket)) = (&started, ticket.take()) {
-            route = Some(route_to(ticket, *upstream));
-        }
+        let mut early = None;
+        let started = {
+            let start = self.start_container(container, progress);
+            tokio::pin!(start);
+            tokio::select! {
+                biased;
+                placed = self.runtime.placement(container) => {
+                    if let (Ok(Some(upstream)), Some(ticket)) = (placed, ticket.take()) {
+                        early = Some((upstream, route_in_background(ticket, slug, upstream)));
+                    }
+                    start.await
+                }
+                started = &mut start => started,
+            }
+        };
+        let route = match (&started, ticket, early) {
+            (Ok(upstream), Some(ticket), _) => Some(route_in_background(ticket, slug, *upstream)),
+            // Its first task failed before it ran and Swarm placed another elsewhere: routed again.
+            (Ok(upstream), None, Some((placed, first))) if placed != *upstream => {
+                let (router, slug, upstream) = (self.router.clone(), slug.clone(), *upstream);
+                Some(tokio::spawn(async move {
+                    let _ = first.await;
+                    router.route(&slug, upstream).await
+                }))
+            }
+            (_, _, early) => early.map(|(_, route)| route),
+        };
         let up = match started {
             Ok(upstream) => self.answer_then_keep(&container.id, upstream, spec, progress).await.map(|()| upstream),
             Err(err) => Err(err),
@@ -557,6 +575,16 @@ fn container_env(request: &LaunchRequest, url: &str, context: &EnvContext<'_>) -
     env.insert("PREVIEW_NAME".into(), request.name.to_string());
     env.insert("PREVIEW_URL".into(), url.to_owned());
     Ok(env.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
+}
+
+/// Routes nginx while the caller goes on (a launch waits for the route only at its end).
+fn route_in_background(
+    ticket: RouteTicket,
+    slug: &Slug,
+    upstream: SocketAddr,
+) -> tokio::task::JoinHandle<Result<Drain, NginxError>> {
+    let slug = slug.clone();
+    tokio::spawn(async move { ticket.route(&slug, upstream).await })
 }
 
 #[cfg(test)]

@@ -26,7 +26,11 @@ use crate::runtime::{ContainerPlan, ContainerStatus, Containers, CreatedContaine
 const PLACEMENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// The longest pause between two looks at a starting task (each is two cheap calls to the
 /// manager; a task starts within a second).
-const PLACEMENT_POLL: Duration = Duration::from_millis(40);
+const PLACEMENT_POLL: Duration = Duration::from_millis(20);
+/// How long `placement` waits for the scheduler (which places a task within tens of
+/// milliseconds when a node can take it), and how often it looks.
+const ASSIGNMENT_TIMEOUT: Duration = Duration::from_secs(5);
+const ASSIGNMENT_POLL: Duration = Duration::from_millis(10);
 /// How often the Swarm is asked where the previews' tasks run (see `container_changes`).
 const CHANGES_POLL: Duration = Duration::from_secs(1);
 /// How long a removal waits for the Swarm to remove the service's containers (they stop
@@ -67,6 +71,7 @@ impl SwarmRuntime {
             if let Some(node) = started.filter_map(|task| task.node.as_deref()).next()
                 && let Some(ip) = self.node_addresses().await?.get(node)
             {
+                tracing::debug!(service = id, node, "the task runs");
                 return Ok(SocketAddr::new(*ip, port));
             }
             if Instant::now() >= deadline {
@@ -228,6 +233,7 @@ impl Containers for SwarmRuntime {
             action: "create the service",
             message: "the manager answered without the service's id".to_owned(),
         })?;
+        tracing::debug!(service = id, "service created");
         let port = hold.port;
         Ok(CreatedContainer::placed_at_start(id, port, hold))
     }
@@ -243,7 +249,31 @@ impl Containers for SwarmRuntime {
             earlier = self.task_ids(&container.id).await?;
             self.scale(&container.id, 1).await?;
         }
-        self.placed(&container.id, container.host_port, &earlier).await
+        let upstream = self.placed(&container.id, container.host_port, &earlier).await?;
+        let network = service.spec.and_then(|spec| spec.labels?.remove(LABEL_NETWORK));
+        if let Some(network) = network {
+            self.release_later(&network);
+        }
+        Ok(upstream)
+    }
+
+    /// The node the scheduler gave the service's task, which `start` then waits to run there
+    /// (the start fails if no node takes it; this then says `None`).
+    async fn placement(&self, container: &CreatedContainer) -> Result<Option<SocketAddr>, DockerError> {
+        let id = container.id.as_str();
+        let deadline = Instant::now() + ASSIGNMENT_TIMEOUT;
+        loop {
+            let tasks = self.tasks_of(&[id.to_owned()]).await?.remove(id).unwrap_or_default();
+            if let Some(node) = spec::assigned_node(&tasks) {
+                tracing::debug!(service = id, node, "the scheduler placed the task");
+                let ip = self.node_addresses().await?.get(node).copied();
+                return Ok(ip.map(|ip| SocketAddr::new(ip, container.host_port)));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(ASSIGNMENT_POLL).await;
+        }
     }
 
     /// Swarm itself starts a task again elsewhere when its port is taken on one node.

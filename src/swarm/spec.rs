@@ -11,6 +11,7 @@ use bollard::models::{
     TaskSpecRestartPolicyConditionEnum, TaskState,
 };
 
+use crate::config::runtime::Holder;
 use crate::docker::labels::*;
 use crate::docker::{LOG_MAX_FILES, LOG_MAX_SIZE, capabilities};
 use crate::preview::{InstanceName, PreviewState, Role};
@@ -18,6 +19,10 @@ use crate::runtime::{ContainerPlan, ServicePlan};
 
 /// The tmpfs of a read-only app on `/tmp`, as on one engine.
 const READ_ONLY_TMPFS_BYTES: i64 = 256 << 20;
+
+/// A holder waits and does nothing else.
+const HOLDER_MEMORY: i64 = 32 << 20;
+const HOLDER_RESTART_DELAY_NS: i64 = 5_000_000_000;
 
 /// Swarm's limit on a service name.
 const MAX_NAME: usize = 63;
@@ -128,6 +133,89 @@ pub fn part_service(
     let network = attachment(plan.network, Some(plan.name.to_string()));
     let task = task_spec(container, limits, constraints, Some(network));
     service_spec(name, labels, task, 0, Vec::new())
+}
+
+/// The holder of a network is named after it (a network has at most one holder).
+pub fn holder_name(network: &str) -> String {
+    let mut name = format!("{network}_hold");
+    if name.len() > MAX_NAME {
+        name.replace_range(MAX_NAME - 5.., "_hold");
+    }
+    name
+}
+
+/// A holder's labels: the instance and the network; not `previewd.managed`.
+pub fn holder_labels(instance: &InstanceName, network: &str) -> HashMap<String, String> {
+    HashMap::from([(LABEL_INSTANCE.to_owned(), instance.to_string()), (LABEL_HOLDS.to_owned(), network.to_owned())])
+}
+
+/// One idle task on every node the constraints allow, attached to `network`: killed rather
+/// than asked to stop (a `sleep` as PID 1 ignores SIGTERM), and tried a few times at most on a
+/// node that refuses it.
+pub fn holder_service(
+    name: String,
+    labels: HashMap<String, String>,
+    holder: &Holder,
+    network: &str,
+    constraints: &[String],
+) -> ServiceSpec {
+    let container = TaskSpecContainerSpec {
+        image: Some(holder.image.clone()),
+        labels: Some(labels.clone()),
+        args: holder.command.clone(),
+        read_only: Some(true),
+        capability_drop: Some(vec!["ALL".to_owned()]),
+        stop_signal: Some("SIGKILL".to_owned()),
+        ..Default::default()
+    };
+    let mut task =
+        task_spec(container, limits(HOLDER_MEMORY, Some(0.01), 16), constraints, Some(attachment(network, None)));
+    task.restart_policy = Some(TaskSpecRestartPolicy {
+        condition: Some(TaskSpecRestartPolicyConditionEnum::ANY),
+        delay: Some(HOLDER_RESTART_DELAY_NS),
+        max_attempts: Some(3),
+        ..Default::default()
+    });
+    ServiceSpec {
+        name: Some(name),
+        labels: Some(labels),
+        task_template: Some(task),
+        mode: Some(ServiceSpecMode { global: Some(HashMap::new()), ..Default::default() }),
+        endpoint_spec: Some(EndpointSpec { mode: Some(EndpointSpecModeEnum::DNSRR), ports: None }),
+        ..Default::default()
+    }
+}
+
+/// The node of the task Swarm wants running and has placed (it may still be starting there).
+pub fn assigned_node(tasks: &[TaskView]) -> Option<&str> {
+    let placed = tasks.iter().filter(|task| task.wanted && !task.has_failed() && task.state.is_some_and(is_placed));
+    placed.max_by_key(|task| task.created_ns)?.node.as_deref()
+}
+
+/// Assigned to a node, or further on its way.
+fn is_placed(state: TaskState) -> bool {
+    !matches!(state, TaskState::NEW | TaskState::ALLOCATED | TaskState::PENDING)
+}
+
+/// Whether a holder's tasks have settled: on every node either one runs, or none does and one
+/// was refused or failed (returned, newest per node). `None` while a node's holder is coming.
+pub fn holders_settled(tasks: &[TaskView]) -> Option<Vec<&TaskView>> {
+    let mut nodes: HashMap<&str, Vec<&TaskView>> = HashMap::new();
+    for task in tasks {
+        nodes.entry(task.node.as_deref().unwrap_or_default()).or_default().push(task);
+    }
+    if nodes.is_empty() {
+        return None;
+    }
+    let mut refused = Vec::new();
+    for tasks in nodes.values() {
+        if tasks.iter().any(|task| task.is_running()) {
+            continue;
+        }
+        let failed = tasks.iter().filter(|task| task.has_failed()).max_by_key(|task| task.created_ns);
+        refused.push(*failed?);
+    }
+    Some(refused)
 }
 
 fn limits(memory: i64, cpus: Option<f64>, pids: i64) -> Limit {
@@ -300,6 +388,66 @@ mod tests {
             message: String::new(),
             container: None,
         }
+    }
+
+    fn on(node: &str, state: TaskState, created_ns: i128) -> TaskView {
+        TaskView { node: Some(node.to_owned()), ..task(state, true, created_ns) }
+    }
+
+    #[test]
+    fn a_task_has_a_node_once_the_scheduler_assigned_it() {
+        assert_eq!(assigned_node(&[on("a", TaskState::PENDING, 1)]), None);
+        assert_eq!(assigned_node(&[on("a", TaskState::ASSIGNED, 1)]), Some("a"));
+        assert_eq!(assigned_node(&[on("a", TaskState::PREPARING, 1)]), Some("a"));
+    }
+
+    #[test]
+    fn the_node_of_a_task_being_replaced_or_refused_is_not_the_placement() {
+        let leaving = TaskView { wanted: false, ..on("a", TaskState::RUNNING, 1) };
+        assert_eq!(assigned_node(&[leaving, on("b", TaskState::REJECTED, 2)]), None);
+        assert_eq!(assigned_node(&[on("a", TaskState::FAILED, 1), on("c", TaskState::STARTING, 3)]), Some("c"));
+    }
+
+    #[test]
+    fn a_holder_name_is_its_networks_within_swarms_limit() {
+        assert_eq!(holder_name("previewd_default_pv-abc12300001"), "previewd_default_pv-abc12300001_hold");
+        let long = holder_name(&format!("previewd_{}_pv-abc12300001", "i".repeat(40)));
+        assert_eq!(long.len(), MAX_NAME);
+        assert!(long.ends_with("_hold"), "{long}");
+    }
+
+    #[test]
+    fn holders_have_settled_once_each_node_runs_one() {
+        let tasks = [on("a", TaskState::RUNNING, 1), on("b", TaskState::RUNNING, 2)];
+        assert_eq!(holders_settled(&tasks), Some(vec![]));
+    }
+
+    #[test]
+    fn holders_have_not_settled_while_a_node_prepares_one() {
+        let tasks = [on("a", TaskState::RUNNING, 1), on("b", TaskState::PREPARING, 2)];
+        assert_eq!(holders_settled(&tasks), None);
+        assert_eq!(holders_settled(&[]), None, "Swarm has made no task yet");
+    }
+
+    #[test]
+    fn a_node_that_refused_its_holder_is_named_and_does_not_hold_the_others_up() {
+        let refused = TaskView { message: "No such image: pause:3.9".to_owned(), ..on("b", TaskState::REJECTED, 2) };
+        let tasks = [on("a", TaskState::RUNNING, 1), refused.clone(), on("a", TaskState::FAILED, 0)];
+        assert_eq!(holders_settled(&tasks), Some(vec![&refused]));
+    }
+
+    #[test]
+    fn a_holder_is_global_unpublished_and_killed_on_removal() {
+        let holder = Holder { image: "pause:3.9".to_owned(), command: None };
+        let labels = holder_labels(&InstanceName::parse("default").unwrap(), "net");
+        let spec = holder_service("net_hold".to_owned(), labels, &holder, "net", &["node.role == worker".to_owned()]);
+        assert!(spec.mode.as_ref().and_then(|mode| mode.global.as_ref()).is_some());
+        assert!(spec.labels.as_ref().is_some_and(|l| l.get(LABEL_HOLDS).map(String::as_str) == Some("net")));
+        assert!(spec.labels.as_ref().is_some_and(|l| !l.contains_key(LABEL_MANAGED)), "no preview's");
+        let task = spec.task_template.unwrap();
+        assert_eq!(task.container_spec.unwrap().stop_signal.as_deref(), Some("SIGKILL"));
+        assert_eq!(task.networks.unwrap()[0].target.as_deref(), Some("net"));
+        assert_eq!(spec.endpoint_spec.unwrap().ports, None);
     }
 
     #[test]

@@ -15,7 +15,8 @@
 #
 #   launch     a preview runs as a service on a worker (the constraint keeps it off the
 #              manager), with previewd's labels on the service and its containers, and answers
-#              through previewd's nginx, which proxies to the worker's address
+#              through previewd's nginx, which proxies to the worker's address; the warm
+#              networks are held on both workers; its log comes through the logs API
 #   redeploy   a relaunch under load: no request fails, the new service serves, the old is gone
 #   sleep      the preview sleeps (scaled to none) and the next request through nginx wakes it
 #   drain      the worker running a preview is drained: the task moves, the route follows
@@ -28,6 +29,8 @@
 #              Swarm services on the manager, where its data lives; a product added before a
 #              sleep is still there after the wake
 #   build      an uploaded build context is built on the manager and its preview runs there
+#   refused    a launch of an image no worker has fails at once with the worker's reason and
+#              leaves no service
 #   kill       killing every preview leaves no service, preview network or data volume, and
 #              no holder but those of the warm networks (runtime.holder; launch checks them)
 #
@@ -57,6 +60,9 @@ RUNS=${2:-10}
 [ "$MODE" = drills ] || [ "$MODE" = bench ] || { echo "usage: $0 [bench [N]]" >&2; exit 2; }
 LIMIT=${SWARM_DRILLS_TIME_LIMIT:-$([ "$MODE" = bench ] && echo $((120 + RUNS * 15)) || echo 300)}
 FOLLOW=30 # seconds a moved preview may take to answer through nginx again
+# bench: seconds the engines get to finish the previous launch's removals before each timed
+# launch (previewd's and by hand alike), as between real launches
+QUIET=${SWARM_BENCH_QUIET:-2}
 
 log() { echo "swarm-drills: $*" >&2; }
 die() { echo "swarm-drills: cannot run: $*" >&2; exit 2; }
@@ -198,6 +204,9 @@ for node in w1 w2; do
 done
 docker save "$IMAGE" -o "$work/image.tar"
 for node in "${nodes[@]}"; do D "$node" load -q -i "$work/image.tar" >/dev/null || die "cannot load $IMAGE on $node"; done
+# An image the manager has and the workers do not: their engines refuse its tasks.
+ELSEWHERE=previewd-demo:manager-only
+D m tag "$IMAGE" "$ELSEWHERE" || die "cannot tag $ELSEWHERE on the manager"
 docker save "${SHOP_IMAGES[@]}" | D m load -q >/dev/null || die "cannot load the shop's images on the manager"
 # The seed volume, owners and modes kept (tar as root, in the busybox of the demo image).
 D m volume create "$SEED" >/dev/null
@@ -231,7 +240,8 @@ nginx:
   template: $PWD/templates/vhost.conf.tera
 network: {warm: 2, isolation: ${SWARM_ISOLATION:-true}}
 images:
-  demo: {image: $IMAGE, port: 3000, command: [/bin/busybox, httpd, -f, -p, "3000", -h, /www], pull: never}
+  demo: {image: $IMAGE, port: 3000, command: [/bin/busybox, httpd, -f, -vv, -p, "3000", -h, /www], pull: never}
+  elsewhere: {image: $ELSEWHERE, port: 3000, command: [/bin/busybox, httpd, -f, -p, "3000", -h, /www], pull: never}
   shop:
     image: previewd-shop:demo
     port: 5000
@@ -376,6 +386,12 @@ drill_launch() {
         fail "service labels/publish mode/update order: $labels"
     fi
     drill_holders "${network% *}"
+    code=$(curl -s -m 10 -o "$work/logs.txt" -w '%{http_code}' -u drill:drill "http://127.0.0.1:$api_port/api/previews/alpha/logs?tail=20" || true)
+    if [ "$code" = 200 ] && grep -q 'url:/' "$work/logs.txt"; then
+        pass "GET /api/previews/alpha/logs gives the task's output from its worker ($(grep -c 'url:/' "$work/logs.txt") request lines)"
+    else
+        fail "logs of alpha: HTTP $code: $(head -c 300 "$work/logs.txt")"
+    fi
 }
 
 holders() { # the instance's holder services, as "network replicas" lines
@@ -564,6 +580,22 @@ drill_build() {
     fi
 }
 
+# An image the workers do not have: the launch fails at once with the worker's reason, and
+# leaves no service behind.
+drill_refused() {
+    drill=refused
+    local t0 code i
+    t0=$(now)
+    code=$(launch stray elsewhere)
+    if [ "$code" = 422 ] && grep -q "refused to run the preview: .*$ELSEWHERE" "$work/launch.txt"; then
+        pass "a launch of an image no worker has failed in $(since "$t0") s with HTTP $code: $(head -c 160 "$work/launch.txt" | tr '\n' ' ')"
+    else
+        fail "launch of an image no worker has: HTTP $code after $(since "$t0") s: $(head -c 300 "$work/launch.txt")"
+    fi
+    for ((i = 0; i < 100; i++)); do [ -z "$(services stray)" ] && break; sleep 0.1; done
+    if [ -z "$(services stray)" ]; then pass "the refused launch left no service"; else fail "services left by the refused launch: $(services stray)"; fi
+}
+
 drill_kill() {
     drill="kill"
     local name code networks volumes
@@ -651,6 +683,7 @@ bench() {
     local i t0 code ours=() hands=()
     start_floor
     for ((i = 1; i <= RUNS; i++)); do
+        sleep "$QUIET"
         until curl -s "http://127.0.0.1:$api_port/metrics" | grep -qE '^previewd_warm_networks ('"$([ "${SWARM_ISOLATION:-true}" = true ] && echo 2 || echo 0)"')$'; do sleep 0.1; done
         t0=$(now)
         code=$(launch "bench-$i")
@@ -659,6 +692,7 @@ bench() {
         fi
         ours+=("$(since "$t0" 3)")
         curl -s -m 60 -o /dev/null -u drill:drill -d "container_name=bench-$i" "http://127.0.0.1:$api_port/kill"
+        sleep "$QUIET"
         t0=$(now)
         hand_launch "hand-$i" $((31000 + i))
         hands+=("$(since "$t0" 3)")
@@ -685,6 +719,7 @@ drill_launch && {
     drill_restart
     drill_environment
     drill_build
+    drill_refused
     drill_kill
 }
 echo "swarm-drills: $checks checks, $failures failed"

@@ -332,6 +332,12 @@ pub enum DockerError {
     PullFailed { image: String, message: String },
     #[error("Docker could not {action}: {message}")]
     Api { action: &'static str, message: String },
+    /// A Swarm node would not run the task (most often: the image is not on it).
+    #[error(
+        "a node of the Swarm refused to run the preview: {reason}; put the image on every node runtime.constraints \
+         allows (or in a registry they pull from), see README \"Run on a Swarm\""
+    )]
+    Refused { reason: String },
     /// The loopback port chosen for the container was taken before Docker bound it.
     #[error("Docker could not publish the container on 127.0.0.1:{port}: {message}")]
     PortInUse { port: u16, message: String },

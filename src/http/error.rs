@@ -140,9 +140,9 @@ fn lifecycle_status(err: &LifecycleError) -> StatusCode {
         LifecycleError::Docker(
             DockerError::Unreachable(_) | DockerError::PortInUse { .. } | DockerError::NoFreePort(_),
         ) => StatusCode::SERVICE_UNAVAILABLE,
-        LifecycleError::Docker(DockerError::ImageMissing { .. } | DockerError::PullFailed { .. }) => {
-            StatusCode::UNPROCESSABLE_ENTITY
-        }
+        LifecycleError::Docker(
+            DockerError::ImageMissing { .. } | DockerError::PullFailed { .. } | DockerError::Refused { .. },
+        ) => StatusCode::UNPROCESSABLE_ENTITY,
         LifecycleError::Docker(DockerError::Api { .. }) => StatusCode::BAD_GATEWAY,
         LifecycleError::Nginx(NginxError::NotRunning { .. } | NginxError::Stopped | NginxError::NotServed(_)) => {
             StatusCode::SERVICE_UNAVAILABLE
@@ -276,5 +276,17 @@ mod tests {
         }
         let response = ApiError::NoRoute.into_response();
         assert!(!response.headers().contains_key(header::CONNECTION), "a refusal that read the request keeps it");
+    }
+
+    #[test]
+    fn a_task_no_node_would_run_is_the_callers_to_fix_and_says_why() {
+        let refused = LifecycleError::Docker(DockerError::Refused { reason: "No such image: web:1".to_owned() });
+        let err = ApiError::Lifecycle(refused);
+        assert!(
+            err.public_message().contains("refused to run the preview: No such image: web:1"),
+            "{}",
+            err.public_message()
+        );
+        assert_eq!(err.into_response().status(), StatusCode::UNPROCESSABLE_ENTITY);
     }
 }

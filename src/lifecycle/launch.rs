@@ -407,11 +407,11 @@ impl Lifecycle {
                 started = &mut start => started,
             }
         };
-        let route = match (&started, ticket, early) {
-            (Ok(upstream), Some(ticket), _) => Some(route_in_background(ticket, slug, *upstream)),
-            // Its first task failed before it ran and Swarm placed another elsewhere: routed again.
-            (Ok(upstream), None, Some((placed, first))) if placed != *upstream => {
-                let (router, slug, upstream) = (self.router.clone(), slug.clone(), *upstream);
+        let placed = early.as_ref().map(|(placed, _)| *placed);
+        let route = match (route_after_start(started.as_ref().ok().copied(), placed), ticket, early) {
+            (RouteAfterStart::Route(upstream), Some(ticket), _) => Some(route_in_background(ticket, slug, upstream)),
+            (RouteAfterStart::Reroute(upstream), _, Some((_, first))) => {
+                let (router, slug) = (self.router.clone(), slug.clone());
                 Some(tokio::spawn(async move {
                     let _ = first.await;
                     router.route(&slug, upstream).await
@@ -577,6 +577,28 @@ fn container_env(request: &LaunchRequest, url: &str, context: &EnvContext<'_>) -
     Ok(env.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
 }
 
+/// What a new preview's route needs once its start is over.
+#[derive(Debug, PartialEq, Eq)]
+enum RouteAfterStart {
+    /// Not routed yet (the engine said where only at the start): route it there.
+    Route(SocketAddr),
+    /// Routed where the engine first placed it, but it runs elsewhere (on a Swarm, its first
+    /// task failed and another was placed on another node): route it again.
+    Reroute(SocketAddr),
+    /// Routed where it runs, or it did not start: nothing more.
+    Keep,
+}
+
+/// `started`: where the started container is reached (`None`: the start failed); `placed`:
+/// where nginx was routed while it started, if anywhere.
+fn route_after_start(started: Option<SocketAddr>, placed: Option<SocketAddr>) -> RouteAfterStart {
+    match (started, placed) {
+        (Some(upstream), None) => RouteAfterStart::Route(upstream),
+        (Some(upstream), Some(placed)) if placed != upstream => RouteAfterStart::Reroute(upstream),
+        _ => RouteAfterStart::Keep,
+    }
+}
+
 /// Routes nginx while the caller goes on (a launch waits for the route only at its end).
 fn route_in_background(
     ticket: RouteTicket,
@@ -590,6 +612,34 @@ fn route_in_background(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const HERE: &str = "10.0.0.11:24000";
+    const THERE: &str = "10.0.0.12:24000";
+
+    fn at(addr: &str) -> SocketAddr {
+        addr.parse().unwrap()
+    }
+
+    #[test]
+    fn a_container_routed_where_it_was_placed_and_runs_is_not_routed_again() {
+        assert_eq!(route_after_start(Some(at(HERE)), Some(at(HERE))), RouteAfterStart::Keep);
+    }
+
+    #[test]
+    fn a_container_that_runs_elsewhere_than_it_was_placed_is_routed_again() {
+        assert_eq!(route_after_start(Some(at(THERE)), Some(at(HERE))), RouteAfterStart::Reroute(at(THERE)));
+    }
+
+    #[test]
+    fn a_container_placed_only_at_its_start_is_routed_then() {
+        assert_eq!(route_after_start(Some(at(HERE)), None), RouteAfterStart::Route(at(HERE)));
+    }
+
+    #[test]
+    fn a_container_that_did_not_start_gets_no_route() {
+        assert_eq!(route_after_start(None, Some(at(HERE))), RouteAfterStart::Keep);
+        assert_eq!(route_after_start(None, None), RouteAfterStart::Keep);
+    }
     use crate::config::Config;
 
     #[test]

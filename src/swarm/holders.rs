@@ -38,7 +38,10 @@ impl SwarmRuntime {
                     .create_service(service, None)
                     .await
                     .map_err(|err| DockerError::from_bollard("create the network's holder", err))?;
-                created.id.unwrap_or_default()
+                created.id.ok_or_else(|| DockerError::Api {
+                    action: "create the network's holder",
+                    message: "the manager answered without the service's id".to_owned(),
+                })?
             }
         };
         let deadline = Instant::now() + SETTLE_TIMEOUT;
@@ -91,11 +94,9 @@ impl SwarmRuntime {
     }
 
     /// `release` off the caller's path: the preview that took the network now keeps it set up
-    /// on its node.
+    /// on its node. Also without `runtime.holder` now: it may have been set when the network
+    /// was made.
     pub(super) fn release_later(&self, network: &str) {
-        if self.holder.is_none() {
-            return;
-        }
         let (runtime, network) = (self.clone(), network.to_owned());
         tokio::spawn(async move {
             if let Err(err) = runtime.release(&network).await {

@@ -64,8 +64,7 @@ impl SwarmRuntime {
             let tasks = self.tasks_of(&[id.to_owned()]).await?.remove(id).unwrap_or_default();
             let fresh: Vec<&TaskView> = tasks.iter().filter(|task| !earlier.contains(&task.id)).collect();
             if let Some(task) = fresh.iter().find(|task| task.state == Some(TaskState::REJECTED)) {
-                let message = format!("a node refused the task: {}", task.message);
-                return Err(DockerError::Api { action: "place the preview on a node", message });
+                return Err(DockerError::Refused { reason: task.message.clone() });
             }
             let started = fresh.iter().filter(|task| task.is_running() || task.has_failed());
             if let Some(node) = started.filter_map(|task| task.node.as_deref()).next()

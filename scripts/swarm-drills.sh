@@ -25,6 +25,7 @@
 #              reschedules the task, the route follows within 30 s
 #   restart    previewd is killed with SIGKILL and its vhosts deleted: a new previewd rebuilds
 #              the routes from the services' labels alone
+#   client     the CLI (list, pin, logs) and the dashboard against the Swarm
 #   environment  the shop (app, PostgreSQL from a seed volume, Redis, a migration job) runs as
 #              Swarm services on the manager, where its data lives; a product added before a
 #              sleep is still there after the wake
@@ -327,11 +328,16 @@ node_of() { # name: the node whose task of the preview runs
 }
 
 # The preview answers through nginx, proxied to the node that runs its task, within $FOLLOW s.
+published_port() { # name: the port the preview's service publishes
+    D m service inspect "$(services "$1" | tail -n 1)" --format '{{ (index .Spec.EndpointSpec.Ports 0).PublishedPort }}'
+}
+
 follows() { # name t0
-    local name=$1 t0=$2 node
+    local name=$1 t0=$2 node port
+    port=$(published_port "$name")
     while awk -v a="$t0" -v b="$(now)" -v l="$FOLLOW" 'BEGIN { exit !(b - a < l) }'; do
         node=$(node_of "$name")
-        if [ -n "$node" ] && [ "$(upstream "$name")" = "${addr[$node]}:${upstream_port##*:}" ] && serves "$name"; then
+        if [ -n "$node" ] && [ "$(upstream "$name")" = "${addr[$node]}:$port" ] && serves "$name"; then
             pass "$name answers through nginx again, routed to its task on $node (${addr[$node]}), $(since "$t0") s later"
             return 0
         fi
@@ -354,7 +360,7 @@ show_log() {
 
 drill_launch() {
     drill=launch
-    local code id node labels
+    local code id node labels upstream_port
     code=$(launch alpha)
     if [ "$code" != 200 ] || ! serves alpha; then
         fail "launch of alpha: HTTP $code ($(cat "$work/launch.txt")), through nginx $(through_nginx alpha)"; show_log; return 1
@@ -374,7 +380,7 @@ drill_launch() {
     else
         fail "alpha's network: '$network'"
     fi
-    if [ "$upstream_port" = "${addr[$node]}:${upstream_port##*:}" ]; then
+    if [ "$upstream_port" = "${addr[$node]}:$(published_port alpha)" ]; then
         pass "nginx proxies to the worker's address and the published port ($upstream_port)"
     else
         fail "the vhost proxies to $upstream_port, not to ${addr[$node]}"
@@ -464,7 +470,6 @@ EOF
     else
         fail "requests during the redeploy: ${total:-0} ok, ${failed:-?} failed"
     fi
-    upstream_port=$(upstream alpha)
 }
 
 drill_sleep() {
@@ -483,7 +488,6 @@ drill_sleep() {
     else
         fail "the request to the sleeping alpha got $(through_nginx alpha)"; show_log
     fi
-    upstream_port=$(upstream alpha)
 }
 
 drill_drain() {
@@ -577,6 +581,36 @@ drill_build() {
         pass "the built image's preview runs on the manager, the one node that has the image"
     else
         fail "the built preview runs on $(node_of built), which does not have the image"
+    fi
+}
+
+# The CLI and the dashboard against the Swarm: the same API, read from the services' labels.
+drill_client() {
+    drill=client
+    local out code
+    cli() { PREVIEWD_SERVER="http://127.0.0.1:$api_port" PREVIEWD_USER=drill PREVIEWD_PASSWORD=drill "$BIN" "$@"; }
+    if out=$(cli list 2>&1) && grep -q '^alpha ' <<<"$out" && grep -q '^beta ' <<<"$out"; then
+        pass "previewd list shows alpha and beta"
+    else
+        fail "previewd list: $out"
+    fi
+    code=$(api GET /api/previews/beta)
+    if cli pin beta >/dev/null 2>&1 && [ "$(api GET /api/previews/beta)" = 200 ] && [ "$(jq -r .pinned "$work/api.json")" = user:drill ]; then
+        pass "previewd pin beta: the API then says it is pinned by user:drill"
+    else
+        fail "previewd pin beta: before HTTP $code, then $(cat "$work/api.json")"
+    fi
+    cli unpin beta >/dev/null 2>&1 || fail "previewd unpin beta failed"
+    if out=$(cli logs alpha --tail 5 2>&1) && grep -q 'url:/' <<<"$out"; then
+        pass "previewd logs alpha prints the app's output from its worker"
+    else
+        fail "previewd logs alpha: $out"
+    fi
+    code=$(curl -s -m 10 -o "$work/dashboard.html" -w '%{http_code}' -u drill:drill -H 'Accept: text/html' "http://127.0.0.1:$api_port/" || true)
+    if [ "$code" = 200 ] && grep -q 'alpha' "$work/dashboard.html" && grep -q 'beta' "$work/dashboard.html"; then
+        pass "the dashboard lists alpha and beta"
+    else
+        fail "dashboard: HTTP $code"
     fi
 }
 
@@ -717,6 +751,7 @@ drill_launch && {
     drill_drain
     drill_node_down
     drill_restart
+    drill_client
     drill_environment
     drill_build
     drill_refused

@@ -25,7 +25,7 @@
 #              reschedules the task, the route follows within 30 s
 #   restart    previewd is killed with SIGKILL and its vhosts deleted: a new previewd rebuilds
 #              the routes from the services' labels alone
-#   client     the CLI (list, pin, logs) and the dashboard against the Swarm
+#   client     the CLI (list, pin, logs, doctor) and the dashboard against the Swarm
 #   environment  the shop (app, PostgreSQL from a seed volume, Redis, a migration job) runs as
 #              Swarm services on the manager, where its data lives; a product added before a
 #              sleep is still there after the wake
@@ -605,6 +605,13 @@ drill_client() {
         pass "previewd logs alpha prints the app's output from its worker"
     else
         fail "previewd logs alpha: $out"
+    fi
+    out=$(DOCKER_HOST="unix://$(sock m)" "$BIN" doctor --config "$state/config.yml" 2>&1 || true)
+    if grep -qE '^ok +swarm +a Swarm manager; 2 of 3 nodes ready and active' <<<"$out" &&
+        grep -qE '^ok +firewall +on a Swarm' <<<"$out"; then
+        pass "previewd doctor sees the Swarm manager, 2 of 3 nodes usable (one is down), and no firewall of its own"
+    else
+        fail "previewd doctor: $(grep -E 'swarm|firewall' <<<"$out" | tr '\n' ';')"
     fi
     code=$(curl -s -m 10 -o "$work/dashboard.html" -w '%{http_code}' -u drill:drill -H 'Accept: text/html' "http://127.0.0.1:$api_port/" || true)
     if [ "$code" = 200 ] && grep -q 'alpha' "$work/dashboard.html" && grep -q 'beta' "$work/dashboard.html"; then

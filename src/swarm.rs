@@ -13,7 +13,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use async_trait::async_trait;
 use bollard::Docker;
 use bollard::errors::Error as BollardError;
-use bollard::models::{Ipam, IpamConfig, NetworkCreateRequest, Node, Service, ServiceSpec, Task, TaskState};
+use bollard::models::{
+    Ipam, IpamConfig, NetworkCreateRequest, Node, NodeSpecAvailabilityEnum, NodeState, Service, ServiceSpec, Task,
+    TaskState,
+};
 use bollard::query_parameters::{ListNodesOptions, ListServicesOptions, ListTasksOptions, UpdateServiceOptions};
 
 use crate::config::PullPolicy;
@@ -37,6 +40,34 @@ const LABEL_UP: &str = "previewd.up";
 /// Published ports previewd hands out, below the kernel's usual ephemeral range.
 const PORTS: std::ops::Range<u16> = 20000..30000;
 const PORT_ATTEMPTS: usize = 50;
+
+/// What `previewd doctor` says of the Swarm, read without changing anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SwarmSurvey {
+    /// The engine is no Swarm manager.
+    NotManager,
+    /// A manager, with this many nodes, of which `usable` are ready and active.
+    Manager { nodes: usize, usable: usize },
+}
+
+/// Reads whether `engine` manages a Swarm, and the state of its nodes.
+pub async fn survey(engine: &DockerRuntime) -> Result<SwarmSurvey, DockerError> {
+    let docker = engine.client();
+    let info = docker.info().await.map_err(|err| DockerError::from_bollard("describe itself", err))?;
+    if info.swarm.and_then(|swarm| swarm.control_available) != Some(true) {
+        return Ok(SwarmSurvey::NotManager);
+    }
+    let nodes = docker
+        .list_nodes(None::<ListNodesOptions>)
+        .await
+        .map_err(|err| DockerError::from_bollard("list the Swarm's nodes", err))?;
+    let usable = nodes
+        .iter()
+        .filter(|node| node.status.as_ref().and_then(|status| status.state) == Some(NodeState::READY))
+        .filter(|node| node.spec.as_ref().and_then(|spec| spec.availability) == Some(NodeSpecAvailabilityEnum::ACTIVE))
+        .count();
+    Ok(SwarmSurvey::Manager { nodes: nodes.len(), usable })
+}
 
 /// A Swarm whose manager is the engine `DOCKER_HOST` names, as previewd's runtime.
 #[derive(Clone)]

@@ -1,12 +1,14 @@
 //! The Docker checks: the engine answers (version, API version, storage driver), there is room
 //! under its data root (for builds from source: `builds.min_free_disk`), every image of `images` and of their services is there or may be
-//! pulled, and every `seed_volume` exists.
+//! pulled, and every `seed_volume` exists; on a Swarm (`runtime.kind: swarm`), that the engine
+//! manages one with a node previews can use.
 
 use super::Check;
 use crate::config::{Config, PullPolicy};
 use crate::docker::DockerRuntime;
 use crate::network::Networks;
 use crate::runtime::{Engine, Parts};
+use crate::swarm::SwarmSurvey;
 
 /// Free space under Docker's data root below which launches start failing for lack of room.
 const FAIL_BELOW: u64 = 1 << 30;
@@ -31,6 +33,9 @@ pub async fn checks(config: &Config) -> Vec<Check> {
     )];
     let builds = config.github.iter().flat_map(|github| github.repos.values()).any(|repo| repo.build.is_some());
     checks.push(disk(&engine.data_root, builds.then_some(config.builds.min_free_disk)));
+    if config.runtime.is_swarm() {
+        checks.push(swarm(&runtime).await);
+    }
     checks.extend(network(config, &runtime).await);
     for (key, spec) in &config.images {
         checks.push(image(&runtime, &format!("image {key}"), &spec.image, spec.pull, &format!("images.{key}")).await);
@@ -105,6 +110,31 @@ fn unreachable(why: &str) -> Check {
     )
 }
 
+/// With `runtime.kind: swarm`: the engine is a Swarm manager with a node previews can use.
+async fn swarm(runtime: &DockerRuntime) -> Check {
+    match crate::swarm::survey(runtime).await {
+        Ok(SwarmSurvey::NotManager) => Check::fail(
+            "swarm",
+            "runtime.kind is swarm, but this engine is not a Swarm manager: run `docker swarm init` here (or point \
+             DOCKER_HOST at a manager)",
+        ),
+        Ok(SwarmSurvey::Manager { nodes, usable: 0 }) => Check::fail(
+            "swarm",
+            format!(
+                "none of the Swarm's {nodes} nodes is ready and active: start or `docker node update --availability active` one"
+            ),
+        ),
+        Ok(SwarmSurvey::Manager { nodes, usable }) => Check::ok(
+            "swarm",
+            format!(
+                "a Swarm manager; {usable} of {nodes} nodes ready and active (which of them runtime.constraints \
+                 allows, and whether they have the images, is not checked from here)"
+            ),
+        ),
+        Err(err) => Check::fail("swarm", format!("cannot read the Swarm: {err}")),
+    }
+}
+
 /// The preview networks: isolation on, the firewall in place (or installable), and subnets left
 /// for every preview `limits.max_previews` allows.
 async fn network(config: &Config, runtime: &DockerRuntime) -> Vec<Check> {
@@ -116,9 +146,16 @@ async fn network(config: &Config, runtime: &DockerRuntime) -> Vec<Check> {
         )];
     }
     let metrics = crate::metrics::Metrics::new();
+    let fenced = !config.runtime.is_swarm();
     let networks =
-        Networks::new(std::sync::Arc::new(runtime.clone()), config.instance.clone(), config.network, true, &metrics);
-    let firewall = if networks.firewall().installed().await {
+        Networks::new(std::sync::Arc::new(runtime.clone()), config.instance.clone(), config.network, fenced, &metrics);
+    let firewall = if !fenced {
+        Check::ok(
+            "firewall",
+            "on a Swarm the previews' overlays are on the nodes, where previewd installs no rules: firewall the nodes \
+             (README, \"Run on a Swarm\")",
+        )
+    } else if networks.firewall().installed().await {
         Check::ok("firewall", "the preview networks' rules are in place (PREVIEWD-INPUT, PREVIEWD-FORWARD)")
     } else {
         match networks.firewall().usable().await {

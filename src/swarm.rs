@@ -118,16 +118,29 @@ impl SwarmRuntime {
         Ok(runtime)
     }
 
-    fn instance_filter(&self, slug: Option<&Slug>) -> HashMap<String, Vec<String>> {
-        let mut labels = vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_INSTANCE}={}", self.instance)];
-        labels.extend(slug.map(|slug| format!("{LABEL_SLUG}={slug}")));
-        HashMap::from([("label".to_owned(), labels)])
-    }
-
     /// This instance's services (of one preview).
     async fn services(&self, slug: Option<&Slug>) -> Result<Vec<Service>, DockerError> {
-        let options = ListServicesOptions { filters: Some(self.instance_filter(slug)), ..Default::default() };
-        self.docker.list_services(Some(options)).await.map_err(|err| DockerError::from_bollard("list services", err))
+        let mut labels = vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_INSTANCE}={}", self.instance)];
+        labels.extend(slug.map(|slug| format!("{LABEL_SLUG}={slug}")));
+        self.services_labelled(labels, "list services").await
+    }
+
+    /// The services that carry every one of these labels (`key` or `key=value`); `action`
+    /// names the listing in an error.
+    async fn services_labelled(&self, labels: Vec<String>, action: &'static str) -> Result<Vec<Service>, DockerError> {
+        let filters = HashMap::from([("label".to_owned(), labels)]);
+        let options = ListServicesOptions { filters: Some(filters), ..Default::default() };
+        self.docker.list_services(Some(options)).await.map_err(|err| DockerError::from_bollard(action, err))
+    }
+
+    /// Creates a service; its id. `action` names it in an error.
+    async fn create_spec(&self, spec: ServiceSpec, action: &'static str) -> Result<String, DockerError> {
+        let created =
+            self.docker.create_service(spec, None).await.map_err(|err| DockerError::from_bollard(action, err))?;
+        created.id.ok_or_else(|| DockerError::Api {
+            action,
+            message: "the manager answered without the service's id".to_owned(),
+        })
     }
 
     async fn service(&self, id: &str) -> Result<Option<Service>, DockerError> {

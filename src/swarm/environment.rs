@@ -40,15 +40,7 @@ impl Parts for SwarmRuntime {
         let name = spec::service_name(&self.instance, &format!("{}-{}", plan.slug, plan.name), rand::random());
         let labels = spec::part_labels(&self.instance, plan, unix_nanos());
         let service = spec::part_service(name, labels, plan, &self.on_manager());
-        let created = self
-            .docker
-            .create_service(service, None)
-            .await
-            .map_err(|err| DockerError::from_bollard("create the service", err))?;
-        created.id.ok_or_else(|| DockerError::Api {
-            action: "create the service",
-            message: "the manager answered without the service's id".to_owned(),
-        })
+        self.create_spec(service, "create the service").await
     }
 
     async fn create_job(&self, plan: &JobPlan<'_>) -> Result<String, DockerError> {

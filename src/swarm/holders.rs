@@ -7,8 +7,6 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use bollard::query_parameters::ListServicesOptions;
-
 use super::SwarmRuntime;
 use super::spec;
 use crate::docker::is_not_found;
@@ -33,15 +31,7 @@ impl SwarmRuntime {
                 let labels = spec::holder_labels(&self.instance, network);
                 let service =
                     spec::holder_service(spec::holder_name(network), labels, holder, network, &self.constraints);
-                let created = self
-                    .docker
-                    .create_service(service, None)
-                    .await
-                    .map_err(|err| DockerError::from_bollard("create the network's holder", err))?;
-                created.id.ok_or_else(|| DockerError::Api {
-                    action: "create the network's holder",
-                    message: "the manager answered without the service's id".to_owned(),
-                })?
+                self.create_spec(service, "create the network's holder").await?
             }
         };
         let deadline = Instant::now() + SETTLE_TIMEOUT;
@@ -131,14 +121,9 @@ impl SwarmRuntime {
     /// This instance's holders, by the network each holds.
     async fn holders(&self) -> Result<HashMap<String, String>, DockerError> {
         let labels = vec![format!("{LABEL_INSTANCE}={}", self.instance), LABEL_HOLDS.to_owned()];
-        let filters = HashMap::from([("label".to_owned(), labels)]);
-        let options = ListServicesOptions { filters: Some(filters), ..Default::default() };
-        let services = self
-            .docker
-            .list_services(Some(options))
-            .await
-            .map_err(|err| DockerError::from_bollard("list the networks' holders", err))?;
-        Ok(services
+        Ok(self
+            .services_labelled(labels, "list the networks' holders")
+            .await?
             .into_iter()
             .filter_map(|service| Some((service.spec?.labels?.remove(LABEL_HOLDS)?, service.id?)))
             .collect())

@@ -223,15 +223,7 @@ impl Containers for SwarmRuntime {
         let constraints =
             if plan.spec.services.is_empty() && !built { self.constraints.to_vec() } else { self.on_manager() };
         let service = spec::app_service(name, labels, &plan, plan.network, hold.port, &constraints);
-        let created = self
-            .docker
-            .create_service(service, None)
-            .await
-            .map_err(|err| DockerError::from_bollard("create the service", err))?;
-        let id = created.id.ok_or_else(|| DockerError::Api {
-            action: "create the service",
-            message: "the manager answered without the service's id".to_owned(),
-        })?;
+        let id = self.create_spec(service, "create the service").await?;
         tracing::debug!(service = id, "service created");
         let port = hold.port;
         Ok(CreatedContainer::placed_at_start(id, port, hold))

@@ -173,6 +173,9 @@ pub struct Builds {
     /// Leftovers of stopped builds whose preview was building again when they were pruned.
     deferred: Arc<Mutex<Vec<(Slug, String)>>>,
     in_flight: Arc<Mutex<HashMap<Slug, InFlight>>>,
+    /// Held while a build log file is written or removed, so that a kill's removal cannot
+    /// come between a stopped build's last look at its entry and its write.
+    log_files: Arc<Mutex<()>>,
     disk: Arc<Mutex<Option<(Instant, DiskUsage)>>>,
 }
 
@@ -236,6 +239,7 @@ impl Builds {
             wanted: Arc::default(),
             deferred: Arc::default(),
             in_flight: Arc::default(),
+            log_files: Arc::default(),
             disk: Arc::default(),
         }
     }
@@ -355,6 +359,7 @@ impl Builds {
 
     /// Writes the build's log so far, with `outcome` last, as the preview's last build log.
     fn keep_log(&self, slug: &Slug, claim: &Claim, outcome: &str) {
+        let _files = self.log_files.lock().unwrap_or_else(PoisonError::into_inner);
         let log = {
             let mut in_flight = self.in_flight();
             match in_flight.get_mut(slug) {
@@ -735,8 +740,12 @@ impl Builds {
     /// build log go too.
     pub async fn forget(&self, slug: &Slug) {
         self.wanted().remove(slug);
-        if let Some(entry) = self.in_flight().remove(slug) {
-            entry.claim.remove();
+        {
+            let _files = self.log_files.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(entry) = self.in_flight().remove(slug) {
+                entry.claim.remove();
+            }
+            std::fs::remove_file(self.log_path(slug)).ok();
         }
         match self.runtime.built_images().await {
             Ok(images) => {
@@ -748,7 +757,6 @@ impl Builds {
             }
             Err(err) => tracing::warn!(%slug, error = %err, "cannot list built images"),
         }
-        std::fs::remove_file(self.log_path(slug)).ok();
         self.prune(Vec::new());
     }
 

@@ -546,7 +546,8 @@ impl Builds {
         if !self.networks.enabled() {
             return Ok(None);
         }
-        let name = self.networks.lease().await.map_err(|err| BuildFailure::NoNetwork(err.to_string()))?;
+        // A build takes minutes: the pool refills at once (the refill is dropped here).
+        let (name, _) = self.networks.lease().await.map_err(|err| BuildFailure::NoNetwork(err.to_string()))?;
         Ok(Some(BuildNetwork { name, networks: self.networks.clone() }))
     }
 

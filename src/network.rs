@@ -40,6 +40,18 @@ pub enum NetworkError {
     NoSubnet { range: ipnet::Ipv4Net, prefix: u8 },
 }
 
+/// A launch's claim on the warm pool's refill: the pool makes the network that replaces a
+/// leased one when this is dropped (the launch is over), not while the launch's container
+/// starts. On two cores, and on a Swarm's nodes, the new network's set-up (there: its
+/// holders' tasks) would slow that start down.
+pub struct Refill(Networks);
+
+impl Drop for Refill {
+    fn drop(&mut self) {
+        self.0.inner.wanted.notify_one();
+    }
+}
+
 /// The preview networks of one instance.
 #[derive(Clone)]
 pub struct Networks {
@@ -101,20 +113,19 @@ impl Networks {
     }
 
     /// A network for a new preview: a warm one, or one made now when the pool is empty. A warm
-    /// network someone removed meanwhile (`docker network prune`) is passed over.
-    pub async fn lease(&self) -> Result<String, NetworkError> {
-        loop {
-            let warm = self.take_warm();
-            self.inner.wanted.notify_one();
-            let Some(name) = warm else { break };
+    /// network someone removed meanwhile (`docker network prune`) is passed over. The pool
+    /// makes the network's replacement once the [`Refill`] is dropped.
+    pub async fn lease(&self) -> Result<(String, Refill), NetworkError> {
+        let refill = Refill(self.clone());
+        while let Some(name) = self.take_warm() {
             if self.inner.runtime.network_exists(&name).await? {
-                return Ok(name);
+                return Ok((name, refill));
             }
             tracing::warn!(network = name, "a warm network was removed behind previewd's back; taking another");
         }
         tracing::debug!("no warm network; creating one for this launch");
         self.inner.cold.inc();
-        self.create().await
+        Ok((self.create().await?, refill))
     }
 
     /// Whether a preview's network still exists, for a replacement that would join it.

@@ -360,7 +360,7 @@ async fn bad_requests_get_a_status_and_a_message_and_leave_nothing_behind() {
         (
             &[("image_name", "nope"), ("container_name", "x")],
             400,
-            "allowed: chatty, crash, demo, missing, silent, slowcgi, unpullable",
+            "allowed: chatty, crash, demo, late, missing, silent, slowcgi, unpullable",
         ),
         (&[("image_name", "demo"), ("container_name", "///")], 400, "has no letters or digits"),
         (

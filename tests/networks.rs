@@ -340,6 +340,35 @@ async fn networks_no_preview_uses_are_kept_warm_up_to_the_setting_and_removed_be
     assert_eq!(common::networks(&app.instance), vec![in_use], "only the preview's own network is left");
 }
 
+/// A time stamp of Docker's (RFC 3339) in nanoseconds since the epoch.
+fn docker_time(kind: &str, name: &str, format: &str) -> i128 {
+    let output = Command::new("docker").args([kind, "inspect", "--format", format, name]).output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    let nanos = Command::new("date").args(["-d", &text, "+%s%N"]).output().unwrap();
+    let nanos = String::from_utf8_lossy(&nanos.stdout).trim().parse();
+    nanos.unwrap_or_else(|err| panic!("{kind} {name}: {format} is {text:?}: {err}"))
+}
+
+#[tokio::test]
+async fn the_pool_replaces_a_leased_network_only_once_the_launch_is_over() {
+    let app = app_with_network("network:\n  warm: 1\n").await;
+    wait_for_warm(&app, 1).await;
+    let response = app.launch(&[("image_name", "late"), ("container_name", "net-refill")]).await;
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let container = app.containers().iter().find(|line| line.contains(".net-refill.")).unwrap().clone();
+    let container = container.split(' ').next().unwrap().to_owned();
+    wait_for_warm(&app, 1).await;
+    let own = network_of(&container);
+    let refill: Vec<String> = common::networks(&app.instance).into_iter().filter(|n| *n != own).collect();
+    assert_eq!(refill.len(), 1, "one network replaces the leased one: {refill:?}");
+    // The app listens a second after its start; a refill made while the launch waited for it
+    // would be older than that.
+    let started = docker_time("container", &container, "{{.State.StartedAt}}");
+    let created = docker_time("network", &refill[0], "{{.Created.Format \"2006-01-02T15:04:05.999999999Z07:00\"}}");
+    let after = created - started;
+    assert!(after > 900_000_000, "the new network was made {after} ns after the app started, while the launch ran");
+}
+
 #[tokio::test]
 async fn a_launch_that_finds_no_warm_network_waits_for_a_new_one_and_is_counted() {
     let app = app_with_network("network:\n  warm: 0\n").await;

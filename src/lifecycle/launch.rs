@@ -35,6 +35,8 @@ struct PreviewNetwork {
     name: String,
     /// Taken for this launch: removed again if the launch fails.
     new: bool,
+    /// Held until the launch is over, so that the pool's refill does not slow its start.
+    _refill: Option<crate::network::Refill>,
 }
 
 impl Lifecycle {
@@ -232,7 +234,7 @@ impl Lifecycle {
                 {
                     tracing::error!(error = %cleanup, "cannot remove the failed launch's services; reconcile will");
                 }
-                if let Some(PreviewNetwork { name, new: true }) = network {
+                if let Some(PreviewNetwork { name, new: true, .. }) = network {
                     self.networks.remove(&name).await;
                 }
                 return Err(err);
@@ -320,15 +322,15 @@ impl Lifecycle {
         }
         if let Some(name) = previous.iter().rev().find_map(|c| c.network.clone()) {
             if self.networks.exists(&name).await? {
-                return Ok(Some(PreviewNetwork { name, new: false }));
+                return Ok(Some(PreviewNetwork { name, new: false, _refill: None }));
             }
             tracing::warn!(
                 network = name,
                 "the preview's network was removed behind previewd's back; taking a new one"
             );
         }
-        let name = self.networks.lease().await?;
-        Ok(Some(PreviewNetwork { name, new: true }))
+        let (name, refill) = self.networks.lease().await?;
+        Ok(Some(PreviewNetwork { name, new: true, _refill: Some(refill) }))
     }
 
     /// Creates the container and brings it up; again on another port when the one chosen was

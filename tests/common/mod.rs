@@ -109,6 +109,11 @@ images:
     command: [/bin/busybox, sh, -c, "echo starting up; echo config file missing >&2; exit 3"]
     pull: never
     health_timeout: {timeout}
+  late:
+    image: {DEMO_IMAGE}
+    port: 3000
+    command: [/bin/busybox, sh, -c, "/bin/busybox sleep 1; exec /bin/busybox httpd -f -p 3000 -h /www"]
+    pull: never
   silent:
     image: {DEMO_IMAGE}
     port: 3000

@@ -431,7 +431,10 @@ async fn drive_the_dashboard(app: &TestApp, client: &Client, preview_url: &str) 
         empty.contains(&format!("curl --user {USER} -d 'image_name=chatty&container_name=my-branch' {origin}/launch")),
         "{empty}"
     );
-    assert!(empty.contains("Images you can launch: chatty crash demo missing silent slowcgi unpullable"), "{empty}");
+    assert!(
+        empty.contains("Images you can launch: chatty crash demo late missing silent slowcgi unpullable"),
+        "{empty}"
+    );
     screenshot(client, DESKTOP, "dashboard-empty.png").await;
 }
 

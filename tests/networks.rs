@@ -20,7 +20,12 @@ async fn app_with_network(network_yaml: &str) -> TestApp {
 }
 
 async fn launched(app: &TestApp, name: &str) -> String {
-    let response = app.launch(&[("image_name", "demo"), ("container_name", name)]).await;
+    launched_from(app, "demo", name).await
+}
+
+/// The container of a new preview `name` of the image `image`.
+async fn launched_from(app: &TestApp, image: &str, name: &str) -> String {
+    let response = app.launch(&[("image_name", image), ("container_name", name)]).await;
     assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
     let containers = app.containers();
     let line = containers.iter().find(|line| line.contains(&format!(".{name}."))).expect("the preview's container");
@@ -341,30 +346,26 @@ async fn networks_no_preview_uses_are_kept_warm_up_to_the_setting_and_removed_be
 }
 
 /// A time stamp of Docker's (RFC 3339) in nanoseconds since the epoch.
-fn docker_time(kind: &str, name: &str, format: &str) -> i128 {
-    let output = Command::new("docker").args([kind, "inspect", "--format", format, name]).output().unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+fn docker_time(name: &str, format: &str) -> i128 {
+    let text = inspect(name, format);
     let nanos = Command::new("date").args(["-d", &text, "+%s%N"]).output().unwrap();
     let nanos = String::from_utf8_lossy(&nanos.stdout).trim().parse();
-    nanos.unwrap_or_else(|err| panic!("{kind} {name}: {format} is {text:?}: {err}"))
+    nanos.unwrap_or_else(|err| panic!("{name}: {format} is {text:?}: {err}"))
 }
 
 #[tokio::test]
 async fn the_pool_replaces_a_leased_network_only_once_the_launch_is_over() {
     let app = app_with_network("network:\n  warm: 1\n").await;
     wait_for_warm(&app, 1).await;
-    let response = app.launch(&[("image_name", "late"), ("container_name", "net-refill")]).await;
-    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
-    let container = app.containers().iter().find(|line| line.contains(".net-refill.")).unwrap().clone();
-    let container = container.split(' ').next().unwrap().to_owned();
+    let container = launched_from(&app, "late", "net-refill").await;
     wait_for_warm(&app, 1).await;
     let own = network_of(&container);
     let refill: Vec<String> = common::networks(&app.instance).into_iter().filter(|n| *n != own).collect();
     assert_eq!(refill.len(), 1, "one network replaces the leased one: {refill:?}");
     // The app listens a second after its start; a refill made while the launch waited for it
     // would be older than that.
-    let started = docker_time("container", &container, "{{.State.StartedAt}}");
-    let created = docker_time("network", &refill[0], "{{.Created.Format \"2006-01-02T15:04:05.999999999Z07:00\"}}");
+    let started = docker_time(&container, "{{.State.StartedAt}}");
+    let created = docker_time(&refill[0], "{{.Created.Format \"2006-01-02T15:04:05.999999999Z07:00\"}}");
     let after = created - started;
     assert!(after > 900_000_000, "the new network was made {after} ns after the app started, while the launch ran");
 }

@@ -614,6 +614,7 @@ fn route_in_background(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     const HERE: &str = "10.0.0.11:24000";
     const THERE: &str = "10.0.0.12:24000";
@@ -642,7 +643,6 @@ mod tests {
         assert_eq!(route_after_start(None, Some(at(HERE))), RouteAfterStart::Keep);
         assert_eq!(route_after_start(None, None), RouteAfterStart::Keep);
     }
-    use crate::config::Config;
 
     #[test]
     fn request_fields_override_image_env_but_not_previewd_variables() {
